@@ -1,0 +1,212 @@
+//! SCRAM-SHA-256 (RFC 5802 / 7677), server side, as PostgreSQL speaks it: no channel
+//! binding (the proxy answers SSLRequest with 'N'), the user name inside SCRAM is ignored
+//! (the startup packet's user counts).
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::{Digest, Sha256};
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// A stored SCRAM-SHA-256 verifier: what a server needs, never the password itself.
+#[derive(Clone)]
+pub struct ScramSecret {
+    iterations: u32,
+    salt_b64: String,
+    stored_key: [u8; 32],
+    server_key: [u8; 32],
+}
+
+impl ScramSecret {
+    /// Parse `SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>` (base64 parts).
+    pub fn parse(verifier: &str) -> Option<ScramSecret> {
+        let rest = verifier.strip_prefix("SCRAM-SHA-256$")?;
+        let (iter_salt, keys) = rest.split_once('$')?;
+        let (iterations, salt_b64) = iter_salt.split_once(':')?;
+        let (stored, server) = keys.split_once(':')?;
+        let iterations = iterations.parse().ok().filter(|&i: &u32| i > 0)?;
+        B64.decode(salt_b64).ok().filter(|s| !s.is_empty())?;
+        Some(ScramSecret {
+            iterations,
+            salt_b64: salt_b64.to_owned(),
+            stored_key: B64.decode(stored).ok()?.try_into().ok()?,
+            server_key: B64.decode(server).ok()?.try_into().ok()?,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ScramError {
+    #[error("malformed SCRAM message: {0}")]
+    Malformed(&'static str),
+    #[error("channel binding is not supported")]
+    ChannelBinding,
+    #[error("password authentication failed")]
+    BadProof,
+}
+
+/// One exchange: `client_first` then `client_final`.
+pub struct ScramExchange {
+    secret: ScramSecret,
+    client_first_bare: String,
+    server_first: String,
+    gs2_header: String,
+    nonce: String,
+}
+
+impl ScramExchange {
+    /// Handle the SASLInitialResponse data; returns the server-first message.
+    pub fn client_first(
+        secret: ScramSecret,
+        msg: &[u8],
+        server_nonce: &[u8; 18],
+    ) -> Result<(ScramExchange, String), ScramError> {
+        let msg = std::str::from_utf8(msg).map_err(|_| ScramError::Malformed("not UTF-8"))?;
+        let (cbind, rest) = msg
+            .split_once(',')
+            .ok_or(ScramError::Malformed("no GS2 header"))?;
+        match cbind {
+            "n" | "y" => {}
+            c if c.starts_with("p=") => return Err(ScramError::ChannelBinding),
+            _ => return Err(ScramError::Malformed("bad channel binding flag")),
+        }
+        let (authzid, bare) = rest
+            .split_once(',')
+            .ok_or(ScramError::Malformed("no GS2 header"))?;
+        if !authzid.is_empty() {
+            return Err(ScramError::Malformed(
+                "authorization identity not supported",
+            ));
+        }
+        let client_nonce = bare
+            .split(',')
+            .find_map(|a| a.strip_prefix("r="))
+            .filter(|n| !n.is_empty() && n.bytes().all(|c| (0x21..=0x7e).contains(&c) && c != b','))
+            .ok_or(ScramError::Malformed("no client nonce"))?;
+        if !bare.starts_with("n=") && !bare.starts_with("m=") {
+            return Err(ScramError::Malformed("bad client-first-message"));
+        }
+        if bare.starts_with("m=") {
+            return Err(ScramError::Malformed("mandatory extension not supported"));
+        }
+        let nonce = format!("{client_nonce}{}", B64.encode(server_nonce));
+        let server_first = format!("r={nonce},s={},i={}", secret.salt_b64, secret.iterations);
+        let gs2_header = format!("{cbind},{authzid},");
+        Ok((
+            ScramExchange {
+                secret,
+                client_first_bare: bare.to_owned(),
+                server_first: server_first.clone(),
+                gs2_header,
+                nonce,
+            },
+            server_first,
+        ))
+    }
+
+    /// Handle the SASLResponse data; returns the server-final message on success.
+    pub fn client_final(&self, msg: &[u8]) -> Result<String, ScramError> {
+        let msg = std::str::from_utf8(msg).map_err(|_| ScramError::Malformed("not UTF-8"))?;
+        let (without_proof, proof_b64) = msg
+            .rsplit_once(",p=")
+            .ok_or(ScramError::Malformed("no proof"))?;
+        let mut attrs = without_proof.split(',');
+        let cbind = attrs
+            .next()
+            .and_then(|a| a.strip_prefix("c="))
+            .ok_or(ScramError::Malformed("no channel binding attribute"))?;
+        let nonce = attrs
+            .next()
+            .and_then(|a| a.strip_prefix("r="))
+            .ok_or(ScramError::Malformed("no nonce"))?;
+        if B64.decode(cbind).ok().as_deref() != Some(self.gs2_header.as_bytes()) {
+            return Err(ScramError::Malformed("channel binding mismatch"));
+        }
+        if nonce != self.nonce {
+            return Err(ScramError::Malformed("nonce mismatch"));
+        }
+        let proof: [u8; 32] = B64
+            .decode(proof_b64)
+            .ok()
+            .and_then(|p| p.try_into().ok())
+            .ok_or(ScramError::Malformed("bad proof encoding"))?;
+        let auth_message = format!(
+            "{},{},{}",
+            self.client_first_bare, self.server_first, without_proof
+        );
+        let client_signature = hmac(&self.secret.stored_key, auth_message.as_bytes());
+        let mut client_key = proof;
+        for (k, s) in client_key.iter_mut().zip(client_signature) {
+            *k ^= s;
+        }
+        let stored: [u8; 32] = Sha256::digest(client_key).into();
+        if !super::constant_time_eq(&stored, &self.secret.stored_key) {
+            return Err(ScramError::BadProof);
+        }
+        let server_signature = hmac(&self.secret.server_key, auth_message.as_bytes());
+        Ok(format!("v={}", B64.encode(server_signature)))
+    }
+}
+
+fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
+    let mut m = HmacSha256::new_from_slice(key).expect("HMAC accepts keys of any length");
+    m.update(data);
+    m.finalize().into_bytes().into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+
+    fn run(password_on_server: &str, password_of_client: &str) -> Result<(), ScramError> {
+        let verifier = postgres_protocol::password::scram_sha_256(password_on_server.as_bytes());
+        let secret = ScramSecret::parse(&verifier).expect("valid verifier");
+        let mut client =
+            ScramSha256::new(password_of_client.as_bytes(), ChannelBinding::unsupported());
+        let (exchange, server_first) =
+            ScramExchange::client_first(secret, client.message(), &[7u8; 18])?;
+        client
+            .update(server_first.as_bytes())
+            .map_err(|_| ScramError::Malformed("client rejected server-first"))?;
+        let server_final = exchange.client_final(client.message())?;
+        client
+            .finish(server_final.as_bytes())
+            .map_err(|_| ScramError::Malformed("client rejected server signature"))?;
+        Ok(())
+    }
+
+    #[test]
+    fn full_exchange_with_a_real_client() {
+        assert_eq!(run("secret", "secret"), Ok(()));
+        assert_eq!(run("secret", "wrong"), Err(ScramError::BadProof));
+    }
+
+    #[test]
+    fn malformed_messages_are_errors_not_panics() {
+        let verifier = postgres_protocol::password::scram_sha_256(b"x");
+        let secret = ScramSecret::parse(&verifier).unwrap();
+        for bad in [
+            &b""[..],
+            b"n",
+            b"n,,",
+            b"n,,n=,r=",
+            b"p=tls-server-end-point,,n=,r=abc",
+            b"x,,n=,r=abc",
+            b"\xff\xfe",
+        ] {
+            assert!(ScramExchange::client_first(secret.clone(), bad, &[1; 18]).is_err());
+        }
+        let (ex, _) = ScramExchange::client_first(secret, b"n,,n=,r=abc", &[1; 18]).unwrap();
+        for bad in [&b""[..], b"c=biws", b"c=biws,r=abc,p=AAAA", b"c=,r=,p="] {
+            assert!(ex.client_final(bad).is_err());
+        }
+    }
+
+    #[test]
+    fn verifier_parse_rejects_garbage() {
+        assert!(ScramSecret::parse("SCRAM-SHA-256$4096:c2FsdA==$AAAA:BBBB").is_none());
+        assert!(ScramSecret::parse("plain").is_none());
+    }
+}

@@ -1,0 +1,321 @@
+//! One connection to a PostgreSQL server, opened as an ordinary client: startup,
+//! authentication (SCRAM-SHA-256, md5, cleartext, trust), and the per-connection state the
+//! session keeps in step (prepared statements, applied settings).
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use bytes::{Buf, BufMut, BytesMut};
+use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+use super::{BackendError, BackendId};
+use crate::protocol::{self, ErrorFields, Frame, decode_frame, tag};
+
+/// What a backend connection is opened with.
+#[derive(Debug, Clone)]
+pub struct ConnectParams {
+    pub user: String,
+    pub password: Option<String>,
+    pub database: String,
+    /// Client startup parameters passed through (application_name, options, DateStyle ...).
+    pub startup: Vec<(String, String)>,
+}
+
+/// Where to send a CancelRequest for whatever this connection is running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CancelKey {
+    pub addr: SocketAddr,
+    pub pid: i32,
+    pub secret: i32,
+}
+
+/// A live, authenticated server connection.
+pub struct ServerConn {
+    pub id: BackendId,
+    pub rd: OwnedReadHalf,
+    pub wr: OwnedWriteHalf,
+    /// Bytes read from the server not yet consumed; owned here so reads stay cancel-safe.
+    pub rbuf: BytesMut,
+    pub cancel_key: CancelKey,
+    /// ParameterStatus values reported at startup.
+    pub params: Vec<(String, String)>,
+    /// Server-side names of the statements prepared on this connection.
+    pub prepared: HashSet<String>,
+    /// Hash of the SQL held by this connection's unnamed statement, if known.
+    pub unnamed: Option<u64>,
+    /// Session settings (name → SET statement) this connection currently has applied.
+    pub settings: HashMap<String, String>,
+    /// The session-settings generation `settings` was last brought to.
+    pub settings_generation: Option<u64>,
+    pub created: Instant,
+}
+
+impl std::fmt::Debug for ServerConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerConn")
+            .field("id", &self.id)
+            .field("addr", &self.cancel_key.addr)
+            .field("pid", &self.cancel_key.pid)
+            .finish()
+    }
+}
+
+impl ServerConn {
+    /// Connect and authenticate; the caller wraps this in its connect timeout.
+    pub async fn connect(
+        id: BackendId,
+        address: &str,
+        params: &ConnectParams,
+        max_message: usize,
+    ) -> Result<ServerConn, BackendError> {
+        let stream = TcpStream::connect(address)
+            .await
+            .map_err(BackendError::Io)?;
+        stream.set_nodelay(true).map_err(BackendError::Io)?;
+        let addr = stream.peer_addr().map_err(BackendError::Io)?;
+        let (rd, wr) = stream.into_split();
+        let mut conn = ServerConn {
+            id,
+            rd,
+            wr,
+            rbuf: BytesMut::with_capacity(8192),
+            cancel_key: CancelKey {
+                addr,
+                pid: 0,
+                secret: 0,
+            },
+            params: Vec::new(),
+            prepared: HashSet::new(),
+            unnamed: None,
+            settings: HashMap::new(),
+            settings_generation: None,
+            created: Instant::now(),
+        };
+        conn.startup(params, max_message).await?;
+        Ok(conn)
+    }
+
+    async fn startup(
+        &mut self,
+        params: &ConnectParams,
+        max_message: usize,
+    ) -> Result<(), BackendError> {
+        let mut body = BytesMut::new();
+        body.put_i32(protocol::PROTOCOL_3_0);
+        for (k, v) in [
+            ("user", params.user.as_str()),
+            ("database", &params.database),
+        ]
+        .into_iter()
+        .chain(params.startup.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        {
+            body.put_slice(k.as_bytes());
+            body.put_u8(0);
+            body.put_slice(v.as_bytes());
+            body.put_u8(0);
+        }
+        body.put_u8(0);
+        let mut pkt = BytesMut::with_capacity(body.len() + 4);
+        pkt.put_i32(body.len() as i32 + 4);
+        pkt.put_slice(&body);
+        self.wr.write_all(&pkt).await.map_err(BackendError::Io)?;
+
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            let f = self.read_frame(max_message).await?;
+            match f.tag {
+                tag::AUTHENTICATION => {
+                    let mut b = &f.body[..];
+                    if b.len() < 4 {
+                        return Err(BackendError::Protocol("short authentication message"));
+                    }
+                    let kind = b.get_i32();
+                    match kind {
+                        0 => {}
+                        3 => {
+                            let pw = password(params)?;
+                            let mut m = BytesMut::new();
+                            m.put_slice(pw.as_bytes());
+                            m.put_u8(0);
+                            self.send(tag::PASSWORD, &m).await?;
+                        }
+                        5 => {
+                            if b.len() < 4 {
+                                return Err(BackendError::Protocol("short md5 salt"));
+                            }
+                            let salt = [b[0], b[1], b[2], b[3]];
+                            let pw = password(params)?;
+                            let hash = postgres_protocol::authentication::md5_hash(
+                                params.user.as_bytes(),
+                                pw.as_bytes(),
+                                salt,
+                            );
+                            let mut m = BytesMut::new();
+                            m.put_slice(hash.as_bytes());
+                            m.put_u8(0);
+                            self.send(tag::PASSWORD, &m).await?;
+                        }
+                        10 => {
+                            let offers_scram =
+                                b.split(|&c| c == 0).any(|m| m == SCRAM_SHA_256.as_bytes());
+                            if !offers_scram {
+                                return Err(BackendError::AuthUnsupported(
+                                    "server offers no SASL mechanism we support".into(),
+                                ));
+                            }
+                            let pw = password(params)?;
+                            let s = ScramSha256::new(pw.as_bytes(), ChannelBinding::unsupported());
+                            let mut m = BytesMut::new();
+                            m.put_slice(SCRAM_SHA_256.as_bytes());
+                            m.put_u8(0);
+                            m.put_i32(s.message().len() as i32);
+                            m.put_slice(s.message());
+                            self.send(tag::PASSWORD, &m).await?;
+                            scram = Some(s);
+                        }
+                        11 => {
+                            let s = scram
+                                .as_mut()
+                                .ok_or(BackendError::Protocol("SASL continue without start"))?;
+                            s.update(b).map_err(|e| {
+                                BackendError::AuthUnsupported(format!("SCRAM: {e}"))
+                            })?;
+                            let msg = s.message().to_vec();
+                            self.send(tag::PASSWORD, &msg).await?;
+                        }
+                        12 => {
+                            let s = scram
+                                .as_mut()
+                                .ok_or(BackendError::Protocol("SASL final without start"))?;
+                            s.finish(b).map_err(|e| {
+                                BackendError::AuthUnsupported(format!(
+                                    "SCRAM server signature: {e}"
+                                ))
+                            })?;
+                        }
+                        other => {
+                            return Err(BackendError::AuthUnsupported(format!(
+                                "authentication method {other} is not supported"
+                            )));
+                        }
+                    }
+                }
+                tag::ERROR_RESPONSE => {
+                    return Err(BackendError::Server(ErrorFields::parse(&f.body)));
+                }
+                tag::PARAMETER_STATUS => {
+                    if let Some(kv) = protocol::decode_parameter_status(&f.body) {
+                        self.params.push(kv);
+                    }
+                }
+                tag::BACKEND_KEY_DATA => {
+                    let mut b = &f.body[..];
+                    if b.len() >= 8 {
+                        self.cancel_key.pid = b.get_i32();
+                        self.cancel_key.secret = b.get_i32();
+                    }
+                }
+                tag::READY_FOR_QUERY => return Ok(()),
+                // NoticeResponse and anything else harmless during startup.
+                _ => {}
+            }
+        }
+    }
+
+    async fn send(&mut self, t: u8, body: &[u8]) -> Result<(), BackendError> {
+        let mut m = BytesMut::with_capacity(body.len() + 5);
+        m.put_u8(t);
+        m.put_i32(body.len() as i32 + 4);
+        m.put_slice(body);
+        self.wr.write_all(&m).await.map_err(BackendError::Io)
+    }
+
+    /// Read one whole frame (used outside the relay: startup and internal queries).
+    pub async fn read_frame(&mut self, max_message: usize) -> Result<Frame, BackendError> {
+        loop {
+            if let Some(f) = decode_frame(&mut self.rbuf, max_message)
+                .map_err(|_| BackendError::Protocol("bad frame from server"))?
+            {
+                return Ok(f);
+            }
+            self.fill().await?;
+        }
+    }
+
+    /// Read more bytes into `rbuf`. Cancel-safe: bytes land in `rbuf` or not at all.
+    pub async fn fill(&mut self) -> Result<(), BackendError> {
+        if self.rbuf.capacity() - self.rbuf.len() < 4096 {
+            self.rbuf.reserve(16 * 1024);
+        }
+        let n = self
+            .rd
+            .read_buf(&mut self.rbuf)
+            .await
+            .map_err(BackendError::Io)?;
+        if n == 0 {
+            return Err(BackendError::Closed);
+        }
+        Ok(())
+    }
+
+    /// Run SQL the proxy needs (settings replay) and swallow the answer. A server error is
+    /// returned; the connection stays usable after it.
+    pub async fn run_internal(
+        &mut self,
+        sql: &str,
+        max_message: usize,
+    ) -> Result<(), BackendError> {
+        let mut out = BytesMut::new();
+        protocol::query_frame(sql).encode_into(&mut out);
+        self.wr.write_all(&out).await.map_err(BackendError::Io)?;
+        // A simple Query destroys the unnamed statement.
+        self.unnamed = None;
+        let mut error = None;
+        loop {
+            let f = self.read_frame(max_message).await?;
+            match f.tag {
+                tag::ERROR_RESPONSE => error = Some(ErrorFields::parse(&f.body)),
+                tag::READY_FOR_QUERY => break,
+                _ => {}
+            }
+        }
+        match error {
+            Some(e) => Err(BackendError::Server(e)),
+            None => Ok(()),
+        }
+    }
+
+    pub async fn terminate(mut self) {
+        let _ = self.wr.write_all(&[tag::TERMINATE, 0, 0, 0, 4]).await;
+        let _ = self.wr.shutdown().await;
+    }
+}
+
+fn password(params: &ConnectParams) -> Result<&str, BackendError> {
+    params.password.as_deref().ok_or_else(|| {
+        BackendError::AuthUnsupported(format!(
+            "the server asks a password for {:?} and none is configured (server_password)",
+            params.user
+        ))
+    })
+}
+
+/// Send a CancelRequest for `key` on a fresh connection (the protocol's only way).
+pub async fn send_cancel(key: CancelKey) -> std::io::Result<()> {
+    let mut s = TcpStream::connect(key.addr).await?;
+    let mut pkt = BytesMut::with_capacity(16);
+    pkt.put_i32(16);
+    pkt.put_i32(protocol::CANCEL_REQUEST_CODE);
+    pkt.put_i32(key.pid);
+    pkt.put_i32(key.secret);
+    s.write_all(&pkt).await?;
+    // The server closes the connection without answering; wait for that so the request is
+    // processed before we return.
+    let mut sink = [0u8; 16];
+    let _ = s.read(&mut sink).await;
+    Ok(())
+}

@@ -1,0 +1,146 @@
+//! The PostgreSQL servers behind the proxy: connecting to them as a client, their
+//! availability, and choosing a replica for a read.
+//!
+//! Imports only leaves (protocol, config). Knows nothing of client sessions: a session asks
+//! for "a connection to backend X" and owns what it gets.
+
+mod balancer;
+mod conn;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+pub use balancer::Balancer;
+pub use conn::{CancelKey, ConnectParams, ServerConn, send_cancel};
+
+use crate::config::{BackendConfig, Config};
+use crate::protocol::ErrorFields;
+
+/// Index of a backend: 0 is the primary, 1.. are the replicas in config order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendId(pub u32);
+
+impl BackendId {
+    pub const PRIMARY: BackendId = BackendId(0);
+
+    pub fn is_primary(self) -> bool {
+        self == BackendId::PRIMARY
+    }
+
+    /// Position in `Backends::replicas`, for a replica.
+    pub fn replica_index(self) -> Option<usize> {
+        (self.0 > 0).then(|| self.0 as usize - 1)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("server connection failed: {0}")]
+    Io(std::io::Error),
+    #[error("server closed the connection")]
+    Closed,
+    #[error("timed out connecting to the server")]
+    Timeout,
+    #[error("server protocol error: {0}")]
+    Protocol(&'static str),
+    #[error("{0}")]
+    AuthUnsupported(String),
+    #[error("server error {}: {}", .0.code, .0.message)]
+    Server(ErrorFields),
+}
+
+impl BackendError {
+    /// A failure of the server or the path to it (as opposed to the server refusing
+    /// something): the node is suspect and the work may be retried elsewhere.
+    pub fn is_connection_failure(&self) -> bool {
+        matches!(
+            self,
+            BackendError::Io(_) | BackendError::Closed | BackendError::Timeout
+        )
+    }
+}
+
+/// One configured server and what the proxy currently believes about it.
+#[derive(Debug)]
+pub struct Backend {
+    pub id: BackendId,
+    pub config: BackendConfig,
+    /// Until when (ms since `epoch`) this node is skipped after a failed connect.
+    down_until_ms: AtomicU64,
+    epoch: Instant,
+}
+
+/// How long a node that refused a connection stays out of rotation before it is tried again.
+const DOWN_BACKOFF: Duration = Duration::from_millis(1000);
+
+impl Backend {
+    fn new(id: BackendId, config: BackendConfig, epoch: Instant) -> Backend {
+        Backend {
+            id,
+            config,
+            down_until_ms: AtomicU64::new(0),
+            epoch,
+        }
+    }
+
+    pub fn address(&self) -> String {
+        self.config.address()
+    }
+
+    pub fn name(&self) -> String {
+        self.config.display_name()
+    }
+
+    pub fn is_available(&self) -> bool {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        self.down_until_ms.load(Ordering::Relaxed) <= now
+    }
+
+    /// Take the node out of rotation for a short while after a connection failure.
+    pub fn mark_down(&self) {
+        let until = (self.epoch.elapsed() + DOWN_BACKOFF).as_millis() as u64;
+        self.down_until_ms.store(until, Ordering::Relaxed);
+    }
+
+    pub fn mark_up(&self) {
+        self.down_until_ms.store(0, Ordering::Relaxed);
+    }
+}
+
+/// All servers of one configuration.
+#[derive(Debug)]
+pub struct Backends {
+    pub primary: Backend,
+    pub replicas: Vec<Backend>,
+    pub balancer: Balancer,
+}
+
+impl Backends {
+    pub fn from_config(cfg: &Config) -> Backends {
+        let epoch = Instant::now();
+        Backends {
+            primary: Backend::new(BackendId::PRIMARY, cfg.primary.clone(), epoch),
+            replicas: cfg
+                .replicas
+                .iter()
+                .enumerate()
+                .map(|(i, r)| Backend::new(BackendId(i as u32 + 1), r.clone(), epoch))
+                .collect(),
+            balancer: Balancer::new(&cfg.replicas.iter().map(|r| r.weight).collect::<Vec<_>>()),
+        }
+    }
+
+    pub fn get(&self, id: BackendId) -> Option<&Backend> {
+        match id.replica_index() {
+            None => Some(&self.primary),
+            Some(i) => self.replicas.get(i),
+        }
+    }
+
+    /// The next replica for a read, honouring weights and skipping unavailable nodes.
+    pub fn pick_replica(&self) -> Option<BackendId> {
+        self.balancer
+            .pick(|i| self.replicas[i].is_available())
+            .map(|i| self.replicas[i].id)
+    }
+}

@@ -1,0 +1,467 @@
+//! `proxy.toml`: serde types, defaults, loading and validation.
+//!
+//! Pure: reads a file or a string, never opens sockets. Every field documents its default.
+//! `Config::validate` is the one place a configuration is judged; nothing else may reject
+//! a config later, so a loaded `Config` is always usable.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid configuration: {0}")]
+    Parse(#[from] toml::de::Error),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub proxy: ProxyConfig,
+    /// Who may connect to the proxy. At least one is required.
+    #[serde(default)]
+    pub users: Vec<UserConfig>,
+    pub primary: BackendConfig,
+    /// Streaming replicas; none is allowed (every read then goes to the primary).
+    #[serde(default)]
+    pub replicas: Vec<BackendConfig>,
+    #[serde(default)]
+    pub routing: RoutingConfig,
+    #[serde(default)]
+    pub health: HealthConfig,
+    #[serde(default)]
+    pub pool: PoolConfig,
+    #[serde(default)]
+    pub cache: CacheConfig,
+}
+
+/// How a server connection is shared between clients.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// Each client owns its server connections for its whole session.
+    Session,
+    /// Server connections are lent per transaction (not implemented yet: rejected).
+    Transaction,
+}
+
+/// How clients prove who they are to the proxy.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+pub enum AuthMethod {
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+    #[serde(rename = "md5")]
+    Md5,
+    /// No password asked: only for users explicitly configured so.
+    #[serde(rename = "trust")]
+    Trust,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// Address clients connect to. Default `127.0.0.1:6432`. Needs a restart to change.
+    pub listen: SocketAddr,
+    /// Default `"session"` while transaction pooling is not implemented.
+    pub pool_mode: PoolMode,
+    /// Clients beyond this get FATAL 53300. Default 10000.
+    pub max_client_connections: usize,
+    /// Default authentication method for `[[users]]` without their own. Default SCRAM.
+    pub auth_method: AuthMethod,
+    /// A client must finish startup and authentication within this. Default 10000 ms.
+    pub client_login_timeout_ms: u64,
+    /// Largest frontend or inspected backend message accepted. Default 256 MiB.
+    pub max_message_bytes: usize,
+    /// Reserved for the metrics endpoint (not served yet).
+    pub metrics_listen: Option<SocketAddr>,
+    /// Reserved for the admin console (not served yet).
+    pub admin_user: Option<String>,
+    /// Reserved for the admin console (not served yet).
+    pub admin_password: Option<String>,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 6432)),
+            pool_mode: PoolMode::Session,
+            max_client_connections: 10_000,
+            auth_method: AuthMethod::ScramSha256,
+            client_login_timeout_ms: 10_000,
+            max_message_bytes: 256 << 20,
+            metrics_listen: None,
+            admin_user: None,
+            admin_password: None,
+        }
+    }
+}
+
+impl ProxyConfig {
+    pub fn client_login_timeout(&self) -> Duration {
+        Duration::from_millis(self.client_login_timeout_ms)
+    }
+}
+
+/// A user clients log in as.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub name: String,
+    /// A plain password, or a SCRAM-SHA-256 verifier (`SCRAM-SHA-256$iter:salt$stored:server`)
+    /// as PostgreSQL stores it, or an md5 hash (`md5` + 32 hex digits, md5 auth only).
+    /// May be omitted only with `auth_method = "trust"`.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Overrides `[proxy] auth_method` for this user.
+    #[serde(default)]
+    pub auth_method: Option<AuthMethod>,
+    /// Role used towards PostgreSQL. Default: `name`.
+    #[serde(default)]
+    pub server_user: Option<String>,
+    /// Password used towards PostgreSQL. Default: `password` when it is plain.
+    #[serde(default)]
+    pub server_password: Option<String>,
+}
+
+impl UserConfig {
+    pub fn server_user(&self) -> &str {
+        self.server_user.as_deref().unwrap_or(&self.name)
+    }
+
+    /// The password towards PostgreSQL, if any (a verifier is no use there).
+    pub fn server_password(&self) -> Option<&str> {
+        self.server_password.as_deref().or(match &self.password {
+            Some(p) if !is_verifier(p) => Some(p.as_str()),
+            _ => None,
+        })
+    }
+}
+
+/// Whether a configured password is a stored verifier rather than the password itself.
+pub fn is_verifier(p: &str) -> bool {
+    p.starts_with("SCRAM-SHA-256$")
+        || (p.len() == 35 && p.starts_with("md5") && p[3..].bytes().all(|c| c.is_ascii_hexdigit()))
+}
+
+/// One PostgreSQL server.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    pub host: String,
+    /// Default 5432.
+    #[serde(default = "default_pg_port")]
+    pub port: u16,
+    /// Share of reads relative to other replicas. Default 1; 0 takes it out of rotation.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// Name shown in logs. Default `host:port`.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+impl BackendConfig {
+    pub fn address(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+
+    pub fn display_name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| self.address())
+    }
+}
+
+fn default_pg_port() -> u16 {
+    5432
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// Reserved for read-your-writes (issue 4). Default true.
+    pub read_your_writes: bool,
+    /// Reserved for lag-aware routing. Default 16 MiB.
+    pub max_replica_lag_bytes: u64,
+    /// Reads go to the primary when no replica is usable. Default true.
+    pub fallback_to_primary: bool,
+    /// Extra function names (lower-case) whose presence in a statement forces the primary.
+    pub primary_functions: Vec<String>,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        RoutingConfig {
+            read_your_writes: true,
+            max_replica_lag_bytes: 16 << 20,
+            fallback_to_primary: true,
+            primary_functions: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// How often each backend is checked. Default 1000 ms.
+    pub interval_ms: u64,
+    /// A check or a connect attempt slower than this fails. Default 1000 ms.
+    pub timeout_ms: u64,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            interval_ms: 1000,
+            timeout_ms: 1000,
+        }
+    }
+}
+
+impl HealthConfig {
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    /// Server connections per backend, user and database (transaction mode). Default 20.
+    pub size: usize,
+    /// Longest wait for a server connection. Default 5000 ms.
+    pub checkout_timeout_ms: u64,
+    /// Connecting to (and authenticating with) a backend must finish within this.
+    /// Default 5000 ms.
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            size: 20,
+            checkout_timeout_ms: 5000,
+            connect_timeout_ms: 5000,
+        }
+    }
+}
+
+impl PoolConfig {
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Reserved for the Redis result cache (issue 5). Default false.
+    pub enabled: bool,
+    pub redis_url: String,
+    pub default_ttl_s: u64,
+    pub max_entry_bytes: usize,
+    pub rules: Vec<CacheRule>,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            enabled: false,
+            redis_url: "redis://127.0.0.1:6379".into(),
+            default_ttl_s: 60,
+            max_entry_bytes: 1 << 20,
+            rules: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CacheRule {
+    #[serde(default)]
+    pub query: Option<String>,
+    #[serde(default)]
+    pub table: Option<String>,
+    #[serde(default)]
+    pub ttl_s: Option<u64>,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::from_toml(&text)
+    }
+
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Every rule a configuration must satisfy, checked at once so the user sees them all.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut errors = Vec::new();
+        if self.users.is_empty() {
+            errors.push("at least one [[users]] entry is required".to_owned());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for u in &self.users {
+            if u.name.is_empty() {
+                errors.push("a [[users]] entry has an empty name".to_owned());
+            }
+            if !seen.insert(u.name.as_str()) {
+                errors.push(format!("user {:?} is listed twice", u.name));
+            }
+            let method = u.auth_method.unwrap_or(self.proxy.auth_method);
+            match (&u.password, method) {
+                (None, AuthMethod::Trust) => {}
+                (None, _) => errors.push(format!("user {:?} needs a password", u.name)),
+                (Some(p), AuthMethod::ScramSha256) if p.starts_with("md5") && is_verifier(p) => {
+                    errors.push(format!(
+                        "user {:?}: an md5 hash cannot be used for SCRAM authentication",
+                        u.name
+                    ))
+                }
+                (Some(p), AuthMethod::Md5) if p.starts_with("SCRAM-SHA-256$") => {
+                    errors.push(format!(
+                        "user {:?}: a SCRAM verifier cannot be used for md5 authentication",
+                        u.name
+                    ))
+                }
+                (Some(p), AuthMethod::ScramSha256)
+                    if p.starts_with("SCRAM-SHA-256$") && scram_verifier_shape(p).is_none() =>
+                {
+                    errors.push(format!("user {:?}: malformed SCRAM verifier", u.name));
+                }
+                _ => {}
+            }
+        }
+        if self.proxy.pool_mode == PoolMode::Transaction {
+            errors.push(
+                "pool_mode = \"transaction\" is not implemented yet; use \"session\"".to_owned(),
+            );
+        }
+        if self.proxy.max_client_connections == 0 {
+            errors.push("proxy.max_client_connections must be at least 1".to_owned());
+        }
+        if self.proxy.max_message_bytes < 1024 {
+            errors.push("proxy.max_message_bytes must be at least 1024".to_owned());
+        }
+        for b in std::iter::once(&self.primary).chain(&self.replicas) {
+            if b.host.is_empty() {
+                errors.push("a backend has an empty host".to_owned());
+            }
+            if b.port == 0 {
+                errors.push(format!("backend {} has port 0", b.display_name()));
+            }
+        }
+        if self.pool.size == 0 {
+            errors.push("pool.size must be at least 1".to_owned());
+        }
+        if self.health.timeout_ms == 0 || self.pool.connect_timeout_ms == 0 {
+            errors.push("timeouts must be positive".to_owned());
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(errors.join("; ")))
+        }
+    }
+
+    pub fn user(&self, name: &str) -> Option<&UserConfig> {
+        self.users.iter().find(|u| u.name == name)
+    }
+}
+
+/// Shape check of a stored SCRAM verifier, without pulling in the auth module (config is a
+/// leaf): `SCRAM-SHA-256$<iterations>:<salt>$<stored key>:<server key>`.
+fn scram_verifier_shape(v: &str) -> Option<()> {
+    let rest = v.strip_prefix("SCRAM-SHA-256$")?;
+    let (iter_salt, keys) = rest.split_once('$')?;
+    let (iter, salt) = iter_salt.split_once(':')?;
+    let (stored, server) = keys.split_once(':')?;
+    iter.parse::<u32>().ok().filter(|&i| i > 0)?;
+    // Keys are base64 of 32-byte SHA-256 values.
+    (!salt.is_empty() && stored.len() == 44 && server.len() == 44).then_some(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [[users]]
+        name = "app"
+        password = "app_pw"
+        [primary]
+        host = "127.0.0.1"
+    "#;
+
+    #[test]
+    fn defaults_fill_a_minimal_file() {
+        let c = Config::from_toml(MINIMAL).unwrap();
+        assert_eq!(c.proxy.listen.port(), 6432);
+        assert_eq!(c.primary.port, 5432);
+        assert_eq!(c.pool.size, 20);
+        assert!(c.routing.fallback_to_primary);
+        assert_eq!(c.users[0].server_user(), "app");
+        assert_eq!(c.users[0].server_password(), Some("app_pw"));
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let text = format!("{MINIMAL}\n[routing]\nfallback = true\n");
+        assert!(matches!(
+            Config::from_toml(&text),
+            Err(ConfigError::Parse(_))
+        ));
+    }
+
+    #[test]
+    fn validation_reports_every_problem() {
+        let text = r#"
+            [proxy]
+            max_client_connections = 0
+            [[users]]
+            name = "a"
+            [primary]
+            host = ""
+        "#;
+        let err = Config::from_toml(text).unwrap_err().to_string();
+        assert!(err.contains("needs a password"), "{err}");
+        assert!(err.contains("max_client_connections"), "{err}");
+        assert!(err.contains("empty host"), "{err}");
+    }
+
+    #[test]
+    fn verifiers_are_recognised() {
+        assert!(is_verifier("md5abcdefabcdefabcdefabcdefabcdefab"));
+        assert!(!is_verifier("md5-is-my-password"));
+        let text = r#"
+            [[users]]
+            name = "v"
+            password = "SCRAM-SHA-256$4096:c2FsdHNhbHRzYWx0$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+            [primary]
+            host = "h"
+        "#;
+        let c = Config::from_toml(text).unwrap();
+        assert_eq!(c.users[0].server_password(), None);
+        let bad = text.replace("4096:", "x:");
+        assert!(Config::from_toml(&bad).is_err());
+    }
+}

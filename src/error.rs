@@ -1,0 +1,105 @@
+//! The proxy's error type, which side of the proxy each error comes from, and the one
+//! mapping from errors to ErrorResponse SQLSTATEs.
+
+use crate::backend::BackendError;
+use crate::protocol::{self, Frame, FrameError, MalformedMessage, Severity, StartupError};
+
+/// Who is at fault: decides whether the session goes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Backend,
+    Proxy,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("client closed the connection")]
+    ClientGone,
+    #[error("client connection failed: {0}")]
+    ClientIo(std::io::Error),
+    #[error("{0}")]
+    Frame(#[from] FrameError),
+    #[error("{0}")]
+    Startup(#[from] StartupError),
+    #[error("{0}")]
+    Malformed(#[from] MalformedMessage),
+    #[error("{0}")]
+    Protocol(String),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("password authentication failed for user \"{0}\"")]
+    BadPassword(String),
+    #[error("{0}")]
+    AuthRejected(String),
+    #[error("sorry, too many clients already")]
+    TooManyClients,
+    #[error("canceling authentication due to timeout")]
+    LoginTimeout,
+    #[error("{0}")]
+    Backend(#[from] BackendError),
+    #[error("no server available: {0}")]
+    NoServer(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn side(&self) -> Side {
+        match self {
+            Error::Backend(_) | Error::NoServer(_) => Side::Backend,
+            _ => Side::Client,
+        }
+    }
+
+    /// SQLSTATE for the client.
+    pub fn sqlstate(&self) -> &str {
+        match self {
+            Error::ClientGone | Error::ClientIo(_) => "08006",
+            Error::Frame(_) | Error::Malformed(_) | Error::Protocol(_) => "08P01",
+            Error::Startup(StartupError::UnsupportedProtocol { .. }) => "0A000",
+            Error::Startup(_) => "08P01",
+            Error::Unsupported(_) => "0A000",
+            Error::BadPassword(_) => "28P01",
+            Error::AuthRejected(_) => "28000",
+            Error::TooManyClients => "53300",
+            Error::LoginTimeout => "08006",
+            // A server's own refusal keeps its SQLSTATE (e.g. 3D000 unknown database).
+            Error::Backend(BackendError::Server(e)) if !e.code.is_empty() => &e.code,
+            Error::Backend(BackendError::AuthUnsupported(_)) => "28000",
+            Error::Backend(_) | Error::NoServer(_) => "08006",
+        }
+    }
+
+    pub fn to_error_response(&self, severity: Severity) -> Frame {
+        let message = match self {
+            Error::Backend(BackendError::Server(e)) => e.message.clone(),
+            other => other.to_string(),
+        };
+        protocol::error_response(severity, self.sqlstate(), &message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::ErrorFields;
+
+    #[test]
+    fn sqlstates() {
+        assert_eq!(Error::BadPassword("u".into()).sqlstate(), "28P01");
+        assert_eq!(Error::TooManyClients.sqlstate(), "53300");
+        assert_eq!(Error::Frame(FrameError::BadLength(1)).sqlstate(), "08P01");
+        let server = Error::Backend(BackendError::Server(ErrorFields {
+            severity: "FATAL".into(),
+            code: "3D000".into(),
+            message: "database \"x\" does not exist".into(),
+        }));
+        assert_eq!(server.sqlstate(), "3D000");
+        let f = server.to_error_response(Severity::Fatal);
+        assert_eq!(
+            ErrorFields::parse(&f.body).message,
+            "database \"x\" does not exist"
+        );
+    }
+}

@@ -1,0 +1,18 @@
+//! pgsplit: a transparent PostgreSQL wire-protocol proxy that sends writes, transactions and
+//! session-bound work to the primary and spreads plain reads over streaming replicas.
+//!
+//! `main.rs` only parses arguments and calls [`server::Server`]; tests start the same server
+//! in-process on port 0. Module layers: `protocol`, `config` and `router` are pure leaves;
+//! `backend` and `auth` build on leaves; `session` combines them; `server` wires it up.
+
+pub mod auth;
+pub mod backend;
+pub mod config;
+pub mod error;
+pub mod protocol;
+pub mod router;
+pub mod server;
+pub mod session;
+pub mod state;
+
+pub use error::{Error, Result};

@@ -1,0 +1,223 @@
+//! Views of the frontend messages routing needs (Query, Parse, Bind, Describe, Close,
+//! Execute) and the few rewrites the proxy does (statement names in Parse/Bind/Describe/
+//! Close). Everything else is forwarded untouched.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::{Frame, tag};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("malformed {0} message")]
+pub struct MalformedMessage(pub &'static str);
+
+/// Split a NUL-terminated UTF-8 string off the front of `b`.
+fn cstr<'a>(b: &'a [u8], what: &'static str) -> Result<(&'a str, &'a [u8]), MalformedMessage> {
+    let nul = b
+        .iter()
+        .position(|&c| c == 0)
+        .ok_or(MalformedMessage(what))?;
+    let s = std::str::from_utf8(&b[..nul]).map_err(|_| MalformedMessage(what))?;
+    Ok((s, &b[nul + 1..]))
+}
+
+/// The SQL of a simple Query message.
+pub fn query_sql(body: &[u8]) -> Result<&str, MalformedMessage> {
+    let (sql, rest) = cstr(body, "Query")?;
+    if !rest.is_empty() {
+        return Err(MalformedMessage("Query"));
+    }
+    Ok(sql)
+}
+
+/// A decoded Parse message. `param_types` is the raw tail (count + OIDs), kept as bytes so
+/// the statement can be re-sent exactly as the client declared it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParseMsg {
+    pub name: String,
+    pub sql: String,
+    pub param_types: Bytes,
+}
+
+impl ParseMsg {
+    pub fn decode(body: &Bytes) -> Result<ParseMsg, MalformedMessage> {
+        let (name, rest) = cstr(body, "Parse")?;
+        let (sql, rest) = cstr(rest, "Parse")?;
+        if rest.len() < 2 {
+            return Err(MalformedMessage("Parse"));
+        }
+        let n = i16::from_be_bytes([rest[0], rest[1]]);
+        if n < 0 || rest.len() != 2 + 4 * n as usize {
+            return Err(MalformedMessage("Parse"));
+        }
+        let offset = body.len() - rest.len();
+        Ok(ParseMsg {
+            name: name.to_owned(),
+            sql: sql.to_owned(),
+            param_types: body.slice(offset..),
+        })
+    }
+
+    /// The same statement under another name.
+    pub fn encode_named(&self, name: &str) -> Frame {
+        let mut b =
+            BytesMut::with_capacity(name.len() + self.sql.len() + 2 + self.param_types.len());
+        b.put_slice(name.as_bytes());
+        b.put_u8(0);
+        b.put_slice(self.sql.as_bytes());
+        b.put_u8(0);
+        b.put_slice(&self.param_types);
+        Frame {
+            tag: tag::PARSE,
+            body: b.freeze(),
+        }
+    }
+}
+
+/// Portal and statement names of a Bind message, and where the rest of it starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BindNames<'a> {
+    pub portal: &'a str,
+    pub statement: &'a str,
+    rest_offset: usize,
+}
+
+impl<'a> BindNames<'a> {
+    pub fn decode(body: &'a [u8]) -> Result<BindNames<'a>, MalformedMessage> {
+        let (portal, rest) = cstr(body, "Bind")?;
+        let (statement, rest) = cstr(rest, "Bind")?;
+        Ok(BindNames {
+            portal,
+            statement,
+            rest_offset: body.len() - rest.len(),
+        })
+    }
+
+    /// Parameter formats, values and result formats: the part a result cache keys on.
+    pub fn tail(&self, body: &'a [u8]) -> &'a [u8] {
+        &body[self.rest_offset..]
+    }
+}
+
+/// The same Bind aimed at another server-side statement name.
+pub fn rewrite_bind(body: &Bytes, names: &BindNames<'_>, statement: &str) -> Frame {
+    let tail = &body[names.rest_offset..];
+    let mut b = BytesMut::with_capacity(names.portal.len() + statement.len() + 2 + tail.len());
+    b.put_slice(names.portal.as_bytes());
+    b.put_u8(0);
+    b.put_slice(statement.as_bytes());
+    b.put_u8(0);
+    b.put_slice(tail);
+    Frame {
+        tag: tag::BIND,
+        body: b.freeze(),
+    }
+}
+
+/// What a Describe or Close message targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target<'a> {
+    Statement(&'a str),
+    Portal(&'a str),
+}
+
+/// Decode Describe / Close (same layout: kind byte 'S' or 'P', then a name).
+pub fn decode_target<'a>(
+    body: &'a [u8],
+    what: &'static str,
+) -> Result<Target<'a>, MalformedMessage> {
+    let (&kind, rest) = body.split_first().ok_or(MalformedMessage(what))?;
+    let (name, rest) = cstr(rest, what)?;
+    if !rest.is_empty() {
+        return Err(MalformedMessage(what));
+    }
+    match kind {
+        b'S' => Ok(Target::Statement(name)),
+        b'P' => Ok(Target::Portal(name)),
+        _ => Err(MalformedMessage(what)),
+    }
+}
+
+/// A Describe or Close of a statement under another name.
+pub fn encode_statement_target(frame_tag: u8, name: &str) -> Frame {
+    let mut b = BytesMut::with_capacity(name.len() + 2);
+    b.put_u8(b'S');
+    b.put_slice(name.as_bytes());
+    b.put_u8(0);
+    Frame {
+        tag: frame_tag,
+        body: b.freeze(),
+    }
+}
+
+/// Check an Execute message's layout (portal name, row limit).
+pub fn validate_execute(body: &[u8]) -> Result<(), MalformedMessage> {
+    let (_, rest) = cstr(body, "Execute")?;
+    if rest.len() != 4 {
+        return Err(MalformedMessage("Execute"));
+    }
+    Ok(())
+}
+
+/// Frontend messages the proxy originates (towards a backend).
+pub fn query_frame(sql: &str) -> Frame {
+    let mut b = BytesMut::with_capacity(sql.len() + 1);
+    b.put_slice(sql.as_bytes());
+    b.put_u8(0);
+    Frame {
+        tag: tag::QUERY,
+        body: b.freeze(),
+    }
+}
+
+pub fn sync_frame() -> Frame {
+    Frame {
+        tag: tag::SYNC,
+        body: Bytes::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_round_trip_under_a_new_name() {
+        let body = Bytes::from_static(b"s1\0select $1\0\0\x01\0\0\0\x17");
+        let p = ParseMsg::decode(&body).unwrap();
+        assert_eq!(p.name, "s1");
+        assert_eq!(p.sql, "select $1");
+        let f = p.encode_named("srv");
+        assert_eq!(&f.body[..], b"srv\0select $1\0\0\x01\0\0\0\x17");
+        assert!(ParseMsg::decode(&Bytes::from_static(b"s1\0select\0\0\x02\0\0\0\x17")).is_err());
+        assert!(ParseMsg::decode(&Bytes::from_static(b"s1\0select")).is_err());
+    }
+
+    #[test]
+    fn bind_rewrite_keeps_the_tail() {
+        let body = Bytes::from_static(b"p\0s1\0\0\0\0\x01\0\0\0\x011\0\0");
+        let names = BindNames::decode(&body).unwrap();
+        assert_eq!((names.portal, names.statement), ("p", "s1"));
+        let f = rewrite_bind(&body, &names, "srv_1");
+        assert_eq!(&f.body[..], b"p\0srv_1\0\0\0\0\x01\0\0\0\x011\0\0");
+    }
+
+    #[test]
+    fn describe_and_close_targets() {
+        assert_eq!(
+            decode_target(b"Sabc\0", "Describe"),
+            Ok(Target::Statement("abc"))
+        );
+        assert_eq!(decode_target(b"P\0", "Close"), Ok(Target::Portal("")));
+        assert!(decode_target(b"Xa\0", "Close").is_err());
+        assert!(decode_target(b"", "Close").is_err());
+        assert!(decode_target(b"Sa", "Close").is_err());
+    }
+
+    #[test]
+    fn query_needs_its_terminator() {
+        assert_eq!(query_sql(b"select 1\0"), Ok("select 1"));
+        assert!(query_sql(b"select 1").is_err());
+        assert!(query_sql(b"a\0b\0").is_err());
+        assert!(query_sql(b"\xff\0").is_err());
+    }
+}

@@ -1,0 +1,100 @@
+//! SQL classification and routing decisions.
+//!
+//! Pure and synchronous: `classify` turns SQL text into a [`Classification`], and `route`
+//! turns a classification plus the session's facts into a [`Route`]. Nothing here touches a
+//! socket or a session type. Conservative by rule: when unsure whether SQL writes, the answer
+//! is [`Target::Primary`].
+
+mod cache;
+mod classify;
+mod route;
+
+pub use cache::ClassifyCache;
+pub use classify::classify;
+pub use route::{Route, SessionFacts, route};
+
+/// Where a statement may run, judged from its text alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Target {
+    /// A plain read: any replica (or the primary) may answer it.
+    Replica,
+    /// Writes, locking reads, writing functions, unparseable SQL, node-identity probes.
+    Primary,
+}
+
+/// The access mode a `BEGIN` / `START TRANSACTION` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxAccess {
+    ReadOnly,
+    ReadWrite,
+}
+
+/// A statement that changes session state the proxy must replay on other backends, or
+/// state the proxy keeps itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionOp {
+    /// `SET [SESSION] name ...`: `sql` is a statement that, replayed verbatim on another
+    /// backend, gives it the same setting. `name` is lower-case.
+    Set { name: String, sql: String },
+    /// `RESET name`.
+    Reset { name: String },
+    /// `RESET ALL`.
+    ResetAll,
+    /// `DISCARD ALL` (also drops prepared statements, like on a direct connection).
+    DiscardAll,
+    /// `DEALLOCATE [PREPARE] name`.
+    Deallocate { name: String },
+    /// `DEALLOCATE [PREPARE] ALL`.
+    DeallocateAll,
+}
+
+/// What the proxy needs to know about one SQL string (which may hold several statements).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Classification {
+    /// Combined over all statements: `Primary` if any statement is not a plain read.
+    pub target: Target,
+    /// Set when the string opens a transaction block (`BEGIN`, `START TRANSACTION`).
+    pub begins_tx: Option<TxAccess>,
+    /// Session-bound work (temp table, LISTEN, session advisory lock, SQL PREPARE,
+    /// DECLARE ... WITH HOLD, set_config, SET of something that cannot be replayed): the
+    /// session stays on its primary connection from now on.
+    pub pins_session: bool,
+    /// Session-state statements in the order they appear.
+    pub session_ops: Vec<SessionOp>,
+    /// Tables read (lower-case unless quoted, schema kept when written).
+    pub tables_read: Vec<String>,
+    /// Tables written (INSERT/UPDATE/DELETE/MERGE/TRUNCATE/COPY FROM/DDL targets).
+    pub tables_written: Vec<String>,
+    /// It may write something that cannot be attributed to tables (DO, CALL, writing
+    /// function calls, unparseable SQL that is not a read).
+    pub writes_unknown: bool,
+    /// It calls a volatile function (now(), random(), nextval ...): never cacheable.
+    pub volatile: bool,
+    /// Number of statements in the string (0 for an empty query).
+    pub statement_count: usize,
+    /// Whether sqlparser understood it; `false` means the conservative fallback was used.
+    pub parsed: bool,
+}
+
+impl Classification {
+    /// The conservative answer for SQL we could not understand.
+    pub fn unknown() -> Self {
+        Classification {
+            target: Target::Primary,
+            begins_tx: None,
+            pins_session: false,
+            session_ops: Vec::new(),
+            tables_read: Vec::new(),
+            tables_written: Vec::new(),
+            writes_unknown: true,
+            volatile: true,
+            statement_count: 1,
+            parsed: false,
+        }
+    }
+
+    /// A plain read with no side effects (the replica route).
+    pub fn is_plain_read(&self) -> bool {
+        self.target == Target::Replica && !self.pins_session && self.session_ops.is_empty()
+    }
+}

@@ -1,0 +1,68 @@
+//! The accept loop: one task per client, a cap on client connections, graceful shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::state::Shared;
+
+/// A running proxy listener, as tests and `main` hold it.
+pub struct Server {
+    pub shared: Arc<Shared>,
+    listener: TcpListener,
+}
+
+impl Server {
+    pub async fn bind(shared: Arc<Shared>, addr: SocketAddr) -> std::io::Result<Server> {
+        let listener = TcpListener::bind(addr).await?;
+        Ok(Server { shared, listener })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Accept clients until `shutdown` is cancelled; then wait for running sessions.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let max = self
+            .shared
+            .runtime
+            .load()
+            .config
+            .proxy
+            .max_client_connections;
+        let limit = Arc::new(Semaphore::new(max));
+        let tracker = TaskTracker::new();
+        info!(addr = %self.local_addr().map(|a| a.to_string()).unwrap_or_default(), "listening");
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                a = self.listener.accept() => a,
+            };
+            let (stream, peer) = match accepted {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            // Over the limit, the client still gets a proper FATAL 53300 from its session.
+            let permit = limit.clone().try_acquire_owned().ok();
+            let over_limit = permit.is_none();
+            let shared = self.shared.clone();
+            tracker.spawn(async move {
+                crate::session::run(shared, stream, peer, over_limit).await;
+                drop(permit);
+            });
+        }
+        tracker.close();
+        tracker.wait().await;
+    }
+}

@@ -1,0 +1,579 @@
+//! One client session: startup and authentication, then the request loop that routes each
+//! request to a backend connection and relays the answer.
+//!
+//! The only module that combines protocol, router, backend and state. Session mode: the
+//! session owns one connection per backend it has used (opened lazily), and asks for them
+//! through `acquire`, the seam transaction pooling will replace.
+
+mod client;
+mod relay;
+mod request;
+mod startup;
+mod state;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+use tracing::{Instrument, debug, info_span, warn};
+
+use crate::backend::{BackendError, BackendId, ConnectParams, ServerConn, send_cancel};
+use crate::error::{Error, Result, Side};
+use crate::protocol::{self, Frame, Severity, TxStatus, tag};
+use crate::router::{Route, SessionFacts, SessionOp};
+use crate::state::{CancelSlot, Runtime, Shared, lock};
+
+use client::ClientConn;
+use request::Item;
+use startup::{Login, Opening};
+use state::{Settings, Statement};
+
+/// Serve one accepted client connection to its end.
+pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, over_limit: bool) {
+    let _ = stream.set_nodelay(true);
+    let runtime = shared.runtime.load_full();
+    let max_message = runtime.config.proxy.max_message_bytes;
+    let (rd, wr) = stream.into_split();
+    let mut client = ClientConn::new(rd, wr, max_message);
+    let span =
+        info_span!("session", %peer, user = tracing::field::Empty, db = tracing::field::Empty);
+    async move {
+        let opening = tokio::time::timeout(
+            runtime.config.proxy.client_login_timeout(),
+            startup::open(&mut client, &runtime, over_limit),
+        )
+        .await
+        .unwrap_or(Err(Error::LoginTimeout));
+        match opening {
+            Ok(Opening::Cancel { pid, secret }) => {
+                if let Some(key) = shared.cancels.lookup(pid, secret) {
+                    debug!(backend = %key.addr, "forwarding cancel request");
+                    if let Err(e) = send_cancel(key).await {
+                        warn!(error = %e, "cancel request could not reach the server");
+                    }
+                }
+            }
+            Ok(Opening::Login(login)) => {
+                let span = tracing::Span::current();
+                span.record("user", login.user.config.name.as_str());
+                span.record("db", login.database.as_str());
+                let mut session = Session::new(shared.clone(), runtime, client, login);
+                let result = session.start().await;
+                let result = match result {
+                    Ok(()) => session.serve().await,
+                    Err(e) => Err(e),
+                };
+                session.close(result).await;
+            }
+            Err(Error::ClientGone) => {}
+            Err(e) => {
+                debug!(error = %e, "startup failed");
+                let _ = client.send(&[e.to_error_response(Severity::Fatal)]).await;
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// What the request loop does after a client message.
+enum Flow {
+    Continue,
+    Terminate,
+}
+
+pub struct Session {
+    shared: Arc<Shared>,
+    /// The configuration this session started with; re-read between requests once reload
+    /// exists.
+    runtime: Arc<Runtime>,
+    client: ClientConn,
+    connect: ConnectParams,
+    /// Server connections by backend id (0 = primary).
+    conns: Vec<Option<ServerConn>>,
+    tx: TxStatus,
+    /// The backend the open transaction runs on.
+    tx_conn: Option<BackendId>,
+    /// Session-bound work happened: everything goes to the primary from now on.
+    pinned: bool,
+    settings: Settings,
+    /// Session operations of the open transaction, applied at COMMIT.
+    tx_ops: Vec<SessionOp>,
+    statements: HashMap<String, Arc<Statement>>,
+    /// Extended-protocol messages received since the last Sync.
+    batch: Vec<Frame>,
+    /// After a failure before an unsynced batch reached a server: drop client messages up
+    /// to the Sync, then report ReadyForQuery, as PostgreSQL does.
+    skip_until_sync: bool,
+    /// Staging buffer for bytes going to the client.
+    out: bytes::BytesMut,
+    /// Staging buffer for bytes going to a server.
+    wbuf: bytes::BytesMut,
+    cancel_pid: i32,
+    cancel_secret: i32,
+    cancel_slot: CancelSlot,
+}
+
+impl Session {
+    fn new(shared: Arc<Shared>, runtime: Arc<Runtime>, client: ClientConn, login: Login) -> Self {
+        let (cancel_pid, cancel_secret, cancel_slot) = shared.cancels.register();
+        let backends = 1 + runtime.backends.replicas.len();
+        let connect = ConnectParams {
+            user: login.user.config.server_user().to_owned(),
+            password: login.user.config.server_password().map(str::to_owned),
+            database: login.database.clone(),
+            startup: login.params.clone(),
+        };
+        Session {
+            shared,
+            runtime,
+            client,
+            connect,
+            conns: (0..backends).map(|_| None).collect(),
+            tx: TxStatus::Idle,
+            tx_conn: None,
+            pinned: false,
+            settings: Settings::default(),
+            tx_ops: Vec::new(),
+            statements: HashMap::new(),
+            batch: Vec::new(),
+            skip_until_sync: false,
+            out: bytes::BytesMut::with_capacity(16 * 1024),
+            wbuf: bytes::BytesMut::with_capacity(4096),
+            cancel_pid,
+            cancel_secret,
+            cancel_slot,
+        }
+    }
+
+    /// Finish the login: the primary is connected first so the client sees its
+    /// ParameterStatus values, as on a direct connection.
+    async fn start(&mut self) -> Result<()> {
+        let primary = self.connect_backend(BackendId::PRIMARY).await?;
+        let mut frames = vec![protocol::auth_ok()];
+        frames.extend(
+            primary
+                .params
+                .iter()
+                .map(|(k, v)| protocol::parameter_status(k, v)),
+        );
+        frames.push(protocol::backend_key_data(
+            self.cancel_pid,
+            self.cancel_secret,
+        ));
+        frames.push(protocol::ready_for_query(TxStatus::Idle));
+        self.conns[0] = Some(primary);
+        self.client.send(&frames).await
+    }
+
+    async fn close(mut self, result: Result<()>) {
+        match result {
+            Ok(()) | Err(Error::ClientGone) | Err(Error::ClientIo(_)) => {}
+            Err(e) => {
+                if e.side() == Side::Backend {
+                    warn!(error = %e, "session lost its server");
+                } else {
+                    debug!(error = %e, "closing session");
+                }
+                let _ = self
+                    .client
+                    .send(&[e.to_error_response(Severity::Fatal)])
+                    .await;
+            }
+        }
+        for conn in self.conns.iter_mut().filter_map(Option::take) {
+            conn.terminate().await;
+        }
+        self.shared.cancels.unregister(self.cancel_pid);
+    }
+
+    /// The request loop.
+    async fn serve(&mut self) -> Result<()> {
+        loop {
+            while let Some(frame) = self.client.try_frame()? {
+                if let Flow::Terminate = self.on_client_frame(frame).await? {
+                    return Ok(());
+                }
+            }
+            // A client waiting on an Execute without Sync or Flush (COPY FROM STDIN through
+            // the extended protocol does this) must not wait for us.
+            if self.client.buf.is_empty() && self.batch.iter().any(|f| f.tag == tag::EXECUTE) {
+                let frames = std::mem::take(&mut self.batch);
+                self.dispatch_batch(frames, true).await?;
+                continue;
+            }
+            self.wait_idle().await?;
+        }
+    }
+
+    /// Wait for client bytes; a pinned session also forwards what its primary connection
+    /// says unprompted (LISTEN notifications, notices).
+    async fn wait_idle(&mut self) -> Result<()> {
+        let watch = self.pinned && self.tx == TxStatus::Idle;
+        let Some(conn) = self.conns[0].as_mut().filter(|_| watch) else {
+            return self.client.fill().await;
+        };
+        tokio::select! {
+            r = self.client.fill() => r,
+            r = conn.fill() => match r {
+                Ok(()) => self.forward_unprompted().await,
+                Err(e) => {
+                    self.conns[0] = None;
+                    Err(Error::Backend(e))
+                }
+            },
+        }
+    }
+
+    /// Relay whole NotificationResponse / NoticeResponse / ParameterStatus frames that an
+    /// idle primary connection sent.
+    async fn forward_unprompted(&mut self) -> Result<()> {
+        let max = self.runtime.config.proxy.max_message_bytes;
+        let Some(conn) = self.conns[0].as_mut() else {
+            return Ok(());
+        };
+        let mut frames = Vec::new();
+        while let Some(f) = protocol::decode_frame(&mut conn.rbuf, max)
+            .map_err(|_| Error::Backend(BackendError::Protocol("bad frame from server")))?
+        {
+            if f.tag == tag::ERROR_RESPONSE {
+                // The server is closing this connection (e.g. terminated by an admin).
+                self.conns[0] = None;
+                return Err(Error::Backend(BackendError::Server(
+                    protocol::ErrorFields::parse(&f.body),
+                )));
+            }
+            frames.push(f);
+        }
+        self.client.send(&frames).await
+    }
+
+    async fn on_client_frame(&mut self, frame: Frame) -> Result<Flow> {
+        if self.skip_until_sync {
+            if frame.tag == tag::SYNC {
+                self.skip_until_sync = false;
+                self.client
+                    .send(&[protocol::ready_for_query(self.tx)])
+                    .await?;
+            }
+            return Ok(Flow::Continue);
+        }
+        match frame.tag {
+            tag::QUERY | tag::FUNCTION_CALL => {
+                if !self.batch.is_empty() {
+                    return Err(Error::Protocol(
+                        "simple Query before the Sync of an extended-protocol batch".into(),
+                    ));
+                }
+                self.dispatch_batch(vec![frame], false).await?;
+            }
+            tag::PARSE | tag::BIND | tag::DESCRIBE | tag::EXECUTE | tag::CLOSE => {
+                self.batch.push(frame);
+            }
+            tag::SYNC => {
+                self.batch.push(frame);
+                let frames = std::mem::take(&mut self.batch);
+                self.dispatch_batch(frames, false).await?;
+            }
+            tag::FLUSH => {
+                self.batch.push(frame);
+                let frames = std::mem::take(&mut self.batch);
+                self.dispatch_batch(frames, true).await?;
+            }
+            tag::TERMINATE => return Ok(Flow::Terminate),
+            // Leftovers of a COPY that failed: PostgreSQL ignores them too.
+            tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL => {}
+            other => {
+                return Err(Error::Protocol(format!(
+                    "invalid frontend message type {}",
+                    other as char
+                )));
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    fn facts(&self) -> SessionFacts {
+        SessionFacts {
+            in_transaction: self.tx != TxStatus::Idle,
+            pinned: self.pinned,
+        }
+    }
+
+    /// Decode, route and run one request. `open`: the batch has no Sync yet and the rest
+    /// of it follows the same connection.
+    async fn dispatch_batch(&mut self, frames: Vec<Frame>, open: bool) -> Result<()> {
+        let mut local = HashMap::new();
+        let mut items = Vec::with_capacity(frames.len());
+        for f in frames {
+            items.push(request::decode(
+                f,
+                &self.runtime.classify,
+                &self.statements,
+                &mut local,
+            )?);
+        }
+        if let Some(reply) = self.local_reply(&items) {
+            return self.client.send(&reply).await;
+        }
+        let mut route = crate::router::route(
+            items.iter().filter_map(Item::class).map(|c| &**c),
+            self.facts(),
+        );
+        if open && route == Route::Replica {
+            // The rest of the batch is unknown yet: it might write.
+            route = Route::Primary;
+        }
+        if items
+            .iter()
+            .any(|i| i.class().is_some_and(|c| c.pins_session))
+            && !self.pinned
+        {
+            debug!("session pinned to the primary");
+            self.pinned = true;
+        }
+        let mut retried = false;
+        loop {
+            let conn = match self.acquire(route).await {
+                Ok(c) => c,
+                Err(e) => return self.report_unavailable(e, &items, open).await,
+            };
+            let retryable = route == Route::Replica && !open && !retried;
+            match self.run_request(conn, &items, open, retryable).await? {
+                relay::Outcome::Done => return Ok(()),
+                relay::Outcome::RetryOnPrimary => {
+                    retried = true;
+                    route = Route::Primary;
+                }
+            }
+        }
+    }
+
+    /// Requests the proxy answers itself: DEALLOCATE of a protocol-level statement (its
+    /// server-side name differs, and other backends may hold it too).
+    fn local_reply(&mut self, items: &[Item]) -> Option<Vec<Frame>> {
+        let [Item::Query { class, .. }] = items else {
+            return None;
+        };
+        if self.tx != TxStatus::Idle || class.statement_count != 1 {
+            return None;
+        }
+        let tag = match class.session_ops.as_slice() {
+            [SessionOp::Deallocate { name }] if self.statements.contains_key(name) => {
+                self.statements.remove(name);
+                "DEALLOCATE"
+            }
+            [SessionOp::DeallocateAll] if !self.pinned => {
+                self.statements.clear();
+                "DEALLOCATE ALL"
+            }
+            _ => return None,
+        };
+        Some(vec![
+            protocol::command_complete(tag),
+            protocol::ready_for_query(self.tx),
+        ])
+    }
+
+    /// No server could take the request: tell the client the way PostgreSQL reports a
+    /// failed request, and keep the session.
+    async fn report_unavailable(&mut self, e: Error, items: &[Item], open: bool) -> Result<()> {
+        warn!(error = %e, "request failed before reaching a server");
+        if self.tx != TxStatus::Idle
+            && self
+                .tx_conn
+                .is_some_and(|b| self.conns[b.0 as usize].is_none())
+        {
+            // The transaction's connection is gone: the transaction is lost with it.
+            return Err(e);
+        }
+        let mut frames = vec![e.to_error_response(Severity::Error)];
+        let synced = items
+            .iter()
+            .any(|i| matches!(i, Item::Sync | Item::Query { .. } | Item::FunctionCall(_)));
+        if synced {
+            frames.push(protocol::ready_for_query(self.tx));
+        } else if open {
+            self.skip_until_sync = true;
+        }
+        self.client.send(&frames).await
+    }
+
+    /// A connection for `route`, connected and carrying the session's settings.
+    async fn acquire(&mut self, route: Route) -> Result<BackendId> {
+        match route {
+            Route::Transaction => {
+                let id = self
+                    .tx_conn
+                    .filter(|b| self.conns[b.0 as usize].is_some())
+                    .ok_or_else(|| {
+                        Error::NoServer("the transaction's server connection was lost".into())
+                    })?;
+                Ok(id)
+            }
+            Route::Primary => {
+                self.ensure_conn(BackendId::PRIMARY).await?;
+                self.sync_settings(BackendId::PRIMARY).await?;
+                Ok(BackendId::PRIMARY)
+            }
+            Route::Replica => {
+                let runtime = self.runtime.clone();
+                for _ in 0..runtime.backends.replicas.len() {
+                    let Some(id) = runtime.backends.pick_replica() else {
+                        break;
+                    };
+                    let ready = match self.ensure_conn(id).await {
+                        Ok(()) => self.sync_settings(id).await,
+                        Err(e) => Err(e),
+                    };
+                    match ready {
+                        Ok(()) => return Ok(id),
+                        Err(e) => {
+                            if let Some(b) = runtime.backends.get(id) {
+                                warn!(backend = %b.name(), error = %e, "replica unusable, trying another");
+                                if matches!(e, Error::Backend(ref be) if be.is_connection_failure())
+                                {
+                                    b.mark_down();
+                                }
+                            }
+                        }
+                    }
+                }
+                if runtime.config.routing.fallback_to_primary {
+                    Box::pin(self.acquire(Route::Primary)).await
+                } else {
+                    Err(Error::NoServer(
+                        "no replica is available for reads and fallback_to_primary is off".into(),
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Make sure `conns[id]` holds a live connection.
+    async fn ensure_conn(&mut self, id: BackendId) -> Result<()> {
+        let slot = id.0 as usize;
+        if let Some(conn) = self.conns[slot].as_mut() {
+            if is_alive(conn) {
+                return Ok(());
+            }
+            if id.is_primary() && self.pinned {
+                self.conns[slot] = None;
+                return Err(Error::NoServer(
+                    "the primary connection holding this session's state (temporary tables, LISTEN, locks) was lost".into(),
+                ));
+            }
+            self.conns[slot] = None;
+        }
+        let conn = self.connect_backend(id).await?;
+        self.conns[slot] = Some(conn);
+        Ok(())
+    }
+
+    async fn connect_backend(&self, id: BackendId) -> Result<ServerConn> {
+        let backend = self
+            .runtime
+            .backends
+            .get(id)
+            .ok_or_else(|| Error::NoServer(format!("unknown backend {id:?}")))?;
+        let timeout = self.runtime.config.pool.connect_timeout();
+        let max = self.runtime.config.proxy.max_message_bytes;
+        let addr = backend.address();
+        let result =
+            tokio::time::timeout(timeout, ServerConn::connect(id, &addr, &self.connect, max))
+                .await
+                .unwrap_or(Err(BackendError::Timeout));
+        match result {
+            Ok(c) => {
+                backend.mark_up();
+                debug!(backend = %backend.name(), pid = c.cancel_key.pid, "server connection opened");
+                Ok(c)
+            }
+            Err(e) => {
+                if e.is_connection_failure() {
+                    backend.mark_down();
+                }
+                Err(match e {
+                    BackendError::Server(_) => Error::Backend(e),
+                    other => Error::NoServer(format!("{}: {other}", backend.name())),
+                })
+            }
+        }
+    }
+
+    /// Replay the session's settings on a connection that does not have them yet.
+    async fn sync_settings(&mut self, id: BackendId) -> Result<()> {
+        let max = self.runtime.config.proxy.max_message_bytes;
+        let Some(conn) = self.conns[id.0 as usize].as_mut() else {
+            return Ok(());
+        };
+        if conn.settings_generation == Some(self.settings.generation) {
+            return Ok(());
+        }
+        if let Some(sql) = self.settings.diff_sql(&conn.settings) {
+            debug!(backend = ?id, "replaying session settings");
+            conn.run_internal(&sql, max).await?;
+        }
+        conn.settings = self.settings.values.clone();
+        conn.settings_generation = Some(self.settings.generation);
+        Ok(())
+    }
+
+    /// A request finished on `conn`: commit the session operations it carried, keep them
+    /// for the end of the open transaction, or drop them when the server undid them.
+    fn settle_session_ops(
+        &mut self,
+        conn: BackendId,
+        ops: Vec<SessionOp>,
+        failed: bool,
+        rolled_back: bool,
+    ) {
+        if failed || rolled_back {
+            // An error aborts the implicit transaction or the whole block, and a ROLLBACK
+            // ends the block: SETs in them are undone by the server too. A failed block's
+            // pending operations go at its ROLLBACK (reported as such even for COMMIT).
+            if self.tx == TxStatus::Idle {
+                self.tx_ops.clear();
+            }
+            return;
+        }
+        if self.tx != TxStatus::Idle {
+            self.tx_ops.extend(ops);
+            return;
+        }
+        let mut all = std::mem::take(&mut self.tx_ops);
+        all.extend(ops);
+        if all.is_empty() {
+            return;
+        }
+        if self.settings.apply(&all) {
+            self.statements.clear();
+            self.pinned = false;
+            if let Some(c) = self.conns[conn.0 as usize].as_mut() {
+                c.prepared.clear();
+                c.unnamed = None;
+            }
+        }
+        // The connection that ran the statements has them applied already.
+        if let Some(c) = self.conns[conn.0 as usize].as_mut() {
+            c.settings = self.settings.values.clone();
+            c.settings_generation = Some(self.settings.generation);
+        }
+    }
+
+    fn set_cancel_target(&self, key: Option<crate::backend::CancelKey>) {
+        *lock(&self.cancel_slot) = key;
+    }
+}
+
+/// Whether an idle server connection is still open: a closed one has EOF (or a FATAL
+/// message) waiting to be read, which a non-blocking read sees at once.
+fn is_alive(conn: &mut ServerConn) -> bool {
+    if !conn.rbuf.is_empty() {
+        // Unread messages (a pinned session's notifications): the relay will see them.
+        return true;
+    }
+    let mut probe = [0u8; 1];
+    matches!(conn.rd.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}

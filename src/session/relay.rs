@@ -1,0 +1,622 @@
+//! Sending a decoded request to one server connection and relaying the answer.
+//!
+//! Backend frames are not decoded: the relay reads each header, and whole frames only for
+//! the few types it acts on (ReadyForQuery, ErrorResponse, CommandComplete, ParseComplete,
+//! CopyInResponse ...). DataRows stream through in pieces as they arrive, and the next read
+//! from the server waits until the client took the previous bytes (backpressure).
+//!
+//! Each message sent has an [`Expect`] entry. Responses arrive in order, so the queue tells
+//! which message a response answers: that is how the relay drops the answer to a Parse it
+//! injected, inserts answers for messages it served itself, and knows after an error which
+//! messages the server skipped.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use bytes::Buf;
+use tracing::{debug, warn};
+
+use super::Session;
+use super::request::{self, Item};
+use super::state::Statement;
+use crate::backend::{BackendError, BackendId, ServerConn};
+use crate::error::{Error, Result};
+use crate::protocol::{
+    self, BindNames, ErrorFields, Frame, Severity, TxStatus, decode_command_tag, needs_whole_frame,
+    rewrite_bind, tag,
+};
+use crate::router::SessionOp;
+
+/// How a request ended.
+pub enum Outcome {
+    Done,
+    /// Nothing reached the client and the request may run again on the primary.
+    RetryOnPrimary,
+}
+
+/// What the response to one message sent to the server means for the relay.
+enum Expect {
+    Parse {
+        /// False for a Parse the proxy injected: its ParseComplete is not the client's.
+        forward: bool,
+        /// Server-side name added to the connection's prepared set when sent; removed again
+        /// if the Parse fails or is skipped.
+        server_name: Option<String>,
+        unnamed: bool,
+        /// Client name → statement, recorded in the session once the server accepted it.
+        register: Option<(String, Arc<Statement>)>,
+    },
+    /// A response the proxy produces itself, in its place in the stream.
+    Synth {
+        frame: Frame,
+        register: Option<(String, Arc<Statement>)>,
+        unregister: Option<String>,
+    },
+    Bind,
+    DescribeStatement,
+    DescribePortal,
+    Execute,
+    Close,
+    Sync,
+    /// A simple Query or FunctionCall: everything up to ReadyForQuery.
+    Query,
+}
+
+/// The state of the request in flight. Owns the server connection meanwhile.
+struct InFlight {
+    id: BackendId,
+    conn: ServerConn,
+    expects: VecDeque<Expect>,
+    /// Statements parsed in this batch (for messages of an open batch still to come).
+    local: HashMap<String, Arc<Statement>>,
+    /// The batch has no Sync yet: further client messages join it.
+    open: bool,
+    copy_in: bool,
+    failed: bool,
+    rolled_back: bool,
+    /// Bytes of a large frame still to stream through untouched.
+    passthrough: usize,
+    /// Output is withheld from the client because the request may still be retried.
+    holding: bool,
+    /// A replica refused with 25006: drain to ReadyForQuery, then retry on the primary.
+    retry: bool,
+    ops: Vec<SessionOp>,
+}
+
+/// Held-back output beyond this is released (the request is then no longer retried).
+const MAX_HELD: usize = 64 * 1024;
+
+enum Progress {
+    NeedMore,
+    Done,
+}
+
+impl Session {
+    pub(super) async fn run_request(
+        &mut self,
+        id: BackendId,
+        items: &[Item],
+        open: bool,
+        retryable: bool,
+    ) -> Result<Outcome> {
+        let conn = self.conns[id.0 as usize]
+            .take()
+            .ok_or_else(|| Error::NoServer("server connection missing".into()))?;
+        let mut fl = InFlight {
+            id,
+            conn,
+            expects: VecDeque::with_capacity(items.len()),
+            local: HashMap::new(),
+            open,
+            copy_in: false,
+            failed: false,
+            rolled_back: false,
+            passthrough: 0,
+            holding: retryable,
+            retry: false,
+            ops: Vec::new(),
+        };
+        self.wbuf.clear();
+        for item in items {
+            if let Item::Parse(s) = item {
+                fl.local.insert(s.parse.name.clone(), s.clone());
+            }
+            self.emit(&mut fl, item);
+        }
+        self.set_cancel_target(Some(fl.conn.cancel_key));
+        let result = self.relay(&mut fl).await;
+        self.set_cancel_target(None);
+        self.out.clear();
+        match result {
+            Ok(()) if fl.retry => {
+                warn!(backend = ?fl.id, "replica refused a statement as a write; retrying on the primary");
+                for item in items {
+                    if let Some(sql) = statement_sql(item) {
+                        self.runtime.classify.learn_write(sql);
+                    }
+                }
+                self.conns[id.0 as usize] = Some(fl.conn);
+                Ok(Outcome::RetryOnPrimary)
+            }
+            Ok(()) => {
+                let InFlight {
+                    conn,
+                    ops,
+                    failed,
+                    rolled_back,
+                    ..
+                } = fl;
+                self.conns[id.0 as usize] = Some(conn);
+                self.settle_session_ops(id, ops, failed, rolled_back);
+                Ok(Outcome::Done)
+            }
+            Err(Error::Backend(e)) if e.is_connection_failure() => self.server_lost(fl, e).await,
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The server connection failed mid-request (it is dropped with `fl`).
+    async fn server_lost(&mut self, fl: InFlight, e: BackendError) -> Result<Outcome> {
+        if let Some(b) = self.runtime.backends.get(fl.id) {
+            warn!(backend = %b.name(), error = %e, "server connection lost during a request");
+            b.mark_down();
+        }
+        if fl.holding {
+            return Ok(Outcome::RetryOnPrimary);
+        }
+        if self.tx != TxStatus::Idle && self.tx_conn == Some(fl.id) {
+            self.tx = TxStatus::Idle;
+            self.tx_conn = None;
+            return Err(Error::Backend(e));
+        }
+        if fl.id.is_primary() && self.pinned {
+            return Err(Error::Backend(e));
+        }
+        let mut frames = vec![protocol::error_response(
+            Severity::Error,
+            "08006",
+            &format!("server connection lost while running the request: {e}"),
+        )];
+        if fl
+            .expects
+            .iter()
+            .any(|x| matches!(x, Expect::Sync | Expect::Query))
+        {
+            frames.push(protocol::ready_for_query(self.tx));
+        } else if fl.open {
+            self.skip_until_sync = true;
+        }
+        self.client.send(&frames).await?;
+        Ok(Outcome::Done)
+    }
+
+    /// Encode one item for the server, with the expectation of its response.
+    fn emit(&mut self, fl: &mut InFlight, item: &Item) {
+        if fl.failed && !matches!(item, Item::Sync) {
+            // The server discards messages after an error until the Sync: so do we.
+            return;
+        }
+        let out = &mut self.wbuf;
+        match item {
+            Item::Query { frame, class } => {
+                frame.encode_into(out);
+                fl.conn.unnamed = None;
+                fl.expects.push_back(Expect::Query);
+                fl.ops.extend(class.session_ops.iter().cloned());
+            }
+            Item::FunctionCall(frame) => {
+                frame.encode_into(out);
+                fl.expects.push_back(Expect::Query);
+            }
+            Item::Parse(stmt) => {
+                let name = stmt.parse.name.clone();
+                if !name.is_empty() && fl.conn.prepared.contains(&stmt.server_name) {
+                    fl.expects.push_back(Expect::Synth {
+                        frame: Frame {
+                            tag: tag::PARSE_COMPLETE,
+                            body: bytes::Bytes::new(),
+                        },
+                        register: Some((name, stmt.clone())),
+                        unregister: None,
+                    });
+                } else {
+                    self.send_parse(fl, stmt, true, Some(name));
+                }
+            }
+            Item::Bind { frame, stmt } => {
+                match stmt {
+                    Some(s) => {
+                        self.ensure_prepared(fl, s);
+                        if s.server_name.is_empty() {
+                            frame.encode_into(&mut self.wbuf);
+                        } else if let Ok(names) = BindNames::decode(&frame.body) {
+                            rewrite_bind(&frame.body, &names, &s.server_name)
+                                .encode_into(&mut self.wbuf);
+                        }
+                        fl.ops.extend(s.class.session_ops.iter().cloned());
+                    }
+                    None => frame.encode_into(out),
+                }
+                fl.expects.push_back(Expect::Bind);
+            }
+            Item::DescribeStatement { frame, stmt } => {
+                match stmt {
+                    Some(s) => {
+                        self.ensure_prepared(fl, s);
+                        if s.server_name.is_empty() {
+                            frame.encode_into(&mut self.wbuf);
+                        } else {
+                            protocol::encode_statement_target(tag::DESCRIBE, &s.server_name)
+                                .encode_into(&mut self.wbuf);
+                        }
+                    }
+                    None => frame.encode_into(out),
+                }
+                fl.expects.push_back(Expect::DescribeStatement);
+            }
+            Item::CloseStatement { frame, name, known } => {
+                if *known || !self.pinned {
+                    // The server statement stays: other names (or clients) may share it.
+                    fl.expects.push_back(Expect::Synth {
+                        frame: protocol::close_complete(),
+                        register: None,
+                        unregister: Some(name.clone()),
+                    });
+                } else {
+                    // An SQL-level PREPAREd statement of a pinned session.
+                    frame.encode_into(out);
+                    fl.expects.push_back(Expect::Close);
+                }
+            }
+            Item::Portal(frame) => {
+                frame.encode_into(out);
+                fl.expects.push_back(match frame.tag {
+                    tag::EXECUTE => Expect::Execute,
+                    tag::DESCRIBE => Expect::DescribePortal,
+                    _ => Expect::Close,
+                });
+            }
+            Item::Sync => {
+                protocol::sync_frame().encode_into(out);
+                fl.expects.push_back(Expect::Sync);
+            }
+            Item::Flush => {
+                Frame {
+                    tag: tag::FLUSH,
+                    body: bytes::Bytes::new(),
+                }
+                .encode_into(out);
+            }
+        }
+    }
+
+    fn send_parse(
+        &mut self,
+        fl: &mut InFlight,
+        stmt: &Arc<Statement>,
+        forward: bool,
+        register: Option<String>,
+    ) {
+        stmt.parse
+            .encode_named(&stmt.server_name)
+            .encode_into(&mut self.wbuf);
+        let unnamed = stmt.server_name.is_empty();
+        let server_name = if unnamed {
+            fl.conn.unnamed = Some(stmt.hash);
+            None
+        } else {
+            fl.conn.prepared.insert(stmt.server_name.clone());
+            Some(stmt.server_name.clone())
+        };
+        fl.expects.push_back(Expect::Parse {
+            forward,
+            server_name,
+            unnamed,
+            register: register.map(|n| (n, stmt.clone())),
+        });
+    }
+
+    /// Prepare `stmt` on the connection first if it does not have it.
+    fn ensure_prepared(&mut self, fl: &mut InFlight, stmt: &Arc<Statement>) {
+        let present = if stmt.server_name.is_empty() {
+            fl.conn.unnamed == Some(stmt.hash)
+        } else {
+            fl.conn.prepared.contains(&stmt.server_name)
+        };
+        if !present {
+            self.send_parse(fl, stmt, false, None);
+        }
+    }
+
+    /// Send what was emitted, then relay until the request is complete.
+    async fn relay(&mut self, fl: &mut InFlight) -> Result<()> {
+        use tokio::io::AsyncWriteExt;
+        fl.conn
+            .wr
+            .write_all(&self.wbuf)
+            .await
+            .map_err(|e| Error::Backend(BackendError::Io(e)))?;
+        self.wbuf.clear();
+        loop {
+            let progress = self.process_backend(fl)?;
+            if !fl.holding && !self.out.is_empty() {
+                self.client.write(&self.out).await?;
+                self.out.clear();
+            }
+            if let Progress::Done = progress {
+                if fl.holding && !fl.retry {
+                    // Complete without a retry: the held answer is the answer.
+                    fl.holding = false;
+                    self.client.write(&self.out).await?;
+                }
+                self.out.clear();
+                return Ok(());
+            }
+            let accepting = fl.copy_in || fl.open;
+            if accepting {
+                tokio::select! {
+                    r = fl.conn.fill() => r?,
+                    r = self.client.fill() => {
+                        r?;
+                        self.forward_client_frames(fl).await?;
+                    }
+                }
+            } else {
+                fl.conn.fill().await?;
+            }
+        }
+    }
+
+    /// Client messages that belong to the request in flight: COPY data, or the rest of an
+    /// open batch. Anything after them stays buffered for the next request.
+    async fn forward_client_frames(&mut self, fl: &mut InFlight) -> Result<()> {
+        use tokio::io::AsyncWriteExt;
+        self.wbuf.clear();
+        while fl.copy_in || fl.open {
+            let Some(frame) = self.client.try_frame()? else {
+                break;
+            };
+            if fl.copy_in && matches!(frame.tag, tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL) {
+                if frame.tag != tag::COPY_DATA {
+                    fl.copy_in = false;
+                }
+                frame.encode_into(&mut self.wbuf);
+                continue;
+            }
+            if !fl.open {
+                // In simple-query COPY, anything else goes to the server, which reports it.
+                frame.encode_into(&mut self.wbuf);
+                continue;
+            }
+            let item = request::decode(
+                frame,
+                &self.runtime.classify,
+                &self.statements,
+                &mut fl.local,
+            )?;
+            if let Some(c) = item.class()
+                && c.pins_session
+            {
+                self.pinned = true;
+            }
+            if matches!(item, Item::Sync) {
+                fl.open = false;
+            }
+            self.emit(fl, &item);
+        }
+        if !self.wbuf.is_empty() {
+            fl.conn
+                .wr
+                .write_all(&self.wbuf)
+                .await
+                .map_err(|e| Error::Backend(BackendError::Io(e)))?;
+            self.wbuf.clear();
+        }
+        Ok(())
+    }
+
+    /// Move what the server sent into the client output, acting on the frames that matter.
+    fn process_backend(&mut self, fl: &mut InFlight) -> Result<Progress> {
+        let max = self.runtime.config.proxy.max_message_bytes;
+        loop {
+            if !fl.failed {
+                self.emit_synths(fl);
+            }
+            if fl.passthrough > 0 {
+                let n = fl.passthrough.min(fl.conn.rbuf.len());
+                if !fl.retry {
+                    self.out.extend_from_slice(&fl.conn.rbuf[..n]);
+                }
+                fl.conn.rbuf.advance(n);
+                fl.passthrough -= n;
+                if fl.passthrough > 0 {
+                    return Ok(Progress::NeedMore);
+                }
+            }
+            if fl.expects.is_empty() && !fl.open {
+                return Ok(Progress::Done);
+            }
+            let buf = &fl.conn.rbuf;
+            if buf.len() < 5 {
+                return Ok(Progress::NeedMore);
+            }
+            let t = buf[0];
+            let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
+            if len < 4 {
+                return Err(Error::Backend(BackendError::Protocol(
+                    "invalid message length from server",
+                )));
+            }
+            let len = len as usize;
+            if needs_whole_frame(t) {
+                if len > max {
+                    return Err(Error::Backend(BackendError::Protocol(
+                        "oversized message from server",
+                    )));
+                }
+                if buf.len() < len + 1 {
+                    return Ok(Progress::NeedMore);
+                }
+            }
+            let forward = self.on_backend_frame(fl, t, len);
+            if fl.holding && (releases_hold(t) || self.out.len() > MAX_HELD) && !fl.retry {
+                fl.holding = false;
+            }
+            if needs_whole_frame(t) {
+                if forward && !fl.retry {
+                    self.out.extend_from_slice(&fl.conn.rbuf[..len + 1]);
+                }
+                fl.conn.rbuf.advance(len + 1);
+            } else {
+                if !fl.retry {
+                    self.out.extend_from_slice(&fl.conn.rbuf[..5]);
+                }
+                fl.conn.rbuf.advance(5);
+                fl.passthrough = len - 4;
+            }
+        }
+    }
+
+    /// Responses the proxy answers itself, when their turn comes.
+    fn emit_synths(&mut self, fl: &mut InFlight) {
+        while let Some(Expect::Synth { .. }) = fl.expects.front() {
+            if let Some(Expect::Synth {
+                frame,
+                register,
+                unregister,
+            }) = fl.expects.pop_front()
+            {
+                frame.encode_into(&mut self.out);
+                if let Some((name, stmt)) = register {
+                    self.statements.insert(name, stmt);
+                }
+                if let Some(name) = unregister {
+                    self.statements.remove(&name);
+                }
+            }
+        }
+    }
+
+    /// Update the request state for one backend frame (whole for inspected types, header
+    /// only for the rest). Returns whether the frame goes to the client.
+    fn on_backend_frame(&mut self, fl: &mut InFlight, t: u8, len: usize) -> bool {
+        let body = || &fl.conn.rbuf[5..len + 1];
+        match t {
+            tag::ERROR_RESPONSE => {
+                let fields = ErrorFields::parse(body());
+                fl.failed = true;
+                if fl.holding && fields.code == "25006" {
+                    fl.retry = true;
+                }
+                debug!(code = %fields.code, "server reported an error");
+                if !matches!(fl.expects.front(), Some(Expect::Query)) {
+                    // The failed message and everything up to the Sync are skipped.
+                    while let Some(x) = fl.expects.front() {
+                        if matches!(x, Expect::Sync | Expect::Query) {
+                            break;
+                        }
+                        if let Some(Expect::Parse {
+                            server_name,
+                            unnamed,
+                            ..
+                        }) = fl.expects.pop_front()
+                        {
+                            undo_parse(&mut fl.conn, server_name, unnamed);
+                        }
+                    }
+                }
+                true
+            }
+            tag::READY_FOR_QUERY => {
+                fl.expects.pop_front();
+                let status = fl.conn.rbuf.get(5).copied().and_then(TxStatus::from_byte);
+                if let Some(status) = status
+                    && !fl.retry
+                {
+                    self.tx = status;
+                    self.tx_conn = (status != TxStatus::Idle).then_some(fl.id);
+                }
+                true
+            }
+            tag::PARSE_COMPLETE => match fl.expects.pop_front() {
+                Some(Expect::Parse {
+                    forward, register, ..
+                }) => {
+                    if let Some((name, stmt)) = register {
+                        self.statements.insert(name, stmt);
+                    }
+                    forward
+                }
+                _ => true,
+            },
+            tag::BIND_COMPLETE | tag::CLOSE_COMPLETE => {
+                fl.expects.pop_front();
+                true
+            }
+            tag::ROW_DESCRIPTION | tag::NO_DATA => {
+                if matches!(
+                    fl.expects.front(),
+                    Some(Expect::DescribeStatement | Expect::DescribePortal)
+                ) {
+                    fl.expects.pop_front();
+                }
+                true
+            }
+            tag::COMMAND_COMPLETE => {
+                if decode_command_tag(body()) == b"ROLLBACK" {
+                    fl.rolled_back = true;
+                }
+                if matches!(fl.expects.front(), Some(Expect::Execute)) {
+                    fl.expects.pop_front();
+                }
+                true
+            }
+            tag::EMPTY_QUERY_RESPONSE | tag::PORTAL_SUSPENDED => {
+                if matches!(fl.expects.front(), Some(Expect::Execute)) {
+                    fl.expects.pop_front();
+                }
+                true
+            }
+            tag::COPY_IN_RESPONSE => {
+                fl.copy_in = true;
+                true
+            }
+            _ => true,
+        }
+    }
+}
+
+fn undo_parse(conn: &mut ServerConn, server_name: Option<String>, unnamed: bool) {
+    if let Some(n) = server_name {
+        conn.prepared.remove(&n);
+    }
+    if unnamed {
+        conn.unnamed = None;
+    }
+}
+
+/// Frames after which the client has seen part of the answer for sure.
+fn releases_hold(t: u8) -> bool {
+    !matches!(
+        t,
+        tag::PARSE_COMPLETE
+            | tag::BIND_COMPLETE
+            | tag::PARAMETER_DESCRIPTION
+            | tag::ROW_DESCRIPTION
+            | tag::NO_DATA
+            | tag::NOTICE_RESPONSE
+            | tag::PARAMETER_STATUS
+            | tag::ERROR_RESPONSE
+            | tag::READY_FOR_QUERY
+    )
+}
+
+/// The SQL text an item runs, for learning writes.
+fn statement_sql(item: &Item) -> Option<&str> {
+    match item {
+        Item::Query { frame, .. } => protocol::query_sql(&frame.body).ok(),
+        Item::Parse(s) => Some(&s.parse.sql),
+        Item::Bind { stmt: Some(s), .. } => Some(&s.parse.sql),
+        _ => None,
+    }
+}

@@ -1,0 +1,187 @@
+//! The startup phase of a client connection: SSL/GSSENC negotiation (declined for now),
+//! cancel requests, the StartupMessage, and authentication against `[[users]]`.
+//! Nothing here opens a backend connection: that happens only after authentication.
+
+use std::sync::Arc;
+
+use bytes::Buf;
+
+use super::client::ClientConn;
+use crate::auth::{ScramError, ScramExchange, UserSecret, md5_response_ok};
+use crate::error::{Error, Result};
+use crate::protocol::{self, StartupPacket, decode_startup, tag};
+use crate::state::{Runtime, UserEntry};
+
+/// What a new connection turned out to be.
+pub enum Opening {
+    Cancel { pid: i32, secret: i32 },
+    Login(Login),
+}
+
+/// An authenticated client.
+pub struct Login {
+    pub user: Arc<UserEntry>,
+    pub database: String,
+    /// Startup parameters other than user and database, passed on to every backend.
+    pub params: Vec<(String, String)>,
+}
+
+/// Read startup packets until a StartupMessage or a CancelRequest arrives.
+async fn read_startup(client: &mut ClientConn) -> Result<StartupPacket> {
+    loop {
+        if let Some(p) = decode_startup(&mut client.buf)? {
+            match p {
+                StartupPacket::Ssl | StartupPacket::GssEnc => {
+                    if !client.buf.is_empty() {
+                        // Bytes after an SSLRequest before our answer: a man-in-the-middle
+                        // tell (CVE-2021-23214); refuse like PostgreSQL does.
+                        return Err(Error::Protocol(
+                            "received unencrypted data after SSL request".into(),
+                        ));
+                    }
+                    client.write(b"N").await?;
+                }
+                other => return Ok(other),
+            }
+        } else {
+            client.fill().await?;
+        }
+    }
+}
+
+pub async fn open(client: &mut ClientConn, runtime: &Runtime, over_limit: bool) -> Result<Opening> {
+    let (minor, params) = match read_startup(client).await? {
+        StartupPacket::Cancel { pid, secret } => return Ok(Opening::Cancel { pid, secret }),
+        StartupPacket::Startup { minor, params } => (minor, params),
+        StartupPacket::Ssl | StartupPacket::GssEnc => unreachable!("handled in read_startup"),
+    };
+    let unsupported: Vec<&str> = params
+        .iter()
+        .map(|(k, _)| k.as_str())
+        .filter(|k| k.starts_with("_pq_."))
+        .collect();
+    if minor > 0 || !unsupported.is_empty() {
+        client
+            .send(&[protocol::negotiate_protocol_version(0, &unsupported)])
+            .await?;
+    }
+    if over_limit {
+        return Err(Error::TooManyClients);
+    }
+    let mut user_name = None;
+    let mut database = None;
+    let mut rest = Vec::new();
+    for (k, v) in params {
+        match k.as_str() {
+            "user" => user_name = Some(v),
+            "database" => database = Some(v),
+            "replication" if !matches!(v.as_str(), "false" | "off" | "no" | "0") => {
+                return Err(Error::Unsupported(
+                    "replication connections are not supported by pgsplit".into(),
+                ));
+            }
+            _ if k.starts_with("_pq_.") => {}
+            _ => rest.push((k, v)),
+        }
+    }
+    let user_name = user_name.filter(|u| !u.is_empty()).ok_or_else(|| {
+        Error::AuthRejected("no PostgreSQL user name specified in startup packet".into())
+    })?;
+    let database = database
+        .filter(|d| !d.is_empty())
+        .unwrap_or_else(|| user_name.clone());
+    let user = runtime.users.get(&user_name).cloned().ok_or_else(|| {
+        Error::AuthRejected(format!(
+            "user \"{user_name}\" is not allowed to connect through pgsplit"
+        ))
+    })?;
+    authenticate(client, &user).await?;
+    Ok(Opening::Login(Login {
+        user,
+        database,
+        params: rest,
+    }))
+}
+
+async fn authenticate(client: &mut ClientConn, user: &UserEntry) -> Result<()> {
+    let name = &user.config.name;
+    match &user.secret {
+        UserSecret::Trust => Ok(()),
+        UserSecret::Md5(stored) => {
+            let salt: [u8; 4] = rand::random();
+            client.send(&[protocol::auth_md5(salt)]).await?;
+            let f = password_frame(client).await?;
+            if md5_response_ok(stored, salt, &f) {
+                Ok(())
+            } else {
+                tracing::info!(user = %name, method = "md5", "authentication failed");
+                Err(Error::BadPassword(name.clone()))
+            }
+        }
+        UserSecret::Scram(secret) => {
+            client
+                .send(&[protocol::auth_sasl(&["SCRAM-SHA-256"])])
+                .await?;
+            let mut first = password_frame(client).await?;
+            let (mechanism, data) = sasl_initial(&mut first)?;
+            if mechanism != "SCRAM-SHA-256" {
+                return Err(Error::Protocol(format!(
+                    "client selected an invalid SASL authentication mechanism: {mechanism}"
+                )));
+            }
+            let nonce: [u8; 18] = rand::random();
+            let (exchange, server_first) =
+                ScramExchange::client_first(secret.clone(), &data, &nonce).map_err(scram_error)?;
+            client
+                .send(&[protocol::auth_sasl_continue(server_first.as_bytes())])
+                .await?;
+            let last = password_frame(client).await?;
+            match exchange.client_final(&last) {
+                Ok(server_final) => {
+                    client
+                        .send(&[protocol::auth_sasl_final(server_final.as_bytes())])
+                        .await
+                }
+                Err(ScramError::BadProof) => {
+                    tracing::info!(user = %name, method = "scram-sha-256", "authentication failed");
+                    Err(Error::BadPassword(name.clone()))
+                }
+                Err(e) => Err(scram_error(e)),
+            }
+        }
+    }
+}
+
+fn scram_error(e: ScramError) -> Error {
+    match e {
+        ScramError::ChannelBinding => Error::Unsupported(e.to_string()),
+        _ => Error::Protocol(e.to_string()),
+    }
+}
+
+async fn password_frame(client: &mut ClientConn) -> Result<bytes::Bytes> {
+    let f = client.read_frame().await?;
+    if f.tag != tag::PASSWORD {
+        return Err(Error::Protocol(format!(
+            "expected password response, got message type {}",
+            f.tag as char
+        )));
+    }
+    Ok(f.body)
+}
+
+/// SASLInitialResponse: mechanism name, then an Int32 length (-1: none) and the data.
+fn sasl_initial(body: &mut bytes::Bytes) -> Result<(String, Vec<u8>)> {
+    let bad = || Error::Protocol("malformed SASLInitialResponse".into());
+    let nul = body.iter().position(|&c| c == 0).ok_or_else(bad)?;
+    let mechanism = String::from_utf8_lossy(&body[..nul]).into_owned();
+    body.advance(nul + 1);
+    if body.len() < 4 {
+        return Err(bad());
+    }
+    let len = body.get_i32();
+    if len < 0 || len as usize != body.len() {
+        return Err(bad());
+    }
+    Ok((mechanism, body.to_vec()))
+}

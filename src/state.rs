@@ -1,0 +1,148 @@
+//! State shared by every session of one proxy instance: the current runtime (configuration
+//! plus what is derived from it) behind an `ArcSwap`, and the cancel-key registry.
+//!
+//! No process-global state: two proxies can run in one test process.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+
+use crate::auth::UserSecret;
+use crate::backend::{Backends, CancelKey};
+use crate::config::{Config, ConfigError, UserConfig};
+use crate::router::ClassifyCache;
+
+/// A configured user with its derived secret.
+#[derive(Debug)]
+pub struct UserEntry {
+    pub config: UserConfig,
+    pub secret: UserSecret,
+}
+
+/// Everything derived from one configuration. Sessions take an `Arc` of it at each request
+/// boundary.
+pub struct Runtime {
+    pub config: Arc<Config>,
+    pub users: HashMap<String, Arc<UserEntry>>,
+    pub backends: Backends,
+    pub classify: ClassifyCache,
+}
+
+impl Runtime {
+    pub fn new(config: Config) -> Result<Runtime, ConfigError> {
+        config.validate()?;
+        let mut users = HashMap::new();
+        for u in &config.users {
+            let secret = UserSecret::for_user(&config, u).ok_or_else(|| {
+                ConfigError::Invalid(format!("user {:?}: unusable password", u.name))
+            })?;
+            users.insert(
+                u.name.clone(),
+                Arc::new(UserEntry {
+                    config: u.clone(),
+                    secret,
+                }),
+            );
+        }
+        Ok(Runtime {
+            backends: Backends::from_config(&config),
+            classify: ClassifyCache::new(16_384, config.routing.primary_functions.clone()),
+            users,
+            config: Arc::new(config),
+        })
+    }
+}
+
+/// What a CancelRequest carrying a session's key must reach: the backend query the session
+/// is running right now, if any.
+pub type CancelSlot = Arc<Mutex<Option<CancelKey>>>;
+
+/// Keys the proxy handed out in BackendKeyData, by process id.
+#[derive(Default)]
+pub struct CancelRegistry {
+    map: Mutex<HashMap<i32, (i32, CancelSlot)>>,
+    next_pid: AtomicI32,
+}
+
+impl CancelRegistry {
+    /// A fresh (pid, secret) for a session, and the slot it keeps current.
+    pub fn register(&self) -> (i32, i32, CancelSlot) {
+        let slot: CancelSlot = Arc::new(Mutex::new(None));
+        let secret: i32 = rand::random();
+        let mut map = lock(&self.map);
+        loop {
+            // Positive and unique among live sessions; wraps after 2^31 sessions.
+            let pid = self
+                .next_pid
+                .fetch_add(1, Ordering::Relaxed)
+                .wrapping_add(1)
+                & 0x7fff_ffff;
+            if pid != 0 && !map.contains_key(&pid) {
+                map.insert(pid, (secret, slot.clone()));
+                return (pid, secret, slot);
+            }
+        }
+    }
+
+    pub fn unregister(&self, pid: i32) {
+        lock(&self.map).remove(&pid);
+    }
+
+    /// The backend target for a cancel request, if the key is valid and a query runs.
+    pub fn lookup(&self, pid: i32, secret: i32) -> Option<CancelKey> {
+        let map = lock(&self.map);
+        let (s, slot) = map.get(&pid)?;
+        if *s != secret {
+            return None;
+        }
+        *lock(slot)
+    }
+}
+
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every critical section here is a plain read or write of a value; a panic elsewhere
+    // cannot leave it half-updated.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The proxy instance's shared state.
+pub struct Shared {
+    pub runtime: ArcSwap<Runtime>,
+    pub cancels: CancelRegistry,
+}
+
+impl Shared {
+    pub fn new(runtime: Runtime) -> Arc<Shared> {
+        Arc::new(Shared {
+            runtime: ArcSwap::from_pointee(runtime),
+            cancels: CancelRegistry::default(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::SocketAddr;
+
+    #[test]
+    fn cancel_keys_need_the_secret_and_a_running_query() {
+        let r = CancelRegistry::default();
+        let (pid, secret, slot) = r.register();
+        assert_eq!(r.lookup(pid, secret), None);
+        let key = CancelKey {
+            addr: SocketAddr::from(([127, 0, 0, 1], 5432)),
+            pid: 42,
+            secret: 7,
+        };
+        *lock(&slot) = Some(key);
+        assert_eq!(r.lookup(pid, secret), Some(key));
+        assert_eq!(r.lookup(pid, secret.wrapping_add(1)), None);
+        r.unregister(pid);
+        assert_eq!(r.lookup(pid, secret), None);
+        let (pid2, _, _) = r.register();
+        assert_ne!(pid, pid2);
+    }
+}
