@@ -25,9 +25,10 @@ impl Balancer {
         if n == 0 {
             return None;
         }
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        // Each skip takes its own turn of the counter, so the replicas that are left share
+        // the load of a missing one evenly instead of its successor taking all of it.
         (0..n)
-            .map(|k| self.wheel[(start + k) % n])
+            .map(|_| self.wheel[self.next.fetch_add(1, Ordering::Relaxed) % n])
             .find(|&i| available(i))
     }
 }

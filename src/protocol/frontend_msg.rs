@@ -2,6 +2,8 @@
 //! Execute) and the few rewrites the proxy does (statement names in Parse/Bind/Describe/
 //! Close). Everything else is forwarded untouched.
 
+use std::borrow::Cow;
+
 use bytes::{BufMut, Bytes, BytesMut};
 
 use super::{Frame, tag};
@@ -20,13 +22,24 @@ fn cstr<'a>(b: &'a [u8], what: &'static str) -> Result<(&'a str, &'a [u8]), Malf
     Ok((s, &b[nul + 1..]))
 }
 
-/// The SQL of a simple Query message.
-pub fn query_sql(body: &[u8]) -> Result<&str, MalformedMessage> {
-    let (sql, rest) = cstr(body, "Query")?;
+/// Split a NUL-terminated byte string off the front of `b` (any client encoding).
+fn cbytes<'a>(b: &'a [u8], what: &'static str) -> Result<(&'a [u8], &'a [u8]), MalformedMessage> {
+    let nul = b
+        .iter()
+        .position(|&c| c == 0)
+        .ok_or(MalformedMessage(what))?;
+    Ok((&b[..nul], &b[nul + 1..]))
+}
+
+/// The SQL of a simple Query message, for classification. The client encoding need not be
+/// UTF-8: invalid sequences become U+FFFD here, while the frame itself is forwarded as sent
+/// (the server judges the encoding).
+pub fn query_sql(body: &[u8]) -> Result<Cow<'_, str>, MalformedMessage> {
+    let (sql, rest) = cbytes(body, "Query")?;
     if !rest.is_empty() {
         return Err(MalformedMessage("Query"));
     }
-    Ok(sql)
+    Ok(String::from_utf8_lossy(sql))
 }
 
 /// A decoded Parse message. `param_types` is the raw tail (count + OIDs), kept as bytes so
@@ -34,14 +47,19 @@ pub fn query_sql(body: &[u8]) -> Result<&str, MalformedMessage> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParseMsg {
     pub name: String,
+    /// The SQL for classification (lossy if the client encoding is not UTF-8).
     pub sql: String,
+    /// The SQL exactly as the client sent it.
+    pub sql_raw: Bytes,
     pub param_types: Bytes,
 }
 
 impl ParseMsg {
     pub fn decode(body: &Bytes) -> Result<ParseMsg, MalformedMessage> {
         let (name, rest) = cstr(body, "Parse")?;
-        let (sql, rest) = cstr(rest, "Parse")?;
+        let sql_start = body.len() - rest.len();
+        let (sql, rest) = cbytes(rest, "Parse")?;
+        let sql_raw = body.slice(sql_start..sql_start + sql.len());
         if rest.len() < 2 {
             return Err(MalformedMessage("Parse"));
         }
@@ -52,7 +70,8 @@ impl ParseMsg {
         let offset = body.len() - rest.len();
         Ok(ParseMsg {
             name: name.to_owned(),
-            sql: sql.to_owned(),
+            sql: String::from_utf8_lossy(sql).into_owned(),
+            sql_raw,
             param_types: body.slice(offset..),
         })
     }
@@ -215,9 +234,9 @@ mod tests {
 
     #[test]
     fn query_needs_its_terminator() {
-        assert_eq!(query_sql(b"select 1\0"), Ok("select 1"));
+        assert_eq!(query_sql(b"select 1\0").unwrap(), "select 1");
         assert!(query_sql(b"select 1").is_err());
         assert!(query_sql(b"a\0b\0").is_err());
-        assert!(query_sql(b"\xff\0").is_err());
+        assert_eq!(query_sql(b"\xff\0").unwrap(), "\u{fffd}");
     }
 }

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex};
 
-use super::{Classification, Target, classify};
+use super::{Classification, Target, classify_with};
 
 const SHARDS: usize = 16;
 
@@ -43,12 +43,7 @@ impl ClassifyCache {
         if let Some(c) = lock(shard).get(sql) {
             return c.clone();
         }
-        let mut c = classify(sql);
-        if self.calls_primary_function(sql) {
-            c.target = Target::Primary;
-            c.writes_unknown = true;
-            c.volatile = true;
-        }
+        let c = classify_with(sql, &self.primary_functions);
         let c = Arc::new(c);
         let mut map = lock(shard);
         if map.len() >= self.per_shard {
@@ -65,23 +60,6 @@ impl ClassifyCache {
         c.writes_unknown = true;
         c.volatile = true;
         lock(self.shard(sql)).insert(sql.into(), Arc::new(c));
-    }
-
-    fn calls_primary_function(&self, sql: &str) -> bool {
-        if self.primary_functions.is_empty() {
-            return false;
-        }
-        let lower = sql.to_ascii_lowercase();
-        self.primary_functions.iter().any(|f| {
-            lower.match_indices(f.as_str()).any(|(i, _)| {
-                let before_ok = lower[..i]
-                    .chars()
-                    .next_back()
-                    .is_none_or(|c| !(c.is_alphanumeric() || c == '_'));
-                let after = lower[i + f.len()..].trim_start();
-                before_ok && after.starts_with('(')
-            })
-        })
     }
 }
 

@@ -1,11 +1,1082 @@
-//! TEMPORARY stand-in until the real classifier lands (being written in parallel).
-use super::{Classification, Target};
+//! SQL text → [`Classification`]: where it may run, what it reads and writes, which session
+//! state it changes.
+//!
+//! Owns the statement split (on the tokenizer's `;`, so each statement keeps its own source
+//! text), the sqlparser walk, the primary-only and known-stable function lists, and a small
+//! keyword fallback for statements sqlparser cannot parse.
+//!
+//! Must not: read session or config state (extra primary-only function names come in as an
+//! argument), cache (the caller caches by SQL text), or panic on any input.
+//!
+//! Invariant: anything not positively recognised as a plain read is [`Target::Primary`]; a
+//! statement sqlparser rejects is `Primary` + `writes_unknown` + `volatile`, `parsed = false`.
+
+use std::ops::ControlFlow;
+
+use sqlparser::ast::{
+    CascadeOption, ContextModifier, CopySource, CopyTarget, CreateTable, CreateView, DeclareType,
+    DiscardObject, Expr, FromTable, FunctionArg, FunctionArgExpr, FunctionArguments, Ident,
+    ObjectName, ObjectType, Query, Reset, Select, Set, SetExpr, Statement, TableFactor,
+    TableObject, TransactionAccessMode, TransactionIsolationLevel, TransactionMode, Value,
+    ValueWithSpan, Visit, Visitor,
+};
+use sqlparser::dialect::PostgreSqlDialect;
+use sqlparser::parser::Parser;
+use sqlparser::tokenizer::{Location, Token, TokenWithSpan, Tokenizer, Whitespace, Word};
+
+use super::{Classification, SessionOp, Target, TxAccess};
+
+/// Longest run of tokens (between commas, at one parenthesis depth) handed to sqlparser.
+/// Operator chains (`a = 1 OR a = 2 OR ...`, `x::t::t ...`) become left-deep trees that
+/// sqlparser builds without its recursion check and drops recursively: around 25k levels that
+/// overflows a 2 MiB tokio worker stack. A chain level costs at least two tokens.
+const MAX_TOKEN_RUN: usize = 20_000;
+
+/// How many leading tokens of a statement the keyword fallback looks at.
+const HEAD_TOKENS: usize = 8;
+
+/// GUCs that live only for the current transaction: replaying them elsewhere is wrong.
+const TX_SCOPED_GUCS: [&str; 3] = [
+    "transaction_isolation",
+    "transaction_read_only",
+    "transaction_deferrable",
+];
+
+/// Settings whose value tells a client which node answered (libpq `target_session_attrs`,
+/// JDBC `targetServerType`): the proxy must answer them as the writable primary.
+const PROBE_GUCS: [&str; 3] = [
+    "transaction_read_only",
+    "default_transaction_read_only",
+    "in_hot_standby",
+];
+
+/// Catalog views that describe the node answering (its sessions, locks, replication): on a
+/// replica they describe the replica, not the server the client thinks it talks to.
+const NODE_VIEWS: [&str; 5] = [
+    "pg_stat_activity",
+    "pg_locks",
+    "pg_stat_replication",
+    "pg_replication_slots",
+    "pg_prepared_xacts",
+];
+
+/// Classify one SQL string (may contain several `;`-separated statements).
 pub fn classify(sql: &str) -> Classification {
-    let s = sql.trim_start().to_ascii_lowercase();
-    let mut c = Classification::unknown();
-    if s.starts_with("select") && !s.contains("for update") {
-        c.target = Target::Replica;
-        c.parsed = true;
-    }
-    c
+    classify_with(sql, &[])
 }
+
+/// [`classify`], also treating calls to `extra_primary_functions` (config
+/// `routing.primary_functions`; matched case-insensitively by bare or schema-qualified name)
+/// as writing functions. Results depend on that list: clear a cache keyed by SQL when it changes.
+pub fn classify_with(sql: &str, extra_primary_functions: &[String]) -> Classification {
+    let dialect = PostgreSqlDialect {};
+    let Ok(mut tokens) = Tokenizer::new(&dialect, sql).tokenize_with_location() else {
+        return Classification::unknown();
+    };
+    // After `COPY ... FROM STDIN;` the tokenizer takes the following lines as COPY data (a psql
+    // script convention). On the wire that text is more SQL: fine if it holds no statement,
+    // otherwise do not guess.
+    let mut copy_data_is_sql = false;
+    tokens.retain(|t| match &t.token {
+        Token::CopyData { data, .. } => {
+            let rest = Tokenizer::new(&dialect, data).tokenize();
+            copy_data_is_sql |= !rest.is_ok_and(|r| {
+                r.iter()
+                    .all(|t| matches!(t, Token::Whitespace(_) | Token::SemiColon))
+            });
+            false
+        }
+        _ => true,
+    });
+    if copy_data_is_sql {
+        return Classification::unknown();
+    }
+    let fragments = split(tokens);
+    let mut ctx = Ctx {
+        sql,
+        extra: extra_primary_functions,
+        line_starts: None,
+        out: Classification {
+            target: Target::Replica,
+            writes_unknown: false,
+            volatile: false,
+            statement_count: 0,
+            parsed: true,
+            ..Classification::unknown()
+        },
+    };
+    // `BEGIN ATOMIC ... END` function bodies hold `;`s that do not end the statement: only a
+    // whole-string parse splits those correctly.
+    if fragments.iter().any(|f| f.atomic) {
+        let too_long = fragments.iter().any(|f| f.longest_run > MAX_TOKEN_RUN);
+        let Some(stmts) = parse_all(sql).filter(|_| !too_long) else {
+            return Classification::unknown();
+        };
+        for stmt in &stmts {
+            ctx.out.statement_count += 1;
+            ctx.statement(stmt, None);
+        }
+        return ctx.out;
+    }
+    for fragment in fragments {
+        ctx.fragment(fragment);
+    }
+    ctx.out
+}
+
+/// One `;`-separated statement as tokens, plus what the fallback and the replay text need.
+#[derive(Default)]
+struct Fragment {
+    tokens: Vec<TokenWithSpan>,
+    /// The first significant tokens; empty for a fragment of only whitespace and comments.
+    head: Vec<Token>,
+    /// From the first significant token's start to the last one's end.
+    bounds: Option<(Location, Location)>,
+    comments: Vec<(Location, Location)>,
+    longest_run: usize,
+    atomic: bool,
+}
+
+fn split(tokens: Vec<TokenWithSpan>) -> Vec<Fragment> {
+    let mut fragments = Vec::new();
+    let mut cur = Fragment::default();
+    let mut runs = vec![0usize];
+    let mut after_begin = false;
+    for t in tokens {
+        match &t.token {
+            Token::SemiColon => {
+                let done = std::mem::take(&mut cur);
+                if !done.head.is_empty() {
+                    fragments.push(done);
+                }
+                runs = vec![0];
+                after_begin = false;
+                continue;
+            }
+            Token::Whitespace(Whitespace::SingleLineComment { .. })
+            | Token::Whitespace(Whitespace::MultiLineComment(_)) => {
+                cur.comments.push((t.span.start, t.span.end));
+            }
+            Token::Whitespace(_) => {}
+            tok => {
+                cur.bounds = Some((cur.bounds.map_or(t.span.start, |b| b.0), t.span.end));
+                if cur.head.len() < HEAD_TOKENS {
+                    cur.head.push(tok.clone());
+                }
+                cur.atomic |= after_begin && is_word(tok, "ATOMIC");
+                after_begin = is_word(tok, "BEGIN");
+                match tok {
+                    Token::Comma => {
+                        if let Some(run) = runs.last_mut() {
+                            *run = 0;
+                        }
+                    }
+                    Token::RParen | Token::RBracket if runs.len() > 1 => {
+                        runs.pop();
+                    }
+                    _ => {}
+                }
+                if let Some(run) = runs.last_mut() {
+                    *run += 1;
+                    cur.longest_run = cur.longest_run.max(*run);
+                }
+                if matches!(tok, Token::LParen | Token::LBracket) {
+                    runs.push(0);
+                }
+            }
+        }
+        cur.tokens.push(t);
+    }
+    if !cur.head.is_empty() {
+        fragments.push(cur);
+    }
+    fragments
+}
+
+fn is_word(token: &Token, keyword: &str) -> bool {
+    matches!(token, Token::Word(Word { value, quote_style: None, .. })
+        if value.eq_ignore_ascii_case(keyword))
+}
+
+/// Parses exactly one statement, or nothing.
+fn parse_one(tokens: Vec<TokenWithSpan>) -> Option<Statement> {
+    let dialect = PostgreSqlDialect {};
+    let mut parser = Parser::new(&dialect).with_tokens_with_locations(tokens);
+    let stmt = parser.parse_statement().ok()?;
+    // sqlparser stops quietly at a stray `END` and ignores the rest; PostgreSQL rejects it.
+    (parser.peek_token().token == Token::EOF).then_some(stmt)
+}
+
+/// Parses the whole string, or nothing.
+fn parse_all(sql: &str) -> Option<Vec<Statement>> {
+    let dialect = PostgreSqlDialect {};
+    let mut parser = Parser::new(&dialect).try_with_sql(sql).ok()?;
+    let stmts = parser.parse_statements().ok()?;
+    (parser.peek_token().token == Token::EOF).then_some(stmts)
+}
+
+struct Ctx<'a> {
+    sql: &'a str,
+    extra: &'a [String],
+    line_starts: Option<Vec<usize>>,
+    out: Classification,
+}
+
+impl Ctx<'_> {
+    fn fragment(&mut self, mut f: Fragment) {
+        self.out.statement_count += 1;
+        if f.longest_run > MAX_TOKEN_RUN {
+            return self.unparsed();
+        }
+        // sqlparser lacks `TABLE name`, PostgreSQL's spelling of `SELECT * FROM name`.
+        if let Some(i) = f
+            .tokens
+            .iter()
+            .position(|t| !matches!(t.token, Token::Whitespace(_)))
+            && is_word(&f.tokens[i].token, "TABLE")
+        {
+            let span = f.tokens[i].span;
+            let (select, from) = (Token::make_keyword("SELECT"), Token::make_keyword("FROM"));
+            let space = Token::Whitespace(Whitespace::Space);
+            let spelled = [select, space.clone(), Token::Mul, space, from];
+            let spelled = spelled.map(|token| TokenWithSpan { token, span });
+            f.tokens.splice(i..=i, spelled);
+        }
+        match parse_one(std::mem::take(&mut f.tokens)) {
+            Some(stmt) => {
+                let text = matches!(stmt, Statement::Set(_))
+                    .then(|| self.source_text(&f))
+                    .flatten();
+                self.statement(&stmt, text.as_deref());
+            }
+            None => self.fallback(&f),
+        }
+    }
+
+    fn primary(&mut self) {
+        self.out.target = Target::Primary;
+    }
+
+    fn pin(&mut self) {
+        self.out.target = Target::Primary;
+        self.out.pins_session = true;
+    }
+
+    fn unparsed(&mut self) {
+        self.out.parsed = false;
+        self.opaque();
+    }
+
+    /// Parsed, but not something whose effects we track: assume the worst.
+    fn opaque(&mut self) {
+        self.primary();
+        self.out.writes_unknown = true;
+        self.out.volatile = true;
+    }
+
+    /// `text`: the statement's source text for a SET replay (`None`: use its Display).
+    fn statement(&mut self, stmt: &Statement, text: Option<&str>) {
+        match stmt {
+            Statement::Query(_) => {
+                if self.walk(stmt) {
+                    self.primary();
+                }
+            }
+            Statement::Insert(_)
+            | Statement::Update(_)
+            | Statement::Delete(_)
+            | Statement::Merge(_)
+            | Statement::AlterTable(_)
+            | Statement::AlterView(_)
+            | Statement::RefreshMaterializedView(_)
+            | Statement::CreateIndex(_)
+            | Statement::Lock(_)
+            | Statement::Analyze(_)
+            | Statement::Vacuum(_)
+            | Statement::Comment { .. }
+            | Statement::Close { .. }
+            | Statement::NOTIFY { .. } => {
+                self.walk(stmt);
+                self.primary();
+            }
+            Statement::Explain {
+                analyze,
+                statement,
+                options,
+                ..
+            } => {
+                let analyze_option = options.iter().flatten().any(|o| {
+                    o.name.value.eq_ignore_ascii_case("analyze")
+                        && o.arg
+                            .as_ref()
+                            .is_none_or(|a| !is_false_word(&a.to_string()))
+                });
+                if *analyze || analyze_option {
+                    self.statement(statement, None);
+                }
+                // Plans are not data: never cache them.
+                self.out.volatile = true;
+            }
+            Statement::Copy { to, target, .. } => {
+                if self.walk(stmt) || !to || !matches!(target, CopyTarget::Stdout) {
+                    self.primary();
+                }
+            }
+            Statement::StartTransaction {
+                modes,
+                statements,
+                exception,
+                ..
+            } => {
+                if !statements.is_empty() || exception.is_some() {
+                    return self.opaque();
+                }
+                let access = tx_access(modes);
+                self.out.begins_tx.get_or_insert(access);
+                if access == TxAccess::ReadWrite {
+                    self.primary();
+                }
+            }
+            Statement::Commit { .. }
+            | Statement::Rollback { .. }
+            | Statement::Savepoint { .. }
+            | Statement::ReleaseSavepoint { .. } => self.primary(),
+            Statement::Set(set) => {
+                let sql = text.map_or_else(|| stmt.to_string(), str::to_owned);
+                self.set(set, sql);
+            }
+            Statement::Reset(r) => {
+                self.primary();
+                self.out.session_ops.push(match &r.reset {
+                    Reset::ALL => SessionOp::ResetAll,
+                    Reset::SessionAuthorization => SessionOp::Reset {
+                        name: "session_authorization".to_owned(),
+                    },
+                    Reset::ConfigurationParameter(name) => SessionOp::Reset {
+                        name: guc_name(name),
+                    },
+                });
+            }
+            Statement::Discard { object_type } => {
+                self.primary();
+                if matches!(object_type, DiscardObject::ALL) {
+                    self.out.session_ops.push(SessionOp::DiscardAll);
+                }
+            }
+            Statement::Deallocate { name, .. } => {
+                self.primary();
+                let all = name.quote_style.is_none() && name.value.eq_ignore_ascii_case("all");
+                self.out.session_ops.push(if all {
+                    SessionOp::DeallocateAll
+                } else {
+                    SessionOp::Deallocate {
+                        name: ident_name(name),
+                    }
+                });
+            }
+            Statement::ShowVariable { variable } => {
+                // Settings differ per node and per session: not cacheable.
+                self.out.volatile = true;
+                if let [one] = variable.as_slice() {
+                    let name = one.value.to_ascii_lowercase();
+                    if PROBE_GUCS.contains(&name.as_str()) || name.starts_with("pool_") {
+                        self.primary();
+                    }
+                }
+            }
+            Statement::Declare { stmts, .. } => {
+                // A cursor without HOLD dies with its transaction, which the caller keeps on
+                // one connection: it may run wherever its query may. WITH HOLD outlives it.
+                self.out.volatile = true;
+                let cursors = stmts
+                    .iter()
+                    .all(|d| matches!(d.declare_type, Some(DeclareType::Cursor)));
+                if self.walk(stmt) || !cursors {
+                    self.primary();
+                }
+                if stmts.iter().any(|d| d.hold == Some(true)) {
+                    self.pin();
+                }
+            }
+            Statement::Fetch { .. } => {
+                self.primary();
+                self.out.volatile = true;
+            }
+            Statement::Execute { .. } => self.opaque(),
+            Statement::Prepare { .. }
+            | Statement::LISTEN { .. }
+            | Statement::UNLISTEN { .. }
+            | Statement::Load { .. } => self.pin(),
+            Statement::Truncate(t) => {
+                self.walk(stmt);
+                self.primary();
+                // CASCADE also empties every table referencing these.
+                self.out.writes_unknown |= t.cascade == Some(CascadeOption::Cascade);
+            }
+            Statement::CreateTable(CreateTable { temporary, .. })
+            | Statement::CreateView(CreateView { temporary, .. })
+            | Statement::CreateSequence { temporary, .. } => {
+                self.walk(stmt);
+                self.primary();
+                if *temporary {
+                    self.pin();
+                }
+            }
+            Statement::Drop {
+                object_type,
+                names,
+                cascade,
+                ..
+            } => {
+                self.primary();
+                match object_type {
+                    ObjectType::Table | ObjectType::View | ObjectType::MaterializedView => {
+                        for name in names {
+                            push_unique(&mut self.out.tables_written, relation_name(name));
+                        }
+                    }
+                    ObjectType::Index | ObjectType::Sequence => {}
+                    _ => self.out.writes_unknown = true,
+                }
+                self.out.writes_unknown |= *cascade;
+            }
+            Statement::CreateFunction(f) => {
+                self.opaque();
+                if is_temp_schema(&f.name) {
+                    self.pin();
+                }
+            }
+            _ => self.opaque(),
+        }
+    }
+
+    fn set(&mut self, set: &Set, sql: String) {
+        self.primary();
+        let name = match set {
+            Set::SingleAssignment {
+                scope,
+                variable,
+                values,
+                ..
+            } => {
+                let name = guc_name(variable);
+                if *scope == Some(ContextModifier::Local) || TX_SCOPED_GUCS.contains(&&*name) {
+                    return;
+                }
+                // sqlparser reads MySQL's `SET a = 1, b = 2` as one value list.
+                if values.iter().any(|v| matches!(v, Expr::BinaryOp { .. })) {
+                    return self.pin();
+                }
+                let value = || values.iter().map(|v| v.to_string().to_ascii_lowercase());
+                // Standbys refuse serializable transactions: every later read would fail there.
+                let serializable = name == "default_transaction_isolation"
+                    && value().any(|v| v.contains("serializable"));
+                // Without standard strings `\'` escapes a quote, and the tokenizer would split
+                // statements differently from the server: keep it all on one connection.
+                let backslash_strings = name == "standard_conforming_strings"
+                    && value().any(|v| is_false_word(v.trim_matches('\'')));
+                if serializable || backslash_strings {
+                    self.pin();
+                }
+                name
+            }
+            Set::SetTimeZone { local: false, .. } => "timezone".to_owned(),
+            Set::SetNames { .. } | Set::SetNamesDefault {} => "client_encoding".to_owned(),
+            Set::SetRole {
+                context_modifier, ..
+            } if *context_modifier != Some(ContextModifier::Local) => "role".to_owned(),
+            Set::SetSessionAuthorization(p) if p.scope != ContextModifier::Local => {
+                "session_authorization".to_owned()
+            }
+            Set::SetTransaction {
+                modes,
+                snapshot: None,
+                session: true,
+            } => {
+                // One replayable op per mode, so later SETs of the same GUC replace it.
+                for mode in modes {
+                    let name = match mode {
+                        TransactionMode::AccessMode(_) => "default_transaction_read_only",
+                        TransactionMode::IsolationLevel(level) => {
+                            if *level == TransactionIsolationLevel::Serializable {
+                                self.pin();
+                            }
+                            "default_transaction_isolation"
+                        }
+                    };
+                    self.out.session_ops.push(SessionOp::Set {
+                        name: name.to_owned(),
+                        sql: format!("SET SESSION CHARACTERISTICS AS TRANSACTION {mode}"),
+                    });
+                }
+                return;
+            }
+            // SET LOCAL ... and SET TRANSACTION ...: gone at the end of the transaction.
+            Set::SetTimeZone { .. }
+            | Set::SetRole { .. }
+            | Set::SetSessionAuthorization(_)
+            | Set::SetTransaction { .. } => return,
+            // Not PostgreSQL syntax: we cannot know what it would replay.
+            _ => return self.pin(),
+        };
+        self.out.session_ops.push(SessionOp::Set { name, sql });
+    }
+
+    /// A statement sqlparser rejected: the conservative answer, plus what its first keywords
+    /// say about session state so a session is pinned rather than silently diverging.
+    fn fallback(&mut self, f: &Fragment) {
+        self.unparsed();
+        let head = &f.head;
+        let kw = |i: usize, k: &str| head.get(i).is_some_and(|t| is_word(t, k));
+        if kw(0, "SET") {
+            self.fallback_set(f);
+        } else if kw(0, "RESET") {
+            let op = if kw(1, "ALL") && head.len() == 2 {
+                Some(SessionOp::ResetAll)
+            } else if kw(1, "TIME") && kw(2, "ZONE") && head.len() == 3 {
+                Some(SessionOp::Reset {
+                    name: "timezone".to_owned(),
+                })
+            } else {
+                dotted_name(&head[1..]).and_then(|(name, used)| {
+                    (used + 1 == head.len()).then_some(SessionOp::Reset { name })
+                })
+            };
+            match op {
+                Some(op) => self.out.session_ops.push(op),
+                None => self.pin(),
+            }
+        } else if kw(0, "BEGIN") || (kw(0, "START") && kw(1, "TRANSACTION")) {
+            self.out.begins_tx.get_or_insert(TxAccess::ReadWrite);
+        } else if (kw(0, "PREPARE") && !kw(1, "TRANSACTION"))
+            || ["LISTEN", "UNLISTEN", "LOAD", "DECLARE"]
+                .iter()
+                .any(|k| kw(0, k))
+            || (kw(0, "CREATE") && ["TEMP", "TEMPORARY"].iter().any(|k| kw(1, k) || kw(2, k)))
+        {
+            self.pin();
+        }
+    }
+
+    fn fallback_set(&mut self, f: &Fragment) {
+        let head = &f.head;
+        let kw = |i: usize, k: &str| head.get(i).is_some_and(|t| is_word(t, k));
+        if kw(1, "LOCAL") || kw(1, "TRANSACTION") {
+            return;
+        }
+        let i = if kw(1, "SESSION") { 2 } else { 1 };
+        let name = if kw(i, "SCHEMA") {
+            Some("search_path".to_owned())
+        } else if kw(i, "NAMES") {
+            Some("client_encoding".to_owned())
+        } else if kw(i, "ROLE") {
+            Some("role".to_owned())
+        } else if kw(i, "TIME") && kw(i + 1, "ZONE") {
+            Some("timezone".to_owned())
+        } else if kw(i, "XML") && kw(i + 1, "OPTION") {
+            Some("xmloption".to_owned())
+        } else if i == 2 && kw(2, "AUTHORIZATION") {
+            Some("session_authorization".to_owned())
+        } else {
+            dotted_name(&head[i.min(head.len())..]).and_then(|(name, used)| {
+                let next = head.get(i + used);
+                (next.is_some_and(|t| is_word(t, "TO") || *t == Token::Eq)
+                    && !TX_SCOPED_GUCS.contains(&&*name))
+                .then_some(name)
+            })
+        };
+        match (name, self.source_text(f)) {
+            (Some(name), Some(sql)) => self.out.session_ops.push(SessionOp::Set { name, sql }),
+            _ => self.pin(),
+        }
+    }
+
+    /// The statement's own source text, comments cut out (a replayed `-- ...` would swallow
+    /// whatever the caller appends), without surrounding whitespace or the `;`.
+    fn source_text(&mut self, f: &Fragment) -> Option<String> {
+        let sql = self.sql;
+        let starts = self.line_starts.get_or_insert_with(|| {
+            std::iter::once(0)
+                .chain(sql.match_indices('\n').map(|(i, _)| i + 1))
+                .collect()
+        });
+        let at = |loc: Location| -> Option<usize> {
+            let line_start = *starts.get(usize::try_from(loc.line).ok()?.checked_sub(1)?)?;
+            let col = usize::try_from(loc.column).ok()?.checked_sub(1)?;
+            let line = sql.get(line_start..)?;
+            let mut chars = line.char_indices().map(|(i, _)| i).chain([line.len()]);
+            Some(line_start + chars.nth(col)?)
+        };
+        let (start, end) = f.bounds?;
+        let (start, end) = (at(start)?, at(end)?);
+        let mut text = String::with_capacity(end.saturating_sub(start));
+        let mut pos = start;
+        for &(from, to) in &f.comments {
+            let (from, to) = (at(from)?, at(to)?);
+            if from >= pos && to <= end {
+                text.push_str(sql.get(pos..from)?);
+                text.push(' ');
+                pos = to;
+            }
+        }
+        text.push_str(sql.get(pos..end)?);
+        Some(text.trim().to_owned())
+    }
+
+    /// Walks one statement; returns whether something in it needs the primary.
+    fn walk(&mut self, stmt: &Statement) -> bool {
+        let mut w = Walk {
+            extra: self.extra,
+            ..Walk::default()
+        };
+        let _ = stmt.visit(&mut w);
+        for t in w.read {
+            push_unique(&mut self.out.tables_read, t);
+        }
+        for t in w.written {
+            push_unique(&mut self.out.tables_written, t);
+        }
+        self.out.pins_session |= w.pins;
+        self.out.writes_unknown |= w.writes_unknown;
+        self.out.volatile |= w.volatile;
+        w.needs_primary
+    }
+}
+
+fn tx_access(modes: &[TransactionMode]) -> TxAccess {
+    let has = |mode| modes.contains(&mode);
+    let read_only = has(TransactionMode::AccessMode(TransactionAccessMode::ReadOnly));
+    let read_write = has(TransactionMode::AccessMode(
+        TransactionAccessMode::ReadWrite,
+    ));
+    // Standbys refuse serializable transactions, so such a read-only one must stay on the
+    // primary; calling it read-write keeps any router from sending it to a replica.
+    let serializable = has(TransactionMode::IsolationLevel(
+        TransactionIsolationLevel::Serializable,
+    ));
+    if read_only && !read_write && !serializable {
+        TxAccess::ReadOnly
+    } else {
+        TxAccess::ReadWrite
+    }
+}
+
+/// `a`, `a.b`, ... at the start of `tokens`: (lower-case name, tokens used).
+fn dotted_name(tokens: &[Token]) -> Option<(String, usize)> {
+    let mut name = String::new();
+    let mut used = 0;
+    loop {
+        let Some(Token::Word(w)) = tokens.get(used) else {
+            return None;
+        };
+        name.push_str(&w.value.to_ascii_lowercase());
+        used += 1;
+        if tokens.get(used) != Some(&Token::Period) {
+            return Some((name, used));
+        }
+        name.push('.');
+        used += 1;
+    }
+}
+
+fn is_false_word(s: &str) -> bool {
+    ["false", "off", "0", "no"]
+        .iter()
+        .any(|f| s.eq_ignore_ascii_case(f))
+}
+
+/// PostgreSQL folds unquoted identifiers to (ASCII) lower case; quoted ones stay as written.
+fn ident_name(ident: &Ident) -> String {
+    match ident.quote_style {
+        Some(_) => ident.value.clone(),
+        None => ident.value.to_ascii_lowercase(),
+    }
+}
+
+fn relation_name(name: &ObjectName) -> String {
+    let parts: Vec<String> = name
+        .0
+        .iter()
+        .map(|p| p.as_ident().map_or_else(|| p.to_string(), ident_name))
+        .collect();
+    parts.join(".")
+}
+
+/// GUC names are case-insensitive, quoted or not.
+fn guc_name(name: &ObjectName) -> String {
+    name.to_string().replace('"', "").to_ascii_lowercase()
+}
+
+/// `pg_temp.x` (or `pg_temp_3.x`): the session's own temporary schema.
+fn is_temp_schema(name: &ObjectName) -> bool {
+    let schema = name.0.iter().rev().nth(1).and_then(|p| p.as_ident());
+    schema.is_some_and(|s| s.value.to_ascii_lowercase().starts_with("pg_temp"))
+}
+
+fn push_unique(list: &mut Vec<String>, item: String) {
+    if !list.contains(&item) {
+        list.push(item);
+    }
+}
+
+/// What calling a primary-only function implies.
+#[derive(Clone, Copy)]
+enum FnKind {
+    /// Must run on the primary (node or session state), writes nothing.
+    Primary,
+    /// Primary, and session-bound: the session stays on that connection.
+    Session,
+    /// Primary, and writes something no table list captures.
+    Write,
+}
+
+/// Session-level advisory locks and dblink connections outlive the statement.
+#[rustfmt::skip]
+const SESSION_FNS: [&str; 6] = [
+    "pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock",
+    "pg_try_advisory_lock_shared", "dblink_connect", "dblink_connect_u",
+];
+
+/// Answerable only by the primary (or the session's connection there), but writes nothing.
+#[rustfmt::skip]
+const PRIMARY_FNS: [&str; 15] = [
+    "currval", "lastval", "pg_advisory_xact_lock", "pg_advisory_xact_lock_shared",
+    "pg_try_advisory_xact_lock", "pg_try_advisory_xact_lock_shared", "pg_advisory_unlock",
+    "pg_advisory_unlock_shared", "pg_advisory_unlock_all", "txid_current_if_assigned",
+    "pg_current_xact_id_if_assigned", "pg_current_wal_lsn", "pg_current_wal_insert_lsn",
+    "pg_current_wal_flush_lsn", "pg_is_in_recovery",
+];
+
+/// Writes or side effects no table list captures (plus every `lo_*` and `pg_stat_reset*`).
+#[rustfmt::skip]
+const WRITE_FNS: [&str; 11] = [
+    "nextval", "setval", "txid_current", "pg_current_xact_id", "pg_switch_wal", "pg_notify",
+    "pg_create_restore_point", "pg_terminate_backend", "pg_cancel_backend", "pg_reload_conf",
+    "dblink_exec",
+];
+
+fn primary_kind(name: &str, args: &[FunctionArg]) -> Option<FnKind> {
+    let arg = |i: usize| match args.get(i) {
+        Some(
+            FunctionArg::Unnamed(FunctionArgExpr::Expr(Expr::Value(v)))
+            | FunctionArg::Named {
+                arg: FunctionArgExpr::Expr(Expr::Value(v)),
+                ..
+            },
+        ) => Some(&v.value),
+        _ => None,
+    };
+    match name {
+        // set_config(name, value, is_local => true) is SET LOCAL: it dies with the transaction.
+        "set_config" if arg(2) == Some(&Value::Boolean(true)) => Some(FnKind::Primary),
+        "set_config" => Some(FnKind::Session),
+        "current_setting" => match arg(0) {
+            Some(Value::SingleQuotedString(s)) => PROBE_GUCS
+                .iter()
+                .any(|p| s.eq_ignore_ascii_case(p))
+                .then_some(FnKind::Primary),
+            _ => None,
+        },
+        _ if SESSION_FNS.contains(&name) => Some(FnKind::Session),
+        _ if PRIMARY_FNS.contains(&name) => Some(FnKind::Primary),
+        _ if WRITE_FNS.contains(&name)
+            || name.starts_with("lo_")
+            || name.starts_with("pg_stat_reset") =>
+        {
+            Some(FnKind::Write)
+        }
+        _ => None,
+    }
+}
+
+/// Built-ins whose result depends only on their arguments, the data and recorded session
+/// settings. Everything else, user functions included, counts as volatile: caching a volatile
+/// result is the worse mistake.
+#[rustfmt::skip]
+const KNOWN_STABLE: &[&str] = &[
+    "abs", "any_value", "array", "array_agg", "array_append", "array_cat", "array_dims",
+    "array_fill", "array_length", "array_lower", "array_ndims", "array_position",
+    "array_positions", "array_prepend", "array_remove", "array_replace", "array_to_json",
+    "array_to_string", "array_upper", "ascii", "avg", "bit_and", "bit_length", "bit_or", "bool",
+    "bool_and", "bool_or", "btrim", "cardinality", "cbrt", "ceil", "ceiling", "char_length",
+    "character_length", "chr", "coalesce", "concat", "concat_ws", "count", "cume_dist", "date",
+    "date_bin", "date_part", "date_trunc", "decode", "degrees", "dense_rank", "div", "encode",
+    "every", "exp", "extract", "first_value", "float4", "float8", "floor", "format", "format_type",
+    "gcd", "generate_series", "generate_subscripts", "greatest", "initcap", "int2", "int4", "int8",
+    "isfinite", "json_agg", "json_array_elements", "json_array_elements_text", "json_array_length",
+    "json_build_array", "json_build_object", "json_each", "json_each_text", "json_extract_path",
+    "json_extract_path_text", "json_object", "json_object_agg", "json_object_keys",
+    "json_populate_record", "json_strip_nulls", "json_to_record", "json_to_recordset",
+    "json_typeof", "jsonb_agg", "jsonb_array_elements", "jsonb_array_elements_text",
+    "jsonb_array_length", "jsonb_build_array", "jsonb_build_object", "jsonb_each",
+    "jsonb_each_text", "jsonb_extract_path", "jsonb_extract_path_text", "jsonb_insert",
+    "jsonb_object", "jsonb_object_agg", "jsonb_object_keys", "jsonb_path_exists",
+    "jsonb_path_match", "jsonb_path_query", "jsonb_path_query_array", "jsonb_path_query_first",
+    "jsonb_populate_record", "jsonb_pretty", "jsonb_set", "jsonb_strip_nulls", "jsonb_to_record",
+    "jsonb_to_recordset", "jsonb_typeof", "justify_days", "justify_hours", "justify_interval",
+    "lag", "last_value", "lcm", "lead", "least", "left", "length", "ln", "log", "log10", "lower",
+    "lpad", "ltrim", "make_date", "make_interval", "make_time", "make_timestamp",
+    "make_timestamptz", "max", "md5", "min", "mod", "mode", "normalize", "nth_value", "ntile",
+    "nullif", "num_nonnulls", "num_nulls", "numeric", "octet_length", "overlay", "percent_rank",
+    "percentile_cont", "percentile_disc", "pg_typeof", "phraseto_tsquery", "pi", "plainto_tsquery",
+    "position", "pow", "power", "quote_ident", "quote_literal", "quote_nullable", "radians",
+    "rank", "regexp_count", "regexp_like", "regexp_match", "regexp_matches", "regexp_replace",
+    "regexp_split_to_array", "regexp_split_to_table", "regexp_substr", "repeat", "replace",
+    "reverse", "right", "round", "row", "row_number", "row_to_json", "rpad", "rtrim", "setweight",
+    "sha256", "sha512", "sign", "split_part", "sqrt", "starts_with", "stddev", "stddev_pop",
+    "stddev_samp", "string_agg", "string_to_array", "strpos", "substr", "substring", "sum", "text",
+    "to_char", "to_date", "to_hex", "to_json", "to_jsonb", "to_number", "to_timestamp",
+    "to_tsquery", "to_tsvector", "translate", "trim", "trunc", "ts_headline", "ts_rank",
+    "ts_rank_cd", "unnest", "upper", "var_pop", "var_samp", "variance", "version",
+    "websearch_to_tsquery", "width_bucket",
+];
+
+/// Visits every node of one statement.
+#[derive(Default)]
+struct Walk<'a> {
+    extra: &'a [String],
+    read: Vec<String>,
+    written: Vec<String>,
+    /// Names (by address) that a write statement targets.
+    targets: Vec<*const ObjectName>,
+    /// Names (by address) of functions called in FROM, which sqlparser reports as relations.
+    functions_in_from: Vec<*const ObjectName>,
+    /// CTE names in scope: references to them are not tables.
+    ctes: Vec<Vec<String>>,
+    needs_primary: bool,
+    pins: bool,
+    writes_unknown: bool,
+    volatile: bool,
+}
+
+impl Walk<'_> {
+    fn target_factor(&mut self, factor: &TableFactor) {
+        match factor {
+            TableFactor::Table { name, .. } => self.targets.push(name),
+            _ => self.writes_unknown = true,
+        }
+    }
+
+    fn function(&mut self, name: &ObjectName, args: &[FunctionArg]) {
+        let Some(last) = name.0.last().and_then(|p| p.as_ident()) else {
+            self.volatile = true;
+            return;
+        };
+        let base = last.value.to_ascii_lowercase();
+        let configured = !self.extra.is_empty() && {
+            let full = name.to_string().replace('"', "");
+            let matches =
+                |e: &String| e.eq_ignore_ascii_case(&base) || e.eq_ignore_ascii_case(&full);
+            self.extra.iter().any(matches)
+        };
+        let kind = if configured {
+            Some(FnKind::Write)
+        } else {
+            primary_kind(&base, args)
+        };
+        if let Some(kind) = kind {
+            self.needs_primary = true;
+            self.volatile = true;
+            match kind {
+                FnKind::Primary => {}
+                FnKind::Session => self.pins = true,
+                FnKind::Write => self.writes_unknown = true,
+            }
+            return;
+        }
+        // `"Lower"(x)` or `app.lower(x)` is somebody's own function, not the built-in.
+        let schema = name.0.iter().rev().nth(1).and_then(|p| p.as_ident());
+        let builtin = (last.quote_style.is_none() || last.value == base)
+            && schema.is_none_or(|s| s.value.eq_ignore_ascii_case("pg_catalog"))
+            && name.0.len() <= 2;
+        self.volatile |= !(builtin && KNOWN_STABLE.binary_search(&base.as_str()).is_ok());
+    }
+
+    fn read_relation(&mut self, name: String, qualified: bool) {
+        if qualified || !self.ctes.iter().any(|scope| scope.contains(&name)) {
+            push_unique(&mut self.read, name);
+        }
+    }
+
+    /// `TABLE name` inside a set operation is not visited as a relation.
+    fn set_expr_tables(&mut self, body: &SetExpr) {
+        match body {
+            SetExpr::SetOperation { left, right, .. } => {
+                self.set_expr_tables(left);
+                self.set_expr_tables(right);
+            }
+            SetExpr::Table(t) => {
+                let parts: Vec<String> = [&t.schema_name, &t.table_name]
+                    .into_iter()
+                    .flatten()
+                    .map(ident_name)
+                    .collect();
+                self.read_relation(parts.join("."), parts.len() > 1);
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Visitor for Walk<'_> {
+    type Break = ();
+
+    fn pre_visit_statement(&mut self, stmt: &Statement) -> ControlFlow<()> {
+        match stmt {
+            Statement::Insert(i) => {
+                self.needs_primary = true;
+                match &i.table {
+                    TableObject::TableName(name) => self.targets.push(name),
+                    _ => self.writes_unknown = true,
+                }
+            }
+            Statement::Update(u) => {
+                self.needs_primary = true;
+                self.target_factor(&u.table.relation);
+            }
+            Statement::Delete(d) => {
+                self.needs_primary = true;
+                self.targets
+                    .extend(d.tables.iter().map(|n| n as *const ObjectName));
+                let (FromTable::WithFromKeyword(from) | FromTable::WithoutKeyword(from)) = &d.from;
+                for table in from {
+                    self.target_factor(&table.relation);
+                }
+            }
+            Statement::Merge(m) => {
+                self.needs_primary = true;
+                self.target_factor(&m.table);
+            }
+            // sqlparser does not visit a COPY table as a relation.
+            Statement::Copy {
+                source: CopySource::Table { table_name, .. },
+                to,
+                ..
+            } => {
+                let name = relation_name(table_name);
+                if *to {
+                    push_unique(&mut self.read, name);
+                } else {
+                    self.needs_primary = true;
+                    push_unique(&mut self.written, name);
+                }
+            }
+            Statement::Truncate(t) => self
+                .targets
+                .extend(t.table_names.iter().map(|t| &t.name as *const _)),
+            Statement::CreateTable(c) => self.targets.push(&c.name),
+            Statement::CreateView(c) => self.targets.push(&c.name),
+            Statement::AlterTable(a) => self.targets.push(&a.name),
+            Statement::AlterView(a) => self.targets.push(&a.name),
+            Statement::RefreshMaterializedView(r) => self.targets.push(&r.name),
+            _ => {}
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
+        // FOR UPDATE / SHARE takes row locks: only the primary can.
+        self.needs_primary |= !query.locks.is_empty();
+        let ctes = query.with.iter().flat_map(|w| &w.cte_tables);
+        self.ctes
+            .push(ctes.map(|c| ident_name(&c.alias.name)).collect());
+        self.set_expr_tables(&query.body);
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_query(&mut self, _query: &Query) -> ControlFlow<()> {
+        self.ctes.pop();
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_select(&mut self, select: &Select) -> ControlFlow<()> {
+        // SELECT INTO creates and fills a table.
+        if let Some(into) = &select.into {
+            self.needs_primary = true;
+            self.pins |= into.temporary;
+            for target in &into.targets {
+                match target {
+                    Expr::Identifier(i) => push_unique(&mut self.written, ident_name(i)),
+                    Expr::CompoundIdentifier(parts) => {
+                        let name: Vec<String> = parts.iter().map(ident_name).collect();
+                        let schema = name.iter().rev().nth(1);
+                        self.pins |= schema.is_some_and(|s| s.starts_with("pg_temp"));
+                        push_unique(&mut self.written, name.join("."));
+                    }
+                    _ => self.writes_unknown = true,
+                }
+            }
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_table_factor(&mut self, factor: &TableFactor) -> ControlFlow<()> {
+        match factor {
+            TableFactor::Table {
+                name,
+                args: Some(args),
+                ..
+            } => {
+                self.functions_in_from.push(name);
+                self.function(name, &args.args);
+            }
+            TableFactor::Function { name, args, .. } => {
+                self.functions_in_from.push(name);
+                self.function(name, args);
+            }
+            _ => {}
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_relation(&mut self, relation: &ObjectName) -> ControlFlow<()> {
+        let addr: *const ObjectName = relation;
+        if self.functions_in_from.contains(&addr) {
+            return ControlFlow::Continue(());
+        }
+        // Temp objects exist only on the one connection that made them.
+        if is_temp_schema(relation) {
+            self.needs_primary = true;
+            self.pins = true;
+        }
+        let name = relation_name(relation);
+        // Views of this node's own sessions, locks and replication: a replica shows its own.
+        let bare = name.strip_prefix("pg_catalog.").unwrap_or(&name);
+        if NODE_VIEWS.contains(&bare) {
+            self.needs_primary = true;
+            self.volatile = true;
+        }
+        if self.targets.contains(&addr) {
+            push_unique(&mut self.written, name);
+        } else {
+            self.read_relation(name, relation.0.len() > 1);
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
+        if let Expr::Function(f) = expr {
+            let args = match &f.args {
+                FunctionArguments::List(list) => list.args.as_slice(),
+                _ => &[],
+            };
+            self.function(&f.name, args);
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_value(&mut self, value: &ValueWithSpan) -> ControlFlow<()> {
+        // 'now'::timestamptz and friends are evaluated when the statement runs.
+        if let Value::SingleQuotedString(s) = &value.value {
+            let s = s.trim();
+            self.volatile |= ["now", "today", "tomorrow", "yesterday"]
+                .iter()
+                .any(|w| s.eq_ignore_ascii_case(w));
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+#[cfg(test)]
+#[path = "classify_tests.rs"]
+mod tests;

@@ -10,7 +10,7 @@ mod classify;
 mod route;
 
 pub use cache::ClassifyCache;
-pub use classify::classify;
+pub use classify::{classify, classify_with};
 pub use route::{Route, SessionFacts, route};
 
 /// Where a statement may run, judged from its text alone.

@@ -97,12 +97,17 @@ pub struct Session {
     tx_conn: Option<BackendId>,
     /// Session-bound work happened: everything goes to the primary from now on.
     pinned: bool,
+    /// The replica of the last read: requests that only prepare or describe stay there,
+    /// so preparing a statement does not use up a turn of the round robin.
+    last_replica: Option<BackendId>,
     settings: Settings,
     /// Session operations of the open transaction, applied at COMMIT.
     tx_ops: Vec<SessionOp>,
     statements: HashMap<String, Arc<Statement>>,
     /// Extended-protocol messages received since the last Sync.
-    batch: Vec<Frame>,
+    batch: Vec<Item>,
+    /// Statements parsed in the current batch, which shadow the session's.
+    batch_local: HashMap<String, Arc<Statement>>,
     /// After a failure before an unsynced batch reached a server: drop client messages up
     /// to the Sync, then report ReadyForQuery, as PostgreSQL does.
     skip_until_sync: bool,
@@ -134,10 +139,12 @@ impl Session {
             tx: TxStatus::Idle,
             tx_conn: None,
             pinned: false,
+            last_replica: None,
             settings: Settings::default(),
             tx_ops: Vec::new(),
             statements: HashMap::new(),
             batch: Vec::new(),
+            batch_local: HashMap::new(),
             skip_until_sync: false,
             out: bytes::BytesMut::with_capacity(16 * 1024),
             wbuf: bytes::BytesMut::with_capacity(4096),
@@ -198,9 +205,8 @@ impl Session {
             }
             // A client waiting on an Execute without Sync or Flush (COPY FROM STDIN through
             // the extended protocol does this) must not wait for us.
-            if self.client.buf.is_empty() && self.batch.iter().any(|f| f.tag == tag::EXECUTE) {
-                let frames = std::mem::take(&mut self.batch);
-                self.dispatch_batch(frames, true).await?;
+            if self.client.buf.is_empty() && self.batch.iter().any(Item::is_execute) {
+                self.dispatch_batch(true).await?;
                 continue;
             }
             self.wait_idle().await?;
@@ -260,26 +266,36 @@ impl Session {
             return Ok(Flow::Continue);
         }
         match frame.tag {
-            tag::QUERY | tag::FUNCTION_CALL => {
-                if !self.batch.is_empty() {
+            tag::QUERY
+            | tag::FUNCTION_CALL
+            | tag::PARSE
+            | tag::BIND
+            | tag::DESCRIBE
+            | tag::EXECUTE
+            | tag::CLOSE
+            | tag::SYNC
+            | tag::FLUSH => {
+                if matches!(frame.tag, tag::QUERY | tag::FUNCTION_CALL) && !self.batch.is_empty() {
                     return Err(Error::Protocol(
                         "simple Query before the Sync of an extended-protocol batch".into(),
                     ));
                 }
-                self.dispatch_batch(vec![frame], false).await?;
-            }
-            tag::PARSE | tag::BIND | tag::DESCRIBE | tag::EXECUTE | tag::CLOSE => {
-                self.batch.push(frame);
-            }
-            tag::SYNC => {
-                self.batch.push(frame);
-                let frames = std::mem::take(&mut self.batch);
-                self.dispatch_batch(frames, false).await?;
-            }
-            tag::FLUSH => {
-                self.batch.push(frame);
-                let frames = std::mem::take(&mut self.batch);
-                self.dispatch_batch(frames, true).await?;
+                // Decoded on arrival, so a malformed message is refused at once.
+                let item = request::decode(
+                    frame,
+                    &self.runtime.classify,
+                    &self.statements,
+                    &mut self.batch_local,
+                )?;
+                let ends = match item {
+                    Item::Query { .. } | Item::FunctionCall(_) | Item::Sync => Some(false),
+                    Item::Flush => Some(true),
+                    _ => None,
+                };
+                self.batch.push(item);
+                if let Some(open) = ends {
+                    self.dispatch_batch(open).await?;
+                }
             }
             tag::TERMINATE => return Ok(Flow::Terminate),
             // Leftovers of a COPY that failed: PostgreSQL ignores them too.
@@ -303,17 +319,9 @@ impl Session {
 
     /// Decode, route and run one request. `open`: the batch has no Sync yet and the rest
     /// of it follows the same connection.
-    async fn dispatch_batch(&mut self, frames: Vec<Frame>, open: bool) -> Result<()> {
-        let mut local = HashMap::new();
-        let mut items = Vec::with_capacity(frames.len());
-        for f in frames {
-            items.push(request::decode(
-                f,
-                &self.runtime.classify,
-                &self.statements,
-                &mut local,
-            )?);
-        }
+    async fn dispatch_batch(&mut self, open: bool) -> Result<()> {
+        let items = std::mem::take(&mut self.batch);
+        let local = std::mem::take(&mut self.batch_local);
         if let Some(reply) = self.local_reply(&items) {
             return self.client.send(&reply).await;
         }
@@ -333,14 +341,25 @@ impl Session {
             debug!("session pinned to the primary");
             self.pinned = true;
         }
+        let executes = items
+            .iter()
+            .any(|i| i.is_execute() || matches!(i, Item::Query { .. } | Item::FunctionCall(_)));
         let mut retried = false;
         loop {
-            let conn = match self.acquire(route).await {
+            let acquired = if route == Route::Replica && !executes {
+                self.acquire_last_replica().await
+            } else {
+                self.acquire(route).await
+            };
+            let conn = match acquired {
                 Ok(c) => c,
                 Err(e) => return self.report_unavailable(e, &items, open).await,
             };
             let retryable = route == Route::Replica && !open && !retried;
-            match self.run_request(conn, &items, open, retryable).await? {
+            match self
+                .run_request(conn, &items, &local, open, retryable)
+                .await?
+            {
                 relay::Outcome::Done => return Ok(()),
                 relay::Outcome::RetryOnPrimary => {
                     retried = true;
@@ -428,7 +447,10 @@ impl Session {
                         Err(e) => Err(e),
                     };
                     match ready {
-                        Ok(()) => return Ok(id),
+                        Ok(()) => {
+                            self.last_replica = Some(id);
+                            return Ok(id);
+                        }
                         Err(e) => {
                             if let Some(b) = runtime.backends.get(id) {
                                 warn!(backend = %b.name(), error = %e, "replica unusable, trying another");
@@ -449,6 +471,23 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// The replica used last, when it is still connected and available; else the next one.
+    async fn acquire_last_replica(&mut self) -> Result<BackendId> {
+        if let Some(id) = self.last_replica
+            && self.conns[id.0 as usize].is_some()
+            && self
+                .runtime
+                .backends
+                .get(id)
+                .is_some_and(|b| b.is_available())
+            && self.ensure_conn(id).await.is_ok()
+            && self.sync_settings(id).await.is_ok()
+        {
+            return Ok(id);
+        }
+        self.acquire(Route::Replica).await
     }
 
     /// Make sure `conns[id]` holds a live connection.

@@ -72,6 +72,10 @@ struct InFlight {
     /// The batch has no Sync yet: further client messages join it.
     open: bool,
     copy_in: bool,
+    /// COPY FROM STDIN started by an Execute: the server ignored any Sync sent during the
+    /// copy, so the Sync that follows CopyDone/CopyFail must reach it too.
+    copy_by_execute: bool,
+    need_sync: bool,
     failed: bool,
     rolled_back: bool,
     /// Bytes of a large frame still to stream through untouched.
@@ -96,6 +100,7 @@ impl Session {
         &mut self,
         id: BackendId,
         items: &[Item],
+        local: &HashMap<String, Arc<Statement>>,
         open: bool,
         retryable: bool,
     ) -> Result<Outcome> {
@@ -106,9 +111,11 @@ impl Session {
             id,
             conn,
             expects: VecDeque::with_capacity(items.len()),
-            local: HashMap::new(),
+            local: if open { local.clone() } else { HashMap::new() },
             open,
             copy_in: false,
+            copy_by_execute: false,
+            need_sync: false,
             failed: false,
             rolled_back: false,
             passthrough: 0,
@@ -118,9 +125,6 @@ impl Session {
         };
         self.wbuf.clear();
         for item in items {
-            if let Item::Parse(s) = item {
-                fl.local.insert(s.parse.name.clone(), s.clone());
-            }
             self.emit(&mut fl, item);
         }
         self.set_cancel_target(Some(fl.conn.cancel_key));
@@ -132,7 +136,7 @@ impl Session {
                 warn!(backend = ?fl.id, "replica refused a statement as a write; retrying on the primary");
                 for item in items {
                     if let Some(sql) = statement_sql(item) {
-                        self.runtime.classify.learn_write(sql);
+                        self.runtime.classify.learn_write(&sql);
                     }
                 }
                 self.conns[id.0 as usize] = Some(fl.conn);
@@ -192,6 +196,7 @@ impl Session {
 
     /// Encode one item for the server, with the expectation of its response.
     fn emit(&mut self, fl: &mut InFlight, item: &Item) {
+        tracing::trace!(?item, "to server");
         if fl.failed && !matches!(item, Item::Sync) {
             // The server discards messages after an error until the Sync: so do we.
             return;
@@ -352,7 +357,7 @@ impl Session {
                 self.out.clear();
                 return Ok(());
             }
-            let accepting = fl.copy_in || fl.open;
+            let accepting = fl.copy_in || fl.open || fl.need_sync;
             if accepting {
                 tokio::select! {
                     r = fl.conn.fill() => r?,
@@ -372,19 +377,25 @@ impl Session {
     async fn forward_client_frames(&mut self, fl: &mut InFlight) -> Result<()> {
         use tokio::io::AsyncWriteExt;
         self.wbuf.clear();
-        while fl.copy_in || fl.open {
+        while fl.copy_in || fl.open || fl.need_sync {
             let Some(frame) = self.client.try_frame()? else {
                 break;
             };
             if fl.copy_in && matches!(frame.tag, tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL) {
                 if frame.tag != tag::COPY_DATA {
                     fl.copy_in = false;
+                    fl.need_sync = fl.copy_by_execute && !fl.open;
                 }
                 frame.encode_into(&mut self.wbuf);
                 continue;
             }
             if !fl.open {
-                // In simple-query COPY, anything else goes to the server, which reports it.
+                // Within a COPY, anything else goes to the server, which ignores Sync and
+                // Flush there and reports the rest. After an extended-protocol COPY, the
+                // next Sync answers the one the server ignored: its Expect is queued.
+                if frame.tag == tag::SYNC {
+                    fl.need_sync = false;
+                }
                 frame.encode_into(&mut self.wbuf);
                 continue;
             }
@@ -459,6 +470,7 @@ impl Session {
                 }
             }
             let forward = self.on_backend_frame(fl, t, len);
+            tracing::trace!(tag = %(t as char), forward, pending = fl.expects.len(), "server frame");
             if fl.holding && (releases_hold(t) || self.out.len() > MAX_HELD) && !fl.retry {
                 fl.holding = false;
             }
@@ -579,6 +591,7 @@ impl Session {
             }
             tag::COPY_IN_RESPONSE => {
                 fl.copy_in = true;
+                fl.copy_by_execute = matches!(fl.expects.front(), Some(Expect::Execute));
                 true
             }
             _ => true,
@@ -612,11 +625,11 @@ fn releases_hold(t: u8) -> bool {
 }
 
 /// The SQL text an item runs, for learning writes.
-fn statement_sql(item: &Item) -> Option<&str> {
+fn statement_sql(item: &Item) -> Option<std::borrow::Cow<'_, str>> {
     match item {
         Item::Query { frame, .. } => protocol::query_sql(&frame.body).ok(),
-        Item::Parse(s) => Some(&s.parse.sql),
-        Item::Bind { stmt: Some(s), .. } => Some(&s.parse.sql),
+        Item::Parse(s) => Some(std::borrow::Cow::Borrowed(&s.parse.sql)),
+        Item::Bind { stmt: Some(s), .. } => Some(std::borrow::Cow::Borrowed(&s.parse.sql)),
         _ => None,
     }
 }

@@ -44,6 +44,10 @@ pub enum Item {
 }
 
 impl Item {
+    pub fn is_execute(&self) -> bool {
+        matches!(self, Item::Portal(f) if f.tag == tag::EXECUTE)
+    }
+
     /// The classification of what this item parses or executes, for routing.
     pub fn class(&self) -> Option<&Arc<Classification>> {
         match self {
@@ -70,7 +74,7 @@ pub fn decode(
     };
     Ok(match frame.tag {
         tag::QUERY => {
-            let class = classify.get(query_sql(&frame.body)?);
+            let class = classify.get(&query_sql(&frame.body)?);
             Item::Query { frame, class }
         }
         tag::FUNCTION_CALL => Item::FunctionCall(frame),

@@ -24,7 +24,7 @@ impl Statement {
     pub fn new(parse: ParseMsg, class: Arc<Classification>) -> Statement {
         // DefaultHasher::new() uses fixed keys: the same text hashes alike in every process.
         let mut h = std::hash::DefaultHasher::new();
-        parse.sql.hash(&mut h);
+        parse.sql_raw.hash(&mut h);
         parse.param_types.hash(&mut h);
         let hash = h.finish();
         let server_name = if parse.name.is_empty() {
@@ -142,6 +142,7 @@ mod tests {
         let p = |name: &str, sql: &str| ParseMsg {
             name: name.into(),
             sql: sql.into(),
+            sql_raw: bytes::Bytes::copy_from_slice(sql.as_bytes()),
             param_types: bytes::Bytes::from_static(&[0, 0]),
         };
         let a = Statement::new(p("a", "select 1"), c.clone());

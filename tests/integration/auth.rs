@@ -1,0 +1,95 @@
+//! Client authentication at the proxy, and server authentication behind it.
+
+use crate::common::*;
+
+#[tokio::test]
+async fn scram_md5_and_trust_users_log_in() {
+    let proxy = start_proxy().await;
+    for (user, pw) in [("app", "app_pw"), ("md5user", "md5_pw"), ("trustuser", "")] {
+        let client = connect(&proxy.conn_str(user, pw)).await;
+        let who: String = client
+            .query_one("SELECT current_user::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(who, user);
+    }
+}
+
+#[tokio::test]
+async fn wrong_password_and_unknown_user_are_refused() {
+    let proxy = start_proxy().await;
+    let e = try_connect(&proxy.conn_str("app", "nope"))
+        .await
+        .expect_err("refused");
+    assert_eq!(sqlstate(&e), "28P01", "{e}");
+    let e = try_connect(&proxy.conn_str("md5user", "nope"))
+        .await
+        .expect_err("refused");
+    assert_eq!(sqlstate(&e), "28P01", "{e}");
+    let e = try_connect(&proxy.conn_str("mallory", "x"))
+        .await
+        .expect_err("refused");
+    assert_eq!(sqlstate(&e), "28000", "{e}");
+}
+
+#[tokio::test]
+async fn a_scram_verifier_in_the_config_works_without_the_plain_password() {
+    let c = cluster();
+    let verifier = postgres_protocol::password::scram_sha_256(b"app_pw");
+    let toml = base_config_toml(c).replacen(
+        "password = \"app_pw\"",
+        &format!("password = \"{verifier}\"\n        server_password = \"app_pw\""),
+        1,
+    );
+    let proxy = start_proxy_with(&toml).await;
+    let client = proxy.app().await;
+    assert_eq!(
+        client
+            .query_one("SELECT 1", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        1
+    );
+    assert!(try_connect(&proxy.conn_str("app", "wrong")).await.is_err());
+}
+
+#[tokio::test]
+async fn an_unknown_database_reports_the_servers_error() {
+    let proxy = start_proxy().await;
+    let e = try_connect(&format!(
+        "host=127.0.0.1 port={} user=app password=app_pw dbname=nosuchdb",
+        proxy.port()
+    ))
+    .await
+    .expect_err("refused");
+    assert_eq!(sqlstate(&e), "3D000", "{e}");
+}
+
+#[tokio::test]
+async fn a_primary_that_is_down_gives_a_clear_error_not_a_hang() {
+    let c = cluster();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_port = dead.local_addr().unwrap().port();
+    drop(dead);
+    let toml = base_config_toml(c).replace(
+        &format!("port = {}\n", c.primary),
+        &format!("port = {dead_port}\n"),
+    );
+    let proxy = start_proxy_with(&toml).await;
+    let started = std::time::Instant::now();
+    let e = try_connect(&proxy.conn_str("app", "app_pw"))
+        .await
+        .expect_err("refused");
+    assert_eq!(sqlstate(&e), "08006", "{e}");
+    let message = e
+        .as_db_error()
+        .map(|d| d.message().to_owned())
+        .unwrap_or_default();
+    assert!(
+        message.contains(&format!("127.0.0.1:{dead_port}")),
+        "{message}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+}

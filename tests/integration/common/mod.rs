@@ -1,0 +1,287 @@
+//! Test harness: one real cluster (primary + 2 streaming replicas + Redis) per test run,
+//! started by the project's own `scripts/cluster` on free ports in a temp dir, torn down by
+//! its watchdog when this process exits. Each test starts its own proxy in-process on port 0.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use pgsplit::config::Config;
+use pgsplit::server::Server;
+use pgsplit::state::{Runtime, Shared};
+use tokio_postgres::{Client, NoTls};
+use tokio_util::sync::CancellationToken;
+
+pub struct Cluster {
+    pub env: HashMap<String, String>,
+    pub primary: u16,
+    pub replicas: [u16; 2],
+    pub redis: u16,
+    pub dir: PathBuf,
+}
+
+impl Cluster {
+    pub fn pg_bin(&self, tool: &str) -> PathBuf {
+        Path::new(&self.env["PGSPLIT_PG_BIN"]).join(tool)
+    }
+}
+
+static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The shared cluster; started on first use. `PGSPLIT_TEST_CLUSTER_ENV` may name the
+/// cluster.env of a cluster that is already running.
+pub fn cluster() -> &'static Cluster {
+    CLUSTER.get_or_init(|| {
+        let env_path = match std::env::var("PGSPLIT_TEST_CLUSTER_ENV") {
+            Ok(p) => PathBuf::from(p),
+            Err(_) => start_cluster(),
+        };
+        let text = std::fs::read_to_string(&env_path).expect("read cluster.env");
+        let env: HashMap<String, String> = text
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.trim_matches('"').to_owned()))
+            .collect();
+        let port = |k: &str| env[k].parse::<u16>().expect("port");
+        Cluster {
+            primary: port("PGSPLIT_PRIMARY_PORT"),
+            replicas: [port("PGSPLIT_REPLICA1_PORT"), port("PGSPLIT_REPLICA2_PORT")],
+            redis: port("PGSPLIT_REDIS_PORT"),
+            dir: PathBuf::from(&env["PGSPLIT_CLUSTER_DIR"]),
+            env,
+        }
+    })
+}
+
+fn start_cluster() -> PathBuf {
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let dir = std::env::temp_dir().join(format!("pgsplit-test-{}-{stamp}", std::process::id()));
+    let out = Command::new(repo_root().join("scripts/cluster"))
+        .args(["up", "--dir"])
+        .arg(&dir)
+        .args([
+            "--primary-port",
+            "0",
+            "--replica-ports",
+            "0,0",
+            "--redis-port",
+            "0",
+        ])
+        .args(["--owner-pid", &std::process::id().to_string()])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .expect("run scripts/cluster");
+    assert!(out.status.success(), "scripts/cluster up failed");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    PathBuf::from(stdout.lines().last().expect("cluster.env path").trim())
+}
+
+/// The proxy configuration the tests start from: every cluster user, all three nodes.
+pub fn base_config_toml(c: &Cluster) -> String {
+    format!(
+        r#"
+        [proxy]
+        listen = "127.0.0.1:0"
+        pool_mode = "session"
+
+        [[users]]
+        name = "app"
+        password = "app_pw"
+
+        [[users]]
+        name = "admin"
+        password = "admin_password"
+
+        [[users]]
+        name = "md5user"
+        password = "md5_pw"
+        auth_method = "md5"
+
+        [[users]]
+        name = "trustuser"
+        auth_method = "trust"
+
+        [primary]
+        host = "127.0.0.1"
+        port = {}
+
+        [[replicas]]
+        host = "127.0.0.1"
+        port = {}
+
+        [[replicas]]
+        host = "127.0.0.1"
+        port = {}
+        "#,
+        c.primary, c.replicas[0], c.replicas[1]
+    )
+}
+
+/// A proxy running inside the test's runtime; stopped when dropped.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub shared: Arc<Shared>,
+    shutdown: CancellationToken,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// What blocking code (psql, pgbench) needs of a proxy.
+#[derive(Clone)]
+pub struct ProxyHandle {
+    pub addr: SocketAddr,
+}
+
+impl ProxyHandle {
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+}
+
+impl Proxy {
+    pub fn clone_handle(&self) -> ProxyHandle {
+        ProxyHandle { addr: self.addr }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn conn_str(&self, user: &str, password: &str) -> String {
+        let password = if password.is_empty() {
+            String::new()
+        } else {
+            format!(" password={password}")
+        };
+        format!(
+            "host=127.0.0.1 port={} user={user}{password} dbname=appdb",
+            self.port()
+        )
+    }
+
+    /// A tokio-postgres client through the proxy as `app`.
+    pub async fn app(&self) -> Client {
+        connect(&self.conn_str("app", "app_pw")).await
+    }
+}
+
+pub async fn start_proxy() -> Proxy {
+    start_proxy_with(&base_config_toml(cluster())).await
+}
+
+pub async fn start_proxy_with(toml: &str) -> Proxy {
+    init_logging();
+    let config = Config::from_toml(toml).expect("valid test config");
+    let shared = Shared::new(Runtime::new(config).expect("runtime"));
+    let server = Server::bind(shared.clone(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .expect("bind");
+    let addr = server.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    tokio::spawn(server.run(shutdown.clone()));
+    Proxy {
+        addr,
+        shared,
+        shutdown,
+    }
+}
+
+/// Proxy logs in test output when RUST_LOG is set (e.g. RUST_LOG=pgsplit=debug).
+pub fn init_logging() {
+    if let Ok(filter) = std::env::var("RUST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
+}
+
+pub async fn connect(conn_str: &str) -> Client {
+    try_connect(conn_str).await.expect("connect")
+}
+
+pub async fn try_connect(conn_str: &str) -> Result<Client, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(conn_str, NoTls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// A direct connection to one node as the superuser.
+pub async fn direct(port: u16) -> Client {
+    connect(&format!(
+        "host=127.0.0.1 port={port} user=admin password=admin_password dbname=appdb"
+    ))
+    .await
+}
+
+/// Wait until both replicas replayed everything the primary has written so far.
+pub async fn wait_replicated() {
+    let c = cluster();
+    let primary = direct(c.primary).await;
+    let lsn: String = primary
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    for port in c.replicas {
+        let r = direct(port).await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let caught_up: bool = r
+                .query_one(
+                    "SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn",
+                    &[&lsn],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if caught_up {
+                break;
+            }
+            assert!(Instant::now() < deadline, "replica {port} did not catch up");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Which node answered: the port it listens on.
+pub async fn server_port(client: &Client) -> u16 {
+    let row = client
+        .query_one("SELECT inet_server_port()", &[])
+        .await
+        .unwrap();
+    row.get::<_, i32>(0) as u16
+}
+
+/// A table name unique to one test, so tests sharing the cluster never collide.
+pub fn unique(prefix: &str) -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    format!(
+        "{prefix}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
+}
+
+/// SQLSTATE of a tokio-postgres error.
+pub fn sqlstate(e: &tokio_postgres::Error) -> String {
+    e.code().map(|c| c.code().to_owned()).unwrap_or_default()
+}

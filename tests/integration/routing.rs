@@ -1,0 +1,205 @@
+//! Where statements run: reads on replicas (round robin), everything else on the primary.
+
+use std::collections::HashMap;
+
+use crate::common::*;
+
+#[tokio::test]
+async fn plain_reads_spread_over_both_replicas_round_robin() {
+    let c = cluster();
+    let proxy = start_proxy().await;
+    let client = proxy.app().await;
+    let mut seen: HashMap<u16, usize> = HashMap::new();
+    for _ in 0..20 {
+        *seen.entry(server_port(&client).await).or_default() += 1;
+    }
+    assert_eq!(seen.get(&c.replicas[0]), Some(&10), "{seen:?}");
+    assert_eq!(seen.get(&c.replicas[1]), Some(&10), "{seen:?}");
+    assert!(!seen.contains_key(&c.primary));
+    let in_recovery: bool = client
+        .query_one("SELECT count(*) > 0 FROM pg_stat_wal_receiver", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(in_recovery, "a plain read ran on a replica");
+}
+
+#[tokio::test]
+async fn writes_and_locking_reads_go_to_the_primary() {
+    let c = cluster();
+    let proxy = start_proxy().await;
+    let client = proxy.app().await;
+    let t = unique("rw");
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {t} (id int primary key, port int); CREATE SEQUENCE {t}_seq"
+        ))
+        .await
+        .unwrap();
+    client
+        .execute(
+            &format!("INSERT INTO {t} VALUES (1, inet_server_port())"),
+            &[],
+        )
+        .await
+        .unwrap();
+    let row = direct(c.primary)
+        .await
+        .query_one(&format!("SELECT port FROM {t} WHERE id = 1"), &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i32>(0) as u16, c.primary);
+    for sql in [
+        format!("SELECT inet_server_port() FROM {t} FOR UPDATE"),
+        format!("SELECT inet_server_port() FROM (SELECT nextval('{t}_seq')) s"),
+        format!("WITH d AS (DELETE FROM {t} WHERE id = 99 RETURNING id) SELECT inet_server_port()"),
+        "SELECT inet_server_port() WHERE pg_is_in_recovery() = false".to_owned(),
+    ] {
+        let port: i32 = client
+            .query_one(&sql, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .get(0);
+        assert_eq!(port as u16, c.primary, "{sql}");
+    }
+    // Node-identity probe: the proxy is a writable server.
+    let ro: String = client
+        .query_one("SHOW transaction_read_only", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(ro, "off");
+}
+
+#[tokio::test]
+async fn a_transaction_stays_on_one_primary_connection() {
+    let c = cluster();
+    let proxy = start_proxy().await;
+    let client = proxy.app().await;
+    client.batch_execute("BEGIN").await.unwrap();
+    let pid1: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(server_port(&client).await, c.primary);
+    let pid2: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(pid1, pid2);
+    client.batch_execute("COMMIT").await.unwrap();
+    assert_ne!(
+        server_port(&client).await,
+        c.primary,
+        "reads leave the primary after COMMIT"
+    );
+}
+
+#[tokio::test]
+async fn read_only_transactions_run_on_one_replica() {
+    let c = cluster();
+    let proxy = start_proxy().await;
+    let client = proxy.app().await;
+    for _ in 0..3 {
+        client.batch_execute("BEGIN READ ONLY").await.unwrap();
+        let first = server_port(&client).await;
+        assert!(c.replicas.contains(&first));
+        for _ in 0..4 {
+            assert_eq!(server_port(&client).await, first);
+        }
+        client.batch_execute("COMMIT").await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_replica_refusing_a_write_is_retried_on_the_primary() {
+    let c = cluster();
+    let proxy = start_proxy().await;
+    let client = proxy.app().await;
+    let t = unique("retry");
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {t} (port int);
+             CREATE FUNCTION {t}_bump() RETURNS int LANGUAGE sql AS
+               'INSERT INTO {t} VALUES (inet_server_port()) RETURNING port';"
+        ))
+        .await
+        .unwrap();
+    wait_replicated().await;
+    // Looks like a plain read, goes to a replica, which answers 25006: retried on the primary.
+    let port: i32 = client
+        .query_one(&format!("SELECT {t}_bump()"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(port as u16, c.primary);
+    // Learned: the next one goes straight to the primary (and still works).
+    let port: i32 = client
+        .query_one(&format!("SELECT {t}_bump()"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(port as u16, c.primary);
+    let n: i64 = direct(c.primary)
+        .await
+        .query_one(&format!("SELECT count(*) FROM {t}"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2, "each call wrote exactly once");
+}
+
+#[tokio::test]
+async fn weights_shape_the_distribution() {
+    let c = cluster();
+    let toml = base_config_toml(c).replacen(
+        &format!("port = {}\n", c.replicas[0]),
+        &format!("port = {}\n        weight = 3\n", c.replicas[0]),
+        1,
+    );
+    let proxy = start_proxy_with(&toml).await;
+    let client = proxy.app().await;
+    let mut seen: HashMap<u16, usize> = HashMap::new();
+    for _ in 0..40 {
+        *seen.entry(server_port(&client).await).or_default() += 1;
+    }
+    assert_eq!(seen.get(&c.replicas[0]), Some(&30), "{seen:?}");
+    assert_eq!(seen.get(&c.replicas[1]), Some(&10), "{seen:?}");
+}
+
+#[tokio::test]
+async fn reads_fall_back_to_the_primary_when_no_replica_answers() {
+    let c = cluster();
+    // Replicas on ports where nothing listens.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_port = dead.local_addr().unwrap().port();
+    drop(dead);
+    let toml = base_config_toml(c)
+        .replace(
+            &format!("port = {}\n", c.replicas[0]),
+            &format!("port = {dead_port}\n"),
+        )
+        .replace(
+            &format!("port = {}\n", c.replicas[1]),
+            &format!("port = {dead_port}\n"),
+        );
+    let proxy = start_proxy_with(&toml).await;
+    let client = proxy.app().await;
+    assert_eq!(server_port(&client).await, c.primary);
+
+    let strict = toml.replace(
+        "[primary]",
+        "[routing]\nfallback_to_primary = false\n[primary]",
+    );
+    let proxy = start_proxy_with(&strict).await;
+    let client = proxy.app().await;
+    let err = client.query_one("SELECT 1", &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&err), "08006", "{err}");
+    // The session survives and writes still work.
+    client
+        .batch_execute("SELECT pg_advisory_xact_lock(1)")
+        .await
+        .unwrap();
+}
