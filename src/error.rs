@@ -40,6 +40,8 @@ pub enum Error {
     Backend(#[from] BackendError),
     #[error("no server available: {0}")]
     NoServer(String),
+    #[error("{0}")]
+    PoolTimeout(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -47,7 +49,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     pub fn side(&self) -> Side {
         match self {
-            Error::Backend(_) | Error::NoServer(_) => Side::Backend,
+            Error::Backend(_) | Error::NoServer(_) | Error::PoolTimeout(_) => Side::Backend,
             _ => Side::Client,
         }
     }
@@ -62,7 +64,7 @@ impl Error {
             Error::Unsupported(_) => "0A000",
             Error::BadPassword(_) => "28P01",
             Error::AuthRejected(_) => "28000",
-            Error::TooManyClients => "53300",
+            Error::TooManyClients | Error::PoolTimeout(_) => "53300",
             Error::LoginTimeout => "08006",
             // A server's own refusal keeps its SQLSTATE (e.g. 3D000 unknown database).
             Error::Backend(BackendError::Server(e)) if !e.code.is_empty() => &e.code,

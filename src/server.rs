@@ -39,6 +39,7 @@ impl Server {
         let limit = Arc::new(Semaphore::new(max));
         let tracker = TaskTracker::new();
         info!(addr = %self.local_addr().map(|a| a.to_string()).unwrap_or_default(), "listening");
+        let maintenance = tokio::spawn(maintain_pools(self.shared.clone(), shutdown.clone()));
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -64,5 +65,20 @@ impl Server {
         }
         tracker.close();
         tracker.wait().await;
+        maintenance.abort();
+    }
+}
+
+/// Close idle server connections past their timeout and keep `min_idle` warm, once a second.
+async fn maintain_pools(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        for pool in shared.runtime.load().pools() {
+            pool.maintain().await;
+        }
     }
 }

@@ -6,11 +6,12 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
 use crate::auth::UserSecret;
-use crate::backend::{Backends, CancelKey};
+use crate::backend::{BackendId, Backends, CancelKey, ConnectParams, Pool, PoolLimits};
 use crate::config::{Config, ConfigError, UserConfig};
 use crate::router::ClassifyCache;
 
@@ -28,7 +29,11 @@ pub struct Runtime {
     pub users: HashMap<String, Arc<UserEntry>>,
     pub backends: Backends,
     pub classify: ClassifyCache,
+    /// Transaction-mode pools by (backend, server user, database), made on first use.
+    pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
 }
+
+type PoolKey = (BackendId, String, String);
 
 impl Runtime {
     pub fn new(config: Config) -> Result<Runtime, ConfigError> {
@@ -50,8 +55,46 @@ impl Runtime {
             backends: Backends::from_config(&config),
             classify: ClassifyCache::new(16_384, config.routing.primary_functions.clone()),
             users,
+            pools: Mutex::new(HashMap::new()),
             config: Arc::new(config),
         })
+    }
+
+    /// The pool for `backend` and these credentials, made on first use. Sessions keep the
+    /// `Arc`, so this lock is taken once per session and backend, not per query.
+    pub fn pool(&self, backend: BackendId, params: &ConnectParams) -> Option<Arc<Pool>> {
+        let b = self.backends.get(backend)?;
+        let key = (backend, params.user.clone(), params.database.clone());
+        let mut pools = lock(&self.pools);
+        let pool = pools.entry(key).or_insert_with(|| {
+            let p = &self.config.pool;
+            Pool::new(
+                backend,
+                b.address(),
+                b.name(),
+                ConnectParams {
+                    // Pooled connections start bare: each client's startup settings are
+                    // replayed as session settings where they differ.
+                    startup: Vec::new(),
+                    ..params.clone()
+                },
+                PoolLimits {
+                    size: p.size,
+                    min_idle: p.min_idle,
+                    checkout_timeout: Duration::from_millis(p.checkout_timeout_ms),
+                    connect_timeout: Duration::from_millis(p.connect_timeout_ms),
+                    max_lifetime: Duration::from_millis(p.max_lifetime_ms),
+                    idle_timeout: Duration::from_millis(p.idle_timeout_ms),
+                    max_message: self.config.proxy.max_message_bytes,
+                },
+            )
+        });
+        Some(pool.clone())
+    }
+
+    /// Every pool made so far.
+    pub fn pools(&self) -> Vec<Arc<Pool>> {
+        lock(&self.pools).values().cloned().collect()
     }
 }
 

@@ -2,7 +2,7 @@
 //! authentication (SCRAM-SHA-256, md5, cleartext, trust), and the per-connection state the
 //! session keeps in step (prepared statements, applied settings).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Instant;
 
@@ -12,7 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
-use super::{BackendError, BackendId};
+use super::{BackendError, BackendId, PreparedSet};
 use crate::protocol::{self, ErrorFields, Frame, decode_frame, tag};
 
 /// What a backend connection is opened with.
@@ -23,6 +23,8 @@ pub struct ConnectParams {
     pub database: String,
     /// Client startup parameters passed through (application_name, options, DateStyle ...).
     pub startup: Vec<(String, String)>,
+    /// How many prepared statements one connection keeps before closing the oldest.
+    pub max_prepared: usize,
 }
 
 /// Where to send a CancelRequest for whatever this connection is running.
@@ -44,7 +46,7 @@ pub struct ServerConn {
     /// ParameterStatus values reported at startup.
     pub params: Vec<(String, String)>,
     /// Server-side names of the statements prepared on this connection.
-    pub prepared: HashSet<String>,
+    pub prepared: PreparedSet,
     /// Hash of the SQL held by this connection's unnamed statement, if known.
     pub unnamed: Option<u64>,
     /// Session settings (name → SET statement) this connection currently has applied.
@@ -89,7 +91,7 @@ impl ServerConn {
                 secret: 0,
             },
             params: Vec::new(),
-            prepared: HashSet::new(),
+            prepared: PreparedSet::new(params.max_prepared),
             unnamed: None,
             settings: HashMap::new(),
             settings_generation: None,

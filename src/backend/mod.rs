@@ -6,12 +6,16 @@
 
 mod balancer;
 mod conn;
+mod pool;
+mod prepared;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 pub use balancer::Balancer;
 pub use conn::{CancelKey, ConnectParams, ServerConn, send_cancel};
+pub use pool::{CheckoutError, Lent, Pool, PoolLimits};
+pub use prepared::PreparedSet;
 
 use crate::config::{BackendConfig, Config};
 use crate::protocol::ErrorFields;
@@ -143,4 +147,15 @@ impl Backends {
             .pick(|i| self.replicas[i].is_available())
             .map(|i| self.replicas[i].id)
     }
+}
+
+/// Whether an idle server connection is still open: a closed one has EOF (or a FATAL
+/// message) waiting to be read, which a non-blocking read sees at once.
+pub fn is_alive(conn: &mut ServerConn) -> bool {
+    if !conn.rbuf.is_empty() {
+        // Unread messages (a pinned session's notifications): the relay will see them.
+        return true;
+    }
+    let mut probe = [0u8; 1];
+    matches!(conn.rd.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }

@@ -52,7 +52,8 @@ pub struct Config {
 pub enum PoolMode {
     /// Each client owns its server connections for its whole session.
     Session,
-    /// Server connections are lent per transaction (not implemented yet: rejected).
+    /// Server connections are pooled and lent for one transaction (or one statement
+    /// outside a transaction).
     Transaction,
 }
 
@@ -73,7 +74,7 @@ pub enum AuthMethod {
 pub struct ProxyConfig {
     /// Address clients connect to. Default `127.0.0.1:6432`. Needs a restart to change.
     pub listen: SocketAddr,
-    /// Default `"session"` while transaction pooling is not implemented.
+    /// Default `"transaction"`. Needs a restart to change.
     pub pool_mode: PoolMode,
     /// Clients beyond this get FATAL 53300. Default 10000.
     pub max_client_connections: usize,
@@ -95,7 +96,7 @@ impl Default for ProxyConfig {
     fn default() -> Self {
         ProxyConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 6432)),
-            pool_mode: PoolMode::Session,
+            pool_mode: PoolMode::Transaction,
             max_client_connections: 10_000,
             auth_method: AuthMethod::ScramSha256,
             client_login_timeout_ms: 10_000,
@@ -241,19 +242,32 @@ impl HealthConfig {
 pub struct PoolConfig {
     /// Server connections per backend, user and database (transaction mode). Default 20.
     pub size: usize,
-    /// Longest wait for a server connection. Default 5000 ms.
+    /// Idle connections kept open and warm per pool once it is in use. Default 0.
+    pub min_idle: usize,
+    /// Longest wait for a server connection; then the client gets 53300. Default 5000 ms.
     pub checkout_timeout_ms: u64,
     /// Connecting to (and authenticating with) a backend must finish within this.
     /// Default 5000 ms.
     pub connect_timeout_ms: u64,
+    /// A server connection is closed once this old (at its next return). Default 1 h.
+    pub max_lifetime_ms: u64,
+    /// An idle server connection above `min_idle` is closed after this. Default 10 min.
+    pub idle_timeout_ms: u64,
+    /// Prepared statements one server connection keeps; the least recently used is closed
+    /// beyond it. Default 1000.
+    pub max_prepared_statements: usize,
 }
 
 impl Default for PoolConfig {
     fn default() -> Self {
         PoolConfig {
             size: 20,
+            min_idle: 0,
             checkout_timeout_ms: 5000,
             connect_timeout_ms: 5000,
+            max_lifetime_ms: 3_600_000,
+            idle_timeout_ms: 600_000,
+            max_prepared_statements: 1000,
         }
     }
 }
@@ -351,11 +365,6 @@ impl Config {
                 _ => {}
             }
         }
-        if self.proxy.pool_mode == PoolMode::Transaction {
-            errors.push(
-                "pool_mode = \"transaction\" is not implemented yet; use \"session\"".to_owned(),
-            );
-        }
         if self.proxy.max_client_connections == 0 {
             errors.push("proxy.max_client_connections must be at least 1".to_owned());
         }
@@ -373,7 +382,18 @@ impl Config {
         if self.pool.size == 0 {
             errors.push("pool.size must be at least 1".to_owned());
         }
-        if self.health.timeout_ms == 0 || self.pool.connect_timeout_ms == 0 {
+        if self.pool.min_idle > self.pool.size {
+            errors.push("pool.min_idle must not exceed pool.size".to_owned());
+        }
+        if self.pool.max_prepared_statements == 0 {
+            errors.push("pool.max_prepared_statements must be at least 1".to_owned());
+        }
+        if self.health.timeout_ms == 0
+            || self.pool.connect_timeout_ms == 0
+            || self.pool.checkout_timeout_ms == 0
+            || self.pool.max_lifetime_ms == 0
+            || self.pool.idle_timeout_ms == 0
+        {
             errors.push("timeouts must be positive".to_owned());
         }
         if errors.is_empty() {

@@ -59,8 +59,8 @@ pub fn decode_frame(buf: &mut BytesMut, max_len: usize) -> Result<Option<Frame>,
     Ok(Some(Frame { tag, body }))
 }
 
-/// Tags the relay must see whole (it acts on their contents); every other frame may be
-/// streamed through in pieces.
+/// Tags the relay must see whole (it acts on their contents, or may drop them); every
+/// other frame may be streamed through in pieces and is always forwarded.
 pub fn needs_whole_frame(t: u8) -> bool {
     matches!(
         t,
@@ -72,6 +72,7 @@ pub fn needs_whole_frame(t: u8) -> bool {
             | tag::COPY_OUT_RESPONSE
             | tag::COPY_BOTH_RESPONSE
             | tag::PARSE_COMPLETE
+            | tag::CLOSE_COMPLETE
             | tag::NOTICE_RESPONSE
             | tag::NOTIFICATION_RESPONSE
             | tag::EMPTY_QUERY_RESPONSE

@@ -5,6 +5,7 @@
 //! session owns one connection per backend it has used (opened lazily), and asks for them
 //! through `acquire`, the seam transaction pooling will replace.
 
+mod backends;
 mod client;
 mod relay;
 mod request;
@@ -18,7 +19,10 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 use tracing::{Instrument, debug, info_span, warn};
 
-use crate::backend::{BackendError, BackendId, ConnectParams, ServerConn, send_cancel};
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::backend::{BackendError, BackendId, ConnectParams, Pool, ServerConn, send_cancel};
+use crate::config::PoolMode;
 use crate::error::{Error, Result, Side};
 use crate::protocol::{self, Frame, Severity, TxStatus, tag};
 use crate::router::{Route, SessionFacts, SessionOp};
@@ -27,7 +31,7 @@ use crate::state::{CancelSlot, Runtime, Shared, lock};
 use client::ClientConn;
 use request::Item;
 use startup::{Login, Opening};
-use state::{Settings, Statement};
+use state::{Settings, Statement, startup_settings};
 
 /// Serve one accepted client connection to its end.
 pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, over_limit: bool) {
@@ -90,8 +94,15 @@ pub struct Session {
     runtime: Arc<Runtime>,
     client: ClientConn,
     connect: ConnectParams,
-    /// Server connections by backend id (0 = primary).
+    /// The client's startup parameters (besides user and database).
+    login_params: Vec<(String, String)>,
+    mode: PoolMode,
+    /// Server connections held now, by backend id (0 = primary).
     conns: Vec<Option<ServerConn>>,
+    /// Pool permits of the connections in `conns` (transaction mode).
+    permits: Vec<Option<OwnedSemaphorePermit>>,
+    /// The pool of each backend, looked up once (transaction mode).
+    pools: Vec<Option<Arc<Pool>>>,
     tx: TxStatus,
     /// The backend the open transaction runs on.
     tx_conn: Option<BackendId>,
@@ -124,23 +135,35 @@ impl Session {
     fn new(shared: Arc<Shared>, runtime: Arc<Runtime>, client: ClientConn, login: Login) -> Self {
         let (cancel_pid, cancel_secret, cancel_slot) = shared.cancels.register();
         let backends = 1 + runtime.backends.replicas.len();
+        let mode = runtime.config.proxy.pool_mode;
+        // Session mode passes the client's startup parameters to each of its own server
+        // connections; pooled connections start bare and get them as session settings.
+        let (startup, baseline) = match mode {
+            PoolMode::Session => (login.params.clone(), Vec::new()),
+            PoolMode::Transaction => (Vec::new(), startup_settings(&login.params)),
+        };
         let connect = ConnectParams {
             user: login.user.config.server_user().to_owned(),
             password: login.user.config.server_password().map(str::to_owned),
             database: login.database.clone(),
-            startup: login.params.clone(),
+            startup,
+            max_prepared: runtime.config.pool.max_prepared_statements,
         };
         Session {
             shared,
-            runtime,
+            mode,
             client,
             connect,
             conns: (0..backends).map(|_| None).collect(),
+            permits: (0..backends).map(|_| None).collect(),
+            pools: (0..backends).map(|_| None).collect(),
+            login_params: login.params,
+            runtime,
             tx: TxStatus::Idle,
             tx_conn: None,
             pinned: false,
             last_replica: None,
-            settings: Settings::default(),
+            settings: Settings::with_baseline(baseline),
             tx_ops: Vec::new(),
             statements: HashMap::new(),
             batch: Vec::new(),
@@ -154,23 +177,44 @@ impl Session {
         }
     }
 
-    /// Finish the login: the primary is connected first so the client sees its
-    /// ParameterStatus values, as on a direct connection.
+    /// Finish the login: a primary connection is used first, so a bad database or role
+    /// fails the login as on a direct connection and the client sees the primary's
+    /// ParameterStatus values (with its own startup settings where it chose them).
     async fn start(&mut self) -> Result<()> {
-        let primary = self.connect_backend(BackendId::PRIMARY).await?;
+        // A pool that connected before knows the server's parameters (and that this role and
+        // database work): the login then needs no server connection at all.
+        let known = match self.mode {
+            PoolMode::Transaction => self
+                .runtime
+                .pool(BackendId::PRIMARY, &self.connect)
+                .and_then(|p| p.server_params().map(<[_]>::to_vec)),
+            PoolMode::Session => None,
+        };
+        let server_params = match known {
+            Some(params) => params,
+            None => {
+                self.acquire(Route::Primary).await?;
+                self.conns[0]
+                    .as_ref()
+                    .map(|c| c.params.clone())
+                    .unwrap_or_default()
+            }
+        };
         let mut frames = vec![protocol::auth_ok()];
-        frames.extend(
-            primary
-                .params
+        frames.extend(server_params.iter().map(|(k, v)| {
+            let chosen = self
+                .login_params
                 .iter()
-                .map(|(k, v)| protocol::parameter_status(k, v)),
-        );
+                .find(|(ck, _)| ck.eq_ignore_ascii_case(k))
+                .filter(|_| self.mode == PoolMode::Transaction);
+            protocol::parameter_status(k, chosen.map_or(v, |(_, cv)| cv))
+        }));
         frames.push(protocol::backend_key_data(
             self.cancel_pid,
             self.cancel_secret,
         ));
         frames.push(protocol::ready_for_query(TxStatus::Idle));
-        self.conns[0] = Some(primary);
+        self.release_idle();
         self.client.send(&frames).await
     }
 
@@ -188,6 +232,10 @@ impl Session {
                     .send(&[e.to_error_response(Severity::Fatal)])
                     .await;
             }
+        }
+        // Pooled connections go back only when nothing of this session is left on them.
+        if !self.pinned {
+            self.release_idle();
         }
         for conn in self.conns.iter_mut().filter_map(Option::take) {
             conn.terminate().await;
@@ -360,7 +408,10 @@ impl Session {
                 .run_request(conn, &items, &local, open, retryable)
                 .await?
             {
-                relay::Outcome::Done => return Ok(()),
+                relay::Outcome::Done => {
+                    self.release_idle();
+                    return Ok(());
+                }
                 relay::Outcome::RetryOnPrimary => {
                     retried = true;
                     route = Route::Primary;
@@ -419,146 +470,6 @@ impl Session {
         self.client.send(&frames).await
     }
 
-    /// A connection for `route`, connected and carrying the session's settings.
-    async fn acquire(&mut self, route: Route) -> Result<BackendId> {
-        match route {
-            Route::Transaction => {
-                let id = self
-                    .tx_conn
-                    .filter(|b| self.conns[b.0 as usize].is_some())
-                    .ok_or_else(|| {
-                        Error::NoServer("the transaction's server connection was lost".into())
-                    })?;
-                Ok(id)
-            }
-            Route::Primary => {
-                self.ensure_conn(BackendId::PRIMARY).await?;
-                self.sync_settings(BackendId::PRIMARY).await?;
-                Ok(BackendId::PRIMARY)
-            }
-            Route::Replica => {
-                let runtime = self.runtime.clone();
-                for _ in 0..runtime.backends.replicas.len() {
-                    let Some(id) = runtime.backends.pick_replica() else {
-                        break;
-                    };
-                    let ready = match self.ensure_conn(id).await {
-                        Ok(()) => self.sync_settings(id).await,
-                        Err(e) => Err(e),
-                    };
-                    match ready {
-                        Ok(()) => {
-                            self.last_replica = Some(id);
-                            return Ok(id);
-                        }
-                        Err(e) => {
-                            if let Some(b) = runtime.backends.get(id) {
-                                warn!(backend = %b.name(), error = %e, "replica unusable, trying another");
-                                if matches!(e, Error::Backend(ref be) if be.is_connection_failure())
-                                {
-                                    b.mark_down();
-                                }
-                            }
-                        }
-                    }
-                }
-                if runtime.config.routing.fallback_to_primary {
-                    Box::pin(self.acquire(Route::Primary)).await
-                } else {
-                    Err(Error::NoServer(
-                        "no replica is available for reads and fallback_to_primary is off".into(),
-                    ))
-                }
-            }
-        }
-    }
-
-    /// The replica used last, when it is still connected and available; else the next one.
-    async fn acquire_last_replica(&mut self) -> Result<BackendId> {
-        if let Some(id) = self.last_replica
-            && self.conns[id.0 as usize].is_some()
-            && self
-                .runtime
-                .backends
-                .get(id)
-                .is_some_and(|b| b.is_available())
-            && self.ensure_conn(id).await.is_ok()
-            && self.sync_settings(id).await.is_ok()
-        {
-            return Ok(id);
-        }
-        self.acquire(Route::Replica).await
-    }
-
-    /// Make sure `conns[id]` holds a live connection.
-    async fn ensure_conn(&mut self, id: BackendId) -> Result<()> {
-        let slot = id.0 as usize;
-        if let Some(conn) = self.conns[slot].as_mut() {
-            if is_alive(conn) {
-                return Ok(());
-            }
-            if id.is_primary() && self.pinned {
-                self.conns[slot] = None;
-                return Err(Error::NoServer(
-                    "the primary connection holding this session's state (temporary tables, LISTEN, locks) was lost".into(),
-                ));
-            }
-            self.conns[slot] = None;
-        }
-        let conn = self.connect_backend(id).await?;
-        self.conns[slot] = Some(conn);
-        Ok(())
-    }
-
-    async fn connect_backend(&self, id: BackendId) -> Result<ServerConn> {
-        let backend = self
-            .runtime
-            .backends
-            .get(id)
-            .ok_or_else(|| Error::NoServer(format!("unknown backend {id:?}")))?;
-        let timeout = self.runtime.config.pool.connect_timeout();
-        let max = self.runtime.config.proxy.max_message_bytes;
-        let addr = backend.address();
-        let result =
-            tokio::time::timeout(timeout, ServerConn::connect(id, &addr, &self.connect, max))
-                .await
-                .unwrap_or(Err(BackendError::Timeout));
-        match result {
-            Ok(c) => {
-                backend.mark_up();
-                debug!(backend = %backend.name(), pid = c.cancel_key.pid, "server connection opened");
-                Ok(c)
-            }
-            Err(e) => {
-                if e.is_connection_failure() {
-                    backend.mark_down();
-                }
-                Err(match e {
-                    BackendError::Server(_) => Error::Backend(e),
-                    other => Error::NoServer(format!("{}: {other}", backend.name())),
-                })
-            }
-        }
-    }
-
-    /// Replay the session's settings on a connection that does not have them yet.
-    async fn sync_settings(&mut self, id: BackendId) -> Result<()> {
-        let max = self.runtime.config.proxy.max_message_bytes;
-        let Some(conn) = self.conns[id.0 as usize].as_mut() else {
-            return Ok(());
-        };
-        if conn.settings_generation == Some(self.settings.generation) {
-            return Ok(());
-        }
-        if let Some(sql) = self.settings.diff_sql(&conn.settings) {
-            debug!(backend = ?id, "replaying session settings");
-            conn.run_internal(&sql, max).await?;
-        }
-        conn.settings = self.settings.values.clone();
-        conn.settings_generation = Some(self.settings.generation);
-        Ok(())
-    }
-
     /// A request finished on `conn`: commit the session operations it carried, keep them
     /// for the end of the open transaction, or drop them when the server undid them.
     fn settle_session_ops(
@@ -604,15 +515,4 @@ impl Session {
     fn set_cancel_target(&self, key: Option<crate::backend::CancelKey>) {
         *lock(&self.cancel_slot) = key;
     }
-}
-
-/// Whether an idle server connection is still open: a closed one has EOF (or a FATAL
-/// message) waiting to be read, which a non-blocking read sees at once.
-fn is_alive(conn: &mut ServerConn) -> bool {
-    if !conn.rbuf.is_empty() {
-        // Unread messages (a pinned session's notifications): the relay will see them.
-        return true;
-    }
-    let mut probe = [0u8; 1];
-    matches!(conn.rd.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }

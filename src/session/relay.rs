@@ -53,6 +53,8 @@ enum Expect {
         unregister: Option<String>,
     },
     Bind,
+    /// A Close the proxy sent to stay within the connection's prepared-statement limit.
+    CloseEvicted,
     DescribeStatement,
     DescribePortal,
     Execute,
@@ -302,6 +304,12 @@ impl Session {
         forward: bool,
         register: Option<String>,
     ) {
+        if !stmt.server_name.is_empty()
+            && let Some(victim) = fl.conn.prepared.insert(&stmt.server_name)
+        {
+            protocol::encode_statement_target(tag::CLOSE, &victim).encode_into(&mut self.wbuf);
+            fl.expects.push_back(Expect::CloseEvicted);
+        }
         stmt.parse
             .encode_named(&stmt.server_name)
             .encode_into(&mut self.wbuf);
@@ -310,7 +318,6 @@ impl Session {
             fl.conn.unnamed = Some(stmt.hash);
             None
         } else {
-            fl.conn.prepared.insert(stmt.server_name.clone());
             Some(stmt.server_name.clone())
         };
         fl.expects.push_back(Expect::Parse {
@@ -326,6 +333,7 @@ impl Session {
         let present = if stmt.server_name.is_empty() {
             fl.conn.unnamed == Some(stmt.hash)
         } else {
+            fl.conn.prepared.touch(&stmt.server_name);
             fl.conn.prepared.contains(&stmt.server_name)
         };
         if !present {
@@ -480,6 +488,7 @@ impl Session {
                 }
                 fl.conn.rbuf.advance(len + 1);
             } else {
+                debug_assert!(forward, "only whole frames can be dropped");
                 if !fl.retry {
                     self.out.extend_from_slice(&fl.conn.rbuf[..5]);
                 }
@@ -562,8 +571,7 @@ impl Session {
                 _ => true,
             },
             tag::BIND_COMPLETE | tag::CLOSE_COMPLETE => {
-                fl.expects.pop_front();
-                true
+                !matches!(fl.expects.pop_front(), Some(Expect::CloseEvicted))
             }
             tag::ROW_DESCRIPTION | tag::NO_DATA => {
                 if matches!(

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::protocol::ParseMsg;
 use crate::router::{Classification, SessionOp};
@@ -44,13 +45,44 @@ impl Statement {
 /// Settings recorded from SET / RESET / DISCARD, replayed on every backend the session uses.
 #[derive(Debug, Default, Clone)]
 pub struct Settings {
+    /// The session's defaults from its startup packet (transaction mode): what RESET goes
+    /// back to. GUC name (lower-case) → SET statement.
+    pub baseline: HashMap<String, String>,
     /// GUC name (lower-case) → the SET statement that produced the current value.
     pub values: HashMap<String, String>,
-    /// Bumped on every change, so a backend connection can tell cheaply that it is current.
+    /// Unique per distinct state across all sessions (0: no settings at all), so a server
+    /// connection that served another session cannot be mistaken for current.
     pub generation: u64,
 }
 
+/// Source of `Settings::generation` values.
+static GENERATIONS: AtomicU64 = AtomicU64::new(1);
+
 impl Settings {
+    pub fn with_baseline(baseline: Vec<(String, String)>) -> Settings {
+        let mut s = Settings {
+            baseline: baseline.into_iter().collect(),
+            ..Settings::default()
+        };
+        s.bump();
+        s
+    }
+
+    fn bump(&mut self) {
+        self.generation = if self.baseline.is_empty() && self.values.is_empty() {
+            0
+        } else {
+            GENERATIONS.fetch_add(1, Ordering::Relaxed)
+        };
+    }
+
+    /// Name → SET statement of everything in force (startup defaults overridden by SETs).
+    pub fn effective(&self) -> HashMap<String, String> {
+        let mut all = self.baseline.clone();
+        all.extend(self.values.iter().map(|(k, v)| (k.clone(), v.clone())));
+        all
+    }
+
     /// Apply committed session operations. Returns true when prepared statements must be
     /// forgotten too (DISCARD ALL).
     pub fn apply(&mut self, ops: &[SessionOp]) -> bool {
@@ -70,7 +102,7 @@ impl Settings {
                 }
                 SessionOp::Deallocate { .. } | SessionOp::DeallocateAll => continue,
             }
-            self.generation += 1;
+            self.bump();
         }
         discard
     }
@@ -80,11 +112,15 @@ impl Settings {
     pub fn diff_sql(&self, current: &HashMap<String, String>) -> Option<String> {
         let mut stmts: Vec<String> = Vec::new();
         for name in current.keys() {
-            if !self.values.contains_key(name) {
+            if !self.values.contains_key(name) && !self.baseline.contains_key(name) {
                 stmts.push(reset_sql(name));
             }
         }
-        for (name, sql) in &self.values {
+        let baseline_only = self
+            .baseline
+            .iter()
+            .filter(|(name, _)| !self.values.contains_key(*name));
+        for (name, sql) in self.values.iter().chain(baseline_only) {
             if current.get(name) != Some(sql) {
                 stmts.push(sql.clone());
             }
@@ -95,6 +131,74 @@ impl Settings {
             Some(stmts.join("; "))
         }
     }
+}
+
+/// Startup parameters as session settings (transaction mode): `name=value` pairs become
+/// `SET`s; `options` contributes its `-c name=value` / `--name=value` parts.
+pub fn startup_settings(params: &[(String, String)]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (k, v) in params {
+        if k == "options" {
+            for (name, value) in parse_options(v) {
+                out.push((name.to_ascii_lowercase(), set_sql(&name, &value)));
+            }
+        } else {
+            out.push((k.to_ascii_lowercase(), set_sql(k, v)));
+        }
+    }
+    out
+}
+
+/// set_config takes the value as raw text, as the startup packet does (a SET with a quoted
+/// literal would turn `a,b` into one list element).
+fn set_sql(name: &str, value: &str) -> String {
+    format!(
+        "SELECT pg_catalog.set_config('{}', '{}', false)",
+        name.replace('\'', "''"),
+        value.replace('\'', "''")
+    )
+}
+
+/// The `-c name=value` and `--name=value` settings in a libpq `options` string
+/// (backslash escapes a space, as libpq and the server's parser agree).
+fn parse_options(options: &str) -> Vec<(String, String)> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut chars = options.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                if let Some(n) = chars.next() {
+                    word.push(n);
+                }
+            }
+            c if c.is_whitespace() => {
+                if !word.is_empty() {
+                    words.push(std::mem::take(&mut word));
+                }
+            }
+            c => word.push(c),
+        }
+    }
+    if !word.is_empty() {
+        words.push(word);
+    }
+    let mut out = Vec::new();
+    let mut it = words.into_iter();
+    while let Some(w) = it.next() {
+        let setting = if w == "-c" {
+            it.next()
+        } else if let Some(rest) = w.strip_prefix("-c") {
+            Some(rest.to_owned())
+        } else {
+            w.strip_prefix("--").map(str::to_owned)
+        };
+        match setting.as_deref().and_then(|s| s.split_once('=')) {
+            Some((name, value)) => out.push((name.replace('-', "_"), value.to_owned())),
+            None => tracing::warn!(option = %w, "startup option ignored in transaction pool mode"),
+        }
+    }
+    out
 }
 
 fn reset_sql(name: &str) -> String {
@@ -134,6 +238,59 @@ mod tests {
         assert_eq!(s.diff_sql(&server).as_deref(), Some("RESET \"timezone\""));
         assert!(s.apply(&[SessionOp::DiscardAll]));
         assert!(s.values.is_empty());
+    }
+
+    #[test]
+    fn startup_parameters_become_settings_and_reset_returns_to_them() {
+        let base = startup_settings(&[
+            ("application_name".into(), "it's".into()),
+            (
+                "options".into(),
+                "-c search_path=a,b --statement-timeout=5s -csynchronous_commit=off".into(),
+            ),
+        ]);
+        let names: Vec<_> = base.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "application_name",
+                "search_path",
+                "statement_timeout",
+                "synchronous_commit"
+            ]
+        );
+        assert_eq!(
+            base[0].1,
+            "SELECT pg_catalog.set_config('application_name', 'it''s', false)"
+        );
+        let base0 = base[0].1.clone();
+        let mut s = Settings::with_baseline(base);
+        assert_ne!(s.generation, 0);
+        let mut server = HashMap::new();
+        let sql = s.diff_sql(&server).unwrap();
+        assert!(
+            sql.contains("set_config('search_path', 'a,b', false)"),
+            "{sql}"
+        );
+        server = s.effective();
+        s.apply(&[set("application_name", "SET application_name = 'x'")]);
+        assert_eq!(
+            s.diff_sql(&server).as_deref(),
+            Some("SET application_name = 'x'")
+        );
+        server = s.effective();
+        s.apply(&[SessionOp::ResetAll]);
+        assert_eq!(s.diff_sql(&server).as_deref(), Some(base0.as_str()));
+    }
+
+    #[test]
+    fn generations_are_unique_across_sessions() {
+        let mut a = Settings::default();
+        let mut b = Settings::default();
+        assert_eq!((a.generation, b.generation), (0, 0));
+        a.apply(&[set("x", "SET x = 1")]);
+        b.apply(&[set("x", "SET x = 2")]);
+        assert_ne!(a.generation, b.generation);
     }
 
     #[test]

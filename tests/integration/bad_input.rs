@@ -2,53 +2,10 @@
 
 use std::time::Duration;
 
-use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::common::*;
-
-fn startup_packet(user: &str) -> Vec<u8> {
-    let mut body = BytesMut::new();
-    body.put_i32(196608);
-    for (k, v) in [("user", user), ("database", "appdb")] {
-        body.put_slice(k.as_bytes());
-        body.put_u8(0);
-        body.put_slice(v.as_bytes());
-        body.put_u8(0);
-    }
-    body.put_u8(0);
-    let mut pkt = Vec::new();
-    pkt.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
-    pkt.extend_from_slice(&body);
-    pkt
-}
-
-/// Read backend messages until ReadyForQuery or EOF; returns (tag, body) pairs.
-async fn read_messages(s: &mut TcpStream) -> Vec<(u8, Vec<u8>)> {
-    let mut buf = Vec::new();
-    let mut out = Vec::new();
-    loop {
-        while buf.len() >= 5 {
-            let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
-            if buf.len() < len + 1 {
-                break;
-            }
-            let t = buf[0];
-            out.push((t, buf[5..len + 1].to_vec()));
-            buf.drain(..len + 1);
-            if t == b'Z' {
-                return out;
-            }
-        }
-        let mut chunk = [0u8; 4096];
-        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return out,
-            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
-            Err(_) => panic!("no answer from the proxy"),
-        }
-    }
-}
 
 async fn logged_in(proxy: &Proxy) -> TcpStream {
     let mut s = TcpStream::connect(proxy.addr).await.unwrap();
@@ -56,13 +13,6 @@ async fn logged_in(proxy: &Proxy) -> TcpStream {
     let msgs = read_messages(&mut s).await;
     assert_eq!(msgs.last().map(|m| m.0), Some(b'Z'), "login completes");
     s
-}
-
-fn error_code(msgs: &[(u8, Vec<u8>)]) -> Option<String> {
-    let (_, body) = msgs.iter().find(|m| m.0 == b'E')?;
-    body.split(|&b| b == 0)
-        .find(|f| f.first() == Some(&b'C'))
-        .map(|f| String::from_utf8_lossy(&f[1..]).into_owned())
 }
 
 async fn assert_closed(s: &mut TcpStream) {
@@ -153,10 +103,7 @@ async fn garbage_and_half_messages_do_not_hurt_the_proxy() {
 #[tokio::test]
 async fn a_startup_that_never_finishes_times_out() {
     let c = cluster();
-    let toml = base_config_toml(c).replace(
-        "pool_mode = \"session\"",
-        "pool_mode = \"session\"\n        client_login_timeout_ms = 300",
-    );
+    let toml = with_proxy_settings(&base_config_toml(c), "client_login_timeout_ms = 300");
     let proxy = start_proxy_with(&toml).await;
     let mut s = TcpStream::connect(proxy.addr).await.unwrap();
     s.write_all(&[0, 0, 0, 50]).await.unwrap(); // a startup packet that never arrives
@@ -169,10 +116,7 @@ async fn a_startup_that_never_finishes_times_out() {
 #[tokio::test]
 async fn the_client_after_the_limit_gets_53300() {
     let c = cluster();
-    let toml = base_config_toml(c).replace(
-        "pool_mode = \"session\"",
-        "pool_mode = \"session\"\n        max_client_connections = 2",
-    );
+    let toml = with_proxy_settings(&base_config_toml(c), "max_client_connections = 2");
     let proxy = start_proxy_with(&toml).await;
     let a = proxy.app().await;
     let b = proxy.app().await;

@@ -119,36 +119,13 @@ async fn psql_simple_queries_multi_statements_and_copy() {
     .await;
 }
 
-fn pgbench(args: &[&str], port: u16) -> Output {
-    Command::new("pgbench")
-        .args(args)
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-U",
-            "app",
-            "appdb",
-        ])
-        .env("PGPASSWORD", "app_pw")
-        .output()
-        .expect("pgbench runs")
-}
-
 #[tokio::test]
 async fn pgbench_in_all_query_modes() {
     let c = cluster();
     let proxy = start_proxy().await;
     let port = proxy.port();
-    let primary = c.primary;
     let out = tokio::task::spawn_blocking(move || {
-        let init = pgbench(&["-i", "-q", "-s", "1"], primary);
-        assert!(
-            init.status.success(),
-            "{}",
-            String::from_utf8_lossy(&init.stderr)
-        );
+        ensure_pgbench_tables();
         let mut reports = Vec::new();
         for mode in ["simple", "extended", "prepared"] {
             let o = pgbench(

@@ -7,5 +7,6 @@ mod auth;
 mod bad_input;
 mod clients;
 mod extended;
+mod pooling;
 mod routing;
 mod session_state;

@@ -18,172 +18,179 @@ async fn setting(client: &tokio_postgres::Client, name: &str) -> (String, u16) {
 #[tokio::test]
 async fn set_and_reset_apply_on_every_replica() {
     let c = cluster();
-    let proxy = start_proxy().await;
-    let client = proxy.app().await;
-    client
-        .batch_execute("SET application_name = 'albums'; SET statement_timeout TO '7s'")
-        .await
-        .unwrap();
-    client
-        .batch_execute("SET TIME ZONE 'Asia/Tokyo'")
-        .await
-        .unwrap();
-    let mut ports = std::collections::HashSet::new();
-    for _ in 0..4 {
-        let (tz, port) = setting(&client, "TimeZone").await;
-        assert_eq!(tz, "Asia/Tokyo");
-        ports.insert(port);
-        assert_eq!(setting(&client, "application_name").await.0, "albums");
-        assert_eq!(setting(&client, "statement_timeout").await.0, "7s");
-    }
-    assert_eq!(ports, c.replicas.into_iter().collect());
-    client
-        .batch_execute("RESET statement_timeout")
-        .await
-        .unwrap();
-    for _ in 0..4 {
-        assert_eq!(setting(&client, "statement_timeout").await.0, "0");
-        assert_eq!(setting(&client, "application_name").await.0, "albums");
-    }
-    client.batch_execute("RESET ALL").await.unwrap();
-    for _ in 0..4 {
-        assert_eq!(setting(&client, "application_name").await.0, "");
+    for proxy in both_modes().await {
+        let client = proxy.app().await;
+        client
+            .batch_execute("SET application_name = 'albums'; SET statement_timeout TO '7s'")
+            .await
+            .unwrap();
+        client
+            .batch_execute("SET TIME ZONE 'Asia/Tokyo'")
+            .await
+            .unwrap();
+        let mut ports = std::collections::HashSet::new();
+        for _ in 0..4 {
+            let (tz, port) = setting(&client, "TimeZone").await;
+            assert_eq!(tz, "Asia/Tokyo");
+            ports.insert(port);
+            assert_eq!(setting(&client, "application_name").await.0, "albums");
+            assert_eq!(setting(&client, "statement_timeout").await.0, "7s");
+        }
+        assert_eq!(ports, c.replicas.into_iter().collect());
+        client
+            .batch_execute("RESET statement_timeout")
+            .await
+            .unwrap();
+        for _ in 0..4 {
+            assert_eq!(setting(&client, "statement_timeout").await.0, "0");
+            assert_eq!(setting(&client, "application_name").await.0, "albums");
+        }
+        client.batch_execute("RESET ALL").await.unwrap();
+        for _ in 0..4 {
+            assert_eq!(setting(&client, "application_name").await.0, "");
+        }
     }
 }
 
 #[tokio::test]
 async fn startup_parameters_reach_every_backend() {
-    let proxy = start_proxy().await;
-    let client = connect(&format!(
-        "{} application_name=from_startup options='-c search_path=pg_catalog,public'",
-        proxy.conn_str("app", "app_pw")
-    ))
-    .await;
-    for _ in 0..4 {
-        assert_eq!(setting(&client, "application_name").await.0, "from_startup");
-        assert_eq!(setting(&client, "search_path").await.0, "pg_catalog,public");
+    for proxy in both_modes().await {
+        let client = connect(&format!(
+            "{} application_name=from_startup options='-c search_path=pg_catalog,public'",
+            proxy.conn_str("app", "app_pw")
+        ))
+        .await;
+        for _ in 0..4 {
+            assert_eq!(setting(&client, "application_name").await.0, "from_startup");
+            assert_eq!(setting(&client, "search_path").await.0, "pg_catalog,public");
+        }
     }
 }
 
 #[tokio::test]
 async fn set_inside_a_rolled_back_transaction_is_undone() {
-    let proxy = start_proxy().await;
-    let client = proxy.app().await;
-    client
-        .batch_execute("BEGIN; SET search_path TO pg_catalog; ROLLBACK")
-        .await
-        .unwrap();
-    client.batch_execute("BEGIN").await.unwrap();
-    client
-        .batch_execute("SET search_path TO pg_catalog, public")
-        .await
-        .unwrap();
-    client.batch_execute("COMMIT").await.unwrap();
-    for _ in 0..4 {
-        assert_eq!(
-            setting(&client, "search_path").await.0,
-            "pg_catalog, public"
-        );
-    }
-    client
-        .batch_execute("SET LOCAL search_path TO public")
-        .await
-        .ok();
-    for _ in 0..2 {
-        assert_eq!(
-            setting(&client, "search_path").await.0,
-            "pg_catalog, public"
-        );
+    for proxy in both_modes().await {
+        let client = proxy.app().await;
+        client
+            .batch_execute("BEGIN; SET search_path TO pg_catalog; ROLLBACK")
+            .await
+            .unwrap();
+        client.batch_execute("BEGIN").await.unwrap();
+        client
+            .batch_execute("SET search_path TO pg_catalog, public")
+            .await
+            .unwrap();
+        client.batch_execute("COMMIT").await.unwrap();
+        for _ in 0..4 {
+            assert_eq!(
+                setting(&client, "search_path").await.0,
+                "pg_catalog, public"
+            );
+        }
+        client
+            .batch_execute("SET LOCAL search_path TO public")
+            .await
+            .ok();
+        for _ in 0..2 {
+            assert_eq!(
+                setting(&client, "search_path").await.0,
+                "pg_catalog, public"
+            );
+        }
     }
 }
 
 #[tokio::test]
 async fn search_path_of_one_client_never_leaks_into_another() {
-    let proxy = start_proxy().await;
-    let a = proxy.app().await;
-    let b = proxy.app().await;
-    a.batch_execute("SET search_path TO pg_catalog")
-        .await
-        .unwrap();
-    for _ in 0..4 {
-        assert_eq!(setting(&a, "search_path").await.0, "pg_catalog");
-        assert_eq!(setting(&b, "search_path").await.0, "\"$user\", public");
+    for proxy in both_modes().await {
+        let a = proxy.app().await;
+        let b = proxy.app().await;
+        a.batch_execute("SET search_path TO pg_catalog")
+            .await
+            .unwrap();
+        for _ in 0..4 {
+            assert_eq!(setting(&a, "search_path").await.0, "pg_catalog");
+            assert_eq!(setting(&b, "search_path").await.0, "\"$user\", public");
+        }
     }
 }
 
 #[tokio::test]
 async fn temp_tables_pin_the_session_to_the_primary() {
     let c = cluster();
-    let proxy = start_proxy().await;
-    let client = proxy.app().await;
-    assert_ne!(server_port(&client).await, c.primary);
-    client
-        .batch_execute("CREATE TEMP TABLE scratch (v int); INSERT INTO scratch VALUES (41)")
-        .await
-        .unwrap();
-    for _ in 0..4 {
-        let v: i32 = client
-            .query_one("SELECT v + 1 FROM scratch", &[])
+    for proxy in both_modes().await {
+        let client = proxy.app().await;
+        assert_ne!(server_port(&client).await, c.primary);
+        client
+            .batch_execute("CREATE TEMP TABLE scratch (v int); INSERT INTO scratch VALUES (41)")
             .await
-            .unwrap()
-            .get(0);
-        assert_eq!(v, 42);
-        assert_eq!(server_port(&client).await, c.primary);
+            .unwrap();
+        for _ in 0..4 {
+            let v: i32 = client
+                .query_one("SELECT v + 1 FROM scratch", &[])
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(v, 42);
+            assert_eq!(server_port(&client).await, c.primary);
+        }
+        // Other sessions are not pinned.
+        let other = proxy.app().await;
+        assert_ne!(server_port(&other).await, c.primary);
     }
-    // Other sessions are not pinned.
-    let other = proxy.app().await;
-    assert_ne!(server_port(&other).await, c.primary);
 }
 
 #[tokio::test]
 async fn listen_pins_and_notifications_arrive_while_idle() {
-    let proxy = start_proxy().await;
-    let (listener, mut connection) =
-        tokio_postgres::connect(&proxy.conn_str("app", "app_pw"), tokio_postgres::NoTls)
+    for proxy in both_modes().await {
+        let (listener, mut connection) =
+            tokio_postgres::connect(&proxy.conn_str("app", "app_pw"), tokio_postgres::NoTls)
+                .await
+                .unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        tokio::spawn(async move {
+            while let Some(Ok(m)) = messages.next().await {
+                if let AsyncMessage::Notification(n) = m {
+                    let _ = tx.send((n.channel().to_owned(), n.payload().to_owned()));
+                }
+            }
+        });
+        let channel = unique("chan");
+        listener
+            .batch_execute(&format!("LISTEN {channel}"))
             .await
             .unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-    tokio::spawn(async move {
-        while let Some(Ok(m)) = messages.next().await {
-            if let AsyncMessage::Notification(n) = m {
-                let _ = tx.send((n.channel().to_owned(), n.payload().to_owned()));
-            }
-        }
-    });
-    let channel = unique("chan");
-    listener
-        .batch_execute(&format!("LISTEN {channel}"))
-        .await
-        .unwrap();
-    let notifier = proxy.app().await;
-    notifier
-        .batch_execute(&format!("NOTIFY {channel}, 'hello'"))
-        .await
-        .unwrap();
-    let got = tokio::time::timeout(Duration::from_secs(10), rx.recv())
-        .await
-        .expect("notification in time")
-        .unwrap();
-    assert_eq!(got, (channel, "hello".to_owned()));
+        let notifier = proxy.app().await;
+        notifier
+            .batch_execute(&format!("NOTIFY {channel}, 'hello'"))
+            .await
+            .unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("notification in time")
+            .unwrap();
+        assert_eq!(got, (channel, "hello".to_owned()));
+    }
 }
 
 #[tokio::test]
 async fn deallocate_and_discard_all_behave_like_a_direct_connection() {
-    let proxy = start_proxy().await;
-    let client = proxy.app().await;
-    let stmt = client.prepare("SELECT 5").await.unwrap();
-    assert_eq!(
-        client.query_one(&stmt, &[]).await.unwrap().get::<_, i32>(0),
-        5
-    );
-    client.batch_execute("DEALLOCATE ALL").await.unwrap();
-    let e = client.query_one(&stmt, &[]).await.unwrap_err();
-    assert_eq!(sqlstate(&e), "26000", "{e}");
-    client
-        .batch_execute("SET application_name = 'x'")
-        .await
-        .unwrap();
-    client.batch_execute("DISCARD ALL").await.unwrap();
-    assert_eq!(setting(&client, "application_name").await.0, "");
+    for proxy in both_modes().await {
+        let client = proxy.app().await;
+        let stmt = client.prepare("SELECT 5").await.unwrap();
+        assert_eq!(
+            client.query_one(&stmt, &[]).await.unwrap().get::<_, i32>(0),
+            5
+        );
+        client.batch_execute("DEALLOCATE ALL").await.unwrap();
+        let e = client.query_one(&stmt, &[]).await.unwrap_err();
+        assert_eq!(sqlstate(&e), "26000", "{e}");
+        client
+            .batch_execute("SET application_name = 'x'")
+            .await
+            .unwrap();
+        client.batch_execute("DISCARD ALL").await.unwrap();
+        assert_eq!(setting(&client, "application_name").await.0, "");
+    }
 }

@@ -4,6 +4,9 @@
 
 #![allow(dead_code)]
 
+mod raw;
+pub use raw::*;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -94,7 +97,7 @@ pub fn base_config_toml(c: &Cluster) -> String {
         r#"
         [proxy]
         listen = "127.0.0.1:0"
-        pool_mode = "session"
+        pool_mode = "transaction"
 
         [[users]]
         name = "app"
@@ -127,6 +130,16 @@ pub fn base_config_toml(c: &Cluster) -> String {
         "#,
         c.primary, c.replicas[0], c.replicas[1]
     )
+}
+
+/// `toml` with extra `[proxy]` settings (lines like `max_client_connections = 2`).
+pub fn with_proxy_settings(toml: &str, lines: &str) -> String {
+    toml.replacen("[proxy]\n", &format!("[proxy]\n{lines}\n"), 1)
+}
+
+/// `toml` in session pool mode.
+pub fn session_mode(toml: &str) -> String {
+    toml.replace("pool_mode = \"transaction\"", "pool_mode = \"session\"")
 }
 
 /// A proxy running inside the test's runtime; stopped when dropped.
@@ -179,6 +192,15 @@ impl Proxy {
     pub async fn app(&self) -> Client {
         connect(&self.conn_str("app", "app_pw")).await
     }
+}
+
+/// One proxy in each pool mode (transaction, session), for behaviour both must keep.
+pub async fn both_modes() -> Vec<Proxy> {
+    let base = base_config_toml(cluster());
+    vec![
+        start_proxy_with(&base).await,
+        start_proxy_with(&session_mode(&base)).await,
+    ]
 }
 
 pub async fn start_proxy() -> Proxy {
@@ -284,4 +306,44 @@ pub fn unique(prefix: &str) -> String {
 /// SQLSTATE of a tokio-postgres error.
 pub fn sqlstate(e: &tokio_postgres::Error) -> String {
     e.code().map(|c| c.code().to_owned()).unwrap_or_default()
+}
+
+/// pgbench through `port` as `app`.
+pub fn pgbench(args: &[&str], port: u16) -> std::process::Output {
+    Command::new("pgbench")
+        .args(args)
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            "app",
+            "appdb",
+        ])
+        .env("PGPASSWORD", "app_pw")
+        .output()
+        .expect("pgbench runs")
+}
+
+/// pgbench's tables (scale 1), made once per test run directly on the primary.
+pub fn ensure_pgbench_tables() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let init = pgbench(&["-i", "-q", "-s", "1"], cluster().primary);
+        assert!(
+            init.status.success(),
+            "{}",
+            String::from_utf8_lossy(&init.stderr)
+        );
+    });
+}
+
+/// Send a cancel request every 200 ms until aborted: a cancel that arrives before the query
+/// started (on a loaded machine) cancels nothing, on a direct connection too.
+pub async fn cancel_repeatedly(token: tokio_postgres::CancelToken) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        token.cancel_query(NoTls).await.unwrap();
+    }
 }

@@ -1,0 +1,187 @@
+//! Transaction-mode pools: server connections per (backend, server user, database), lent to
+//! one client for one transaction (or one statement outside a transaction) and returned.
+//!
+//! A semaphore of `size` permits bounds the connections lent out at once; idle ones wait in
+//! a stack (the most recently used first, so surplus connections age out). New connections
+//! are opened only when no idle one is left, so lent + idle never exceeds `size`.
+
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::{debug, warn};
+
+use super::{BackendError, BackendId, ConnectParams, ServerConn};
+
+/// The limits of one pool, from `[pool]`.
+#[derive(Debug, Clone)]
+pub struct PoolLimits {
+    pub size: usize,
+    pub min_idle: usize,
+    pub checkout_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub max_lifetime: Duration,
+    pub idle_timeout: Duration,
+    pub max_message: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckoutError {
+    #[error(
+        "no server connection to {backend} became free within {waited_ms} ms (pool size {size})"
+    )]
+    Timeout {
+        backend: String,
+        waited_ms: u128,
+        size: usize,
+    },
+    #[error("{0}")]
+    Connect(#[from] BackendError),
+}
+
+struct Idle {
+    conn: ServerConn,
+    since: Instant,
+}
+
+pub struct Pool {
+    pub backend: BackendId,
+    address: String,
+    name: String,
+    params: ConnectParams,
+    limits: PoolLimits,
+    permits: Arc<Semaphore>,
+    idle: Mutex<Vec<Idle>>,
+    /// ParameterStatus values of the first connection: what a client is told at login.
+    server_params: OnceLock<Vec<(String, String)>>,
+}
+
+/// A connection lent from a pool; give it back with [`Pool::checkin`].
+pub struct Lent {
+    pub conn: ServerConn,
+    pub permit: OwnedSemaphorePermit,
+}
+
+impl Pool {
+    pub fn new(
+        backend: BackendId,
+        address: String,
+        name: String,
+        params: ConnectParams,
+        limits: PoolLimits,
+    ) -> Arc<Pool> {
+        Arc::new(Pool {
+            backend,
+            address,
+            name,
+            params,
+            permits: Arc::new(Semaphore::new(limits.size)),
+            limits,
+            idle: Mutex::new(Vec::new()),
+            server_params: OnceLock::new(),
+        })
+    }
+
+    pub fn server_params(&self) -> Option<&[(String, String)]> {
+        self.server_params.get().map(Vec::as_slice)
+    }
+
+    /// Lend a connection: an idle live one, or a new one while under `size`.
+    pub async fn checkout(&self) -> Result<Lent, CheckoutError> {
+        let started = Instant::now();
+        let permit = tokio::time::timeout(
+            self.limits.checkout_timeout,
+            self.permits.clone().acquire_owned(),
+        )
+        .await
+        .map_err(|_| CheckoutError::Timeout {
+            backend: self.name.clone(),
+            waited_ms: started.elapsed().as_millis(),
+            size: self.limits.size,
+        })?
+        .expect("pool semaphores are never closed");
+        while let Some(idle) = self.pop_idle() {
+            let mut conn = idle.conn;
+            if conn.created.elapsed() < self.limits.max_lifetime && super::is_alive(&mut conn) {
+                return Ok(Lent { conn, permit });
+            }
+            debug!(backend = %self.name, "dropping a dead or expired idle server connection");
+        }
+        let conn = self.connect().await?;
+        Ok(Lent { conn, permit })
+    }
+
+    async fn connect(&self) -> Result<ServerConn, BackendError> {
+        let conn = tokio::time::timeout(
+            self.limits.connect_timeout,
+            ServerConn::connect(
+                self.backend,
+                &self.address,
+                &self.params,
+                self.limits.max_message,
+            ),
+        )
+        .await
+        .unwrap_or(Err(BackendError::Timeout))?;
+        let _ = self.server_params.set(conn.params.clone());
+        debug!(backend = %self.name, pid = conn.cancel_key.pid, "pooled server connection opened");
+        Ok(conn)
+    }
+
+    fn pop_idle(&self) -> Option<Idle> {
+        lock(&self.idle).pop()
+    }
+
+    /// Take a lent connection back. One past its lifetime is closed instead.
+    pub fn checkin(&self, lent: Lent) {
+        if lent.conn.created.elapsed() >= self.limits.max_lifetime {
+            return;
+        }
+        lock(&self.idle).push(Idle {
+            conn: lent.conn,
+            since: Instant::now(),
+        });
+    }
+
+    /// Close idle connections past `idle_timeout` (keeping `min_idle`), then open
+    /// connections up to `min_idle`. Run periodically by the owner of the pools.
+    pub async fn maintain(&self) {
+        {
+            let mut idle = lock(&self.idle);
+            let keep = self.limits.min_idle;
+            let timeout = self.limits.idle_timeout;
+            // Oldest first in the stack: drop from the bottom while over the minimum.
+            while idle.len() > keep && idle.first().is_some_and(|i| i.since.elapsed() >= timeout) {
+                idle.remove(0);
+            }
+        }
+        while lock(&self.idle).len() < self.limits.min_idle
+            && self.permits.available_permits() > lock(&self.idle).len()
+        {
+            match self.connect().await {
+                Ok(conn) => lock(&self.idle).insert(
+                    0,
+                    Idle {
+                        conn,
+                        since: Instant::now(),
+                    },
+                ),
+                Err(e) => {
+                    warn!(backend = %self.name, error = %e, "cannot open warm server connections");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Connections lent out now and idle now (for tests and the admin console).
+    pub fn counts(&self) -> (usize, usize) {
+        let idle = lock(&self.idle).len();
+        (self.limits.size - self.permits.available_permits(), idle)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Only pushes and pops happen under this lock: a panic cannot leave it inconsistent.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

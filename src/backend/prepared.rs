@@ -1,0 +1,93 @@
+//! The statements one server connection has prepared, bounded with least-recently-used
+//! eviction (a pooled connection serves many clients and would otherwise collect every
+//! statement any of them ever prepared).
+
+use std::collections::HashMap;
+
+#[derive(Debug)]
+pub struct PreparedSet {
+    /// Server-side name → the tick of its last use.
+    names: HashMap<String, u64>,
+    tick: u64,
+    capacity: usize,
+}
+
+impl PreparedSet {
+    pub fn new(capacity: usize) -> PreparedSet {
+        PreparedSet {
+            names: HashMap::new(),
+            tick: 0,
+            capacity: capacity.max(1),
+        }
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.names.contains_key(name)
+    }
+
+    /// Mark a statement as used now.
+    pub fn touch(&mut self, name: &str) {
+        self.tick += 1;
+        if let Some(t) = self.names.get_mut(name) {
+            *t = self.tick;
+        }
+    }
+
+    /// Record a statement being prepared. Returns the statement that must be closed on the
+    /// server first to stay within capacity, if any.
+    pub fn insert(&mut self, name: &str) -> Option<String> {
+        self.tick += 1;
+        let evicted = if self.names.len() >= self.capacity && !self.names.contains_key(name) {
+            let victim = self
+                .names
+                .iter()
+                .min_by_key(|(_, t)| **t)
+                .map(|(n, _)| n.clone());
+            if let Some(v) = &victim {
+                self.names.remove(v);
+            }
+            victim
+        } else {
+            None
+        };
+        self.names.insert(name.to_owned(), self.tick);
+        evicted
+    }
+
+    pub fn remove(&mut self, name: &str) {
+        self.names.remove(name);
+    }
+
+    pub fn clear(&mut self) {
+        self.names.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn evicts_the_least_recently_used() {
+        let mut p = PreparedSet::new(2);
+        assert_eq!(p.insert("a"), None);
+        assert_eq!(p.insert("b"), None);
+        p.touch("a");
+        assert_eq!(p.insert("c"), Some("b".to_owned()));
+        assert!(p.contains("a") && p.contains("c") && !p.contains("b"));
+        assert_eq!(
+            p.insert("c"),
+            None,
+            "re-inserting a present name evicts nothing"
+        );
+        assert_eq!(p.len(), 2);
+    }
+}

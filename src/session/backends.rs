@@ -1,0 +1,230 @@
+//! The session's server connections: getting one for a route (connecting in session mode,
+//! borrowing from a pool in transaction mode), bringing it to the session's settings, and
+//! giving pooled ones back when no transaction or session-bound state holds them.
+
+use tracing::{debug, warn};
+
+use super::Session;
+use crate::backend::{BackendError, BackendId, CheckoutError, Lent, ServerConn};
+use crate::config::PoolMode;
+use crate::error::{Error, Result};
+use crate::protocol::TxStatus;
+use crate::router::Route;
+
+impl Session {
+    /// A connection for `route`, connected and carrying the session's settings.
+    pub(super) async fn acquire(&mut self, route: Route) -> Result<BackendId> {
+        match route {
+            Route::Transaction => {
+                let id = self
+                    .tx_conn
+                    .filter(|b| self.conns[b.0 as usize].is_some())
+                    .ok_or_else(|| {
+                        Error::NoServer("the transaction's server connection was lost".into())
+                    })?;
+                Ok(id)
+            }
+            Route::Primary => {
+                self.ensure_conn(BackendId::PRIMARY).await?;
+                self.sync_settings(BackendId::PRIMARY).await?;
+                Ok(BackendId::PRIMARY)
+            }
+            Route::Replica => {
+                let runtime = self.runtime.clone();
+                for _ in 0..runtime.backends.replicas.len() {
+                    let Some(id) = runtime.backends.pick_replica() else {
+                        break;
+                    };
+                    match self.prepare_replica(id).await {
+                        Ok(()) => {
+                            self.last_replica = Some(id);
+                            return Ok(id);
+                        }
+                        Err(e) => {
+                            if let Some(b) = runtime.backends.get(id) {
+                                warn!(backend = %b.name(), error = %e, "replica unusable, trying another");
+                                if matches!(e, Error::NoServer(_)) {
+                                    b.mark_down();
+                                }
+                            }
+                        }
+                    }
+                }
+                if runtime.config.routing.fallback_to_primary {
+                    Box::pin(self.acquire(Route::Primary)).await
+                } else {
+                    Err(Error::NoServer(
+                        "no replica is available for reads and fallback_to_primary is off".into(),
+                    ))
+                }
+            }
+        }
+    }
+
+    async fn prepare_replica(&mut self, id: BackendId) -> Result<()> {
+        self.ensure_conn(id).await?;
+        if let Err(e) = self.sync_settings(id).await {
+            // A setting the replica refuses (e.g. read-write defaults during recovery):
+            // this connection cannot serve the session.
+            self.release(id, false);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// The replica used last, when it is still available; else the next one. Requests that
+    /// only prepare or describe go here, so they do not use up a turn of the round robin.
+    pub(super) async fn acquire_last_replica(&mut self) -> Result<BackendId> {
+        if let Some(id) = self.last_replica
+            && self
+                .runtime
+                .backends
+                .get(id)
+                .is_some_and(|b| b.is_available())
+            && self.prepare_replica(id).await.is_ok()
+        {
+            return Ok(id);
+        }
+        self.acquire(Route::Replica).await
+    }
+
+    /// Make sure `conns[id]` holds a live connection.
+    async fn ensure_conn(&mut self, id: BackendId) -> Result<()> {
+        let slot = id.0 as usize;
+        if let Some(conn) = self.conns[slot].as_mut() {
+            if crate::backend::is_alive(conn) {
+                return Ok(());
+            }
+            self.conns[slot] = None;
+            self.permits[slot] = None;
+            if id.is_primary() && self.pinned {
+                return Err(Error::NoServer(
+                    "the primary connection holding this session's state (temporary tables, LISTEN, locks) was lost".into(),
+                ));
+            }
+        }
+        match self.mode {
+            PoolMode::Session => {
+                self.conns[slot] = Some(self.connect_backend(id).await?);
+            }
+            PoolMode::Transaction => {
+                let lent = self.checkout(id).await?;
+                self.conns[slot] = Some(lent.conn);
+                self.permits[slot] = Some(lent.permit);
+            }
+        }
+        Ok(())
+    }
+
+    /// Borrow a connection from the pool of `id` (transaction mode).
+    pub(super) async fn checkout(&mut self, id: BackendId) -> Result<Lent> {
+        let slot = id.0 as usize;
+        let pool = match &self.pools[slot] {
+            Some(p) => p.clone(),
+            None => {
+                let p = self
+                    .runtime
+                    .pool(id, &self.connect)
+                    .ok_or_else(|| Error::NoServer(format!("unknown backend {id:?}")))?;
+                self.pools[slot] = Some(p.clone());
+                p
+            }
+        };
+        let backend = self.runtime.backends.get(id);
+        match pool.checkout().await {
+            Ok(lent) => {
+                if let Some(b) = backend {
+                    b.mark_up();
+                }
+                Ok(lent)
+            }
+            Err(e @ CheckoutError::Timeout { .. }) => Err(Error::PoolTimeout(e.to_string())),
+            Err(CheckoutError::Connect(e)) => Err(self.connect_error(id, e)),
+        }
+    }
+
+    /// Open a connection owned by this session alone (session mode).
+    pub(super) async fn connect_backend(&self, id: BackendId) -> Result<ServerConn> {
+        let backend = self
+            .runtime
+            .backends
+            .get(id)
+            .ok_or_else(|| Error::NoServer(format!("unknown backend {id:?}")))?;
+        let timeout = self.runtime.config.pool.connect_timeout();
+        let max = self.runtime.config.proxy.max_message_bytes;
+        let addr = backend.address();
+        let result =
+            tokio::time::timeout(timeout, ServerConn::connect(id, &addr, &self.connect, max))
+                .await
+                .unwrap_or(Err(BackendError::Timeout));
+        match result {
+            Ok(c) => {
+                backend.mark_up();
+                debug!(backend = %backend.name(), pid = c.cancel_key.pid, "server connection opened");
+                Ok(c)
+            }
+            Err(e) => Err(self.connect_error(id, e)),
+        }
+    }
+
+    fn connect_error(&self, id: BackendId, e: BackendError) -> Error {
+        let Some(backend) = self.runtime.backends.get(id) else {
+            return Error::Backend(e);
+        };
+        if e.is_connection_failure() {
+            backend.mark_down();
+        }
+        match e {
+            BackendError::Server(_) => Error::Backend(e),
+            other => Error::NoServer(format!("{}: {other}", backend.name())),
+        }
+    }
+
+    /// Replay the session's settings on a connection that does not have them yet.
+    pub(super) async fn sync_settings(&mut self, id: BackendId) -> Result<()> {
+        let max = self.runtime.config.proxy.max_message_bytes;
+        let Some(conn) = self.conns[id.0 as usize].as_mut() else {
+            return Ok(());
+        };
+        if conn.settings_generation == Some(self.settings.generation) {
+            return Ok(());
+        }
+        if let Some(sql) = self.settings.diff_sql(&conn.settings) {
+            debug!(backend = ?id, "replaying session settings");
+            if let Err(e) = conn.run_internal(&sql, max).await {
+                // Which settings the connection has now is unknown: it serves no one else.
+                self.release(id, false);
+                return Err(Error::Backend(e));
+            }
+        }
+        conn.settings = self.settings.effective();
+        conn.settings_generation = Some(self.settings.generation);
+        Ok(())
+    }
+
+    /// Give back the connections nothing holds any more (transaction mode, between
+    /// transactions): all but a pinned session's primary connection.
+    pub(super) fn release_idle(&mut self) {
+        if self.mode != PoolMode::Transaction || self.tx != TxStatus::Idle {
+            return;
+        }
+        for slot in 0..self.conns.len() {
+            if slot == 0 && self.pinned {
+                continue;
+            }
+            self.release(BackendId(slot as u32), true);
+        }
+    }
+
+    /// Return (`reusable`) or close the connection in `id`'s slot.
+    pub(super) fn release(&mut self, id: BackendId, reusable: bool) {
+        let slot = id.0 as usize;
+        let conn = self.conns[slot].take();
+        let permit = self.permits[slot].take();
+        if let (Some(conn), Some(permit), Some(pool), true) =
+            (conn, permit, &self.pools[slot], reusable)
+        {
+            pool.checkin(Lent { conn, permit });
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! A raw protocol client for what drivers do not let a test control (statement names,
+//! malformed messages, half-sent frames).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::{BufMut, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+pub fn startup_packet(user: &str) -> Vec<u8> {
+    let mut body = BytesMut::new();
+    body.put_i32(196608);
+    for (k, v) in [("user", user), ("database", "appdb")] {
+        body.put_slice(k.as_bytes());
+        body.put_u8(0);
+        body.put_slice(v.as_bytes());
+        body.put_u8(0);
+    }
+    body.put_u8(0);
+    let mut pkt = Vec::new();
+    pkt.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+    pkt.extend_from_slice(&body);
+    pkt
+}
+
+/// Read backend messages until ReadyForQuery or EOF; returns (tag, body) pairs.
+pub async fn read_messages(s: &mut TcpStream) -> Vec<(u8, Vec<u8>)> {
+    let mut buf = Vec::new();
+    let mut out = Vec::new();
+    loop {
+        while buf.len() >= 5 {
+            let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+            if buf.len() < len + 1 {
+                break;
+            }
+            let t = buf[0];
+            out.push((t, buf[5..len + 1].to_vec()));
+            buf.drain(..len + 1);
+            if t == b'Z' {
+                return out;
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return out,
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Err(_) => panic!("no answer from the proxy"),
+        }
+    }
+}
+
+pub fn error_code(msgs: &[(u8, Vec<u8>)]) -> Option<String> {
+    let (_, body) = msgs.iter().find(|m| m.0 == b'E')?;
+    body.split(|&b| b == 0)
+        .find(|f| f.first() == Some(&b'C'))
+        .map(|f| String::from_utf8_lossy(&f[1..]).into_owned())
+}
+
+pub fn message(t: u8, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![t];
+    m.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+    m.extend_from_slice(body);
+    m
+}
+
+fn cstr(s: &str) -> Vec<u8> {
+    let mut v = s.as_bytes().to_vec();
+    v.push(0);
+    v
+}
+
+pub struct RawClient {
+    pub stream: TcpStream,
+}
+
+impl RawClient {
+    /// Log in as a trust user.
+    pub async fn login(addr: SocketAddr, user: &str) -> RawClient {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(&startup_packet(user)).await.unwrap();
+        let msgs = read_messages(&mut stream).await;
+        assert_eq!(
+            msgs.last().map(|m| m.0),
+            Some(b'Z'),
+            "login completes: {msgs:?}"
+        );
+        RawClient { stream }
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
+        self.stream.write_all(bytes).await.unwrap();
+        read_messages(&mut self.stream).await
+    }
+
+    pub async fn parse(&mut self, name: &str, sql: &str) {
+        let mut body = cstr(name);
+        body.extend(cstr(sql));
+        body.extend_from_slice(&[0, 0]);
+        let mut req = message(b'P', &body);
+        req.extend(message(b'S', &[]));
+        let msgs = self.send(&req).await;
+        assert_eq!(error_code(&msgs), None, "{msgs:?}");
+        assert_eq!(msgs[0].0, b'1');
+    }
+
+    /// Bind and execute a named statement; the first column of the first row, as text.
+    pub async fn execute_named(&mut self, name: &str) -> String {
+        let mut bind = cstr("");
+        bind.extend(cstr(name));
+        bind.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        let mut req = message(b'B', &bind);
+        req.extend(message(b'E', &[0, 0, 0, 0, 0]));
+        req.extend(message(b'S', &[]));
+        let msgs = self.send(&req).await;
+        assert_eq!(error_code(&msgs), None, "{msgs:?}");
+        let (_, row) = msgs.iter().find(|m| m.0 == b'D').expect("a data row");
+        let len = i32::from_be_bytes([row[2], row[3], row[4], row[5]]) as usize;
+        String::from_utf8_lossy(&row[6..6 + len]).into_owned()
+    }
+
+    pub async fn close_statement(&mut self, name: &str) {
+        let mut body = vec![b'S'];
+        body.extend(cstr(name));
+        let mut req = message(b'C', &body);
+        req.extend(message(b'S', &[]));
+        let msgs = self.send(&req).await;
+        assert_eq!(
+            msgs.iter().map(|m| m.0).collect::<Vec<_>>(),
+            vec![b'3', b'Z']
+        );
+    }
+}

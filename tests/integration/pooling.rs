@@ -1,0 +1,293 @@
+//! Transaction pooling: many clients on few server connections, with each client's session
+//! semantics intact.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use futures_util::future::join_all;
+
+use crate::common::*;
+
+fn pooled(size: usize, extra: &str) -> String {
+    format!(
+        "{}\n[pool]\nsize = {size}\n{extra}\n",
+        base_config_toml(cluster())
+    )
+}
+
+/// Server connections of `user` on each node (primary, replica1, replica2).
+async fn server_conns(user: &str) -> Vec<i64> {
+    let c = cluster();
+    let mut out = Vec::new();
+    for port in [c.primary, c.replicas[0], c.replicas[1]] {
+        let n: i64 = direct(port)
+            .await
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND backend_type = 'client backend'",
+                &[&user],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        out.push(n);
+    }
+    out
+}
+
+#[tokio::test]
+async fn five_hundred_clients_share_ten_connections_per_backend() {
+    let proxy = start_proxy_with(&pooled(10, "checkout_timeout_ms = 60000")).await;
+    let t = unique("pooled");
+    let setup = connect(&proxy.conn_str("trustuser", "")).await;
+    setup
+        .batch_execute(&format!("CREATE TABLE {t} (client int, n int)"))
+        .await
+        .unwrap();
+    let peak = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (peak, done) = (peak.clone(), done.clone());
+        tokio::spawn(async move {
+            while !done.load(Ordering::Relaxed) {
+                let counts = server_conns("trustuser").await;
+                peak.fetch_max(*counts.iter().max().unwrap() as usize, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let clients = (0..500).map(|i| {
+        let conn_str = proxy.conn_str("trustuser", "");
+        let t = t.clone();
+        async move {
+            let client = connect(&conn_str).await;
+            let stmt = client.prepare("SELECT $1::int4 * 2").await.unwrap();
+            for k in 0..3 {
+                let v: i32 = client.query_one(&stmt, &[&(i + k)]).await.unwrap().get(0);
+                assert_eq!(v, (i + k) * 2);
+            }
+            client
+                .batch_execute(&format!(
+                    "BEGIN; INSERT INTO {t} VALUES ({i}, 1); INSERT INTO {t} VALUES ({i}, 2); COMMIT"
+                ))
+                .await
+                .unwrap();
+            client
+        }
+    });
+    let clients = join_all(clients).await;
+    done.store(true, Ordering::Relaxed);
+    watcher.await.unwrap();
+    assert_eq!(clients.len(), 500);
+    let rows: i64 = direct(cluster().primary)
+        .await
+        .query_one(&format!("SELECT count(*) FROM {t}"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 1000);
+    let peak = peak.load(Ordering::Relaxed);
+    assert!(peak <= 10, "at most the pool size per backend, saw {peak}");
+    // 500 idle clients hold no server connection: what is open is the pools' idle stock.
+    let now = server_conns("trustuser").await;
+    assert!(now.iter().all(|&n| n <= 10), "{now:?}");
+}
+
+#[tokio::test]
+async fn pgbench_500_clients_prepared_through_a_pool_of_10() {
+    let c = cluster();
+    ensure_pgbench_tables();
+    let proxy = start_proxy_with(&pooled(10, "checkout_timeout_ms = 60000")).await;
+    let port = proxy.port();
+    let out = tokio::task::spawn_blocking(move || {
+        pgbench(
+            &[
+                "-n", "-S", "-c", "500", "-j", "2", "-t", "10", "-M", "prepared",
+            ],
+            port,
+        )
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("number of transactions actually processed: 5000"),
+        "{stdout}"
+    );
+    let _ = c;
+}
+
+#[tokio::test]
+async fn same_statement_names_with_different_sql_never_collide_on_a_shared_connection() {
+    let proxy = start_proxy_with(&pooled(1, "")).await;
+    let mut a = RawClient::login(proxy.addr, "trustuser").await;
+    let mut b = RawClient::login(proxy.addr, "trustuser").await;
+    a.parse("stmt", "SELECT 'from a'::text").await;
+    b.parse("stmt", "SELECT 'from b'::text").await;
+    for _ in 0..3 {
+        assert_eq!(a.execute_named("stmt").await, "from a");
+        assert_eq!(b.execute_named("stmt").await, "from b");
+    }
+    // Close in one client leaves the other's statement alone.
+    a.close_statement("stmt").await;
+    assert_eq!(b.execute_named("stmt").await, "from b");
+    a.parse("stmt", "SELECT 'a again'::text").await;
+    assert_eq!(a.execute_named("stmt").await, "a again");
+}
+
+#[tokio::test]
+async fn settings_never_leak_through_a_shared_connection() {
+    let proxy = start_proxy_with(&pooled(1, "")).await;
+    let a = proxy.app().await;
+    let b = proxy.app().await;
+    a.batch_execute("SET search_path TO pg_catalog; SET application_name = 'client a'")
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let (sp, app): (String, String) = {
+            let r = b
+                .query_one(
+                    "SELECT current_setting('search_path'), current_setting('application_name')",
+                    &[],
+                )
+                .await
+                .unwrap();
+            (r.get(0), r.get(1))
+        };
+        assert_eq!(sp, "\"$user\", public");
+        assert_eq!(app, "");
+        let r = a
+            .query_one(
+                "SELECT current_setting('search_path'), current_setting('application_name')",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.get::<_, String>(0), "pg_catalog");
+        assert_eq!(r.get::<_, String>(1), "client a");
+    }
+}
+
+#[tokio::test]
+async fn a_pinned_session_keeps_its_connection_and_others_use_the_rest() {
+    let c = cluster();
+    let proxy = start_proxy_with(&pooled(2, "")).await;
+    let a = proxy.app().await;
+    a.batch_execute("CREATE TEMP TABLE mine (v int); INSERT INTO mine VALUES (1)")
+        .await
+        .unwrap();
+    let b = proxy.app().await;
+    for i in 0..5 {
+        b.batch_execute("SELECT pg_advisory_xact_lock(7)")
+            .await
+            .unwrap();
+        let n: i64 = a
+            .query_one("SELECT count(*) FROM mine", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 1, "round {i}");
+        assert!(b.query_one("SELECT count(*) FROM mine", &[]).await.is_err());
+    }
+    assert_eq!(server_port(&a).await, c.primary);
+}
+
+#[tokio::test]
+async fn a_client_waiting_too_long_for_a_connection_gets_53300_and_recovers() {
+    let proxy = start_proxy_with(&pooled(1, "checkout_timeout_ms = 300")).await;
+    let holder = proxy.app().await;
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let waiter = proxy.app().await;
+    let started = std::time::Instant::now();
+    let e = waiter
+        .batch_execute("SELECT pg_advisory_xact_lock(3)")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "53300", "{e}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    holder.batch_execute("COMMIT").await.unwrap();
+    waiter
+        .batch_execute("SELECT pg_advisory_xact_lock(3)")
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_broken_server_connection_is_replaced_unnoticed() {
+    let c = cluster();
+    let proxy = start_proxy_with(&pooled(1, "")).await;
+    let client = connect(&proxy.conn_str("md5user", "md5_pw")).await;
+    let pid: i32 = client
+        .query_one("SELECT pg_backend_pid() FROM pg_advisory_xact_lock(1)", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let killed: bool = direct(c.primary)
+        .await
+        .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(killed);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let pid2: i32 = client
+        .query_one("SELECT pg_backend_pid() FROM pg_advisory_xact_lock(1)", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(pid, pid2);
+}
+
+#[tokio::test]
+async fn prepared_statements_beyond_the_per_connection_limit_still_work() {
+    let proxy = start_proxy_with(&pooled(1, "max_prepared_statements = 2")).await;
+    let client = proxy.app().await;
+    let mut stmts = Vec::new();
+    for i in 0..6 {
+        stmts.push(
+            client
+                .prepare(&format!("SELECT {i} + $1::int4"))
+                .await
+                .unwrap(),
+        );
+    }
+    for round in 0..3 {
+        for (i, s) in stmts.iter().enumerate() {
+            let v: i32 = client.query_one(s, &[&round]).await.unwrap().get(0);
+            assert_eq!(v, i as i32 + round);
+        }
+    }
+}
+
+#[tokio::test]
+async fn cancel_reaches_a_pooled_transaction() {
+    let proxy = start_proxy_with(&pooled(2, "")).await;
+    let client = proxy.app().await;
+    client.batch_execute("BEGIN").await.unwrap();
+    let token = client.cancel_token();
+    let canceller = tokio::spawn(cancel_repeatedly(token));
+    let e = client.query("SELECT pg_sleep(30)", &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&e), "57014");
+    canceller.abort();
+    client.batch_execute("ROLLBACK").await.unwrap();
+    // A cancel with nothing running does nothing to whoever uses the connection next.
+    let other = proxy.app().await;
+    client
+        .cancel_token()
+        .cancel_query(tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    assert_eq!(
+        other
+            .query_one("SELECT 1", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        1
+    );
+}
