@@ -42,6 +42,8 @@ pub enum Error {
     NoServer(String),
     #[error("{0}")]
     PoolTimeout(String),
+    #[error("the configured primary is in recovery (read-only); pgsplit refuses to send it writes")]
+    PrimaryInRecovery,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -49,7 +51,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     pub fn side(&self) -> Side {
         match self {
-            Error::Backend(_) | Error::NoServer(_) | Error::PoolTimeout(_) => Side::Backend,
+            Error::Backend(_)
+            | Error::NoServer(_)
+            | Error::PoolTimeout(_)
+            | Error::PrimaryInRecovery => Side::Backend,
             _ => Side::Client,
         }
     }
@@ -65,6 +70,7 @@ impl Error {
             Error::BadPassword(_) => "28P01",
             Error::AuthRejected(_) => "28000",
             Error::TooManyClients | Error::PoolTimeout(_) => "53300",
+            Error::PrimaryInRecovery => "25006",
             Error::LoginTimeout => "08006",
             // A server's own refusal keeps its SQLSTATE (e.g. 3D000 unknown database).
             Error::Backend(BackendError::Server(e)) if !e.code.is_empty() => &e.code,

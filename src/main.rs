@@ -40,6 +40,8 @@ fn main() -> anyhow::Result<()> {
         .or_else(|| std::env::var("RUST_LOG").ok())
         .unwrap_or_else(|| "info".into());
     tracing_subscriber::fmt()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_new(&filter).context("invalid --log filter")?,
         )
@@ -65,11 +67,30 @@ fn main() -> anyhow::Result<()> {
             let shutdown = CancellationToken::new();
             let signal = shutdown.clone();
             tokio::spawn(async move {
-                let _ = tokio::signal::ctrl_c().await;
-                tracing::info!("shutting down");
+                wait_for_stop_signal().await;
+                tracing::info!("shutting down: no new clients; waiting for sessions to end");
                 signal.cancel();
+                wait_for_stop_signal().await;
+                tracing::info!("second signal: exiting now");
+                std::process::exit(0);
             });
             server.run(shutdown).await;
             Ok(())
         })
+}
+
+/// SIGINT or SIGTERM.
+async fn wait_for_stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
 }

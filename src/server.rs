@@ -9,6 +9,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::backend::health::{CheckerConfig, run_checker};
+use crate::backend::{BackendId, ConnectParams};
 use crate::state::Shared;
 
 /// A running proxy listener, as tests and `main` hold it.
@@ -40,6 +42,7 @@ impl Server {
         let tracker = TaskTracker::new();
         info!(addr = %self.local_addr().map(|a| a.to_string()).unwrap_or_default(), "listening");
         let maintenance = tokio::spawn(maintain_pools(self.shared.clone(), shutdown.clone()));
+        let checkers = spawn_health_checkers(&self.shared);
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -66,7 +69,65 @@ impl Server {
         tracker.close();
         tracker.wait().await;
         maintenance.abort();
+        for c in checkers {
+            c.abort();
+        }
     }
+}
+
+/// One health checker per backend of the current configuration.
+fn spawn_health_checkers(shared: &Arc<Shared>) -> Vec<tokio::task::JoinHandle<()>> {
+    let runtime = shared.runtime.load_full();
+    let cfg = &runtime.config;
+    let first = cfg.users.first();
+    let user = cfg
+        .health
+        .user
+        .clone()
+        .or_else(|| first.map(|u| u.server_user().to_owned()))
+        .unwrap_or_else(|| "postgres".into());
+    let password = cfg
+        .health
+        .password
+        .clone()
+        .or_else(|| first.and_then(|u| u.server_password().map(str::to_owned)));
+    let checker = CheckerConfig {
+        interval: cfg.health.interval(),
+        timeout: cfg.health.timeout(),
+        failures: cfg.health.failures,
+        successes: cfg.health.successes,
+        max_lag_bytes: cfg.routing.max_replica_lag_bytes,
+        connect: ConnectParams {
+            user,
+            password,
+            database: cfg.health.database.clone(),
+            startup: vec![("application_name".into(), "pgsplit health check".into())],
+            max_prepared: 1,
+        },
+        max_message: cfg.proxy.max_message_bytes,
+    };
+    let ids = std::iter::once(BackendId::PRIMARY)
+        .chain(runtime.backends.replicas.iter().map(|r| r.id))
+        .collect::<Vec<_>>();
+    ids.into_iter()
+        .map(|id| {
+            let runtime = runtime.clone();
+            let checker = checker.clone();
+            tokio::spawn(async move {
+                let backends = &runtime.backends;
+                let Some(b) = backends.get(id) else { return };
+                run_checker(
+                    id,
+                    b.name(),
+                    b.address(),
+                    &b.health,
+                    &backends.primary.health,
+                    checker,
+                )
+                .await
+            })
+        })
+        .collect()
 }
 
 /// Close idle server connections past their timeout and keep `min_idle` warm, once a second.

@@ -291,6 +291,39 @@ impl ServerConn {
         }
     }
 
+    /// Run a one-value query the proxy needs (e.g. the current WAL position) and return the
+    /// first column of the first row as text.
+    pub async fn query_text(
+        &mut self,
+        sql: &str,
+        max_message: usize,
+    ) -> Result<Option<String>, BackendError> {
+        let mut out = BytesMut::new();
+        protocol::query_frame(sql).encode_into(&mut out);
+        self.wr.write_all(&out).await.map_err(BackendError::Io)?;
+        self.unnamed = None;
+        let mut value = None;
+        let mut error = None;
+        loop {
+            let f = self.read_frame(max_message).await?;
+            match f.tag {
+                tag::DATA_ROW if value.is_none() => {
+                    value = protocol::decode_data_row_text(&f.body)
+                        .into_iter()
+                        .next()
+                        .flatten();
+                }
+                tag::ERROR_RESPONSE => error = Some(ErrorFields::parse(&f.body)),
+                tag::READY_FOR_QUERY => break,
+                _ => {}
+            }
+        }
+        match error {
+            Some(e) => Err(BackendError::Server(e)),
+            None => Ok(value),
+        }
+    }
+
     pub async fn terminate(mut self) {
         let _ = self.wr.write_all(&[tag::TERMINATE, 0, 0, 0, 4]).await;
         let _ = self.wr.shutdown().await;

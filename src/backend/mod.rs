@@ -6,6 +6,7 @@
 
 mod balancer;
 mod conn;
+pub mod health;
 mod pool;
 mod prepared;
 
@@ -14,6 +15,7 @@ use std::time::{Duration, Instant};
 
 pub use balancer::Balancer;
 pub use conn::{CancelKey, ConnectParams, ServerConn, send_cancel};
+pub use health::{HealthState, Role};
 pub use pool::{CheckoutError, Lent, Pool, PoolLimits};
 pub use prepared::PreparedSet;
 
@@ -72,6 +74,8 @@ pub struct Backend {
     /// Until when (ms since `epoch`) this node is skipped after a failed connect.
     down_until_ms: AtomicU64,
     epoch: Instant,
+    /// The health checker's findings.
+    pub health: HealthState,
 }
 
 /// How long a node that refused a connection stays out of rotation before it is tried again.
@@ -84,6 +88,7 @@ impl Backend {
             config,
             down_until_ms: AtomicU64::new(0),
             epoch,
+            health: HealthState::default(),
         }
     }
 
@@ -95,9 +100,10 @@ impl Backend {
         self.config.display_name()
     }
 
+    /// In rotation: healthy by the checker and not just refused a connection.
     pub fn is_available(&self) -> bool {
         let now = self.epoch.elapsed().as_millis() as u64;
-        self.down_until_ms.load(Ordering::Relaxed) <= now
+        self.health.healthy() && self.down_until_ms.load(Ordering::Relaxed) <= now
     }
 
     /// Take the node out of rotation for a short while after a connection failure.
@@ -141,10 +147,11 @@ impl Backends {
         }
     }
 
-    /// The next replica for a read, honouring weights and skipping unavailable nodes.
-    pub fn pick_replica(&self) -> Option<BackendId> {
+    /// The next replica for a read, honouring weights and skipping unavailable nodes and
+    /// nodes known to have replayed less than `min_lsn` (0: any).
+    pub fn pick_replica(&self, min_lsn: u64) -> Option<BackendId> {
         self.balancer
-            .pick(|i| self.replicas[i].is_available())
+            .pick(|i| self.replicas[i].is_available() && self.replicas[i].health.lsn() >= min_lsn)
             .map(|i| self.replicas[i].id)
     }
 }
@@ -153,9 +160,16 @@ impl Backends {
 /// message) waiting to be read, which a non-blocking read sees at once.
 pub fn is_alive(conn: &mut ServerConn) -> bool {
     if !conn.rbuf.is_empty() {
-        // Unread messages (a pinned session's notifications): the relay will see them.
-        return true;
+        // Unread messages: a pinned session's notifications are for the relay, but an
+        // ErrorResponse on an idle connection is the server closing it (57P01 ...).
+        return conn.rbuf[0] != crate::protocol::tag::ERROR_RESPONSE;
     }
-    let mut probe = [0u8; 1];
-    matches!(conn.rd.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    // Read into the connection's own buffer: bytes that did arrive (a notification) are
+    // kept for the relay, not lost to the probe.
+    conn.rbuf.reserve(64);
+    match conn.rd.try_read_buf(&mut conn.rbuf) {
+        Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+        Ok(0) => false,
+        Ok(_) => conn.rbuf[0] != crate::protocol::tag::ERROR_RESPONSE,
+    }
 }

@@ -54,6 +54,11 @@ impl PreparedSet {
         evicted
     }
 
+    /// Put back a statement whose eviction did not happen (its Close was skipped).
+    pub fn restore(&mut self, name: &str) {
+        self.names.entry(name.to_owned()).or_insert(0);
+    }
+
     pub fn remove(&mut self, name: &str) {
         self.names.remove(name);
     }

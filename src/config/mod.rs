@@ -192,9 +192,11 @@ fn default_weight() -> u32 {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RoutingConfig {
-    /// Reserved for read-your-writes (issue 4). Default true.
+    /// After a session's write commits, its reads go only to replicas that replayed it
+    /// (else the primary). Sessions override it with `SET pgsplit.consistency =
+    /// 'eventual' | 'read_your_writes'` or the same startup parameter. Default true.
     pub read_your_writes: bool,
-    /// Reserved for lag-aware routing. Default 16 MiB.
+    /// A replica further behind the primary than this leaves the rotation. Default 16 MiB.
     pub max_replica_lag_bytes: u64,
     /// Reads go to the primary when no replica is usable. Default true.
     pub fallback_to_primary: bool,
@@ -220,6 +222,16 @@ pub struct HealthConfig {
     pub interval_ms: u64,
     /// A check or a connect attempt slower than this fails. Default 1000 ms.
     pub timeout_ms: u64,
+    /// Consecutive failed checks that take a node out of rotation. Default 2.
+    pub failures: u32,
+    /// Consecutive good checks that bring it back. Default 2.
+    pub successes: u32,
+    /// Role the checker logs in as. Default: the first `[[users]]` entry's server role.
+    pub user: Option<String>,
+    /// Its password. Default: that user's server password.
+    pub password: Option<String>,
+    /// Database the checker connects to. Default `postgres`.
+    pub database: String,
 }
 
 impl Default for HealthConfig {
@@ -227,11 +239,20 @@ impl Default for HealthConfig {
         HealthConfig {
             interval_ms: 1000,
             timeout_ms: 1000,
+            failures: 2,
+            successes: 2,
+            user: None,
+            password: None,
+            database: "postgres".into(),
         }
     }
 }
 
 impl HealthConfig {
+    pub fn interval(&self) -> Duration {
+        Duration::from_millis(self.interval_ms)
+    }
+
     pub fn timeout(&self) -> Duration {
         Duration::from_millis(self.timeout_ms)
     }
@@ -387,6 +408,9 @@ impl Config {
         }
         if self.pool.max_prepared_statements == 0 {
             errors.push("pool.max_prepared_statements must be at least 1".to_owned());
+        }
+        if self.health.interval_ms == 0 || self.health.failures == 0 || self.health.successes == 0 {
+            errors.push("health.interval_ms, failures and successes must be positive".to_owned());
         }
         if self.health.timeout_ms == 0
             || self.pool.connect_timeout_ms == 0

@@ -137,6 +137,31 @@ pub fn decode_parameter_status(body: &[u8]) -> Option<(String, String)> {
     ))
 }
 
+/// The columns of a text-format DataRow (NULL as `None`); lenient with truncated input.
+pub fn decode_data_row_text(body: &[u8]) -> Vec<Option<String>> {
+    let mut out = Vec::new();
+    let Some(count) = body.get(..2) else {
+        return out;
+    };
+    let count = i16::from_be_bytes([count[0], count[1]]).max(0) as usize;
+    let mut rest = &body[2..];
+    for _ in 0..count {
+        let Some(len) = rest.get(..4) else { break };
+        let len = i32::from_be_bytes([len[0], len[1], len[2], len[3]]);
+        rest = &rest[4..];
+        if len < 0 {
+            out.push(None);
+            continue;
+        }
+        let Some(value) = rest.get(..len as usize) else {
+            break;
+        };
+        out.push(Some(String::from_utf8_lossy(value).into_owned()));
+        rest = &rest[len as usize..];
+    }
+    out
+}
+
 pub fn backend_key_data(pid: i32, secret: i32) -> Frame {
     let mut b = BytesMut::with_capacity(8);
     b.put_i32(pid);
@@ -196,6 +221,15 @@ mod tests {
         // Truncated input must not panic.
         let _ = ErrorFields::parse(&f.body[..7]);
         let _ = ErrorFields::parse(b"C");
+    }
+
+    #[test]
+    fn data_rows_decode_leniently() {
+        let body = [0, 2, 0, 0, 0, 1, b't', 0xff, 0xff, 0xff, 0xff];
+        assert_eq!(decode_data_row_text(&body), vec![Some("t".into()), None]);
+        assert_eq!(decode_data_row_text(&body[..7]), vec![Some("t".into())]);
+        assert!(decode_data_row_text(&[0, 1, 0, 0, 0, 9, b'x']).is_empty());
+        assert!(decode_data_row_text(&[]).is_empty());
     }
 
     #[test]

@@ -79,10 +79,11 @@ impl ParseMsg {
     /// The same statement under another name.
     pub fn encode_named(&self, name: &str) -> Frame {
         let mut b =
-            BytesMut::with_capacity(name.len() + self.sql.len() + 2 + self.param_types.len());
+            BytesMut::with_capacity(name.len() + self.sql_raw.len() + 2 + self.param_types.len());
         b.put_slice(name.as_bytes());
         b.put_u8(0);
-        b.put_slice(self.sql.as_bytes());
+        // The client's own bytes: `sql` is lossy for clients whose encoding is not UTF-8.
+        b.put_slice(&self.sql_raw);
         b.put_u8(0);
         b.put_slice(&self.param_types);
         Frame {
@@ -209,6 +210,14 @@ mod tests {
         assert_eq!(&f.body[..], b"srv\0select $1\0\0\x01\0\0\0\x17");
         assert!(ParseMsg::decode(&Bytes::from_static(b"s1\0select\0\0\x02\0\0\0\x17")).is_err());
         assert!(ParseMsg::decode(&Bytes::from_static(b"s1\0select")).is_err());
+    }
+
+    #[test]
+    fn parse_re_encodes_the_clients_bytes_not_the_lossy_text() {
+        let body = Bytes::from_static(b"s\0SELECT '\xe9'\0\0\0");
+        let p = ParseMsg::decode(&body).unwrap();
+        assert!(p.sql.contains('\u{fffd}'));
+        assert_eq!(&p.encode_named("s").body[..], &body[..]);
     }
 
     #[test]

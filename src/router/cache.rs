@@ -11,6 +11,8 @@ use std::sync::{Arc, Mutex};
 use super::{Classification, Target, classify_with};
 
 const SHARDS: usize = 16;
+/// SQL texts longer than this are classified every time instead of cached.
+const MAX_CACHED_SQL: usize = 16 * 1024;
 
 pub struct ClassifyCache {
     shards: Vec<Mutex<HashMap<Box<str>, Arc<Classification>>>>,
@@ -45,6 +47,11 @@ impl ClassifyCache {
         }
         let c = classify_with(sql, &self.primary_functions);
         let c = Arc::new(c);
+        if sql.len() > MAX_CACHED_SQL {
+            // Bulk statements (multi-megabyte INSERTs) are rarely repeated: caching them
+            // would bound the cache by count but not by memory.
+            return c;
+        }
         let mut map = lock(shard);
         if map.len() >= self.per_shard {
             map.clear();

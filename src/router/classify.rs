@@ -637,6 +637,9 @@ impl Ctx<'_> {
             push_unique(&mut self.out.tables_written, t);
         }
         self.out.pins_session |= w.pins;
+        for n in w.read_back {
+            push_unique(&mut self.out.read_back, n);
+        }
         self.out.writes_unknown |= w.writes_unknown;
         self.out.volatile |= w.volatile;
         w.needs_primary
@@ -720,12 +723,15 @@ fn push_unique(list: &mut Vec<String>, item: String) {
 }
 
 /// What calling a primary-only function implies.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 enum FnKind {
     /// Must run on the primary (node or session state), writes nothing.
     Primary,
     /// Primary, and session-bound: the session stays on that connection.
     Session,
+    /// `set_config('name', value, false)` with a literal name: a session setting whose value
+    /// the proxy reads back afterwards and replays like a SET.
+    SetConfig(String),
     /// Primary, and writes something no table list captures.
     Write,
 }
@@ -769,7 +775,10 @@ fn primary_kind(name: &str, args: &[FunctionArg]) -> Option<FnKind> {
     match name {
         // set_config(name, value, is_local => true) is SET LOCAL: it dies with the transaction.
         "set_config" if arg(2) == Some(&Value::Boolean(true)) => Some(FnKind::Primary),
-        "set_config" => Some(FnKind::Session),
+        "set_config" => match arg(0) {
+            Some(Value::SingleQuotedString(n)) => Some(FnKind::SetConfig(n.to_ascii_lowercase())),
+            _ => Some(FnKind::Session),
+        },
         "current_setting" => match arg(0) {
             Some(Value::SingleQuotedString(s)) => PROBE_GUCS
                 .iter()
@@ -845,6 +854,7 @@ struct Walk<'a> {
     ctes: Vec<Vec<String>>,
     needs_primary: bool,
     pins: bool,
+    read_back: Vec<String>,
     writes_unknown: bool,
     volatile: bool,
 }
@@ -880,6 +890,7 @@ impl Walk<'_> {
             match kind {
                 FnKind::Primary => {}
                 FnKind::Session => self.pins = true,
+                FnKind::SetConfig(name) => push_unique(&mut self.read_back, name),
                 FnKind::Write => self.writes_unknown = true,
             }
             return;

@@ -61,6 +61,9 @@ pub struct Classification {
     pub pins_session: bool,
     /// Session-state statements in the order they appear.
     pub session_ops: Vec<SessionOp>,
+    /// Settings changed by `set_config(name, value, false)`: once the statement succeeded,
+    /// the proxy reads their values back and records them like a SET.
+    pub read_back: Vec<String>,
     /// Tables read (lower-case unless quoted, schema kept when written).
     pub tables_read: Vec<String>,
     /// Tables written (INSERT/UPDATE/DELETE/MERGE/TRUNCATE/COPY FROM/DDL targets).
@@ -84,6 +87,7 @@ impl Classification {
             begins_tx: None,
             pins_session: false,
             session_ops: Vec::new(),
+            read_back: Vec::new(),
             tables_read: Vec::new(),
             tables_written: Vec::new(),
             writes_unknown: true,
@@ -91,6 +95,12 @@ impl Classification {
             statement_count: 1,
             parsed: false,
         }
+    }
+
+    /// It changes data (as opposed to reading, locking or changing session state): after it
+    /// commits, the session's reads must see it.
+    pub fn may_write(&self) -> bool {
+        self.target == Target::Primary && (self.writes_unknown || !self.tables_written.is_empty())
     }
 
     /// A plain read with no side effects (the replica route).

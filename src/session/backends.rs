@@ -4,8 +4,8 @@
 
 use tracing::{debug, warn};
 
-use super::Session;
-use crate::backend::{BackendError, BackendId, CheckoutError, Lent, ServerConn};
+use super::{Consistency, Session};
+use crate::backend::{BackendError, BackendId, CheckoutError, Lent, Role, ServerConn};
 use crate::config::PoolMode;
 use crate::error::{Error, Result};
 use crate::protocol::TxStatus;
@@ -25,14 +25,18 @@ impl Session {
                 Ok(id)
             }
             Route::Primary => {
+                if self.runtime.backends.primary.health.role() == Role::Standby {
+                    return Err(Error::PrimaryInRecovery);
+                }
                 self.ensure_conn(BackendId::PRIMARY).await?;
                 self.sync_settings(BackendId::PRIMARY).await?;
                 Ok(BackendId::PRIMARY)
             }
             Route::Replica => {
                 let runtime = self.runtime.clone();
+                let need = self.required_lsn();
                 for _ in 0..runtime.backends.replicas.len() {
-                    let Some(id) = runtime.backends.pick_replica() else {
+                    let Some(id) = runtime.backends.pick_replica(need) else {
                         break;
                     };
                     match self.prepare_replica(id).await {
@@ -50,7 +54,9 @@ impl Session {
                         }
                     }
                 }
-                if runtime.config.routing.fallback_to_primary {
+                let replica_up = runtime.backends.replicas.iter().any(|r| r.is_available());
+                if runtime.config.routing.fallback_to_primary || (need > 0 && replica_up) {
+                    // No replica has replayed this session's last write yet: the primary has.
                     Box::pin(self.acquire(Route::Primary)).await
                 } else {
                     Err(Error::NoServer(
@@ -75,12 +81,13 @@ impl Session {
     /// The replica used last, when it is still available; else the next one. Requests that
     /// only prepare or describe go here, so they do not use up a turn of the round robin.
     pub(super) async fn acquire_last_replica(&mut self) -> Result<BackendId> {
+        let need = self.required_lsn();
         if let Some(id) = self.last_replica
             && self
                 .runtime
                 .backends
                 .get(id)
-                .is_some_and(|b| b.is_available())
+                .is_some_and(|b| b.is_available() && b.health.lsn() >= need)
             && self.prepare_replica(id).await.is_ok()
         {
             return Ok(id);
@@ -191,10 +198,19 @@ impl Session {
         }
         if let Some(sql) = self.settings.diff_sql(&conn.settings) {
             debug!(backend = ?id, "replaying session settings");
-            if let Err(e) = conn.run_internal(&sql, max).await {
+            // Bounded: a server that stopped answering must not hold the session.
+            let limit = self.runtime.config.pool.connect_timeout();
+            let result = tokio::time::timeout(limit, conn.run_internal(&sql, max))
+                .await
+                .unwrap_or(Err(BackendError::Timeout));
+            if let Err(e) = result {
                 // Which settings the connection has now is unknown: it serves no one else.
                 self.release(id, false);
-                return Err(Error::Backend(e));
+                return Err(if e.is_connection_failure() {
+                    self.connect_error(id, e)
+                } else {
+                    Error::Backend(e)
+                });
             }
         }
         conn.settings = self.settings.effective();
@@ -212,12 +228,16 @@ impl Session {
             if slot == 0 && self.pinned {
                 continue;
             }
-            self.release(BackendId(slot as u32), true);
+            let reusable = !std::mem::take(&mut self.tainted[slot]);
+            self.release(BackendId(slot as u32), reusable);
         }
     }
 
-    /// Return (`reusable`) or close the connection in `id`'s slot.
+    /// Return (`reusable`; in session mode: keep) or close the connection in `id`'s slot.
     pub(super) fn release(&mut self, id: BackendId, reusable: bool) {
+        if reusable && self.mode == PoolMode::Session {
+            return;
+        }
         let slot = id.0 as usize;
         let conn = self.conns[slot].take();
         let permit = self.permits[slot].take();
@@ -225,6 +245,48 @@ impl Session {
             (conn, permit, &self.pools[slot], reusable)
         {
             pool.checkin(Lent { conn, permit });
+        }
+    }
+}
+
+impl Session {
+    /// The WAL position a replica must have replayed to serve this session's reads.
+    pub(super) fn required_lsn(&self) -> u64 {
+        match self.consistency {
+            Consistency::ReadYourWrites => self.min_lsn,
+            Consistency::Eventual => 0,
+        }
+    }
+
+    /// After a committed write: remember where the primary's WAL is, so later reads of this
+    /// session go only where that is replayed. One short query on the primary connection.
+    pub(super) async fn learn_commit_lsn(&mut self) {
+        // A pinned session reads from the primary anyway, and its connection may carry
+        // notifications this internal query would have to step over.
+        if self.consistency != Consistency::ReadYourWrites || self.pinned {
+            return;
+        }
+        let max = self.runtime.config.proxy.max_message_bytes;
+        let Some(conn) = self.conns[0].as_mut() else {
+            return;
+        };
+        match conn
+            .query_text("SELECT pg_current_wal_lsn()::text", max)
+            .await
+        {
+            Ok(Some(lsn)) => {
+                if let Some(lsn) = crate::backend::health::parse_lsn(&lsn) {
+                    self.min_lsn = self.min_lsn.max(lsn);
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                debug!(error = %e, "could not read the commit position; reads go to the primary");
+                self.min_lsn = u64::MAX;
+                if e.is_connection_failure() {
+                    self.release(BackendId::PRIMARY, false);
+                }
+            }
         }
     }
 }

@@ -31,6 +31,15 @@ impl ClientConn {
         Ok(decode_frame(&mut self.buf, self.max_message)?)
     }
 
+    /// Whether a whole frame (or a malformed header, which `try_frame` reports) is buffered.
+    pub fn has_frame(&self) -> bool {
+        if self.buf.len() < 5 {
+            return false;
+        }
+        let len = i32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]);
+        len < 4 || self.buf.len() > len as usize
+    }
+
     /// Read more bytes. Cancel-safe.
     pub async fn fill(&mut self) -> Result<()> {
         if self.buf.capacity() - self.buf.len() < 4096 {

@@ -39,7 +39,9 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, over_
     let runtime = shared.runtime.load_full();
     let max_message = runtime.config.proxy.max_message_bytes;
     let (rd, wr) = stream.into_split();
-    let mut client = ClientConn::new(rd, wr, max_message);
+    // Until the client has logged in, no message it may send is large: a small limit keeps
+    // thousands of unauthenticated connections from costing much memory.
+    let mut client = ClientConn::new(rd, wr, max_message.min(PRE_AUTH_MAX_MESSAGE));
     let span =
         info_span!("session", %peer, user = tracing::field::Empty, db = tracing::field::Empty);
     async move {
@@ -62,6 +64,7 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, over_
                 let span = tracing::Span::current();
                 span.record("user", login.user.config.name.as_str());
                 span.record("db", login.database.as_str());
+                client.max_message = max_message;
                 let mut session = Session::new(shared.clone(), runtime, client, login);
                 let result = session.start().await;
                 let result = match result {
@@ -80,6 +83,52 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, over_
     .instrument(span)
     .await
 }
+
+/// Largest message accepted before authentication (PostgreSQL allows about as much for
+/// password and SASL messages).
+const PRE_AUTH_MAX_MESSAGE: usize = 64 * 1024;
+
+/// How fresh a session's reads must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Consistency {
+    /// After the session's own committed write, its reads see it.
+    ReadYourWrites,
+    /// Any replica in rotation may answer.
+    Eventual,
+}
+
+impl Consistency {
+    /// `pgsplit.consistency` among the startup parameters (directly or in `options`),
+    /// else the configured default.
+    fn from_startup(params: &[(String, String)], read_your_writes: bool) -> Consistency {
+        let default = if read_your_writes {
+            Consistency::ReadYourWrites
+        } else {
+            Consistency::Eventual
+        };
+        startup_settings(params)
+            .iter()
+            .rev()
+            .find(|(name, _)| name == CONSISTENCY_SETTING)
+            .and_then(|(_, sql)| Consistency::from_sql(sql))
+            .unwrap_or(default)
+    }
+
+    /// The value in a statement that sets `pgsplit.consistency`.
+    fn from_sql(sql: &str) -> Option<Consistency> {
+        let lower = sql.to_ascii_lowercase();
+        if lower.contains("read_your_writes") {
+            Some(Consistency::ReadYourWrites)
+        } else if lower.contains("eventual") {
+            Some(Consistency::Eventual)
+        } else {
+            None
+        }
+    }
+}
+
+/// The session setting that chooses a [`Consistency`].
+const CONSISTENCY_SETTING: &str = "pgsplit.consistency";
 
 /// What the request loop does after a client message.
 enum Flow {
@@ -103,11 +152,21 @@ pub struct Session {
     permits: Vec<Option<OwnedSemaphorePermit>>,
     /// The pool of each backend, looked up once (transaction mode).
     pools: Vec<Option<Arc<Pool>>>,
+    /// Connections (other than the primary's) that ran session-bound work, e.g. a session
+    /// advisory lock inside a read-only transaction on a replica: closed, never pooled.
+    tainted: Vec<bool>,
     tx: TxStatus,
     /// The backend the open transaction runs on.
     tx_conn: Option<BackendId>,
     /// Session-bound work happened: everything goes to the primary from now on.
     pinned: bool,
+    /// Read-your-writes or eventual consistency for this session's reads.
+    consistency: Consistency,
+    /// The primary's WAL position after this session's last committed write: replicas
+    /// serve its reads only once they replayed this far (0: never wrote).
+    min_lsn: u64,
+    /// The open transaction has written.
+    tx_wrote: bool,
     /// The replica of the last read: requests that only prepare or describe stay there,
     /// so preparing a statement does not use up a turn of the round robin.
     last_replica: Option<BackendId>,
@@ -136,6 +195,8 @@ impl Session {
         let (cancel_pid, cancel_secret, cancel_slot) = shared.cancels.register();
         let backends = 1 + runtime.backends.replicas.len();
         let mode = runtime.config.proxy.pool_mode;
+        let consistency =
+            Consistency::from_startup(&login.params, runtime.config.routing.read_your_writes);
         // Session mode passes the client's startup parameters to each of its own server
         // connections; pooled connections start bare and get them as session settings.
         let (startup, baseline) = match mode {
@@ -157,12 +218,16 @@ impl Session {
             conns: (0..backends).map(|_| None).collect(),
             permits: (0..backends).map(|_| None).collect(),
             pools: (0..backends).map(|_| None).collect(),
+            tainted: vec![false; backends],
             login_params: login.params,
             runtime,
             tx: TxStatus::Idle,
             tx_conn: None,
             pinned: false,
             last_replica: None,
+            consistency,
+            min_lsn: 0,
+            tx_wrote: false,
             settings: Settings::with_baseline(baseline),
             tx_ops: Vec::new(),
             statements: HashMap::new(),
@@ -192,13 +257,34 @@ impl Session {
         };
         let server_params = match known {
             Some(params) => params,
-            None => {
-                self.acquire(Route::Primary).await?;
-                self.conns[0]
+            None => match self.acquire(Route::Primary).await {
+                Ok(id) => self.conns[id.0 as usize]
                     .as_ref()
                     .map(|c| c.params.clone())
-                    .unwrap_or_default()
-            }
+                    .unwrap_or_default(),
+                // With the primary down, reads can still be served: log in on a replica's
+                // parameters, presented as a writable server (which pgsplit is).
+                Err(e @ (Error::NoServer(_) | Error::PrimaryInRecovery)) => {
+                    let Ok(id) = self.acquire(Route::Replica).await else {
+                        return Err(e);
+                    };
+                    if id.is_primary() {
+                        return Err(e);
+                    }
+                    warn!(error = %e, "primary unavailable at login; only reads will work");
+                    let mut params = self.conns[id.0 as usize]
+                        .as_ref()
+                        .map(|c| c.params.clone())
+                        .unwrap_or_default();
+                    for (k, v) in params.iter_mut() {
+                        if k == "in_hot_standby" || k == "default_transaction_read_only" {
+                            *v = "off".into();
+                        }
+                    }
+                    params
+                }
+                Err(e) => return Err(e),
+            },
         };
         let mut frames = vec![protocol::auth_ok()];
         frames.extend(server_params.iter().map(|(k, v)| {
@@ -341,8 +427,10 @@ impl Session {
                     _ => None,
                 };
                 self.batch.push(item);
-                if let Some(open) = ends {
-                    self.dispatch_batch(open).await?;
+                match ends {
+                    Some(true) => self.dispatch_flush().await?,
+                    Some(false) => self.dispatch_batch(false).await?,
+                    None => {}
                 }
             }
             tag::TERMINATE => return Ok(Flow::Terminate),
@@ -363,6 +451,29 @@ impl Session {
             in_transaction: self.tx != TxStatus::Idle,
             pinned: self.pinned,
         }
+    }
+
+    /// A batch that ends with Flush (the client waits for answers without a Sync).
+    async fn dispatch_flush(&mut self) -> Result<()> {
+        if self.batch.iter().all(|i| matches!(i, Item::Flush)) {
+            // Nothing is pending anywhere: nothing to flush.
+            self.batch.clear();
+            return Ok(());
+        }
+        let describe_only = self.batch.iter().all(|i| {
+            matches!(
+                i,
+                Item::Parse(_) | Item::DescribeStatement { .. } | Item::Flush
+            )
+        });
+        if describe_only && self.tx == TxStatus::Idle {
+            // Preparing (asyncpg always prepares with Parse, Describe, Flush) need not hold a
+            // connection open until the client's Sync: close it with a Sync of our own, so
+            // the statement is prepared where reads run and later messages route freely.
+            self.batch.push(Item::HiddenSync);
+            return self.dispatch_batch(false).await;
+        }
+        self.dispatch_batch(true).await
     }
 
     /// Decode, route and run one request. `open`: the batch has no Sync yet and the rest
@@ -392,7 +503,12 @@ impl Session {
         let executes = items
             .iter()
             .any(|i| i.is_execute() || matches!(i, Item::Query { .. } | Item::FunctionCall(_)));
-        let mut retried = false;
+        let wrote = items
+            .iter()
+            .any(|i| i.class().is_some_and(|c| c.may_write()));
+        // A read may run again if nothing of its answer reached the client: once more on
+        // another replica after a connection failure, then on the primary.
+        let mut attempts_left = 2;
         loop {
             let acquired = if route == Route::Replica && !executes {
                 self.acquire_last_replica().await
@@ -403,26 +519,57 @@ impl Session {
                 Ok(c) => c,
                 Err(e) => return self.report_unavailable(e, &items, open).await,
             };
-            let retryable = route == Route::Replica && !open && !retried;
+            debug!(?route, backend = conn.0, "routed");
+            if !conn.is_primary()
+                && items
+                    .iter()
+                    .any(|i| i.class().is_some_and(|c| c.pins_session))
+            {
+                self.tainted[conn.0 as usize] = true;
+            }
+            let retryable = route == Route::Replica && !open && attempts_left > 0;
             match self
                 .run_request(conn, &items, &local, open, retryable)
                 .await?
             {
                 relay::Outcome::Done => {
-                    self.release_idle();
+                    self.after_request(conn, wrote).await;
                     return Ok(());
                 }
-                relay::Outcome::RetryOnPrimary => {
-                    retried = true;
-                    route = Route::Primary;
+                relay::Outcome::Retry { on_replica } => {
+                    attempts_left -= 1;
+                    if !on_replica || attempts_left == 0 {
+                        route = Route::Primary;
+                    }
                 }
             }
         }
     }
 
-    /// Requests the proxy answers itself: DEALLOCATE of a protocol-level statement (its
-    /// server-side name differs, and other backends may hold it too).
+    /// Bookkeeping once a request completed: the commit position of a write (for
+    /// read-your-writes), then pooled connections go back.
+    async fn after_request(&mut self, conn: BackendId, wrote: bool) {
+        if self.tx == TxStatus::Idle {
+            let committed_write = wrote || std::mem::take(&mut self.tx_wrote);
+            if committed_write && conn.is_primary() {
+                self.learn_commit_lsn().await;
+            }
+        } else {
+            self.tx_wrote |= wrote;
+        }
+        self.release_idle();
+    }
+
+    /// Requests the proxy answers itself: a lone Sync, DEALLOCATE of a protocol-level
+    /// statement (its server-side name differs, and other backends may hold it too).
     fn local_reply(&mut self, items: &[Item]) -> Option<Vec<Frame>> {
+        if let [Item::Sync] = items
+            && self.tx == TxStatus::Idle
+        {
+            // A Sync with nothing before it (after an error in a Flush-ended request): every
+            // request the proxy sent ended with a Sync, so no server has anything pending.
+            return Some(vec![protocol::ready_for_query(TxStatus::Idle)]);
+        }
         let [Item::Query { class, .. }] = items else {
             return None;
         };
@@ -497,6 +644,22 @@ impl Session {
         if all.is_empty() {
             return;
         }
+        for op in &all {
+            match op {
+                SessionOp::Set { name, sql } if name == CONSISTENCY_SETTING => {
+                    if let Some(c) = Consistency::from_sql(sql) {
+                        self.consistency = c;
+                    }
+                }
+                SessionOp::Reset { name } if name == CONSISTENCY_SETTING => {
+                    self.consistency = self.default_consistency();
+                }
+                SessionOp::ResetAll | SessionOp::DiscardAll => {
+                    self.consistency = self.default_consistency();
+                }
+                _ => {}
+            }
+        }
         if self.settings.apply(&all) {
             self.statements.clear();
             self.pinned = false;
@@ -505,11 +668,21 @@ impl Session {
                 c.unnamed = None;
             }
         }
-        // The connection that ran the statements has them applied already.
+        // The connection that ran the statements now has exactly what they did to it: a
+        // RESET there returns to the server's default, which need not be this session's
+        // (pooled connections start without its startup settings).
         if let Some(c) = self.conns[conn.0 as usize].as_mut() {
-            c.settings = self.settings.values.clone();
-            c.settings_generation = Some(self.settings.generation);
+            state::apply_to_server(&mut c.settings, &all);
+            c.settings_generation =
+                (c.settings == self.settings.effective()).then_some(self.settings.generation);
         }
+    }
+
+    fn default_consistency(&self) -> Consistency {
+        Consistency::from_startup(
+            &self.login_params,
+            self.runtime.config.routing.read_your_writes,
+        )
     }
 
     fn set_cancel_target(&self, key: Option<crate::backend::CancelKey>) {

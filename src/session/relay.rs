@@ -30,8 +30,11 @@ use crate::router::SessionOp;
 /// How a request ended.
 pub enum Outcome {
     Done,
-    /// Nothing reached the client and the request may run again on the primary.
-    RetryOnPrimary,
+    /// Nothing reached the client and the request may run again: on another replica after
+    /// a connection failure, on the primary after a replica refused it as a write.
+    Retry {
+        on_replica: bool,
+    },
 }
 
 /// What the response to one message sent to the server means for the relay.
@@ -53,13 +56,17 @@ enum Expect {
         unregister: Option<String>,
     },
     Bind,
-    /// A Close the proxy sent to stay within the connection's prepared-statement limit.
-    CloseEvicted,
+    /// A Close the proxy sent to stay within the connection's prepared-statement limit; if
+    /// the server skips it (after an error), the statement is still there.
+    CloseEvicted(String),
     DescribeStatement,
     DescribePortal,
     Execute,
     Close,
     Sync,
+    /// A Sync the proxy added to close a describe-only request: its ReadyForQuery is not
+    /// the client's.
+    HiddenSync,
     /// A simple Query or FunctionCall: everything up to ReadyForQuery.
     Query,
 }
@@ -86,7 +93,12 @@ struct InFlight {
     holding: bool,
     /// A replica refused with 25006: drain to ReadyForQuery, then retry on the primary.
     retry: bool,
+    /// The server said FATAL and is closing the connection; kept from the client, which
+    /// keeps its session (the error is reported as an ERROR when the connection ends).
+    fatal: Option<ErrorFields>,
     ops: Vec<SessionOp>,
+    /// Settings set by set_config() in this request, to read back once it succeeded.
+    read_back: Vec<String>,
 }
 
 /// Held-back output beyond this is released (the request is then no longer retried).
@@ -123,7 +135,9 @@ impl Session {
             passthrough: 0,
             holding: retryable,
             retry: false,
+            fatal: None,
             ops: Vec::new(),
+            read_back: Vec::new(),
         };
         self.wbuf.clear();
         for item in items {
@@ -142,9 +156,13 @@ impl Session {
                     }
                 }
                 self.conns[id.0 as usize] = Some(fl.conn);
-                Ok(Outcome::RetryOnPrimary)
+                self.release(id, true);
+                Ok(Outcome::Retry { on_replica: false })
             }
             Ok(()) => {
+                if !fl.failed && !fl.read_back.is_empty() {
+                    self.read_back_settings(&mut fl).await?;
+                }
                 let InFlight {
                     conn,
                     ops,
@@ -161,15 +179,48 @@ impl Session {
         }
     }
 
+    /// `set_config(name, …, false)` ran: record each setting's value now in force as a
+    /// replayable session setting.
+    async fn read_back_settings(&mut self, fl: &mut InFlight) -> Result<()> {
+        let max = self.runtime.config.proxy.max_message_bytes;
+        for name in std::mem::take(&mut fl.read_back) {
+            let quoted = name.replace('\'', "''");
+            let value = fl
+                .conn
+                .query_text(
+                    &format!("SELECT pg_catalog.current_setting('{quoted}', true)"),
+                    max,
+                )
+                .await
+                .map_err(Error::Backend)?;
+            let sql = match value {
+                Some(v) => format!(
+                    "SELECT pg_catalog.set_config('{quoted}', '{}', false)",
+                    v.replace('\'', "''")
+                ),
+                None => continue,
+            };
+            fl.ops.push(SessionOp::Set { name, sql });
+        }
+        Ok(())
+    }
+
     /// The server connection failed mid-request (it is dropped with `fl`).
     async fn server_lost(&mut self, fl: InFlight, e: BackendError) -> Result<Outcome> {
+        // The pool slot goes with the connection.
+        self.permits[fl.id.0 as usize] = None;
         if let Some(b) = self.runtime.backends.get(fl.id) {
             warn!(backend = %b.name(), error = %e, "server connection lost during a request");
             b.mark_down();
         }
         if fl.holding {
-            return Ok(Outcome::RetryOnPrimary);
+            return Ok(Outcome::Retry { on_replica: true });
         }
+        // The server's own last word (e.g. 57P01 terminating connection), if it said one.
+        let e = match fl.fatal {
+            Some(fields) => BackendError::Server(fields),
+            None => e,
+        };
         if self.tx != TxStatus::Idle && self.tx_conn == Some(fl.id) {
             self.tx = TxStatus::Idle;
             self.tx_conn = None;
@@ -178,11 +229,16 @@ impl Session {
         if fl.id.is_primary() && self.pinned {
             return Err(Error::Backend(e));
         }
-        let mut frames = vec![protocol::error_response(
-            Severity::Error,
-            "08006",
-            &format!("server connection lost while running the request: {e}"),
-        )];
+        let mut frames = vec![match &e {
+            BackendError::Server(f) => {
+                protocol::error_response(Severity::Error, &f.code, &f.message)
+            }
+            other => protocol::error_response(
+                Severity::Error,
+                "08006",
+                &format!("server connection lost while running the request: {other}"),
+            ),
+        }];
         if fl
             .expects
             .iter()
@@ -210,6 +266,7 @@ impl Session {
                 fl.conn.unnamed = None;
                 fl.expects.push_back(Expect::Query);
                 fl.ops.extend(class.session_ops.iter().cloned());
+                fl.read_back.extend(class.read_back.iter().cloned());
             }
             Item::FunctionCall(frame) => {
                 frame.encode_into(out);
@@ -241,6 +298,7 @@ impl Session {
                                 .encode_into(&mut self.wbuf);
                         }
                         fl.ops.extend(s.class.session_ops.iter().cloned());
+                        fl.read_back.extend(s.class.read_back.iter().cloned());
                     }
                     None => frame.encode_into(out),
                 }
@@ -287,6 +345,10 @@ impl Session {
                 protocol::sync_frame().encode_into(out);
                 fl.expects.push_back(Expect::Sync);
             }
+            Item::HiddenSync => {
+                protocol::sync_frame().encode_into(out);
+                fl.expects.push_back(Expect::HiddenSync);
+            }
             Item::Flush => {
                 Frame {
                     tag: tag::FLUSH,
@@ -308,7 +370,7 @@ impl Session {
             && let Some(victim) = fl.conn.prepared.insert(&stmt.server_name)
         {
             protocol::encode_statement_target(tag::CLOSE, &victim).encode_into(&mut self.wbuf);
-            fl.expects.push_back(Expect::CloseEvicted);
+            fl.expects.push_back(Expect::CloseEvicted(victim));
         }
         stmt.parse
             .encode_named(&stmt.server_name)
@@ -366,12 +428,30 @@ impl Session {
                 return Ok(());
             }
             let accepting = fl.copy_in || fl.open || fl.need_sync;
+            if accepting && self.client.has_frame() {
+                // Messages that arrived with earlier ones (a Flush followed by more, COPY data
+                // behind its query) must not wait for the next read.
+                self.forward_client_frames(fl).await?;
+                continue;
+            }
             if accepting {
                 tokio::select! {
                     r = fl.conn.fill() => r?,
                     r = self.client.fill() => {
                         r?;
                         self.forward_client_frames(fl).await?;
+                    }
+                }
+            } else if fl.holding && !fl.id.is_primary() {
+                // A replica that stops answering (paused, partitioned) must not hold a read
+                // that could still run elsewhere: give up on it once it leaves the rotation.
+                let interval = self.runtime.config.health.interval();
+                tokio::select! {
+                    r = fl.conn.fill() => r?,
+                    _ = tokio::time::sleep(interval) => {
+                        if !self.runtime.backends.get(fl.id).is_some_and(|b| b.is_available()) {
+                            return Err(Error::Backend(BackendError::Timeout));
+                        }
                     }
                 }
             } else {
@@ -397,15 +477,19 @@ impl Session {
                 frame.encode_into(&mut self.wbuf);
                 continue;
             }
-            if !fl.open {
+            if !fl.open || matches!(frame.tag, tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL) {
                 // Within a COPY, anything else goes to the server, which ignores Sync and
                 // Flush there and reports the rest. After an extended-protocol COPY, the
                 // next Sync answers the one the server ignored: its Expect is queued.
+                // COPY data sent ahead of a CopyInResponse (asyncpg does) goes on in order.
                 if frame.tag == tag::SYNC {
                     fl.need_sync = false;
                 }
                 frame.encode_into(&mut self.wbuf);
                 continue;
+            }
+            if frame.tag == tag::TERMINATE {
+                return Err(Error::ClientGone);
             }
             let item = request::decode(
                 frame,
@@ -418,7 +502,11 @@ impl Session {
             {
                 self.pinned = true;
             }
-            if matches!(item, Item::Sync) {
+            if matches!(
+                item,
+                Item::Sync | Item::Query { .. } | Item::FunctionCall(_)
+            ) {
+                // A simple Query ends with its own ReadyForQuery: nothing joins it after.
                 fl.open = false;
             }
             self.emit(fl, &item);
@@ -438,9 +526,8 @@ impl Session {
     fn process_backend(&mut self, fl: &mut InFlight) -> Result<Progress> {
         let max = self.runtime.config.proxy.max_message_bytes;
         loop {
-            if !fl.failed {
-                self.emit_synths(fl);
-            }
+            // The rest of a frame being streamed comes first: an answer the proxy inserts
+            // must never land inside it.
             if fl.passthrough > 0 {
                 let n = fl.passthrough.min(fl.conn.rbuf.len());
                 if !fl.retry {
@@ -451,6 +538,9 @@ impl Session {
                 if fl.passthrough > 0 {
                     return Ok(Progress::NeedMore);
                 }
+            }
+            if !fl.failed {
+                self.emit_synths(fl);
             }
             if fl.expects.is_empty() && !fl.open {
                 return Ok(Progress::Done);
@@ -525,6 +615,11 @@ impl Session {
         match t {
             tag::ERROR_RESPONSE => {
                 let fields = ErrorFields::parse(body());
+                if matches!(fields.severity.as_str(), "FATAL" | "PANIC") {
+                    debug!(code = %fields.code, "server is closing the connection");
+                    fl.fatal = Some(fields);
+                    return false;
+                }
                 fl.failed = true;
                 if fl.holding && fields.code == "25006" {
                     fl.retry = true;
@@ -533,23 +628,25 @@ impl Session {
                 if !matches!(fl.expects.front(), Some(Expect::Query)) {
                     // The failed message and everything up to the Sync are skipped.
                     while let Some(x) = fl.expects.front() {
-                        if matches!(x, Expect::Sync | Expect::Query) {
+                        if matches!(x, Expect::Sync | Expect::HiddenSync | Expect::Query) {
                             break;
                         }
-                        if let Some(Expect::Parse {
-                            server_name,
-                            unnamed,
-                            ..
-                        }) = fl.expects.pop_front()
-                        {
-                            undo_parse(&mut fl.conn, server_name, unnamed);
+                        match fl.expects.pop_front() {
+                            Some(Expect::Parse {
+                                server_name,
+                                unnamed,
+                                ..
+                            }) => undo_parse(&mut fl.conn, server_name, unnamed),
+                            // Skipped: the server still has the statement.
+                            Some(Expect::CloseEvicted(victim)) => fl.conn.prepared.restore(&victim),
+                            _ => {}
                         }
                     }
                 }
                 true
             }
             tag::READY_FOR_QUERY => {
-                fl.expects.pop_front();
+                let hidden = matches!(fl.expects.pop_front(), Some(Expect::HiddenSync));
                 let status = fl.conn.rbuf.get(5).copied().and_then(TxStatus::from_byte);
                 if let Some(status) = status
                     && !fl.retry
@@ -557,7 +654,7 @@ impl Session {
                     self.tx = status;
                     self.tx_conn = (status != TxStatus::Idle).then_some(fl.id);
                 }
-                true
+                !hidden
             }
             tag::PARSE_COMPLETE => match fl.expects.pop_front() {
                 Some(Expect::Parse {
@@ -571,7 +668,7 @@ impl Session {
                 _ => true,
             },
             tag::BIND_COMPLETE | tag::CLOSE_COMPLETE => {
-                !matches!(fl.expects.pop_front(), Some(Expect::CloseEvicted))
+                !matches!(fl.expects.pop_front(), Some(Expect::CloseEvicted(_)))
             }
             tag::ROW_DESCRIPTION | tag::NO_DATA => {
                 if matches!(
@@ -583,8 +680,15 @@ impl Session {
                 true
             }
             tag::COMMAND_COMPLETE => {
-                if decode_command_tag(body()) == b"ROLLBACK" {
-                    fl.rolled_back = true;
+                match decode_command_tag(body()) {
+                    b"ROLLBACK" => fl.rolled_back = true,
+                    // The server dropped every prepared statement of this connection (a
+                    // DEALLOCATE is not undone by a rollback).
+                    b"DEALLOCATE ALL" | b"DISCARD ALL" => {
+                        fl.conn.prepared.clear();
+                        fl.conn.unnamed = None;
+                    }
+                    _ => {}
                 }
                 if matches!(fl.expects.front(), Some(Expect::Execute)) {
                     fl.expects.pop_front();

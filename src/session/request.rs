@@ -41,6 +41,8 @@ pub enum Item {
     Portal(Frame),
     Sync,
     Flush,
+    /// A Sync the proxy adds itself (never decoded from the client).
+    HiddenSync,
 }
 
 impl Item {

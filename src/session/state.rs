@@ -133,6 +133,23 @@ impl Settings {
     }
 }
 
+/// What session operations do to a server connection's settings (as the proxy tracks
+/// them): RESET goes back to the server's default, i.e. the entry disappears.
+pub fn apply_to_server(server: &mut HashMap<String, String>, ops: &[SessionOp]) {
+    for op in ops {
+        match op {
+            SessionOp::Set { name, sql } => {
+                server.insert(name.clone(), sql.clone());
+            }
+            SessionOp::Reset { name } => {
+                server.remove(name);
+            }
+            SessionOp::ResetAll | SessionOp::DiscardAll => server.clear(),
+            SessionOp::Deallocate { .. } | SessionOp::DeallocateAll => {}
+        }
+    }
+}
+
 /// Startup parameters as session settings (transaction mode): `name=value` pairs become
 /// `SET`s; `options` contributes its `-c name=value` / `--name=value` parts.
 pub fn startup_settings(params: &[(String, String)]) -> Vec<(String, String)> {
@@ -281,6 +298,25 @@ mod tests {
         server = s.effective();
         s.apply(&[SessionOp::ResetAll]);
         assert_eq!(s.diff_sql(&server).as_deref(), Some(base0.as_str()));
+    }
+
+    #[test]
+    fn a_reset_on_a_pooled_connection_leaves_it_behind_the_session() {
+        let mut s =
+            Settings::with_baseline(startup_settings(&[("application_name".into(), "x".into())]));
+        let mut server = s.effective();
+        let ops = [SessionOp::Reset {
+            name: "application_name".into(),
+        }];
+        s.apply(&ops);
+        apply_to_server(&mut server, &ops);
+        assert!(server.is_empty(), "the server went back to its own default");
+        assert_ne!(
+            server,
+            s.effective(),
+            "so it must be brought back to the session's"
+        );
+        assert!(s.diff_sql(&server).unwrap().contains("application_name"));
     }
 
     #[test]

@@ -7,6 +7,8 @@ mod auth;
 mod bad_input;
 mod clients;
 mod extended;
+mod failover;
 mod pooling;
+mod protocol_edges;
 mod routing;
 mod session_state;

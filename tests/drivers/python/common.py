@@ -60,9 +60,47 @@ def poll(fn, what, timeout=5.0):
         time.sleep(0.05)
 
 
-def check_read_ports(seen, what):
-    """`seen`: the ports of >= 6 reads outside a transaction."""
-    check(set(seen) == READ_PORTS, "%s: reads went to %s, expected all of %s" % (what, sorted(set(seen)), sorted(READ_PORTS)))
+# How long reads may stay on the primary after the session's own writes (a proxy with
+# read-your-writes sends them there until the replicas have replayed the writes).
+SPREAD_WAIT = 5.0
+
+
+def _spread_failed(seen, what):
+    return "%s: reads went to %s, expected all of %s (and nothing else)" % (what, sorted(set(seen)), sorted(READ_PORTS))
+
+
+def check_read_ports(fn, what, n=8):
+    """fn() runs one plain read outside a transaction and returns inet_server_port(). Passes
+    once n reads in a row show exactly READ_PORTS (both replicas behind the proxy, the primary
+    on a direct connection); retried for up to SPREAD_WAIT s."""
+    deadline = time.monotonic() + SPREAD_WAIT
+    while True:
+        seen = [fn() for _ in range(n)]
+        if set(seen) == READ_PORTS:
+            check(True, what)
+            return
+        if time.monotonic() > deadline:
+            check(False, _spread_failed(seen, what))
+        time.sleep(0.2)
+
+
+def check_read_ports_now(seen, what):
+    """`seen`: the ports of >= 6 reads of a session that has not written (no retry)."""
+    check(set(seen) == READ_PORTS, _spread_failed(seen, what))
+
+
+async def acheck_read_ports(fn, what, n=8):
+    """check_read_ports for a coroutine function."""
+    import asyncio
+    deadline = time.monotonic() + SPREAD_WAIT
+    while True:
+        seen = [await fn() for _ in range(n)]
+        if set(seen) == READ_PORTS:
+            check(True, what)
+            return
+        if time.monotonic() > deadline:
+            check(False, _spread_failed(seen, what))
+        await asyncio.sleep(0.2)
 
 
 def check_tx_ports(seen, what):

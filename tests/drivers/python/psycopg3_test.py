@@ -4,12 +4,14 @@ COPY FROM STDIN, executemany, transactions."""
 
 import datetime
 import decimal
+import threading
+import time
 
 import psycopg
 import psycopg.errors
 
 from common import (BYTES, DB, HOST, NUMERIC, PASSWORD, PORT, PRIMARY_PORT, READ_PORTS, UNICODE, USER,
-                    check, check_read_ports, check_tx_ports, done, poll, table_name)
+                    check, check_read_ports, check_tx_ports, done, poll, section, table_name)
 
 TS = datetime.datetime(2024, 2, 29, 23, 59, 58, 123456, tzinfo=datetime.timezone.utc)
 
@@ -50,8 +52,8 @@ def basic(conn, t, label):
         check(r[0] is None and r[1] == UNICODE and r[2] == decimal.Decimal(NUMERIC) and r[3] == TS
               and bytes(r[4]) == BYTES and r[5] == 42, "%s: parameter round trip binary=%s %r" % (label, binary, r))
 
-    check_read_ports([one(conn, "SELECT inet_server_port()") for _ in range(8)], label + ": autocommit reads")
-    check_read_ports([one(conn, "SELECT inet_server_port() + %s", (0,)) for _ in range(8)], label + ": reads with a parameter")
+    check_read_ports(lambda: one(conn, "SELECT inet_server_port()"), label + ": autocommit reads")
+    check_read_ports(lambda: one(conn, "SELECT inet_server_port() + %s", (0,)), label + ": reads with a parameter")
     with conn.transaction():
         ports = [one(conn, "SELECT inet_server_port() + %s", (0,)) for _ in range(4)]
         ports += [one(conn, "SELECT inet_server_port()") for _ in range(2)]
@@ -147,24 +149,42 @@ def copy(conn, t):
     check(out == [300, 301, 302, 303, 304], "COPY TO STDOUT %r" % out)
 
 
+def cursor(conn, t):
+    # Named server-side cursor (DECLARE in a transaction, FETCH in batches).
+    with conn.transaction():
+        with conn.cursor(name="drv_sc") as sc:
+            sc.itersize = 7
+            sc.execute("SELECT id FROM " + t + " WHERE id < 100 ORDER BY id")
+            ids = [r[0] for r in sc]
+    check(ids == list(range(1, 11)), "server-side cursor %r" % ids)
+
+
+def cancel(conn, t):
+    # A running read (on a replica) is cancelled through the proxy's cancel key.
+    timer = threading.Timer(0.5, conn.cancel)
+    timer.start()
+    start = time.monotonic()
+    try:
+        conn.execute("SELECT pg_sleep(10)")
+        check(False, "pg_sleep was not cancelled")
+    except psycopg.errors.QueryCanceled as e:
+        check(e.sqlstate == "57014", "57014")
+    finally:
+        timer.cancel()
+    check(time.monotonic() - start < 5, "cancel took %.1fs" % (time.monotonic() - start))
+    check(one(conn, "SELECT %s::int", (3,)) == 3, "usable after cancel")
+
+
 def main():
     for threshold, label in ((None, "unnamed"), (0, "prepared")):
         conn = connect(prepare_threshold=threshold, application_name="drv_psycopg3")
         t = table_name("psycopg3")
-        basic(conn, t, label)
-        if threshold == 0:
-            n = one(conn, "SELECT count(*) FROM pg_prepared_statements WHERE from_sql = false")
-            check(n >= 0, "prepared statements")
-        pipeline(conn, t)
-        copy(conn, t)
-        # Named server-side cursor (DECLARE in a transaction).
-        with conn.transaction():
-            with conn.cursor(name="drv_sc") as sc:
-                sc.itersize = 7
-                sc.execute("SELECT id FROM " + t + " WHERE id < 100 ORDER BY id")
-                ids = [r[0] for r in sc]
-        check(ids == list(range(1, 11)), "server-side cursor %r" % ids)
-        conn.execute("DROP TABLE " + t)
+        section(label + ": basic", basic, conn, t, label)
+        section(label + ": pipeline", pipeline, conn, t)
+        section(label + ": copy", copy, conn, t)
+        section(label + ": cursor", cursor, conn, t)
+        section(label + ": cancel", cancel, conn, t)
+        conn.execute("DROP TABLE IF EXISTS " + t)
         conn.close()
     done("psycopg3")
 

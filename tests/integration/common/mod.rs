@@ -35,6 +35,7 @@ impl Cluster {
 }
 
 static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+static FAILURE_CLUSTER: OnceLock<Cluster> = OnceLock::new();
 
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -46,9 +47,52 @@ pub fn cluster() -> &'static Cluster {
     CLUSTER.get_or_init(|| {
         let env_path = match std::env::var("PGSPLIT_TEST_CLUSTER_ENV") {
             Ok(p) => PathBuf::from(p),
-            Err(_) => start_cluster(),
+            Err(_) => start_cluster("main", &[]),
         };
-        let text = std::fs::read_to_string(&env_path).expect("read cluster.env");
+        load_cluster(&env_path)
+    })
+}
+
+/// A second cluster for tests that stop, kill or pause nodes (they hold
+/// [`failure_lock`] so they never overlap). Its replica2 applies WAL 2 s late
+/// (`recovery_min_apply_delay`): a deterministic lagging replica.
+pub fn failure_cluster() -> &'static Cluster {
+    FAILURE_CLUSTER.get_or_init(|| {
+        load_cluster(&start_cluster(
+            "failure",
+            &["--replica-delay", "replica2=2s"],
+        ))
+    })
+}
+
+/// Serializes the tests that break nodes of the failure cluster.
+pub fn failure_lock() -> &'static tokio::sync::Mutex<()> {
+    static LOCK: OnceLock<tokio::sync::Mutex<()>> = OnceLock::new();
+    LOCK.get_or_init(|| tokio::sync::Mutex::new(()))
+}
+
+/// Run `scripts/cluster ARGS --dir <cluster dir>` (stop-node, start-node ...) off the
+/// runtime's threads, so an in-process proxy keeps serving meanwhile.
+pub async fn cluster_cmd(c: &Cluster, args: &[&str]) {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let dir = c.dir.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(repo_root().join("scripts/cluster"))
+            .args(&args)
+            .arg("--dir")
+            .arg(&dir)
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .expect("run scripts/cluster")
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "scripts/cluster failed");
+}
+
+fn load_cluster(env_path: &Path) -> Cluster {
+    {
+        let text = std::fs::read_to_string(env_path).expect("read cluster.env");
         let env: HashMap<String, String> = text
             .lines()
             .filter_map(|l| l.split_once('='))
@@ -62,15 +106,17 @@ pub fn cluster() -> &'static Cluster {
             dir: PathBuf::from(&env["PGSPLIT_CLUSTER_DIR"]),
             env,
         }
-    })
+    }
 }
 
-fn start_cluster() -> PathBuf {
+fn start_cluster(name: &str, extra: &[&str]) -> PathBuf {
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
-        .as_nanos();
-    let dir = std::env::temp_dir().join(format!("pgsplit-test-{}-{stamp}", std::process::id()));
+        .as_nanos()
+        % 1_000_000_000;
+    // Short: the unix socket path inside it has a length limit.
+    let dir = std::env::temp_dir().join(format!("pgsplit-{name}-{}-{stamp}", std::process::id()));
     let out = Command::new(repo_root().join("scripts/cluster"))
         .args(["up", "--dir"])
         .arg(&dir)
@@ -82,6 +128,7 @@ fn start_cluster() -> PathBuf {
             "--redis-port",
             "0",
         ])
+        .args(extra)
         .args(["--owner-pid", &std::process::id().to_string()])
         .stderr(std::process::Stdio::inherit())
         .output()
@@ -229,7 +276,7 @@ pub fn init_logging() {
     if let Ok(filter) = std::env::var("RUST_LOG") {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-            .with_test_writer()
+            .with_writer(std::io::stderr)
             .try_init();
     }
 }
@@ -256,7 +303,10 @@ pub async fn direct(port: u16) -> Client {
 
 /// Wait until both replicas replayed everything the primary has written so far.
 pub async fn wait_replicated() {
-    let c = cluster();
+    wait_replicated_on(cluster()).await
+}
+
+pub async fn wait_replicated_on(c: &Cluster) {
     let primary = direct(c.primary).await;
     let lsn: String = primary
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
@@ -324,6 +374,18 @@ pub fn pgbench(args: &[&str], port: u16) -> std::process::Output {
         .env("PGPASSWORD", "app_pw")
         .output()
         .expect("pgbench runs")
+}
+
+/// Poll `cond` every 50 ms for up to `limit`; true if it held in time.
+pub async fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cond()
 }
 
 /// pgbench's tables (scale 1), made once per test run directly on the primary.

@@ -93,6 +93,27 @@ impl RawClient {
         read_messages(&mut self.stream).await
     }
 
+    pub async fn stream_write(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.unwrap();
+    }
+
+    /// Read exactly `n` messages (for requests that end without ReadyForQuery).
+    pub async fn read_n(&mut self, n: usize) -> Vec<(u8, Vec<u8>)> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            let mut header = [0u8; 5];
+            tokio::time::timeout(Duration::from_secs(10), self.stream.read_exact(&mut header))
+                .await
+                .expect("an answer in time")
+                .unwrap();
+            let len = i32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+            let mut body = vec![0u8; len - 4];
+            self.stream.read_exact(&mut body).await.unwrap();
+            out.push((header[0], body));
+        }
+        out
+    }
+
     pub async fn parse(&mut self, name: &str, sql: &str) {
         let mut body = cstr(name);
         body.extend(cstr(sql));

@@ -1,0 +1,365 @@
+//! Health, lag and consistency against a cluster whose nodes the tests stop, kill and pause
+//! (the failure cluster; its replica2 applies WAL 2 s late).
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+const INTERVAL_MS: u64 = 200;
+
+/// The failure cluster behind a proxy with fast health checks.
+fn config(c: &Cluster, extra: &str) -> String {
+    format!(
+        "{}\n[health]\ninterval_ms = {INTERVAL_MS}\ntimeout_ms = 300\n[pool]\nconnect_timeout_ms = 1000\n{extra}\n",
+        base_config_toml(c)
+    )
+}
+
+fn replica_healthy(proxy: &Proxy, i: usize) -> bool {
+    proxy.shared.runtime.load().backends.replicas[i]
+        .health
+        .healthy()
+}
+
+fn pgbench_init(c: &Cluster) {
+    let init = pgbench(&["-i", "-q", "-s", "1"], c.primary);
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+}
+
+fn assert_no_failures(out: &std::process::Output) {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "pgbench failed:\n{stdout}\n{stderr}");
+    assert!(!stderr.contains("aborted"), "{stderr}");
+    assert!(
+        stdout.contains("number of failed transactions: 0"),
+        "{stdout}"
+    );
+}
+
+/// PIDs of one node's postmaster and its children.
+fn node_pids(c: &Cluster, node: &str) -> Vec<String> {
+    let pidfile = std::fs::read_to_string(c.dir.join(node).join("postmaster.pid")).unwrap();
+    let postmaster = pidfile.lines().next().unwrap().trim().to_owned();
+    let children = Command::new("pgrep")
+        .args(["-P", &postmaster])
+        .output()
+        .unwrap();
+    let mut pids = vec![postmaster];
+    pids.extend(
+        String::from_utf8_lossy(&children.stdout)
+            .lines()
+            .map(str::to_owned),
+    );
+    pids
+}
+
+fn signal(pids: &[String], sig: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .args(pids)
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_replica_leaves_the_rotation_without_failing_reads_and_rejoins() {
+    let _serial = failure_lock().lock().await;
+    let c = failure_cluster();
+    pgbench_init(c);
+    wait_replicated_on(c).await;
+    let proxy = start_proxy_with(&config(c, "")).await;
+    let port = proxy.port();
+    let load = tokio::task::spawn_blocking(move || {
+        pgbench(
+            &[
+                "-n", "-S", "-c", "16", "-j", "2", "-T", "6", "-M", "prepared",
+            ],
+            port,
+        )
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    cluster_cmd(c, &["stop-node", "replica1", "--mode", "immediate"]).await;
+    // The node is gone once the command returned (pg_ctl waits for it).
+    let stopped = Instant::now();
+    let left = eventually(Duration::from_secs(5), || !replica_healthy(&proxy, 0)).await;
+    let out_after = stopped.elapsed();
+    let load = load.await.unwrap();
+    cluster_cmd(c, &["start-node", "replica1"]).await;
+    assert!(left, "the dead replica leaves the rotation");
+    // Two failed checks, at most two intervals apart (plus scheduling slack).
+    assert!(
+        out_after <= Duration::from_millis(2 * INTERVAL_MS + 300),
+        "left after {out_after:?}"
+    );
+    assert_no_failures(&load);
+    assert!(
+        eventually(Duration::from_secs(20), || replica_healthy(&proxy, 0)).await,
+        "the restarted replica rejoins"
+    );
+    let client = proxy.app().await;
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..6 {
+        seen.insert(server_port(&client).await);
+    }
+    assert!(
+        seen.contains(&c.replicas[0]),
+        "reads reach it again: {seen:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_replica_is_left_via_the_timeout_without_failing_reads() {
+    let _serial = failure_lock().lock().await;
+    let c = failure_cluster();
+    pgbench_init(c);
+    wait_replicated_on(c).await;
+    let proxy = start_proxy_with(&config(c, "")).await;
+    let port = proxy.port();
+    let load = tokio::task::spawn_blocking(move || {
+        pgbench(
+            &[
+                "-n", "-S", "-c", "16", "-j", "2", "-T", "6", "-M", "prepared",
+            ],
+            port,
+        )
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let pids = tokio::task::spawn_blocking(move || node_pids(c, "replica1"))
+        .await
+        .unwrap();
+    signal(&pids, "STOP");
+    let left = eventually(Duration::from_secs(5), || !replica_healthy(&proxy, 0)).await;
+    let out = load.await.unwrap();
+    signal(&pids, "CONT");
+    assert!(left, "the paused replica leaves the rotation");
+    assert_no_failures(&out);
+    assert!(
+        eventually(Duration::from_secs(20), || replica_healthy(&proxy, 0)).await,
+        "the resumed replica rejoins"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_replica_leaves_the_rotation_over_the_lag_limit() {
+    let _serial = failure_lock().lock().await;
+    let c = failure_cluster();
+    let proxy = start_proxy_with(&format!(
+        "{}\n[routing]\nmax_replica_lag_bytes = 4096\n",
+        config(c, "")
+    ))
+    .await;
+    wait_replicated_on(c).await;
+    let writer = direct(c.primary).await;
+    let t = unique("lag");
+    writer
+        .batch_execute(&format!("CREATE TABLE {t} (v text)"))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut left = false;
+    while started.elapsed() < Duration::from_secs(8) {
+        writer
+            .execute(&format!("INSERT INTO {t} VALUES (repeat('x', 200))"), &[])
+            .await
+            .unwrap();
+        if !replica_healthy(&proxy, 1) {
+            left = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        left,
+        "the delayed replica goes over 4 KiB of lag and leaves"
+    );
+    assert!(replica_healthy(&proxy, 0), "the prompt replica stays");
+    let lag = proxy.shared.runtime.load().backends.replicas[1]
+        .health
+        .lag_bytes();
+    assert!(lag.is_some_and(|l| l > 4096), "{lag:?}");
+    assert!(
+        eventually(Duration::from_secs(15), || replica_healthy(&proxy, 1)).await,
+        "once writes stop it catches up and rejoins"
+    );
+}
+
+/// A proxy whose only replica is the delayed one.
+fn delayed_only(c: &Cluster) -> String {
+    config(c, "").replacen(
+        &format!(
+            "[[replicas]]\n        host = \"127.0.0.1\"\n        port = {}\n",
+            c.replicas[0]
+        ),
+        "",
+        1,
+    )
+}
+
+async fn stale_reads(client: &tokio_postgres::Client, t: &str, cycles: i32) -> usize {
+    let insert = client
+        .prepare(&format!("INSERT INTO {t} VALUES ($1)"))
+        .await
+        .unwrap();
+    let read = client
+        .prepare(&format!("SELECT count(*) FROM {t} WHERE id = $1"))
+        .await
+        .unwrap();
+    let mut stale = 0;
+    for i in 0..cycles {
+        client.execute(&insert, &[&i]).await.unwrap();
+        let n: i64 = client.query_one(&read, &[&i]).await.unwrap().get(0);
+        if n != 1 {
+            stale += 1;
+        }
+    }
+    stale
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_your_writes_never_reads_the_past_and_eventual_can() {
+    let _serial = failure_lock().lock().await;
+    let c = failure_cluster();
+    let toml = delayed_only(c);
+    assert!(!toml.contains(&format!("port = {}\n", c.replicas[0])));
+    let proxy = start_proxy_with(&toml).await;
+    let t = unique("ryw");
+    let client = proxy.app().await;
+    client
+        .batch_execute(&format!("CREATE TABLE {t} (id int)"))
+        .await
+        .unwrap();
+    wait_replicated_on(c).await;
+    // A session that never wrote reads from the (delayed) replica.
+    let fresh = proxy.app().await;
+    assert_eq!(server_port(&fresh).await, c.replicas[1]);
+
+    assert_eq!(
+        stale_reads(&client, &t, 1000).await,
+        0,
+        "read-your-writes: no stale read"
+    );
+
+    client
+        .batch_execute(&format!(
+            "SET pgsplit.consistency = 'eventual'; CREATE TABLE {t}_ev (id int)"
+        ))
+        .await
+        .unwrap();
+    wait_replicated_on(c).await;
+    let stale = stale_reads(&client, &format!("{t}_ev"), 20).await;
+    assert!(
+        stale > 0,
+        "eventual consistency on a 2 s late replica reads the past"
+    );
+
+    // The same as a startup parameter.
+    let eventual = connect(&format!(
+        "{} options='-c pgsplit.consistency=eventual'",
+        proxy.conn_str("app", "app_pw")
+    ))
+    .await;
+    let t2 = unique("ryw");
+    eventual
+        .batch_execute(&format!("CREATE TABLE {t2} (id int)"))
+        .await
+        .unwrap();
+    wait_replicated_on(c).await;
+    assert!(stale_reads(&eventual, &t2, 20).await > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_primary_down_writes_fail_clearly_and_reads_go_on() {
+    let _serial = failure_lock().lock().await;
+    let c = failure_cluster();
+    for toml in [config(c, ""), session_mode(&config(c, ""))] {
+        let proxy = start_proxy_with(&toml).await;
+        let t = unique("pdown");
+        let client = proxy.app().await;
+        client
+            .batch_execute(&format!("CREATE TABLE {t} (id int)"))
+            .await
+            .unwrap();
+        wait_replicated_on(c).await;
+        cluster_cmd(c, &["stop-node", "primary", "--mode", "fast"]).await;
+        let write = client
+            .execute(&format!("INSERT INTO {t} VALUES (1)"), &[])
+            .await;
+        let mut reads = Vec::new();
+        for _ in 0..4 {
+            reads.push(
+                client
+                    .query_one(&format!("SELECT count(*) FROM {t}"), &[])
+                    .await
+                    .map(|r| r.get::<_, i64>(0)),
+            );
+        }
+        // A new client can still log in and read.
+        let newcomer = match try_connect(&proxy.conn_str("app", "app_pw")).await {
+            Ok(n) => Ok(server_port(&n).await),
+            Err(e) => Err(e),
+        };
+        cluster_cmd(c, &["start-node", "primary"]).await;
+        let e = write.unwrap_err();
+        let code = sqlstate(&e);
+        assert!(["08006", "57P01"].contains(&code.as_str()), "{code}: {e:?}");
+        for r in reads {
+            assert_eq!(r.unwrap(), 0);
+        }
+        assert!(c.replicas.contains(&newcomer.unwrap()));
+        let mut ok = false;
+        for _ in 0..50 {
+            if client
+                .execute(&format!("INSERT INTO {t} VALUES (1)"), &[])
+                .await
+                .is_ok()
+            {
+                ok = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(ok, "writes work again once the primary is back");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_in_recovery_is_never_sent_writes() {
+    let _serial = failure_lock().lock().await;
+    let c = failure_cluster();
+    // Misconfigured: a standby as the primary.
+    let toml = config(c, "").replacen(
+        &format!("port = {}\n", c.primary),
+        &format!("port = {}\n", c.replicas[0]),
+        1,
+    );
+    let proxy = start_proxy_with(&toml).await;
+    let standby_seen = eventually(Duration::from_secs(5), || {
+        proxy.shared.runtime.load().backends.primary.health.role()
+            == pgsplit::backend::Role::Standby
+    })
+    .await;
+    assert!(standby_seen);
+    let client = proxy.app().await;
+    let e = client
+        .batch_execute("CREATE TABLE never (id int)")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "25006");
+    let msg = e.as_db_error().unwrap().message().to_owned();
+    assert!(msg.contains("in recovery"), "{msg}");
+    assert_eq!(
+        client
+            .query_one("SELECT 1", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        1
+    );
+}
