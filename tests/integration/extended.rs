@@ -207,3 +207,55 @@ async fn statement_names_of_one_client_map_per_sql_text() {
         );
     }
 }
+
+/// Resident memory of this process (the in-process proxy and the test), in KiB.
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_client_reading_a_huge_result_costs_the_proxy_only_buffers() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let proxy = start_proxy().await;
+    let mut c = RawClient::login(proxy.addr, "trustuser").await;
+    let before = rss_kib();
+    // 300 MB of rows, read slowly in small pieces: the proxy must wait for the client
+    // instead of buffering what the server sends.
+    let sql = "SELECT repeat('x', 1048576) FROM generate_series(1, 300)\0";
+    let mut q = vec![b'Q'];
+    q.extend_from_slice(&((sql.len() + 4) as i32).to_be_bytes());
+    q.extend_from_slice(sql.as_bytes());
+    c.stream.write_all(&q).await.unwrap();
+    let mut total = 0usize;
+    let mut peak = before;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut tail = Vec::new();
+    loop {
+        let n = c.stream.read(&mut buf).await.unwrap();
+        assert!(n > 0, "the proxy closed the connection");
+        total += n;
+        tail.extend_from_slice(&buf[..n]);
+        if tail.len() > 16 {
+            tail.drain(..tail.len() - 16);
+        }
+        // ReadyForQuery 'I' ends the answer.
+        if tail.ends_with(&[b'Z', 0, 0, 0, 5, b'I']) {
+            break;
+        }
+        if total % (16 << 20) < n {
+            peak = peak.max(rss_kib());
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+    assert!(total > 300 << 20, "{total}");
+    let growth_mib = (peak.saturating_sub(before)) / 1024;
+    assert!(
+        growth_mib < 64,
+        "memory grew by {growth_mib} MiB while relaying 300 MB"
+    );
+}
