@@ -157,19 +157,22 @@ impl Backends {
 }
 
 /// Whether an idle server connection is still open: a closed one has EOF (or a FATAL
-/// message) waiting to be read, which a non-blocking read sees at once.
-pub fn is_alive(conn: &mut ServerConn) -> bool {
-    if !conn.rbuf.is_empty() {
-        // Unread messages: a pinned session's notifications are for the relay, but an
-        // ErrorResponse on an idle connection is the server closing it (57P01 ...).
-        return conn.rbuf[0] != crate::protocol::tag::ERROR_RESPONSE;
+/// message) waiting to be read, which non-blocking reads see at once. `expect_messages`: the
+/// connection may legitimately have unread messages (a pinned session's notifications);
+/// otherwise any byte on an idle connection means the server is going away (a shutdown
+/// sends a notice or an error, then closes).
+pub fn is_alive(conn: &mut ServerConn, expect_messages: bool) -> bool {
+    loop {
+        conn.rbuf.reserve(1024);
+        match conn.rd.try_read_buf(&mut conn.rbuf) {
+            Ok(0) => return false,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(_) => return false,
+        }
     }
-    // Read into the connection's own buffer: bytes that did arrive (a notification) are
-    // kept for the relay, not lost to the probe.
-    conn.rbuf.reserve(64);
-    match conn.rd.try_read_buf(&mut conn.rbuf) {
-        Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
-        Ok(0) => false,
-        Ok(_) => conn.rbuf[0] != crate::protocol::tag::ERROR_RESPONSE,
+    match conn.rbuf.first() {
+        None => true,
+        Some(&t) => expect_messages && t != crate::protocol::tag::ERROR_RESPONSE,
     }
 }

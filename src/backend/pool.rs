@@ -102,7 +102,9 @@ impl Pool {
         .expect("pool semaphores are never closed");
         while let Some(idle) = self.pop_idle() {
             let mut conn = idle.conn;
-            if conn.created.elapsed() < self.limits.max_lifetime && super::is_alive(&mut conn) {
+            if conn.created.elapsed() < self.limits.max_lifetime
+                && super::is_alive(&mut conn, false)
+            {
                 return Ok(Lent { conn, permit });
             }
             debug!(backend = %self.name, "dropping a dead or expired idle server connection");
@@ -172,6 +174,12 @@ impl Pool {
                 }
             }
         }
+    }
+
+    /// Close every idle connection: after one to this server failed, the others (opened
+    /// before the same failure) are most likely dead too.
+    pub fn discard_idle(&self) {
+        lock(&self.idle).clear();
     }
 
     /// Connections lent out now and idle now (for tests and the admin console).

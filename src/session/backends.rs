@@ -99,7 +99,9 @@ impl Session {
     async fn ensure_conn(&mut self, id: BackendId) -> Result<()> {
         let slot = id.0 as usize;
         if let Some(conn) = self.conns[slot].as_mut() {
-            if crate::backend::is_alive(conn) {
+            // Only a pinned primary connection may hold unread messages (notifications).
+            let expect_messages = id.is_primary() && self.pinned;
+            if crate::backend::is_alive(conn, expect_messages) {
                 return Ok(());
             }
             self.conns[slot] = None;
@@ -180,6 +182,7 @@ impl Session {
         };
         if e.is_connection_failure() {
             backend.mark_down();
+            self.discard_idle(id);
         }
         match e {
             BackendError::Server(_) => Error::Backend(e),
@@ -250,6 +253,13 @@ impl Session {
 }
 
 impl Session {
+    /// Drop the idle pooled connections to `id` after one of them failed.
+    pub(super) fn discard_idle(&self, id: BackendId) {
+        if let Some(pool) = &self.pools[id.0 as usize] {
+            pool.discard_idle();
+        }
+    }
+
     /// The WAL position a replica must have replayed to serve this session's reads.
     pub(super) fn required_lsn(&self) -> u64 {
         match self.consistency {

@@ -213,6 +213,7 @@ impl Session {
             warn!(backend = %b.name(), error = %e, "server connection lost during a request");
             b.mark_down();
         }
+        self.discard_idle(fl.id);
         if fl.holding {
             return Ok(Outcome::Retry { on_replica: true });
         }
