@@ -44,14 +44,7 @@ async fn a_scram_verifier_in_the_config_works_without_the_plain_password() {
     );
     let proxy = start_proxy_with(&toml).await;
     let client = proxy.app().await;
-    assert_eq!(
-        client
-            .query_one("SELECT 1", &[])
-            .await
-            .unwrap()
-            .get::<_, i32>(0),
-        1
-    );
+    assert_usable(&client).await;
     assert!(try_connect(&proxy.conn_str("app", "wrong")).await.is_err());
 }
 
@@ -70,9 +63,7 @@ async fn an_unknown_database_reports_the_servers_error() {
 #[tokio::test]
 async fn a_primary_that_is_down_gives_a_clear_error_not_a_hang() {
     let c = cluster();
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let dead_port = dead.local_addr().unwrap().port();
-    drop(dead);
+    let dead_port = unused_port();
     let toml = base_config_toml(c).replace(
         &format!("port = {}\n", c.primary),
         &format!("port = {dead_port}\n"),

@@ -146,14 +146,7 @@ async fn cancel_reaches_the_node_running_the_query() {
         assert_eq!(sqlstate(&e), "57014", "{sql}: {e}");
         assert!(started.elapsed() < Duration::from_secs(10));
         canceller.abort();
-        assert_eq!(
-            client
-                .query_one("SELECT 1", &[])
-                .await
-                .unwrap()
-                .get::<_, i32>(0),
-            1
-        );
+        assert_usable(&client).await;
     }
 }
 

@@ -173,9 +173,7 @@ async fn weights_shape_the_distribution() {
 async fn reads_fall_back_to_the_primary_when_no_replica_answers() {
     let c = cluster();
     // Replicas on ports where nothing listens.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let dead_port = dead.local_addr().unwrap().port();
-    drop(dead);
+    let dead_port = unused_port();
     let toml = base_config_toml(c)
         .replace(
             &format!("port = {}\n", c.replicas[0]),

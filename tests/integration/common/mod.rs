@@ -409,3 +409,15 @@ pub async fn cancel_repeatedly(token: tokio_postgres::CancelToken) {
         token.cancel_query(NoTls).await.unwrap();
     }
 }
+
+/// The client's session answers a query (it survived whatever the test did).
+pub async fn assert_usable(client: &Client) {
+    let one: i32 = client.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+}
+
+/// A loopback port nothing listens on (bound, then released).
+pub fn unused_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
