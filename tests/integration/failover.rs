@@ -68,23 +68,25 @@ fn signal(pids: &[String], sig: &str) {
     assert!(status.success());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_replica_leaves_the_rotation_without_failing_reads_and_rejoins() {
-    let _serial = failure_lock().lock().await;
-    let c = failure_cluster();
+/// A proxy in front of `c` under 6 s of pgbench -S -c 16, 1.5 s into it.
+async fn start_read_load(c: &Cluster) -> (Proxy, tokio::task::JoinHandle<std::process::Output>) {
     pgbench_init(c);
     wait_replicated_on(c).await;
     let proxy = start_proxy_with(&config(c, "")).await;
     let port = proxy.port();
-    let load = tokio::task::spawn_blocking(move || {
-        pgbench(
-            &[
-                "-n", "-S", "-c", "16", "-j", "2", "-T", "6", "-M", "prepared",
-            ],
-            port,
-        )
-    });
+    let args = [
+        "-n", "-S", "-c", "16", "-j", "2", "-T", "6", "-M", "prepared",
+    ];
+    let load = tokio::task::spawn_blocking(move || pgbench(&args, port));
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    (proxy, load)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_replica_leaves_the_rotation_without_failing_reads_and_rejoins() {
+    let _serial = failure_lock().lock().await;
+    let c = failure_cluster();
+    let (proxy, load) = start_read_load(c).await;
     cluster_cmd(c, &["stop-node", "replica1", "--mode", "immediate"]).await;
     // The node is gone once the command returned (pg_ctl waits for it).
     let stopped = Instant::now();
@@ -122,19 +124,7 @@ async fn a_killed_replica_leaves_the_rotation_without_failing_reads_and_rejoins(
 async fn a_paused_replica_is_left_via_the_timeout_without_failing_reads() {
     let _serial = failure_lock().lock().await;
     let c = failure_cluster();
-    pgbench_init(c);
-    wait_replicated_on(c).await;
-    let proxy = start_proxy_with(&config(c, "")).await;
-    let port = proxy.port();
-    let load = tokio::task::spawn_blocking(move || {
-        pgbench(
-            &[
-                "-n", "-S", "-c", "16", "-j", "2", "-T", "6", "-M", "prepared",
-            ],
-            port,
-        )
-    });
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (proxy, load) = start_read_load(c).await;
     let pids = tokio::task::spawn_blocking(move || node_pids(c, "replica1"))
         .await
         .unwrap();
