@@ -7,8 +7,10 @@
 
 pub mod auth;
 pub mod backend;
+pub mod cache;
 pub mod config;
 pub mod error;
+pub mod memo;
 pub mod protocol;
 pub mod router;
 pub mod server;

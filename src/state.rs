@@ -12,6 +12,7 @@ use arc_swap::ArcSwap;
 
 use crate::auth::UserSecret;
 use crate::backend::{BackendId, Backends, CancelKey, ConnectParams, Pool, PoolLimits};
+use crate::cache::{CacheRules, ResultCache};
 use crate::config::{Config, ConfigError, UserConfig};
 use crate::router::ClassifyCache;
 
@@ -29,6 +30,8 @@ pub struct Runtime {
     pub users: HashMap<String, Arc<UserEntry>>,
     pub backends: Backends,
     pub classify: ClassifyCache,
+    /// What the result cache may hold (`[[cache.rules]]`).
+    pub cache_rules: CacheRules,
     /// Transaction-mode pools by (backend, server user, database), made on first use.
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
 }
@@ -54,6 +57,7 @@ impl Runtime {
         Ok(Runtime {
             backends: Backends::from_config(&config),
             classify: ClassifyCache::new(16_384, config.routing.primary_functions.clone()),
+            cache_rules: CacheRules::new(&config.cache),
             users,
             pools: Mutex::new(HashMap::new()),
             config: Arc::new(config),
@@ -154,13 +158,38 @@ pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct Shared {
     pub runtime: ArcSwap<Runtime>,
     pub cancels: CancelRegistry,
+    /// The Redis result cache, when `[cache] enabled`.
+    pub cache: Option<Arc<ResultCache>>,
 }
 
 impl Shared {
+    /// Must run inside a tokio runtime: the cache connects to Redis in the background.
     pub fn new(runtime: Runtime) -> Arc<Shared> {
-        Arc::new(Shared {
-            runtime: ArcSwap::from_pointee(runtime),
-            cancels: CancelRegistry::default(),
+        Arc::new_cyclic(|weak: &std::sync::Weak<Shared>| {
+            let cache_config = &runtime.config.cache;
+            let cache = if cache_config.enabled {
+                // The primary's position as the health checker last saw it: for the epoch
+                // bump after a Redis outage, when no write's own position is at hand.
+                let weak = weak.clone();
+                let lsn_source = Box::new(move || {
+                    weak.upgrade()
+                        .map_or(0, |s| s.runtime.load().backends.primary.health.lsn())
+                });
+                match ResultCache::connect(cache_config, lsn_source) {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "result cache disabled: bad redis_url");
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            Shared {
+                runtime: ArcSwap::from_pointee(runtime),
+                cancels: CancelRegistry::default(),
+                cache,
+            }
         })
     }
 }

@@ -292,11 +292,13 @@ impl ServerConn {
     }
 
     /// Run a one-value query the proxy needs (e.g. the current WAL position) and return the
-    /// first column of the first row as text.
+    /// first column of the first row as text. Notifications that arrive meanwhile (the
+    /// connection of a session that LISTENs) are the client's: they go to `notifications`.
     pub async fn query_text(
         &mut self,
         sql: &str,
         max_message: usize,
+        notifications: &mut Vec<Frame>,
     ) -> Result<Option<String>, BackendError> {
         let mut out = BytesMut::new();
         protocol::query_frame(sql).encode_into(&mut out);
@@ -314,6 +316,7 @@ impl ServerConn {
                         .flatten();
                 }
                 tag::ERROR_RESPONSE => error = Some(ErrorFields::parse(&f.body)),
+                tag::NOTIFICATION_RESPONSE => notifications.push(f),
                 tag::READY_FOR_QUERY => break,
                 _ => {}
             }

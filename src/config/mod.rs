@@ -302,11 +302,20 @@ impl PoolConfig {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct CacheConfig {
-    /// Reserved for the Redis result cache (issue 5). Default false.
+    /// Serve whitelisted reads from Redis. Default false.
     pub enabled: bool,
+    /// `redis://`, `rediss://`, `redis-cluster://` or `redis-sentinel://` URL (fred syntax).
     pub redis_url: String,
+    /// TTL of entries whose rule sets none.
     pub default_ttl_s: u64,
+    /// Results larger than this (in protocol bytes) are not stored.
     pub max_entry_bytes: usize,
+    /// Every Redis call gives up after this long; the cache is then bypassed until Redis
+    /// answers again.
+    pub timeout_ms: u64,
+    /// Prefix of every key pgsplit writes, so several deployments can share one Redis.
+    /// Instances that must stay coherent need the same prefix.
+    pub key_prefix: String,
     pub rules: Vec<CacheRule>,
 }
 
@@ -317,6 +326,8 @@ impl Default for CacheConfig {
             redis_url: "redis://127.0.0.1:6379".into(),
             default_ttl_s: 60,
             max_entry_bytes: 1 << 20,
+            timeout_ms: 100,
+            key_prefix: "pgsplit".into(),
             rules: Vec::new(),
         }
     }
@@ -325,12 +336,21 @@ impl Default for CacheConfig {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct CacheRule {
+    /// A statement, matched after normalization (whitespace, comments and the case of
+    /// unquoted words do not matter; literals and `$n` parameters do).
     #[serde(default)]
     pub query: Option<String>,
+    /// A table: reads touching only whitelisted tables are cached.
     #[serde(default)]
     pub table: Option<String>,
     #[serde(default)]
     pub ttl_s: Option<u64>,
+}
+
+impl CacheConfig {
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
 }
 
 impl Config {
@@ -349,6 +369,38 @@ impl Config {
     }
 
     /// Every rule a configuration must satisfy, checked at once so the user sees them all.
+    fn validate_cache(&self, errors: &mut Vec<String>) {
+        let c = &self.cache;
+        if c.enabled
+            && let Err(e) = fred::prelude::Config::from_url(&c.redis_url)
+        {
+            errors.push(format!("cache.redis_url {:?}: {e}", c.redis_url));
+        }
+        if c.default_ttl_s == 0 {
+            errors.push("cache.default_ttl_s must be at least 1".to_owned());
+        }
+        if c.timeout_ms == 0 {
+            errors.push("cache.timeout_ms must be at least 1".to_owned());
+        }
+        if c.key_prefix.is_empty() || c.key_prefix.contains(['{', '}']) {
+            errors.push("cache.key_prefix must be non-empty and without braces".to_owned());
+        }
+        for (i, r) in c.rules.iter().enumerate() {
+            match (&r.query, &r.table) {
+                (Some(q), None) if crate::cache::normalize(q).is_none() => errors.push(format!(
+                    "cache.rules[{i}]: the query cannot be tokenized as SQL"
+                )),
+                (Some(_), None) | (None, Some(_)) => {}
+                _ => errors.push(format!(
+                    "cache.rules[{i}]: set exactly one of `query` and `table`"
+                )),
+            }
+            if r.ttl_s == Some(0) {
+                errors.push(format!("cache.rules[{i}]: ttl_s must be at least 1"));
+            }
+        }
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut errors = Vec::new();
         if self.users.is_empty() {
@@ -400,6 +452,7 @@ impl Config {
                 errors.push(format!("backend {} has port 0", b.display_name()));
             }
         }
+        self.validate_cache(&mut errors);
         if self.pool.size == 0 {
             errors.push("pool.size must be at least 1".to_owned());
         }

@@ -190,8 +190,20 @@ pub fn decode_command_tag(body: &[u8]) -> &[u8] {
 }
 
 pub fn close_complete() -> Frame {
+    empty(tag::CLOSE_COMPLETE)
+}
+
+pub fn parse_complete() -> Frame {
+    empty(tag::PARSE_COMPLETE)
+}
+
+pub fn bind_complete() -> Frame {
+    empty(tag::BIND_COMPLETE)
+}
+
+fn empty(tag: u8) -> Frame {
     Frame {
-        tag: tag::CLOSE_COMPLETE,
+        tag,
         body: Bytes::new(),
     }
 }

@@ -1,23 +1,12 @@
 //! Classification cache keyed by SQL text, shared by all sessions of one configuration.
-//!
-//! Sharded so sessions on different cores rarely meet on a lock; each shard is bounded and
-//! simply cleared when full (classification is cheap enough that an occasional cold start
-//! costs less than LRU bookkeeping on every hit).
 
-use std::collections::HashMap;
-use std::hash::BuildHasher;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use super::{Classification, Target, classify_with};
-
-const SHARDS: usize = 16;
-/// SQL texts longer than this are classified every time instead of cached.
-const MAX_CACHED_SQL: usize = 16 * 1024;
+use crate::memo::SqlMemo;
 
 pub struct ClassifyCache {
-    shards: Vec<Mutex<HashMap<Box<str>, Arc<Classification>>>>,
-    per_shard: usize,
-    hasher: std::collections::hash_map::RandomState,
+    memo: SqlMemo<Arc<Classification>>,
     /// Extra function names (lower-case) that force the primary (`[routing]
     /// primary_functions`).
     primary_functions: Vec<String>,
@@ -26,9 +15,7 @@ pub struct ClassifyCache {
 impl ClassifyCache {
     pub fn new(capacity: usize, primary_functions: Vec<String>) -> ClassifyCache {
         ClassifyCache {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-            per_shard: (capacity / SHARDS).max(16),
-            hasher: Default::default(),
+            memo: SqlMemo::new(capacity),
             primary_functions: primary_functions
                 .into_iter()
                 .map(|f| f.to_ascii_lowercase())
@@ -36,28 +23,10 @@ impl ClassifyCache {
         }
     }
 
-    fn shard(&self, sql: &str) -> &Mutex<HashMap<Box<str>, Arc<Classification>>> {
-        &self.shards[self.hasher.hash_one(sql) as usize % SHARDS]
-    }
-
     pub fn get(&self, sql: &str) -> Arc<Classification> {
-        let shard = self.shard(sql);
-        if let Some(c) = lock(shard).get(sql) {
-            return c.clone();
-        }
-        let c = classify_with(sql, &self.primary_functions);
-        let c = Arc::new(c);
-        if sql.len() > MAX_CACHED_SQL {
-            // Bulk statements (multi-megabyte INSERTs) are rarely repeated: caching them
-            // would bound the cache by count but not by memory.
-            return c;
-        }
-        let mut map = lock(shard);
-        if map.len() >= self.per_shard {
-            map.clear();
-        }
-        map.insert(sql.into(), c.clone());
-        c
+        self.memo.get_or_insert_with(sql, || {
+            Arc::new(classify_with(sql, &self.primary_functions))
+        })
     }
 
     /// A replica refused this SQL as a write (SQLSTATE 25006): remember it as one.
@@ -66,14 +35,8 @@ impl ClassifyCache {
         c.target = Target::Primary;
         c.writes_unknown = true;
         c.volatile = true;
-        lock(self.shard(sql)).insert(sql.into(), Arc::new(c));
+        self.memo.insert(sql, Arc::new(c));
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding a shard cannot leave a half-written map entry, so a poisoned
-    // lock is still safe to use.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]
@@ -98,15 +61,5 @@ mod tests {
             c.get("select f(1)").target
         );
         assert_eq!(c.get("select 'bump_counter'").target, Target::Replica);
-    }
-
-    #[test]
-    fn stays_bounded() {
-        let c = ClassifyCache::new(16 * 16, vec![]);
-        for i in 0..10_000 {
-            c.get(&format!("SELECT {i}"));
-        }
-        let total: usize = c.shards.iter().map(|s| lock(s).len()).sum();
-        assert!(total <= 16 * 16);
     }
 }

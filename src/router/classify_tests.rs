@@ -615,6 +615,7 @@ fn configured_primary_functions() {
 #[test]
 fn known_stable_list_is_sorted() {
     assert!(super::KNOWN_STABLE.windows(2).all(|w| w[0] < w[1]));
+    assert!(super::KNOWN_VOLATILE_READS.windows(2).all(|w| w[0] < w[1]));
 }
 
 /// Deep or long input gives an answer, not a stack overflow; runs on an explicit 2 MiB stack
@@ -686,5 +687,24 @@ fn garbage_does_not_panic() {
         }
         let c = classify(&sql);
         assert!(c.parsed || c.target == Target::Primary, "{sql:?}");
+    }
+}
+
+#[test]
+fn calls_of_functions_that_may_write_are_flagged() {
+    for sql in [
+        "SELECT my_func(1)",
+        "SELECT app.lower('x')",
+        "SELECT \"Lower\"('x')",
+        "SELECT * FROM t WHERE id = add_audit_row(1)",
+    ] {
+        assert!(classify(sql).calls_user_functions, "{sql}");
+    }
+    for sql in [
+        "SELECT now(), random(), lower('x'), count(*) FROM t",
+        "SELECT pg_catalog.upper('x')",
+        "SELECT 1",
+    ] {
+        assert!(!classify(sql).calls_user_functions, "{sql}");
     }
 }

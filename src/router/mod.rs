@@ -73,6 +73,9 @@ pub struct Classification {
     pub writes_unknown: bool,
     /// It calls a volatile function (now(), random(), nextval ...): never cacheable.
     pub volatile: bool,
+    /// It calls a function that is not a known built-in (somebody's own, which may write):
+    /// where it runs on the primary, the proxy cannot tell what it changed.
+    pub calls_user_functions: bool,
     /// Number of statements in the string (0 for an empty query).
     pub statement_count: usize,
     /// Whether sqlparser understood it; `false` means the conservative fallback was used.
@@ -92,6 +95,7 @@ impl Classification {
             tables_written: Vec::new(),
             writes_unknown: true,
             volatile: true,
+            calls_user_functions: true,
             statement_count: 1,
             parsed: false,
         }

@@ -261,41 +261,53 @@ impl Session {
     }
 
     /// The WAL position a replica must have replayed to serve this session's reads.
+    /// How far a replica must have replayed to serve this session's next read: its own last
+    /// write (read-your-writes), and for a cache fill the last write to the cached tables.
     pub(super) fn required_lsn(&self) -> u64 {
-        match self.consistency {
+        let own = match self.consistency {
             Consistency::ReadYourWrites => self.min_lsn,
             Consistency::Eventual => 0,
-        }
+        };
+        own.max(self.read_floor)
     }
 
-    /// After a committed write: remember where the primary's WAL is, so later reads of this
-    /// session go only where that is replayed. One short query on the primary connection.
-    pub(super) async fn learn_commit_lsn(&mut self) {
-        // A pinned session reads from the primary anyway, and its connection may carry
-        // notifications this internal query would have to step over.
-        if self.consistency != Consistency::ReadYourWrites || self.pinned {
-            return;
+    /// After a committed write: learn where the primary's WAL is, so later reads of this
+    /// session go only where that is replayed (read-your-writes), and so the cache knows which
+    /// replicas may refill what the write invalidated (`for_cache`). One short query on the
+    /// primary connection. `None` when the position could not be read.
+    pub(super) async fn learn_commit_lsn(&mut self, for_cache: bool) -> Option<u64> {
+        let ryw = self.consistency == Consistency::ReadYourWrites;
+        // A pinned session reads from the primary anyway.
+        if !for_cache && (!ryw || self.pinned) {
+            return None;
         }
         let max = self.runtime.config.proxy.max_message_bytes;
-        let Some(conn) = self.conns[0].as_mut() else {
-            return;
-        };
-        match conn
-            .query_text("SELECT pg_current_wal_lsn()::text", max)
-            .await
-        {
-            Ok(Some(lsn)) => {
-                if let Some(lsn) = crate::backend::health::parse_lsn(&lsn) {
+        let conn = self.conns[0].as_mut()?;
+        let mut notifications = Vec::new();
+        let result = conn
+            .query_text("SELECT pg_current_wal_lsn()::text", max, &mut notifications)
+            .await;
+        for n in notifications {
+            n.encode_into(&mut self.out);
+        }
+        match result {
+            Ok(Some(text)) => {
+                let lsn = crate::backend::health::parse_lsn(&text)?;
+                if ryw {
                     self.min_lsn = self.min_lsn.max(lsn);
                 }
+                Some(lsn)
             }
-            Ok(None) => {}
+            Ok(None) => None,
             Err(e) => {
                 debug!(error = %e, "could not read the commit position; reads go to the primary");
-                self.min_lsn = u64::MAX;
+                if ryw {
+                    self.min_lsn = u64::MAX;
+                }
                 if e.is_connection_failure() {
                     self.release(BackendId::PRIMARY, false);
                 }
+                None
             }
         }
     }

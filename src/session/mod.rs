@@ -6,6 +6,7 @@
 //! through `acquire`, the seam transaction pooling will replace.
 
 mod backends;
+mod cached;
 mod client;
 mod relay;
 mod request;
@@ -165,8 +166,17 @@ pub struct Session {
     /// The primary's WAL position after this session's last committed write: replicas
     /// serve its reads only once they replayed this far (0: never wrote).
     min_lsn: u64,
-    /// The open transaction has written.
-    tx_wrote: bool,
+    /// What was written since the last commit (read-your-writes, cache invalidation).
+    writes: cached::WriteSet,
+    /// The proxy user this session logged in as (part of cache keys).
+    login_user: String,
+    /// Extra replay position the current request's replica must have reached: a cache fill
+    /// must not come from before the last write to the cached tables.
+    read_floor: u64,
+    /// The answer of the current request, recorded for the cache.
+    capture: Option<cached::Capture>,
+    /// Digest of the session's settings for cache keys, by settings generation.
+    settings_digest: Option<(u64, [u8; 32])>,
     /// The replica of the last read: requests that only prepare or describe stay there,
     /// so preparing a statement does not use up a turn of the round robin.
     last_replica: Option<BackendId>,
@@ -227,7 +237,11 @@ impl Session {
             last_replica: None,
             consistency,
             min_lsn: 0,
-            tx_wrote: false,
+            writes: cached::WriteSet::default(),
+            login_user: login.user.config.name.clone(),
+            read_floor: 0,
+            capture: None,
+            settings_digest: None,
             settings: Settings::with_baseline(baseline),
             tx_ops: Vec::new(),
             statements: HashMap::new(),
@@ -484,6 +498,9 @@ impl Session {
         if let Some(reply) = self.local_reply(&items) {
             return self.client.send(&reply).await;
         }
+        if self.serve_from_cache(&items, open).await? {
+            return Ok(());
+        }
         let mut route = crate::router::route(
             items.iter().filter_map(Item::class).map(|c| &**c),
             self.facts(),
@@ -503,9 +520,16 @@ impl Session {
         let executes = items
             .iter()
             .any(|i| i.is_execute() || matches!(i, Item::Query { .. } | Item::FunctionCall(_)));
-        let wrote = items
-            .iter()
-            .any(|i| i.class().is_some_and(|c| c.may_write()));
+        for item in &items {
+            match item {
+                Item::FunctionCall(_) => self.writes.note_unknown(),
+                other => {
+                    if let Some(c) = other.class() {
+                        self.writes.note(c);
+                    }
+                }
+            }
+        }
         // A read may run again if nothing of its answer reached the client: once more on
         // another replica after a connection failure, then on the primary.
         let mut attempts_left = 2;
@@ -517,9 +541,21 @@ impl Session {
             };
             let conn = match acquired {
                 Ok(c) => c,
-                Err(e) => return self.report_unavailable(e, &items, open).await,
+                Err(e) => {
+                    self.capture = None;
+                    self.read_floor = 0;
+                    return self.report_unavailable(e, &items, open).await;
+                }
             };
             debug!(?route, backend = conn.0, "routed");
+            if conn.is_primary()
+                && items
+                    .iter()
+                    .any(|i| i.class().is_some_and(|c| c.calls_user_functions))
+            {
+                // Somebody's own function on the primary may write anything.
+                self.writes.note_unknown();
+            }
             if !conn.is_primary()
                 && items
                     .iter()
@@ -533,8 +569,7 @@ impl Session {
                 .await?
             {
                 relay::Outcome::Done => {
-                    self.after_request(conn, wrote).await;
-                    return Ok(());
+                    return self.after_request(conn).await;
                 }
                 relay::Outcome::Retry { on_replica } => {
                     attempts_left -= 1;
@@ -546,18 +581,19 @@ impl Session {
         }
     }
 
-    /// Bookkeeping once a request completed: the commit position of a write (for
-    /// read-your-writes), then pooled connections go back.
-    async fn after_request(&mut self, conn: BackendId, wrote: bool) {
-        if self.tx == TxStatus::Idle {
-            let committed_write = wrote || std::mem::take(&mut self.tx_wrote);
-            if committed_write && conn.is_primary() {
-                self.learn_commit_lsn().await;
-            }
-        } else {
-            self.tx_wrote |= wrote;
-        }
+    /// Bookkeeping once a request completed: store a captured answer, learn the commit
+    /// position of a write and invalidate what it changed, then pooled connections go back
+    /// and the client gets the rest of the answer (held back until the cache knew of the
+    /// commit).
+    async fn after_request(&mut self, conn: BackendId) -> Result<()> {
+        self.finish_capture();
+        self.settle_writes(conn).await;
         self.release_idle();
+        if !self.out.is_empty() {
+            self.client.write(&self.out).await?;
+            self.out.clear();
+        }
+        Ok(())
     }
 
     /// Requests the proxy answers itself: a lone Sync, DEALLOCATE of a protocol-level

@@ -143,13 +143,21 @@ impl Session {
         for item in items {
             self.emit(&mut fl, item);
         }
+        self.restart_capture();
         self.set_cancel_target(Some(fl.conn.cancel_key));
         let result = self.relay(&mut fl).await;
         self.set_cancel_target(None);
-        self.out.clear();
+        if result.is_err() || fl.retry {
+            // Output withheld for a retry, or cut short: none of it is the client's.
+            self.out.clear();
+        }
         match result {
             Ok(()) if fl.retry => {
                 warn!(backend = ?fl.id, "replica refused a statement as a write; retrying on the primary");
+                // Whatever it wrote is not attributable to tables, and its answer is no
+                // read to cache.
+                self.writes.note_unknown();
+                self.capture = None;
                 for item in items {
                     if let Some(sql) = statement_sql(item) {
                         self.runtime.classify.learn_write(&sql);
@@ -185,14 +193,19 @@ impl Session {
         let max = self.runtime.config.proxy.max_message_bytes;
         for name in std::mem::take(&mut fl.read_back) {
             let quoted = name.replace('\'', "''");
+            let mut notifications = Vec::new();
             let value = fl
                 .conn
                 .query_text(
                     &format!("SELECT pg_catalog.current_setting('{quoted}', true)"),
                     max,
+                    &mut notifications,
                 )
                 .await
                 .map_err(Error::Backend)?;
+            for n in notifications {
+                n.encode_into(&mut self.out);
+            }
             let sql = match value {
                 Some(v) => format!(
                     "SELECT pg_catalog.set_config('{quoted}', '{}', false)",
@@ -277,10 +290,7 @@ impl Session {
                 let name = stmt.parse.name.clone();
                 if !name.is_empty() && fl.conn.prepared.contains(&stmt.server_name) {
                     fl.expects.push_back(Expect::Synth {
-                        frame: Frame {
-                            tag: tag::PARSE_COMPLETE,
-                            body: bytes::Bytes::new(),
-                        },
+                        frame: protocol::parse_complete(),
                         register: Some((name, stmt.clone())),
                         unregister: None,
                     });
@@ -415,18 +425,23 @@ impl Session {
         self.wbuf.clear();
         loop {
             let progress = self.process_backend(fl)?;
+            if let Progress::Done = progress {
+                if fl.retry {
+                    return Ok(());
+                }
+                // Complete without a retry: any held answer is the answer.
+                fl.holding = false;
+                self.tee_capture();
+                if !self.defer_tail() {
+                    self.client.write(&self.out).await?;
+                    self.out.clear();
+                }
+                return Ok(());
+            }
             if !fl.holding && !self.out.is_empty() {
+                self.tee_capture();
                 self.client.write(&self.out).await?;
                 self.out.clear();
-            }
-            if let Progress::Done = progress {
-                if fl.holding && !fl.retry {
-                    // Complete without a retry: the held answer is the answer.
-                    fl.holding = false;
-                    self.client.write(&self.out).await?;
-                }
-                self.out.clear();
-                return Ok(());
             }
             let accepting = fl.copy_in || fl.open || fl.need_sync;
             if accepting && self.client.has_frame() {
@@ -498,10 +513,15 @@ impl Session {
                 &self.statements,
                 &mut fl.local,
             )?;
-            if let Some(c) = item.class()
-                && c.pins_session
-            {
-                self.pinned = true;
+            if let Some(c) = item.class() {
+                self.pinned |= c.pins_session;
+                self.writes.note(c);
+                if c.calls_user_functions && fl.id.is_primary() {
+                    self.writes.note_unknown();
+                }
+            }
+            if matches!(item, Item::FunctionCall(_)) {
+                self.writes.note_unknown();
             }
             if matches!(
                 item,

@@ -1,0 +1,324 @@
+//! The session's side of the result cache: which requests may be answered from Redis, the
+//! replay of a hit, the capture of a miss's answer, and the invalidation after a committed
+//! write (before the client learns of the commit).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{BufMut, BytesMut};
+use tracing::debug;
+
+use super::Session;
+use super::request::Item;
+use super::state::{Statement, startup_settings};
+use crate::backend::BackendId;
+use crate::cache::{CachePlan, Fill, KeyParts, Lookup, entry_key, replayable_frames, version_name};
+use crate::error::Result;
+use crate::protocol::{self, BindNames, Target, TxStatus, decode_target, query_sql, tag};
+use crate::router::Classification;
+
+/// Tables written since the last commit, for invalidation when it happens.
+#[derive(Debug, Default)]
+pub(super) struct WriteSet {
+    /// Something was written (a transaction that wrote commits; read-your-writes cares).
+    pub any: bool,
+    /// Something was written that cannot be attributed to tables: bump the global epoch.
+    pub everything: bool,
+    /// Version names of the tables written.
+    pub tables: Vec<String>,
+}
+
+impl WriteSet {
+    pub fn note(&mut self, class: &Classification) {
+        if !class.may_write() {
+            return;
+        }
+        self.any = true;
+        self.everything |= class.writes_unknown;
+        for t in &class.tables_written {
+            let name = version_name(t);
+            if !self.tables.contains(&name) {
+                self.tables.push(name);
+            }
+        }
+    }
+
+    /// A FunctionCall (fast-path) or a statement learned as a write: anything may have
+    /// changed.
+    pub fn note_unknown(&mut self) {
+        self.any = true;
+        self.everything = true;
+    }
+}
+
+/// An answer being recorded for the cache while it streams to the client.
+pub(super) struct Capture {
+    fill: Fill,
+    ttl: Duration,
+    buf: BytesMut,
+    max: usize,
+    too_large: bool,
+}
+
+/// A request the cache may answer.
+struct Candidate {
+    plan: Arc<CachePlan>,
+    shape: &'static str,
+    params: Vec<u8>,
+    /// The statement a Parse in the request defines: registered on a hit, as if parsed.
+    parsed: Option<Arc<Statement>>,
+}
+
+impl Session {
+    /// Answer the request from the cache if it can; on a miss, arrange for the answer to be
+    /// captured and for the read to run only where the cached tables' last writes are
+    /// replayed. Returns whether the request was answered.
+    pub(super) async fn serve_from_cache(&mut self, items: &[Item], open: bool) -> Result<bool> {
+        self.capture = None;
+        self.read_floor = 0;
+        let Some(cache) = self.shared.cache.clone() else {
+            return Ok(false);
+        };
+        if open || self.tx != TxStatus::Idle || self.pinned || self.runtime.cache_rules.is_empty() {
+            // Inside a transaction the answer must come from its snapshot; a pinned session
+            // may have temporary tables that shadow the cached ones.
+            return Ok(false);
+        }
+        let Some(candidate) = self.cache_candidate(items) else {
+            return Ok(false);
+        };
+        let key = self.cache_key(&candidate);
+        match cache.lookup(key, &candidate.plan.tables).await {
+            Lookup::Hit(frames) => {
+                debug!("answered from the result cache");
+                let mut out = BytesMut::with_capacity(frames.len() + 16);
+                if let Some(stmt) = candidate.parsed {
+                    protocol::parse_complete().encode_into(&mut out);
+                    self.statements.insert(stmt.parse.name.clone(), stmt);
+                }
+                if candidate.shape != "Q" {
+                    protocol::bind_complete().encode_into(&mut out);
+                }
+                out.put_slice(&frames);
+                protocol::ready_for_query(TxStatus::Idle).encode_into(&mut out);
+                self.client.write(&out).await?;
+                Ok(true)
+            }
+            Lookup::Miss(fill) => {
+                self.read_floor = fill.floor_lsn;
+                self.capture = Some(Capture {
+                    fill,
+                    ttl: candidate.plan.ttl,
+                    buf: BytesMut::new(),
+                    max: self.runtime.config.cache.max_entry_bytes,
+                    too_large: false,
+                });
+                Ok(false)
+            }
+            Lookup::Bypass => Ok(false),
+        }
+    }
+
+    /// The request is one whitelisted read, as a simple Query or as
+    /// `[Parse] Bind [Describe portal] Execute Sync` on the unnamed portal.
+    fn cache_candidate(&self, items: &[Item]) -> Option<Candidate> {
+        let rules = &self.runtime.cache_rules;
+        if let [Item::Query { frame, class }] = items {
+            let sql = query_sql(&frame.body).ok()?;
+            return Some(Candidate {
+                plan: rules.plan(&sql, class)?,
+                shape: "Q",
+                params: Vec::new(),
+                parsed: None,
+            });
+        }
+        let mut rest = items;
+        let parsed = match rest.first() {
+            Some(Item::Parse(s)) => {
+                rest = &rest[1..];
+                Some(s.clone())
+            }
+            _ => None,
+        };
+        let (bind, stmt, describe) = match rest {
+            [
+                Item::Bind {
+                    frame,
+                    stmt: Some(s),
+                },
+                Item::Portal(_),
+                Item::Sync,
+            ] => (frame, s, None),
+            [
+                Item::Bind {
+                    frame,
+                    stmt: Some(s),
+                },
+                Item::Portal(d),
+                Item::Portal(_),
+                Item::Sync,
+            ] => (frame, s, Some(d)),
+            _ => return None,
+        };
+        let execute = match rest {
+            [_, Item::Portal(e), Item::Sync] | [_, _, Item::Portal(e), Item::Sync] => e,
+            _ => return None,
+        };
+        if parsed.as_ref().is_some_and(|p| !Arc::ptr_eq(p, stmt)) {
+            return None;
+        }
+        let names = BindNames::decode(&bind.body).ok()?;
+        if !names.portal.is_empty() || !runs_unnamed_portal_to_completion(execute) {
+            return None;
+        }
+        if let Some(d) = describe
+            && !(d.tag == tag::DESCRIBE
+                && matches!(decode_target(&d.body, "Describe"), Ok(Target::Portal(""))))
+        {
+            return None;
+        }
+        let plan = rules.plan(&stmt.parse.sql, &stmt.class)?;
+        let mut params = Vec::with_capacity(stmt.parse.param_types.len() + bind.body.len());
+        params.extend_from_slice(&(stmt.parse.param_types.len() as u32).to_be_bytes());
+        params.extend_from_slice(&stmt.parse.param_types);
+        params.extend_from_slice(names.tail(&bind.body));
+        let shape = match (parsed.is_some(), describe.is_some()) {
+            (true, true) => "PBDE",
+            (true, false) => "PBE",
+            (false, true) => "BDE",
+            (false, false) => "BE",
+        };
+        Some(Candidate {
+            plan,
+            shape,
+            params,
+            parsed,
+        })
+    }
+
+    fn cache_key(&mut self, c: &Candidate) -> String {
+        let generation = self.settings.generation;
+        let settings = match self.settings_digest {
+            Some((g, d)) if g == generation => d,
+            _ => {
+                // Session mode passes startup parameters to the server as such; transaction
+                // mode replays them as settings. Either way they shape results.
+                let startup = startup_settings(&self.login_params);
+                let effective = self.settings.effective();
+                let all = startup
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .chain(effective.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                    .filter(|(k, _)| !IRRELEVANT_SETTINGS.contains(k));
+                let d = crate::cache::settings_digest(all);
+                self.settings_digest = Some((generation, d));
+                d
+            }
+        };
+        entry_key(
+            &self.runtime.config.cache.key_prefix,
+            &KeyParts {
+                user: &self.login_user,
+                database: &self.connect.database,
+                settings: &settings,
+                shape: c.shape,
+                normalized_sql: &c.plan.normalized,
+                params: &c.params,
+            },
+        )
+    }
+
+    /// Record what is about to go to the client, if an answer is being captured.
+    pub(super) fn tee_capture(&mut self) {
+        if let Some(c) = self.capture.as_mut()
+            && !c.too_large
+        {
+            if c.buf.len() + self.out.len() > c.max {
+                c.too_large = true;
+                c.buf = BytesMut::new();
+            } else {
+                c.buf.extend_from_slice(&self.out);
+            }
+        }
+    }
+
+    /// A request that may run again (on another backend) starts its capture over.
+    pub(super) fn restart_capture(&mut self) {
+        if let Some(c) = self.capture.as_mut() {
+            c.buf.clear();
+            c.too_large = false;
+        }
+    }
+
+    /// The request ended: store a complete, successful captured answer.
+    pub(super) fn finish_capture(&mut self) {
+        let Some(capture) = self.capture.take() else {
+            return;
+        };
+        self.read_floor = 0;
+        let Some(cache) = self.shared.cache.clone() else {
+            return;
+        };
+        if capture.too_large {
+            cache
+                .stats
+                .too_large
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return;
+        }
+        if self.tx != TxStatus::Idle {
+            return;
+        }
+        let Some(frames) = replayable_frames(&capture.buf) else {
+            return;
+        };
+        // The client has its answer: storing need not delay its next request.
+        tokio::spawn(async move {
+            cache.store(capture.fill, &frames, capture.ttl).await;
+        });
+    }
+
+    /// The client must not see a commit before the cache knows of it: a read it sends next,
+    /// on any connection to any pgsplit instance, must miss the entries the write outdated.
+    pub(super) fn defer_tail(&self) -> bool {
+        self.shared.cache.is_some() && self.tx == TxStatus::Idle && self.writes_to_invalidate()
+    }
+
+    /// The writes since the last commit touch something a cache entry can depend on.
+    fn writes_to_invalidate(&self) -> bool {
+        let w = &self.writes;
+        w.everything || w.tables.iter().any(|t| self.runtime.cache_rules.guards(t))
+    }
+
+    /// After a request that ended outside a transaction: if what it committed wrote,
+    /// learn the commit position (read-your-writes) and invalidate the cache.
+    pub(super) async fn settle_writes(&mut self, conn: BackendId) {
+        if self.tx != TxStatus::Idle || !self.writes.any {
+            return;
+        }
+        let invalidate = self.writes_to_invalidate();
+        let mut writes = std::mem::take(&mut self.writes);
+        if !conn.is_primary() {
+            return;
+        }
+        let cache = self.shared.cache.clone().filter(|_| invalidate);
+        let lsn = self.learn_commit_lsn(cache.is_some()).await;
+        if let Some(cache) = cache {
+            writes.tables.retain(|t| self.runtime.cache_rules.guards(t));
+            // Unknown position (the primary connection failed right after the commit): the
+            // health checker's last view of the primary is the best bound left.
+            let lsn = lsn.unwrap_or_else(|| self.runtime.backends.primary.health.lsn());
+            cache
+                .invalidate(&writes.tables, writes.everything, lsn)
+                .await;
+        }
+    }
+}
+
+/// Startup parameters that cannot change a query's result.
+const IRRELEVANT_SETTINGS: &[&str] = &["application_name", super::CONSISTENCY_SETTING];
+
+/// Execute of the unnamed portal with no row limit.
+fn runs_unnamed_portal_to_completion(execute: &protocol::Frame) -> bool {
+    execute.tag == tag::EXECUTE && execute.body.len() == 5 && execute.body[..] == [0, 0, 0, 0, 0]
+}
