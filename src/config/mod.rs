@@ -371,10 +371,24 @@ impl Config {
     /// Every rule a configuration must satisfy, checked at once so the user sees them all.
     fn validate_cache(&self, errors: &mut Vec<String>) {
         let c = &self.cache;
-        if c.enabled
-            && let Err(e) = fred::prelude::Config::from_url(&c.redis_url)
-        {
-            errors.push(format!("cache.redis_url {:?}: {e}", c.redis_url));
+        if c.enabled {
+            let scheme = c.redis_url.split_once("://").map(|(s, _)| s);
+            let known = [
+                "redis",
+                "rediss",
+                "redis-cluster",
+                "rediss-cluster",
+                "redis-sentinel",
+                "rediss-sentinel",
+            ];
+            if !scheme.is_some_and(|s| known.contains(&s)) {
+                errors.push(format!(
+                    "cache.redis_url {:?}: expected redis://, rediss://, redis-cluster:// or redis-sentinel://",
+                    c.redis_url
+                ));
+            } else if let Err(e) = fred::prelude::Config::from_url(&c.redis_url) {
+                errors.push(format!("cache.redis_url {:?}: {e}", c.redis_url));
+            }
         }
         if c.default_ttl_s == 0 {
             errors.push("cache.default_ttl_s must be at least 1".to_owned());
@@ -543,6 +557,33 @@ mod tests {
         assert!(err.contains("needs a password"), "{err}");
         assert!(err.contains("max_client_connections"), "{err}");
         assert!(err.contains("empty host"), "{err}");
+    }
+
+    #[test]
+    fn cache_rules_are_validated() {
+        let good = format!(
+            "{MINIMAL}\n[cache]\nenabled = true\n[[cache.rules]]\ntable = \"t\"\n\
+             [[cache.rules]]\nquery = \"SELECT 1\"\nttl_s = 5\n"
+        );
+        let c = Config::from_toml(&good).unwrap();
+        assert_eq!(c.cache.rules.len(), 2);
+        let bad = format!(
+            "{MINIMAL}\n[cache]\nenabled = true\nredis_url = \"http://x\"\ntimeout_ms = 0\n\
+             [[cache.rules]]\ntable = \"t\"\nquery = \"SELECT 1\"\n\
+             [[cache.rules]]\nttl_s = 0\n\
+             [[cache.rules]]\nquery = \"SELECT 'open\"\n"
+        );
+        let err = Config::from_toml(&bad).unwrap_err().to_string();
+        for needle in [
+            "cache.redis_url",
+            "cache.timeout_ms",
+            "rules[0]: set exactly one",
+            "rules[1]: set exactly one",
+            "rules[1]: ttl_s",
+            "rules[2]: the query cannot be tokenized",
+        ] {
+            assert!(err.contains(needle), "{needle}: {err}");
+        }
     }
 
     #[test]
