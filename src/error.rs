@@ -44,6 +44,8 @@ pub enum Error {
     PoolTimeout(String),
     #[error("the configured primary is in recovery (read-only); pgsplit refuses to send it writes")]
     PrimaryInRecovery,
+    #[error("terminating connection due to administrator command (pgsplit is shutting down)")]
+    ShuttingDown,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -72,6 +74,7 @@ impl Error {
             Error::TooManyClients | Error::PoolTimeout(_) => "53300",
             Error::PrimaryInRecovery => "25006",
             Error::LoginTimeout => "08006",
+            Error::ShuttingDown => "57P01",
             // A server's own refusal keeps its SQLSTATE (e.g. 3D000 unknown database).
             Error::Backend(BackendError::Server(e)) if !e.code.is_empty() => &e.code,
             Error::Backend(BackendError::AuthUnsupported(_)) => "28000",

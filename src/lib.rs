@@ -5,16 +5,20 @@
 //! in-process on port 0. Module layers: `protocol`, `config` and `router` are pure leaves;
 //! `backend` and `auth` build on leaves; `session` combines them; `server` wires it up.
 
+pub mod admin;
 pub mod auth;
 pub mod backend;
 pub mod cache;
 pub mod config;
 pub mod error;
 pub mod memo;
+pub mod metrics;
 pub mod protocol;
+pub mod reload;
 pub mod router;
 pub mod server;
 pub mod session;
 pub mod state;
+pub mod stats;
 
 pub use error::{Error, Result};

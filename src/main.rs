@@ -9,6 +9,8 @@ use tokio_util::sync::CancellationToken;
 use pgsplit::config::Config;
 use pgsplit::server::Server;
 use pgsplit::state::{Runtime, Shared};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 /// Transparent PostgreSQL proxy: writes and transactions to the primary, reads to replicas.
 #[derive(Parser)]
@@ -34,26 +36,33 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let loaded = Config::load(&args.config);
+    // The log filter: --log, else RUST_LOG, else the config's `[proxy] log`.
     let filter = args
         .log
         .clone()
         .or_else(|| std::env::var("RUST_LOG").ok())
+        .or_else(|| loaded.as_ref().ok().map(|c| c.proxy.log.clone()))
         .unwrap_or_else(|| "info".into());
-    tracing_subscriber::fmt()
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&filter).context("invalid --log filter")?,
+    let (filter_layer, filter_handle) = tracing_subscriber::reload::Layer::new(
+        tracing_subscriber::EnvFilter::try_new(&filter).context("invalid --log filter")?,
+    );
+    tracing_subscriber::registry()
+        .with(filter_layer)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_writer(std::io::stderr),
         )
         .init();
 
-    let config =
-        Config::load(&args.config).with_context(|| format!("loading {}", args.config.display()))?;
+    let config = loaded.with_context(|| format!("loading {}", args.config.display()))?;
     if let Some(Command::Check) = args.command {
         Runtime::new(config)?;
         println!("{}: configuration is valid", args.config.display());
         return Ok(());
     }
+    warn_if_readable_secrets(&args.config, &config);
     let listen = config.proxy.listen;
     let runtime = Runtime::new(config)?;
     tokio::runtime::Builder::new_multi_thread()
@@ -61,36 +70,86 @@ fn main() -> anyhow::Result<()> {
         .build()?
         .block_on(async move {
             let shared = Shared::new(runtime);
-            let server = Server::bind(shared, listen)
+            let path = std::fs::canonicalize(&args.config).unwrap_or(args.config.clone());
+            let _ = shared.config_path.set(path);
+            let _ = shared.log_filter.set(Box::new(move |f: &str| {
+                let filter =
+                    tracing_subscriber::EnvFilter::try_new(f).map_err(|e| e.to_string())?;
+                filter_handle.reload(filter).map_err(|e| e.to_string())
+            }));
+            let server = Server::bind(shared.clone(), listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
             let shutdown = CancellationToken::new();
             let signal = shutdown.clone();
+            let mut stops = StopSignals::new().context("installing signal handlers")?;
             tokio::spawn(async move {
-                wait_for_stop_signal().await;
-                tracing::info!("shutting down: no new clients; waiting for sessions to end");
+                stops.next().await;
+                tracing::info!("shutting down: no new clients; running transactions may finish");
                 signal.cancel();
-                wait_for_stop_signal().await;
+                stops.next().await;
                 tracing::info!("second signal: exiting now");
                 std::process::exit(0);
+            });
+            let hup_shared = shared.clone();
+            tokio::spawn(async move {
+                use tokio::signal::unix::{SignalKind, signal};
+                let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                    return;
+                };
+                while hup.recv().await.is_some() {
+                    tracing::info!("SIGHUP: reloading the configuration");
+                    let _ = pgsplit::reload::reload(&hup_shared);
+                }
             });
             server.run(shutdown).await;
             Ok(())
         })
 }
 
-/// SIGINT or SIGTERM.
-async fn wait_for_stop_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
+/// Plain passwords in a file others can read deserve a word.
+fn warn_if_readable_secrets(path: &std::path::Path, config: &Config) {
+    use std::os::unix::fs::PermissionsExt;
+    let plain = |p: &Option<String>| {
+        p.as_deref()
+            .is_some_and(|p| !p.starts_with("SCRAM-SHA-256$") && !p.starts_with("md5"))
     };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    let has_plain = config
+        .users
+        .iter()
+        .any(|u| plain(&u.password) || plain(&u.server_password))
+        || plain(&config.proxy.admin_password);
+    let mode = std::fs::metadata(path)
+        .map(|m| m.permissions().mode())
+        .unwrap_or(0);
+    if has_plain && mode & 0o044 != 0 {
+        tracing::warn!(
+            path = %path.display(),
+            "the config holds plain passwords and other users can read it (chmod 600, or use SCRAM verifiers)"
+        );
+    }
+}
+
+/// SIGINT and SIGTERM, registered once: a second registration made after the first signal
+/// arrived would report that same signal again.
+struct StopSignals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn new() -> std::io::Result<StopSignals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(StopSignals {
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+        })
+    }
+
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
+        }
     }
 }

@@ -17,16 +17,34 @@ use crate::state::Shared;
 pub struct Server {
     pub shared: Arc<Shared>,
     listener: TcpListener,
+    /// `/metrics` and `/health`, when `metrics_listen` is set.
+    metrics: Option<TcpListener>,
 }
 
 impl Server {
     pub async fn bind(shared: Arc<Shared>, addr: SocketAddr) -> std::io::Result<Server> {
         let listener = TcpListener::bind(addr).await?;
-        Ok(Server { shared, listener })
+        let metrics_addr = shared.runtime.load().config.proxy.metrics_listen;
+        let metrics =
+            match metrics_addr {
+                Some(a) => Some(TcpListener::bind(a).await.map_err(|e| {
+                    std::io::Error::new(e.kind(), format!("metrics_listen {a}: {e}"))
+                })?),
+                None => None,
+            };
+        Ok(Server {
+            shared,
+            listener,
+            metrics,
+        })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|m| m.local_addr().ok())
     }
 
     /// Accept clients until `shutdown` is cancelled; then wait for running sessions.
@@ -42,7 +60,21 @@ impl Server {
         let tracker = TaskTracker::new();
         info!(addr = %self.local_addr().map(|a| a.to_string()).unwrap_or_default(), "listening");
         let maintenance = tokio::spawn(maintain_pools(self.shared.clone(), shutdown.clone()));
-        let checkers = spawn_health_checkers(&self.shared);
+        let watcher = tokio::spawn(crate::reload::watch_file(
+            self.shared.clone(),
+            shutdown.clone(),
+        ));
+        // Metrics stay up through the shutdown: /health says so to the load balancer.
+        let metrics_stop = CancellationToken::new();
+        if let Some(m) = self.metrics {
+            info!(addr = %m.local_addr().map(|a| a.to_string()).unwrap_or_default(), "metrics listening");
+            tokio::spawn(crate::metrics::serve(
+                self.shared.clone(),
+                m,
+                metrics_stop.clone(),
+            ));
+        }
+        restart_health_checkers(&self.shared);
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -66,12 +98,36 @@ impl Server {
                 drop(permit);
             });
         }
+        // New clients are refused from here on, not left waiting in the listen backlog.
+        drop(self.listener);
         tracker.close();
-        tracker.wait().await;
+        // Idle sessions end now, the others at the end of their transaction; what is still
+        // running after the timeout is cut off when the process exits.
+        let shared = self.shared;
+        shared.draining.cancel();
+        let timeout = shared.runtime.load().config.proxy.shutdown_timeout();
+        if tokio::time::timeout(timeout, tracker.wait()).await.is_err() {
+            warn!(
+                sessions = tracker.len(),
+                "shutdown timeout reached; closing the remaining sessions"
+            );
+        }
         maintenance.abort();
-        for c in checkers {
+        watcher.abort();
+        metrics_stop.cancel();
+        for c in std::mem::take(&mut *crate::state::lock(&shared.checkers)) {
             c.abort();
         }
+    }
+}
+
+/// Stop the health checkers of the previous configuration and start one per backend of the
+/// current one (their findings live on in the backends' shared health states).
+pub fn restart_health_checkers(shared: &Arc<Shared>) {
+    let new = spawn_health_checkers(shared);
+    let old = std::mem::replace(&mut *crate::state::lock(&shared.checkers), new);
+    for c in old {
+        c.abort();
     }
 }
 

@@ -28,6 +28,8 @@ pub struct UserEntry {
 pub struct Runtime {
     pub config: Arc<Config>,
     pub users: HashMap<String, Arc<UserEntry>>,
+    /// The admin console's login (`[proxy] admin_user` / `admin_password`), if configured.
+    pub admin: Option<Arc<UserEntry>>,
     pub backends: Backends,
     pub classify: ClassifyCache,
     /// What the result cache may hold (`[[cache.rules]]`).
@@ -40,6 +42,11 @@ type PoolKey = (BackendId, String, String);
 
 impl Runtime {
     pub fn new(config: Config) -> Result<Runtime, ConfigError> {
+        Runtime::new_reusing(config, None)
+    }
+
+    /// A runtime for `config` that keeps `old`'s knowledge of servers at the same address.
+    pub fn new_reusing(config: Config, old: Option<&Runtime>) -> Result<Runtime, ConfigError> {
         config.validate()?;
         let mut users = HashMap::new();
         for u in &config.users {
@@ -54,8 +61,28 @@ impl Runtime {
                 }),
             );
         }
+        let admin = match (&config.proxy.admin_user, &config.proxy.admin_password) {
+            (Some(name), Some(password)) => {
+                let user = UserConfig {
+                    name: name.clone(),
+                    password: Some(password.clone()),
+                    auth_method: Some(crate::config::AuthMethod::ScramSha256),
+                    server_user: None,
+                    server_password: None,
+                };
+                let secret = UserSecret::for_user(&config, &user).ok_or_else(|| {
+                    ConfigError::Invalid("proxy.admin_password: unusable password".into())
+                })?;
+                Some(Arc::new(UserEntry {
+                    config: user,
+                    secret,
+                }))
+            }
+            _ => None,
+        };
         Ok(Runtime {
-            backends: Backends::from_config(&config),
+            backends: Backends::from_config_reusing(&config, old.map(|o| &o.backends)),
+            admin,
             classify: ClassifyCache::new(16_384, config.routing.primary_functions.clone()),
             cache_rules: CacheRules::new(&config.cache),
             users,
@@ -160,6 +187,33 @@ pub struct Shared {
     pub cancels: CancelRegistry,
     /// The Redis result cache, when `[cache] enabled`.
     pub cache: Option<Arc<ResultCache>>,
+    /// Counters, latency histograms and the client registry.
+    pub stats: crate::stats::Stats,
+    /// The file the configuration came from (reloads read it again).
+    pub config_path: std::sync::OnceLock<std::path::PathBuf>,
+    /// How the last reloads went.
+    pub reload: Mutex<ReloadStatus>,
+    /// Applies a new log filter (set by `main`; tests run without one).
+    pub log_filter: std::sync::OnceLock<LogFilterFn>,
+    /// Health checkers of the current runtime.
+    pub checkers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Set when the proxy shuts down: sessions end at their next idle point.
+    pub draining: tokio_util::sync::CancellationToken,
+}
+
+pub type LogFilterFn = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// The outcome of config reloads, for SHOW CONFIG and the metrics.
+#[derive(Debug, Default, Clone)]
+pub struct ReloadStatus {
+    pub applied: u64,
+    pub failed: u64,
+    /// Unix time of the last applied reload.
+    pub last_applied_unix: Option<u64>,
+    /// The last attempt's error, cleared by the next success.
+    pub last_error: Option<String>,
+    /// What the last applied reload changed.
+    pub last_summary: Option<String>,
 }
 
 impl Shared {
@@ -189,6 +243,12 @@ impl Shared {
                 runtime: ArcSwap::from_pointee(runtime),
                 cancels: CancelRegistry::default(),
                 cache,
+                stats: crate::stats::Stats::default(),
+                config_path: std::sync::OnceLock::new(),
+                reload: Mutex::new(ReloadStatus::default()),
+                log_filter: std::sync::OnceLock::new(),
+                checkers: Mutex::new(Vec::new()),
+                draining: tokio_util::sync::CancellationToken::new(),
             }
         })
     }

@@ -39,6 +39,8 @@ pub struct HealthState {
     replay_age_ms: AtomicU64,
     /// Why the node is out of rotation, or what the last check saw.
     reason: Mutex<String>,
+    /// Taken out of rotation by an operator (admin console `BAN`).
+    banned: AtomicBool,
 }
 
 impl Default for HealthState {
@@ -50,6 +52,7 @@ impl Default for HealthState {
             lag_bytes: AtomicU64::new(u64::MAX),
             replay_age_ms: AtomicU64::new(u64::MAX),
             reason: Mutex::new("not checked yet".into()),
+            banned: AtomicBool::new(false),
         }
     }
 }
@@ -57,6 +60,14 @@ impl Default for HealthState {
 impl HealthState {
     pub fn healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
+    }
+
+    pub fn banned(&self) -> bool {
+        self.banned.load(Ordering::Relaxed)
+    }
+
+    pub fn set_banned(&self, banned: bool) {
+        self.banned.store(banned, Ordering::Relaxed);
     }
 
     pub fn role(&self) -> Role {

@@ -10,6 +10,7 @@ pub mod health;
 mod pool;
 mod prepared;
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -74,21 +75,26 @@ pub struct Backend {
     /// Until when (ms since `epoch`) this node is skipped after a failed connect.
     down_until_ms: AtomicU64,
     epoch: Instant,
-    /// The health checker's findings.
-    pub health: HealthState,
+    /// The health checker's findings; carried over a config reload for the same address.
+    pub health: Arc<HealthState>,
 }
 
 /// How long a node that refused a connection stays out of rotation before it is tried again.
 const DOWN_BACKOFF: Duration = Duration::from_millis(1000);
 
 impl Backend {
-    fn new(id: BackendId, config: BackendConfig, epoch: Instant) -> Backend {
+    fn new(
+        id: BackendId,
+        config: BackendConfig,
+        epoch: Instant,
+        health: Option<Arc<HealthState>>,
+    ) -> Backend {
         Backend {
             id,
             config,
             down_until_ms: AtomicU64::new(0),
             epoch,
-            health: HealthState::default(),
+            health: health.unwrap_or_default(),
         }
     }
 
@@ -103,7 +109,9 @@ impl Backend {
     /// In rotation: healthy by the checker and not just refused a connection.
     pub fn is_available(&self) -> bool {
         let now = self.epoch.elapsed().as_millis() as u64;
-        self.health.healthy() && self.down_until_ms.load(Ordering::Relaxed) <= now
+        self.health.healthy()
+            && !self.health.banned()
+            && self.down_until_ms.load(Ordering::Relaxed) <= now
     }
 
     /// Take the node out of rotation for a short while after a connection failure.
@@ -127,14 +135,34 @@ pub struct Backends {
 
 impl Backends {
     pub fn from_config(cfg: &Config) -> Backends {
+        Backends::from_config_reusing(cfg, None)
+    }
+
+    /// The backends of `cfg`; a server at the same address as one of `old` keeps what the
+    /// health checker (and an operator's BAN) found about it, so a reload does not send
+    /// reads to a node known to be down, or away from one known to be up.
+    pub fn from_config_reusing(cfg: &Config, old: Option<&Backends>) -> Backends {
         let epoch = Instant::now();
+        let health = |c: &BackendConfig| {
+            old.and_then(|o| {
+                std::iter::once(&o.primary)
+                    .chain(&o.replicas)
+                    .find(|b| b.address() == c.address())
+                    .map(|b| b.health.clone())
+            })
+        };
         Backends {
-            primary: Backend::new(BackendId::PRIMARY, cfg.primary.clone(), epoch),
+            primary: Backend::new(
+                BackendId::PRIMARY,
+                cfg.primary.clone(),
+                epoch,
+                health(&cfg.primary),
+            ),
             replicas: cfg
                 .replicas
                 .iter()
                 .enumerate()
-                .map(|(i, r)| Backend::new(BackendId(i as u32 + 1), r.clone(), epoch))
+                .map(|(i, r)| Backend::new(BackendId(i as u32 + 1), r.clone(), epoch, health(r)))
                 .collect(),
             balancer: Balancer::new(&cfg.replicas.iter().map(|r| r.weight).collect::<Vec<_>>()),
         }

@@ -82,6 +82,22 @@ impl Pool {
         })
     }
 
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn user(&self) -> &str {
+        &self.params.user
+    }
+
+    pub fn database(&self) -> &str {
+        &self.params.database
+    }
+
+    pub fn size(&self) -> usize {
+        self.limits.size
+    }
+
     pub fn server_params(&self) -> Option<&[(String, String)]> {
         self.server_params.get().map(Vec::as_slice)
     }

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -24,7 +24,7 @@ pub enum ConfigError {
 }
 
 /// The whole file.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -47,7 +47,7 @@ pub struct Config {
 }
 
 /// How a server connection is shared between clients.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum PoolMode {
     /// Each client owns its server connections for its whole session.
@@ -58,7 +58,7 @@ pub enum PoolMode {
 }
 
 /// How clients prove who they are to the proxy.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 pub enum AuthMethod {
     #[serde(rename = "scram-sha-256")]
     ScramSha256,
@@ -69,7 +69,7 @@ pub enum AuthMethod {
     Trust,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProxyConfig {
     /// Address clients connect to. Default `127.0.0.1:6432`. Needs a restart to change.
@@ -84,12 +84,16 @@ pub struct ProxyConfig {
     pub client_login_timeout_ms: u64,
     /// Largest frontend or inspected backend message accepted. Default 256 MiB.
     pub max_message_bytes: usize,
-    /// Reserved for the metrics endpoint (not served yet).
+    /// HTTP address for `/metrics` (Prometheus) and `/health`. Default: not served.
     pub metrics_listen: Option<SocketAddr>,
-    /// Reserved for the admin console (not served yet).
+    /// The admin console's user: `psql -U <admin_user> pgsplit`. Default: no console.
     pub admin_user: Option<String>,
-    /// Reserved for the admin console (not served yet).
+    /// The admin console's password (plain or a SCRAM-SHA-256 verifier).
     pub admin_password: Option<String>,
+    /// Log filter (`info`, `pgsplit=debug`, ...); `--log` or RUST_LOG override it at start.
+    pub log: String,
+    /// On SIGTERM/SIGINT, running transactions get this long to finish. Default 30000 ms.
+    pub shutdown_timeout_ms: u64,
 }
 
 impl Default for ProxyConfig {
@@ -104,6 +108,8 @@ impl Default for ProxyConfig {
             metrics_listen: None,
             admin_user: None,
             admin_password: None,
+            log: "info".into(),
+            shutdown_timeout_ms: 30_000,
         }
     }
 }
@@ -112,10 +118,14 @@ impl ProxyConfig {
     pub fn client_login_timeout(&self) -> Duration {
         Duration::from_millis(self.client_login_timeout_ms)
     }
+
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_millis(self.shutdown_timeout_ms)
+    }
 }
 
 /// A user clients log in as.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct UserConfig {
     pub name: String,
@@ -156,7 +166,7 @@ pub fn is_verifier(p: &str) -> bool {
 }
 
 /// One PostgreSQL server.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
     pub host: String,
@@ -189,7 +199,7 @@ fn default_weight() -> u32 {
     1
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RoutingConfig {
     /// After a session's write commits, its reads go only to replicas that replayed it
@@ -215,7 +225,7 @@ impl Default for RoutingConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct HealthConfig {
     /// How often each backend is checked. Default 1000 ms.
@@ -258,7 +268,7 @@ impl HealthConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct PoolConfig {
     /// Server connections per backend, user and database (transaction mode). Default 20.
@@ -299,7 +309,7 @@ impl PoolConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct CacheConfig {
     /// Serve whitelisted reads from Redis. Default false.
@@ -333,7 +343,7 @@ impl Default for CacheConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct CacheRule {
     /// A statement, matched after normalization (whitespace, comments and the case of
@@ -354,6 +364,43 @@ impl CacheConfig {
 }
 
 impl Config {
+    /// Every setting as `section.key = value` lines (arrays indexed), secrets masked: what
+    /// SHOW CONFIG lists.
+    pub fn flattened(&self) -> Vec<(String, String)> {
+        fn walk(prefix: &str, v: &toml::Value, out: &mut Vec<(String, String)>) {
+            match v {
+                toml::Value::Table(t) => {
+                    for (k, v) in t {
+                        let key = if prefix.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{prefix}.{k}")
+                        };
+                        walk(&key, v, out);
+                    }
+                }
+                toml::Value::Array(a) if a.iter().all(|v| v.is_table()) => {
+                    for (i, v) in a.iter().enumerate() {
+                        walk(&format!("{prefix}[{i}]"), v, out);
+                    }
+                }
+                toml::Value::String(s) => {
+                    let secret = prefix.ends_with("password");
+                    out.push((
+                        prefix.to_owned(),
+                        if secret { "********".into() } else { s.clone() },
+                    ));
+                }
+                other => out.push((prefix.to_owned(), other.to_string())),
+            }
+        }
+        let mut out = Vec::new();
+        if let Ok(v) = toml::Value::try_from(self) {
+            walk("", &v, &mut out);
+        }
+        out
+    }
+
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.display().to_string(),
@@ -454,6 +501,23 @@ impl Config {
         }
         if self.proxy.max_client_connections == 0 {
             errors.push("proxy.max_client_connections must be at least 1".to_owned());
+        }
+        if self.proxy.admin_user.is_some() != self.proxy.admin_password.is_some() {
+            errors.push("proxy.admin_user and proxy.admin_password go together".to_owned());
+        }
+        if self
+            .proxy
+            .admin_user
+            .as_ref()
+            .is_some_and(|a| self.users.iter().any(|u| &u.name == a))
+        {
+            errors.push("proxy.admin_user must not also be a [[users]] name".to_owned());
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.proxy.log).is_err() {
+            errors.push(format!(
+                "proxy.log {:?} is not a valid log filter",
+                self.proxy.log
+            ));
         }
         if self.proxy.max_message_bytes < 1024 {
             errors.push("proxy.max_message_bytes must be at least 1024".to_owned());

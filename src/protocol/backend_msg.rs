@@ -193,6 +193,54 @@ pub fn close_complete() -> Frame {
     empty(tag::CLOSE_COMPLETE)
 }
 
+/// A NoticeResponse (severity NOTICE, SQLSTATE 00000) the proxy sends itself.
+pub fn notice_response(message: &str) -> Frame {
+    let mut b = BytesMut::with_capacity(32 + message.len());
+    for (field, value) in [
+        (b'S', "NOTICE"),
+        (b'V', "NOTICE"),
+        (b'C', "00000"),
+        (b'M', message),
+    ] {
+        b.put_u8(field);
+        put_cstr(&mut b, value);
+    }
+    b.put_u8(0);
+    frame(tag::NOTICE_RESPONSE, b)
+}
+
+/// RowDescription of text columns (type `text`, text format), for answers the proxy makes.
+pub fn row_description_text(columns: &[&str]) -> Frame {
+    let mut b = BytesMut::new();
+    b.put_i16(columns.len() as i16);
+    for c in columns {
+        put_cstr(&mut b, c);
+        b.put_i32(0); // table oid
+        b.put_i16(0); // column number
+        b.put_i32(25); // text
+        b.put_i16(-1); // variable length
+        b.put_i32(-1); // no type modifier
+        b.put_i16(0); // text format
+    }
+    frame(tag::ROW_DESCRIPTION, b)
+}
+
+/// DataRow of text values (`None`: NULL).
+pub fn data_row_text(values: &[Option<&str>]) -> Frame {
+    let mut b = BytesMut::new();
+    b.put_i16(values.len() as i16);
+    for v in values {
+        match v {
+            Some(v) => {
+                b.put_i32(v.len() as i32);
+                b.put_slice(v.as_bytes());
+            }
+            None => b.put_i32(-1),
+        }
+    }
+    frame(tag::DATA_ROW, b)
+}
+
 pub fn parse_complete() -> Frame {
     empty(tag::PARSE_COMPLETE)
 }

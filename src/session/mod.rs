@@ -7,7 +7,7 @@
 
 mod backends;
 mod cached;
-mod client;
+pub(crate) mod client;
 mod relay;
 mod request;
 mod startup;
@@ -28,6 +28,7 @@ use crate::error::{Error, Result, Side};
 use crate::protocol::{self, Frame, Severity, TxStatus, tag};
 use crate::router::{Route, SessionFacts, SessionOp};
 use crate::state::{CancelSlot, Runtime, Shared, lock};
+use crate::stats::{ClientInfo, ClientState, RouteKind};
 
 use client::ClientConn;
 use request::Item;
@@ -66,7 +67,11 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, over_
                 span.record("user", login.user.config.name.as_str());
                 span.record("db", login.database.as_str());
                 client.max_message = max_message;
-                let mut session = Session::new(shared.clone(), runtime, client, login);
+                shared
+                    .stats
+                    .logins
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let mut session = Session::new(shared.clone(), runtime, client, login, peer);
                 let result = session.start().await;
                 let result = match result {
                     Ok(()) => session.serve().await,
@@ -74,9 +79,24 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, over_
                 };
                 session.close(result).await;
             }
+            Ok(Opening::Admin) => {
+                tracing::Span::current().record("user", "(admin console)");
+                client.max_message = max_message;
+                if let Err(e) = crate::admin::serve(&shared, &mut client).await
+                    && !matches!(e, Error::ClientGone | Error::ClientIo(_))
+                {
+                    let _ = client.send(&[e.to_error_response(Severity::Fatal)]).await;
+                }
+            }
             Err(Error::ClientGone) => {}
             Err(e) => {
                 debug!(error = %e, "startup failed");
+                if matches!(e, Error::BadPassword(_) | Error::AuthRejected(_)) {
+                    shared
+                        .stats
+                        .login_failures
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 let _ = client.send(&[e.to_error_response(Severity::Fatal)]).await;
             }
         }
@@ -125,6 +145,23 @@ impl Consistency {
         } else {
             None
         }
+    }
+}
+
+/// The stats route of a request that ran on `conn`.
+fn backend_kind(conn: BackendId) -> RouteKind {
+    if conn.is_primary() {
+        RouteKind::Primary
+    } else {
+        RouteKind::Replica
+    }
+}
+
+/// The stats route of a request that found no server for `route`.
+fn route_kind(route: Route) -> RouteKind {
+    match route {
+        Route::Replica => RouteKind::Replica,
+        Route::Primary | Route::Transaction => RouteKind::Primary,
     }
 }
 
@@ -177,6 +214,10 @@ pub struct Session {
     capture: Option<cached::Capture>,
     /// Digest of the session's settings for cache keys, by settings generation.
     settings_digest: Option<(u64, [u8; 32])>,
+    /// This client in the registry SHOW CLIENTS lists.
+    info: Arc<ClientInfo>,
+    /// The last request ended in an error the server reported.
+    last_failed: bool,
     /// The replica of the last read: requests that only prepare or describe stay there,
     /// so preparing a statement does not use up a turn of the round robin.
     last_replica: Option<BackendId>,
@@ -201,8 +242,20 @@ pub struct Session {
 }
 
 impl Session {
-    fn new(shared: Arc<Shared>, runtime: Arc<Runtime>, client: ClientConn, login: Login) -> Self {
+    fn new(
+        shared: Arc<Shared>,
+        runtime: Arc<Runtime>,
+        client: ClientConn,
+        login: Login,
+        peer: SocketAddr,
+    ) -> Self {
         let (cancel_pid, cancel_secret, cancel_slot) = shared.cancels.register();
+        let info = shared.stats.clients.register(
+            cancel_pid,
+            peer,
+            &login.user.config.name,
+            &login.database,
+        );
         let backends = 1 + runtime.backends.replicas.len();
         let mode = runtime.config.proxy.pool_mode;
         let consistency =
@@ -242,6 +295,8 @@ impl Session {
             read_floor: 0,
             capture: None,
             settings_digest: None,
+            info,
+            last_failed: false,
             settings: Settings::with_baseline(baseline),
             tx_ops: Vec::new(),
             statements: HashMap::new(),
@@ -341,11 +396,15 @@ impl Session {
             conn.terminate().await;
         }
         self.shared.cancels.unregister(self.cancel_pid);
+        self.shared.stats.clients.unregister(self.cancel_pid);
     }
 
     /// The request loop.
     async fn serve(&mut self) -> Result<()> {
         loop {
+            if self.shared.draining.is_cancelled() && self.at_rest() {
+                return Err(Error::ShuttingDown);
+            }
             while let Some(frame) = self.client.try_frame()? {
                 if let Flow::Terminate = self.on_client_frame(frame).await? {
                     return Ok(());
@@ -361,14 +420,32 @@ impl Session {
         }
     }
 
+    /// Between requests, outside a transaction: the session may end or change
+    /// configuration here without losing anything.
+    fn at_rest(&self) -> bool {
+        self.tx == TxStatus::Idle && self.batch.is_empty() && !self.client.has_frame()
+    }
+
     /// Wait for client bytes; a pinned session also forwards what its primary connection
-    /// says unprompted (LISTEN notifications, notices).
+    /// says unprompted (LISTEN notifications, notices). A shutdown ends an idle session.
     async fn wait_idle(&mut self) -> Result<()> {
         let watch = self.pinned && self.tx == TxStatus::Idle;
+        let draining = self.shared.clone();
+        let drain = async {
+            if self.tx == TxStatus::Idle && self.batch.is_empty() {
+                draining.draining.cancelled().await
+            } else {
+                std::future::pending().await
+            }
+        };
         let Some(conn) = self.conns[0].as_mut().filter(|_| watch) else {
-            return self.client.fill().await;
+            return tokio::select! {
+                r = self.client.fill() => r,
+                _ = drain => Err(Error::ShuttingDown),
+            };
         };
         tokio::select! {
+            _ = drain => Err(Error::ShuttingDown),
             r = self.client.fill() => r,
             r = conn.fill() => match r {
                 Ok(()) => self.forward_unprompted().await,
@@ -493,12 +570,23 @@ impl Session {
     /// Decode, route and run one request. `open`: the batch has no Sync yet and the rest
     /// of it follows the same connection.
     async fn dispatch_batch(&mut self, open: bool) -> Result<()> {
+        self.adopt_new_runtime().await;
         let items = std::mem::take(&mut self.batch);
         let local = std::mem::take(&mut self.batch_local);
         if let Some(reply) = self.local_reply(&items) {
             return self.client.send(&reply).await;
         }
+        let started = std::time::Instant::now();
+        let in_transaction = self.tx != TxStatus::Idle
+            || items
+                .iter()
+                .any(|i| i.class().is_some_and(|c| c.begins_tx.is_some()));
+        self.info.set_state(ClientState::Active);
+        self.info
+            .queries
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if self.serve_from_cache(&items, open).await? {
+            self.record(RouteKind::Cache, started, false);
             return Ok(());
         }
         let mut route = crate::router::route(
@@ -544,6 +632,7 @@ impl Session {
                 Err(e) => {
                     self.capture = None;
                     self.read_floor = 0;
+                    self.record(route_kind(route), started, true);
                     return self.report_unavailable(e, &items, open).await;
                 }
             };
@@ -569,9 +658,14 @@ impl Session {
                 .await?
             {
                 relay::Outcome::Done => {
+                    self.record(backend_kind(conn), started, self.last_failed);
+                    if in_transaction && self.tx == TxStatus::Idle {
+                        self.shared.stats.transaction(backend_kind(conn));
+                    }
                     return self.after_request(conn).await;
                 }
                 relay::Outcome::Retry { on_replica } => {
+                    self.shared.stats.retry(backend_kind(conn));
                     attempts_left -= 1;
                     if !on_replica || attempts_left == 0 {
                         route = Route::Primary;
@@ -579,6 +673,54 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// A reloaded configuration applies from the first request that finds the session
+    /// outside a transaction and holding no server connection it must keep (a pinned
+    /// session stays with the configuration it pinned under).
+    async fn adopt_new_runtime(&mut self) {
+        let current = self.shared.runtime.load_full();
+        if Arc::ptr_eq(&current, &self.runtime) || self.tx != TxStatus::Idle || self.pinned {
+            return;
+        }
+        match self.mode {
+            PoolMode::Transaction if self.conns.iter().any(Option::is_some) => return,
+            PoolMode::Transaction => {}
+            // Own connections are reopened under the new configuration as they are needed
+            // (settings are replayed as usual).
+            PoolMode::Session => {
+                for conn in self.conns.iter_mut().filter_map(Option::take) {
+                    conn.terminate().await;
+                }
+            }
+        }
+        let backends = 1 + current.backends.replicas.len();
+        self.conns = (0..backends).map(|_| None).collect();
+        self.permits = (0..backends).map(|_| None).collect();
+        self.pools = (0..backends).map(|_| None).collect();
+        self.tainted = vec![false; backends];
+        self.last_replica = None;
+        if let Some(user) = current.users.get(&self.login_user) {
+            self.connect.user = user.config.server_user().to_owned();
+            self.connect.password = user.config.server_password().map(str::to_owned);
+        }
+        self.connect.max_prepared = current.config.pool.max_prepared_statements;
+        self.settings_digest = None;
+        debug!("session now uses the reloaded configuration");
+        self.runtime = current;
+    }
+
+    /// Count a request and its latency; the client is idle (or in its transaction) again.
+    fn record(&self, route: RouteKind, started: std::time::Instant, failed: bool) {
+        self.shared
+            .stats
+            .record(route, started.elapsed(), failed, self.cancel_pid as usize);
+        self.info.set_state(if self.tx == TxStatus::Idle {
+            ClientState::Idle
+        } else {
+            ClientState::InTransaction
+        });
+        self.info.set_backend(self.tx_conn.map(|b| b.0));
     }
 
     /// Bookkeeping once a request completed: store a captured answer, learn the commit

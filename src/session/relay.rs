@@ -171,6 +171,7 @@ impl Session {
                 if !fl.failed && !fl.read_back.is_empty() {
                     self.read_back_settings(&mut fl).await?;
                 }
+                self.last_failed = fl.failed;
                 let InFlight {
                     conn,
                     ops,

@@ -14,8 +14,13 @@ use crate::state::{Runtime, UserEntry};
 
 /// What a new connection turned out to be.
 pub enum Opening {
-    Cancel { pid: i32, secret: i32 },
+    Cancel {
+        pid: i32,
+        secret: i32,
+    },
     Login(Login),
+    /// The admin user, authenticated, asking for the admin console.
+    Admin,
 }
 
 /// An authenticated client.
@@ -90,6 +95,15 @@ pub async fn open(client: &mut ClientConn, runtime: &Runtime, over_limit: bool) 
     let database = database
         .filter(|d| !d.is_empty())
         .unwrap_or_else(|| user_name.clone());
+    if database == crate::admin::DATABASE
+        && let Some(admin) = runtime
+            .admin
+            .as_ref()
+            .filter(|a| a.config.name == user_name)
+    {
+        authenticate(client, admin).await?;
+        return Ok(Opening::Admin);
+    }
     let user = runtime.users.get(&user_name).cloned().ok_or_else(|| {
         Error::AuthRejected(format!(
             "user \"{user_name}\" is not allowed to connect through pgsplit"

@@ -9,6 +9,7 @@ mod cache;
 mod clients;
 mod extended;
 mod failover;
+mod ops;
 mod pooling;
 mod protocol_edges;
 mod routing;

@@ -193,6 +193,8 @@ pub fn session_mode(toml: &str) -> String {
 pub struct Proxy {
     pub addr: SocketAddr,
     pub shared: Arc<Shared>,
+    /// `/metrics` and `/health`, when the config sets `metrics_listen`.
+    pub metrics: Option<SocketAddr>,
     shutdown: CancellationToken,
 }
 
@@ -255,18 +257,31 @@ pub async fn start_proxy() -> Proxy {
 }
 
 pub async fn start_proxy_with(toml: &str) -> Proxy {
-    init_logging();
     let config = Config::from_toml(toml).expect("valid test config");
+    run_proxy(Shared::new(Runtime::new(config).expect("runtime"))).await
+}
+
+/// A proxy that reads `path` (and reloads it on change, or on the admin's RELOAD).
+pub async fn start_proxy_from_file(path: &Path) -> Proxy {
+    let config = Config::load(path).expect("valid test config file");
     let shared = Shared::new(Runtime::new(config).expect("runtime"));
+    shared.config_path.set(path.to_owned()).unwrap();
+    run_proxy(shared).await
+}
+
+async fn run_proxy(shared: Arc<Shared>) -> Proxy {
+    init_logging();
     let server = Server::bind(shared.clone(), "127.0.0.1:0".parse().unwrap())
         .await
         .expect("bind");
     let addr = server.local_addr().unwrap();
+    let metrics = server.metrics_addr();
     let shutdown = CancellationToken::new();
     tokio::spawn(server.run(shutdown.clone()));
     Proxy {
         addr,
         shared,
+        metrics,
         shutdown,
     }
 }
@@ -420,4 +435,14 @@ pub async fn assert_usable(client: &Client) {
 pub fn unused_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().port()
+}
+
+/// Rows in `table`, counted on the primary directly.
+pub async fn primary_count(table: &str) -> i64 {
+    direct(cluster().primary)
+        .await
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await
+        .unwrap()
+        .get(0)
 }

@@ -1,0 +1,101 @@
+//! The admin console: `psql -U <admin_user> pgsplit` reaches this instead of a server. It
+//! speaks the simple query protocol and answers SHOW commands from the proxy's own state.
+
+mod commands;
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::protocol::{self, Frame, Severity, TxStatus, query_sql, tag};
+use crate::session::client::ClientConn;
+use crate::state::Shared;
+
+pub use commands::{Command, Reply, parse, run};
+
+/// The database name that opens the console.
+pub const DATABASE: &str = "pgsplit";
+
+pub async fn serve(shared: &Arc<Shared>, client: &mut ClientConn) -> Result<()> {
+    let version = format!("15.0 (pgsplit {})", env!("CARGO_PKG_VERSION"));
+    let mut hello = vec![protocol::auth_ok()];
+    for (k, v) in [
+        ("server_version", version.as_str()),
+        ("server_encoding", "UTF8"),
+        ("client_encoding", "UTF8"),
+        ("DateStyle", "ISO, MDY"),
+        ("integer_datetimes", "on"),
+        ("standard_conforming_strings", "on"),
+        ("application_name", "pgsplit admin"),
+    ] {
+        hello.push(protocol::parameter_status(k, v));
+    }
+    hello.push(protocol::backend_key_data(0, 0));
+    hello.push(protocol::ready_for_query(TxStatus::Idle));
+    client.send(&hello).await?;
+    tracing::info!("admin console opened");
+    let mut skipping = false;
+    loop {
+        let f = client.read_frame().await?;
+        match f.tag {
+            tag::QUERY => {
+                let sql = query_sql(&f.body)?;
+                let mut out = match parse(&sql) {
+                    Ok(cmd) => reply_frames(run(shared, cmd).await),
+                    Err(e) => vec![protocol::error_response(Severity::Error, "42601", &e)],
+                };
+                out.push(protocol::ready_for_query(TxStatus::Idle));
+                client.send(&out).await?;
+            }
+            tag::TERMINATE => return Ok(()),
+            tag::SYNC => {
+                skipping = false;
+                client
+                    .send(&[
+                        protocol::error_response(
+                            Severity::Error,
+                            "0A000",
+                            "the admin console speaks only the simple query protocol",
+                        ),
+                        protocol::ready_for_query(TxStatus::Idle),
+                    ])
+                    .await?;
+            }
+            tag::PARSE | tag::BIND | tag::DESCRIBE | tag::EXECUTE | tag::CLOSE | tag::FLUSH => {
+                skipping = true;
+            }
+            other if !skipping => {
+                return Err(Error::Protocol(format!(
+                    "invalid frontend message type {}",
+                    other as char
+                )));
+            }
+            _ => {}
+        }
+    }
+}
+
+fn reply_frames(reply: std::result::Result<Reply, String>) -> Vec<Frame> {
+    match reply {
+        Err(e) => vec![protocol::error_response(Severity::Error, "F0000", &e)],
+        Ok(r) => {
+            let mut out = Vec::with_capacity(r.rows.len() + 3);
+            if let Some(notice) = &r.notice {
+                out.push(protocol::notice_response(notice));
+            }
+            if !r.columns.is_empty() {
+                out.push(protocol::row_description_text(&r.columns));
+                for row in &r.rows {
+                    let values: Vec<Option<&str>> = row.iter().map(|v| v.as_deref()).collect();
+                    out.push(protocol::data_row_text(&values));
+                }
+            }
+            let tag = if r.columns.is_empty() {
+                r.tag.clone()
+            } else {
+                format!("SHOW {}", r.rows.len())
+            };
+            out.push(protocol::command_complete(&tag));
+            out
+        }
+    }
+}

@@ -1,0 +1,177 @@
+//! Live configuration reload: on SIGHUP, on a change of the file, and on the admin console's
+//! RELOAD. The new file is parsed and validated whole; an invalid one changes nothing. A
+//! valid one becomes the runtime new sessions start with and running sessions switch to at
+//! their next idle point, so no client is dropped.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::state::{Runtime, Shared, lock};
+
+/// Reload from the file the proxy was started with. Returns the summary of what changed.
+pub fn reload(shared: &Arc<Shared>) -> Result<String, String> {
+    let result = shared
+        .config_path
+        .get()
+        .ok_or_else(|| "the proxy was started without a config file".to_owned())
+        .and_then(|path| apply_file(shared, path));
+    let mut status = lock(&shared.reload);
+    match &result {
+        Ok(summary) => {
+            status.applied += 1;
+            status.last_applied_unix = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .ok()
+                .map(|d| d.as_secs());
+            status.last_error = None;
+            status.last_summary = Some(summary.clone());
+            info!(changes = %summary, "configuration reloaded");
+        }
+        Err(e) => {
+            status.failed += 1;
+            status.last_error = Some(e.clone());
+            warn!(error = %e, "configuration reload rejected; the running configuration stays");
+        }
+    }
+    result
+}
+
+fn apply_file(shared: &Arc<Shared>, path: &Path) -> Result<String, String> {
+    let config = Config::load(path).map_err(|e| e.to_string())?;
+    let old = shared.runtime.load_full();
+    let summary = describe_changes(&old.config, &config);
+    let log_changed = old.config.proxy.log != config.proxy.log;
+    let runtime = Runtime::new_reusing(config, Some(&old)).map_err(|e| e.to_string())?;
+    if log_changed && let Some(apply) = shared.log_filter.get() {
+        apply(&runtime.config.proxy.log).map_err(|e| format!("proxy.log: {e}"))?;
+    }
+    shared.runtime.store(Arc::new(runtime));
+    crate::server::restart_health_checkers(shared);
+    Ok(summary)
+}
+
+/// A one-line summary of what differs, naming settings that only a restart applies.
+pub fn describe_changes(old: &Config, new: &Config) -> String {
+    let before: std::collections::BTreeMap<_, _> = old.flattened().into_iter().collect();
+    let after: std::collections::BTreeMap<_, _> = new.flattened().into_iter().collect();
+    let mut changed = Vec::new();
+    let mut restart = Vec::new();
+    for key in before
+        .keys()
+        .chain(after.keys().filter(|k| !before.contains_key(*k)))
+    {
+        let (b, a) = (before.get(key), after.get(key));
+        if b == a {
+            continue;
+        }
+        if needs_restart(key) {
+            restart.push(key.clone());
+            continue;
+        }
+        changed.push(match (b, a) {
+            (Some(b), Some(a)) => format!("{key}: {b} -> {a}"),
+            (None, Some(a)) => format!("{key}: added {a}"),
+            (Some(b), None) => format!("{key}: removed {b}"),
+            (None, None) => continue,
+        });
+    }
+    if old.users != new.users {
+        // Passwords are masked in the flattened view: say that users changed at all.
+        let names = |c: &Config| c.users.iter().map(|u| u.name.clone()).collect::<Vec<_>>();
+        if names(old) == names(new) {
+            changed.push("users: credentials changed".into());
+        }
+    }
+    let mut out = if changed.is_empty() {
+        "no change".to_owned()
+    } else {
+        changed.join("; ")
+    };
+    if !restart.is_empty() {
+        out.push_str(&format!(
+            "; needs a restart to take effect (not applied): {}",
+            restart.join(", ")
+        ));
+    }
+    out
+}
+
+/// Settings a running proxy cannot change: its sockets, its pool mode, its Redis client.
+fn needs_restart(key: &str) -> bool {
+    matches!(
+        key,
+        "proxy.listen"
+            | "proxy.pool_mode"
+            | "proxy.metrics_listen"
+            | "proxy.max_client_connections"
+    ) || (key.starts_with("cache.")
+        && !key.starts_with("cache.rules")
+        && key != "cache.default_ttl_s"
+        && key != "cache.max_entry_bytes")
+        || key.starts_with("proxy.tls_")
+}
+
+/// Reload when the file changes (polled: works on every filesystem and editor, no extra
+/// dependency), until `shutdown`.
+pub async fn watch_file(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let Some(path) = shared.config_path.get().cloned() else {
+        return;
+    };
+    let fingerprint = |p: &Path| std::fs::read(p).ok();
+    let mut last = fingerprint(&path);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = fingerprint(&path);
+        if now != last && now.is_some() {
+            last = now;
+            info!(path = %path.display(), "config file changed");
+            let _ = reload(&shared);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+        [[users]]
+        name = "app"
+        password = "app_pw"
+        [primary]
+        host = "127.0.0.1"
+        [[replicas]]
+        host = "127.0.0.1"
+        port = 5433
+    "#;
+
+    #[test]
+    fn summaries_name_changes_and_restart_settings() {
+        let old = Config::from_toml(BASE).unwrap();
+        assert_eq!(describe_changes(&old, &old), "no change");
+        let text = BASE.replace("port = 5433", "port = 5433\nweight = 3")
+            + "\n[proxy]\nlisten = \"127.0.0.1:7000\"\n";
+        let new = Config::from_toml(&text).unwrap();
+        let s = describe_changes(&old, &new);
+        assert!(s.contains("replicas[0].weight: 1 -> 3"), "{s}");
+        assert!(
+            s.contains("needs a restart") && s.contains("proxy.listen"),
+            "{s}"
+        );
+        let pw = Config::from_toml(&BASE.replace("app_pw", "other")).unwrap();
+        assert!(describe_changes(&old, &pw).contains("credentials changed"));
+        assert!(
+            !describe_changes(&old, &pw).contains("other"),
+            "no secrets in logs"
+        );
+    }
+}

@@ -1,0 +1,545 @@
+//! Operations: the admin console, /metrics and /health, live reload under load, and a
+//! graceful shutdown of the real binary with a transaction open.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_postgres::SimpleQueryMessage;
+
+use crate::common::*;
+
+const ADMIN: &str = "[proxy]\nadmin_user = \"pgsplit\"\nadmin_password = \"console_pw\"\nmetrics_listen = \"127.0.0.1:0\"\n";
+
+fn ops_config(c: &Cluster) -> String {
+    base_config_toml(c).replacen("[proxy]\n", ADMIN, 1)
+}
+
+async fn console(proxy_port: u16) -> tokio_postgres::Client {
+    connect(&format!(
+        "host=127.0.0.1 port={proxy_port} user=pgsplit password=console_pw dbname=pgsplit"
+    ))
+    .await
+}
+
+/// The rows of a console command, as column → value maps.
+async fn rows(admin: &tokio_postgres::Client, cmd: &str) -> Vec<HashMap<String, String>> {
+    admin
+        .simple_query(cmd)
+        .await
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"))
+        .iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(r) => Some(
+                r.columns()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| (c.name().to_owned(), r.get(i).unwrap_or("").to_owned()))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
+/// SHOW CONFIG / SHOW CACHE as a name → value map.
+async fn settings(admin: &tokio_postgres::Client, cmd: &str) -> HashMap<String, String> {
+    rows(admin, cmd)
+        .await
+        .into_iter()
+        .map(|r| (r["name"].clone(), r["value"].clone()))
+        .collect()
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let status = out[9..12].parse().unwrap();
+    let body = out.split_once("\r\n\r\n").unwrap().1.to_owned();
+    (status, body)
+}
+
+/// Parsed /metrics samples: (name, labels) → value.
+async fn scrape(addr: std::net::SocketAddr) -> Vec<prometheus_parse::Sample> {
+    let (status, body) = http_get(addr, "/metrics").await;
+    assert_eq!(status, 200);
+    let lines = body.lines().map(|l| Ok(l.to_owned()));
+    prometheus_parse::Scrape::parse(lines)
+        .expect("the Prometheus text format parses")
+        .samples
+}
+
+fn value(samples: &[prometheus_parse::Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => f64::NAN,
+        })
+        .unwrap_or_else(|| panic!("no sample {name} {labels:?}"))
+}
+
+#[tokio::test]
+async fn the_admin_console_reports_and_controls() {
+    let c = cluster();
+    let proxy = start_proxy_with(&ops_config(c)).await;
+    let app = proxy.app().await;
+    for _ in 0..6 {
+        app.simple_query("SELECT 1").await.unwrap();
+    }
+    app.batch_execute("BEGIN; SELECT 1; COMMIT").await.unwrap();
+    assert!(
+        app.simple_query("SELECT * FROM no_such_table_x")
+            .await
+            .is_err()
+    );
+
+    let admin = console(proxy.port()).await;
+    let backends = rows(&admin, "SHOW BACKENDS").await;
+    assert_eq!(backends.len(), 3, "{backends:?}");
+    assert_eq!(backends[0]["configured_as"], "primary");
+    assert!(
+        backends.iter().all(|b| b["in_rotation"] == "true"),
+        "{backends:?}"
+    );
+
+    let stats = rows(&admin, "show stats;").await;
+    let route = |name: &str| stats.iter().find(|r| r["route"] == name).unwrap().clone();
+    assert!(route("replica")["queries"].parse::<u64>().unwrap() >= 6);
+    assert!(route("primary")["transactions"].parse::<u64>().unwrap() >= 1);
+    assert!(route("replica")["errors"].parse::<u64>().unwrap() >= 1);
+    assert!(!route("replica")["p99_ms"].is_empty());
+
+    let clients = rows(&admin, "SHOW CLIENTS").await;
+    assert!(
+        clients
+            .iter()
+            .any(|c| c["user"] == "app" && c["state"] == "idle")
+    );
+    let pools = rows(&admin, "SHOW POOLS").await;
+    assert!(
+        pools
+            .iter()
+            .any(|p| p["user"] == "app" && p["size"] == "20")
+    );
+    let cache = settings(&admin, "SHOW CACHE").await;
+    assert_eq!(cache["enabled"], "false");
+    let config = settings(&admin, "SHOW CONFIG").await;
+    assert_eq!(config["proxy.admin_password"], "********");
+    assert_eq!(config["users[0].password"], "********");
+    assert!(rows(&admin, "SHOW VERSION").await[0]["version"].starts_with("pgsplit "));
+
+    // BAN takes a replica out of rotation; reads go to the other one.
+    let victim = backends[1]["name"].clone();
+    admin.simple_query(&format!("BAN {victim}")).await.unwrap();
+    let banned: u16 = backends[1]["address"]
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    for _ in 0..6 {
+        assert_ne!(
+            server_port(&app).await,
+            banned,
+            "a banned replica got a read"
+        );
+    }
+    let after = rows(&admin, "SHOW BACKENDS").await;
+    assert_eq!(after[1]["in_rotation"], "false");
+    assert!(after[1]["reason"].contains("banned"));
+    admin
+        .simple_query(&format!("UNBAN {victim}"))
+        .await
+        .unwrap();
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..6 {
+        seen.insert(server_port(&app).await);
+    }
+    assert!(seen.contains(&banned), "unbanned replica back in rotation");
+
+    // Mistakes get errors, and the console stays usable.
+    let e = admin.simple_query("SELECT 1").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "42601");
+    assert!(
+        admin
+            .simple_query(&format!("BAN {}", backends[0]["name"]))
+            .await
+            .is_err()
+    );
+    assert!(
+        admin.simple_query("RELOAD").await.is_err(),
+        "no config file to reload"
+    );
+    assert_eq!(rows(&admin, "SHOW VERSION").await.len(), 1);
+
+    // Ordinary users never reach the console; a wrong admin password is refused.
+    let e = try_connect(&format!(
+        "host=127.0.0.1 port={} user=app password=app_pw dbname=pgsplit",
+        proxy.port()
+    ))
+    .await
+    .expect_err("app cannot open the console");
+    assert_eq!(
+        sqlstate(&e),
+        "3D000",
+        "app reaches PostgreSQL, which has no such database"
+    );
+    let e = try_connect(&format!(
+        "host=127.0.0.1 port={} user=pgsplit password=wrong dbname=pgsplit",
+        proxy.port()
+    ))
+    .await
+    .expect_err("wrong password");
+    assert_eq!(sqlstate(&e), "28P01");
+    let e = try_connect(&format!(
+        "host=127.0.0.1 port={} user=pgsplit password=console_pw dbname=appdb",
+        proxy.port()
+    ))
+    .await
+    .expect_err("the admin is no database user");
+    assert_eq!(sqlstate(&e), "28000");
+}
+
+#[tokio::test]
+async fn metrics_and_health_speak_http() {
+    let c = cluster();
+    let proxy = start_proxy_with(&ops_config(c)).await;
+    let addr = proxy.metrics.expect("metrics_listen is set");
+    let app = proxy.app().await;
+    for _ in 0..5 {
+        app.simple_query("SELECT 1").await.unwrap();
+    }
+    app.batch_execute("BEGIN; SELECT 1; COMMIT").await.unwrap();
+    let samples = scrape(addr).await;
+    assert!(value(&samples, "pgsplit_queries_total", &[("route", "replica")]) >= 5.0);
+    assert!(
+        value(
+            &samples,
+            "pgsplit_transactions_total",
+            &[("route", "primary")]
+        ) >= 1.0
+    );
+    assert!(value(&samples, "pgsplit_clients", &[]) >= 1.0);
+    assert_eq!(
+        value(
+            &samples,
+            "pgsplit_backend_in_rotation",
+            &[("role", "primary")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(&samples, "pgsplit_config_last_reload_failed", &[]),
+        0.0
+    );
+    // The latency histogram: cumulative buckets ending in +Inf == count.
+    let histogram = samples
+        .iter()
+        .find(|s| {
+            s.metric == "pgsplit_query_duration_seconds" && s.labels.get("route") == Some("replica")
+        })
+        .expect("latency histogram for the replica route");
+    match &histogram.value {
+        prometheus_parse::Value::Histogram(buckets) => {
+            assert!(buckets.windows(2).all(|w| w[0].count <= w[1].count));
+            assert!(buckets.last().unwrap().count >= 5.0);
+        }
+        other => panic!("not a histogram: {other:?}"),
+    }
+    let (status, body) = http_get(addr, "/health").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.starts_with("ok"), "{body}");
+    assert_eq!(http_get(addr, "/nope").await.0, 404);
+}
+
+fn write(path: &Path, text: &str) {
+    // Write-then-rename, as editors and config managers do: never a half-written file.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_under_load_changes_routing_users_and_rules_without_errors() {
+    let c = cluster();
+    ensure_pgbench_tables();
+    wait_replicated().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    let base = ops_config(c);
+    write(&path, &base);
+    let proxy = start_proxy_from_file(&path).await;
+    let admin = console(proxy.port()).await;
+    let metrics = proxy.metrics.unwrap();
+
+    // Load through every change below.
+    let port = proxy.port();
+    let load = tokio::task::spawn_blocking(move || {
+        pgbench(
+            &[
+                "-n", "-S", "-c", "8", "-j", "2", "-T", "12", "-M", "extended",
+            ],
+            port,
+        )
+    });
+
+    // 1. Remove replica2: reads stop reaching it, SHOW BACKENDS lists two servers.
+    let trust_block = "[[users]]\n        name = \"trustuser\"\n        auth_method = \"trust\"\n";
+    let without_trust = base.replacen(trust_block, "", 1);
+    assert_ne!(without_trust, base);
+    let one_replica = without_trust.replacen(
+        &format!(
+            "[[replicas]]\n        host = \"127.0.0.1\"\n        port = {}\n",
+            c.replicas[1]
+        ),
+        "",
+        1,
+    );
+    assert_ne!(one_replica, without_trust);
+    write(&path, &one_replica);
+    let admin_ref = &admin;
+    assert!(
+        eventually_async(Duration::from_secs(5), || async move {
+            rows(admin_ref, "SHOW BACKENDS").await.len() == 2
+        })
+        .await,
+        "the file change was applied"
+    );
+    let app = proxy.app().await;
+    for _ in 0..6 {
+        assert_ne!(server_port(&app).await, c.replicas[1]);
+    }
+    let e = try_connect(&proxy.conn_str("trustuser", ""))
+        .await
+        .expect_err("removed user");
+    assert_eq!(sqlstate(&e), "28000");
+
+    // 2. Put it back with weight 3, and let trustuser in, and whitelist a table: RELOAD.
+    let with_more = base.replacen(
+        &format!("port = {}\n", c.replicas[1]),
+        &format!("port = {}\n        weight = 3\n", c.replicas[1]),
+        1,
+    ) + "\n[cache]\nenabled = false\n[[cache.rules]]\ntable = \"pgbench_accounts\"\n";
+
+    // The watcher may take it first; RELOAD then finds nothing new, which is fine too.
+    write(&path, &with_more);
+    admin
+        .simple_query("RELOAD")
+        .await
+        .expect("RELOAD via the console");
+    let backends = rows(&admin, "SHOW BACKENDS").await;
+    assert_eq!(backends.len(), 3);
+    assert_eq!(backends[2]["weight"], "3");
+    let config = settings(&admin, "SHOW CONFIG").await;
+    assert_eq!(config["cache.rules[0].table"], "pgbench_accounts");
+    assert!(config["reload.last_error"].is_empty());
+    connect(&proxy.conn_str("trustuser", ""))
+        .await
+        .simple_query("SELECT 1")
+        .await
+        .expect("a user added by the reload logs in");
+    let mut hits = HashMap::new();
+    for _ in 0..40 {
+        *hits.entry(server_port(&app).await).or_insert(0) += 1;
+    }
+    let (r1, r2) = (
+        hits.get(&c.replicas[0]).copied().unwrap_or(0),
+        hits.get(&c.replicas[1]).copied().unwrap_or(0),
+    );
+    assert!(r2 > r1, "weight 3 takes most reads: {hits:?}");
+
+    // 3. An invalid file is rejected whole: the running config stays, the error shows.
+    write(
+        &path,
+        &(with_more.clone() + "\n[routing]\nno_such_key = 1\n"),
+    );
+    assert!(admin.simple_query("RELOAD").await.is_err());
+    let config = settings(&admin, "SHOW CONFIG").await;
+    assert!(
+        config["reload.last_error"].contains("no_such_key"),
+        "{config:?}"
+    );
+    assert_eq!(
+        rows(&admin, "SHOW BACKENDS").await.len(),
+        3,
+        "old config still serving"
+    );
+    let samples = scrape(metrics).await;
+    assert_eq!(
+        value(&samples, "pgsplit_config_last_reload_failed", &[]),
+        1.0
+    );
+    assert!(
+        value(
+            &samples,
+            "pgsplit_config_reloads_total",
+            &[("result", "rejected")]
+        ) >= 1.0
+    );
+    app.simple_query("SELECT 1").await.expect("still serving");
+
+    // 4. A setting that needs a restart is reported, not silently ignored.
+    write(
+        &path,
+        &with_more.replacen("[proxy]\n", "[proxy]\nmax_client_connections = 5\n", 1),
+    );
+    let e = admin.simple_query("RELOAD").await.unwrap();
+    drop(e);
+    let config = settings(&admin, "SHOW CONFIG").await;
+    assert!(
+        config["reload.last_changes"].contains("needs a restart")
+            && config["reload.last_changes"].contains("max_client_connections"),
+        "{config:?}"
+    );
+
+    let out = load.await.unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "pgbench failed during reloads:\n{text}"
+    );
+    assert!(
+        text.contains("number of failed transactions: 0"),
+        "pgbench saw failures:\n{text}"
+    );
+}
+
+/// [`eventually`] for an async condition.
+async fn eventually_async<F, Fut>(limit: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if cond().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_an_open_transaction_commit_then_stops() {
+    let c = cluster();
+    let t = unique("shutdown");
+    direct(c.primary)
+        .await
+        .batch_execute(&format!(
+            "CREATE TABLE {t} (id int); GRANT ALL ON {t} TO app;"
+        ))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    let port = unused_port();
+    let toml = ops_config(c)
+        .replacen(
+            "\n        listen = \"127.0.0.1:0\"",
+            &format!("\n        listen = \"127.0.0.1:{port}\""),
+            1,
+        )
+        .replacen("[proxy]\n", "[proxy]\nshutdown_timeout_ms = 20000\n", 1);
+    write(&path, &toml);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pgsplit"))
+        .args(["--config", path.to_str().unwrap(), "--log", "info"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("pgsplit.log")).unwrap())
+        .spawn()
+        .expect("pgsplit binary");
+    let conn_str = format!("host=127.0.0.1 port={port} user=app password=app_pw dbname=appdb");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let tx_client = loop {
+        match try_connect(&conn_str).await {
+            Ok(cl) => break cl,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!(
+                "pgsplit did not start: {e}\n{}",
+                std::fs::read_to_string(dir.path().join("pgsplit.log")).unwrap_or_default()
+            ),
+        }
+    };
+    let idle_client = connect(&conn_str).await;
+    tx_client
+        .batch_execute(&format!("BEGIN; INSERT INTO {t} VALUES (1)"))
+        .await
+        .unwrap();
+
+    // SIGHUP reloads (here: nothing changed) and the proxy keeps serving.
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    idle_client
+        .simple_query("SELECT 1")
+        .await
+        .expect("serving after SIGHUP");
+
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The idle session was ended, new clients are turned away, the transaction goes on.
+    assert!(
+        idle_client.simple_query("SELECT 1").await.is_err(),
+        "idle session closed"
+    );
+    assert!(
+        try_connect(&conn_str).await.is_err(),
+        "no new clients while draining"
+    );
+    tx_client
+        .batch_execute(&format!("INSERT INTO {t} VALUES (2); COMMIT"))
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "the open transaction commits during the shutdown: {e}\n{}",
+                std::fs::read_to_string(dir.path().join("pgsplit.log")).unwrap_or_default()
+            )
+        });
+    let status = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                return Some(s);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "pgsplit exited cleanly: {status:?}"
+    );
+    assert_eq!(
+        primary_count(&t).await,
+        2,
+        "both rows of the committed transaction are there"
+    );
+}
