@@ -7,6 +7,7 @@ mod auth;
 mod bad_input;
 mod cache;
 mod clients;
+mod compose;
 mod demo;
 mod extended;
 mod failover;
