@@ -20,5 +20,6 @@ pub mod server;
 pub mod session;
 pub mod state;
 pub mod stats;
+pub mod tls;
 
 pub use error::{Error, Result};

@@ -113,7 +113,6 @@ fn needs_restart(key: &str) -> bool {
         && !key.starts_with("cache.rules")
         && key != "cache.default_ttl_s"
         && key != "cache.max_entry_bytes")
-        || key.starts_with("proxy.tls_")
 }
 
 /// Reload when the file changes (polled: works on every filesystem and editor, no extra

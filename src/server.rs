@@ -159,6 +159,7 @@ fn spawn_health_checkers(shared: &Arc<Shared>) -> Vec<tokio::task::JoinHandle<()
             database: cfg.health.database.clone(),
             startup: vec![("application_name".into(), "pgsplit health check".into())],
             max_prepared: 1,
+            tls: runtime.server_tls.clone(),
         },
         max_message: cfg.proxy.max_message_bytes,
     };

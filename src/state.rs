@@ -30,6 +30,10 @@ pub struct Runtime {
     pub users: HashMap<String, Arc<UserEntry>>,
     /// The admin console's login (`[proxy] admin_user` / `admin_password`), if configured.
     pub admin: Option<Arc<UserEntry>>,
+    /// Client TLS, when `tls_cert` and `tls_key` are set.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// TLS towards the servers.
+    pub server_tls: Arc<crate::tls::ServerTlsPolicy>,
     pub backends: Backends,
     pub classify: ClassifyCache,
     /// What the result cache may hold (`[[cache.rules]]`).
@@ -80,9 +84,22 @@ impl Runtime {
             }
             _ => None,
         };
+        let tls = match (&config.proxy.tls_cert, &config.proxy.tls_key) {
+            (Some(cert), Some(key)) => {
+                Some(crate::tls::acceptor(cert, key).map_err(ConfigError::Invalid)?)
+            }
+            _ => None,
+        };
+        let server_tls = crate::tls::ServerTlsPolicy::new(
+            config.proxy.server_tls,
+            config.proxy.server_tls_ca.as_deref(),
+        )
+        .map_err(ConfigError::Invalid)?;
         Ok(Runtime {
             backends: Backends::from_config_reusing(&config, old.map(|o| &o.backends)),
             admin,
+            tls,
+            server_tls: Arc::new(server_tls),
             classify: ClassifyCache::new(16_384, config.routing.primary_functions.clone()),
             cache_rules: CacheRules::new(&config.cache),
             users,

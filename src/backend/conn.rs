@@ -4,16 +4,18 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Buf, BufMut, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use super::{BackendError, BackendId, PreparedSet};
+use crate::config::ServerTls;
 use crate::protocol::{self, ErrorFields, Frame, decode_frame, tag};
+use crate::tls::{Reader, ServerTlsPolicy, Writer};
 
 /// What a backend connection is opened with.
 #[derive(Debug, Clone)]
@@ -25,6 +27,8 @@ pub struct ConnectParams {
     pub startup: Vec<(String, String)>,
     /// How many prepared statements one connection keeps before closing the oldest.
     pub max_prepared: usize,
+    /// TLS towards the server (`[proxy] server_tls`).
+    pub tls: Arc<ServerTlsPolicy>,
 }
 
 /// Where to send a CancelRequest for whatever this connection is running.
@@ -38,8 +42,8 @@ pub struct CancelKey {
 /// A live, authenticated server connection.
 pub struct ServerConn {
     pub id: BackendId,
-    pub rd: OwnedReadHalf,
-    pub wr: OwnedWriteHalf,
+    pub rd: Reader,
+    pub wr: Writer,
     /// Bytes read from the server not yet consumed; owned here so reads stay cancel-safe.
     pub rbuf: BytesMut,
     pub cancel_key: CancelKey,
@@ -79,7 +83,7 @@ impl ServerConn {
             .map_err(BackendError::Io)?;
         stream.set_nodelay(true).map_err(BackendError::Io)?;
         let addr = stream.peer_addr().map_err(BackendError::Io)?;
-        let (rd, wr) = stream.into_split();
+        let (rd, wr) = negotiate_tls(stream, address, &params.tls).await?;
         let mut conn = ServerConn {
             id,
             rd,
@@ -124,7 +128,7 @@ impl ServerConn {
         let mut pkt = BytesMut::with_capacity(body.len() + 4);
         pkt.put_i32(body.len() as i32 + 4);
         pkt.put_slice(&body);
-        self.wr.write_all(&pkt).await.map_err(BackendError::Io)?;
+        self.wr.send_all(&pkt).await.map_err(BackendError::Io)?;
 
         let mut scram: Option<ScramSha256> = None;
         loop {
@@ -233,7 +237,7 @@ impl ServerConn {
         m.put_u8(t);
         m.put_i32(body.len() as i32 + 4);
         m.put_slice(body);
-        self.wr.write_all(&m).await.map_err(BackendError::Io)
+        self.wr.send_all(&m).await.map_err(BackendError::Io)
     }
 
     /// Read one whole frame (used outside the relay: startup and internal queries).
@@ -273,7 +277,7 @@ impl ServerConn {
     ) -> Result<(), BackendError> {
         let mut out = BytesMut::new();
         protocol::query_frame(sql).encode_into(&mut out);
-        self.wr.write_all(&out).await.map_err(BackendError::Io)?;
+        self.wr.send_all(&out).await.map_err(BackendError::Io)?;
         // A simple Query destroys the unnamed statement.
         self.unnamed = None;
         let mut error = None;
@@ -302,7 +306,7 @@ impl ServerConn {
     ) -> Result<Option<String>, BackendError> {
         let mut out = BytesMut::new();
         protocol::query_frame(sql).encode_into(&mut out);
-        self.wr.write_all(&out).await.map_err(BackendError::Io)?;
+        self.wr.send_all(&out).await.map_err(BackendError::Io)?;
         self.unnamed = None;
         let mut value = None;
         let mut error = None;
@@ -328,7 +332,7 @@ impl ServerConn {
     }
 
     pub async fn terminate(mut self) {
-        let _ = self.wr.write_all(&[tag::TERMINATE, 0, 0, 0, 4]).await;
+        let _ = self.wr.send_all(&[tag::TERMINATE, 0, 0, 0, 4]).await;
         let _ = self.wr.shutdown().await;
     }
 }
@@ -340,6 +344,41 @@ fn password(params: &ConnectParams) -> Result<&str, BackendError> {
             params.user
         ))
     })
+}
+
+/// SSLRequest per `policy`: the socket halves, encrypted when the server agreed.
+async fn negotiate_tls(
+    mut stream: TcpStream,
+    address: &str,
+    policy: &ServerTlsPolicy,
+) -> Result<(Reader, Writer), BackendError> {
+    if policy.mode == ServerTls::Disable {
+        return Ok(crate::tls::split_plain(stream));
+    }
+    let mut pkt = BytesMut::with_capacity(8);
+    pkt.put_i32(8);
+    pkt.put_i32(protocol::SSL_REQUEST_CODE);
+    stream.write_all(&pkt).await.map_err(BackendError::Io)?;
+    let mut answer = [0u8; 1];
+    stream
+        .read_exact(&mut answer)
+        .await
+        .map_err(BackendError::Io)?;
+    match answer[0] {
+        b'S' => {
+            let host = address
+                .rsplit_once(':')
+                .map_or(address, |(h, _)| h)
+                .trim_start_matches('[')
+                .trim_end_matches(']');
+            policy.connect(host, stream).await.map_err(BackendError::Io)
+        }
+        b'N' if policy.mode == ServerTls::Prefer => Ok(crate::tls::split_plain(stream)),
+        b'N' => Err(BackendError::Protocol(
+            "the server does not support TLS, and server_tls requires it",
+        )),
+        _ => Err(BackendError::Protocol("unexpected answer to SSLRequest")),
+    }
 }
 
 /// Send a CancelRequest for `key` on a fresh connection (the protocol's only way).

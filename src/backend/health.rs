@@ -139,8 +139,7 @@ const CHECK_SQL: &str = "SELECT pg_is_in_recovery(), \
 async fn check(conn: &mut ServerConn, max_message: usize) -> Result<Observation, BackendError> {
     let mut out = bytes::BytesMut::new();
     protocol::query_frame(CHECK_SQL).encode_into(&mut out);
-    use tokio::io::AsyncWriteExt;
-    conn.wr.write_all(&out).await.map_err(BackendError::Io)?;
+    conn.wr.send_all(&out).await.map_err(BackendError::Io)?;
     let mut row: Option<Vec<Option<String>>> = None;
     let mut error = None;
     loop {

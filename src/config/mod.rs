@@ -5,7 +5,7 @@
 //! a config later, so a loaded `Config` is always usable.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -57,6 +57,19 @@ pub enum PoolMode {
     Transaction,
 }
 
+/// TLS towards PostgreSQL, with libpq's `sslmode` meanings.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServerTls {
+    Disable,
+    /// TLS when the server offers it, else plain; the certificate is not checked.
+    Prefer,
+    /// TLS or no connection; the certificate is not checked.
+    Require,
+    /// TLS, the certificate chained to `server_tls_ca` and naming the configured host.
+    VerifyFull,
+}
+
 /// How clients prove who they are to the proxy.
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 pub enum AuthMethod {
@@ -94,6 +107,15 @@ pub struct ProxyConfig {
     pub log: String,
     /// On SIGTERM/SIGINT, running transactions get this long to finish. Default 30000 ms.
     pub shutdown_timeout_ms: u64,
+    /// PEM certificate chain and key: clients may then connect with TLS. Reloadable.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Refuse clients that do not use TLS. Default false.
+    pub tls_required: bool,
+    /// TLS towards PostgreSQL. Default `prefer` (as libpq).
+    pub server_tls: ServerTls,
+    /// PEM roots for `server_tls = "verify-full"`.
+    pub server_tls_ca: Option<PathBuf>,
 }
 
 impl Default for ProxyConfig {
@@ -110,6 +132,11 @@ impl Default for ProxyConfig {
             admin_password: None,
             log: "info".into(),
             shutdown_timeout_ms: 30_000,
+            tls_cert: None,
+            tls_key: None,
+            tls_required: false,
+            server_tls: ServerTls::Prefer,
+            server_tls_ca: None,
         }
     }
 }
@@ -406,7 +433,20 @@ impl Config {
             path: path.display().to_string(),
             source,
         })?;
-        Config::from_toml(&text)
+        let mut config = Config::from_toml(&text)?;
+        // Relative certificate paths mean: next to the config file.
+        if let Some(dir) = path.parent() {
+            let p = &mut config.proxy;
+            for f in [&mut p.tls_cert, &mut p.tls_key, &mut p.server_tls_ca]
+                .into_iter()
+                .flatten()
+            {
+                if f.is_relative() {
+                    *f = dir.join(&*f);
+                }
+            }
+        }
+        Ok(config)
     }
 
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
@@ -518,6 +558,15 @@ impl Config {
                 "proxy.log {:?} is not a valid log filter",
                 self.proxy.log
             ));
+        }
+        if self.proxy.tls_cert.is_some() != self.proxy.tls_key.is_some() {
+            errors.push("proxy.tls_cert and proxy.tls_key go together".to_owned());
+        }
+        if self.proxy.tls_required && self.proxy.tls_cert.is_none() {
+            errors.push("proxy.tls_required needs tls_cert and tls_key".to_owned());
+        }
+        if self.proxy.server_tls == ServerTls::VerifyFull && self.proxy.server_tls_ca.is_none() {
+            errors.push("proxy.server_tls = \"verify-full\" needs server_tls_ca".to_owned());
         }
         if self.proxy.max_message_bytes < 1024 {
             errors.push("proxy.max_message_bytes must be at least 1024".to_owned());
@@ -648,6 +697,23 @@ mod tests {
         ] {
             assert!(err.contains(needle), "{needle}: {err}");
         }
+    }
+
+    #[test]
+    fn tls_settings_go_together() {
+        let text = format!(
+            "[proxy]\ntls_cert = \"c.pem\"\ntls_required = true\nserver_tls = \"verify-full\"\n{MINIMAL}"
+        );
+        let err = Config::from_toml(&text).unwrap_err().to_string();
+        assert!(err.contains("tls_cert and proxy.tls_key go together"), "{err}");
+        assert!(err.contains("needs server_tls_ca"), "{err}");
+        let ok = format!("[proxy]\nserver_tls = \"disable\"\n{MINIMAL}");
+        assert_eq!(
+            Config::from_toml(&ok).unwrap().proxy.server_tls,
+            ServerTls::Disable
+        );
+        let bad = format!("[proxy]\nserver_tls = \"sometimes\"\n{MINIMAL}");
+        assert!(Config::from_toml(&bad).is_err());
     }
 
     #[test]

@@ -14,7 +14,8 @@ pub use backend_msg::*;
 pub use codec::{Frame, FrameError, decode_frame, needs_whole_frame, scan_relay};
 pub use frontend_msg::*;
 pub use startup::{
-    CANCEL_REQUEST_CODE, PROTOCOL_3 as PROTOCOL_3_0, StartupError, StartupPacket, decode_startup,
+    CANCEL_REQUEST_CODE, PROTOCOL_3 as PROTOCOL_3_0, SSL_REQUEST_CODE, StartupError, StartupPacket,
+    decode_startup,
 };
 
 /// Frontend message tags.

@@ -1,15 +1,15 @@
 //! The client's socket: cancel-safe buffered reads of frames, and writes.
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::AsyncReadExt;
 
 use crate::error::{Error, Result};
 use crate::protocol::{Frame, decode_frame};
+use crate::tls::{Reader, Writer};
 
 pub struct ClientConn {
-    pub rd: OwnedReadHalf,
-    pub wr: OwnedWriteHalf,
+    pub rd: Reader,
+    pub wr: Writer,
     /// Bytes read and not yet taken as frames: owned here so a read interrupted by
     /// `select!` loses nothing.
     pub buf: BytesMut,
@@ -17,7 +17,7 @@ pub struct ClientConn {
 }
 
 impl ClientConn {
-    pub fn new(rd: OwnedReadHalf, wr: OwnedWriteHalf, max_message: usize) -> ClientConn {
+    pub fn new(rd: Reader, wr: Writer, max_message: usize) -> ClientConn {
         ClientConn {
             rd,
             wr,
@@ -61,8 +61,26 @@ impl ClientConn {
         }
     }
 
+    /// Answer an SSLRequest with TLS: the handshake on the plain socket, then encrypted
+    /// halves from here on.
+    pub async fn start_tls(&mut self, acceptor: &tokio_rustls::TlsAcceptor) -> Result<()> {
+        let rd = std::mem::replace(&mut self.rd, Reader::Detached);
+        let wr = std::mem::replace(&mut self.wr, Writer::Detached);
+        let stream = crate::tls::reunite(rd, wr).map_err(Error::ClientIo)?;
+        let (rd, wr) = crate::tls::accept(acceptor, stream)
+            .await
+            .map_err(Error::ClientIo)?;
+        self.rd = rd;
+        self.wr = wr;
+        Ok(())
+    }
+
+    pub fn is_tls(&self) -> bool {
+        matches!(self.rd, Reader::Tls(_))
+    }
+
     pub async fn write(&mut self, bytes: &[u8]) -> Result<()> {
-        self.wr.write_all(bytes).await.map_err(Error::ClientIo)
+        self.wr.send_all(bytes).await.map_err(Error::ClientIo)
     }
 
     pub async fn send(&mut self, frames: &[Frame]) -> Result<()> {

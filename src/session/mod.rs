@@ -40,7 +40,7 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, over_
     let _ = stream.set_nodelay(true);
     let runtime = shared.runtime.load_full();
     let max_message = runtime.config.proxy.max_message_bytes;
-    let (rd, wr) = stream.into_split();
+    let (rd, wr) = crate::tls::split_plain(stream);
     // Until the client has logged in, no message it may send is large: a small limit keeps
     // thousands of unauthenticated connections from costing much memory.
     let mut client = ClientConn::new(rd, wr, max_message.min(PRE_AUTH_MAX_MESSAGE));
@@ -272,6 +272,7 @@ impl Session {
             database: login.database.clone(),
             startup,
             max_prepared: runtime.config.pool.max_prepared_statements,
+            tls: runtime.server_tls.clone(),
         };
         Session {
             shared,
@@ -705,6 +706,7 @@ impl Session {
             self.connect.password = user.config.server_password().map(str::to_owned);
         }
         self.connect.max_prepared = current.config.pool.max_prepared_statements;
+        self.connect.tls = current.server_tls.clone();
         self.settings_digest = None;
         debug!("session now uses the reloaded configuration");
         self.runtime = current;

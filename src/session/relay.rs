@@ -417,10 +417,9 @@ impl Session {
 
     /// Send what was emitted, then relay until the request is complete.
     async fn relay(&mut self, fl: &mut InFlight) -> Result<()> {
-        use tokio::io::AsyncWriteExt;
         fl.conn
             .wr
-            .write_all(&self.wbuf)
+            .send_all(&self.wbuf)
             .await
             .map_err(|e| Error::Backend(BackendError::Io(e)))?;
         self.wbuf.clear();
@@ -480,7 +479,6 @@ impl Session {
     /// Client messages that belong to the request in flight: COPY data, or the rest of an
     /// open batch. Anything after them stays buffered for the next request.
     async fn forward_client_frames(&mut self, fl: &mut InFlight) -> Result<()> {
-        use tokio::io::AsyncWriteExt;
         self.wbuf.clear();
         while fl.copy_in || fl.open || fl.need_sync {
             let Some(frame) = self.client.try_frame()? else {
@@ -536,7 +534,7 @@ impl Session {
         if !self.wbuf.is_empty() {
             fl.conn
                 .wr
-                .write_all(&self.wbuf)
+                .send_all(&self.wbuf)
                 .await
                 .map_err(|e| Error::Backend(BackendError::Io(e)))?;
             self.wbuf.clear();

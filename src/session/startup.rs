@@ -31,8 +31,12 @@ pub struct Login {
     pub params: Vec<(String, String)>,
 }
 
-/// Read startup packets until a StartupMessage or a CancelRequest arrives.
-async fn read_startup(client: &mut ClientConn) -> Result<StartupPacket> {
+/// Read startup packets until a StartupMessage or a CancelRequest arrives. An SSLRequest
+/// is answered with a TLS handshake when `tls` is configured, else declined.
+async fn read_startup(
+    client: &mut ClientConn,
+    tls: Option<&tokio_rustls::TlsAcceptor>,
+) -> Result<StartupPacket> {
     loop {
         if let Some(p) = decode_startup(&mut client.buf)? {
             match p {
@@ -44,7 +48,13 @@ async fn read_startup(client: &mut ClientConn) -> Result<StartupPacket> {
                             "received unencrypted data after SSL request".into(),
                         ));
                     }
-                    client.write(b"N").await?;
+                    match tls.filter(|_| matches!(p, StartupPacket::Ssl) && !client.is_tls()) {
+                        Some(acceptor) => {
+                            client.write(b"S").await?;
+                            client.start_tls(acceptor).await?;
+                        }
+                        None => client.write(b"N").await?,
+                    }
                 }
                 other => return Ok(other),
             }
@@ -55,7 +65,7 @@ async fn read_startup(client: &mut ClientConn) -> Result<StartupPacket> {
 }
 
 pub async fn open(client: &mut ClientConn, runtime: &Runtime, over_limit: bool) -> Result<Opening> {
-    let (minor, params) = match read_startup(client).await? {
+    let (minor, params) = match read_startup(client, runtime.tls.as_ref()).await? {
         StartupPacket::Cancel { pid, secret } => return Ok(Opening::Cancel { pid, secret }),
         StartupPacket::Startup { minor, params } => (minor, params),
         StartupPacket::Ssl | StartupPacket::GssEnc => unreachable!("handled in read_startup"),
@@ -72,6 +82,11 @@ pub async fn open(client: &mut ClientConn, runtime: &Runtime, over_limit: bool) 
     }
     if over_limit {
         return Err(Error::TooManyClients);
+    }
+    if runtime.config.proxy.tls_required && !client.is_tls() {
+        return Err(Error::AuthRejected(
+            "pgsplit requires TLS: connect with sslmode=require or stronger".into(),
+        ));
     }
     let mut user_name = None;
     let mut database = None;

@@ -16,3 +16,4 @@ mod pooling;
 mod protocol_edges;
 mod routing;
 mod session_state;
+mod tls;

@@ -1,0 +1,308 @@
+//! TLS with rustls (ring provider): the acceptor clients reach with `sslmode=require` /
+//! `verify-full`, the connector towards PostgreSQL (`server_tls`), and socket halves that
+//! are plain or encrypted behind one type, so the relay code does not care which.
+
+use std::io;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, ring};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio_rustls::{TlsAcceptor, TlsConnector, TlsStream};
+
+use crate::config::ServerTls;
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(ring::default_provider())
+}
+
+/// The acceptor for a PEM certificate chain and private key.
+pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("proxy.tls_cert {}: {e}", cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!("proxy.tls_cert {}: no certificate", cert.display()));
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("proxy.tls_key {}: {e}", key.display()))?;
+    let config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("proxy.tls_cert / tls_key: {e}"))?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// How pgsplit talks TLS to PostgreSQL.
+#[derive(Clone)]
+pub struct ServerTlsPolicy {
+    pub mode: ServerTls,
+    connector: Option<TlsConnector>,
+}
+
+impl std::fmt::Debug for ServerTlsPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ServerTlsPolicy({:?})", self.mode)
+    }
+}
+
+impl ServerTlsPolicy {
+    pub fn disabled() -> ServerTlsPolicy {
+        ServerTlsPolicy {
+            mode: ServerTls::Disable,
+            connector: None,
+        }
+    }
+
+    /// `verify-full` needs `ca` (the PEM roots the servers' certificates chain to);
+    /// `prefer` and `require` encrypt without checking the certificate, as libpq does.
+    pub fn new(mode: ServerTls, ca: Option<&Path>) -> Result<ServerTlsPolicy, String> {
+        let builder = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?;
+        let config = match mode {
+            ServerTls::Disable => return Ok(ServerTlsPolicy::disabled()),
+            ServerTls::VerifyFull => {
+                let ca = ca.ok_or("server_tls = \"verify-full\" needs server_tls_ca")?;
+                let mut roots = rustls::RootCertStore::empty();
+                let certs = CertificateDer::pem_file_iter(ca)
+                    .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+                    .map_err(|e| format!("proxy.server_tls_ca {}: {e}", ca.display()))?;
+                for c in certs {
+                    roots
+                        .add(c)
+                        .map_err(|e| format!("proxy.server_tls_ca {}: {e}", ca.display()))?;
+                }
+                if roots.is_empty() {
+                    return Err(format!(
+                        "proxy.server_tls_ca {}: no certificate",
+                        ca.display()
+                    ));
+                }
+                builder.with_root_certificates(roots).with_no_client_auth()
+            }
+            ServerTls::Prefer | ServerTls::Require => builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider())))
+                .with_no_client_auth(),
+        };
+        Ok(ServerTlsPolicy {
+            mode,
+            connector: Some(TlsConnector::from(Arc::new(config))),
+        })
+    }
+
+    /// Encrypt `stream` to `host` (after the server answered 'S' to SSLRequest).
+    pub async fn connect(&self, host: &str, stream: TcpStream) -> io::Result<(Reader, Writer)> {
+        let connector = self
+            .connector
+            .as_ref()
+            .ok_or_else(|| io::Error::other("TLS towards servers is disabled"))?;
+        let name = ServerName::try_from(host.to_owned())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let tls = connector.connect(name, stream).await?;
+        Ok(split_tls(TlsStream::Client(tls)))
+    }
+}
+
+/// `sslmode=require` semantics: encryption against passive eavesdroppers, no identity check.
+#[derive(Debug)]
+struct AnyCertificate(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// The reading half of a socket, plain or TLS.
+pub enum Reader {
+    Plain(OwnedReadHalf),
+    Tls(tokio::io::ReadHalf<TlsStream<TcpStream>>),
+    /// Between taking the halves apart and putting them back (a TLS upgrade).
+    Detached,
+}
+
+/// The writing half of a socket, plain or TLS.
+pub enum Writer {
+    Plain(OwnedWriteHalf),
+    Tls(tokio::io::WriteHalf<TlsStream<TcpStream>>),
+    Detached,
+}
+
+pub fn split_plain(stream: TcpStream) -> (Reader, Writer) {
+    let (r, w) = stream.into_split();
+    (Reader::Plain(r), Writer::Plain(w))
+}
+
+pub fn split_tls(stream: TlsStream<TcpStream>) -> (Reader, Writer) {
+    let (r, w) = tokio::io::split(stream);
+    (Reader::Tls(r), Writer::Tls(w))
+}
+
+/// The plain socket back from its halves, for a TLS handshake on it.
+pub fn reunite(r: Reader, w: Writer) -> io::Result<TcpStream> {
+    match (r, w) {
+        (Reader::Plain(r), Writer::Plain(w)) => r
+            .reunite(w)
+            .map_err(|_| io::Error::other("socket halves do not match")),
+        _ => Err(io::Error::other("the connection is already encrypted")),
+    }
+}
+
+/// Accept a client's TLS handshake on `stream`.
+pub async fn accept(acceptor: &TlsAcceptor, stream: TcpStream) -> io::Result<(Reader, Writer)> {
+    let tls = acceptor.accept(stream).await?;
+    Ok(split_tls(TlsStream::Server(tls)))
+}
+
+fn detached() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "socket detached")
+}
+
+impl AsyncRead for Reader {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Reader::Plain(r) => Pin::new(r).poll_read(cx, buf),
+            Reader::Tls(r) => Pin::new(r).poll_read(cx, buf),
+            Reader::Detached => Poll::Ready(Err(detached())),
+        }
+    }
+}
+
+impl AsyncWrite for Writer {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Writer::Plain(w) => Pin::new(w).poll_write(cx, buf),
+            Writer::Tls(w) => Pin::new(w).poll_write(cx, buf),
+            Writer::Detached => Poll::Ready(Err(detached())),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Writer::Plain(w) => Pin::new(w).poll_write_vectored(cx, bufs),
+            Writer::Tls(w) => Pin::new(w).poll_write_vectored(cx, bufs),
+            Writer::Detached => Poll::Ready(Err(detached())),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Writer::Plain(w) => w.is_write_vectored(),
+            Writer::Tls(w) => w.is_write_vectored(),
+            Writer::Detached => false,
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Writer::Plain(w) => Pin::new(w).poll_flush(cx),
+            Writer::Tls(w) => Pin::new(w).poll_flush(cx),
+            Writer::Detached => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Writer::Plain(w) => Pin::new(w).poll_shutdown(cx),
+            Writer::Tls(w) => Pin::new(w).poll_shutdown(cx),
+            Writer::Detached => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+impl Writer {
+    /// Write all of `buf` and push it out: a TLS writer may otherwise keep the last record
+    /// buffered.
+    pub async fn send_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        self.write_all(buf).await?;
+        if matches!(self, Writer::Tls(_)) {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+}
+
+impl Reader {
+    /// A non-blocking read into `buf`: `WouldBlock` when nothing is there. For a liveness
+    /// check of an idle connection.
+    pub fn try_read_buf(&mut self, buf: &mut bytes::BytesMut) -> io::Result<usize> {
+        if let Reader::Plain(r) = self {
+            return r.try_read_buf(buf);
+        }
+        let mut tmp = [0u8; 1024];
+        let mut rb = ReadBuf::new(&mut tmp);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match Pin::new(self).poll_read(&mut cx, &mut rb) {
+            Poll::Ready(Ok(())) => {
+                buf.extend_from_slice(rb.filled());
+                Ok(rb.filled().len())
+            }
+            Poll::Ready(Err(e)) => Err(e),
+            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+}
