@@ -415,6 +415,17 @@ async fn reload_under_load_changes_routing_users_and_rules_without_errors() {
     );
 }
 
+struct KillOnDrop(Option<std::process::Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// [`eventually`] for an async condition.
 async fn eventually_async<F, Fut>(limit: Duration, mut cond: F) -> bool
 where
@@ -453,12 +464,14 @@ async fn sigterm_lets_an_open_transaction_commit_then_stops() {
         )
         .replacen("[proxy]\n", "[proxy]\nshutdown_timeout_ms = 20000\n", 1);
     write(&path, &toml);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pgsplit"))
+    let child = Command::new(env!("CARGO_BIN_EXE_pgsplit"))
         .args(["--config", path.to_str().unwrap(), "--log", "info"])
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.path().join("pgsplit.log")).unwrap())
         .spawn()
         .expect("pgsplit binary");
+    // Killed if the test fails before the binary exits on its own.
+    let mut child = KillOnDrop(Some(child));
     let conn_str = format!("host=127.0.0.1 port={port} user=app password=app_pw dbname=appdb");
     let deadline = Instant::now() + Duration::from_secs(10);
     let tx_client = loop {
@@ -482,7 +495,7 @@ async fn sigterm_lets_an_open_transaction_commit_then_stops() {
     // SIGHUP reloads (here: nothing changed) and the proxy keeps serving.
     assert!(
         Command::new("kill")
-            .args(["-HUP", &child.id().to_string()])
+            .args(["-HUP", &child.0.as_ref().unwrap().id().to_string()])
             .status()
             .unwrap()
             .success()
@@ -494,7 +507,7 @@ async fn sigterm_lets_an_open_transaction_commit_then_stops() {
 
     assert!(
         Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
+            .args(["-TERM", &child.0.as_ref().unwrap().id().to_string()])
             .status()
             .unwrap()
             .success()
@@ -521,11 +534,10 @@ async fn sigterm_lets_an_open_transaction_commit_then_stops() {
     let status = tokio::task::spawn_blocking(move || {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if let Some(s) = child.try_wait().unwrap() {
+            if let Some(s) = child.0.as_mut().unwrap().try_wait().unwrap() {
                 return Some(s);
             }
             if Instant::now() > deadline {
-                let _ = child.kill();
                 return None;
             }
             std::thread::sleep(Duration::from_millis(50));
