@@ -65,46 +65,54 @@ fn main() -> anyhow::Result<()> {
     warn_if_readable_secrets(&args.config, &config);
     let listen = config.proxy.listen;
     let runtime = Runtime::new(config)?;
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(async move {
-            let shared = Shared::new(runtime);
-            let path = std::fs::canonicalize(&args.config).unwrap_or(args.config.clone());
-            let _ = shared.config_path.set(path);
-            let _ = shared.log_filter.set(Box::new(move |f: &str| {
-                let filter =
-                    tracing_subscriber::EnvFilter::try_new(f).map_err(|e| e.to_string())?;
-                filter_handle.reload(filter).map_err(|e| e.to_string())
-            }));
-            let server = Server::bind(shared.clone(), listen)
-                .await
-                .with_context(|| format!("cannot listen on {listen}"))?;
-            let shutdown = CancellationToken::new();
-            let signal = shutdown.clone();
-            let mut stops = StopSignals::new().context("installing signal handlers")?;
-            tokio::spawn(async move {
-                stops.next().await;
-                tracing::info!("shutting down: no new clients; running transactions may finish");
-                signal.cancel();
-                stops.next().await;
-                tracing::info!("second signal: exiting now");
-                std::process::exit(0);
-            });
-            let hup_shared = shared.clone();
-            tokio::spawn(async move {
-                use tokio::signal::unix::{SignalKind, signal};
-                let Ok(mut hup) = signal(SignalKind::hangup()) else {
-                    return;
-                };
-                while hup.recv().await.is_some() {
-                    tracing::info!("SIGHUP: reloading the configuration");
-                    let _ = pgsplit::reload::reload(&hup_shared);
-                }
-            });
-            server.run(shutdown).await;
-            Ok(())
-        })
+    let mut builder = match runtime.config.proxy.worker_threads {
+        // One thread: no cross-thread wakeups, which cost more than they bring when the
+        // proxy shares few cores with the database.
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            if n > 1 {
+                b.worker_threads(n);
+            }
+            b
+        }
+    };
+    builder.enable_all().build()?.block_on(async move {
+        let shared = Shared::new(runtime);
+        let path = std::fs::canonicalize(&args.config).unwrap_or(args.config.clone());
+        let _ = shared.config_path.set(path);
+        let _ = shared.log_filter.set(Box::new(move |f: &str| {
+            let filter = tracing_subscriber::EnvFilter::try_new(f).map_err(|e| e.to_string())?;
+            filter_handle.reload(filter).map_err(|e| e.to_string())
+        }));
+        let server = Server::bind(shared.clone(), listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?;
+        let shutdown = CancellationToken::new();
+        let signal = shutdown.clone();
+        let mut stops = StopSignals::new().context("installing signal handlers")?;
+        tokio::spawn(async move {
+            stops.next().await;
+            tracing::info!("shutting down: no new clients; running transactions may finish");
+            signal.cancel();
+            stops.next().await;
+            tracing::info!("second signal: exiting now");
+            std::process::exit(0);
+        });
+        let hup_shared = shared.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                return;
+            };
+            while hup.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading the configuration");
+                let _ = pgsplit::reload::reload(&hup_shared);
+            }
+        });
+        server.run(shutdown).await;
+        Ok(())
+    })
 }
 
 /// Plain passwords in a file others can read deserve a word.

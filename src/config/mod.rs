@@ -107,6 +107,9 @@ pub struct ProxyConfig {
     pub log: String,
     /// On SIGTERM/SIGINT, running transactions get this long to finish. Default 30000 ms.
     pub shutdown_timeout_ms: u64,
+    /// Threads serving clients: 1 (one event loop, the default), or more; 0 = one per
+    /// core. Needs a restart to change.
+    pub worker_threads: usize,
     /// PEM certificate chain and key: clients may then connect with TLS. Reloadable.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -132,6 +135,7 @@ impl Default for ProxyConfig {
             admin_password: None,
             log: "info".into(),
             shutdown_timeout_ms: 30_000,
+            worker_threads: 1,
             tls_cert: None,
             tls_key: None,
             tls_required: false,
@@ -705,7 +709,10 @@ mod tests {
             "[proxy]\ntls_cert = \"c.pem\"\ntls_required = true\nserver_tls = \"verify-full\"\n{MINIMAL}"
         );
         let err = Config::from_toml(&text).unwrap_err().to_string();
-        assert!(err.contains("tls_cert and proxy.tls_key go together"), "{err}");
+        assert!(
+            err.contains("tls_cert and proxy.tls_key go together"),
+            "{err}"
+        );
         assert!(err.contains("needs server_tls_ca"), "{err}");
         let ok = format!("[proxy]\nserver_tls = \"disable\"\n{MINIMAL}");
         assert_eq!(
