@@ -295,15 +295,27 @@ impl ServerConn {
         }
     }
 
-    /// Run a one-value query the proxy needs (e.g. the current WAL position) and return the
-    /// first column of the first row as text. Notifications that arrive meanwhile (the
-    /// connection of a session that LISTENs) are the client's: they go to `notifications`.
+    /// Run a one-value query the proxy needs and return the first column of the first row
+    /// as text. Notifications that arrive meanwhile (the connection of a session that
+    /// LISTENs) are the client's: they go to `notifications`.
     pub async fn query_text(
         &mut self,
         sql: &str,
         max_message: usize,
         notifications: &mut Vec<Frame>,
     ) -> Result<Option<String>, BackendError> {
+        let row = self.query_row(sql, max_message, notifications).await?;
+        Ok(row.into_iter().next().flatten())
+    }
+
+    /// [`query_text`](Self::query_text), returning every column of the first row (empty
+    /// when there is no row).
+    pub async fn query_row(
+        &mut self,
+        sql: &str,
+        max_message: usize,
+        notifications: &mut Vec<Frame>,
+    ) -> Result<Vec<Option<String>>, BackendError> {
         let mut out = BytesMut::new();
         protocol::query_frame(sql).encode_into(&mut out);
         self.wr.send_all(&out).await.map_err(BackendError::Io)?;
@@ -314,10 +326,7 @@ impl ServerConn {
             let f = self.read_frame(max_message).await?;
             match f.tag {
                 tag::DATA_ROW if value.is_none() => {
-                    value = protocol::decode_data_row_text(&f.body)
-                        .into_iter()
-                        .next()
-                        .flatten();
+                    value = Some(protocol::decode_data_row_text(&f.body));
                 }
                 tag::ERROR_RESPONSE => error = Some(ErrorFields::parse(&f.body)),
                 tag::NOTIFICATION_RESPONSE => notifications.push(f),
@@ -327,7 +336,7 @@ impl ServerConn {
         }
         match error {
             Some(e) => Err(BackendError::Server(e)),
-            None => Ok(value),
+            None => Ok(value.unwrap_or_default()),
         }
     }
 

@@ -11,6 +11,16 @@ use crate::error::{Error, Result};
 use crate::protocol::TxStatus;
 use crate::router::Route;
 
+/// What the primary said right after a commit.
+pub(super) struct CommitFacts {
+    pub lsn: u64,
+    /// Tables a foreign key's ON DELETE / ON UPDATE action may have changed along with the
+    /// written ones (transitively).
+    pub dependents: Vec<String>,
+    /// A user trigger sits on a written or dependent table: it may have written anything.
+    pub triggers: bool,
+}
+
 impl Session {
     /// A connection for `route`, connected and carrying the session's settings.
     pub(super) async fn acquire(&mut self, route: Route) -> Result<BackendId> {
@@ -272,33 +282,47 @@ impl Session {
     }
 
     /// After a committed write: learn where the primary's WAL is, so later reads of this
-    /// session go only where that is replayed (read-your-writes), and so the cache knows which
-    /// replicas may refill what the write invalidated (`for_cache`). One short query on the
-    /// primary connection. `None` when the position could not be read.
-    pub(super) async fn learn_commit_lsn(&mut self, for_cache: bool) -> Option<u64> {
+    /// session go only where that is replayed (read-your-writes), and, for the cache, which
+    /// other tables the write may have changed (`written`: tables to look up). One short
+    /// query on the primary connection. `None` when the position could not be read.
+    pub(super) async fn learn_commit(&mut self, written: Option<&[String]>) -> Option<CommitFacts> {
         let ryw = self.consistency == Consistency::ReadYourWrites;
         // A pinned session reads from the primary anyway.
-        if !for_cache && (!ryw || self.pinned) {
+        if written.is_none() && (!ryw || self.pinned) {
             return None;
         }
         let max = self.runtime.config.proxy.max_message_bytes;
         let conn = self.conns[0].as_mut()?;
+        let sql = match written {
+            Some(tables) if !tables.is_empty() => super::cached::commit_facts_sql(tables),
+            _ => "SELECT pg_current_wal_lsn()::text".to_owned(),
+        };
         let mut notifications = Vec::new();
-        let result = conn
-            .query_text("SELECT pg_current_wal_lsn()::text", max, &mut notifications)
-            .await;
+        let result = conn.query_row(&sql, max, &mut notifications).await;
         for n in notifications {
             n.encode_into(&mut self.out);
         }
         match result {
-            Ok(Some(text)) => {
-                let lsn = crate::backend::health::parse_lsn(&text)?;
+            Ok(row) => {
+                let lsn = row
+                    .first()
+                    .cloned()
+                    .flatten()
+                    .and_then(|t| crate::backend::health::parse_lsn(&t))?;
                 if ryw {
                     self.min_lsn = self.min_lsn.max(lsn);
                 }
-                Some(lsn)
+                Some(CommitFacts {
+                    lsn,
+                    dependents: row
+                        .get(1)
+                        .cloned()
+                        .flatten()
+                        .map(|d| d.split(',').map(str::to_owned).collect())
+                        .unwrap_or_default(),
+                    triggers: row.get(2).cloned().flatten().is_some_and(|n| n != "0"),
+                })
             }
-            Ok(None) => None,
             Err(e) => {
                 debug!(error = %e, "could not read the commit position; reads go to the primary");
                 if ryw {

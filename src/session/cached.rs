@@ -26,6 +26,8 @@ pub(super) struct WriteSet {
     pub everything: bool,
     /// Version names of the tables written.
     pub tables: Vec<String>,
+    /// The tables written as the statements named them, for catalog lookups.
+    pub raw_tables: Vec<String>,
 }
 
 impl WriteSet {
@@ -39,6 +41,9 @@ impl WriteSet {
             let name = version_name(t);
             if !self.tables.contains(&name) {
                 self.tables.push(name);
+            }
+            if !self.raw_tables.contains(t) {
+                self.raw_tables.push(t.clone());
             }
         }
     }
@@ -280,14 +285,13 @@ impl Session {
 
     /// The client must not see a commit before the cache knows of it: a read it sends next,
     /// on any connection to any pgsplit instance, must miss the entries the write outdated.
+    /// Any committed write may matter: even one to a table no rule names can cascade
+    /// (foreign-key actions, triggers) into one that does.
     pub(super) fn defer_tail(&self) -> bool {
-        self.shared.cache.is_some() && self.tx == TxStatus::Idle && self.writes_to_invalidate()
-    }
-
-    /// The writes since the last commit touch something a cache entry can depend on.
-    fn writes_to_invalidate(&self) -> bool {
-        let w = &self.writes;
-        w.everything || w.tables.iter().any(|t| self.runtime.cache_rules.guards(t))
+        self.shared.cache.is_some()
+            && !self.runtime.cache_rules.is_empty()
+            && self.tx == TxStatus::Idle
+            && self.writes.any
     }
 
     /// After a request that ended outside a transaction: if what it committed wrote,
@@ -296,23 +300,75 @@ impl Session {
         if self.tx != TxStatus::Idle || !self.writes.any {
             return;
         }
-        let invalidate = self.writes_to_invalidate();
+        let invalidate = !self.runtime.cache_rules.is_empty();
         let mut writes = std::mem::take(&mut self.writes);
         if !conn.is_primary() {
             return;
         }
         let cache = self.shared.cache.clone().filter(|_| invalidate);
-        let lsn = self.learn_commit_lsn(cache.is_some()).await;
+        let lookup = cache.as_ref().map(|_| writes.raw_tables.clone());
+        let facts = self.learn_commit(lookup.as_deref()).await;
         if let Some(cache) = cache {
-            writes.tables.retain(|t| self.runtime.cache_rules.guards(t));
             // Unknown position (the primary connection failed right after the commit): the
             // health checker's last view of the primary is the best bound left.
-            let lsn = lsn.unwrap_or_else(|| self.runtime.backends.primary.health.lsn());
-            cache
-                .invalidate(&writes.tables, writes.everything, lsn)
-                .await;
+            let lsn = facts
+                .as_ref()
+                .map_or_else(|| self.runtime.backends.primary.health.lsn(), |f| f.lsn);
+            if let Some(f) = &facts {
+                for d in &f.dependents {
+                    let name = version_name(d);
+                    if !writes.tables.contains(&name) {
+                        writes.tables.push(name);
+                    }
+                }
+                writes.everything |= f.triggers;
+            }
+            writes.tables.retain(|t| self.runtime.cache_rules.guards(t));
+            if writes.everything || !writes.tables.is_empty() {
+                cache
+                    .invalidate(&writes.tables, writes.everything, lsn)
+                    .await;
+            }
         }
     }
+}
+
+/// The commit position, plus what else the written tables' foreign-key actions (cascades,
+/// SET NULL, SET DEFAULT, transitively) and user triggers may have changed.
+pub(super) fn commit_facts_sql(tables: &[String]) -> String {
+    let names: Vec<String> = tables
+        .iter()
+        .map(|t| {
+            // As the classifier reports them: unquoted names are already folded; others
+            // need quotes to resolve.
+            let regclass_text = t
+                .split('.')
+                .map(|part| {
+                    if part
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+                    {
+                        part.to_owned()
+                    } else {
+                        format!("\"{}\"", part.replace('"', "\"\""))
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(".");
+            format!("'{}'", regclass_text.replace('\'', "''"))
+        })
+        .collect();
+    format!(
+        "WITH RECURSIVE w(oid) AS (\
+           SELECT to_regclass(n)::oid FROM unnest(ARRAY[{}]::text[]) n WHERE to_regclass(n) IS NOT NULL \
+           UNION \
+           SELECT k.conrelid FROM pg_catalog.pg_constraint k JOIN w ON k.confrelid = w.oid \
+           WHERE k.contype = 'f' AND (k.confdeltype IN ('c','n','d') OR k.confupdtype IN ('c','n','d'))) \
+         SELECT pg_catalog.pg_current_wal_lsn()::text, \
+           (SELECT string_agg(c.relname, ',') FROM w JOIN pg_catalog.pg_class c ON c.oid = w.oid), \
+           (SELECT count(*) FROM pg_catalog.pg_trigger t JOIN w ON t.tgrelid = w.oid WHERE NOT t.tgisinternal)",
+        names.join(",")
+    )
 }
 
 /// Startup parameters that cannot change a query's result.

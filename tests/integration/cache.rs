@@ -631,3 +631,63 @@ async fn writes_the_proxy_cannot_attribute_invalidate_everything() {
         assert_eq!(simple_value(&client, &read).await, value, "after {sql}");
     }
 }
+
+#[tokio::test]
+async fn cascades_and_triggers_invalidate_what_they_change() {
+    let (parent, child, audit, log) = (
+        unique("cache_parent"),
+        unique("cache_child"),
+        unique("cache_audit"),
+        unique("cache_log"),
+    );
+    let c = cluster();
+    direct(c.primary)
+        .await
+        .batch_execute(&format!(
+            "CREATE TABLE {parent} (id int PRIMARY KEY);
+             CREATE TABLE {child} (id int PRIMARY KEY,
+                 parent_id int REFERENCES {parent} ON DELETE CASCADE);
+             INSERT INTO {parent} VALUES (1), (2);
+             INSERT INTO {child} VALUES (1, 1), (2, 1), (3, 2);
+             CREATE TABLE {audit} (n int);
+             INSERT INTO {audit} VALUES (0);
+             CREATE TABLE {log} (msg text);
+             CREATE FUNCTION {log}_fn() RETURNS trigger LANGUAGE plpgsql AS
+               $$ BEGIN UPDATE {audit} SET n = n + 1; RETURN NEW; END $$;
+             CREATE TRIGGER {log}_trg AFTER INSERT ON {log}
+               FOR EACH ROW EXECUTE FUNCTION {log}_fn();
+             GRANT ALL ON {parent}, {child}, {audit}, {log} TO app;"
+        ))
+        .await
+        .unwrap();
+    wait_replicated().await;
+    // Only the tables read are whitelisted: the writes go to tables no rule names.
+    let proxy = cache_proxy(&unique("p"), &[&child, &audit], &[]).await;
+    let client = proxy.app().await;
+
+    let count = format!("SELECT count(*) FROM {child}");
+    assert_eq!(simple_value(&client, &count).await, "3");
+    assert_eq!(simple_value(&client, &count).await, "3");
+    client
+        .batch_execute(&format!("DELETE FROM {parent} WHERE id = 1"))
+        .await
+        .unwrap();
+    assert_eq!(
+        simple_value(&client, &count).await,
+        "1",
+        "the cascade invalidated"
+    );
+
+    let n = format!("SELECT n FROM {audit}");
+    assert_eq!(simple_value(&client, &n).await, "0");
+    assert_eq!(simple_value(&client, &n).await, "0");
+    client
+        .batch_execute(&format!("INSERT INTO {log} VALUES ('x')"))
+        .await
+        .unwrap();
+    assert_eq!(
+        simple_value(&client, &n).await,
+        "1",
+        "the trigger's write invalidated"
+    );
+}
