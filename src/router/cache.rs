@@ -1,12 +1,18 @@
-//! Classification cache keyed by SQL text, shared by all sessions of one configuration.
+//! Classification cache keyed by SQL text, shared by all sessions of one configuration, with
+//! a second level keyed by the text's shape (literals masked) so that statements differing
+//! only in literal values are parsed once.
 
 use std::sync::Arc;
 
+use super::fingerprint::fingerprint;
 use super::{Classification, Target, classify_with};
 use crate::memo::SqlMemo;
 
 pub struct ClassifyCache {
     memo: SqlMemo<Arc<Classification>>,
+    /// By shape: only classifications that do not carry literal values (no session
+    /// operations, no read-back settings).
+    shapes: SqlMemo<Arc<Classification>>,
     /// Extra function names (lower-case) that force the primary (`[routing]
     /// primary_functions`).
     primary_functions: Vec<String>,
@@ -16,6 +22,7 @@ impl ClassifyCache {
     pub fn new(capacity: usize, primary_functions: Vec<String>) -> ClassifyCache {
         ClassifyCache {
             memo: SqlMemo::new(capacity),
+            shapes: SqlMemo::new(capacity),
             primary_functions: primary_functions
                 .into_iter()
                 .map(|f| f.to_ascii_lowercase())
@@ -24,9 +31,25 @@ impl ClassifyCache {
     }
 
     pub fn get(&self, sql: &str) -> Arc<Classification> {
-        self.memo.get_or_insert_with(sql, || {
-            Arc::new(classify_with(sql, &self.primary_functions))
-        })
+        let shape = fingerprint(sql);
+        if let Some(shape) = &shape
+            && let Some(c) = self.shapes.get(shape)
+        {
+            return c;
+        }
+        if let Some(c) = self.memo.get(sql) {
+            return c;
+        }
+        let c = Arc::new(classify_with(sql, &self.primary_functions));
+        match shape {
+            Some(shape) if c.session_ops.is_empty() && c.read_back.is_empty() => {
+                // Texts with literals go by their shape only: caching each would fill the
+                // map with statements seen once.
+                self.shapes.insert(&shape, c.clone());
+            }
+            _ => self.memo.insert(sql, c.clone()),
+        }
+        c
     }
 
     /// A replica refused this SQL as a write (SQLSTATE 25006): remember it as one.
@@ -35,7 +58,11 @@ impl ClassifyCache {
         c.target = Target::Primary;
         c.writes_unknown = true;
         c.volatile = true;
-        self.memo.insert(sql, Arc::new(c));
+        let c = Arc::new(c);
+        if let Some(shape) = fingerprint(sql) {
+            self.shapes.insert(&shape, c.clone());
+        }
+        self.memo.insert(sql, c);
     }
 }
 
@@ -50,6 +77,31 @@ mod tests {
         assert!(Arc::ptr_eq(&a, &c.get("SELECT f()")));
         c.learn_write("SELECT f()");
         assert_eq!(c.get("SELECT f()").target, Target::Primary);
+    }
+
+    #[test]
+    fn statements_differing_in_literals_share_one_classification() {
+        let c = ClassifyCache::new(64, vec![]);
+        let a = c.get("SELECT abalance FROM pgbench_accounts WHERE aid = 17");
+        let b = c.get("SELECT abalance FROM pgbench_accounts WHERE aid = 99");
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(a.target, Target::Replica);
+        // Literal-carrying session operations are classified per text.
+        let s1 = c.get("SET statement_timeout = 1000");
+        let s2 = c.get("SET statement_timeout = 2000");
+        assert_ne!(s1.session_ops, s2.session_ops);
+        // A learned write covers the whole shape.
+        c.learn_write("SELECT f(1)");
+        assert_eq!(c.get("SELECT f(2)").target, Target::Primary);
+        // 'now' is evaluated at run time: never shared with another literal.
+        assert!(
+            !c.get("SELECT 'x'::timestamptz FROM t WHERE id = 1")
+                .volatile
+        );
+        assert!(
+            c.get("SELECT 'now'::timestamptz FROM t WHERE id = 1")
+                .volatile
+        );
     }
 
     #[test]

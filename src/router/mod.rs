@@ -7,6 +7,7 @@
 
 mod cache;
 mod classify;
+mod fingerprint;
 mod route;
 
 pub use cache::ClassifyCache;
