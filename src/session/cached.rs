@@ -93,7 +93,9 @@ impl Session {
             return Ok(false);
         };
         let key = self.cache_key(&candidate);
-        match cache.lookup(key, &candidate.plan.tables).await {
+        // Boxed: the Redis client's futures are large, and would otherwise enlarge every
+        // session's state, cache or not.
+        match Box::pin(cache.lookup(key, &candidate.plan.tables)).await {
             Lookup::Hit(frames) => {
                 debug!("answered from the result cache");
                 let mut out = BytesMut::with_capacity(frames.len() + 16);
@@ -325,9 +327,7 @@ impl Session {
             }
             writes.tables.retain(|t| self.runtime.cache_rules.guards(t));
             if writes.everything || !writes.tables.is_empty() {
-                cache
-                    .invalidate(&writes.tables, writes.everything, lsn)
-                    .await;
+                Box::pin(cache.invalidate(&writes.tables, writes.everything, lsn)).await;
             }
         }
     }

@@ -21,7 +21,8 @@ impl ClientConn {
         ClientConn {
             rd,
             wr,
-            buf: BytesMut::with_capacity(8192),
+            // Startup packets are small; `fill` grows the buffer for real traffic.
+            buf: BytesMut::with_capacity(1024),
             max_message,
         }
     }

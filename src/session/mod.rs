@@ -49,7 +49,9 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, over_
     async move {
         let opening = tokio::time::timeout(
             runtime.config.proxy.client_login_timeout(),
-            startup::open(&mut client, &runtime, over_limit),
+            // Boxed here and below: each phase's state lives on the heap only while it runs,
+            // so an idle client's task stays small.
+            Box::pin(startup::open(&mut client, &runtime, over_limit)),
         )
         .await
         .unwrap_or(Err(Error::LoginTimeout));
@@ -72,9 +74,9 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, over_
                     .logins
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let mut session = Session::new(shared.clone(), runtime, client, login, peer);
-                let result = session.start().await;
+                let result = Box::pin(session.start()).await;
                 let result = match result {
-                    Ok(()) => session.serve().await,
+                    Ok(()) => Box::pin(session.serve()).await,
                     Err(e) => Err(e),
                 };
                 session.close(result).await;
@@ -82,7 +84,7 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, over_
             Ok(Opening::Admin) => {
                 tracing::Span::current().record("user", "(admin console)");
                 client.max_message = max_message;
-                if let Err(e) = crate::admin::serve(&shared, &mut client).await
+                if let Err(e) = Box::pin(crate::admin::serve(&shared, &mut client)).await
                     && !matches!(e, Error::ClientGone | Error::ClientIo(_))
                 {
                     let _ = client.send(&[e.to_error_response(Severity::Fatal)]).await;
@@ -304,8 +306,9 @@ impl Session {
             batch: Vec::new(),
             batch_local: HashMap::new(),
             skip_until_sync: false,
-            out: bytes::BytesMut::with_capacity(16 * 1024),
-            wbuf: bytes::BytesMut::with_capacity(4096),
+            // Allocated at first use: a client that logs in and idles never needs them.
+            out: bytes::BytesMut::new(),
+            wbuf: bytes::BytesMut::new(),
             cancel_pid,
             cancel_secret,
             cancel_slot,
