@@ -1,0 +1,86 @@
+//! Micro-benchmarks of the per-request work that is pure CPU: classifying SQL (cold and
+//! through the classification cache, including the literal-masking shape cache), framing,
+//! and the routing decision. `cargo bench --bench hot_path`.
+
+use std::hint::black_box;
+
+use bytes::BytesMut;
+use criterion::{Criterion, criterion_group, criterion_main};
+use pgsplit::protocol::{Frame, decode_frame};
+use pgsplit::router::{ClassifyCache, SessionFacts, classify, route};
+
+const POINT_READ: &str = "SELECT abalance FROM pgbench_accounts WHERE aid = 48213;";
+const JOIN_READ: &str = "SELECT a.id, a.title, s.title FROM albums a JOIN songs s ON s.album_id = a.id \
+                         WHERE a.id = $1 ORDER BY s.position";
+const WRITE: &str = "UPDATE pgbench_accounts SET abalance = abalance + $1 WHERE aid = $2";
+
+fn classifier(c: &mut Criterion) {
+    let mut g = c.benchmark_group("classify");
+    for (name, sql) in [
+        ("point_read", POINT_READ),
+        ("join_read", JOIN_READ),
+        ("write", WRITE),
+    ] {
+        g.bench_function(format!("cold/{name}"), |b| {
+            b.iter(|| classify(black_box(sql)))
+        });
+    }
+    let cache = ClassifyCache::new(16_384, Vec::new());
+    g.bench_function("cached/same_text", |b| {
+        b.iter(|| cache.get(black_box(JOIN_READ)))
+    });
+    // Simple-protocol clients send a new literal each time: served by the shape cache.
+    let texts: Vec<String> = (0..1024)
+        .map(|i| format!("SELECT abalance FROM pgbench_accounts WHERE aid = {i};"))
+        .collect();
+    let mut i = 0;
+    g.bench_function("cached/new_literal", |b| {
+        b.iter(|| {
+            i = (i + 1) % texts.len();
+            cache.get(black_box(&texts[i]))
+        })
+    });
+    g.finish();
+}
+
+fn framing(c: &mut Criterion) {
+    let mut wire = BytesMut::new();
+    for _ in 0..64 {
+        Frame {
+            tag: b'D',
+            body: bytes::Bytes::from_static(&[0, 1, 0, 0, 0, 4, b'1', b'2', b'3', b'4']),
+        }
+        .encode_into(&mut wire);
+    }
+    let wire = wire.freeze();
+    c.bench_function("frames/decode_64_data_rows", |b| {
+        b.iter(|| {
+            let mut buf = BytesMut::from(&wire[..]);
+            let mut n = 0;
+            while let Ok(Some(f)) = decode_frame(&mut buf, 1 << 20) {
+                n += f.body.len();
+            }
+            black_box(n)
+        })
+    });
+}
+
+fn routing(c: &mut Criterion) {
+    let read = classify(JOIN_READ);
+    let write = classify(WRITE);
+    let idle = SessionFacts {
+        in_transaction: false,
+        pinned: false,
+    };
+    c.bench_function("route/read_then_write", |b| {
+        b.iter(|| {
+            (
+                route([black_box(&read)], idle),
+                route([black_box(&read), black_box(&write)], idle),
+            )
+        })
+    });
+}
+
+criterion_group!(benches, classifier, framing, routing);
+criterion_main!(benches);
