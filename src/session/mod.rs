@@ -683,10 +683,15 @@ impl Session {
     /// outside a transaction and holding no server connection it must keep (a pinned
     /// session stays with the configuration it pinned under).
     async fn adopt_new_runtime(&mut self) {
-        let current = self.shared.runtime.load_full();
-        if Arc::ptr_eq(&current, &self.runtime) || self.tx != TxStatus::Idle || self.pinned {
+        // A guard, not a clone: this runs before every request and almost always finds
+        // nothing new.
+        if Arc::ptr_eq(&self.shared.runtime.load(), &self.runtime)
+            || self.tx != TxStatus::Idle
+            || self.pinned
+        {
             return;
         }
+        let current = self.shared.runtime.load_full();
         match self.mode {
             PoolMode::Transaction if self.conns.iter().any(Option::is_some) => return,
             PoolMode::Transaction => {}

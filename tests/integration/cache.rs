@@ -236,25 +236,19 @@ async fn a_lagging_replica_cannot_refill_stale_data() {
     // Only the replica that applies WAL 2 s late, a generous lag limit so it stays in the
     // rotation, and eventual consistency: nothing but the cache's own floor keeps its fills
     // fresh.
-    let toml = format!(
-        r#"
-        [proxy]
-        listen = "127.0.0.1:0"
-        [[users]]
-        name = "app"
-        password = "app_pw"
-        [primary]
-        host = "127.0.0.1"
-        port = {}
-        [[replicas]]
-        host = "127.0.0.1"
-        port = {}
-        [routing]
-        read_your_writes = false
-        max_replica_lag_bytes = 1073741824
-        "#,
-        c.primary, c.replicas[1]
-    ) + &cache_section(c.redis, &unique("p"), &[&t], &[]);
+    let base = base_config_toml(c);
+    let only_delayed = base.replacen(
+        &format!(
+            "[[replicas]]\n        host = \"127.0.0.1\"\n        port = {}\n",
+            c.replicas[0]
+        ),
+        "",
+        1,
+    );
+    assert_ne!(only_delayed, base, "replica1's block was removed");
+    let toml = only_delayed
+        + "\n[routing]\nread_your_writes = false\nmax_replica_lag_bytes = 1073741824\n"
+        + &cache_section(c.redis, &unique("p"), &[&t], &[]);
     let proxy = cache_ready(start_proxy_with(&toml).await).await;
     let reader = proxy.app().await;
     let writer = proxy.app().await;
