@@ -186,14 +186,7 @@ async fn a_lagging_replica_leaves_the_rotation_over_the_lag_limit() {
 
 /// A proxy whose only replica is the delayed one.
 fn delayed_only(c: &Cluster) -> String {
-    config(c, "").replacen(
-        &format!(
-            "[[replicas]]\n        host = \"127.0.0.1\"\n        port = {}\n",
-            c.replicas[0]
-        ),
-        "",
-        1,
-    )
+    without_replica(&config(c, ""), c.replicas[0])
 }
 
 async fn stale_reads(client: &tokio_postgres::Client, t: &str, cycles: i32) -> usize {

@@ -179,6 +179,16 @@ pub fn base_config_toml(c: &Cluster) -> String {
     )
 }
 
+/// A config made by [`base_config_toml`] (or from it) without the replica on `port`.
+pub fn without_replica(toml: &str, port: u16) -> String {
+    let block = format!("[[replicas]]\n        host = \"127.0.0.1\"\n        port = {port}\n");
+    assert!(
+        toml.contains(&block),
+        "no replica on port {port} in the config"
+    );
+    toml.replacen(&block, "", 1)
+}
+
 /// `toml` with extra `[proxy]` settings (lines like `max_client_connections = 2`).
 pub fn with_proxy_settings(toml: &str, lines: &str) -> String {
     toml.replacen("[proxy]\n", &format!("[proxy]\n{lines}\n"), 1)
