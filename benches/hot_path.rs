@@ -4,15 +4,13 @@
 
 use std::hint::black_box;
 
+mod fixtures;
+
 use bytes::BytesMut;
 use criterion::{Criterion, criterion_group, criterion_main};
-use pgsplit::protocol::{Frame, decode_frame};
+use fixtures::{JOIN_READ, POINT_READ, WRITE};
+use pgsplit::protocol::decode_frame;
 use pgsplit::router::{ClassifyCache, SessionFacts, classify, route};
-
-const POINT_READ: &str = "SELECT abalance FROM pgbench_accounts WHERE aid = 48213;";
-const JOIN_READ: &str = "SELECT a.id, a.title, s.title FROM albums a JOIN songs s ON s.album_id = a.id \
-                         WHERE a.id = $1 ORDER BY s.position";
-const WRITE: &str = "UPDATE pgbench_accounts SET abalance = abalance + $1 WHERE aid = $2";
 
 fn classifier(c: &mut Criterion) {
     let mut g = c.benchmark_group("classify");
@@ -44,15 +42,7 @@ fn classifier(c: &mut Criterion) {
 }
 
 fn framing(c: &mut Criterion) {
-    let mut wire = BytesMut::new();
-    for _ in 0..64 {
-        Frame {
-            tag: b'D',
-            body: bytes::Bytes::from_static(&[0, 1, 0, 0, 0, 4, b'1', b'2', b'3', b'4']),
-        }
-        .encode_into(&mut wire);
-    }
-    let wire = wire.freeze();
+    let wire = fixtures::data_rows_wire();
     c.bench_function("frames/decode_64_data_rows", |b| {
         b.iter(|| {
             let mut buf = BytesMut::from(&wire[..]);

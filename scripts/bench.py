@@ -1,7 +1,8 @@
 """The workloads of scripts/bench (which starts the cluster and the proxies and calls this).
 
 Each workload runs against a direct connection (A) and through pgsplit (B), alternately,
-PAIRS times (A B A B ...), so both see the same machine state. Reported per workload:
+PAIRS times (A B A B ...), so both see the same machine state; with PGBOUNCER_PORT set, a
+PgBouncer run (C) follows each pair as a reference row. Reported per workload:
 median throughput of each side, the ratio B/A per pair (median and min-max spread), latency
 p50/p99 from pgbench's per-transaction log (of the median run), pgsplit's CPU time per
 transaction (utime + stime from /proc, over the B runs) and its RSS.
@@ -71,9 +72,10 @@ def pct(lat, q):
 
 
 def ab(name, direct_port, proxy_port, pid, args, seconds, pairs, user="trustuser",
-       password=None, log=True):
-    """Alternate direct and proxied runs; summarise."""
+       password=None, log=True, bouncer=None):
+    """Alternate direct and proxied runs (and PgBouncer's, when given); summarise."""
     a_runs, b_runs, ratios, cpu, tx = [], [], [], 0.0, 0
+    c_runs, c_ratios, c_cpu, c_tx, c_failed = [], [], 0.0, 0, False
     for _ in range(pairs):
         a = pgbench(direct_port, user, seconds, args, password, log)
         c0 = proc_cpu_us(pid)
@@ -87,9 +89,18 @@ def ab(name, direct_port, proxy_port, pid, args, seconds, pairs, user="trustuser
         b_runs.append(b)
         if a["tps"] > 0:
             ratios.append(b["tps"] / a["tps"])
+        if bouncer:
+            c0 = proc_cpu_us(bouncer[1])
+            c = pgbench(bouncer[0], user, seconds, args, password, log)
+            c_cpu += proc_cpu_us(bouncer[1]) - c0
+            c_tx += c["tx"]
+            c_failed |= not c["ok"]
+            c_runs.append(c)
+            if a["tps"] > 0:
+                c_ratios.append(c["tps"] / a["tps"])
     med = lambda runs: sorted(runs, key=lambda r: r["tps"])[len(runs) // 2]
     a_med, b_med = med(a_runs), med(b_runs)
-    return {
+    result = {
         "workload": name,
         "direct_tps": round(a_med["tps"]),
         "pgsplit_tps": round(b_med["tps"]),
@@ -103,6 +114,20 @@ def ab(name, direct_port, proxy_port, pid, args, seconds, pairs, user="trustuser
         "cpu_us_per_tx": round(cpu / tx, 1) if tx else None,
         "rss_kib": proc_rss_kib(pid),
     }
+    if bouncer:
+        c_med = med(c_runs)
+        # PgBouncer is a reference, not a contender: it pools but neither parses nor splits.
+        result["pgbouncer"] = {
+            "failed": c_failed,
+            "tps": round(c_med["tps"]),
+            "ratio": round(statistics.median(c_ratios), 3) if c_ratios else None,
+            "ratio_min": round(min(c_ratios), 3) if c_ratios else None,
+            "ratio_max": round(max(c_ratios), 3) if c_ratios else None,
+            "p50_us": pct(c_med["lat"], 0.5),
+            "p99_us": pct(c_med["lat"], 0.99),
+            "cpu_us_per_tx": round(c_cpu / c_tx, 1) if c_tx else None,
+        }
+    return result
 
 
 def cached(env, seconds, pairs):
@@ -137,6 +162,9 @@ def main():
     env = {k: os.environ[k] for k in
            ("PGSPLIT_PRIMARY_PORT", "PROXY_PORT", "PROXY_PID", "CACHE_PORT")}
     primary, proxy, pid = env["PGSPLIT_PRIMARY_PORT"], env["PROXY_PORT"], int(env["PROXY_PID"])
+    bouncer = None
+    if os.environ.get("PGBOUNCER_PORT"):
+        bouncer = (os.environ["PGBOUNCER_PORT"], int(os.environ["PGBOUNCER_PID"]))
     T, P = opts.seconds, opts.pairs
     workloads = [
         ("select-simple", ["-S", "-M", "simple", "-c", "16", "-j", "2"], {}),
@@ -158,13 +186,22 @@ def main():
     for name, args, kw in workloads:
         if only and name not in only:
             continue
-        r = ab(name, primary, proxy, pid, args, T, P, **kw)
+        r = ab(name, primary, proxy, pid, args, T, P, bouncer=bouncer, **kw)
         results.append(r)
         spread = f"{r['ratio_min']}-{r['ratio_max']}" if r["ratio"] is not None else "-"
         print(f"{name:<17} {r['direct_tps']:>8} {r['pgsplit_tps']:>8} {str(r['ratio']):>6} "
               f"{spread:>12} {r['direct_p50_us']:>5}/{r['pgsplit_p50_us']:<6} "
               f"{r['direct_p99_us']:>6}/{r['pgsplit_p99_us']:<6} {str(r['cpu_us_per_tx']):>9} "
               f"{r['rss_kib'] / 1024:>7.1f}", flush=True)
+        if bouncer:
+            c = r["pgbouncer"]
+            if c["failed"]:
+                print(f"{'  pgbouncer':<17} {'':>8} {'fails':>8}", flush=True)
+            else:
+                c_spread = f"{c['ratio_min']}-{c['ratio_max']}" if c["ratio"] is not None else "-"
+                print(f"{'  pgbouncer':<17} {'':>8} {c['tps']:>8} {str(c['ratio']):>6} "
+                      f"{c_spread:>12} {'':>5} {c['p50_us']:<6} {'':>6} {c['p99_us']:<6} "
+                      f"{str(c['cpu_us_per_tx']):>9}", flush=True)
     one = next((r for r in results if r["workload"] == "select-1-client"), None)
     if one:
         print(f"added latency, 1 client: p50 {one['pgsplit_p50_us'] - one['direct_p50_us']} us, "
