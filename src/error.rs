@@ -18,6 +18,8 @@ pub enum Error {
     ClientGone,
     #[error("client connection failed: {0}")]
     ClientIo(std::io::Error),
+    #[error("client took nothing of its result for {0:?} (client_write_timeout_ms)")]
+    ClientWriteTimeout(std::time::Duration),
     #[error("{0}")]
     Frame(#[from] FrameError),
     #[error("{0}")]
@@ -64,7 +66,7 @@ impl Error {
     /// SQLSTATE for the client.
     pub fn sqlstate(&self) -> &str {
         match self {
-            Error::ClientGone | Error::ClientIo(_) => "08006",
+            Error::ClientGone | Error::ClientIo(_) | Error::ClientWriteTimeout(_) => "08006",
             Error::Frame(_) | Error::Malformed(_) | Error::Protocol(_) => "08P01",
             Error::Startup(StartupError::UnsupportedProtocol { .. }) => "0A000",
             Error::Startup(_) => "08P01",

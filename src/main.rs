@@ -120,7 +120,7 @@ fn warn_if_readable_secrets(path: &std::path::Path, config: &Config) {
     use std::os::unix::fs::PermissionsExt;
     let plain = |p: &Option<String>| {
         p.as_deref()
-            .is_some_and(|p| !p.starts_with("SCRAM-SHA-256$") && !p.starts_with("md5"))
+            .is_some_and(|p| !pgsplit::config::is_verifier(p))
     };
     let has_plain = config
         .users

@@ -95,6 +95,13 @@ pub struct ProxyConfig {
     pub auth_method: AuthMethod,
     /// A client must finish startup and authentication within this. Default 10000 ms.
     pub client_login_timeout_ms: u64,
+    /// A client that takes nothing of what the proxy sends it for this long is disconnected,
+    /// so one that stops reading a large result cannot hold a server connection for ever.
+    /// 0: never. Default 60000 ms.
+    pub client_write_timeout_ms: u64,
+    /// A failed login waits this long before its error, which slows password guessing down
+    /// (PostgreSQL's auth_delay). Default 0.
+    pub auth_failure_delay_ms: u64,
     /// Largest frontend or inspected backend message accepted. Default 256 MiB.
     pub max_message_bytes: usize,
     /// HTTP address for `/metrics` (Prometheus) and `/health`. Default: not served.
@@ -129,6 +136,8 @@ impl Default for ProxyConfig {
             max_client_connections: 10_000,
             auth_method: AuthMethod::ScramSha256,
             client_login_timeout_ms: 10_000,
+            client_write_timeout_ms: 60_000,
+            auth_failure_delay_ms: 0,
             max_message_bytes: 256 << 20,
             metrics_listen: None,
             admin_user: None,
@@ -152,6 +161,15 @@ impl ProxyConfig {
 
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_millis(self.shutdown_timeout_ms)
+    }
+
+    pub fn client_write_timeout(&self) -> Option<Duration> {
+        (self.client_write_timeout_ms > 0)
+            .then(|| Duration::from_millis(self.client_write_timeout_ms))
+    }
+
+    pub fn auth_failure_delay(&self) -> Duration {
+        Duration::from_millis(self.auth_failure_delay_ms)
     }
 }
 
@@ -416,11 +434,14 @@ impl Config {
                     }
                 }
                 toml::Value::String(s) => {
-                    let secret = prefix.ends_with("password");
-                    out.push((
-                        prefix.to_owned(),
-                        if secret { "********".into() } else { s.clone() },
-                    ));
+                    let shown = if prefix.ends_with("password") {
+                        "********".into()
+                    } else if prefix.ends_with("url") {
+                        without_url_password(s)
+                    } else {
+                        s.clone()
+                    };
+                    out.push((prefix.to_owned(), shown));
                 }
                 other => out.push((prefix.to_owned(), other.to_string())),
             }
@@ -454,6 +475,8 @@ impl Config {
     }
 
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        #[cfg(feature = "capture")]
+        capture_config(text);
         let cfg: Config = toml::from_str(text)?;
         cfg.validate()?;
         Ok(cfg)
@@ -616,6 +639,36 @@ impl Config {
     }
 }
 
+/// Keep a copy of a config text under `$PGSPLIT_CAPTURE_DIR` (the `capture` feature, for
+/// the config fuzz target's seeds), named by its content so repeats are stored once.
+#[cfg(feature = "capture")]
+fn capture_config(text: &str) {
+    use std::hash::{Hash, Hasher};
+    let Some(dir) = std::env::var_os("PGSPLIT_CAPTURE_DIR") else {
+        return;
+    };
+    let dir = std::path::PathBuf::from(dir);
+    let mut h = std::hash::DefaultHasher::new();
+    text.hash(&mut h);
+    if std::fs::create_dir_all(&dir).is_ok() {
+        let _ = std::fs::write(dir.join(format!("config-{:016x}.toml", h.finish())), text);
+    }
+}
+
+/// `redis://user:secret@host` shown as `redis://user:********@host`.
+fn without_url_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.split_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            format!("{scheme}://{user}:********@{host}")
+        }
+        None => url.to_owned(),
+    }
+}
+
 /// Shape check of a stored SCRAM verifier, without pulling in the auth module (config is a
 /// leaf): `SCRAM-SHA-256$<iterations>:<salt>$<stored key>:<server key>`.
 fn scram_verifier_shape(v: &str) -> Option<()> {
@@ -721,6 +774,22 @@ mod tests {
         );
         let bad = format!("[proxy]\nserver_tls = \"sometimes\"\n{MINIMAL}");
         assert!(Config::from_toml(&bad).is_err());
+    }
+
+    #[test]
+    fn shown_urls_hide_their_password() {
+        assert_eq!(
+            without_url_password("redis://:s3cret@10.0.0.1:6379/0"),
+            "redis://:********@10.0.0.1:6379/0"
+        );
+        assert_eq!(
+            without_url_password("rediss://app:s3cret@cache"),
+            "rediss://app:********@cache"
+        );
+        assert_eq!(
+            without_url_password("redis://cache:6379"),
+            "redis://cache:6379"
+        );
     }
 
     #[test]

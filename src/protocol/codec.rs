@@ -8,10 +8,21 @@ use bytes::{Buf, Bytes, BytesMut};
 use super::tag;
 
 /// One whole tagged message. `body` excludes the tag and the length word.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Frame {
     pub tag: u8,
     pub body: Bytes,
+}
+
+/// Tag and length only: bodies carry passwords, Bind parameters and row data, which must
+/// never reach a log at any level.
+impl std::fmt::Debug for Frame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Frame")
+            .field("tag", &(self.tag as char))
+            .field("len", &self.body.len())
+            .finish()
+    }
 }
 
 impl Frame {
@@ -137,6 +148,16 @@ mod tests {
         v.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
         v.extend_from_slice(body);
         v
+    }
+
+    #[test]
+    fn debug_output_never_shows_a_body() {
+        let f = Frame {
+            tag: b'p',
+            body: Bytes::from_static(b"hunter2\0"),
+        };
+        let shown = format!("{f:?}");
+        assert_eq!(shown, "Frame { tag: 'p', len: 8 }");
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! The client's socket: cancel-safe buffered reads of frames, and writes.
 
 use bytes::BytesMut;
+use std::future::Future;
+
 use tokio::io::AsyncReadExt;
 
 use crate::error::{Error, Result};
@@ -14,16 +16,29 @@ pub struct ClientConn {
     /// `select!` loses nothing.
     pub buf: BytesMut,
     pub max_message: usize,
+    /// How long a write may wait for the client to take bytes (`client_write_timeout_ms`).
+    pub write_timeout: Option<std::time::Duration>,
+    /// Where the client's bytes are copied (the `capture` feature, for fuzz seeds).
+    #[cfg(feature = "capture")]
+    capture: Option<std::fs::File>,
 }
 
 impl ClientConn {
-    pub fn new(rd: Reader, wr: Writer, max_message: usize) -> ClientConn {
+    pub fn new(
+        rd: Reader,
+        wr: Writer,
+        max_message: usize,
+        write_timeout: Option<std::time::Duration>,
+    ) -> ClientConn {
         ClientConn {
             rd,
             wr,
             // Startup packets are small; `fill` grows the buffer for real traffic.
             buf: BytesMut::with_capacity(1024),
             max_message,
+            write_timeout,
+            #[cfg(feature = "capture")]
+            capture: capture_file(),
         }
     }
 
@@ -48,7 +63,15 @@ impl ClientConn {
         }
         match self.rd.read_buf(&mut self.buf).await {
             Ok(0) => Err(Error::ClientGone),
-            Ok(_) => Ok(()),
+            Ok(_n) => {
+                #[cfg(feature = "capture")]
+                if let Some(f) = self.capture.as_mut() {
+                    use std::io::Write;
+                    // Plain text: after a TLS handshake, `rd` yields decrypted bytes.
+                    let _ = f.write_all(&self.buf[self.buf.len() - _n..]);
+                }
+                Ok(())
+            }
             Err(e) => Err(Error::ClientIo(e)),
         }
     }
@@ -80,8 +103,22 @@ impl ClientConn {
         matches!(self.rd, Reader::Tls(_))
     }
 
+    /// Send `bytes`; a client that takes none of them for `write_timeout` is given up on
+    /// ([`Error::ClientWriteTimeout`]): the proxy then holds at most one buffer of its result.
     pub async fn write(&mut self, bytes: &[u8]) -> Result<()> {
-        self.wr.send_all(bytes).await.map_err(Error::ClientIo)
+        let Some(limit) = self.write_timeout else {
+            return self.wr.send_all(bytes).await.map_err(Error::ClientIo);
+        };
+        let mut send = std::pin::pin!(self.wr.send_all(bytes));
+        // Almost always the socket takes it all at once: the timer is armed only when not.
+        let first = std::future::poll_fn(|cx| std::task::Poll::Ready(send.as_mut().poll(cx))).await;
+        let result = match first {
+            std::task::Poll::Ready(r) => r,
+            std::task::Poll::Pending => tokio::time::timeout(limit, send)
+                .await
+                .map_err(|_| Error::ClientWriteTimeout(limit))?,
+        };
+        result.map_err(Error::ClientIo)
     }
 
     pub async fn send(&mut self, frames: &[Frame]) -> Result<()> {
@@ -91,4 +128,17 @@ impl ClientConn {
         }
         self.write(&out).await
     }
+}
+
+/// A new file for one connection's bytes under `$PGSPLIT_CAPTURE_DIR`, if it is set.
+#[cfg(feature = "capture")]
+fn capture_file() -> Option<std::fs::File> {
+    let dir = std::path::PathBuf::from(std::env::var_os("PGSPLIT_CAPTURE_DIR")?);
+    std::fs::create_dir_all(&dir).ok()?;
+    let name = format!(
+        "client-{}-{:016x}.bin",
+        std::process::id(),
+        rand::random::<u64>()
+    );
+    std::fs::File::create(dir.join(name)).ok()
 }

@@ -43,7 +43,12 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, over_
     let (rd, wr) = crate::tls::split_plain(stream);
     // Until the client has logged in, no message it may send is large: a small limit keeps
     // thousands of unauthenticated connections from costing much memory.
-    let mut client = ClientConn::new(rd, wr, max_message.min(PRE_AUTH_MAX_MESSAGE));
+    let mut client = ClientConn::new(
+        rd,
+        wr,
+        max_message.min(PRE_AUTH_MAX_MESSAGE),
+        runtime.config.proxy.client_write_timeout(),
+    );
     let span =
         info_span!("session", %peer, user = tracing::field::Empty, db = tracing::field::Empty);
     async move {
@@ -92,12 +97,17 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, over_
             }
             Err(Error::ClientGone) => {}
             Err(e) => {
-                debug!(error = %e, "startup failed");
                 if matches!(e, Error::BadPassword(_) | Error::AuthRejected(_)) {
+                    // Every refused login is logged (with the peer, from the span, never
+                    // with what the client sent) so that guessing shows up.
+                    warn!(error = %e, "login refused");
                     shared
                         .stats
                         .login_failures
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tokio::time::sleep(runtime.config.proxy.auth_failure_delay()).await;
+                } else {
+                    debug!(error = %e, "startup failed");
                 }
                 let _ = client.send(&[e.to_error_response(Severity::Fatal)]).await;
             }
@@ -380,6 +390,8 @@ impl Session {
     async fn close(mut self, result: Result<()>) {
         match result {
             Ok(()) | Err(Error::ClientGone) | Err(Error::ClientIo(_)) => {}
+            // A client that does not read would not read its FATAL either.
+            Err(e @ Error::ClientWriteTimeout(_)) => warn!(error = %e, "disconnecting the client"),
             Err(e) => {
                 if e.side() == Side::Backend {
                     warn!(error = %e, "session lost its server");

@@ -143,7 +143,7 @@ async fn authenticate(client: &mut ClientConn, user: &UserEntry) -> Result<()> {
             if md5_response_ok(stored, salt, &f) {
                 Ok(())
             } else {
-                tracing::info!(user = %name, method = "md5", "authentication failed");
+                tracing::debug!(user = %name, method = "md5", "authentication failed");
                 Err(Error::BadPassword(name.clone()))
             }
         }
@@ -172,7 +172,7 @@ async fn authenticate(client: &mut ClientConn, user: &UserEntry) -> Result<()> {
                         .await
                 }
                 Err(ScramError::BadProof) => {
-                    tracing::info!(user = %name, method = "scram-sha-256", "authentication failed");
+                    tracing::debug!(user = %name, method = "scram-sha-256", "authentication failed");
                     Err(Error::BadPassword(name.clone()))
                 }
                 Err(e) => Err(scram_error(e)),

@@ -91,3 +91,48 @@ async fn a_primary_that_is_down_gives_a_clear_error_not_a_hang() {
         assert!(started.elapsed() < std::time::Duration::from_secs(5));
     }
 }
+
+/// Plain passwords in a file others can read get a warning at start; a private file, or one
+/// holding only verifiers, does not.
+#[tokio::test]
+async fn a_readable_config_with_plain_passwords_is_warned_about() {
+    let c = cluster();
+    let warning = "the config holds plain passwords and other users can read it";
+    let plain = base_config_toml(c);
+    let readable = ProxyProcess::start_with_mode(&plain, "info", 0o644).await;
+    assert!(
+        readable.log_text().contains(warning),
+        "{}",
+        readable.log_text()
+    );
+    let private = ProxyProcess::start_with_mode(&plain, "info", 0o600).await;
+    assert!(
+        !private.log_text().contains(warning),
+        "{}",
+        private.log_text()
+    );
+    let verifier = postgres_protocol::password::scram_sha_256(b"app_pw");
+    let md5 = postgres_protocol::password::md5(b"md5_pw", "md5user");
+    let verifiers_only = plain
+        .replacen(
+            "password = \"app_pw\"",
+            &format!("password = \"{verifier}\""),
+            1,
+        )
+        .replacen("password = \"md5_pw\"", &format!("password = \"{md5}\""), 1)
+        .replacen(
+            "password = \"admin_password\"",
+            &format!(
+                "password = \"{}\"",
+                postgres_protocol::password::scram_sha_256(b"admin_password")
+            ),
+            1,
+        );
+    assert!(!verifiers_only.contains("_pw\""));
+    let shared = ProxyProcess::start_with_mode(&verifiers_only, "info", 0o644).await;
+    assert!(
+        !shared.log_text().contains(warning),
+        "{}",
+        shared.log_text()
+    );
+}

@@ -140,3 +140,304 @@ async fn ssl_and_gssenc_requests_are_declined() {
         assert_eq!(msgs.last().map(|m| m.0), Some(b'Z'));
     }
 }
+
+/// Statements out of order, wrong parameter counts, COPY messages outside COPY: each gets
+/// the server's (or the proxy's) error and the session goes on.
+#[tokio::test]
+async fn messages_out_of_protocol_order_get_errors_and_the_session_goes_on() {
+    for proxy in both_modes().await {
+        let mut s = logged_in(&proxy).await;
+        let sync = message(b'S', &[]);
+        let mut exchange = async |bytes: Vec<u8>| {
+            s.write_all(&bytes).await.unwrap();
+            read_messages(&mut s).await
+        };
+        // Execute of a portal that was never bound; Bind of a statement never parsed.
+        let msgs = exchange([execute(), sync.clone()].concat()).await;
+        assert_eq!(error_code(&msgs).as_deref(), Some("34000"), "{msgs:?}");
+        let msgs = exchange([bind("never_parsed"), execute(), sync.clone()].concat()).await;
+        assert_eq!(error_code(&msgs).as_deref(), Some("26000"), "{msgs:?}");
+        // Bind with no parameter for a statement that takes one.
+        let msgs = exchange(
+            [
+                parse("", "SELECT $1::int"),
+                bind(""),
+                execute(),
+                sync.clone(),
+            ]
+            .concat(),
+        )
+        .await;
+        assert_eq!(error_code(&msgs).as_deref(), Some("08P01"), "{msgs:?}");
+        // COPY data, done and fail outside COPY: PostgreSQL ignores them, so does the session.
+        let msgs = exchange(
+            [
+                message(b'd', b"1\t2\n"),
+                message(b'c', &[]),
+                message(b'f', &cstr("no copy")),
+                query("SELECT 41 + 1"),
+            ]
+            .concat(),
+        )
+        .await;
+        assert!(
+            msgs.iter().any(|m| m.0 == b'D' && m.1.ends_with(b"42")),
+            "{msgs:?}"
+        );
+        // A Sync on its own is answered with ReadyForQuery.
+        let msgs = exchange(sync.clone()).await;
+        assert_eq!(tags(&msgs), "Z");
+        let msgs = exchange(query("SELECT 1")).await;
+        assert_eq!(tags(&msgs), "TDCZ", "{msgs:?}");
+        // A second password message after login is a protocol violation.
+        s.write_all(&message(b'p', &cstr("again"))).await.unwrap();
+        let msgs = read_messages(&mut s).await;
+        assert_eq!(error_code(&msgs).as_deref(), Some("08P01"), "{msgs:?}");
+        assert_proxy_serves(&proxy).await;
+    }
+}
+
+/// A client that asks for a large result and stops reading holds the proxy's memory to a
+/// buffer and its server connection only until `client_write_timeout_ms`.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_and_frees_its_server() {
+    let c = cluster();
+    let toml = with_proxy_settings(&base_config_toml(c), "client_write_timeout_ms = 1000");
+    let proxy = start_proxy_with(&toml).await;
+    let marker = unique("stalled_reader");
+    let rss_before = rss_kib("self");
+    let mut s = logged_in(&proxy).await;
+    // About 400 MB of rows, never read.
+    s.write_all(&query(&format!(
+        "SELECT /* {marker} */ repeat('x', 2000) FROM generate_series(1, 200000)"
+    )))
+    .await
+    .unwrap();
+    let running = async || {
+        let mut n = 0;
+        for port in [c.primary, c.replicas[0], c.replicas[1]] {
+            let row = direct(port)
+                .await
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE query LIKE $1 AND pid <> pg_backend_pid()",
+                    &[&format!("%/* {marker} */%")],
+                )
+                .await
+                .unwrap();
+            n += row.get::<_, i64>(0);
+        }
+        n
+    };
+    let mut seen = false;
+    for _ in 0..50 {
+        if running().await > 0 {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(seen, "the query reached a server");
+    // The server connection is given up a second after the client stopped taking bytes.
+    let mut gone = false;
+    for _ in 0..100 {
+        if running().await == 0 {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone, "the stalled query still runs on its server");
+    let grown = rss_kib("self").saturating_sub(rss_before);
+    assert!(
+        grown < 64 * 1024,
+        "the proxy buffered {grown} KiB of the result"
+    );
+    // What the client reads now is what the socket buffers held, then the end.
+    assert_closed(&mut s).await;
+    assert_proxy_serves(&proxy).await;
+}
+
+/// Connections that never finish logging in open no server connection, cost little memory
+/// and are closed at `client_login_timeout_ms`.
+#[tokio::test]
+async fn thousands_of_unauthenticated_clients_open_no_server_connection() {
+    let c = cluster();
+    let toml = with_proxy_settings(&base_config_toml(c), "client_login_timeout_ms = 3000");
+    let proxy = start_proxy_with(&toml).await;
+    let server_conns = |proxy: &Proxy| -> usize {
+        proxy
+            .shared
+            .runtime
+            .load()
+            .pools()
+            .iter()
+            .map(|p| {
+                let (a, b) = p.counts();
+                a + b
+            })
+            .sum()
+    };
+    // Two sockets per connection live in this process: stay well under its file limit.
+    let n = (open_file_limit().saturating_sub(200) / 2).min(2000);
+    assert!(
+        n >= 500,
+        "file limit too low for this test: {}",
+        open_file_limit()
+    );
+    let rss_before = rss_kib("self");
+    let mut pending = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+        match i % 3 {
+            // Nothing at all.
+            0 => {}
+            // A startup packet for a SCRAM user, then silence at the password request.
+            1 => s.write_all(&startup_packet("app")).await.unwrap(),
+            // Half a startup packet.
+            _ => s.write_all(&startup_packet("app")[..6]).await.unwrap(),
+        }
+        pending.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let per_client = rss_kib("self").saturating_sub(rss_before) / n as u64;
+    assert_eq!(server_conns(&proxy), 0, "a server connection was opened");
+    // Both ends of each connection are in this process.
+    assert!(
+        per_client < 48,
+        "{per_client} KiB per unauthenticated client"
+    );
+    // A real client still gets in meanwhile.
+    assert_proxy_serves(&proxy).await;
+    // All of them are closed at the login timeout.
+    let mut closed = 0;
+    for s in &mut pending {
+        let mut rest = Vec::new();
+        if tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest))
+            .await
+            .is_ok()
+        {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, n, "connections left open after the login timeout");
+}
+
+fn open_file_limit() -> usize {
+    std::fs::read_to_string("/proc/self/limits")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
+        .unwrap_or(1024)
+}
+
+/// Guessing passwords: every failure is logged with the client's address, optionally
+/// delayed, and counted.
+#[tokio::test]
+async fn failed_logins_are_logged_delayed_and_counted() {
+    let c = cluster();
+    let toml = with_proxy_settings(&base_config_toml(c), "auth_failure_delay_ms = 400");
+    let proxy = ProxyProcess::start(&toml, "info").await;
+    for guess in ["guess-one", "guess-two"] {
+        let started = std::time::Instant::now();
+        let e = try_connect(&proxy.conn_str("app", guess))
+            .await
+            .expect_err("wrong password refused");
+        assert_eq!(sqlstate(&e), "28P01", "{e}");
+        assert!(
+            started.elapsed() >= Duration::from_millis(400),
+            "the failure came back after {:?}",
+            started.elapsed()
+        );
+    }
+    let e = try_connect(&proxy.conn_str("nobody", "x"))
+        .await
+        .expect_err("unknown user refused");
+    assert_eq!(sqlstate(&e), "28000", "{e}");
+    let ok = connect(&proxy.conn_str("app", "app_pw")).await;
+    assert_usable(&ok).await;
+    let log = proxy.log_text();
+    let refusals: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("login refused"))
+        .collect();
+    assert_eq!(refusals.len(), 3, "{log}");
+    assert!(
+        refusals
+            .iter()
+            .all(|l| l.contains("127.0.0.1") && l.contains("WARN")),
+        "{log}"
+    );
+    assert!(
+        !log.contains("guess-"),
+        "a password reached the log:\n{log}"
+    );
+}
+
+/// At the most verbose level, no password (right or wrong, SCRAM or md5, the admin
+/// console's) and no Bind parameter appears in the log.
+#[tokio::test]
+async fn passwords_and_bind_parameters_never_reach_the_log() {
+    let c = cluster();
+    let secret_param = unique("bind_secret");
+    let toml = with_proxy_settings(
+        &base_config_toml(c),
+        "admin_user = \"pgsplit\"\nadmin_password = \"console-secret-pw\"",
+    ) + &format!(
+        "\n[cache]\nenabled = true\nredis_url = \"redis://127.0.0.1:{}\"\nkey_prefix = \"{}\"\n\
+         [[cache.rules]]\nquery = \"SELECT $1::text AS echoed\"\n",
+        c.redis,
+        unique("logtest")
+    );
+    let proxy = ProxyProcess::start(&toml, "trace").await;
+    let app = connect(&proxy.conn_str("app", "app_pw")).await;
+    for _ in 0..2 {
+        let row = app
+            .query_one("SELECT $1::text AS echoed", &[&secret_param])
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, String>(0), secret_param);
+    }
+    app.execute(
+        "SELECT length($1::text) WHERE $2::int > 0",
+        &[&secret_param, &7i32],
+    )
+    .await
+    .unwrap();
+    let md5 = connect(&proxy.conn_str("md5user", "md5_pw")).await;
+    assert_usable(&md5).await;
+    let _ = try_connect(&proxy.conn_str("app", "wrong-secret-guess")).await;
+    let _ = try_connect(&proxy.conn_str("md5user", "wrong-md5-guess")).await;
+    let console = format!(
+        "host=127.0.0.1 port={} user=pgsplit password=console-secret-pw dbname=pgsplit",
+        proxy.port
+    );
+    let admin = connect(&console).await;
+    let shown = format!("{:?}", admin.simple_query("SHOW CONFIG").await.unwrap());
+    assert!(shown.contains("admin_password") && shown.contains("********"));
+    assert!(
+        !shown.contains("app_pw") && !shown.contains("console-secret-pw"),
+        "SHOW CONFIG shows a password: {shown}"
+    );
+    drop((app, md5, admin));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let log = proxy.log_text();
+    assert!(log.lines().count() > 20, "trace logging is on:\n{log}");
+    for secret in [
+        "app_pw",
+        "md5_pw",
+        "admin_password",
+        "wrong-secret-guess",
+        "wrong-md5-guess",
+        "console-secret-pw",
+        secret_param.as_str(),
+    ] {
+        let hits: Vec<&str> = log.lines().filter(|l| l.contains(secret)).collect();
+        assert!(
+            hits.is_empty(),
+            "{secret:?} in the log:\n{}",
+            hits.join("\n")
+        );
+    }
+}

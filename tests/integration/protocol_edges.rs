@@ -3,44 +3,6 @@
 
 use crate::common::*;
 
-fn cstr(s: &str) -> Vec<u8> {
-    let mut v = s.as_bytes().to_vec();
-    v.push(0);
-    v
-}
-
-fn parse(name: &str, sql: &str) -> Vec<u8> {
-    let mut b = cstr(name);
-    b.extend(cstr(sql));
-    b.extend_from_slice(&[0, 0]);
-    message(b'P', &b)
-}
-
-fn describe_statement(name: &str) -> Vec<u8> {
-    let mut b = vec![b'S'];
-    b.extend(cstr(name));
-    message(b'D', &b)
-}
-
-fn bind(statement: &str) -> Vec<u8> {
-    let mut b = cstr("");
-    b.extend(cstr(statement));
-    b.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
-    message(b'B', &b)
-}
-
-fn execute() -> Vec<u8> {
-    message(b'E', &[0, 0, 0, 0, 0])
-}
-
-fn query(sql: &str) -> Vec<u8> {
-    message(b'Q', &cstr(sql))
-}
-
-fn tags(msgs: &[(u8, Vec<u8>)]) -> String {
-    msgs.iter().map(|m| m.0 as char).collect()
-}
-
 #[tokio::test]
 async fn messages_behind_a_flush_in_the_same_packet_are_answered() {
     for proxy in both_modes().await {

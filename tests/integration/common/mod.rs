@@ -4,7 +4,9 @@
 
 #![allow(dead_code)]
 
+mod binary;
 mod raw;
+pub use binary::{ProxyProcess, rss_kib};
 pub use raw::*;
 
 use std::collections::HashMap;

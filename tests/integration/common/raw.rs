@@ -64,12 +64,6 @@ pub fn message(t: u8, body: &[u8]) -> Vec<u8> {
     m
 }
 
-fn cstr(s: &str) -> Vec<u8> {
-    let mut v = s.as_bytes().to_vec();
-    v.push(0);
-    v
-}
-
 pub struct RawClient {
     pub stream: TcpStream,
 }
@@ -151,4 +145,44 @@ impl RawClient {
             vec![b'3', b'Z']
         );
     }
+}
+
+// Frontend messages, byte for byte; `bind` sends no parameters and text results.
+
+pub fn cstr(s: &str) -> Vec<u8> {
+    let mut v = s.as_bytes().to_vec();
+    v.push(0);
+    v
+}
+
+pub fn parse(name: &str, sql: &str) -> Vec<u8> {
+    let mut b = cstr(name);
+    b.extend(cstr(sql));
+    b.extend_from_slice(&[0, 0]);
+    message(b'P', &b)
+}
+
+pub fn describe_statement(name: &str) -> Vec<u8> {
+    let mut b = vec![b'S'];
+    b.extend(cstr(name));
+    message(b'D', &b)
+}
+
+pub fn bind(statement: &str) -> Vec<u8> {
+    let mut b = cstr("");
+    b.extend(cstr(statement));
+    b.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    message(b'B', &b)
+}
+
+pub fn execute() -> Vec<u8> {
+    message(b'E', &[0, 0, 0, 0, 0])
+}
+
+pub fn query(sql: &str) -> Vec<u8> {
+    message(b'Q', &cstr(sql))
+}
+
+pub fn tags(msgs: &[(u8, Vec<u8>)]) -> String {
+    msgs.iter().map(|m| m.0 as char).collect()
 }
