@@ -301,6 +301,10 @@ async fn thousands_of_unauthenticated_clients_open_no_server_connection() {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let per_client = rss_kib("self").saturating_sub(rss_before) / n as u64;
+    // Wrong passwords and unknown users do not get further.
+    for (user, password) in [("app", "wrong"), ("md5user", "wrong"), ("nobody", "x")] {
+        assert!(try_connect(&proxy.conn_str(user, password)).await.is_err());
+    }
     assert_eq!(server_conns(&proxy), 0, "a server connection was opened");
     // Both ends of each connection are in this process.
     assert!(
