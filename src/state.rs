@@ -188,7 +188,7 @@ impl CancelRegistry {
         if *s != secret {
             return None;
         }
-        *lock(slot)
+        lock(slot).clone()
     }
 }
 
@@ -282,11 +282,11 @@ mod tests {
         let (pid, secret, slot) = r.register();
         assert_eq!(r.lookup(pid, secret), None);
         let key = CancelKey {
-            addr: SocketAddr::from(([127, 0, 0, 1], 5432)),
+            addr: crate::backend::ServerAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 5432))),
             pid: 42,
             secret: 7,
         };
-        *lock(&slot) = Some(key);
+        *lock(&slot) = Some(key.clone());
         assert_eq!(r.lookup(pid, secret), Some(key));
         assert_eq!(r.lookup(pid, secret.wrapping_add(1)), None);
         r.unregister(pid);

@@ -167,6 +167,8 @@ impl ServerCertVerifier for AnyCertificate {
 /// The reading half of a socket, plain or TLS.
 pub enum Reader {
     Plain(OwnedReadHalf),
+    /// A server's Unix-domain socket (`host = "/run/postgresql"`).
+    Unix(tokio::net::unix::OwnedReadHalf),
     Tls(tokio::io::ReadHalf<TlsStream<TcpStream>>),
     /// Between taking the halves apart and putting them back (a TLS upgrade).
     Detached,
@@ -175,6 +177,7 @@ pub enum Reader {
 /// The writing half of a socket, plain or TLS.
 pub enum Writer {
     Plain(OwnedWriteHalf),
+    Unix(tokio::net::unix::OwnedWriteHalf),
     Tls(tokio::io::WriteHalf<TlsStream<TcpStream>>),
     Detached,
 }
@@ -182,6 +185,11 @@ pub enum Writer {
 pub fn split_plain(stream: TcpStream) -> (Reader, Writer) {
     let (r, w) = stream.into_split();
     (Reader::Plain(r), Writer::Plain(w))
+}
+
+pub fn split_unix(stream: tokio::net::UnixStream) -> (Reader, Writer) {
+    let (r, w) = stream.into_split();
+    (Reader::Unix(r), Writer::Unix(w))
 }
 
 pub fn split_tls(stream: TlsStream<TcpStream>) -> (Reader, Writer) {
@@ -217,6 +225,7 @@ impl AsyncRead for Reader {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Reader::Plain(r) => Pin::new(r).poll_read(cx, buf),
+            Reader::Unix(r) => Pin::new(r).poll_read(cx, buf),
             Reader::Tls(r) => Pin::new(r).poll_read(cx, buf),
             Reader::Detached => Poll::Ready(Err(detached())),
         }
@@ -231,6 +240,7 @@ impl AsyncWrite for Writer {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Writer::Plain(w) => Pin::new(w).poll_write(cx, buf),
+            Writer::Unix(w) => Pin::new(w).poll_write(cx, buf),
             Writer::Tls(w) => Pin::new(w).poll_write(cx, buf),
             Writer::Detached => Poll::Ready(Err(detached())),
         }
@@ -243,6 +253,7 @@ impl AsyncWrite for Writer {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Writer::Plain(w) => Pin::new(w).poll_write_vectored(cx, bufs),
+            Writer::Unix(w) => Pin::new(w).poll_write_vectored(cx, bufs),
             Writer::Tls(w) => Pin::new(w).poll_write_vectored(cx, bufs),
             Writer::Detached => Poll::Ready(Err(detached())),
         }
@@ -251,6 +262,7 @@ impl AsyncWrite for Writer {
     fn is_write_vectored(&self) -> bool {
         match self {
             Writer::Plain(w) => w.is_write_vectored(),
+            Writer::Unix(w) => w.is_write_vectored(),
             Writer::Tls(w) => w.is_write_vectored(),
             Writer::Detached => false,
         }
@@ -259,6 +271,7 @@ impl AsyncWrite for Writer {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Writer::Plain(w) => Pin::new(w).poll_flush(cx),
+            Writer::Unix(w) => Pin::new(w).poll_flush(cx),
             Writer::Tls(w) => Pin::new(w).poll_flush(cx),
             Writer::Detached => Poll::Ready(Ok(())),
         }
@@ -267,6 +280,7 @@ impl AsyncWrite for Writer {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Writer::Plain(w) => Pin::new(w).poll_shutdown(cx),
+            Writer::Unix(w) => Pin::new(w).poll_shutdown(cx),
             Writer::Tls(w) => Pin::new(w).poll_shutdown(cx),
             Writer::Detached => Poll::Ready(Ok(())),
         }
@@ -290,8 +304,10 @@ impl Reader {
     /// A non-blocking read into `buf`: `WouldBlock` when nothing is there. For a liveness
     /// check of an idle connection.
     pub fn try_read_buf(&mut self, buf: &mut bytes::BytesMut) -> io::Result<usize> {
-        if let Reader::Plain(r) = self {
-            return r.try_read_buf(buf);
+        match self {
+            Reader::Plain(r) => return r.try_read_buf(buf),
+            Reader::Unix(r) => return r.try_read_buf(buf),
+            _ => {}
         }
         let mut tmp = [0u8; 1024];
         let mut rb = ReadBuf::new(&mut tmp);

@@ -32,11 +32,27 @@ pub struct ConnectParams {
 }
 
 /// Where to send a CancelRequest for whatever this connection is running.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CancelKey {
-    pub addr: SocketAddr,
+    pub addr: ServerAddr,
     pub pid: i32,
     pub secret: i32,
+}
+
+/// A server's socket: TCP, or a Unix-domain socket when the configured host is a directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerAddr {
+    Tcp(SocketAddr),
+    Unix(Arc<std::path::Path>),
+}
+
+impl std::fmt::Display for ServerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ServerAddr::Tcp(a) => a.fmt(f),
+            ServerAddr::Unix(p) => p.display().fmt(f),
+        }
+    }
 }
 
 /// A live, authenticated server connection.
@@ -78,12 +94,24 @@ impl ServerConn {
         params: &ConnectParams,
         max_message: usize,
     ) -> Result<ServerConn, BackendError> {
-        let stream = TcpStream::connect(address)
-            .await
-            .map_err(BackendError::Io)?;
-        stream.set_nodelay(true).map_err(BackendError::Io)?;
-        let addr = stream.peer_addr().map_err(BackendError::Io)?;
-        let (rd, wr) = negotiate_tls(stream, address, &params.tls).await?;
+        let (addr, (rd, wr)) = if address.starts_with('/') {
+            // Like libpq, no TLS on a Unix-domain socket: nothing leaves the machine.
+            let stream = tokio::net::UnixStream::connect(address)
+                .await
+                .map_err(BackendError::Io)?;
+            let path: Arc<std::path::Path> = Arc::from(std::path::Path::new(address));
+            (ServerAddr::Unix(path), crate::tls::split_unix(stream))
+        } else {
+            let stream = TcpStream::connect(address)
+                .await
+                .map_err(BackendError::Io)?;
+            stream.set_nodelay(true).map_err(BackendError::Io)?;
+            let addr = stream.peer_addr().map_err(BackendError::Io)?;
+            (
+                ServerAddr::Tcp(addr),
+                negotiate_tls(stream, address, &params.tls).await?,
+            )
+        };
         let mut conn = ServerConn {
             id,
             rd,
@@ -392,13 +420,24 @@ async fn negotiate_tls(
 
 /// Send a CancelRequest for `key` on a fresh connection (the protocol's only way).
 pub async fn send_cancel(key: CancelKey) -> std::io::Result<()> {
-    let mut s = TcpStream::connect(key.addr).await?;
     let mut pkt = BytesMut::with_capacity(16);
     pkt.put_i32(16);
     pkt.put_i32(protocol::CANCEL_REQUEST_CODE);
     pkt.put_i32(key.pid);
     pkt.put_i32(key.secret);
-    s.write_all(&pkt).await?;
+    match &key.addr {
+        ServerAddr::Tcp(a) => deliver_cancel(TcpStream::connect(a).await?, &pkt).await,
+        ServerAddr::Unix(p) => {
+            deliver_cancel(tokio::net::UnixStream::connect(p).await?, &pkt).await
+        }
+    }
+}
+
+async fn deliver_cancel(
+    mut s: impl AsyncReadExt + AsyncWriteExt + Unpin,
+    pkt: &[u8],
+) -> std::io::Result<()> {
+    s.write_all(pkt).await?;
     // The server closes the connection without answering; wait for that so the request is
     // processed before we return.
     let mut sink = [0u8; 16];

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 pub use balancer::Balancer;
-pub use conn::{CancelKey, ConnectParams, ServerConn, send_cancel};
+pub use conn::{CancelKey, ConnectParams, ServerAddr, ServerConn, send_cancel};
 pub use health::{HealthState, Role};
 pub use pool::{CheckoutError, Lent, Pool, PoolLimits};
 pub use prepared::PreparedSet;

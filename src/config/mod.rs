@@ -231,7 +231,12 @@ pub struct BackendConfig {
 }
 
 impl BackendConfig {
+    /// `host:port`, or for a `host` that is a directory (starts with `/`, as in libpq) the
+    /// server's Unix-domain socket in it.
     pub fn address(&self) -> String {
+        if self.host.starts_with('/') {
+            return format!("{}/.s.PGSQL.{}", self.host.trim_end_matches('/'), self.port);
+        }
         format!("{}:{}", self.host, self.port)
     }
 

@@ -144,7 +144,7 @@ impl Session {
             self.emit(&mut fl, item);
         }
         self.restart_capture();
-        self.set_cancel_target(Some(fl.conn.cancel_key));
+        self.set_cancel_target(Some(fl.conn.cancel_key.clone()));
         let result = self.relay(&mut fl).await;
         self.set_cancel_target(None);
         if result.is_err() || fl.retry {

@@ -201,3 +201,58 @@ async fn reads_fall_back_to_the_primary_when_no_replica_answers() {
         .await
         .unwrap();
 }
+
+/// Servers on the same machine can be reached over their Unix-domain sockets (`host` is a
+/// directory, as in libpq): cheaper than loopback TCP, with the same routing, health checks
+/// and cancel requests.
+#[tokio::test]
+async fn servers_reached_over_unix_sockets_route_and_cancel_the_same() {
+    let c = cluster();
+    let dir = &c.env["PGSPLIT_SOCKET_DIR"];
+    let toml = base_config_toml(c).replace("host = \"127.0.0.1\"", &format!("host = \"{dir}\""));
+    assert_eq!(toml.matches(dir.as_str()).count(), 3, "{toml}");
+    let proxy = start_proxy_with(&toml).await;
+    let client = proxy.app().await;
+    let port_of = async |sql: &str| -> u16 {
+        let row = client.query_one(sql, &[]).await.unwrap();
+        row.get::<_, String>(0).parse().unwrap()
+    };
+    // Reads alternate over the replicas once the health checkers have seen them.
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..40 {
+        seen.insert(port_of("SELECT current_setting('port')").await);
+        if seen.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        seen,
+        c.replicas.into_iter().collect(),
+        "reads reached both replicas"
+    );
+    let t = unique("unix_socket_write");
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {t} (id int); INSERT INTO {t} VALUES (1)"
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        port_of(&format!(
+            "SELECT current_setting('port') FROM {t} FOR UPDATE"
+        ))
+        .await,
+        c.primary
+    );
+    // A cancel request finds its server through the socket too.
+    let canceller = tokio::spawn(cancel_repeatedly(client.cancel_token()));
+    let e = client.query("SELECT pg_sleep(30)", &[]).await.unwrap_err();
+    canceller.abort();
+    assert_eq!(sqlstate(&e), "57014", "{e}");
+    assert_usable(&client).await;
+    client
+        .batch_execute(&format!("DROP TABLE {t}"))
+        .await
+        .unwrap();
+}
