@@ -113,7 +113,10 @@ impl ResultCache {
     /// Build the client and start connecting in the background. The cache stays bypassed
     /// until Redis answered once.
     pub fn connect(config: &CacheConfig, lsn_source: LsnSource) -> RedisResult<Arc<ResultCache>> {
-        let redis_config = Config::from_url(&config.redis_url).map_err(|e| e.to_string())?;
+        let mut redis_config = Config::from_url(&config.redis_url).map_err(|e| e.to_string())?;
+        // Without this, a first connection that fails (Redis not up yet, or slow to accept)
+        // is never retried, and the cache stays bypassed for the life of the process.
+        redis_config.fail_fast = false;
         let timeout = config.timeout();
         let pool = Builder::from_config(redis_config)
             .with_connection_config(|c| {
