@@ -6,6 +6,7 @@ mod common;
 mod auth;
 mod bad_input;
 mod cache;
+mod chaos;
 mod clients;
 mod compose;
 mod demo;
