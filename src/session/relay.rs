@@ -646,19 +646,27 @@ impl Session {
                 }
                 debug!(code = %fields.code, "server reported an error");
                 if !matches!(fl.expects.front(), Some(Expect::Query)) {
-                    // The failed message and everything up to the Sync are skipped.
+                    // The failed message and everything up to the Sync are skipped. What
+                    // sending them did to the prepared set is undone newest first: a batch
+                    // can prepare a statement, evict it and prepare it again, and only the
+                    // reverse order gets back to what the server holds (found by
+                    // fuzz/fuzz_targets/extended_sequence.rs).
+                    let mut skipped = Vec::new();
                     while let Some(x) = fl.expects.front() {
                         if matches!(x, Expect::Sync | Expect::HiddenSync | Expect::Query) {
                             break;
                         }
-                        match fl.expects.pop_front() {
-                            Some(Expect::Parse {
+                        skipped.extend(fl.expects.pop_front());
+                    }
+                    for x in skipped.into_iter().rev() {
+                        match x {
+                            Expect::Parse {
                                 server_name,
                                 unnamed,
                                 ..
-                            }) => undo_parse(&mut fl.conn, server_name, unnamed),
+                            } => undo_parse(&mut fl.conn, server_name, unnamed),
                             // Skipped: the server still has the statement.
-                            Some(Expect::CloseEvicted(victim)) => fl.conn.prepared.restore(&victim),
+                            Expect::CloseEvicted(victim) => fl.conn.prepared.restore(&victim),
                             _ => {}
                         }
                     }
