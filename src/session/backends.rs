@@ -43,7 +43,6 @@ impl Session {
                 Ok(BackendId::PRIMARY)
             }
             Route::Replica => {
-                self.resolve_commit_position().await;
                 let runtime = self.runtime.clone();
                 let need = self.required_lsn();
                 for _ in 0..runtime.backends.replicas.len() {
@@ -92,7 +91,6 @@ impl Session {
     /// The replica used last, when it is still available; else the next one. Requests that
     /// only prepare or describe go here, so they do not use up a turn of the round robin.
     pub(super) async fn acquire_last_replica(&mut self) -> Result<BackendId> {
-        self.resolve_commit_position().await;
         let need = self.required_lsn();
         if let Some(id) = self.last_replica
             && self
@@ -281,23 +279,6 @@ impl Session {
             Consistency::Eventual => 0,
         };
         own.max(self.read_floor)
-    }
-
-    /// Before a replica read: where the primary's WAL is now, if a write committed since
-    /// this was last known. Read later than the commit, so at or past it; if it cannot be
-    /// read, `learn_commit` sends the session's reads to the primary.
-    async fn resolve_commit_position(&mut self) {
-        if !std::mem::take(&mut self.commit_position_unknown)
-            || self.consistency != Consistency::ReadYourWrites
-            || self.pinned
-        {
-            return;
-        }
-        if self.ensure_conn(BackendId::PRIMARY).await.is_err() {
-            self.min_lsn = u64::MAX;
-            return;
-        }
-        self.learn_commit(None).await;
     }
 
     /// After a committed write: learn where the primary's WAL is, so later reads of this

@@ -297,8 +297,7 @@ impl Session {
     }
 
     /// After a request that ended outside a transaction: if what it committed wrote,
-    /// invalidate the cache (with the commit position, read now) or, without cache rules,
-    /// leave the position to be read before the session's next replica read.
+    /// learn the commit position (read-your-writes) and invalidate the cache.
     pub(super) async fn settle_writes(&mut self, conn: BackendId) {
         if self.tx != TxStatus::Idle || !self.writes.any {
             return;
@@ -309,29 +308,27 @@ impl Session {
             return;
         }
         let cache = self.shared.cache.clone().filter(|_| invalidate);
-        let Some(cache) = cache else {
-            // Read-your-writes alone can wait for the session's next replica read.
-            self.commit_position_unknown = true;
-            return;
-        };
-        let facts = self.learn_commit(Some(&writes.raw_tables)).await;
-        // Unknown position (the primary connection failed right after the commit): the
-        // health checker's last view of the primary is the best bound left.
-        let lsn = facts
-            .as_ref()
-            .map_or_else(|| self.runtime.backends.primary.health.lsn(), |f| f.lsn);
-        if let Some(f) = &facts {
-            for d in &f.dependents {
-                let name = version_name(d);
-                if !writes.tables.contains(&name) {
-                    writes.tables.push(name);
+        let lookup = cache.as_ref().map(|_| writes.raw_tables.clone());
+        let facts = self.learn_commit(lookup.as_deref()).await;
+        if let Some(cache) = cache {
+            // Unknown position (the primary connection failed right after the commit): the
+            // health checker's last view of the primary is the best bound left.
+            let lsn = facts
+                .as_ref()
+                .map_or_else(|| self.runtime.backends.primary.health.lsn(), |f| f.lsn);
+            if let Some(f) = &facts {
+                for d in &f.dependents {
+                    let name = version_name(d);
+                    if !writes.tables.contains(&name) {
+                        writes.tables.push(name);
+                    }
                 }
+                writes.everything |= f.triggers;
             }
-            writes.everything |= f.triggers;
-        }
-        writes.tables.retain(|t| self.runtime.cache_rules.guards(t));
-        if writes.everything || !writes.tables.is_empty() {
-            Box::pin(cache.invalidate(&writes.tables, writes.everything, lsn)).await;
+            writes.tables.retain(|t| self.runtime.cache_rules.guards(t));
+            if writes.everything || !writes.tables.is_empty() {
+                Box::pin(cache.invalidate(&writes.tables, writes.everything, lsn)).await;
+            }
         }
     }
 }

@@ -215,10 +215,6 @@ pub struct Session {
     /// The primary's WAL position after this session's last committed write: replicas
     /// serve its reads only once they replayed this far (0: never wrote).
     min_lsn: u64,
-    /// A write committed whose position is not read yet: it is read when the session next
-    /// wants a replica, so sessions that only write (or read inside their transactions)
-    /// never pay for it.
-    commit_position_unknown: bool,
     /// What was written since the last commit (read-your-writes, cache invalidation).
     writes: cached::WriteSet,
     /// The proxy user this session logged in as (part of cache keys).
@@ -307,7 +303,6 @@ impl Session {
             last_replica: None,
             consistency,
             min_lsn: 0,
-            commit_position_unknown: false,
             writes: cached::WriteSet::default(),
             login_user: login.user.config.name.clone(),
             read_floor: 0,
