@@ -95,17 +95,52 @@ impl Runtime {
             config.proxy.server_tls_ca.as_deref(),
         )
         .map_err(ConfigError::Invalid)?;
+        let backends = Backends::from_config_reusing(&config, old.map(|o| &o.backends));
+        let pools = old.map_or_else(HashMap::new, |o| o.pools_still_valid(&config, &backends));
         Ok(Runtime {
-            backends: Backends::from_config_reusing(&config, old.map(|o| &o.backends)),
+            backends,
             admin,
             tls,
             server_tls: Arc::new(server_tls),
             classify: ClassifyCache::new(16_384, config.routing.primary_functions.clone()),
             cache_rules: CacheRules::new(&config.cache),
             users,
-            pools: Mutex::new(HashMap::new()),
+            pools: Mutex::new(pools),
             config: Arc::new(config),
         })
+    }
+
+    /// The pools a reload to `config` can keep, connections and all: same pool settings and
+    /// server TLS, the same server at the same place, and a user who logs in to it the same
+    /// way. Throwing them away would make every client reconnect to the servers at once.
+    fn pools_still_valid(
+        &self,
+        config: &Config,
+        backends: &Backends,
+    ) -> HashMap<PoolKey, Arc<Pool>> {
+        let old = &self.config;
+        if old.pool != config.pool
+            || old.proxy.server_tls != config.proxy.server_tls
+            || old.proxy.server_tls_ca != config.proxy.server_tls_ca
+            || old.proxy.max_message_bytes != config.proxy.max_message_bytes
+        {
+            return HashMap::new();
+        }
+        let same_login = |params: &ConnectParams| {
+            config.users.iter().any(|u| {
+                u.server_user() == params.user && u.server_password() == params.password.as_deref()
+            })
+        };
+        lock(&self.pools)
+            .iter()
+            .filter(|((id, _, _), pool)| {
+                backends
+                    .get(*id)
+                    .is_some_and(|b| b.address() == pool.address() && b.name() == pool.name())
+                    && same_login(pool.params())
+            })
+            .map(|(k, p)| (k.clone(), p.clone()))
+            .collect()
     }
 
     /// The pool for `backend` and these credentials, made on first use. Sessions keep the

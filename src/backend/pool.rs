@@ -82,6 +82,15 @@ impl Pool {
         })
     }
 
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// What its connections are opened with.
+    pub fn params(&self) -> &ConnectParams {
+        &self.params
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

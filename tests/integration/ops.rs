@@ -554,3 +554,54 @@ async fn sigterm_lets_an_open_transaction_commit_then_stops() {
         "both rows of the committed transaction are there"
     );
 }
+
+/// A reload keeps the pools of servers, users and pool settings it did not change, with
+/// their connections: clients do not all reconnect to the servers at once.
+#[tokio::test]
+async fn a_reload_keeps_the_pooled_connections_it_did_not_change() {
+    let c = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    let base = ops_config(c);
+    write(&path, &base);
+    let proxy = start_proxy_from_file(&path).await;
+    let admin = console(proxy.port()).await;
+    let app = proxy.app().await;
+    // One client, one transaction at a time: the primary pool holds one connection.
+    let primary_pid = async || -> i32 {
+        let rows = app
+            .simple_query("BEGIN; SELECT pg_backend_pid()::text; COMMIT")
+            .await
+            .unwrap();
+        rows.iter()
+            .find_map(|m| match m {
+                SimpleQueryMessage::Row(r) => r.get(0).map(|v| v.parse().unwrap()),
+                _ => None,
+            })
+            .unwrap()
+    };
+    let before = primary_pid().await;
+    assert_eq!(
+        primary_pid().await,
+        before,
+        "the pool reuses its connection"
+    );
+    // A change elsewhere (a replica's weight, the log level): the pool stays.
+    let changed = base.replacen(
+        &format!("port = {}\n", c.replicas[1]),
+        &format!("port = {}\n        weight = 2\n", c.replicas[1]),
+        1,
+    );
+    write(&path, &changed);
+    admin.simple_query("RELOAD").await.expect("RELOAD");
+    assert_eq!(rows(&admin, "SHOW BACKENDS").await[2]["weight"], "2");
+    assert_eq!(primary_pid().await, before, "the reload kept the pool");
+    // A pool setting changed: new pools, new connections.
+    write(&path, &(changed + "\n[pool]\nsize = 7\n"));
+    admin.simple_query("RELOAD").await.expect("RELOAD");
+    assert_ne!(
+        primary_pid().await,
+        before,
+        "a new pool after [pool] changed"
+    );
+}
