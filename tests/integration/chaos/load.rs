@@ -54,13 +54,7 @@ impl Run {
 }
 
 /// `pgbench -f script` through the proxy for `seconds`, tagging its rows with `tag`.
-fn pgbench_run(
-    name: &'static str,
-    port: u16,
-    script: &Path,
-    tag: i32,
-    seconds: u32,
-) -> Run {
+fn pgbench_run(name: &'static str, port: u16, script: &Path, tag: i32, seconds: u32) -> Run {
     let logs = tempfile::tempdir().unwrap();
     let prefix = logs.path().join("tx");
     let mut child = Command::new("pgbench")
