@@ -45,14 +45,9 @@ impl Pgsplit {
 
     /// VmRSS in KiB.
     pub(super) fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
-            .expect("the proxy is running");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .expect("VmRSS in /proc/PID/status")
+        let kib = crate::common::rss_kib(&self.pid().to_string());
+        assert!(kib > 0, "the proxy is running");
+        kib
     }
 
     pub(super) async fn get(&self, path: &str) -> Option<(u16, String)> {
