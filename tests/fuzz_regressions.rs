@@ -92,3 +92,26 @@ async fn a_failed_batch_does_not_forget_statements_the_server_kept() {
     assert_eq!(run(&mut client, "a3", "SELECT 1").await, "12DCZ");
     assert_eq!(run(&mut client, "b2", "SELECT 2").await, "12DCZ");
 }
+
+/// fuzz/fuzz_targets/config.rs (with this input, written for it while reading the balancer;
+/// the fuzzer had not reached it in its first 10 minutes): a replica weight near `u32::MAX`
+/// passed validation, and building the runtime's balancer then asked for one wheel slot per
+/// unit of weight, 32 GB here, and the process aborted at startup, or at a reload (SIGHUP,
+/// RELOAD, a file change) of a running proxy.
+#[test]
+fn an_absurd_replica_weight_is_refused_before_the_balancer_sees_it() {
+    use pgsplit::config::{Config, MAX_WEIGHT};
+    let text = include_str!("fuzz_regressions/config-replica-weight.toml");
+    let Err(err) = Config::from_toml(text) else {
+        panic!("weight 4000000000 is accepted");
+    };
+    let err = err.to_string();
+    assert!(
+        err.contains("weight 4000000000 is over the maximum of 1000"),
+        "{err}"
+    );
+    let ok = Config::from_toml(&text.replace("4000000000", &MAX_WEIGHT.to_string()))
+        .expect("the largest weight is valid");
+    let backends = pgsplit::backend::Backends::from_config(&ok);
+    assert_eq!(backends.replicas.len(), 1);
+}

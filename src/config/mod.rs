@@ -222,7 +222,8 @@ pub struct BackendConfig {
     /// Default 5432.
     #[serde(default = "default_pg_port")]
     pub port: u16,
-    /// Share of reads relative to other replicas. Default 1; 0 takes it out of rotation.
+    /// Share of reads relative to other replicas. Default 1; 0 takes it out of rotation; at
+    /// most [`MAX_WEIGHT`].
     #[serde(default = "default_weight")]
     pub weight: u32,
     /// Name shown in logs. Default `host:port`.
@@ -248,6 +249,11 @@ impl BackendConfig {
 fn default_pg_port() -> u16 {
     5432
 }
+
+/// Largest replica weight: the balancer lays the weights out as one wheel of that many
+/// slots per replica, so a typo such as `weight = 4000000000` must not reach it (it would
+/// allocate 32 GB at startup or reload).
+pub const MAX_WEIGHT: u32 = 1000;
 
 fn default_weight() -> u32 {
     1
@@ -610,6 +616,13 @@ impl Config {
             if b.port == 0 {
                 errors.push(format!("backend {} has port 0", b.display_name()));
             }
+        }
+        for r in self.replicas.iter().filter(|r| r.weight > MAX_WEIGHT) {
+            errors.push(format!(
+                "replica {}: weight {} is over the maximum of {MAX_WEIGHT}",
+                r.display_name(),
+                r.weight
+            ));
         }
         self.validate_cache(&mut errors);
         if self.pool.size == 0 {
