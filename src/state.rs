@@ -96,7 +96,9 @@ impl Runtime {
         )
         .map_err(ConfigError::Invalid)?;
         let backends = Backends::from_config_reusing(&config, old.map(|o| &o.backends));
-        let pools = old.map_or_else(HashMap::new, |o| o.pools_still_valid(&config, &backends));
+        let pools = old.map_or_else(HashMap::new, |o| {
+            o.pools_still_valid(&config, &backends, &server_tls)
+        });
         Ok(Runtime {
             backends,
             admin,
@@ -111,25 +113,32 @@ impl Runtime {
     }
 
     /// The pools a reload to `config` can keep, connections and all: same pool settings and
-    /// server TLS, the same server at the same place, and a user who logs in to it the same
+    /// server TLS (mode and trusted roots, read from the CA file now), the same server at the same place, and a user who logs in to it the same
     /// way. Throwing them away would make every client reconnect to the servers at once.
     fn pools_still_valid(
         &self,
         config: &Config,
         backends: &Backends,
+        server_tls: &crate::tls::ServerTlsPolicy,
     ) -> HashMap<PoolKey, Arc<Pool>> {
         let old = &self.config;
         if old.pool != config.pool
-            || old.proxy.server_tls != config.proxy.server_tls
-            || old.proxy.server_tls_ca != config.proxy.server_tls_ca
+            || self.server_tls.mode != server_tls.mode
+            || self.server_tls.roots != server_tls.roots
             || old.proxy.max_message_bytes != config.proxy.max_message_bytes
         {
             return HashMap::new();
         }
+        // Every user that logs in to the servers as this role must still use its password:
+        // the pool key does not hold the password.
         let same_login = |params: &ConnectParams| {
-            config.users.iter().any(|u| {
-                u.server_user() == params.user && u.server_password() == params.password.as_deref()
-            })
+            let mut users = config
+                .users
+                .iter()
+                .filter(|u| u.server_user() == params.user)
+                .peekable();
+            users.peek().is_some()
+                && users.all(|u| u.server_password() == params.password.as_deref())
         };
         lock(&self.pools)
             .iter()

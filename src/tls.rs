@@ -48,6 +48,9 @@ pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
 pub struct ServerTlsPolicy {
     pub mode: ServerTls,
     connector: Option<TlsConnector>,
+    /// The roots trusted (`verify-full`), DER bytes: a reload that changes the CA file's
+    /// content, at the same path, must not keep connections pooled under the old roots.
+    pub roots: Vec<Vec<u8>>,
 }
 
 impl std::fmt::Debug for ServerTlsPolicy {
@@ -61,6 +64,7 @@ impl ServerTlsPolicy {
         ServerTlsPolicy {
             mode: ServerTls::Disable,
             connector: None,
+            roots: Vec::new(),
         }
     }
 
@@ -70,6 +74,7 @@ impl ServerTlsPolicy {
         let builder = rustls::ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?;
+        let mut trusted = Vec::new();
         let config = match mode {
             ServerTls::Disable => return Ok(ServerTlsPolicy::disabled()),
             ServerTls::VerifyFull => {
@@ -79,6 +84,7 @@ impl ServerTlsPolicy {
                     .and_then(|i| i.collect::<Result<Vec<_>, _>>())
                     .map_err(|e| format!("proxy.server_tls_ca {}: {e}", ca.display()))?;
                 for c in certs {
+                    trusted.push(c.as_ref().to_vec());
                     roots
                         .add(c)
                         .map_err(|e| format!("proxy.server_tls_ca {}: {e}", ca.display()))?;
@@ -99,6 +105,7 @@ impl ServerTlsPolicy {
         Ok(ServerTlsPolicy {
             mode,
             connector: Some(TlsConnector::from(Arc::new(config))),
+            roots: trusted,
         })
     }
 

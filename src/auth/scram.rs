@@ -36,6 +36,26 @@ impl ScramSecret {
     }
 }
 
+impl ScramSecret {
+    /// A secret no password matches, for a user that does not exist: the client goes through
+    /// the same exchange and fails the same way, so probing cannot tell unknown users from
+    /// wrong passwords (PostgreSQL's mock authentication). The salt depends only on the name
+    /// and this process's random key, so asking twice shows the same salt, as for a real user.
+    pub fn mock(user: &str) -> ScramSecret {
+        static KEY: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+        let key = KEY.get_or_init(rand::random);
+        let mut mac = <HmacSha256 as KeyInit>::new_from_slice(key).expect("any key length");
+        mac.update(user.as_bytes());
+        let salt: [u8; 32] = mac.finalize().into_bytes().into();
+        ScramSecret {
+            iterations: 4096,
+            salt_b64: B64.encode(&salt[..16]),
+            stored_key: rand::random(),
+            server_key: rand::random(),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ScramError {
     #[error("malformed SCRAM message: {0}")]

@@ -18,7 +18,7 @@ use crate::protocol::{self, ErrorFields, Frame, decode_frame, tag};
 use crate::tls::{Reader, ServerTlsPolicy, Writer};
 
 /// What a backend connection is opened with.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ConnectParams {
     pub user: String,
     pub password: Option<String>,
@@ -29,6 +29,20 @@ pub struct ConnectParams {
     pub max_prepared: usize,
     /// TLS towards the server (`[proxy] server_tls`).
     pub tls: Arc<ServerTlsPolicy>,
+}
+
+/// Without the password: these reach debug output.
+impl std::fmt::Debug for ConnectParams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectParams")
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "********"))
+            .field("database", &self.database)
+            .field("startup", &self.startup)
+            .field("max_prepared", &self.max_prepared)
+            .field("tls", &self.tls)
+            .finish()
+    }
 }
 
 /// Where to send a CancelRequest for whatever this connection is running.

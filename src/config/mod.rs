@@ -17,8 +17,9 @@ pub enum ConfigError {
         path: String,
         source: std::io::Error,
     },
+    /// Where and what, without the offending line: it may hold a password.
     #[error("invalid configuration: {0}")]
-    Parse(#[from] toml::de::Error),
+    Parse(String),
     #[error("invalid configuration: {0}")]
     Invalid(String),
 }
@@ -82,7 +83,7 @@ pub enum AuthMethod {
     Trust,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProxyConfig {
     /// Address clients connect to. Default `127.0.0.1:6432`. Needs a restart to change.
@@ -174,7 +175,7 @@ impl ProxyConfig {
 }
 
 /// A user clients log in as.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct UserConfig {
     pub name: String,
@@ -369,7 +370,7 @@ impl PoolConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct CacheConfig {
     /// Serve whitelisted reads from Redis. Default false.
@@ -427,39 +428,9 @@ impl Config {
     /// Every setting as `section.key = value` lines (arrays indexed), secrets masked: what
     /// SHOW CONFIG lists.
     pub fn flattened(&self) -> Vec<(String, String)> {
-        fn walk(prefix: &str, v: &toml::Value, out: &mut Vec<(String, String)>) {
-            match v {
-                toml::Value::Table(t) => {
-                    for (k, v) in t {
-                        let key = if prefix.is_empty() {
-                            k.clone()
-                        } else {
-                            format!("{prefix}.{k}")
-                        };
-                        walk(&key, v, out);
-                    }
-                }
-                toml::Value::Array(a) if a.iter().all(|v| v.is_table()) => {
-                    for (i, v) in a.iter().enumerate() {
-                        walk(&format!("{prefix}[{i}]"), v, out);
-                    }
-                }
-                toml::Value::String(s) => {
-                    let shown = if prefix.ends_with("password") {
-                        "********".into()
-                    } else if prefix.ends_with("url") {
-                        without_url_password(s)
-                    } else {
-                        s.clone()
-                    };
-                    out.push((prefix.to_owned(), shown));
-                }
-                other => out.push((prefix.to_owned(), other.to_string())),
-            }
-        }
         let mut out = Vec::new();
         if let Ok(v) = toml::Value::try_from(self) {
-            walk("", &v, &mut out);
+            flatten_masked("", &v, &mut out);
         }
         out
     }
@@ -488,7 +459,7 @@ impl Config {
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
         #[cfg(feature = "capture")]
         capture_config(text);
-        let cfg: Config = toml::from_str(text)?;
+        let cfg: Config = toml::from_str(text).map_err(|e| parse_error(text, &e))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -509,10 +480,13 @@ impl Config {
             if !scheme.is_some_and(|s| known.contains(&s)) {
                 errors.push(format!(
                     "cache.redis_url {:?}: expected redis://, rediss://, redis-cluster:// or redis-sentinel://",
-                    c.redis_url
+                    without_url_password(&c.redis_url)
                 ));
             } else if let Err(e) = fred::prelude::Config::from_url(&c.redis_url) {
-                errors.push(format!("cache.redis_url {:?}: {e}", c.redis_url));
+                errors.push(format!(
+                    "cache.redis_url {:?}: {e}",
+                    without_url_password(&c.redis_url)
+                ));
             }
         }
         if c.default_ttl_s == 0 {
@@ -673,18 +647,127 @@ fn capture_config(text: &str) {
     }
 }
 
-/// `redis://user:secret@host` shown as `redis://user:********@host`.
-fn without_url_password(url: &str) -> String {
+/// `key.sub[0].name = value` pairs of a serialized config, passwords (`*password` keys and
+/// inside URLs) masked: what SHOW CONFIG and Debug output show.
+fn flatten_masked(prefix: &str, v: &toml::Value, out: &mut Vec<(String, String)>) {
+    match v {
+        toml::Value::Table(t) => {
+            for (k, v) in t {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten_masked(&key, v, out);
+            }
+        }
+        toml::Value::Array(a) if a.iter().all(|v| v.is_table()) => {
+            for (i, v) in a.iter().enumerate() {
+                flatten_masked(&format!("{prefix}[{i}]"), v, out);
+            }
+        }
+        toml::Value::String(s) => {
+            let shown = if prefix.ends_with("password") {
+                "********".into()
+            } else if prefix.ends_with("url") {
+                without_url_password(s)
+            } else {
+                s.clone()
+            };
+            out.push((prefix.to_owned(), shown));
+        }
+        other => out.push((prefix.to_owned(), other.to_string())),
+    }
+}
+
+/// Debug through [`flatten_masked`]: configs reach logs and panics, passwords must not.
+fn masked_debug<T: Serialize>(
+    name: &str,
+    v: &T,
+    f: &mut std::fmt::Formatter<'_>,
+) -> std::fmt::Result {
+    let mut out = Vec::new();
+    if let Ok(v) = toml::Value::try_from(v) {
+        flatten_masked("", &v, &mut out);
+    }
+    let mut d = f.debug_struct(name);
+    for (k, v) in &out {
+        d.field(k, v);
+    }
+    d.finish()
+}
+
+impl std::fmt::Debug for ProxyConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        masked_debug("ProxyConfig", self, f)
+    }
+}
+
+impl std::fmt::Debug for UserConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        masked_debug("UserConfig", self, f)
+    }
+}
+
+impl std::fmt::Debug for CacheConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        masked_debug("CacheConfig", self, f)
+    }
+}
+
+/// A TOML error as "line N, column M: message". toml's own rendering quotes the source line,
+/// which may be `password = "..."` with a typo in the key.
+fn parse_error(text: &str, e: &toml::de::Error) -> ConfigError {
+    let place = e.span().map(|span| {
+        let before = &text[..span.start.min(text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+        format!("line {line}, column {column}: ")
+    });
+    ConfigError::Parse(format!(
+        "{}{}",
+        place.unwrap_or_default(),
+        e.message().trim_end()
+    ))
+}
+
+/// `redis://user:secret@host` shown as `redis://user:********@host`, and any
+/// `...password=` query parameter (fred's sentinelPassword) masked too. The userinfo ends at
+/// the last `@` before the path, as URL parsers read it.
+pub fn without_url_password(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    match rest.split_once('@') {
+    let (authority_and_path, query) = match rest.split_once('?') {
+        Some((a, q)) => (a, Some(q)),
+        None => (rest, None),
+    };
+    let authority_end = authority_and_path
+        .find('/')
+        .unwrap_or(authority_and_path.len());
+    let (authority, path) = authority_and_path.split_at(authority_end);
+    let authority = match authority.rsplit_once('@') {
         Some((userinfo, host)) => {
             let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-            format!("{scheme}://{user}:********@{host}")
+            format!("{user}:********@{host}")
         }
-        None => url.to_owned(),
+        None => authority.to_owned(),
+    };
+    let mut out = format!("{scheme}://{authority}{path}");
+    if let Some(q) = query {
+        let masked: Vec<String> = q
+            .split('&')
+            .map(|kv| match kv.split_once('=') {
+                Some((k, _)) if k.to_ascii_lowercase().ends_with("password") => {
+                    format!("{k}=********")
+                }
+                _ => kv.to_owned(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&masked.join("&"));
     }
+    out
 }
 
 /// Shape check of a stored SCRAM verifier, without pulling in the auth module (config is a
@@ -720,6 +803,28 @@ mod tests {
         assert!(c.routing.fallback_to_primary);
         assert_eq!(c.users[0].server_user(), "app");
         assert_eq!(c.users[0].server_password(), Some("app_pw"));
+    }
+
+    #[test]
+    fn debug_output_masks_passwords() {
+        let text = format!(
+            "{MINIMAL}\n[proxy]\nadmin_user = \"a\"\nadmin_password = \"adm1n-secret\"\n\
+             [cache]\nredis_url = \"redis://:redis-secret@localhost\"\n"
+        );
+        let cfg = Config::from_toml(&text).unwrap();
+        let shown = format!("{cfg:?}");
+        for secret in ["adm1n-secret", "redis-secret", "app_pw"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(shown.contains("admin_user"), "{shown}");
+    }
+
+    #[test]
+    fn parse_errors_never_quote_the_line() {
+        let text = format!("{MINIMAL}\n[[users]]\nname = \"x\"\npasword = \"hunter2\"\n");
+        let e = Config::from_toml(&text).unwrap_err().to_string();
+        assert!(!e.contains("hunter2"), "{e}");
+        assert!(e.contains("line ") && e.contains("pasword"), "{e}");
     }
 
     #[test]

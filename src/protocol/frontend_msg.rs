@@ -44,7 +44,7 @@ pub fn query_sql(body: &[u8]) -> Result<Cow<'_, str>, MalformedMessage> {
 
 /// A decoded Parse message. `param_types` is the raw tail (count + OIDs), kept as bytes so
 /// the statement can be re-sent exactly as the client declared it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct ParseMsg {
     pub name: String,
     /// The SQL for classification (lossy if the client encoding is not UTF-8).
@@ -52,6 +52,16 @@ pub struct ParseMsg {
     /// The SQL exactly as the client sent it.
     pub sql_raw: Bytes,
     pub param_types: Bytes,
+}
+
+/// Name and size only: SQL text can hold literals such as `ALTER ROLE ... PASSWORD '...'`.
+impl std::fmt::Debug for ParseMsg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ParseMsg")
+            .field("name", &self.name)
+            .field("sql_len", &self.sql_raw.len())
+            .finish()
+    }
 }
 
 impl ParseMsg {

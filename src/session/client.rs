@@ -103,22 +103,24 @@ impl ClientConn {
         matches!(self.rd, Reader::Tls(_))
     }
 
-    /// Send `bytes`; a client that takes none of them for `write_timeout` is given up on
-    /// ([`Error::ClientWriteTimeout`]): the proxy then holds at most one buffer of its result.
+    /// Send `bytes`. A client that takes nothing of them for `write_timeout` (it stopped
+    /// reading) is given up on ([`Error::ClientWriteTimeout`]); one that reads slowly is not:
+    /// the limit restarts with every write that makes progress.
     pub async fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        use tokio::io::AsyncWriteExt;
         let Some(limit) = self.write_timeout else {
             return self.wr.send_all(bytes).await.map_err(Error::ClientIo);
         };
-        let mut send = std::pin::pin!(self.wr.send_all(bytes));
-        // Almost always the socket takes it all at once: the timer is armed only when not.
-        let first = std::future::poll_fn(|cx| std::task::Poll::Ready(send.as_mut().poll(cx))).await;
-        let result = match first {
-            std::task::Poll::Ready(r) => r,
-            std::task::Poll::Pending => tokio::time::timeout(limit, send)
-                .await
-                .map_err(|_| Error::ClientWriteTimeout(limit))?,
-        };
-        result.map_err(Error::ClientIo)
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let n = within(limit, self.wr.write(rest)).await?;
+            if n == 0 {
+                return Err(Error::ClientIo(std::io::ErrorKind::WriteZero.into()));
+            }
+            rest = &rest[n..];
+        }
+        // A TLS writer may keep the last record buffered.
+        within(limit, self.wr.flush()).await
     }
 
     pub async fn send(&mut self, frames: &[Frame]) -> Result<()> {
@@ -141,4 +143,21 @@ fn capture_file() -> Option<std::fs::File> {
         rand::random::<u64>()
     );
     std::fs::File::create(dir.join(name)).ok()
+}
+
+/// `io`, failing with [`Error::ClientWriteTimeout`] if it is still pending after `limit`.
+/// Almost always the socket takes the bytes at once: the timer is armed only when not.
+async fn within<T>(
+    limit: std::time::Duration,
+    io: impl Future<Output = std::io::Result<T>>,
+) -> Result<T> {
+    let mut io = std::pin::pin!(io);
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(io.as_mut().poll(cx))).await;
+    let result = match first {
+        std::task::Poll::Ready(r) => r,
+        std::task::Poll::Pending => tokio::time::timeout(limit, io)
+            .await
+            .map_err(|_| Error::ClientWriteTimeout(limit))?,
+    };
+    result.map_err(Error::ClientIo)
 }

@@ -98,9 +98,17 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, over_
             Err(Error::ClientGone) => {}
             Err(e) => {
                 if matches!(e, Error::BadPassword(_) | Error::AuthRejected(_)) {
-                    // Every refused login is logged (with the peer, from the span, never
-                    // with what the client sent) so that guessing shows up.
-                    warn!(error = %e, "login refused");
+                    // Every refused login is logged (with the peer, from the span) so that
+                    // guessing shows up; the user name the client sent is escaped and cut
+                    // short, so it cannot forge log lines or flood the log.
+                    let short = |s: &str| s.chars().take(100).collect::<String>();
+                    match &e {
+                        // A wrong password, or a user pgsplit does not know.
+                        Error::BadPassword(u) => {
+                            warn!(user = ?short(u), "login refused: password authentication failed")
+                        }
+                        other => warn!(reason = ?short(&other.to_string()), "login refused"),
+                    }
                     shared
                         .stats
                         .login_failures
@@ -727,6 +735,7 @@ impl Session {
         }
         self.connect.max_prepared = current.config.pool.max_prepared_statements;
         self.connect.tls = current.server_tls.clone();
+        self.client.write_timeout = current.config.proxy.client_write_timeout();
         self.settings_digest = None;
         debug!("session now uses the reloaded configuration");
         self.runtime = current;

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use bytes::Buf;
 
 use super::client::ClientConn;
-use crate::auth::{ScramError, ScramExchange, UserSecret, md5_response_ok};
+use crate::auth::{ScramError, ScramExchange, ScramSecret, UserSecret, md5_response_ok};
+use crate::config::AuthMethod;
 use crate::error::{Error, Result};
 use crate::protocol::{self, StartupPacket, decode_startup, tag};
 use crate::state::{Runtime, UserEntry};
@@ -119,17 +120,45 @@ pub async fn open(client: &mut ClientConn, runtime: &Runtime, over_limit: bool) 
         authenticate(client, admin).await?;
         return Ok(Opening::Admin);
     }
-    let user = runtime.users.get(&user_name).cloned().ok_or_else(|| {
-        Error::AuthRejected(format!(
-            "user \"{user_name}\" is not allowed to connect through pgsplit"
-        ))
-    })?;
+    let Some(user) = runtime.users.get(&user_name).cloned() else {
+        return Err(refuse_unknown(client, runtime, user_name).await);
+    };
     authenticate(client, &user).await?;
     Ok(Opening::Login(Login {
         user,
         database,
         params: rest,
     }))
+}
+
+/// A user pgsplit does not know asks for the password the default method would ask a known
+/// one, and fails as a wrong password does, so names cannot be probed (PostgreSQL does the
+/// same). With `trust` as the default there is no password to ask: refused by name.
+async fn refuse_unknown(client: &mut ClientConn, runtime: &Runtime, user_name: String) -> Error {
+    let secret = match runtime.config.proxy.auth_method {
+        AuthMethod::ScramSha256 => UserSecret::Scram(ScramSecret::mock(&user_name)),
+        // No md5 hash matches an empty string's digest of random bytes.
+        AuthMethod::Md5 => UserSecret::Md5(format!("{:032x}", rand::random::<u128>())),
+        AuthMethod::Trust => {
+            return Error::AuthRejected(format!(
+                "user \"{user_name}\" is not allowed to connect through pgsplit"
+            ));
+        }
+    };
+    let mock = UserEntry {
+        config: crate::config::UserConfig {
+            name: user_name.clone(),
+            password: None,
+            auth_method: None,
+            server_user: None,
+            server_password: None,
+        },
+        secret,
+    };
+    match authenticate(client, &mock).await {
+        Err(e) => e,
+        Ok(()) => Error::BadPassword(user_name),
+    }
 }
 
 async fn authenticate(client: &mut ClientConn, user: &UserEntry) -> Result<()> {

@@ -358,7 +358,7 @@ async fn failed_logins_are_logged_delayed_and_counted() {
     let e = try_connect(&proxy.conn_str("nobody", "x"))
         .await
         .expect_err("unknown user refused");
-    assert_eq!(sqlstate(&e), "28000", "{e}");
+    assert_eq!(sqlstate(&e), "28P01", "{e}");
     let ok = connect(&proxy.conn_str("app", "app_pw")).await;
     assert_usable(&ok).await;
     let log = proxy.log_text();

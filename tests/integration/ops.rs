@@ -207,7 +207,7 @@ async fn the_admin_console_reports_and_controls() {
     ))
     .await
     .expect_err("the admin is no database user");
-    assert_eq!(sqlstate(&e), "28000");
+    assert_eq!(sqlstate(&e), "28P01");
 }
 
 #[tokio::test]
@@ -321,7 +321,8 @@ async fn reload_under_load_changes_routing_users_and_rules_without_errors() {
     let e = try_connect(&proxy.conn_str("trustuser", ""))
         .await
         .expect_err("removed user");
-    assert_eq!(sqlstate(&e), "28000");
+    // Asked for a password like any user pgsplit does not know; the client has none.
+    assert!(format!("{e:?}").contains("password"), "{e:?}");
 
     // 2. Put it back with weight 3, and let trustuser in, and whitelist a table: RELOAD.
     let with_more = base.replacen(
@@ -511,10 +512,14 @@ async fn sigterm_lets_an_open_transaction_commit_then_stops() {
             .unwrap()
             .success()
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    // The idle session was ended, new clients are turned away, the transaction goes on.
+    // The idle session is ended (at once; the wait only covers a loaded machine), new
+    // clients are turned away, the transaction goes on.
+    let idle_ref = &idle_client;
     assert!(
-        idle_client.simple_query("SELECT 1").await.is_err(),
+        eventually_async(Duration::from_secs(5), || async move {
+            idle_ref.simple_query("SELECT 1").await.is_err()
+        })
+        .await,
         "idle session closed"
     );
     assert!(
