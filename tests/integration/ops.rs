@@ -348,6 +348,14 @@ async fn reload_under_load_changes_routing_users_and_rules_without_errors() {
         .simple_query("SELECT 1")
         .await
         .expect("a user added by the reload logs in");
+    // The re-added replica is new to the health checker: it joins after its first checks.
+    assert!(
+        eventually_async(Duration::from_secs(10), || async move {
+            rows(admin_ref, "SHOW BACKENDS").await[2]["in_rotation"] == "true"
+        })
+        .await,
+        "the re-added replica joins the rotation"
+    );
     let mut hits = HashMap::new();
     for _ in 0..40 {
         *hits.entry(server_port(&app).await).or_insert(0) += 1;
