@@ -17,6 +17,26 @@ fn ops_config(c: &Cluster) -> String {
     base_config_toml(c).replacen("[proxy]\n", ADMIN, 1)
 }
 
+/// A proxy started from a file holding [`ops_config`] (in `dir`, which must outlive it), and
+/// its admin console: for tests that change the file.
+async fn proxy_from_ops_file(
+    c: &Cluster,
+) -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    String,
+    Proxy,
+    tokio_postgres::Client,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    let base = ops_config(c);
+    write(&path, &base);
+    let proxy = start_proxy_from_file(&path).await;
+    let admin = console(proxy.port()).await;
+    (dir, path, base, proxy, admin)
+}
+
 async fn console(proxy_port: u16) -> tokio_postgres::Client {
     connect(&format!(
         "host=127.0.0.1 port={proxy_port} user=pgsplit password=console_pw dbname=pgsplit"
@@ -281,12 +301,7 @@ async fn reload_under_load_changes_routing_users_and_rules_without_errors() {
     let c = cluster();
     ensure_pgbench_tables();
     wait_replicated().await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("proxy.toml");
-    let base = ops_config(c);
-    write(&path, &base);
-    let proxy = start_proxy_from_file(&path).await;
-    let admin = console(proxy.port()).await;
+    let (_dir, path, base, proxy, admin) = proxy_from_ops_file(c).await;
     let metrics = proxy.metrics.unwrap();
 
     // Load through every change below.
@@ -573,12 +588,7 @@ async fn sigterm_lets_an_open_transaction_commit_then_stops() {
 #[tokio::test]
 async fn a_reload_keeps_the_pooled_connections_it_did_not_change() {
     let c = cluster();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("proxy.toml");
-    let base = ops_config(c);
-    write(&path, &base);
-    let proxy = start_proxy_from_file(&path).await;
-    let admin = console(proxy.port()).await;
+    let (_dir, path, base, proxy, admin) = proxy_from_ops_file(c).await;
     let app = proxy.app().await;
     // One client, one transaction at a time: the primary pool holds one connection.
     let primary_pid = async || -> i32 {
