@@ -24,7 +24,7 @@ use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 use sqlparser::tokenizer::{Location, Token, TokenWithSpan, Tokenizer, Whitespace, Word};
 
-use super::{Classification, SessionOp, Target, TxAccess};
+use super::{Classification, SessionOp, Target, TxAccess, TxEffect};
 
 /// Longest run of tokens (between commas, at one parenthesis depth) handed to sqlparser.
 /// Operator chains (`a = 1 OR a = 2 OR ...`, `x::t::t ...`) become left-deep trees that
@@ -103,6 +103,7 @@ pub fn classify_with(sql: &str, extra_primary_functions: &[String]) -> Classific
             calls_user_functions: false,
             statement_count: 0,
             parsed: true,
+            tx_effect: TxEffect::Neutral,
             ..Classification::unknown()
         },
     };
@@ -117,12 +118,12 @@ pub fn classify_with(sql: &str, extra_primary_functions: &[String]) -> Classific
             ctx.out.statement_count += 1;
             ctx.statement(stmt, None);
         }
-        return ctx.out;
+        return ctx.finish();
     }
     for fragment in fragments {
         ctx.fragment(fragment);
     }
-    ctx.out
+    ctx.finish()
 }
 
 /// One `;`-separated statement as tokens, plus what the fallback and the replay text need.
@@ -224,6 +225,29 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    fn finish(mut self) -> Classification {
+        // Only a lone COMMIT is known to end the block: after `COMMIT; INSERT ...` the
+        // connection is idle too, but that is not worth telling apart.
+        if self.out.tx_effect == TxEffect::Ends && self.out.statement_count != 1 {
+            self.out.tx_effect = TxEffect::Other;
+        }
+        self.out
+    }
+
+    /// A statement that leaves the transaction state anything but idle-after-it.
+    fn tx_other(&mut self) {
+        self.out.tx_effect = TxEffect::Other;
+    }
+
+    /// COMMIT / ROLLBACK: `chain` (AND [NO] CHAIN) and savepoints keep a block open.
+    fn tx_end(&mut self, keeps_block: bool) {
+        if keeps_block {
+            self.tx_other();
+        } else if self.out.tx_effect == TxEffect::Neutral {
+            self.out.tx_effect = TxEffect::Ends;
+        }
+    }
+
     fn fragment(&mut self, mut f: Fragment) {
         self.out.statement_count += 1;
         if f.longest_run > MAX_TOKEN_RUN {
@@ -265,6 +289,7 @@ impl Ctx<'_> {
 
     fn unparsed(&mut self) {
         self.out.parsed = false;
+        self.tx_other();
         self.opaque();
     }
 
@@ -320,6 +345,7 @@ impl Ctx<'_> {
                 self.out.volatile = true;
             }
             Statement::Copy { to, target, .. } => {
+                self.tx_other();
                 if self.walk(stmt) || !to || !matches!(target, CopyTarget::Stdout) {
                     self.primary();
                 }
@@ -330,6 +356,7 @@ impl Ctx<'_> {
                 exception,
                 ..
             } => {
+                self.tx_other();
                 if !statements.is_empty() || exception.is_some() {
                     return self.opaque();
                 }
@@ -339,10 +366,18 @@ impl Ctx<'_> {
                     self.primary();
                 }
             }
-            Statement::Commit { .. }
-            | Statement::Rollback { .. }
-            | Statement::Savepoint { .. }
-            | Statement::ReleaseSavepoint { .. } => self.primary(),
+            Statement::Commit { chain, .. } => {
+                self.tx_end(*chain);
+                self.primary();
+            }
+            Statement::Rollback { chain, savepoint } => {
+                self.tx_end(*chain || savepoint.is_some());
+                self.primary();
+            }
+            Statement::Savepoint { .. } | Statement::ReleaseSavepoint { .. } => {
+                self.tx_other();
+                self.primary();
+            }
             Statement::Set(set) => {
                 let sql = text.map_or_else(|| stmt.to_string(), str::to_owned);
                 self.set(set, sql);

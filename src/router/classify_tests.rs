@@ -8,7 +8,7 @@
 //! `r=a,b` tables read; `w=a,b` tables written; session ops in order: `set=name`,
 //! `reset=name`, `resetall`, `discardall`, `dealloc=name`, `deallocall`.
 
-use super::super::{Classification, SessionOp, Target, TxAccess};
+use super::super::{Classification, SessionOp, Target, TxAccess, TxEffect};
 use super::{classify, classify_with};
 
 #[rustfmt::skip]
@@ -707,4 +707,50 @@ fn calls_of_functions_that_may_write_are_flagged() {
     ] {
         assert!(!classify(sql).calls_user_functions, "{sql}");
     }
+}
+
+/// Where a string leaves the transaction state: the proxy sends its own query behind a
+/// request only when the connection is surely outside a block afterwards.
+#[test]
+fn transaction_effect() {
+    use TxEffect::{Ends, Neutral, Other};
+    let cases: &[(&str, TxEffect)] = &[
+        ("COMMIT", Ends),
+        ("commit work", Ends),
+        ("END", Ends),
+        ("END TRANSACTION;", Ends),
+        ("ROLLBACK", Ends),
+        ("rollback transaction", Ends),
+        ("COMMIT AND CHAIN", Other),
+        ("COMMIT AND NO CHAIN", Ends),
+        ("ROLLBACK AND CHAIN", Other),
+        ("ROLLBACK TO SAVEPOINT a", Other),
+        ("ROLLBACK TO a", Other),
+        ("SAVEPOINT a", Other),
+        ("RELEASE SAVEPOINT a", Other),
+        ("BEGIN", Other),
+        ("START TRANSACTION ISOLATION LEVEL SERIALIZABLE", Other),
+        ("COMMIT; BEGIN", Other),
+        ("INSERT INTO t VALUES (1); COMMIT", Other),
+        ("COPY t FROM STDIN", Other),
+        ("COPY t TO STDOUT", Other),
+        ("COPY (SELECT 1) TO STDOUT", Other),
+        ("this is not sql", Other),
+        ("INSERT INTO t VALUES (1)", Neutral),
+        ("UPDATE t SET a = 1 WHERE id = $1", Neutral),
+        ("DELETE FROM t", Neutral),
+        ("SELECT 1", Neutral),
+        ("INSERT INTO t VALUES (1); UPDATE u SET a = 2", Neutral),
+        ("CREATE TABLE t (id int)", Neutral),
+        ("", Neutral),
+    ];
+    let failures: Vec<String> = cases
+        .iter()
+        .filter_map(|(sql, want)| {
+            let got = classify(sql).tx_effect;
+            (got != *want).then(|| format!("{sql:?}: want {want:?}, got {got:?}"))
+        })
+        .collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert_eq!(Classification::unknown().tx_effect, Other);
 }

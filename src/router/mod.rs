@@ -30,6 +30,20 @@ pub enum TxAccess {
     ReadWrite,
 }
 
+/// What a SQL string does to the connection's transaction state, as far as its text tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxEffect {
+    /// Runs in whatever state it finds: outside a transaction block it runs and commits in an
+    /// implicit one, and the connection is idle after it, whether it succeeded or not.
+    Neutral,
+    /// One `COMMIT` / `END` / `ROLLBACK` (not `AND CHAIN`, not `TO SAVEPOINT`): the
+    /// connection is outside any transaction block after it, whatever it found.
+    Ends,
+    /// Anything else: opens a block, works with savepoints, switches to COPY, or text the
+    /// classifier could not read.
+    Other,
+}
+
 /// A statement that changes session state the proxy must replay on other backends, or
 /// state the proxy keeps itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,6 +70,9 @@ pub struct Classification {
     pub target: Target,
     /// Set when the string opens a transaction block (`BEGIN`, `START TRANSACTION`).
     pub begins_tx: Option<TxAccess>,
+    /// Where it leaves the transaction state: lets the proxy send its own follow-up query
+    /// behind a request that surely ends outside a transaction block.
+    pub tx_effect: TxEffect,
     /// Session-bound work (temp table, LISTEN, session advisory lock, SQL PREPARE,
     /// DECLARE ... WITH HOLD, set_config, SET of something that cannot be replayed): the
     /// session stays on its primary connection from now on.
@@ -89,6 +106,7 @@ impl Classification {
         Classification {
             target: Target::Primary,
             begins_tx: None,
+            tx_effect: TxEffect::Other,
             pins_session: false,
             session_ops: Vec::new(),
             read_back: Vec::new(),

@@ -4,12 +4,23 @@
 
 use tracing::{debug, warn};
 
+use super::cached::WriteSet;
 use super::{Consistency, Session};
 use crate::backend::{BackendError, BackendId, CheckoutError, Lent, Role, ServerConn};
 use crate::config::PoolMode;
 use crate::error::{Error, Result};
 use crate::protocol::TxStatus;
 use crate::router::Route;
+
+/// The commit-facts query the relay sent behind a request that ends a writing
+/// transaction, so that it costs no round trip of its own, and its answer.
+#[derive(Default)]
+pub(super) enum CommitRead {
+    #[default]
+    NotSent,
+    Sent,
+    Answer(std::result::Result<Vec<Option<String>>, BackendError>),
+}
 
 /// What the primary said right after a commit.
 pub(super) struct CommitFacts {
@@ -281,27 +292,35 @@ impl Session {
         own.max(self.read_floor)
     }
 
-    /// After a committed write: learn where the primary's WAL is, so later reads of this
-    /// session go only where that is replayed (read-your-writes), and, for the cache, which
-    /// other tables the write may have changed (`written`: tables to look up). One short
-    /// query on the primary connection. `None` when the position could not be read.
-    pub(super) async fn learn_commit(&mut self, written: Option<&[String]>) -> Option<CommitFacts> {
+    /// The query that learns what a commit of `writes` needs known: where the primary's
+    /// WAL is (read-your-writes) and, for the cache, which other tables the write may have
+    /// changed. `None` when nothing needs it.
+    pub(super) fn commit_facts_query(&self, writes: &WriteSet) -> Option<String> {
         let ryw = self.consistency == Consistency::ReadYourWrites;
+        let cache = self.shared.cache.is_some() && !self.runtime.cache_rules.is_empty();
         // A pinned session reads from the primary anyway.
-        if written.is_none() && (!ryw || self.pinned) {
+        if !cache && (!ryw || self.pinned) {
             return None;
         }
-        let max = self.runtime.config.proxy.max_message_bytes;
-        let conn = self.conns[0].as_mut()?;
-        let sql = match written {
-            Some(tables) if !tables.is_empty() => super::cached::commit_facts_sql(tables),
-            _ => "SELECT pg_current_wal_lsn()::text".to_owned(),
+        Some(if cache && !writes.raw_tables.is_empty() {
+            super::cached::commit_facts_sql(&writes.raw_tables)
+        } else {
+            "SELECT pg_catalog.pg_current_wal_lsn()::text".to_owned()
+        })
+    }
+
+    /// After a committed write: run `sql` (from [`commit_facts_query`](Self::commit_facts_query))
+    /// on the primary connection, unless the relay already sent it behind the request, and
+    /// keep what it says. `None` when the position could not be read.
+    pub(super) async fn learn_commit(&mut self, sql: &str) -> Option<CommitFacts> {
+        let ryw = self.consistency == Consistency::ReadYourWrites;
+        let result = match std::mem::take(&mut self.commit_read) {
+            CommitRead::Answer(answer) => answer,
+            // No primary connection: the request lost it and already reported that.
+            CommitRead::NotSent => self.query_commit_facts(sql).await?,
+            // Sent but never answered: the request ended without its connection.
+            CommitRead::Sent => return None,
         };
-        let mut notifications = Vec::new();
-        let result = conn.query_row(&sql, max, &mut notifications).await;
-        for n in notifications {
-            n.encode_into(&mut self.out);
-        }
         match result {
             Ok(row) => {
                 let lsn = row
@@ -334,5 +353,20 @@ impl Session {
                 None
             }
         }
+    }
+
+    /// The commit-facts query as a round trip of its own on the primary connection.
+    async fn query_commit_facts(
+        &mut self,
+        sql: &str,
+    ) -> Option<std::result::Result<Vec<Option<String>>, BackendError>> {
+        let max = self.runtime.config.proxy.max_message_bytes;
+        let conn = self.conns[0].as_mut()?;
+        let mut notifications = Vec::new();
+        let result = conn.query_row(sql, max, &mut notifications).await;
+        for n in notifications {
+            n.encode_into(&mut self.out);
+        }
+        Some(result)
     }
 }

@@ -308,8 +308,10 @@ impl Session {
             return;
         }
         let cache = self.shared.cache.clone().filter(|_| invalidate);
-        let lookup = cache.as_ref().map(|_| writes.raw_tables.clone());
-        let facts = self.learn_commit(lookup.as_deref()).await;
+        let facts = match self.commit_facts_query(&writes) {
+            Some(sql) => self.learn_commit(&sql).await,
+            None => None,
+        };
         if let Some(cache) = cache {
             // Unknown position (the primary connection failed right after the commit): the
             // health checker's last view of the primary is the best bound left.

@@ -225,6 +225,8 @@ pub struct Session {
     min_lsn: u64,
     /// What was written since the last commit (read-your-writes, cache invalidation).
     writes: cached::WriteSet,
+    /// The commit-facts query sent behind the current request, and its answer.
+    commit_read: backends::CommitRead,
     /// The proxy user this session logged in as (part of cache keys).
     login_user: String,
     /// Extra replay position the current request's replica must have reached: a cache fill
@@ -312,6 +314,7 @@ impl Session {
             consistency,
             min_lsn: 0,
             writes: cached::WriteSet::default(),
+            commit_read: backends::CommitRead::NotSent,
             login_user: login.user.config.name.clone(),
             read_floor: 0,
             capture: None,

@@ -69,6 +69,9 @@ enum Expect {
     HiddenSync,
     /// A simple Query or FunctionCall: everything up to ReadyForQuery.
     Query,
+    /// The proxy's own commit-facts query behind the client's request: everything up to its
+    /// ReadyForQuery is read, none of it forwarded (but notifications).
+    CommitFacts,
 }
 
 /// The state of the request in flight. Owns the server connection meanwhile.
@@ -99,6 +102,9 @@ struct InFlight {
     ops: Vec<SessionOp>,
     /// Settings set by set_config() in this request, to read back once it succeeded.
     read_back: Vec<String>,
+    /// The answer to [`Expect::CommitFacts`] so far.
+    facts_row: Option<Vec<Option<String>>>,
+    facts_error: Option<ErrorFields>,
 }
 
 /// Held-back output beyond this is released (the request is then no longer retried).
@@ -138,15 +144,40 @@ impl Session {
             fatal: None,
             ops: Vec::new(),
             read_back: Vec::new(),
+            facts_row: None,
+            facts_error: None,
         };
         self.wbuf.clear();
         for item in items {
             self.emit(&mut fl, item);
         }
+        self.commit_read = super::backends::CommitRead::NotSent;
+        if id.is_primary()
+            && !open
+            && !retryable
+            && self.writes.any
+            && request::ends_outside_transaction(items, self.tx != TxStatus::Idle)
+            && let Some(sql) = self.commit_facts_query(&self.writes)
+        {
+            // The request commits a write: what the proxy must learn about the commit is
+            // asked in the same write, and answered before the connection goes back.
+            protocol::query_frame(&sql).encode_into(&mut self.wbuf);
+            fl.conn.unnamed = None;
+            fl.expects.push_back(Expect::CommitFacts);
+            self.commit_read = super::backends::CommitRead::Sent;
+        }
         self.restart_capture();
         self.set_cancel_target(Some(fl.conn.cancel_key.clone()));
         let result = self.relay(&mut fl).await;
         self.set_cancel_target(None);
+        if let Err(Error::Backend(e)) = &result
+            && e.is_connection_failure()
+            && matches!(fl.expects.front(), Some(Expect::CommitFacts))
+        {
+            // The client's part is complete (and maybe already sent): only the proxy's own
+            // question went unanswered.
+            return Ok(self.lost_after_answer(fl, result));
+        }
         if result.is_err() || fl.retry {
             // Output withheld for a retry, or cut short: none of it is the client's.
             self.out.clear();
@@ -186,6 +217,23 @@ impl Session {
             Err(Error::Backend(e)) if e.is_connection_failure() => self.server_lost(fl, e).await,
             Err(e) => Err(e),
         }
+    }
+
+    /// The connection failed after the request's own answer was complete, while the answer
+    /// to the proxy's commit-facts query was due: the request is done, the facts unknown.
+    fn lost_after_answer(&mut self, fl: InFlight, result: Result<()>) -> Outcome {
+        if let Err(Error::Backend(e)) = result {
+            if let Some(b) = self.runtime.backends.get(fl.id) {
+                warn!(backend = %b.name(), error = %e, "server connection lost after a commit");
+                b.mark_down();
+            }
+            self.commit_read = super::backends::CommitRead::Answer(Err(e));
+        }
+        self.permits[fl.id.0 as usize] = None;
+        self.discard_idle(fl.id);
+        self.last_failed = fl.failed;
+        self.settle_session_ops(fl.id, fl.ops, fl.failed, fl.rolled_back);
+        Outcome::Done
     }
 
     /// `set_config(name, …, false)` ran: record each setting's value now in force as a
@@ -438,7 +486,11 @@ impl Session {
                 }
                 return Ok(());
             }
-            if !fl.holding && !self.out.is_empty() {
+            // Once only the commit-facts answer is due, the client's answer is complete: it
+            // goes now, unless the cache must learn of the commit first.
+            let tail_held =
+                matches!(fl.expects.front(), Some(Expect::CommitFacts)) && self.defer_tail();
+            if !fl.holding && !self.out.is_empty() && !tail_held {
                 self.tee_capture();
                 self.client.write(&self.out).await?;
                 self.out.clear();
@@ -577,6 +629,19 @@ impl Session {
                 )));
             }
             let len = len as usize;
+            if matches!(fl.expects.front(), Some(Expect::CommitFacts)) {
+                if len > max {
+                    return Err(Error::Backend(BackendError::Protocol(
+                        "oversized message from server",
+                    )));
+                }
+                if buf.len() < len + 1 {
+                    return Ok(Progress::NeedMore);
+                }
+                self.on_commit_facts_frame(fl, t, len);
+                fl.conn.rbuf.advance(len + 1);
+                continue;
+            }
             if needs_whole_frame(t) {
                 if len > max {
                     return Err(Error::Backend(BackendError::Protocol(
@@ -625,6 +690,31 @@ impl Session {
                     self.statements.remove(&name);
                 }
             }
+        }
+    }
+
+    /// One whole frame of the answer to the proxy's commit-facts query.
+    fn on_commit_facts_frame(&mut self, fl: &mut InFlight, t: u8, len: usize) {
+        let frame = &fl.conn.rbuf[..len + 1];
+        let body = &frame[5..];
+        match t {
+            tag::DATA_ROW if fl.facts_row.is_none() => {
+                fl.facts_row = Some(protocol::decode_data_row_text(body));
+            }
+            tag::ERROR_RESPONSE => fl.facts_error = Some(ErrorFields::parse(body)),
+            // Meant for the client whichever query they came with.
+            tag::NOTIFICATION_RESPONSE | tag::PARAMETER_STATUS => {
+                self.out.extend_from_slice(frame);
+            }
+            tag::READY_FOR_QUERY => {
+                fl.expects.pop_front();
+                let answer = match fl.facts_error.take() {
+                    Some(e) => Err(BackendError::Server(e)),
+                    None => Ok(fl.facts_row.take().unwrap_or_default()),
+                };
+                self.commit_read = super::backends::CommitRead::Answer(answer);
+            }
+            _ => {}
         }
     }
 

@@ -11,7 +11,7 @@ use crate::error::Result;
 use crate::protocol::{
     BindNames, Frame, ParseMsg, Target, decode_target, query_sql, tag, validate_execute,
 };
-use crate::router::{Classification, ClassifyCache};
+use crate::router::{Classification, ClassifyCache, TxEffect};
 
 /// One frontend message of a request, decoded as far as routing and renaming need.
 #[derive(Debug, Clone)]
@@ -59,6 +59,45 @@ impl Item {
                 Some(&s.class)
             }
             _ => None,
+        }
+    }
+}
+
+/// Whether the server connection is surely outside a transaction block once `items` ran,
+/// whatever they do and whether they fail: a complete request (a simple Query, or extended
+/// messages up to the client's Sync) that executes one COMMIT / ROLLBACK, or that starts
+/// outside a block (`in_transaction` false) and executes only statements that open no block
+/// and use no COPY. Only then may the proxy queue a query of its own behind the request.
+pub fn ends_outside_transaction(items: &[Item], in_transaction: bool) -> bool {
+    if !matches!(items, [Item::Query { .. }] | [.., Item::Sync]) {
+        return false;
+    }
+    let mut executed: Vec<&Classification> = Vec::new();
+    // What the unnamed portal runs; named portals are not followed.
+    let mut portal: Option<&Classification> = None;
+    for item in items {
+        match item {
+            Item::Query { class, .. } => executed.push(class),
+            Item::Bind {
+                frame,
+                stmt: Some(s),
+            } if frame.body.first() == Some(&0) => portal = Some(&s.class),
+            Item::Portal(frame) if frame.tag == tag::EXECUTE => match portal {
+                Some(class) if frame.body.first() == Some(&0) => executed.push(class),
+                _ => return false,
+            },
+            Item::Bind { .. } | Item::FunctionCall(_) | Item::HiddenSync => return false,
+            _ => {}
+        }
+    }
+    match executed.as_slice() {
+        [] => false,
+        [one] if one.tx_effect == TxEffect::Ends => true,
+        all => {
+            !in_transaction
+                && all
+                    .iter()
+                    .all(|c| c.parsed && c.tx_effect == TxEffect::Neutral)
         }
     }
 }
@@ -119,4 +158,141 @@ pub fn decode(
             )));
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::{BufMut, BytesMut};
+
+    use super::*;
+
+    /// Decodes `messages` (`Q sql`, `P name sql`, `B portal statement`, `E portal`, `S`)
+    /// as the session would.
+    fn items(messages: &[&str]) -> Vec<Item> {
+        let classify = ClassifyCache::new(64, vec![]);
+        let session = HashMap::new();
+        let mut local = HashMap::new();
+        messages
+            .iter()
+            .map(|m| {
+                let mut parts = m.splitn(3, ' ');
+                let kind = parts.next().unwrap_or_default();
+                let mut body = BytesMut::new();
+                let mut cstr = |s: &str| {
+                    body.put_slice(s.as_bytes());
+                    body.put_u8(0);
+                };
+                let tag = match kind {
+                    "Q" => {
+                        cstr(&m[2..]);
+                        tag::QUERY
+                    }
+                    "P" => {
+                        cstr(parts.next().unwrap_or_default());
+                        cstr(parts.next().unwrap_or_default());
+                        body.put_i16(0);
+                        tag::PARSE
+                    }
+                    "B" => {
+                        cstr(parts.next().unwrap_or_default());
+                        cstr(parts.next().unwrap_or_default());
+                        body.put_i16(0);
+                        body.put_i16(0);
+                        body.put_i16(0);
+                        tag::BIND
+                    }
+                    "E" => {
+                        cstr(parts.next().unwrap_or_default());
+                        body.put_i32(0);
+                        tag::EXECUTE
+                    }
+                    _ => tag::SYNC,
+                };
+                let frame = Frame {
+                    tag,
+                    body: body.freeze(),
+                };
+                decode(frame, &classify, &session, &mut local).expect("valid message")
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_lone_commit_or_rollback_ends_any_transaction() {
+        for sql in ["COMMIT", "END", "ROLLBACK"] {
+            assert!(ends_outside_transaction(
+                &items(&[&format!("Q {sql}")]),
+                true
+            ));
+            let extended = [&format!("P  {sql}"), "B  ", "E ", "S"].map(|s| s.to_owned());
+            let extended: Vec<&str> = extended.iter().map(String::as_str).collect();
+            assert!(ends_outside_transaction(&items(&extended), true), "{sql}");
+        }
+        assert!(!ends_outside_transaction(
+            &items(&["Q COMMIT AND CHAIN"]),
+            true
+        ));
+        assert!(!ends_outside_transaction(
+            &items(&["Q ROLLBACK TO SAVEPOINT a"]),
+            true
+        ));
+    }
+
+    #[test]
+    fn statements_outside_a_transaction_end_outside_one() {
+        assert!(ends_outside_transaction(
+            &items(&["Q INSERT INTO t VALUES (1)"]),
+            false
+        ));
+        assert!(ends_outside_transaction(
+            &items(&["P  UPDATE t SET a = 1", "B  ", "E ", "S"]),
+            false
+        ));
+        // The same inside a transaction leaves it open.
+        assert!(!ends_outside_transaction(
+            &items(&["Q INSERT INTO t VALUES (1)"]),
+            true
+        ));
+        for opens in [
+            "Q BEGIN",
+            "Q INSERT INTO t VALUES (1); BEGIN",
+            "Q COPY t FROM STDIN",
+        ] {
+            assert!(
+                !ends_outside_transaction(&items(&[opens]), false),
+                "{opens}"
+            );
+        }
+        assert!(!ends_outside_transaction(
+            &items(&["Q not sql at all"]),
+            false
+        ));
+    }
+
+    #[test]
+    fn only_complete_requests_and_known_portals_count() {
+        // No Sync yet: more may follow.
+        assert!(!ends_outside_transaction(
+            &items(&["P  COMMIT", "B  ", "E "]),
+            true
+        ));
+        // A BEGIN bound to a named portal and executed: the unnamed portal's statement is
+        // not what ran.
+        assert!(!ends_outside_transaction(
+            &items(&[
+                "P a BEGIN",
+                "B p a",
+                "P  INSERT INTO t VALUES (1)",
+                "B  ",
+                "E p",
+                "E ",
+                "S"
+            ]),
+            false
+        ));
+        // Executing a portal bound in an earlier request.
+        assert!(!ends_outside_transaction(&items(&["E ", "S"]), false));
+        // Parsing only: nothing runs.
+        assert!(!ends_outside_transaction(&items(&["P  COMMIT", "S"]), true));
+    }
 }

@@ -200,7 +200,16 @@ async fn stale_reads(client: &tokio_postgres::Client, t: &str, cycles: i32) -> u
         .unwrap();
     let mut stale = 0;
     for i in 0..cycles {
+        // Autocommit writes, and every third one in a transaction of its own: the proxy
+        // learns the commit position behind the INSERT or behind the COMMIT.
+        let explicit = i % 3 == 2;
+        if explicit {
+            client.batch_execute("BEGIN").await.unwrap();
+        }
         client.execute(&insert, &[&i]).await.unwrap();
+        if explicit {
+            client.batch_execute("COMMIT").await.unwrap();
+        }
         let n: i64 = client.query_one(&read, &[&i]).await.unwrap().get(0);
         if n != 1 {
             stale += 1;

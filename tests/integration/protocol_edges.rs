@@ -92,3 +92,90 @@ async fn a_lone_flush_changes_nothing() {
         assert_eq!(tags(&c.send(&query("SELECT 1")).await), "TDCZ");
     }
 }
+
+/// The status byte of the last ReadyForQuery.
+fn status(msgs: &[(u8, Vec<u8>)]) -> u8 {
+    msgs.iter()
+        .rev()
+        .find(|m| m.0 == b'Z')
+        .map_or(0, |m| m.1[0])
+}
+
+/// The command tag of the first CommandComplete.
+fn command_tag(msgs: &[(u8, Vec<u8>)]) -> String {
+    msgs.iter()
+        .find(|m| m.0 == b'C')
+        .map(|m| String::from_utf8_lossy(&m.1[..m.1.len() - 1]).into_owned())
+        .unwrap_or_default()
+}
+
+/// A request that commits a write gets the proxy's commit-position query queued behind it
+/// on the same connection. Whatever the commit does (succeeds, fails, rolls back), the
+/// client sees exactly its own answers, in order, and the connection stays in step.
+#[tokio::test]
+async fn commits_answered_with_their_position_keep_the_protocol_in_step() {
+    for proxy in both_modes().await {
+        let mut c = RawClient::login(proxy.addr, "trustuser").await;
+        let t = unique("cpos");
+        let setup = format!(
+            "CREATE TABLE {t}_p (id int PRIMARY KEY); \
+             CREATE TABLE {t} (id int, p int REFERENCES {t}_p DEFERRABLE INITIALLY DEFERRED)"
+        );
+        assert_eq!(tags(&c.send(&query(&setup)).await), "CCZ");
+
+        // Autocommit, extended: the unnamed statement is used again without a new Parse,
+        // although the proxy's own simple query ran on that connection in between.
+        let mut req = parse("", &format!("INSERT INTO {t} VALUES (1)"));
+        req.extend(bind(""));
+        req.extend(execute());
+        req.extend(message(b'S', &[]));
+        assert_eq!(tags(&c.send(&req).await), "12CZ");
+        let mut again = bind("");
+        again.extend(execute());
+        again.extend(message(b'S', &[]));
+        let msgs = c.send(&again).await;
+        assert_eq!(tags(&msgs), "2CZ", "{msgs:?}");
+        assert_eq!(status(&msgs), b'I');
+
+        // An explicit transaction, simple protocol, committed.
+        assert_eq!(status(&c.send(&query("BEGIN")).await), b'T');
+        let msgs = c.send(&query(&format!("INSERT INTO {t} VALUES (2)"))).await;
+        assert_eq!((tags(&msgs).as_str(), status(&msgs)), ("CZ", b'T'));
+        let msgs = c.send(&query("COMMIT")).await;
+        assert_eq!((tags(&msgs).as_str(), status(&msgs)), ("CZ", b'I'));
+        assert_eq!(command_tag(&msgs), "COMMIT");
+
+        // A COMMIT that fails (deferred foreign key): the error, then idle.
+        c.send(&query("BEGIN")).await;
+        c.send(&query(&format!("INSERT INTO {t} VALUES (3, 42)")))
+            .await;
+        let msgs = c.send(&query("COMMIT")).await;
+        assert_eq!(error_code(&msgs).as_deref(), Some("23503"), "{msgs:?}");
+        assert_eq!((tags(&msgs).as_str(), status(&msgs)), ("EZ", b'I'));
+
+        // A COMMIT of a failed transaction rolls back, extended protocol.
+        c.send(&query("BEGIN")).await;
+        c.send(&query(&format!("INSERT INTO {t} VALUES (4)"))).await;
+        let msgs = c.send(&query("SELECT 1/0")).await;
+        assert_eq!(
+            (error_code(&msgs).as_deref(), status(&msgs)),
+            (Some("22012"), b'E')
+        );
+        let mut commit = parse("", "COMMIT");
+        commit.extend(bind(""));
+        commit.extend(execute());
+        commit.extend(message(b'S', &[]));
+        let msgs = c.send(&commit).await;
+        assert_eq!((tags(&msgs).as_str(), status(&msgs)), ("12CZ", b'I'));
+        assert_eq!(command_tag(&msgs), "ROLLBACK");
+
+        // A write and a read sent together: both answered, in order, the read sees the write.
+        let mut req = query(&format!("INSERT INTO {t} VALUES (5)"));
+        req.extend(query(&format!("SELECT count(*) FROM {t}")));
+        c.stream_write(&req).await;
+        let msgs = c.read_n(6).await;
+        assert_eq!(tags(&msgs), "CZTDCZ", "{msgs:?}");
+        assert_eq!(&msgs[3].1[6..], b"4", "rows 1, 1, 2 and 5");
+        assert_eq!(primary_count(&t).await, 4);
+    }
+}
