@@ -189,6 +189,19 @@ pub enum Writer {
     Detached,
 }
 
+impl Writer {
+    /// Let go of the socket without a shutdown(2) of its own: a socket half's drop would
+    /// make one, and closing the socket when its reader goes sends the FIN anyway. One
+    /// system call less per connection.
+    pub fn let_go(&mut self) {
+        match std::mem::replace(self, Writer::Detached) {
+            Writer::Plain(w) => w.forget(),
+            Writer::Unix(w) => w.forget(),
+            Writer::Tls(_) | Writer::Detached => {}
+        }
+    }
+}
+
 pub fn split_plain(stream: TcpStream) -> (Reader, Writer) {
     let (r, w) = stream.into_split();
     (Reader::Plain(r), Writer::Plain(w))

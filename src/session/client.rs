@@ -18,6 +18,8 @@ pub struct ClientConn {
     pub max_message: usize,
     /// How long a write may wait for the client to take bytes (`client_write_timeout_ms`).
     pub write_timeout: Option<std::time::Duration>,
+    /// Frames that go out with the next write (empty, unallocated, almost always).
+    held: BytesMut,
     /// Where the client's bytes are copied (the `capture` feature, for fuzz seeds).
     #[cfg(feature = "capture")]
     capture: Option<std::fs::File>,
@@ -37,6 +39,7 @@ impl ClientConn {
             buf: BytesMut::with_capacity(1024),
             max_message,
             write_timeout,
+            held: BytesMut::new(),
             #[cfg(feature = "capture")]
             capture: capture_file(),
         }
@@ -107,6 +110,11 @@ impl ClientConn {
     /// reading) is given up on ([`Error::ClientWriteTimeout`]); one that reads slowly is not:
     /// the limit restarts with every write that makes progress.
     pub async fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        if !self.held.is_empty() {
+            let mut all = std::mem::take(&mut self.held);
+            all.extend_from_slice(bytes);
+            return Box::pin(self.write(&all)).await;
+        }
         use tokio::io::AsyncWriteExt;
         let Some(limit) = self.write_timeout else {
             return self.wr.send_all(bytes).await.map_err(Error::ClientIo);
@@ -123,12 +131,24 @@ impl ClientConn {
         within(limit, self.wr.flush()).await
     }
 
+    /// Send `frame` with the next write instead of on its own: the last message of a
+    /// password exchange goes with AuthenticationOk and the rest of the greeting.
+    pub fn hold(&mut self, frame: &Frame) {
+        frame.encode_into(&mut self.held);
+    }
+
     pub async fn send(&mut self, frames: &[Frame]) -> Result<()> {
         let mut out = BytesMut::with_capacity(frames.iter().map(Frame::wire_len).sum());
         for f in frames {
             f.encode_into(&mut out);
         }
         self.write(&out).await
+    }
+}
+
+impl Drop for ClientConn {
+    fn drop(&mut self) {
+        self.wr.let_go();
     }
 }
 

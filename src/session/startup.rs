@@ -196,9 +196,10 @@ async fn authenticate(client: &mut ClientConn, user: &UserEntry) -> Result<()> {
             let last = password_frame(client).await?;
             match exchange.client_final(&last) {
                 Ok(server_final) => {
-                    client
-                        .send(&[protocol::auth_sasl_final(server_final.as_bytes())])
-                        .await
+                    // Goes out with AuthenticationOk and the greeting (or the error that
+                    // replaces them): one write and one wakeup of the client less.
+                    client.hold(&protocol::auth_sasl_final(server_final.as_bytes()));
+                    Ok(())
                 }
                 Err(ScramError::BadProof) => {
                     tracing::debug!(user = %name, method = "scram-sha-256", "authentication failed");
