@@ -249,6 +249,10 @@ pub fn bind_complete() -> Frame {
     empty(tag::BIND_COMPLETE)
 }
 
+pub fn no_data() -> Frame {
+    empty(tag::NO_DATA)
+}
+
 fn empty(tag: u8) -> Frame {
     Frame {
         tag,

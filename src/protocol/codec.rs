@@ -83,6 +83,7 @@ pub fn needs_whole_frame(t: u8) -> bool {
             | tag::COPY_OUT_RESPONSE
             | tag::COPY_BOTH_RESPONSE
             | tag::PARSE_COMPLETE
+            | tag::BIND_COMPLETE
             | tag::CLOSE_COMPLETE
             | tag::NOTICE_RESPONSE
             | tag::NOTIFICATION_RESPONSE

@@ -227,6 +227,9 @@ pub struct Session {
     writes: cached::WriteSet,
     /// The commit-facts query sent behind the current request, and its answer.
     commit_read: backends::CommitRead,
+    /// The client's BEGIN was answered by the proxy and goes to the primary with the
+    /// session's next request (see [`request::deferrable_begin`]).
+    deferred_begin: bool,
     /// The proxy user this session logged in as (part of cache keys).
     login_user: String,
     /// Extra replay position the current request's replica must have reached: a cache fill
@@ -315,6 +318,7 @@ impl Session {
             min_lsn: 0,
             writes: cached::WriteSet::default(),
             commit_read: backends::CommitRead::NotSent,
+            deferred_begin: false,
             login_user: login.user.config.name.clone(),
             read_floor: 0,
             capture: None,
@@ -620,6 +624,11 @@ impl Session {
             items.iter().filter_map(Item::class).map(|c| &**c),
             self.facts(),
         );
+        if self.deferred_begin {
+            // The transaction's first request: it starts on the primary (a plain BEGIN is
+            // read-write), its BEGIN sent ahead of it.
+            route = Route::Primary;
+        }
         if open && route == Route::Replica {
             // The rest of the batch is unknown yet: it might write.
             route = Route::Primary;
@@ -775,6 +784,14 @@ impl Session {
     /// Requests the proxy answers itself: a lone Sync, DEALLOCATE of a protocol-level
     /// statement (its server-side name differs, and other backends may hold it too).
     fn local_reply(&mut self, items: &[Item]) -> Option<Vec<Frame>> {
+        if self.tx == TxStatus::Idle
+            && let Some(reply) = request::deferrable_begin(items)
+        {
+            self.tx = TxStatus::InTransaction;
+            self.deferred_begin = true;
+            self.info.set_state(ClientState::InTransaction);
+            return Some(reply);
+        }
         if let [Item::Sync] = items
             && self.tx == TxStatus::Idle
         {
@@ -809,6 +826,12 @@ impl Session {
     /// failed request, and keep the session.
     async fn report_unavailable(&mut self, e: Error, items: &[Item], open: bool) -> Result<()> {
         warn!(error = %e, "request failed before reaching a server");
+        if std::mem::take(&mut self.deferred_begin) {
+            // The transaction the client opened could not start: it is lost, as when its
+            // connection fails.
+            self.tx = TxStatus::Idle;
+            return Err(e);
+        }
         if self.tx != TxStatus::Idle
             && self
                 .tx_conn

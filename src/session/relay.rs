@@ -72,6 +72,11 @@ enum Expect {
     /// The proxy's own commit-facts query behind the client's request: everything up to its
     /// ReadyForQuery is read, none of it forwarded (but notifications).
     CommitFacts,
+    /// The client's deferred BEGIN, sent ahead of its request as Parse, Bind and Execute
+    /// without a Sync: if it failed, the server would skip the client's messages up to the
+    /// next Sync instead of running them outside a transaction block. Its ParseComplete,
+    /// BindComplete and CommandComplete are not the client's.
+    HiddenBegin,
 }
 
 /// The state of the request in flight. Owns the server connection meanwhile.
@@ -102,12 +107,17 @@ struct InFlight {
     ops: Vec<SessionOp>,
     /// Settings set by set_config() in this request, to read back once it succeeded.
     read_back: Vec<String>,
+    /// A Sync must go to the server: the deferred BEGIN failed and the client's simple
+    /// Query behind it was skipped, so only a Sync brings the ReadyForQuery it waits for.
+    sync_due: bool,
     /// The answer to [`Expect::CommitFacts`] so far.
     facts_row: Option<Vec<Option<String>>>,
     facts_error: Option<ErrorFields>,
 }
 
-/// Held-back output beyond this is released (the request is then no longer retried).
+/// A retryable read's answer is held back until it is complete, so that a replica dying
+/// midway (it flushes what it has, a notice, then closes) costs a retry elsewhere and not an
+/// error; beyond this much, the output is released and the request no longer retried.
 const MAX_HELD: usize = 64 * 1024;
 
 enum Progress {
@@ -146,8 +156,17 @@ impl Session {
             read_back: Vec::new(),
             facts_row: None,
             facts_error: None,
+            sync_due: false,
         };
         self.wbuf.clear();
+        if self.deferred_begin && id.is_primary() {
+            self.deferred_begin = false;
+            // From here the transaction is on this connection, answered or not.
+            self.tx_conn = Some(id);
+            encode_hidden_begin(&mut self.wbuf);
+            fl.conn.unnamed = None;
+            fl.expects.push_back(Expect::HiddenBegin);
+        }
         for item in items {
             self.emit(&mut fl, item);
         }
@@ -473,6 +492,13 @@ impl Session {
         self.wbuf.clear();
         loop {
             let progress = self.process_backend(fl)?;
+            if std::mem::take(&mut fl.sync_due) {
+                fl.conn
+                    .wr
+                    .send_all(&[tag::SYNC, 0, 0, 0, 4])
+                    .await
+                    .map_err(|e| Error::Backend(BackendError::Io(e)))?;
+            }
             if let Progress::Done = progress {
                 if fl.retry {
                     return Ok(());
@@ -654,7 +680,7 @@ impl Session {
             }
             let forward = self.on_backend_frame(fl, t, len);
             tracing::trace!(tag = %(t as char), forward, pending = fl.expects.len(), "server frame");
-            if fl.holding && (releases_hold(t) || self.out.len() > MAX_HELD) && !fl.retry {
+            if fl.holding && self.out.len() > MAX_HELD && !fl.retry {
                 fl.holding = false;
             }
             if needs_whole_frame(t) {
@@ -722,6 +748,17 @@ impl Session {
     /// only for the rest). Returns whether the frame goes to the client.
     fn on_backend_frame(&mut self, fl: &mut InFlight, t: u8, len: usize) -> bool {
         let body = || &fl.conn.rbuf[5..len + 1];
+        let hidden_begin = matches!(fl.expects.front(), Some(Expect::HiddenBegin));
+        if hidden_begin {
+            match t {
+                tag::PARSE_COMPLETE | tag::BIND_COMPLETE => return false,
+                tag::COMMAND_COMPLETE => {
+                    fl.expects.pop_front();
+                    return false;
+                }
+                _ => {}
+            }
+        }
         match t {
             tag::ERROR_RESPONSE => {
                 let fields = ErrorFields::parse(body());
@@ -747,6 +784,14 @@ impl Session {
                             break;
                         }
                         skipped.extend(fl.expects.pop_front());
+                    }
+                    if hidden_begin && matches!(fl.expects.front(), Some(Expect::Query)) {
+                        // The deferred BEGIN failed and the server skips the client's Query
+                        // too: a Sync of ours brings the ReadyForQuery the client waits for,
+                        // after this error, as the answer to its request.
+                        fl.expects.pop_front();
+                        fl.expects.push_front(Expect::Sync);
+                        fl.sync_due = true;
                     }
                     for x in skipped.into_iter().rev() {
                         match x {
@@ -829,6 +874,23 @@ impl Session {
     }
 }
 
+/// Parse, Bind and Execute of `BEGIN` in the unnamed statement and portal, without a Sync.
+fn encode_hidden_begin(out: &mut bytes::BytesMut) {
+    use bytes::BufMut;
+    const SQL: &[u8] = b"BEGIN\0";
+    out.put_u8(tag::PARSE);
+    out.put_i32(4 + 1 + SQL.len() as i32 + 2);
+    out.put_u8(0);
+    out.put_slice(SQL);
+    out.put_i16(0);
+    out.put_u8(tag::BIND);
+    out.put_i32(4 + 2 + 6);
+    out.put_slice(&[0, 0, 0, 0, 0, 0, 0, 0]);
+    out.put_u8(tag::EXECUTE);
+    out.put_i32(4 + 1 + 4);
+    out.put_slice(&[0, 0, 0, 0, 0]);
+}
+
 fn undo_parse(conn: &mut ServerConn, server_name: Option<String>, unnamed: bool) {
     if let Some(n) = server_name {
         conn.prepared.remove(&n);
@@ -836,22 +898,6 @@ fn undo_parse(conn: &mut ServerConn, server_name: Option<String>, unnamed: bool)
     if unnamed {
         conn.unnamed = None;
     }
-}
-
-/// Frames after which the client has seen part of the answer for sure.
-fn releases_hold(t: u8) -> bool {
-    !matches!(
-        t,
-        tag::PARSE_COMPLETE
-            | tag::BIND_COMPLETE
-            | tag::PARAMETER_DESCRIPTION
-            | tag::ROW_DESCRIPTION
-            | tag::NO_DATA
-            | tag::NOTICE_RESPONSE
-            | tag::PARAMETER_STATUS
-            | tag::ERROR_RESPONSE
-            | tag::READY_FOR_QUERY
-    )
 }
 
 /// The SQL text an item runs, for learning writes.

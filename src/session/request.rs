@@ -102,6 +102,72 @@ pub fn ends_outside_transaction(items: &[Item], in_transaction: bool) -> bool {
     }
 }
 
+/// The answer the proxy gives itself to a request that only opens a plain transaction block
+/// (`BEGIN`, `BEGIN WORK`, `BEGIN TRANSACTION`, `START TRANSACTION`, as a simple Query or
+/// by binding and executing a prepared statement with no parameters), for a session outside
+/// one. The server gets the BEGIN with the session's next request: a transaction holds no
+/// server connection and costs no round trip of its own until it runs something. Options
+/// (isolation level, READ ONLY, DEFERRABLE) are not answered here: they affect routing, and
+/// the server must be the one to judge them.
+pub fn deferrable_begin(items: &[Item]) -> Option<Vec<Frame>> {
+    use crate::protocol::{TxStatus, bind_complete, command_complete, no_data, ready_for_query};
+    let mut reply = Vec::with_capacity(4);
+    match items {
+        [Item::Query { frame, .. }] if is_plain_begin(&query_sql(&frame.body).ok()?) => {}
+        [
+            Item::Bind {
+                frame,
+                stmt: Some(s),
+            },
+            rest @ ..,
+            Item::Sync,
+        ] if is_plain_begin(&s.parse.sql) && binds_nothing(&frame.body) => {
+            reply.push(bind_complete());
+            match rest {
+                [Item::Portal(e)] if unnamed_execute(e) => {}
+                [Item::Portal(d), Item::Portal(e)]
+                    if d.tag == tag::DESCRIBE && d.body[..] == *b"P\0" && unnamed_execute(e) =>
+                {
+                    reply.push(no_data());
+                }
+                _ => return None,
+            }
+        }
+        _ => return None,
+    }
+    reply.push(command_complete("BEGIN"));
+    reply.push(ready_for_query(TxStatus::InTransaction));
+    Some(reply)
+}
+
+fn is_plain_begin(sql: &str) -> bool {
+    let words: Vec<&str> = sql
+        .trim()
+        .trim_end_matches(';')
+        .split_whitespace()
+        .collect();
+    let upper: Vec<String> = words.iter().map(|w| w.to_ascii_uppercase()).collect();
+    matches!(
+        upper.iter().map(String::as_str).collect::<Vec<_>>()[..],
+        ["BEGIN"] | ["BEGIN", "WORK"] | ["BEGIN", "TRANSACTION"] | ["START", "TRANSACTION"]
+    )
+}
+
+/// A Bind of the unnamed portal with no parameters (and any result formats).
+fn binds_nothing(body: &[u8]) -> bool {
+    body.len() >= 6 && body[0] == 0 && {
+        let Some(nul) = body[1..].iter().position(|&b| b == 0) else {
+            return false;
+        };
+        body.get(2 + nul..6 + nul) == Some(&[0, 0, 0, 0][..])
+    }
+}
+
+/// Execute of the unnamed portal.
+fn unnamed_execute(frame: &Frame) -> bool {
+    frame.tag == tag::EXECUTE && frame.body.first() == Some(&0)
+}
+
 /// Decode one extended-protocol (or Query/FunctionCall) frame. `local` holds the statements
 /// parsed earlier in the same batch, which shadow the session's.
 pub fn decode(
@@ -166,8 +232,8 @@ mod tests {
 
     use super::*;
 
-    /// Decodes `messages` (`Q sql`, `P name sql`, `B portal statement`, `E portal`, `S`)
-    /// as the session would.
+    /// Decodes `messages` (`Q sql`, `P name sql`, `B portal statement`, `E portal`,
+    /// `D portal` (Describe), `S`) as the session would.
     fn items(messages: &[&str]) -> Vec<Item> {
         let classify = ClassifyCache::new(64, vec![]);
         let session = HashMap::new();
@@ -205,6 +271,10 @@ mod tests {
                         cstr(parts.next().unwrap_or_default());
                         body.put_i32(0);
                         tag::EXECUTE
+                    }
+                    "D" => {
+                        cstr(&format!("P{}", parts.next().unwrap_or_default()));
+                        tag::DESCRIBE
                     }
                     _ => tag::SYNC,
                 };
@@ -294,5 +364,67 @@ mod tests {
         assert!(!ends_outside_transaction(&items(&["E ", "S"]), false));
         // Parsing only: nothing runs.
         assert!(!ends_outside_transaction(&items(&["P  COMMIT", "S"]), true));
+    }
+
+    fn reply_tags(reply: Option<Vec<Frame>>) -> Option<String> {
+        reply.map(|frames| {
+            let status = frames.last().map_or(0, |f| f.body[0]);
+            let tags: String = frames.iter().map(|f| f.tag as char).collect();
+            format!("{tags} {}", status as char)
+        })
+    }
+
+    #[test]
+    fn a_plain_begin_is_answered_by_the_proxy() {
+        for sql in [
+            "BEGIN",
+            "begin;",
+            "BEGIN WORK",
+            "Begin Transaction",
+            "START TRANSACTION",
+        ] {
+            let reply = deferrable_begin(&items(&[&format!("Q {sql}")]));
+            assert_eq!(reply_tags(reply).as_deref(), Some("CZ T"), "{sql}");
+        }
+        // Prepared earlier, bound and executed now (pgbench -M prepared, JDBC, ...).
+        let prepared = items(&["P b BEGIN;", "B  b", "D ", "E ", "S"]);
+        assert_eq!(
+            reply_tags(deferrable_begin(&prepared[1..])).as_deref(),
+            Some("2nCZ T")
+        );
+        let without_describe = [
+            prepared[1].clone(),
+            prepared[3].clone(),
+            prepared[4].clone(),
+        ];
+        assert_eq!(
+            reply_tags(deferrable_begin(&without_describe)).as_deref(),
+            Some("2CZ T")
+        );
+    }
+
+    #[test]
+    fn begins_with_options_or_company_go_to_the_server() {
+        for sql in [
+            "BEGIN ISOLATION LEVEL SERIALIZABLE",
+            "BEGIN READ ONLY",
+            "START TRANSACTION READ WRITE",
+            "BEGIN; SELECT 1",
+            "/* c */ BEGIN",
+            "COMMIT",
+        ] {
+            assert!(
+                deferrable_begin(&items(&[&format!("Q {sql}")])).is_none(),
+                "{sql}"
+            );
+        }
+        // Parsed in the same request: the server must see the Parse.
+        assert!(deferrable_begin(&items(&["P b BEGIN", "B  b", "E ", "S"])).is_none());
+        // A named portal, or no Sync yet.
+        let prepared = items(&["P b BEGIN", "B p b", "E p", "S", "B  b", "E "]);
+        assert!(deferrable_begin(&prepared[1..4]).is_none());
+        assert!(deferrable_begin(&prepared[4..]).is_none());
+        // A statement the session does not know.
+        assert!(deferrable_begin(&items(&["B  nothing", "E ", "S"])).is_none());
     }
 }

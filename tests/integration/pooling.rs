@@ -284,3 +284,42 @@ async fn cancel_reaches_a_pooled_transaction() {
         .unwrap();
     assert_usable(&other).await;
 }
+
+/// A plain BEGIN reaches the server with the transaction's first statement: until then the
+/// transaction holds no pooled connection (an application that opens transactions early
+/// does not starve the pool), from then on it holds one.
+#[tokio::test]
+async fn a_transaction_takes_a_connection_at_its_first_statement() {
+    let proxy = start_proxy_with(&pooled(1, "checkout_timeout_ms = 300")).await;
+    let t = unique("lazytx");
+    let holder = proxy.app().await;
+    holder
+        .batch_execute(&format!("CREATE TABLE {t} (v int)"))
+        .await
+        .unwrap();
+    holder.batch_execute("BEGIN").await.unwrap();
+    let other = proxy.app().await;
+    other
+        .batch_execute("SELECT pg_advisory_xact_lock(4)")
+        .await
+        .expect("the only primary connection is free while the transaction ran nothing");
+    holder
+        .batch_execute(&format!("INSERT INTO {t} VALUES (1)"))
+        .await
+        .unwrap();
+    let e = other
+        .batch_execute("SELECT pg_advisory_xact_lock(4)")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "53300", "now the transaction holds it: {e}");
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(
+        primary_count(&t).await,
+        0,
+        "the INSERT ran inside the transaction"
+    );
+    other
+        .batch_execute("SELECT pg_advisory_xact_lock(4)")
+        .await
+        .unwrap();
+}

@@ -179,3 +179,82 @@ async fn commits_answered_with_their_position_keep_the_protocol_in_step() {
         assert_eq!(primary_count(&t).await, 4);
     }
 }
+
+/// A plain BEGIN is answered by the proxy and sent with the next request (Parse, Bind and
+/// Execute ahead of it, no Sync): the client sees what PostgreSQL answers, in both protocols,
+/// and what follows runs in one transaction.
+#[tokio::test]
+async fn a_begin_answered_by_the_proxy_opens_one_real_transaction() {
+    for proxy in both_modes().await {
+        let mut c = RawClient::login(proxy.addr, "trustuser").await;
+        let t = unique("dbeg");
+        c.send(&query(&format!("CREATE TABLE {t} (v int)"))).await;
+
+        let msgs = c.send(&query("BEGIN")).await;
+        assert_eq!((tags(&msgs).as_str(), status(&msgs)), ("CZ", b'T'));
+        assert_eq!(command_tag(&msgs), "BEGIN");
+        let msgs = c.send(&query(&format!("INSERT INTO {t} VALUES (1)"))).await;
+        assert_eq!(
+            (tags(&msgs).as_str(), status(&msgs)),
+            ("CZ", b'T'),
+            "{msgs:?}"
+        );
+        // One transaction: the same transaction id twice.
+        let xid = |msgs: &[(u8, Vec<u8>)]| msgs.iter().find(|m| m.0 == b'D').map(|m| m.1.clone());
+        let first = xid(&c.send(&query("SELECT txid_current()")).await);
+        let second = xid(&c.send(&query("SELECT txid_current()")).await);
+        assert!(first.is_some() && first == second);
+        let msgs = c.send(&query("ROLLBACK")).await;
+        assert_eq!(
+            (command_tag(&msgs).as_str(), status(&msgs)),
+            ("ROLLBACK", b'I')
+        );
+        assert_eq!(primary_count(&t).await, 0);
+
+        // An error inside, then ROLLBACK; an empty transaction.
+        c.send(&query("BEGIN")).await;
+        let msgs = c.send(&query("SELECT 1/0")).await;
+        assert_eq!(
+            (error_code(&msgs).as_deref(), status(&msgs)),
+            (Some("22012"), b'E')
+        );
+        assert_eq!(status(&c.send(&query("ROLLBACK")).await), b'I');
+        c.send(&query("BEGIN")).await;
+        let msgs = c.send(&query("COMMIT")).await;
+        assert_eq!(
+            (command_tag(&msgs).as_str(), status(&msgs)),
+            ("COMMIT", b'I')
+        );
+
+        // A prepared BEGIN bound and executed with a Describe (pgbench -M prepared), then an
+        // unnamed INSERT, then COMMIT.
+        c.parse("begin_stmt", "BEGIN;").await;
+        let mut req = bind("begin_stmt");
+        req.extend(message(b'D', b"P\0"));
+        req.extend(execute());
+        req.extend(message(b'S', &[]));
+        let msgs = c.send(&req).await;
+        assert_eq!((tags(&msgs).as_str(), status(&msgs)), ("2nCZ", b'T'));
+        let mut req = parse("", &format!("INSERT INTO {t} VALUES (2)"));
+        req.extend(bind(""));
+        req.extend(execute());
+        req.extend(message(b'S', &[]));
+        let msgs = c.send(&req).await;
+        assert_eq!(
+            (tags(&msgs).as_str(), status(&msgs)),
+            ("12CZ", b'T'),
+            "{msgs:?}"
+        );
+        // The unnamed statement again, without Parse.
+        let mut again = bind("");
+        again.extend(execute());
+        again.extend(message(b'S', &[]));
+        assert_eq!(tags(&c.send(&again).await), "2CZ");
+        let msgs = c.send(&query("COMMIT")).await;
+        assert_eq!(
+            (command_tag(&msgs).as_str(), status(&msgs)),
+            ("COMMIT", b'I')
+        );
+        assert_eq!(primary_count(&t).await, 2);
+    }
+}
