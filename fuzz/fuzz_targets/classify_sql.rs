@@ -14,7 +14,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use pgsplit::router::{Classification, ClassifyCache, Target, TxAccess, classify, classify_with};
+use pgsplit::router::{
+    Classification, ClassifyCache, Target, TxAccess, TxEffect, classify, classify_with,
+};
 use pgsplit_fuzz::{SESSION_STACK, on_stack};
 
 fn contract(sql: &str, c: &Classification) {
@@ -33,6 +35,14 @@ fn contract(sql: &str, c: &Classification) {
         );
         assert_ne!(c.begins_tx, Some(TxAccess::ReadWrite), "{sql:?}");
         assert!(!c.may_write(), "{sql:?}");
+    }
+    // The proxy queues its own query behind a request only on these promises.
+    if !c.parsed || c.begins_tx.is_some() {
+        assert_eq!(c.tx_effect, TxEffect::Other, "{sql:?} {c:?}");
+    }
+    if c.tx_effect == TxEffect::Ends {
+        assert_eq!(c.statement_count, 1, "{sql:?}");
+        assert_eq!(c.target, Target::Primary, "{sql:?}");
     }
     if pgsplit::cache::cacheable(c) {
         assert_eq!(c.target, Target::Replica, "{sql:?}");
