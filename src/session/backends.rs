@@ -19,7 +19,8 @@ pub(super) enum CommitRead {
     #[default]
     NotSent,
     Sent,
-    Answer(std::result::Result<Vec<Option<String>>, BackendError>),
+    /// Boxed: every session carries this field, and an error is large.
+    Answer(Box<std::result::Result<Vec<Option<String>>, BackendError>>),
 }
 
 /// What the primary said right after a commit.
@@ -315,7 +316,7 @@ impl Session {
     pub(super) async fn learn_commit(&mut self, sql: &str) -> Option<CommitFacts> {
         let ryw = self.consistency == Consistency::ReadYourWrites;
         let result = match std::mem::take(&mut self.commit_read) {
-            CommitRead::Answer(answer) => answer,
+            CommitRead::Answer(answer) => *answer,
             // No primary connection: the request lost it and already reported that.
             CommitRead::NotSent => self.query_commit_facts(sql).await?,
             // Sent but never answered: the request ended without its connection.

@@ -246,7 +246,7 @@ impl Session {
                 warn!(backend = %b.name(), error = %e, "server connection lost after a commit");
                 b.mark_down();
             }
-            self.commit_read = super::backends::CommitRead::Answer(Err(e));
+            self.commit_read = super::backends::CommitRead::Answer(Box::new(Err(e)));
         }
         self.permits[fl.id.0 as usize] = None;
         self.discard_idle(fl.id);
@@ -738,7 +738,7 @@ impl Session {
                     Some(e) => Err(BackendError::Server(e)),
                     None => Ok(fl.facts_row.take().unwrap_or_default()),
                 };
-                self.commit_read = super::backends::CommitRead::Answer(answer);
+                self.commit_read = super::backends::CommitRead::Answer(Box::new(answer));
             }
             _ => {}
         }

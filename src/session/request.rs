@@ -141,15 +141,17 @@ pub fn deferrable_begin(items: &[Item]) -> Option<Vec<Frame>> {
 }
 
 fn is_plain_begin(sql: &str) -> bool {
-    let words: Vec<&str> = sql
-        .trim()
-        .trim_end_matches(';')
-        .split_whitespace()
-        .collect();
-    let upper: Vec<String> = words.iter().map(|w| w.to_ascii_uppercase()).collect();
+    let sql = sql.trim().trim_end_matches(';');
+    // Every request outside a transaction comes through here: most are longer.
+    if sql.len() > "START TRANSACTION".len() + 8 {
+        return false;
+    }
+    let mut words = sql.split_ascii_whitespace();
+    let mut next = || words.next().map(str::to_ascii_uppercase);
     matches!(
-        upper.iter().map(String::as_str).collect::<Vec<_>>()[..],
-        ["BEGIN"] | ["BEGIN", "WORK"] | ["BEGIN", "TRANSACTION"] | ["START", "TRANSACTION"]
+        (next().as_deref(), next().as_deref(), next()),
+        (Some("BEGIN"), None | Some("WORK" | "TRANSACTION"), None)
+            | (Some("START"), Some("TRANSACTION"), None)
     )
 }
 
