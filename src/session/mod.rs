@@ -444,7 +444,7 @@ impl Session {
             // A client waiting on an Execute without Sync or Flush (COPY FROM STDIN through
             // the extended protocol does this) must not wait for us.
             if self.client.buf.is_empty() && self.batch.iter().any(Item::is_execute) {
-                self.dispatch_batch(true).await?;
+                Box::pin(self.dispatch_batch(true)).await?;
                 continue;
             }
             self.wait_idle().await?;
@@ -549,9 +549,11 @@ impl Session {
                     _ => None,
                 };
                 self.batch.push(item);
+                // Boxed: a request's state machine is large, and inline it would be part of
+                // every session's future, idle or not, for the session's whole life.
                 match ends {
-                    Some(true) => self.dispatch_flush().await?,
-                    Some(false) => self.dispatch_batch(false).await?,
+                    Some(true) => Box::pin(self.dispatch_flush()).await?,
+                    Some(false) => Box::pin(self.dispatch_batch(false)).await?,
                     None => {}
                 }
             }
