@@ -786,6 +786,19 @@ impl Session {
     /// Requests the proxy answers itself: a lone Sync, DEALLOCATE of a protocol-level
     /// statement (its server-side name differs, and other backends may hold it too).
     fn local_reply(&mut self, items: &[Item]) -> Option<Vec<Frame>> {
+        if self.deferred_begin && self.tx == TxStatus::Failed {
+            let (reply, ended) = request::answer_in_failed_block(items)?;
+            if ended {
+                self.deferred_begin = false;
+                self.tx = TxStatus::Idle;
+                self.info.set_state(ClientState::Idle);
+            } else if !reply.iter().any(|f| f.tag == tag::READY_FOR_QUERY) {
+                // A Flush-ended batch: the rest of it up to the Sync is dropped, as the
+                // server would.
+                self.skip_until_sync = true;
+            }
+            return Some(reply);
+        }
         if self.tx == TxStatus::Idle
             && let Some(reply) = request::deferrable_begin(items)
         {
@@ -828,11 +841,10 @@ impl Session {
     /// failed request, and keep the session.
     async fn report_unavailable(&mut self, e: Error, items: &[Item], open: bool) -> Result<()> {
         warn!(error = %e, "request failed before reaching a server");
-        if std::mem::take(&mut self.deferred_begin) {
-            // The transaction the client opened could not start: it is lost, as when its
-            // connection fails.
-            self.tx = TxStatus::Idle;
-            return Err(e);
+        if self.deferred_begin {
+            // The transaction's first request reached no server: the block fails, as a
+            // statement's error fails it, and its ROLLBACK is answered here.
+            self.tx = TxStatus::Failed;
         }
         if self.tx != TxStatus::Idle
             && self

@@ -171,7 +171,13 @@ impl Session {
             self.emit(&mut fl, item);
         }
         self.commit_read = super::backends::CommitRead::NotSent;
+        // Not behind a hidden BEGIN: if that failed, the server would skip the query too,
+        // up to a Sync that comes after it. Not for a pinned session: it may have changed
+        // how the server reads SQL text (standard_conforming_strings) behind our classifier.
+        let hidden_begin = matches!(fl.expects.front(), Some(Expect::HiddenBegin));
         if id.is_primary()
+            && !hidden_begin
+            && !self.pinned
             && !open
             && !retryable
             && self.writes.any
@@ -514,8 +520,13 @@ impl Session {
             }
             // Once only the commit-facts answer is due, the client's answer is complete: it
             // goes now, unless the cache must learn of the commit first.
-            let tail_held =
-                matches!(fl.expects.front(), Some(Expect::CommitFacts)) && self.defer_tail();
+            let facts_only = matches!(fl.expects.front(), Some(Expect::CommitFacts));
+            if facts_only {
+                // The client's request is answered: a cancel it sends now is not for the
+                // proxy's own query.
+                self.set_cancel_target(None);
+            }
+            let tail_held = facts_only && self.defer_tail();
             if !fl.holding && !self.out.is_empty() && !tail_held {
                 self.tee_capture();
                 self.client.write(&self.out).await?;
@@ -680,7 +691,9 @@ impl Session {
             }
             let forward = self.on_backend_frame(fl, t, len);
             tracing::trace!(tag = %(t as char), forward, pending = fl.expects.len(), "server frame");
-            if fl.holding && self.out.len() > MAX_HELD && !fl.retry {
+            // Counted with the whole frame before any of it is taken: a single huge DataRow
+            // streams through in pieces, it is never held whole.
+            if fl.holding && self.out.len() + len + 1 > MAX_HELD && !fl.retry {
                 fl.holding = false;
             }
             if needs_whole_frame(t) {

@@ -110,10 +110,67 @@ pub fn ends_outside_transaction(items: &[Item], in_transaction: bool) -> bool {
 /// (isolation level, READ ONLY, DEFERRABLE) are not answered here: they affect routing, and
 /// the server must be the one to judge them.
 pub fn deferrable_begin(items: &[Item]) -> Option<Vec<Frame>> {
-    use crate::protocol::{TxStatus, bind_complete, command_complete, no_data, ready_for_query};
-    let mut reply = Vec::with_capacity(4);
+    use crate::protocol::{TxStatus, command_complete, ready_for_query};
+    let lone = lone_statement(items)?;
+    if !is_plain_begin(&lone.sql) {
+        return None;
+    }
+    let mut reply = lone.before;
+    reply.push(command_complete("BEGIN"));
+    reply.push(ready_for_query(TxStatus::InTransaction));
+    Some(reply)
+}
+
+/// PostgreSQL's answer to a request in a transaction block that failed before any of it
+/// reached a server (its deferred BEGIN found no primary): a lone COMMIT / ROLLBACK ends it
+/// ("ROLLBACK", idle; `None` when it comes with a Parse or anything else the proxy does not
+/// answer itself: it then goes to the server), anything else is refused with 25P02. The
+/// bool: whether the block ended.
+pub fn answer_in_failed_block(items: &[Item]) -> Option<(Vec<Frame>, bool)> {
+    use crate::protocol::{Severity, TxStatus, command_complete, error_response, ready_for_query};
+    if let Some(lone) = lone_statement(items)
+        && lone.class.tx_effect == TxEffect::Ends
+    {
+        let mut reply = lone.before;
+        reply.push(command_complete("ROLLBACK"));
+        reply.push(ready_for_query(TxStatus::Idle));
+        return Some((reply, true));
+    }
+    if ends_outside_transaction(items, true) {
+        return None;
+    }
+    let mut reply = vec![error_response(
+        Severity::Error,
+        "25P02",
+        "current transaction is aborted, commands ignored until end of transaction block",
+    )];
+    if items
+        .iter()
+        .any(|i| matches!(i, Item::Sync | Item::Query { .. } | Item::FunctionCall(_)))
+    {
+        reply.push(ready_for_query(TxStatus::Failed));
+    }
+    Some((reply, false))
+}
+
+/// A request that runs exactly one statement the proxy can answer for: a simple Query, or
+/// a Bind (no parameters) of a statement the session knows, an optional Describe of the
+/// unnamed portal, its Execute and a Sync.
+struct LoneStatement<'a> {
+    sql: std::borrow::Cow<'a, str>,
+    class: &'a Classification,
+    /// The answers due before the statement's own: BindComplete, NoData.
+    before: Vec<Frame>,
+}
+
+fn lone_statement(items: &[Item]) -> Option<LoneStatement<'_>> {
+    use crate::protocol::{bind_complete, no_data};
     match items {
-        [Item::Query { frame, .. }] if is_plain_begin(&query_sql(&frame.body).ok()?) => {}
+        [Item::Query { frame, class }] => Some(LoneStatement {
+            sql: query_sql(&frame.body).ok()?,
+            class,
+            before: Vec::new(),
+        }),
         [
             Item::Bind {
                 frame,
@@ -121,23 +178,25 @@ pub fn deferrable_begin(items: &[Item]) -> Option<Vec<Frame>> {
             },
             rest @ ..,
             Item::Sync,
-        ] if is_plain_begin(&s.parse.sql) && binds_nothing(&frame.body) => {
-            reply.push(bind_complete());
+        ] if binds_nothing(&frame.body) => {
+            let mut before = vec![bind_complete()];
             match rest {
                 [Item::Portal(e)] if unnamed_execute(e) => {}
                 [Item::Portal(d), Item::Portal(e)]
                     if d.tag == tag::DESCRIBE && d.body[..] == *b"P\0" && unnamed_execute(e) =>
                 {
-                    reply.push(no_data());
+                    before.push(no_data());
                 }
                 _ => return None,
             }
+            Some(LoneStatement {
+                sql: std::borrow::Cow::Borrowed(&s.parse.sql),
+                class: &s.class,
+                before,
+            })
         }
-        _ => return None,
+        _ => None,
     }
-    reply.push(command_complete("BEGIN"));
-    reply.push(ready_for_query(TxStatus::InTransaction));
-    Some(reply)
 }
 
 fn is_plain_begin(sql: &str) -> bool {

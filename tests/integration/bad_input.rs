@@ -445,3 +445,52 @@ async fn passwords_and_bind_parameters_never_reach_the_log() {
         );
     }
 }
+
+/// A read's answer is held back while it could still be retried on another replica, but only
+/// up to 64 KiB: a single DataRow far larger than that streams through, and the proxy never
+/// holds it whole.
+#[tokio::test]
+async fn a_huge_row_from_a_replica_streams_through_without_being_held_whole() {
+    let proxy = ProxyProcess::start(&base_config_toml(cluster()), "warn").await;
+    let pid = proxy.pid().to_string();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", proxy.port).parse().unwrap();
+    let mut c = RawClient::login(addr, "trustuser").await;
+    let before = peak_rss_kib(&pid);
+    const ROW: usize = 200 * 1024 * 1024;
+    c.stream_write(&query(&format!("SELECT repeat('x', {ROW})")))
+        .await;
+    // Read and discard, keeping the frame types and the row's length.
+    let mut tags = String::new();
+    let mut row_len = 0;
+    let mut buf = vec![0u8; 64 * 1024];
+    while !tags.ends_with('Z') {
+        let mut header = [0u8; 5];
+        tokio::time::timeout(Duration::from_secs(60), c.stream.read_exact(&mut header))
+            .await
+            .expect("an answer in time")
+            .unwrap();
+        let len = i32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize - 4;
+        let mut left = len;
+        while left > 0 {
+            let n = c
+                .stream
+                .read(&mut buf[..left.min(64 * 1024)])
+                .await
+                .unwrap();
+            assert!(n > 0, "the proxy closed the connection");
+            left -= n;
+        }
+        tags.push(header[0] as char);
+        if header[0] == b'D' {
+            row_len = len;
+        }
+    }
+    assert_eq!(tags, "TDCZ");
+    assert!(row_len > ROW, "the whole row arrived ({row_len} bytes)");
+    let grown = peak_rss_kib(&pid).saturating_sub(before);
+    assert!(
+        grown < 64 * 1024,
+        "the proxy's peak memory grew by {grown} KiB for a {} MiB row",
+        ROW >> 20
+    );
+}

@@ -296,6 +296,17 @@ async fn with_the_primary_down_writes_fail_clearly_and_reads_go_on() {
                     .map(|r| r.get::<_, i64>(0)),
             );
         }
+        // A transaction whose first statement finds no primary fails as PostgreSQL's would:
+        // 25P02 for what follows, until ROLLBACK; the session goes on.
+        client.batch_execute("BEGIN").await.unwrap();
+        let in_tx = client
+            .execute(&format!("INSERT INTO {t} VALUES (2)"), &[])
+            .await;
+        let aborted = client.query_one("SELECT 1", &[]).await;
+        let rollback = client.batch_execute("ROLLBACK").await;
+        let after = client
+            .query_one(&format!("SELECT count(*) FROM {t}"), &[])
+            .await;
         // A new client can still log in and read.
         let newcomer = match try_connect(&proxy.conn_str("app", "app_pw")).await {
             Ok(n) => Ok(server_port(&n).await),
@@ -308,6 +319,10 @@ async fn with_the_primary_down_writes_fail_clearly_and_reads_go_on() {
         for r in reads {
             assert_eq!(r.unwrap(), 0);
         }
+        assert!(in_tx.is_err());
+        assert_eq!(sqlstate(&aborted.unwrap_err()), "25P02");
+        rollback.expect("ROLLBACK of the failed transaction");
+        assert_eq!(after.unwrap().get::<_, i64>(0), 0);
         assert!(c.replicas.contains(&newcomer.unwrap()));
         let mut ok = false;
         for _ in 0..50 {

@@ -96,10 +96,19 @@ impl Drop for ProxyProcess {
 /// Resident memory of process `pid` ("self": this test process, an in-process proxy's
 /// included), KiB.
 pub fn rss_kib(pid: &str) -> u64 {
+    status_kib(pid, "VmRSS:")
+}
+
+/// The most resident memory process `pid` ever had, KiB.
+pub fn peak_rss_kib(pid: &str) -> u64 {
+    status_kib(pid, "VmHWM:")
+}
+
+fn status_kib(pid: &str, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
 }

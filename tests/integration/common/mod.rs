@@ -6,7 +6,7 @@
 
 mod binary;
 mod raw;
-pub use binary::{ProxyProcess, rss_kib};
+pub use binary::{ProxyProcess, peak_rss_kib, rss_kib};
 pub use raw::*;
 
 use std::collections::HashMap;
