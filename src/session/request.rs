@@ -111,11 +111,15 @@ pub fn ends_outside_transaction(items: &[Item], in_transaction: bool) -> bool {
 /// the server must be the one to judge them.
 pub fn deferrable_begin(items: &[Item]) -> Option<Vec<Frame>> {
     use crate::protocol::{TxStatus, command_complete, ready_for_query};
+    // Checked on every request outside a transaction: the cached classification first.
     let lone = lone_statement(items)?;
-    if !is_plain_begin(&lone.sql) {
+    if lone.class.begins_tx.is_none()
+        || lone.class.statement_count != 1
+        || !is_plain_begin(&lone.sql()?)
+    {
         return None;
     }
-    let mut reply = lone.before;
+    let mut reply = lone.before();
     reply.push(command_complete("BEGIN"));
     reply.push(ready_for_query(TxStatus::InTransaction));
     Some(reply)
@@ -131,7 +135,7 @@ pub fn answer_in_failed_block(items: &[Item]) -> Option<(Vec<Frame>, bool)> {
     if let Some(lone) = lone_statement(items)
         && lone.class.tx_effect == TxEffect::Ends
     {
-        let mut reply = lone.before;
+        let mut reply = lone.before();
         reply.push(command_complete("ROLLBACK"));
         reply.push(ready_for_query(TxStatus::Idle));
         return Some((reply, true));
@@ -157,19 +161,38 @@ pub fn answer_in_failed_block(items: &[Item]) -> Option<(Vec<Frame>, bool)> {
 /// a Bind (no parameters) of a statement the session knows, an optional Describe of the
 /// unnamed portal, its Execute and a Sync.
 struct LoneStatement<'a> {
-    sql: std::borrow::Cow<'a, str>,
     class: &'a Classification,
+    /// The Query message, or the prepared statement's text.
+    source: Result<&'a Frame, &'a str>,
+    /// A Describe of the portal came with the Bind.
+    described: bool,
+}
+
+impl LoneStatement<'_> {
+    fn sql(&self) -> Option<std::borrow::Cow<'_, str>> {
+        match self.source {
+            Ok(query) => query_sql(&query.body).ok(),
+            Err(text) => Some(std::borrow::Cow::Borrowed(text)),
+        }
+    }
+
     /// The answers due before the statement's own: BindComplete, NoData.
-    before: Vec<Frame>,
+    fn before(&self) -> Vec<Frame> {
+        use crate::protocol::{bind_complete, no_data};
+        match (self.source, self.described) {
+            (Ok(_), _) => Vec::new(),
+            (Err(_), false) => vec![bind_complete()],
+            (Err(_), true) => vec![bind_complete(), no_data()],
+        }
+    }
 }
 
 fn lone_statement(items: &[Item]) -> Option<LoneStatement<'_>> {
-    use crate::protocol::{bind_complete, no_data};
     match items {
         [Item::Query { frame, class }] => Some(LoneStatement {
-            sql: query_sql(&frame.body).ok()?,
             class,
-            before: Vec::new(),
+            source: Ok(frame),
+            described: false,
         }),
         [
             Item::Bind {
@@ -179,20 +202,19 @@ fn lone_statement(items: &[Item]) -> Option<LoneStatement<'_>> {
             rest @ ..,
             Item::Sync,
         ] if binds_nothing(&frame.body) => {
-            let mut before = vec![bind_complete()];
-            match rest {
-                [Item::Portal(e)] if unnamed_execute(e) => {}
+            let described = match rest {
+                [Item::Portal(e)] if unnamed_execute(e) => false,
                 [Item::Portal(d), Item::Portal(e)]
                     if d.tag == tag::DESCRIBE && d.body[..] == *b"P\0" && unnamed_execute(e) =>
                 {
-                    before.push(no_data());
+                    true
                 }
                 _ => return None,
-            }
+            };
             Some(LoneStatement {
-                sql: std::borrow::Cow::Borrowed(&s.parse.sql),
                 class: &s.class,
-                before,
+                source: Err(&s.parse.sql),
+                described,
             })
         }
         _ => None,
