@@ -125,15 +125,9 @@ async fn commits_answered_with_their_position_keep_the_protocol_in_step() {
 
         // Autocommit, extended: the unnamed statement is used again without a new Parse,
         // although the proxy's own simple query ran on that connection in between.
-        let mut req = parse("", &format!("INSERT INTO {t} VALUES (1)"));
-        req.extend(bind(""));
-        req.extend(execute());
-        req.extend(message(b'S', &[]));
+        let req = parse_bind_execute(&format!("INSERT INTO {t} VALUES (1)"));
         assert_eq!(tags(&c.send(&req).await), "12CZ");
-        let mut again = bind("");
-        again.extend(execute());
-        again.extend(message(b'S', &[]));
-        let msgs = c.send(&again).await;
+        let msgs = c.send(&bind_execute("")).await;
         assert_eq!(tags(&msgs), "2CZ", "{msgs:?}");
         assert_eq!(status(&msgs), b'I');
 
@@ -161,11 +155,7 @@ async fn commits_answered_with_their_position_keep_the_protocol_in_step() {
             (error_code(&msgs).as_deref(), status(&msgs)),
             (Some("22012"), b'E')
         );
-        let mut commit = parse("", "COMMIT");
-        commit.extend(bind(""));
-        commit.extend(execute());
-        commit.extend(message(b'S', &[]));
-        let msgs = c.send(&commit).await;
+        let msgs = c.send(&parse_bind_execute("COMMIT")).await;
         assert_eq!((tags(&msgs).as_str(), status(&msgs)), ("12CZ", b'I'));
         assert_eq!(command_tag(&msgs), "ROLLBACK");
 
@@ -232,13 +222,10 @@ async fn a_begin_answered_by_the_proxy_opens_one_real_transaction() {
         let mut req = bind("begin_stmt");
         req.extend(message(b'D', b"P\0"));
         req.extend(execute());
-        req.extend(message(b'S', &[]));
+        req.extend(sync());
         let msgs = c.send(&req).await;
         assert_eq!((tags(&msgs).as_str(), status(&msgs)), ("2nCZ", b'T'));
-        let mut req = parse("", &format!("INSERT INTO {t} VALUES (2)"));
-        req.extend(bind(""));
-        req.extend(execute());
-        req.extend(message(b'S', &[]));
+        let req = parse_bind_execute(&format!("INSERT INTO {t} VALUES (2)"));
         let msgs = c.send(&req).await;
         assert_eq!(
             (tags(&msgs).as_str(), status(&msgs)),
@@ -246,10 +233,7 @@ async fn a_begin_answered_by_the_proxy_opens_one_real_transaction() {
             "{msgs:?}"
         );
         // The unnamed statement again, without Parse.
-        let mut again = bind("");
-        again.extend(execute());
-        again.extend(message(b'S', &[]));
-        assert_eq!(tags(&c.send(&again).await), "2CZ");
+        assert_eq!(tags(&c.send(&bind_execute("")).await), "2CZ");
         let msgs = c.send(&query("COMMIT")).await;
         assert_eq!(
             (command_tag(&msgs).as_str(), status(&msgs)),

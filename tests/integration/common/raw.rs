@@ -179,6 +179,25 @@ pub fn execute() -> Vec<u8> {
     message(b'E', &[0, 0, 0, 0, 0])
 }
 
+pub fn sync() -> Vec<u8> {
+    message(b'S', &[])
+}
+
+/// Parse `sql` as the unnamed statement, bind it, execute it, Sync.
+pub fn parse_bind_execute(sql: &str) -> Vec<u8> {
+    let mut req = parse("", sql);
+    req.extend(bind_execute(""));
+    req
+}
+
+/// Bind `statement` to the unnamed portal, execute it, Sync.
+pub fn bind_execute(statement: &str) -> Vec<u8> {
+    let mut req = bind(statement);
+    req.extend(execute());
+    req.extend(sync());
+    req
+}
+
 pub fn query(sql: &str) -> Vec<u8> {
     message(b'Q', &cstr(sql))
 }
