@@ -4,36 +4,48 @@
 //! cleared when full (what it holds is cheap enough to derive again that an occasional cold
 //! start costs less than LRU bookkeeping on every hit).
 
-use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::Mutex;
+
+use hashbrown::HashTable;
+use hashbrown::hash_table::Entry;
 
 const SHARDS: usize = 16;
 /// SQL texts longer than this are not kept: bulk statements (multi-megabyte INSERTs) are
 /// rarely repeated, and keeping them would bound the map by count but not by memory.
 pub const MAX_MEMO_SQL: usize = 16 * 1024;
 
+type Shard<V> = Mutex<HashTable<(Box<str>, V)>>;
+
+/// Each text is hashed once per lookup: the hash picks the shard and the slot (a
+/// `HashMap` per shard would hash it a second time).
 pub struct SqlMemo<V> {
-    shards: Vec<Mutex<HashMap<Box<str>, V>>>,
+    shards: Vec<Shard<V>>,
     per_shard: usize,
+    /// Keyed (SipHash with random keys): texts come from clients, who must not be able to
+    /// pile them into one slot.
     hasher: std::collections::hash_map::RandomState,
 }
 
 impl<V: Clone> SqlMemo<V> {
     pub fn new(capacity: usize) -> Self {
         SqlMemo {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS).map(|_| Mutex::new(HashTable::new())).collect(),
             per_shard: (capacity / SHARDS).max(16),
             hasher: Default::default(),
         }
     }
 
-    fn shard(&self, sql: &str) -> &Mutex<HashMap<Box<str>, V>> {
-        &self.shards[self.hasher.hash_one(sql) as usize % SHARDS]
+    fn shard(&self, hash: u64) -> &Shard<V> {
+        // Bits the tables do not use for slots (low bits) or tags (top seven).
+        &self.shards[(hash >> 40) as usize % SHARDS]
     }
 
     pub fn get(&self, sql: &str) -> Option<V> {
-        lock(self.shard(sql)).get(sql).cloned()
+        let hash = self.hasher.hash_one(sql);
+        lock(self.shard(hash))
+            .find(hash, |(k, _)| **k == *sql)
+            .map(|(_, v)| v.clone())
     }
 
     /// Remember `value` for `sql` (unless the text is too long to keep).
@@ -41,11 +53,21 @@ impl<V: Clone> SqlMemo<V> {
         if sql.len() > MAX_MEMO_SQL {
             return;
         }
-        let mut map = lock(self.shard(sql));
-        if map.len() >= self.per_shard && !map.contains_key(sql) {
-            map.clear();
+        let hash = self.hasher.hash_one(sql);
+        let mut table = lock(self.shard(hash));
+        if table.len() >= self.per_shard && table.find(hash, |(k, _)| **k == *sql).is_none() {
+            table.clear();
         }
-        map.insert(sql.into(), value);
+        match table.entry(
+            hash,
+            |(k, _)| **k == *sql,
+            |(k, _)| self.hasher.hash_one(&**k),
+        ) {
+            Entry::Occupied(mut e) => e.get_mut().1 = value,
+            Entry::Vacant(e) => {
+                e.insert((sql.into(), value));
+            }
+        }
     }
 
     /// The value for `sql`, derived with `make` on a miss.
@@ -89,5 +111,22 @@ mod tests {
         assert_eq!(m.get(&long), None);
         assert_eq!(m.get_or_insert_with("SELECT 1", || 1), 1);
         assert_eq!(m.get_or_insert_with("SELECT 1", || 2), 1);
+    }
+
+    #[test]
+    fn a_second_insert_replaces_and_every_text_is_found() {
+        let m = SqlMemo::new(4096);
+        for i in 0..1000 {
+            m.insert(&format!("SELECT {i}"), i);
+        }
+        m.insert("SELECT 7", 70);
+        assert_eq!(m.len(), 1000);
+        assert_eq!(m.get("SELECT 7"), Some(70));
+        assert!(
+            (0..1000)
+                .filter(|i| *i != 7)
+                .all(|i| m.get(&format!("SELECT {i}")) == Some(i))
+        );
+        assert_eq!(m.get("SELECT 1000"), None);
     }
 }

@@ -101,13 +101,15 @@ impl std::fmt::Debug for ServerConn {
 }
 
 impl ServerConn {
-    /// Connect and authenticate; the caller wraps this in its connect timeout.
+    /// Connect and authenticate; the caller wraps this in its connect timeout. Boxed: a
+    /// connection changes hands (pool, session slot, request in flight) several times per
+    /// transaction, and moving a pointer is cheaper than moving the struct.
     pub async fn connect(
         id: BackendId,
         address: &str,
         params: &ConnectParams,
         max_message: usize,
-    ) -> Result<ServerConn, BackendError> {
+    ) -> Result<Box<ServerConn>, BackendError> {
         let (addr, (rd, wr)) = if address.starts_with('/') {
             // Like libpq, no TLS on a Unix-domain socket: nothing leaves the machine.
             let stream = tokio::net::UnixStream::connect(address)
@@ -126,7 +128,7 @@ impl ServerConn {
                 negotiate_tls(stream, address, &params.tls).await?,
             )
         };
-        let mut conn = ServerConn {
+        let mut conn = Box::new(ServerConn {
             id,
             rd,
             wr,
@@ -142,7 +144,7 @@ impl ServerConn {
             settings: HashMap::new(),
             settings_generation: None,
             created: Instant::now(),
-        };
+        });
         conn.startup(params, max_message).await?;
         Ok(conn)
     }

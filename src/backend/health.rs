@@ -209,7 +209,7 @@ pub async fn run_checker(
     primary: &HealthState,
     cfg: CheckerConfig,
 ) {
-    let mut conn: Option<ServerConn> = None;
+    let mut conn: Option<Box<ServerConn>> = None;
     let mut verdict = Hysteresis::new(cfg.failures, cfg.successes);
     let mut ticker = tokio::time::interval(cfg.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

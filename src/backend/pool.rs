@@ -40,7 +40,7 @@ pub enum CheckoutError {
 }
 
 struct Idle {
-    conn: ServerConn,
+    conn: Box<ServerConn>,
     since: Instant,
 }
 
@@ -58,7 +58,7 @@ pub struct Pool {
 
 /// A connection lent from a pool; give it back with [`Pool::checkin`].
 pub struct Lent {
-    pub conn: ServerConn,
+    pub conn: Box<ServerConn>,
     pub permit: OwnedSemaphorePermit,
 }
 
@@ -138,7 +138,7 @@ impl Pool {
         Ok(Lent { conn, permit })
     }
 
-    async fn connect(&self) -> Result<ServerConn, BackendError> {
+    async fn connect(&self) -> Result<Box<ServerConn>, BackendError> {
         let conn = tokio::time::timeout(
             self.limits.connect_timeout,
             ServerConn::connect(

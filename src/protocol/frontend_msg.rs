@@ -39,7 +39,16 @@ pub fn query_sql(body: &[u8]) -> Result<Cow<'_, str>, MalformedMessage> {
     if !rest.is_empty() {
         return Err(MalformedMessage("Query"));
     }
-    Ok(String::from_utf8_lossy(sql))
+    Ok(lossy_text(sql))
+}
+
+/// `sql` as text, U+FFFD for invalid sequences. Checked as UTF-8 first: that check runs word
+/// by word over ASCII, several times faster than the lossy decoder on the usual valid text.
+fn lossy_text(sql: &[u8]) -> Cow<'_, str> {
+    match std::str::from_utf8(sql) {
+        Ok(text) => Cow::Borrowed(text),
+        Err(_) => String::from_utf8_lossy(sql),
+    }
 }
 
 /// A decoded Parse message. `param_types` is the raw tail (count + OIDs), kept as bytes so
@@ -80,7 +89,7 @@ impl ParseMsg {
         let offset = body.len() - rest.len();
         Ok(ParseMsg {
             name: name.to_owned(),
-            sql: String::from_utf8_lossy(sql).into_owned(),
+            sql: lossy_text(sql).into_owned(),
             sql_raw,
             param_types: body.slice(offset..),
         })

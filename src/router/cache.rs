@@ -4,9 +4,12 @@
 
 use std::sync::Arc;
 
-use super::fingerprint::fingerprint;
+use super::fingerprint::{fingerprint, fingerprint_into};
 use super::{Classification, Target, classify_with};
 use crate::memo::SqlMemo;
+
+/// The per-thread shape buffer is given back once it grew past this.
+const MAX_KEPT_SHAPE: usize = 64 * 1024;
 
 pub struct ClassifyCache {
     memo: SqlMemo<Arc<Classification>>,
@@ -31,23 +34,36 @@ impl ClassifyCache {
     }
 
     pub fn get(&self, sql: &str) -> Arc<Classification> {
-        let shape = fingerprint(sql);
-        if let Some(shape) = &shape
-            && let Some(c) = self.shapes.get(shape)
-        {
+        thread_local! {
+            // Every simple-protocol query with a literal is masked: one buffer per thread
+            // instead of an allocation per query.
+            static SHAPE: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+        }
+        SHAPE.with(|buf| match buf.try_borrow_mut() {
+            Ok(mut shape) => self.get_with(sql, &mut shape),
+            Err(_) => self.get_with(sql, &mut String::new()),
+        })
+    }
+
+    fn get_with(&self, sql: &str, shape: &mut String) -> Arc<Classification> {
+        let shaped = fingerprint_into(sql, shape);
+        if shaped && let Some(c) = self.shapes.get(shape) {
             return c;
         }
         if let Some(c) = self.memo.get(sql) {
             return c;
         }
         let c = Arc::new(classify_with(sql, &self.primary_functions));
-        match shape {
-            Some(shape) if c.session_ops.is_empty() && c.read_back.is_empty() => {
-                // Texts with literals go by their shape only: caching each would fill the
-                // map with statements seen once.
-                self.shapes.insert(&shape, c.clone());
-            }
-            _ => self.memo.insert(sql, c.clone()),
+        if shaped && c.session_ops.is_empty() && c.read_back.is_empty() {
+            // Texts with literals go by their shape only: caching each would fill the map
+            // with statements seen once.
+            self.shapes.insert(shape, c.clone());
+        } else {
+            self.memo.insert(sql, c.clone());
+        }
+        if shape.capacity() > MAX_KEPT_SHAPE {
+            // One bulk statement must not keep megabytes per thread.
+            *shape = String::new();
         }
         c
     }

@@ -7,12 +7,20 @@
 /// this scanner does not take apart safely: comments, dollar quotes, escape strings, and the
 /// strings PostgreSQL evaluates at run time ('now', 'today', ...).
 pub fn fingerprint(sql: &str) -> Option<String> {
+    let mut out = String::new();
+    fingerprint_into(sql, &mut out).then_some(out)
+}
+
+/// [`fingerprint`] into `out` (cleared first), so a caller on the hot path can reuse one
+/// buffer; true when a literal was masked (`out` holds the shape).
+pub fn fingerprint_into(sql: &str, out: &mut String) -> bool {
+    out.clear();
     let b = sql.as_bytes();
     // Most texts sent with parameters have no literal at all: no need to copy them.
     if !b.iter().any(|c| c.is_ascii_digit() || *c == b'\'') {
-        return None;
+        return false;
     }
-    let mut out = String::with_capacity(sql.len());
+    out.reserve(sql.len());
     let mut i = 0;
     let mut masked = false;
     while i < b.len() {
@@ -27,13 +35,13 @@ pub fn fingerprint(sql: &str) -> Option<String> {
                     )
                 {
                     // E'..', B'..', X'..', N'..', U&'..': other quoting rules.
-                    return None;
+                    return false;
                 }
                 let start = i + 1;
                 let mut j = start;
                 loop {
                     match b.get(j) {
-                        None => return None,
+                        None => return false,
                         Some(b'\'') if b.get(j + 1) == Some(&b'\'') => j += 2,
                         Some(b'\'') => break,
                         Some(_) => j += 1,
@@ -53,7 +61,7 @@ pub fn fingerprint(sql: &str) -> Option<String> {
                 .iter()
                 .any(|w| text.eq_ignore_ascii_case(w))
                 {
-                    return None;
+                    return false;
                 }
                 out.push_str("'?'");
                 masked = true;
@@ -63,7 +71,7 @@ pub fn fingerprint(sql: &str) -> Option<String> {
                 let mut j = i + 1;
                 loop {
                     match b.get(j) {
-                        None => return None,
+                        None => return false,
                         Some(b'"') if b.get(j + 1) == Some(&b'"') => j += 2,
                         Some(b'"') => break,
                         Some(_) => j += 1,
@@ -72,9 +80,9 @@ pub fn fingerprint(sql: &str) -> Option<String> {
                 out.push_str(&sql[i..=j]);
                 i = j + 1;
             }
-            b'-' if b.get(i + 1) == Some(&b'-') => return None,
-            b'/' if b.get(i + 1) == Some(&b'*') => return None,
-            b'$' if !prev_ident && !b.get(i + 1).is_some_and(u8::is_ascii_digit) => return None,
+            b'-' if b.get(i + 1) == Some(&b'-') => return false,
+            b'/' if b.get(i + 1) == Some(&b'*') => return false,
+            b'$' if !prev_ident && !b.get(i + 1).is_some_and(u8::is_ascii_digit) => return false,
             b'0'..=b'9' if !prev_ident => {
                 let mut j = i;
                 while j < b.len() && (b[j].is_ascii_alphanumeric() || b[j] == b'.' || b[j] == b'_')
@@ -101,7 +109,7 @@ pub fn fingerprint(sql: &str) -> Option<String> {
             }
         }
     }
-    masked.then_some(out)
+    masked
 }
 
 fn is_ident(c: u8) -> bool {

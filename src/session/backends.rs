@@ -175,7 +175,7 @@ impl Session {
     }
 
     /// Open a connection owned by this session alone (session mode).
-    pub(super) async fn connect_backend(&self, id: BackendId) -> Result<ServerConn> {
+    pub(super) async fn connect_backend(&self, id: BackendId) -> Result<Box<ServerConn>> {
         let backend = self
             .runtime
             .backends
@@ -221,6 +221,9 @@ impl Session {
         if conn.settings_generation == Some(self.settings.generation) {
             return Ok(());
         }
+        // No difference means the connection has exactly the session's settings already
+        // (the usual case: sessions of one application share their startup settings), so
+        // nothing is copied; only a replay changes them.
         if let Some(sql) = self.settings.diff_sql(&conn.settings) {
             debug!(backend = ?id, "replaying session settings");
             // Bounded: a server that stopped answering must not hold the session.
@@ -237,8 +240,8 @@ impl Session {
                     Error::Backend(e)
                 });
             }
+            conn.settings = self.settings.effective();
         }
-        conn.settings = self.settings.effective();
         conn.settings_generation = Some(self.settings.generation);
         Ok(())
     }

@@ -205,7 +205,7 @@ pub struct Session {
     login_params: Vec<(String, String)>,
     mode: PoolMode,
     /// Server connections held now, by backend id (0 = primary).
-    conns: Vec<Option<ServerConn>>,
+    conns: Vec<Option<Box<ServerConn>>>,
     /// Pool permits of the connections in `conns` (transaction mode).
     permits: Vec<Option<OwnedSemaphorePermit>>,
     /// The pool of each backend, looked up once (transaction mode).
@@ -243,6 +243,9 @@ pub struct Session {
     info: Arc<ClientInfo>,
     /// The last request ended in an error the server reported.
     last_failed: bool,
+    /// Ticks every health interval while replica reads are held (see `relay`); created at
+    /// the first one.
+    hold_tick: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     /// The replica of the last read: requests that only prepare or describe stay there,
     /// so preparing a statement does not use up a turn of the round robin.
     last_replica: Option<BackendId>,
@@ -313,6 +316,7 @@ impl Session {
             tx: TxStatus::Idle,
             tx_conn: None,
             pinned: false,
+            hold_tick: None,
             last_replica: None,
             consistency,
             min_lsn: 0,
@@ -471,11 +475,13 @@ impl Session {
         };
         let Some(conn) = self.conns[0].as_mut().filter(|_| watch) else {
             return tokio::select! {
+                biased;
                 r = self.client.fill() => r,
                 _ = drain => Err(Error::ShuttingDown),
             };
         };
         tokio::select! {
+            biased;
             _ = drain => Err(Error::ShuttingDown),
             r = self.client.fill() => r,
             r = conn.fill() => match r {

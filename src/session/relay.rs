@@ -82,7 +82,7 @@ enum Expect {
 /// The state of the request in flight. Owns the server connection meanwhile.
 struct InFlight {
     id: BackendId,
-    conn: ServerConn,
+    conn: Box<ServerConn>,
     expects: VecDeque<Expect>,
     /// Statements parsed in this batch (for messages of an open batch still to come).
     local: HashMap<String, Arc<Statement>>,
@@ -541,6 +541,7 @@ impl Session {
             }
             if accepting {
                 tokio::select! {
+                    biased;
                     r = fl.conn.fill() => r?,
                     r = self.client.fill() => {
                         r?;
@@ -550,14 +551,31 @@ impl Session {
             } else if fl.holding && !fl.id.is_primary() {
                 // A replica that stops answering (paused, partitioned) must not hold a read
                 // that could still run elsewhere: give up on it once it leaves the rotation.
+                // The session's one timer ticks every health interval and outlives each read,
+                // so a read registers no timer of its own.
                 let interval = self.runtime.config.health.interval();
-                tokio::select! {
-                    r = fl.conn.fill() => r?,
-                    _ = tokio::time::sleep(interval) => {
-                        if !self.runtime.backends.get(fl.id).is_some_and(|b| b.is_available()) {
-                            return Err(Error::Backend(BackendError::Timeout));
-                        }
+                let tick = self
+                    .hold_tick
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(interval)));
+                let ticked = tokio::select! {
+                    biased;
+                    r = fl.conn.fill() => {
+                        r?;
+                        false
                     }
+                    _ = tick.as_mut() => {
+                        tick.as_mut().reset(tokio::time::Instant::now() + interval);
+                        true
+                    }
+                };
+                if ticked
+                    && !self
+                        .runtime
+                        .backends
+                        .get(fl.id)
+                        .is_some_and(|b| b.is_available())
+                {
+                    return Err(Error::Backend(BackendError::Timeout));
                 }
             } else {
                 fl.conn.fill().await?;

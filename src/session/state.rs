@@ -320,6 +320,35 @@ mod tests {
     }
 
     #[test]
+    fn no_difference_means_the_server_has_exactly_the_session_settings() {
+        // sync_settings keeps a connection's recorded settings when diff_sql finds nothing.
+        let s = Settings::with_baseline(startup_settings(&[
+            ("application_name".into(), "pgbench".into()),
+            ("search_path".into(), "a".into()),
+        ]));
+        let mut s2 = s.clone();
+        s2.apply(&[set("search_path", "SET search_path = b")]);
+        let servers = [
+            HashMap::new(),
+            s.effective(),
+            s2.effective(),
+            s.effective()
+                .into_iter()
+                .chain([("work_mem".to_owned(), "SET work_mem = '1MB'".to_owned())])
+                .collect(),
+        ];
+        for session in [&s, &s2, &Settings::default()] {
+            for server in &servers {
+                assert_eq!(
+                    session.diff_sql(server).is_none(),
+                    *server == session.effective(),
+                    "{server:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn generations_are_unique_across_sessions() {
         let mut a = Settings::default();
         let mut b = Settings::default();
