@@ -113,18 +113,22 @@ impl Pool {
 
     /// Lend a connection: an idle live one, or a new one while under `size`.
     pub async fn checkout(&self) -> Result<Lent, CheckoutError> {
-        let started = Instant::now();
-        let permit = tokio::time::timeout(
-            self.limits.checkout_timeout,
-            self.permits.clone().acquire_owned(),
-        )
-        .await
-        .map_err(|_| CheckoutError::Timeout {
-            backend: self.name.clone(),
-            waited_ms: started.elapsed().as_millis(),
-            size: self.limits.size,
-        })?
-        .expect("pool semaphores are never closed");
+        // A free permit needs no timer (and the semaphore hands released permits to queued
+        // waiters first, so taking one here jumps no queue).
+        let permit = match self.permits.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => tokio::time::timeout(
+                self.limits.checkout_timeout,
+                self.permits.clone().acquire_owned(),
+            )
+            .await
+            .map_err(|_| CheckoutError::Timeout {
+                backend: self.name.clone(),
+                waited_ms: self.limits.checkout_timeout.as_millis(),
+                size: self.limits.size,
+            })?
+            .expect("pool semaphores are never closed"),
+        };
         while let Some(idle) = self.pop_idle() {
             let mut conn = idle.conn;
             if conn.created.elapsed() < self.limits.max_lifetime
@@ -161,12 +165,13 @@ impl Pool {
 
     /// Take a lent connection back. One past its lifetime is closed instead.
     pub fn checkin(&self, lent: Lent) {
-        if lent.conn.created.elapsed() >= self.limits.max_lifetime {
+        let now = Instant::now();
+        if now.saturating_duration_since(lent.conn.created) >= self.limits.max_lifetime {
             return;
         }
         lock(&self.idle).push(Idle {
             conn: lent.conn,
-            since: Instant::now(),
+            since: now,
         });
     }
 

@@ -40,7 +40,14 @@ impl ClassifyCache {
             static SHAPE: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
         }
         SHAPE.with(|buf| match buf.try_borrow_mut() {
-            Ok(mut shape) => self.get_with(sql, &mut shape),
+            Ok(mut shape) => {
+                let c = self.get_with(sql, &mut shape);
+                if shape.capacity() > MAX_KEPT_SHAPE {
+                    // One bulk statement must not keep megabytes per thread.
+                    *shape = String::new();
+                }
+                c
+            }
             Err(_) => self.get_with(sql, &mut String::new()),
         })
     }
@@ -60,10 +67,6 @@ impl ClassifyCache {
             self.shapes.insert(shape, c.clone());
         } else {
             self.memo.insert(sql, c.clone());
-        }
-        if shape.capacity() > MAX_KEPT_SHAPE {
-            // One bulk statement must not keep megabytes per thread.
-            *shape = String::new();
         }
         c
     }

@@ -16,8 +16,11 @@ pub fn fingerprint(sql: &str) -> Option<String> {
 pub fn fingerprint_into(sql: &str, out: &mut String) -> bool {
     out.clear();
     let b = sql.as_bytes();
-    // Most texts sent with parameters have no literal at all: no need to copy them.
-    if !b.iter().any(|c| c.is_ascii_digit() || *c == b'\'') {
+    // Most texts sent with parameters have no literal at all: no need to copy them. A digit
+    // after an identifier character (`t1`, `$1`) is not a literal either.
+    let literal_at =
+        |i: usize| b[i] == b'\'' || (b[i].is_ascii_digit() && (i == 0 || !is_ident(b[i - 1])));
+    if !(0..b.len()).any(literal_at) {
         return false;
     }
     out.reserve(sql.len());

@@ -194,6 +194,9 @@ enum Flow {
     Terminate,
 }
 
+/// A request's message list and statement map up to this capacity are kept for the next.
+const KEPT_BATCH_ITEMS: usize = 16;
+
 pub struct Session {
     shared: Arc<Shared>,
     /// The configuration this session started with; re-read between requests once reload
@@ -243,8 +246,8 @@ pub struct Session {
     info: Arc<ClientInfo>,
     /// The last request ended in an error the server reported.
     last_failed: bool,
-    /// Ticks every health interval while replica reads are held (see `relay`); created at
-    /// the first one.
+    /// The one timer of the session's held replica reads (see `relay`), created at the
+    /// first; each read moves it to its own deadline when it fires early.
     hold_tick: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     /// The replica of the last read: requests that only prepare or describe stay there,
     /// so preparing a statement does not use up a turn of the round robin.
@@ -610,9 +613,30 @@ impl Session {
     /// of it follows the same connection.
     async fn dispatch_batch(&mut self, open: bool) -> Result<()> {
         self.adopt_new_runtime().await;
-        let items = std::mem::take(&mut self.batch);
-        let local = std::mem::take(&mut self.batch_local);
-        if let Some(reply) = self.local_reply(&items) {
+        let mut items = std::mem::take(&mut self.batch);
+        let mut local = std::mem::take(&mut self.batch_local);
+        let result = self.dispatch_items(&items, &local, open).await;
+        // The next request reuses the allocations, unless an unusually long batch grew them
+        // (an idle session should not keep that). Nothing refills the fields meanwhile (an
+        // open batch's later messages go to the request in flight); the check is a guard.
+        if self.batch.capacity() == 0 && items.capacity() <= KEPT_BATCH_ITEMS {
+            items.clear();
+            self.batch = items;
+        }
+        if self.batch_local.capacity() == 0 && local.capacity() <= KEPT_BATCH_ITEMS {
+            local.clear();
+            self.batch_local = local;
+        }
+        result
+    }
+
+    async fn dispatch_items(
+        &mut self,
+        items: &[Item],
+        local: &HashMap<String, Arc<Statement>>,
+        open: bool,
+    ) -> Result<()> {
+        if let Some(reply) = self.local_reply(items) {
             return self.client.send(&reply).await;
         }
         let started = std::time::Instant::now();
@@ -624,7 +648,7 @@ impl Session {
         self.info
             .queries
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if self.serve_from_cache(&items, open).await? {
+        if self.serve_from_cache(items, open).await? {
             self.record(RouteKind::Cache, started, false);
             return Ok(());
         }
@@ -652,7 +676,7 @@ impl Session {
         let executes = items
             .iter()
             .any(|i| i.is_execute() || matches!(i, Item::Query { .. } | Item::FunctionCall(_)));
-        for item in &items {
+        for item in items {
             match item {
                 Item::FunctionCall(_) => self.writes.note_unknown(),
                 other => {
@@ -677,7 +701,7 @@ impl Session {
                     self.capture = None;
                     self.read_floor = 0;
                     self.record(route_kind(route), started, true);
-                    return self.report_unavailable(e, &items, open).await;
+                    return self.report_unavailable(e, items, open).await;
                 }
             };
             debug!(?route, backend = conn.0, "routed");
@@ -698,7 +722,7 @@ impl Session {
             }
             let retryable = route == Route::Replica && !open && attempts_left > 0;
             match self
-                .run_request(conn, &items, &local, open, retryable)
+                .run_request(conn, items, local, open, retryable)
                 .await?
             {
                 relay::Outcome::Done => {

@@ -99,6 +99,8 @@ struct InFlight {
     passthrough: usize,
     /// Output is withheld from the client because the request may still be retried.
     holding: bool,
+    /// While holding a replica's answer: when it last sent something (or the wait began).
+    quiet_since: Option<tokio::time::Instant>,
     /// A replica refused with 25006: drain to ReadyForQuery, then retry on the primary.
     retry: bool,
     /// The server said FATAL and is closing the connection; kept from the client, which
@@ -150,6 +152,7 @@ impl Session {
             rolled_back: false,
             passthrough: 0,
             holding: retryable,
+            quiet_since: None,
             retry: false,
             fatal: None,
             ops: Vec::new(),
@@ -550,10 +553,12 @@ impl Session {
                 }
             } else if fl.holding && !fl.id.is_primary() {
                 // A replica that stops answering (paused, partitioned) must not hold a read
-                // that could still run elsewhere: give up on it once it leaves the rotation.
-                // The session's one timer ticks every health interval and outlives each read,
-                // so a read registers no timer of its own.
+                // that could still run elsewhere: give up on it once it has been quiet for a
+                // health interval and has left the rotation. One timer per session serves
+                // all its reads (no timer-wheel insert and removal per read): when it fires
+                // early for this read, it is moved to the read's own deadline.
                 let interval = self.runtime.config.health.interval();
+                let quiet_since = *fl.quiet_since.get_or_insert_with(tokio::time::Instant::now);
                 let tick = self
                     .hold_tick
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep(interval)));
@@ -563,17 +568,23 @@ impl Session {
                         r?;
                         false
                     }
-                    _ = tick.as_mut() => {
-                        tick.as_mut().reset(tokio::time::Instant::now() + interval);
-                        true
-                    }
+                    _ = tick.as_mut() => true,
                 };
-                if ticked
-                    && !self
-                        .runtime
-                        .backends
-                        .get(fl.id)
-                        .is_some_and(|b| b.is_available())
+                if !ticked {
+                    fl.quiet_since = Some(tokio::time::Instant::now());
+                    continue;
+                }
+                let now = tokio::time::Instant::now();
+                if now < quiet_since + interval {
+                    tick.as_mut().reset(quiet_since + interval);
+                    continue;
+                }
+                tick.as_mut().reset(now + interval);
+                if !self
+                    .runtime
+                    .backends
+                    .get(fl.id)
+                    .is_some_and(|b| b.is_available())
                 {
                     return Err(Error::Backend(BackendError::Timeout));
                 }
