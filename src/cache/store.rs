@@ -203,14 +203,22 @@ impl ResultCache {
             .chain(tables.iter().map(|t| Some(t.as_str())))
             .map(|t| version_key(&self.prefix, t))
             .collect();
-        let pipe = client.pipeline();
-        let _: () = pipe.get(key).await.map_err(err)?;
-        for k in &version_keys {
-            let _: () = pipe.get(k.as_str()).await.map_err(err)?;
-        }
-        let mut values: Vec<Value> = pipe.all().await.map_err(err)?;
+        let mut values: Vec<Value> = if client.is_clustered() {
+            // The keys live on different slots: one GET each, pipelined.
+            Box::pin(get_pipelined(client, key, &version_keys)).await?
+        } else {
+            // One MGET is one command through the client instead of one per key (each costs
+            // a trip through its router task).
+            let keys: Vec<&str> = std::iter::once(key)
+                .chain(version_keys.iter().map(String::as_str))
+                .collect();
+            // Boxed on its own line: the client's future is large (about 5 KB), and only
+            // the box stays in this one's state across the wait.
+            let mget = Box::pin(client.mget(keys));
+            mget.await.map_err(err)?
+        };
         if values.len() != version_keys.len() + 1 {
-            return Err("unexpected pipeline reply".into());
+            return Err("unexpected reply to the lookup".into());
         }
         let versions_raw = values.split_off(1);
         let entry: Option<Bytes> = values.pop().and_then(|v| v.convert().ok());
@@ -220,21 +228,9 @@ impl ResultCache {
             let v = match v.filter(|v| version_lsn(v).is_some()) {
                 Some(v) => v,
                 // Missing (never written, or lost to a flush or eviction): start it at a
-                // random counter that no stored entry carries.
-                None => {
-                    let _: Option<String> = client
-                        .set(
-                            k.as_str(),
-                            fresh_version(),
-                            None,
-                            Some(SetOptions::NX),
-                            false,
-                        )
-                        .await
-                        .map_err(err)?;
-                    let v: Option<String> = client.get(k.as_str()).await.map_err(err)?;
-                    v.ok_or("a version vanished while it was created")?
-                }
+                // random counter that no stored entry carries. Boxed: rare, and its futures
+                // would enlarge every lookup's.
+                None => Box::pin(start_version(client, k)).await?,
             };
             versions.push(v);
         }
@@ -376,4 +372,28 @@ impl ResultCache {
 
 fn err(e: fred::error::Error) -> String {
     e.to_string()
+}
+
+/// GET the entry and every version key in one pipeline (Redis Cluster: different slots).
+async fn get_pipelined(
+    client: &Client,
+    key: &str,
+    version_keys: &[String],
+) -> RedisResult<Vec<Value>> {
+    let pipe = client.pipeline();
+    let _: () = pipe.get(key).await.map_err(err)?;
+    for k in version_keys {
+        let _: () = pipe.get(k.as_str()).await.map_err(err)?;
+    }
+    pipe.all().await.map_err(err)
+}
+
+/// Create a missing version key (unless another instance just did) and read it back.
+async fn start_version(client: &Client, k: &str) -> RedisResult<String> {
+    let _: Option<String> = client
+        .set(k, fresh_version(), None, Some(SetOptions::NX), false)
+        .await
+        .map_err(err)?;
+    let v: Option<String> = client.get(k).await.map_err(err)?;
+    v.ok_or_else(|| "a version vanished while it was created".into())
 }
