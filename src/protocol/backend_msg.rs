@@ -126,6 +126,14 @@ pub fn parameter_status(name: &str, value: &str) -> Frame {
     frame(tag::PARAMETER_STATUS, b)
 }
 
+/// A ParameterStatus message appended to `out` (no frame of its own).
+pub fn put_parameter_status(out: &mut BytesMut, name: &str, value: &str) {
+    out.put_u8(tag::PARAMETER_STATUS);
+    out.put_i32((4 + name.len() + 1 + value.len() + 1) as i32);
+    put_cstr(out, name);
+    put_cstr(out, value);
+}
+
 /// Name and value of a ParameterStatus body.
 pub fn decode_parameter_status(body: &[u8]) -> Option<(String, String)> {
     let nul = body.iter().position(|&c| c == 0)?;
@@ -304,5 +312,10 @@ mod tests {
             Some(("TimeZone".into(), "UTC".into()))
         );
         assert_eq!(decode_parameter_status(b"x"), None);
+        let mut framed = BytesMut::new();
+        f.encode_into(&mut framed);
+        let mut direct = BytesMut::new();
+        put_parameter_status(&mut direct, "TimeZone", "UTC");
+        assert_eq!(direct, framed);
     }
 }

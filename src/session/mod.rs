@@ -353,60 +353,69 @@ impl Session {
     async fn start(&mut self) -> Result<()> {
         // A pool that connected before knows the server's parameters (and that this role and
         // database work): the login then needs no server connection at all.
-        let known = match self.mode {
-            PoolMode::Transaction => self
-                .runtime
-                .pool(BackendId::PRIMARY, &self.connect)
-                .and_then(|p| p.server_params().map(<[_]>::to_vec)),
+        let pool = match self.mode {
+            PoolMode::Transaction => self.runtime.pool(BackendId::PRIMARY, &self.connect),
             PoolMode::Session => None,
         };
-        let server_params = match known {
+        let from_server;
+        let server_params: &[(String, String)] = match pool.as_ref().and_then(|p| p.server_params())
+        {
             Some(params) => params,
-            None => match self.acquire(Route::Primary).await {
-                Ok(id) => self.conns[id.0 as usize]
-                    .as_ref()
-                    .map(|c| c.params.clone())
-                    .unwrap_or_default(),
-                // With the primary down, reads can still be served: log in on a replica's
-                // parameters, presented as a writable server (which pgsplit is).
-                Err(e @ (Error::NoServer(_) | Error::PrimaryInRecovery)) => {
-                    let Ok(id) = self.acquire(Route::Replica).await else {
-                        return Err(e);
-                    };
-                    if id.is_primary() {
-                        return Err(e);
-                    }
-                    warn!(error = %e, "primary unavailable at login; only reads will work");
-                    let mut params = self.conns[id.0 as usize]
-                        .as_ref()
-                        .map(|c| c.params.clone())
-                        .unwrap_or_default();
-                    for (k, v) in params.iter_mut() {
-                        if k == "in_hot_standby" || k == "default_transaction_read_only" {
-                            *v = "off".into();
-                        }
-                    }
-                    params
-                }
-                Err(e) => return Err(e),
-            },
+            None => {
+                from_server = self.login_server_params().await?;
+                &from_server
+            }
         };
-        let mut frames = vec![protocol::auth_ok()];
-        frames.extend(server_params.iter().map(|(k, v)| {
+        // Encoded straight into one buffer: a login is a dozen ParameterStatus messages,
+        // and connection churn pays for every allocation here.
+        let mut greeting = bytes::BytesMut::with_capacity(256);
+        protocol::auth_ok().encode_into(&mut greeting);
+        for (k, v) in server_params {
             let chosen = self
                 .login_params
                 .iter()
                 .find(|(ck, _)| ck.eq_ignore_ascii_case(k))
                 .filter(|_| self.mode == PoolMode::Transaction);
-            protocol::parameter_status(k, chosen.map_or(v, |(_, cv)| cv))
-        }));
-        frames.push(protocol::backend_key_data(
-            self.cancel_pid,
-            self.cancel_secret,
-        ));
-        frames.push(protocol::ready_for_query(TxStatus::Idle));
+            protocol::put_parameter_status(&mut greeting, k, chosen.map_or(v, |(_, cv)| cv));
+        }
+        protocol::backend_key_data(self.cancel_pid, self.cancel_secret).encode_into(&mut greeting);
+        protocol::ready_for_query(TxStatus::Idle).encode_into(&mut greeting);
         self.release_idle();
-        self.client.send(&frames).await
+        self.client.write(&greeting).await
+    }
+
+    /// The ParameterStatus values a client is told at login when no pool knows them yet:
+    /// from a primary connection (a bad database or role fails the login as on a direct
+    /// connection), else from a replica's presented as writable.
+    async fn login_server_params(&mut self) -> Result<Vec<(String, String)>> {
+        Ok(match self.acquire(Route::Primary).await {
+            Ok(id) => self.conns[id.0 as usize]
+                .as_ref()
+                .map(|c| c.params.clone())
+                .unwrap_or_default(),
+            // With the primary down, reads can still be served: log in on a replica's
+            // parameters, presented as a writable server (which pgsplit is).
+            Err(e @ (Error::NoServer(_) | Error::PrimaryInRecovery)) => {
+                let Ok(id) = self.acquire(Route::Replica).await else {
+                    return Err(e);
+                };
+                if id.is_primary() {
+                    return Err(e);
+                }
+                warn!(error = %e, "primary unavailable at login; only reads will work");
+                let mut params = self.conns[id.0 as usize]
+                    .as_ref()
+                    .map(|c| c.params.clone())
+                    .unwrap_or_default();
+                for (k, v) in params.iter_mut() {
+                    if k == "in_hot_standby" || k == "default_transaction_read_only" {
+                        *v = "off".into();
+                    }
+                }
+                params
+            }
+            Err(e) => return Err(e),
+        })
     }
 
     async fn close(mut self, result: Result<()>) {
