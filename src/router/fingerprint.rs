@@ -18,9 +18,7 @@ pub fn fingerprint_into(sql: &str, out: &mut String) -> bool {
     let b = sql.as_bytes();
     // Most texts sent with parameters have no literal at all: no need to copy them. A digit
     // after an identifier character (`t1`, `$1`) is not a literal either.
-    let literal_at =
-        |i: usize| b[i] == b'\'' || (b[i].is_ascii_digit() && (i == 0 || !is_ident(b[i - 1])));
-    if !(0..b.len()).any(literal_at) {
+    if !has_literal(b) {
         return false;
     }
     out.reserve(sql.len());
@@ -115,13 +113,55 @@ pub fn fingerprint_into(sql: &str, out: &mut String) -> bool {
     masked
 }
 
+/// A quote, or a digit not after an identifier character: where the scan below masks.
+fn has_literal(b: &[u8]) -> bool {
+    let mut prev_ident = false;
+    for &c in b {
+        if c == b'\'' || (!prev_ident && c.wrapping_sub(b'0') < 10) {
+            return true;
+        }
+        prev_ident = IDENT[usize::from(c)];
+    }
+    false
+}
+
+/// Bytes that continue an identifier (or a `$n` placeholder), by value.
+const IDENT: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        let c = i as u8;
+        table[i] = c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80;
+        i += 1;
+    }
+    table
+};
+
 fn is_ident(c: u8) -> bool {
-    c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80
+    IDENT[usize::from(c)]
 }
 
 #[cfg(test)]
 mod tests {
-    use super::fingerprint;
+    use super::{fingerprint, has_literal};
+
+    #[test]
+    fn the_pre_check_finds_exactly_what_could_be_masked() {
+        for (sql, expected) in [
+            ("SELECT t1.c2 FROM t1 WHERE a = $1", false),
+            ("SELECT \"é1\" FROM x_2", false),
+            ("SELECT 1", true),
+            ("SELECT a FROM t WHERE b = 'x'", true),
+            ("SELECT a-1 FROM t", true),
+            ("7", true),
+            ("", false),
+        ] {
+            assert_eq!(has_literal(sql.as_bytes()), expected, "{sql}");
+            if !expected {
+                assert_eq!(fingerprint(sql), None, "{sql}");
+            }
+        }
+    }
 
     #[test]
     fn literals_are_masked() {
