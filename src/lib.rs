@@ -11,6 +11,7 @@ pub mod backend;
 pub mod cache;
 pub mod config;
 pub mod error;
+pub mod hex;
 pub mod memo;
 pub mod metrics;
 pub mod protocol;

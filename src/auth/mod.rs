@@ -66,17 +66,7 @@ fn md5_hex(parts: &[&[u8]]) -> String {
     for p in parts {
         h.update(p);
     }
-    hex(&h.finalize())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(DIGITS[(b >> 4) as usize] as char);
-        s.push(DIGITS[(b & 15) as usize] as char);
-    }
-    s
+    crate::hex::hex(&h.finalize())
 }
 
 /// Check an md5 PasswordMessage payload (`"md5" + md5(hex_secret || salt)`, NUL-terminated).

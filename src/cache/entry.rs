@@ -42,7 +42,7 @@ pub fn entry_key(prefix: &str, parts: &KeyParts<'_>) -> String {
     let mut key = String::with_capacity(prefix.len() + 3 + 2 * digest.as_ref().len());
     key.push_str(prefix);
     key.push_str(":e:");
-    push_hex(&mut key, digest.as_ref());
+    crate::hex::push_hex(&mut key, digest.as_ref());
     key
 }
 
@@ -162,14 +162,6 @@ fn split_frame(buf: &[u8]) -> Option<(u8, &[u8])> {
     let len = i32::from_be_bytes([header[1], header[2], header[3], header[4]]);
     let len = usize::try_from(len).ok().filter(|l| *l >= 4)?;
     Some((header[0], buf.get(..len + 1)?))
-}
-
-fn push_hex(out: &mut String, bytes: &[u8]) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for b in bytes {
-        out.push(DIGITS[usize::from(b >> 4)] as char);
-        out.push(DIGITS[usize::from(b & 15)] as char);
-    }
 }
 
 #[cfg(test)]
