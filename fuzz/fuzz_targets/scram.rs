@@ -78,7 +78,7 @@ fn real_exchange(mode: u8, nonce: &[u8; 18], parts: &[&[u8]]) {
         client_password.push(b'x');
     }
     let mut client = ScramSha256::new(&client_password, ChannelBinding::unsupported());
-    let (exchange, server_first) = ScramExchange::client_first(secret, client.message(), nonce)
+    let (exchange, server_first) = ScramExchange::client_first(&secret, client.message(), nonce)
         .expect("a real client's first message is accepted");
     client
         .update(server_first.as_bytes())
@@ -122,7 +122,7 @@ fn raw_messages(nonce: &[u8; 18], parts: &[&[u8]]) {
         None => ScramSecret::parse(&verifier(b"pw", b"salt", 1)).expect("valid verifier"),
     };
     let first = parts.get(1).copied().unwrap_or_default();
-    let Ok((exchange, server_first)) = ScramExchange::client_first(secret, first, nonce) else {
+    let Ok((exchange, server_first)) = ScramExchange::client_first(&secret, first, nonce) else {
         return;
     };
     let client_nonce = std::str::from_utf8(first)

@@ -16,7 +16,8 @@ use crate::config::{AuthMethod, Config, UserConfig};
 /// What the proxy keeps to check one user's password.
 #[derive(Clone)]
 pub enum UserSecret {
-    Scram(ScramSecret),
+    /// Boxed: two prepared HMAC keys make it ~400 bytes.
+    Scram(Box<ScramSecret>),
     /// `md5(password || username)` as 32 hex digits (PostgreSQL's stored form, minus "md5").
     Md5(String),
     Trust,
@@ -47,7 +48,7 @@ impl UserSecret {
                 } else {
                     ScramSecret::parse(&postgres_protocol::password::scram_sha_256(p.as_bytes()))?
                 };
-                Some(UserSecret::Scram(secret))
+                Some(UserSecret::Scram(Box::new(secret)))
             }
             AuthMethod::Md5 => {
                 let p = user.password.as_deref()?;

@@ -4,18 +4,19 @@
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use hmac::{Hmac, KeyInit, Mac};
-use sha2::{Digest, Sha256};
+use ring::{digest, hmac};
 
-type HmacSha256 = Hmac<Sha256>;
-
-/// A stored SCRAM-SHA-256 verifier: what a server needs, never the password itself.
+/// A stored SCRAM-SHA-256 verifier: what a server needs, never the password itself. The two
+/// HMAC keys are set up once here rather than at every login: each setup hashes two blocks.
 #[derive(Clone)]
 pub struct ScramSecret {
     iterations: u32,
     salt_b64: String,
     stored_key: [u8; 32],
-    server_key: [u8; 32],
+    /// Keyed with StoredKey: signs the AuthMessage into the ClientSignature.
+    client_signer: hmac::Key,
+    /// Keyed with ServerKey: signs the AuthMessage into the ServerSignature.
+    server_signer: hmac::Key,
 }
 
 impl ScramSecret {
@@ -27,32 +28,41 @@ impl ScramSecret {
         let (stored, server) = keys.split_once(':')?;
         let iterations = iterations.parse().ok().filter(|&i: &u32| i > 0)?;
         B64.decode(salt_b64).ok().filter(|s| !s.is_empty())?;
-        Some(ScramSecret {
+        let stored_key: [u8; 32] = B64.decode(stored).ok()?.try_into().ok()?;
+        let server_key: [u8; 32] = B64.decode(server).ok()?.try_into().ok()?;
+        Some(ScramSecret::new(
             iterations,
-            salt_b64: salt_b64.to_owned(),
-            stored_key: B64.decode(stored).ok()?.try_into().ok()?,
-            server_key: B64.decode(server).ok()?.try_into().ok()?,
-        })
+            salt_b64.to_owned(),
+            stored_key,
+            server_key,
+        ))
     }
-}
 
-impl ScramSecret {
+    fn new(iterations: u32, salt_b64: String, stored_key: [u8; 32], server_key: [u8; 32]) -> Self {
+        ScramSecret {
+            iterations,
+            salt_b64,
+            stored_key,
+            client_signer: hmac::Key::new(hmac::HMAC_SHA256, &stored_key),
+            server_signer: hmac::Key::new(hmac::HMAC_SHA256, &server_key),
+        }
+    }
+
     /// A secret no password matches, for a user that does not exist: the client goes through
     /// the same exchange and fails the same way, so probing cannot tell unknown users from
     /// wrong passwords (PostgreSQL's mock authentication). The salt depends only on the name
     /// and this process's random key, so asking twice shows the same salt, as for a real user.
     pub fn mock(user: &str) -> ScramSecret {
-        static KEY: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
-        let key = KEY.get_or_init(rand::random);
-        let mut mac = <HmacSha256 as KeyInit>::new_from_slice(key).expect("any key length");
-        mac.update(user.as_bytes());
-        let salt: [u8; 32] = mac.finalize().into_bytes().into();
-        ScramSecret {
-            iterations: 4096,
-            salt_b64: B64.encode(&salt[..16]),
-            stored_key: rand::random(),
-            server_key: rand::random(),
-        }
+        static KEY: std::sync::OnceLock<hmac::Key> = std::sync::OnceLock::new();
+        let key =
+            KEY.get_or_init(|| hmac::Key::new(hmac::HMAC_SHA256, &rand::random::<[u8; 32]>()));
+        let salt = hmac::sign(key, user.as_bytes());
+        ScramSecret::new(
+            4096,
+            B64.encode(&salt.as_ref()[..16]),
+            rand::random(),
+            rand::random(),
+        )
     }
 }
 
@@ -67,21 +77,21 @@ pub enum ScramError {
 }
 
 /// One exchange: `client_first` then `client_final`.
-pub struct ScramExchange {
-    secret: ScramSecret,
+pub struct ScramExchange<'s> {
+    secret: &'s ScramSecret,
     client_first_bare: String,
     server_first: String,
     gs2_header: String,
     nonce: String,
 }
 
-impl ScramExchange {
+impl<'s> ScramExchange<'s> {
     /// Handle the SASLInitialResponse data; returns the server-first message.
     pub fn client_first(
-        secret: ScramSecret,
+        secret: &'s ScramSecret,
         msg: &[u8],
         server_nonce: &[u8; 18],
-    ) -> Result<(ScramExchange, String), ScramError> {
+    ) -> Result<(ScramExchange<'s>, String), ScramError> {
         let msg = std::str::from_utf8(msg).map_err(|_| ScramError::Malformed("not UTF-8"))?;
         let (cbind, rest) = msg
             .split_once(',')
@@ -155,24 +165,18 @@ impl ScramExchange {
             "{},{},{}",
             self.client_first_bare, self.server_first, without_proof
         );
-        let client_signature = hmac(&self.secret.stored_key, auth_message.as_bytes());
+        let client_signature = hmac::sign(&self.secret.client_signer, auth_message.as_bytes());
         let mut client_key = proof;
-        for (k, s) in client_key.iter_mut().zip(client_signature) {
+        for (k, s) in client_key.iter_mut().zip(client_signature.as_ref()) {
             *k ^= s;
         }
-        let stored: [u8; 32] = Sha256::digest(client_key).into();
-        if !super::constant_time_eq(&stored, &self.secret.stored_key) {
+        let stored = digest::digest(&digest::SHA256, &client_key);
+        if !super::constant_time_eq(stored.as_ref(), &self.secret.stored_key) {
             return Err(ScramError::BadProof);
         }
-        let server_signature = hmac(&self.secret.server_key, auth_message.as_bytes());
-        Ok(format!("v={}", B64.encode(server_signature)))
+        let server_signature = hmac::sign(&self.secret.server_signer, auth_message.as_bytes());
+        Ok(format!("v={}", B64.encode(server_signature.as_ref())))
     }
-}
-
-fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
-    let mut m = HmacSha256::new_from_slice(key).expect("HMAC accepts keys of any length");
-    m.update(data);
-    m.finalize().into_bytes().into()
 }
 
 #[cfg(test)]
@@ -186,7 +190,7 @@ mod tests {
         let mut client =
             ScramSha256::new(password_of_client.as_bytes(), ChannelBinding::unsupported());
         let (exchange, server_first) =
-            ScramExchange::client_first(secret, client.message(), &[7u8; 18])?;
+            ScramExchange::client_first(&secret, client.message(), &[7u8; 18])?;
         client
             .update(server_first.as_bytes())
             .map_err(|_| ScramError::Malformed("client rejected server-first"))?;
@@ -216,9 +220,9 @@ mod tests {
             b"x,,n=,r=abc",
             b"\xff\xfe",
         ] {
-            assert!(ScramExchange::client_first(secret.clone(), bad, &[1; 18]).is_err());
+            assert!(ScramExchange::client_first(&secret, bad, &[1; 18]).is_err());
         }
-        let (ex, _) = ScramExchange::client_first(secret, b"n,,n=,r=abc", &[1; 18]).unwrap();
+        let (ex, _) = ScramExchange::client_first(&secret, b"n,,n=,r=abc", &[1; 18]).unwrap();
         for bad in [&b""[..], b"c=biws", b"c=biws,r=abc,p=AAAA", b"c=,r=,p="] {
             assert!(ex.client_final(bad).is_err());
         }

@@ -2,7 +2,6 @@
 //! response frames. Pure functions; the Redis calls live in `store.rs`.
 
 use bytes::{BufMut, Bytes, BytesMut};
-use sha2::{Digest, Sha256};
 
 use crate::protocol::tag;
 
@@ -51,14 +50,16 @@ pub fn entry_key(prefix: &str, parts: &KeyParts<'_>) -> String {
 pub fn settings_digest<'a>(settings: impl Iterator<Item = (&'a str, &'a str)>) -> [u8; 32] {
     let mut sorted: Vec<_> = settings.collect();
     sorted.sort_unstable();
-    let mut h = Sha256::new();
+    let mut h = ring::digest::Context::new(&ring::digest::SHA256);
     for (name, value) in sorted {
         for field in [name, value] {
-            h.update((field.len() as u64).to_be_bytes());
+            h.update(&(field.len() as u64).to_be_bytes());
             h.update(field.as_bytes());
         }
     }
-    h.finalize().into()
+    let mut out = [0u8; 32];
+    out.copy_from_slice(h.finish().as_ref());
+    out
 }
 
 /// The Redis key of a table's version (`None`: the global epoch). The hash tag keeps each
@@ -243,6 +244,7 @@ mod tests {
 
     #[test]
     fn keys_stay_what_earlier_versions_stored() {
+        use sha2::{Digest, Sha256};
         // Hex SHA-256 of the length-prefixed parts (as built with sha2 before ring did it):
         // entries cached by an older pgsplit sharing the Redis remain reachable.
         let parts = KeyParts {

@@ -136,7 +136,7 @@ pub async fn open(client: &mut ClientConn, runtime: &Runtime, over_limit: bool) 
 /// same). With `trust` as the default there is no password to ask: refused by name.
 async fn refuse_unknown(client: &mut ClientConn, runtime: &Runtime, user_name: String) -> Error {
     let secret = match runtime.config.proxy.auth_method {
-        AuthMethod::ScramSha256 => UserSecret::Scram(ScramSecret::mock(&user_name)),
+        AuthMethod::ScramSha256 => UserSecret::Scram(Box::new(ScramSecret::mock(&user_name))),
         // No md5 hash matches an empty string's digest of random bytes.
         AuthMethod::Md5 => UserSecret::Md5(format!("{:032x}", rand::random::<u128>())),
         AuthMethod::Trust => {
@@ -189,7 +189,7 @@ async fn authenticate(client: &mut ClientConn, user: &UserEntry) -> Result<()> {
             }
             let nonce: [u8; 18] = rand::random();
             let (exchange, server_first) =
-                ScramExchange::client_first(secret.clone(), &data, &nonce).map_err(scram_error)?;
+                ScramExchange::client_first(secret, &data, &nonce).map_err(scram_error)?;
             client
                 .send(&[protocol::auth_sasl_continue(server_first.as_bytes())])
                 .await?;
