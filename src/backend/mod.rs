@@ -108,10 +108,25 @@ impl Backend {
 
     /// In rotation: healthy by the checker and not just refused a connection.
     pub fn is_available(&self) -> bool {
-        let now = self.epoch.elapsed().as_millis() as u64;
-        self.health.healthy()
-            && !self.health.banned()
-            && self.down_until_ms.load(Ordering::Relaxed) <= now
+        self.health.healthy() && !self.health.banned() && !self.is_marked_down()
+    }
+
+    /// Within the backoff after a refused connection. Nothing marked (0), the usual case,
+    /// needs no clock read: this runs at every routing decision.
+    fn is_marked_down(&self) -> bool {
+        let until = self.down_until_ms.load(Ordering::Relaxed);
+        if until == 0 {
+            return false;
+        }
+        if self.epoch.elapsed().as_millis() as u64 >= until {
+            // Over: back to the cheap case (a mark_down racing this store is at worst
+            // forgotten, like one that came a moment earlier and expired).
+            let _ =
+                self.down_until_ms
+                    .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed);
+            return false;
+        }
+        true
     }
 
     /// Take the node out of rotation for a short while after a connection failure.
@@ -202,5 +217,34 @@ pub fn is_alive(conn: &mut ServerConn, expect_messages: bool) -> bool {
     match conn.rbuf.first() {
         None => true,
         Some(&t) => expect_messages && t != crate::protocol::tag::ERROR_RESPONSE,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_node_is_skipped_for_the_backoff_then_tried_again() {
+        let epoch = Instant::now()
+            .checked_sub(Duration::from_secs(5))
+            .expect("uptime over 5 s");
+        let config = BackendConfig {
+            host: "127.0.0.1".into(),
+            port: 5432,
+            weight: 1,
+            name: None,
+        };
+        let b = Backend::new(BackendId(1), config, epoch, None);
+        assert!(!b.is_marked_down());
+        b.mark_down();
+        assert!(b.is_marked_down(), "within the backoff");
+        // A backoff that ended (1 ms after the epoch, 5 s ago) is cleared on sight.
+        b.down_until_ms.store(1, Ordering::Relaxed);
+        assert!(!b.is_marked_down());
+        assert_eq!(b.down_until_ms.load(Ordering::Relaxed), 0);
+        b.mark_down();
+        b.mark_up();
+        assert!(!b.is_marked_down());
     }
 }

@@ -218,29 +218,40 @@ impl Session {
         let Some(conn) = self.conns[id.0 as usize].as_mut() else {
             return Ok(());
         };
-        if conn.settings_generation == Some(self.settings.generation) {
+        if let Some(generation) = conn.settings_generation
+            && self.settings.is_current(generation)
+        {
+            conn.settings_generation = Some(self.settings.generation);
             return Ok(());
         }
         // No difference means the connection has exactly the session's settings already
         // (the usual case: sessions of one application share their startup settings), so
         // nothing is copied; only a replay changes them.
-        if let Some(sql) = self.settings.diff_sql(&conn.settings) {
-            debug!(backend = ?id, "replaying session settings");
-            // Bounded: a server that stopped answering must not hold the session.
-            let limit = self.runtime.config.pool.connect_timeout();
-            let result = tokio::time::timeout(limit, conn.run_internal(&sql, max))
-                .await
-                .unwrap_or(Err(BackendError::Timeout));
-            if let Err(e) = result {
-                // Which settings the connection has now is unknown: it serves no one else.
-                self.release(id, false);
-                return Err(if e.is_connection_failure() {
-                    self.connect_error(id, e)
-                } else {
-                    Error::Backend(e)
-                });
+        match self.settings.diff_sql(&conn.settings) {
+            None => {
+                if let Some(generation) = conn.settings_generation {
+                    self.settings.remember_equal(generation);
+                }
             }
-            conn.settings = self.settings.effective();
+            Some(sql) => {
+                debug!(backend = ?id, "replaying session settings");
+                // Bounded: a server that stopped answering must not hold the session.
+                let limit = self.runtime.config.pool.connect_timeout();
+                let result = tokio::time::timeout(limit, conn.run_internal(&sql, max))
+                    .await
+                    .unwrap_or(Err(BackendError::Timeout));
+                if let Err(e) = result {
+                    // Which settings the connection has now is unknown: it serves no one
+                    // else.
+                    self.release(id, false);
+                    return Err(if e.is_connection_failure() {
+                        self.connect_error(id, e)
+                    } else {
+                        Error::Backend(e)
+                    });
+                }
+                conn.settings = self.settings.effective();
+            }
         }
         conn.settings_generation = Some(self.settings.generation);
         Ok(())

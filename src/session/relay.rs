@@ -99,8 +99,10 @@ struct InFlight {
     passthrough: usize,
     /// Output is withheld from the client because the request may still be retried.
     holding: bool,
-    /// While holding a replica's answer: when it last sent something (or the wait began).
-    quiet_since: Option<tokio::time::Instant>,
+    /// While holding a replica's answer: it sent something (or the wait began) since the
+    /// session's hold timer last fired. Two firings without it mean a whole health
+    /// interval of silence; a flag costs no clock read per answer, a timestamp did.
+    heard_since_tick: bool,
     /// A replica refused with 25006: drain to ReadyForQuery, then retry on the primary.
     retry: bool,
     /// The server said FATAL and is closing the connection; kept from the client, which
@@ -152,7 +154,7 @@ impl Session {
             rolled_back: false,
             passthrough: 0,
             holding: retryable,
-            quiet_since: None,
+            heard_since_tick: true,
             retry: false,
             fatal: None,
             ops: Vec::new(),
@@ -555,10 +557,10 @@ impl Session {
                 // A replica that stops answering (paused, partitioned) must not hold a read
                 // that could still run elsewhere: give up on it once it has been quiet for a
                 // health interval and has left the rotation. One timer per session serves
-                // all its reads (no timer-wheel insert and removal per read): when it fires
-                // early for this read, it is moved to the read's own deadline.
+                // all its reads (no timer-wheel insert and removal per read); it fires once
+                // per interval, and a read that was not heard from between two firings has
+                // been quiet for at least an interval.
                 let interval = self.runtime.config.health.interval();
-                let quiet_since = *fl.quiet_since.get_or_insert_with(tokio::time::Instant::now);
                 let tick = self
                     .hold_tick
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep(interval)));
@@ -571,15 +573,13 @@ impl Session {
                     _ = tick.as_mut() => true,
                 };
                 if !ticked {
-                    fl.quiet_since = Some(tokio::time::Instant::now());
+                    fl.heard_since_tick = true;
                     continue;
                 }
-                let now = tokio::time::Instant::now();
-                if now < quiet_since + interval {
-                    tick.as_mut().reset(quiet_since + interval);
+                tick.as_mut().reset(tokio::time::Instant::now() + interval);
+                if std::mem::take(&mut fl.heard_since_tick) {
                     continue;
                 }
-                tick.as_mut().reset(now + interval);
                 if !self
                     .runtime
                     .backends

@@ -53,7 +53,15 @@ pub struct Settings {
     /// Unique per distinct state across all sessions (0: no settings at all), so a server
     /// connection that served another session cannot be mistaken for current.
     pub generation: u64,
+    /// Generations of other sessions found to hold exactly these settings: a connection
+    /// one of them left behind needs no comparison. Sessions of one application usually
+    /// share their startup settings, so in transaction mode this spares a map comparison
+    /// per transaction. Emptied when the settings change.
+    equal_generations: Vec<u64>,
 }
+
+/// How many equal generations a session remembers (a linear scan of a few words).
+const EQUAL_GENERATIONS_KEPT: usize = 32;
 
 /// Source of `Settings::generation` values.
 static GENERATIONS: AtomicU64 = AtomicU64::new(1);
@@ -69,11 +77,25 @@ impl Settings {
     }
 
     fn bump(&mut self) {
+        self.equal_generations.clear();
         self.generation = if self.baseline.is_empty() && self.values.is_empty() {
             0
         } else {
             GENERATIONS.fetch_add(1, Ordering::Relaxed)
         };
+    }
+
+    /// Whether a connection last brought to `generation` has exactly these settings.
+    pub fn is_current(&self, generation: u64) -> bool {
+        generation == self.generation || self.equal_generations.contains(&generation)
+    }
+
+    /// Record that `generation` (another session's) holds exactly these settings, as a
+    /// comparison found.
+    pub fn remember_equal(&mut self, generation: u64) {
+        if generation != self.generation && self.equal_generations.len() < EQUAL_GENERATIONS_KEPT {
+            self.equal_generations.push(generation);
+        }
     }
 
     /// Name → SET statement of everything in force (startup defaults overridden by SETs).
@@ -356,6 +378,29 @@ mod tests {
         a.apply(&[set("x", "SET x = 1")]);
         b.apply(&[set("x", "SET x = 2")]);
         assert_ne!(a.generation, b.generation);
+    }
+
+    #[test]
+    fn an_equal_generation_is_remembered_until_the_settings_change() {
+        let startup = || startup_settings(&[("application_name".into(), "app".into())]);
+        let mut a = Settings::with_baseline(startup());
+        let b = Settings::with_baseline(startup());
+        assert_ne!(a.generation, b.generation);
+        assert!(a.is_current(a.generation));
+        assert!(!a.is_current(b.generation), "unknown until compared");
+        // What sync_settings does when a connection b left behind shows no difference.
+        assert_eq!(a.diff_sql(&b.effective()), None);
+        a.remember_equal(b.generation);
+        assert!(a.is_current(b.generation));
+        a.apply(&[set("x", "SET x = 1")]);
+        assert!(
+            !a.is_current(b.generation),
+            "a's settings are no longer b's"
+        );
+        for g in 1_000_000..1_000_100 {
+            a.remember_equal(g);
+        }
+        assert!(a.equal_generations.len() <= EQUAL_GENERATIONS_KEPT);
     }
 
     #[test]
