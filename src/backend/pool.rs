@@ -143,7 +143,9 @@ impl Pool {
     }
 
     async fn connect(&self) -> Result<Box<ServerConn>, BackendError> {
-        let conn = tokio::time::timeout(
+        // Boxed: opening a connection is rare, and its state machine (~1.5 KB) inline would
+        // make every request's future that large, with its allocation and copies.
+        let conn = Box::pin(tokio::time::timeout(
             self.limits.connect_timeout,
             ServerConn::connect(
                 self.backend,
@@ -151,7 +153,7 @@ impl Pool {
                 &self.params,
                 self.limits.max_message,
             ),
-        )
+        ))
         .await
         .unwrap_or(Err(BackendError::Timeout))?;
         let _ = self.server_params.set(conn.params.clone());

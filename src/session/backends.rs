@@ -184,10 +184,11 @@ impl Session {
         let timeout = self.runtime.config.pool.connect_timeout();
         let max = self.runtime.config.proxy.max_message_bytes;
         let addr = backend.address();
-        let result =
-            tokio::time::timeout(timeout, ServerConn::connect(id, &addr, &self.connect, max))
-                .await
-                .unwrap_or(Err(BackendError::Timeout));
+        // Boxed, as in the pool: rare, and large inline.
+        let connect = ServerConn::connect(id, &addr, &self.connect, max);
+        let result = Box::pin(tokio::time::timeout(timeout, connect))
+            .await
+            .unwrap_or(Err(BackendError::Timeout));
         match result {
             Ok(c) => {
                 backend.mark_up();

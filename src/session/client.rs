@@ -175,7 +175,9 @@ async fn within<T>(
     let first = std::future::poll_fn(|cx| std::task::Poll::Ready(io.as_mut().poll(cx))).await;
     let result = match first {
         std::task::Poll::Ready(r) => r,
-        std::task::Poll::Pending => tokio::time::timeout(limit, io)
+        // Boxed: the timer is large and rarely needed; inline, it would be part of every
+        // request's future (and of its allocation and copies).
+        std::task::Poll::Pending => Box::pin(tokio::time::timeout(limit, io))
             .await
             .map_err(|_| Error::ClientWriteTimeout(limit))?,
     };

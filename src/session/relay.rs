@@ -107,7 +107,8 @@ struct InFlight {
     retry: bool,
     /// The server said FATAL and is closing the connection; kept from the client, which
     /// keeps its session (the error is reported as an ERROR when the connection ends).
-    fatal: Option<ErrorFields>,
+    /// Boxed, with `facts_error`: rare, and this struct lives in every request's future.
+    fatal: Option<Box<ErrorFields>>,
     ops: Vec<SessionOp>,
     /// Settings set by set_config() in this request, to read back once it succeeded.
     read_back: Vec<String>,
@@ -116,7 +117,7 @@ struct InFlight {
     sync_due: bool,
     /// The answer to [`Expect::CommitFacts`] so far.
     facts_row: Option<Vec<Option<String>>>,
-    facts_error: Option<ErrorFields>,
+    facts_error: Option<Box<ErrorFields>>,
 }
 
 /// A retryable read's answer is held back until it is complete, so that a replica dying
@@ -230,7 +231,8 @@ impl Session {
             }
             Ok(()) => {
                 if !fl.failed && !fl.read_back.is_empty() {
-                    self.read_back_settings(&mut fl).await?;
+                    // Boxed, like server_lost: rare paths kept out of every request's future.
+                    Box::pin(self.read_back_settings(&mut fl)).await?;
                 }
                 self.last_failed = fl.failed;
                 let InFlight {
@@ -244,7 +246,9 @@ impl Session {
                 self.settle_session_ops(id, ops, failed, rolled_back);
                 Ok(Outcome::Done)
             }
-            Err(Error::Backend(e)) if e.is_connection_failure() => self.server_lost(fl, e).await,
+            Err(Error::Backend(e)) if e.is_connection_failure() => {
+                Box::pin(self.server_lost(fl, e)).await
+            }
             Err(e) => Err(e),
         }
     }
@@ -311,7 +315,7 @@ impl Session {
         }
         // The server's own last word (e.g. 57P01 terminating connection), if it said one.
         let e = match fl.fatal {
-            Some(fields) => BackendError::Server(fields),
+            Some(fields) => BackendError::Server(*fields),
             None => e,
         };
         if self.tx != TxStatus::Idle && self.tx_conn == Some(fl.id) {
@@ -769,7 +773,7 @@ impl Session {
             tag::DATA_ROW if fl.facts_row.is_none() => {
                 fl.facts_row = Some(protocol::decode_data_row_text(body));
             }
-            tag::ERROR_RESPONSE => fl.facts_error = Some(ErrorFields::parse(body)),
+            tag::ERROR_RESPONSE => fl.facts_error = Some(Box::new(ErrorFields::parse(body))),
             // Meant for the client whichever query they came with.
             tag::NOTIFICATION_RESPONSE | tag::PARAMETER_STATUS => {
                 self.out.extend_from_slice(frame);
@@ -777,7 +781,7 @@ impl Session {
             tag::READY_FOR_QUERY => {
                 fl.expects.pop_front();
                 let answer = match fl.facts_error.take() {
-                    Some(e) => Err(BackendError::Server(e)),
+                    Some(e) => Err(BackendError::Server(*e)),
                     None => Ok(fl.facts_row.take().unwrap_or_default()),
                 };
                 self.commit_read = super::backends::CommitRead::Answer(Box::new(answer));
@@ -806,7 +810,7 @@ impl Session {
                 let fields = ErrorFields::parse(body());
                 if matches!(fields.severity.as_str(), "FATAL" | "PANIC") {
                     debug!(code = %fields.code, "server is closing the connection");
-                    fl.fatal = Some(fields);
+                    fl.fatal = Some(Box::new(fields));
                     return false;
                 }
                 fl.failed = true;
