@@ -52,17 +52,23 @@ impl ScramSecret {
     /// the same exchange and fails the same way, so probing cannot tell unknown users from
     /// wrong passwords (PostgreSQL's mock authentication). The salt depends only on the name
     /// and this process's random key, so asking twice shows the same salt, as for a real user.
+    /// Its keys are made once per process, like a real user's once per configuration, so an
+    /// unknown user's login does no extra hashing that timing could reveal.
     pub fn mock(user: &str) -> ScramSecret {
-        static KEY: std::sync::OnceLock<hmac::Key> = std::sync::OnceLock::new();
-        let key =
-            KEY.get_or_init(|| hmac::Key::new(hmac::HMAC_SHA256, &rand::random::<[u8; 32]>()));
-        let salt = hmac::sign(key, user.as_bytes());
-        ScramSecret::new(
-            4096,
-            B64.encode(&salt.as_ref()[..16]),
-            rand::random(),
-            rand::random(),
-        )
+        struct Mock {
+            salt_key: hmac::Key,
+            secret: ScramSecret,
+        }
+        static MOCK: std::sync::OnceLock<Mock> = std::sync::OnceLock::new();
+        let mock = MOCK.get_or_init(|| Mock {
+            salt_key: hmac::Key::new(hmac::HMAC_SHA256, &rand::random::<[u8; 32]>()),
+            secret: ScramSecret::new(4096, String::new(), rand::random(), rand::random()),
+        });
+        let salt = hmac::sign(&mock.salt_key, user.as_bytes());
+        ScramSecret {
+            salt_b64: B64.encode(&salt.as_ref()[..16]),
+            ..mock.secret.clone()
+        }
     }
 }
 
