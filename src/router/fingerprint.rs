@@ -84,7 +84,8 @@ pub fn fingerprint_into(sql: &str, out: &mut String) -> bool {
 
 /// Append the text between the last masked literal and the one at `at`, then its mask.
 fn mask(out: &mut String, sql: &str, copied: usize, at: usize, with: &str) {
-    if out.capacity() == 0 {
+    if copied == 0 {
+        // The first mask: the shape is at most as long as the text.
         out.reserve(sql.len());
     }
     out.push_str(&sql[copied..at]);
@@ -182,6 +183,38 @@ mod tests {
             fingerprint("SELECT * FROM t WHERE name = 'it''s' AND x > 1.5e3"),
             Some("SELECT * FROM t WHERE name = '?' AND x > ?".into())
         );
+    }
+
+    #[test]
+    fn literals_anywhere_and_the_text_around_them_are_kept_in_order() {
+        for (sql, shape) in [
+            ("7", "?"),
+            ("''", "'?'"),
+            ("1, 2", "?, ?"),
+            ("'a' || x1 || 'b'", "'?' || x1 || '?'"),
+            ("SELECT 1", "SELECT ?"),
+            (
+                "SELECT x FROM t WHERE a = 'x'",
+                "SELECT x FROM t WHERE a = '?'",
+            ),
+            ("SELECT a-1", "SELECT a-?"),
+            (
+                "SELECT \"a\"\"1\", 2 FROM \"t'3\"",
+                "SELECT \"a\"\"1\", ? FROM \"t'3\"",
+            ),
+            ("SELECT é, 1, ü", "SELECT é, ?, ü"),
+            ("SELECT $1, 2", "SELECT $1, ?"),
+        ] {
+            assert_eq!(fingerprint(sql).as_deref(), Some(shape), "{sql}");
+        }
+        for sql in [
+            "SELECT 1 -- x",
+            "SELECT 1 /* x */",
+            "SELECT 'a', $$b$$",
+            "SELECT 1, E'x'",
+        ] {
+            assert_eq!(fingerprint(sql), None, "refused after a literal: {sql}");
+        }
     }
 
     #[test]
