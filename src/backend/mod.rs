@@ -119,8 +119,8 @@ impl Backend {
             return false;
         }
         if self.epoch.elapsed().as_millis() as u64 >= until {
-            // Over: back to the cheap case (a mark_down racing this store is at worst
-            // forgotten, like one that came a moment earlier and expired).
+            // Over: back to the cheap case. Only this expired mark is cleared: a mark_down or
+            // mark_up in between changed the value, and the exchange leaves theirs.
             let _ =
                 self.down_until_ms
                     .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed);

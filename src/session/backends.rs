@@ -219,21 +219,22 @@ impl Session {
         let Some(conn) = self.conns[id.0 as usize].as_mut() else {
             return Ok(());
         };
+        // A connection's tag names the settings it has. One naming these settings keeps its
+        // tag: that way the tags in a pool settle on the few generations that replayed onto
+        // fresh connections, which every session soon knows (see `remember_equal`).
         if let Some(generation) = conn.settings_generation
             && self.settings.is_current(generation)
         {
-            conn.settings_generation = Some(self.settings.generation);
             return Ok(());
         }
         // No difference means the connection has exactly the session's settings already
         // (the usual case: sessions of one application share their startup settings), so
         // nothing is copied; only a replay changes them.
         match self.settings.diff_sql(&conn.settings) {
-            None => {
-                if let Some(generation) = conn.settings_generation {
-                    self.settings.remember_equal(generation);
-                }
-            }
+            None => match conn.settings_generation {
+                Some(generation) => self.settings.remember_equal(generation),
+                None => conn.settings_generation = Some(self.settings.generation),
+            },
             Some(sql) => {
                 debug!(backend = ?id, "replaying session settings");
                 // Bounded: a server that stopped answering must not hold the session.
@@ -252,9 +253,9 @@ impl Session {
                     });
                 }
                 conn.settings = self.settings.effective();
+                conn.settings_generation = Some(self.settings.generation);
             }
         }
-        conn.settings_generation = Some(self.settings.generation);
         Ok(())
     }
 

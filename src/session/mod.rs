@@ -247,7 +247,7 @@ pub struct Session {
     /// The last request ended in an error the server reported.
     last_failed: bool,
     /// The one timer of the session's held replica reads (see `relay`), created at the
-    /// first; each read moves it to its own deadline when it fires early.
+    /// first; it fires once per health interval while a read is held.
     hold_tick: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     /// The replica of the last read: requests that only prepare or describe stay there,
     /// so preparing a statement does not use up a turn of the round robin.

@@ -99,9 +99,10 @@ struct InFlight {
     passthrough: usize,
     /// Output is withheld from the client because the request may still be retried.
     holding: bool,
-    /// While holding a replica's answer: it sent something (or the wait began) since the
-    /// session's hold timer last fired. Two firings without it mean a whole health
-    /// interval of silence; a flag costs no clock read per answer, a timestamp did.
+    /// While holding a replica's answer: it sent something (or the request began) since
+    /// the session's hold timer last fired. A firing that finds it unset means at least a
+    /// whole health interval of silence (the firing before cleared it); a flag costs no
+    /// clock read per answer, a timestamp did.
     heard_since_tick: bool,
     /// A replica refused with 25006: drain to ReadyForQuery, then retry on the primary.
     retry: bool,

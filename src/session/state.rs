@@ -54,14 +54,16 @@ pub struct Settings {
     /// connection that served another session cannot be mistaken for current.
     pub generation: u64,
     /// Generations of other sessions found to hold exactly these settings: a connection
-    /// one of them left behind needs no comparison. Sessions of one application usually
+    /// tagged with one of them needs no comparison. Sessions of one application usually
     /// share their startup settings, so in transaction mode this spares a map comparison
     /// per transaction. Emptied when the settings change.
     equal_generations: Vec<u64>,
 }
 
-/// How many equal generations a session remembers (a linear scan of a few words).
-const EQUAL_GENERATIONS_KEPT: usize = 32;
+/// How many equal generations a session remembers (a linear scan of a few words). Tags
+/// settle on the generations that replayed onto fresh connections (`sync_settings` keeps a
+/// matching tag), so a pool rarely shows more.
+const EQUAL_GENERATIONS_KEPT: usize = 16;
 
 /// Source of `Settings::generation` values.
 static GENERATIONS: AtomicU64 = AtomicU64::new(1);
