@@ -73,8 +73,10 @@ fn md5_hex(parts: &[&[u8]]) -> String {
 /// Check an md5 PasswordMessage payload (`"md5" + md5(hex_secret || salt)`, NUL-terminated).
 pub fn md5_response_ok(stored_hex: &str, salt: [u8; 4], response: &[u8]) -> bool {
     let response = response.strip_suffix(&[0]).unwrap_or(response);
-    let expected = format!("md5{}", md5_hex(&[stored_hex.as_bytes(), &salt]));
-    constant_time_eq(expected.as_bytes(), response)
+    let Some(hex) = response.strip_prefix(b"md5") else {
+        return false;
+    };
+    constant_time_eq(md5_hex(&[stored_hex.as_bytes(), &salt]).as_bytes(), hex)
 }
 
 pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -100,6 +102,11 @@ mod tests {
         assert!(md5_response_ok(&stored, salt, &with_nul));
         let wrong = postgres_protocol::authentication::md5_hash(b"md5user", b"nope", salt);
         assert!(!md5_response_ok(&stored, salt, wrong.as_bytes()));
+        assert!(
+            !md5_response_ok(&stored, salt, &client.as_bytes()[3..]),
+            "the right digest without its md5 prefix"
+        );
+        assert!(!md5_response_ok(&stored, salt, b""));
     }
 
     #[test]

@@ -33,7 +33,7 @@ use crate::stats::{ClientInfo, ClientState, RouteKind};
 use client::ClientConn;
 use request::Item;
 use startup::{Login, Opening};
-use state::{Settings, Statement, startup_settings};
+use state::{Settings, Statement, startup_settings, startup_value};
 
 /// Serve one accepted client connection to its end.
 pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, over_limit: bool) {
@@ -147,15 +147,12 @@ impl Consistency {
         } else {
             Consistency::Eventual
         };
-        startup_settings(params)
-            .iter()
-            .rev()
-            .find(|(name, _)| name == CONSISTENCY_SETTING)
-            .and_then(|(_, sql)| Consistency::from_sql(sql))
+        startup_value(params, CONSISTENCY_SETTING)
+            .and_then(|value| Consistency::from_sql(&value))
             .unwrap_or(default)
     }
 
-    /// The value in a statement that sets `pgsplit.consistency`.
+    /// The value in a statement that sets `pgsplit.consistency` (or the bare value).
     fn from_sql(sql: &str) -> Option<Consistency> {
         let lower = sql.to_ascii_lowercase();
         if lower.contains("read_your_writes") {

@@ -190,14 +190,45 @@ pub fn startup_settings(params: &[(String, String)]) -> Vec<(String, String)> {
     out
 }
 
+/// The value the startup packet gives `name` last (a parameter of its own or a setting in
+/// `options`): the one `startup_settings` leaves in force, without building its SQL.
+pub fn startup_value(params: &[(String, String)], name: &str) -> Option<String> {
+    let mut last = None;
+    for (k, v) in params {
+        if k == "options" {
+            for (n, value) in parse_options(v) {
+                if n.eq_ignore_ascii_case(name) {
+                    last = Some(value);
+                }
+            }
+        } else if k.eq_ignore_ascii_case(name) {
+            last = Some(v.clone());
+        }
+    }
+    last
+}
+
 /// set_config takes the value as raw text, as the startup packet does (a SET with a quoted
 /// literal would turn `a,b` into one list element).
 fn set_sql(name: &str, value: &str) -> String {
-    format!(
-        "SELECT pg_catalog.set_config('{}', '{}', false)",
-        name.replace('\'', "''"),
-        value.replace('\'', "''")
-    )
+    // Built in one allocation: every pooled login makes one of these per startup parameter.
+    let mut sql = String::with_capacity(48 + name.len() + value.len());
+    sql.push_str("SELECT pg_catalog.set_config('");
+    push_quoted(&mut sql, name);
+    sql.push_str("', '");
+    push_quoted(&mut sql, value);
+    sql.push_str("', false)");
+    sql
+}
+
+/// `text` inside a single-quoted SQL literal: quotes doubled.
+fn push_quoted(sql: &mut String, text: &str) {
+    let mut parts = text.split('\'');
+    sql.push_str(parts.next().unwrap_or_default());
+    for part in parts {
+        sql.push_str("''");
+        sql.push_str(part);
+    }
 }
 
 /// The `-c name=value` and `--name=value` settings in a libpq `options` string
@@ -279,6 +310,29 @@ mod tests {
         assert_eq!(s.diff_sql(&server).as_deref(), Some("RESET \"timezone\""));
         assert!(s.apply(&[SessionOp::DiscardAll]));
         assert!(s.values.is_empty());
+    }
+
+    #[test]
+    fn a_startup_value_is_the_last_one_given_as_startup_settings_apply_it() {
+        let params = [
+            ("pgsplit.consistency".to_string(), "eventual".to_string()),
+            (
+                "options".into(),
+                "-c search_path=a -c PgSplit.Consistency=read_your_writes".into(),
+            ),
+        ];
+        assert_eq!(
+            startup_value(&params, "pgsplit.consistency").as_deref(),
+            Some("read_your_writes")
+        );
+        let last = startup_settings(&params)
+            .into_iter()
+            .rev()
+            .find(|(n, _)| n == "pgsplit.consistency")
+            .map(|(_, sql)| sql);
+        assert!(last.is_some_and(|sql| sql.contains("'read_your_writes'")));
+        assert_eq!(startup_value(&params, "search_path").as_deref(), Some("a"));
+        assert_eq!(startup_value(&params, "application_name"), None);
     }
 
     #[test]
