@@ -36,7 +36,9 @@ use pgsplit::router::{
     Classification, ClassifyCache, Route, SessionFacts, SessionOp, Target, TxAccess, route,
 };
 use pgsplit_fuzz::request::{self, Item};
-use pgsplit_fuzz::state::{Settings, Statement, apply_to_server, startup_settings};
+use pgsplit_fuzz::state::{
+    Settings, Statement, Statements, apply_to_server, startup_settings,
+};
 use pgsplit_fuzz::{SESSION_STACK, check_error_response, on_stack};
 
 /// One server connection (0 = primary, 1 and 2 = replicas), as `ServerConn` tracks it.
@@ -94,7 +96,7 @@ enum Expect {
 struct InFlight {
     backend: usize,
     expects: VecDeque<Expect>,
-    local: HashMap<String, Arc<Statement>>,
+    local: Statements,
     open: bool,
     failed: bool,
     rolled_back: bool,
@@ -109,9 +111,9 @@ struct Model<'a> {
     oracle: Unstructured<'a>,
     classify: &'a ClassifyCache,
     servers: Vec<Server>,
-    statements: HashMap<String, Arc<Statement>>,
+    statements: Statements,
     batch: Vec<Item>,
-    batch_local: HashMap<String, Arc<Statement>>,
+    batch_local: Statements,
     skip_until_sync: bool,
     tx: TxStatus,
     tx_conn: Option<usize>,
@@ -332,7 +334,7 @@ impl<'a> Model<'a> {
         let mut fl = InFlight {
             backend,
             expects: VecDeque::new(),
-            local: if open { local } else { HashMap::new() },
+            local: if open { local } else { Statements::default() },
             open,
             failed: false,
             rolled_back: false,
@@ -357,7 +359,7 @@ impl<'a> Model<'a> {
             let mut again = InFlight {
                 backend: 0,
                 expects: VecDeque::new(),
-                local: HashMap::new(),
+                local: Statements::default(),
                 open: false,
                 failed: false,
                 rolled_back: false,
@@ -452,7 +454,7 @@ impl<'a> Model<'a> {
         assert!(server.prepared.len() <= server.capacity);
         let unnamed = stmt.server_name.is_empty();
         let server_name = if unnamed {
-            server.unnamed = Some(stmt.hash);
+            server.unnamed = Some(stmt.identity);
             None
         } else {
             assert!(server.prepared.contains(&stmt.server_name));
@@ -462,7 +464,7 @@ impl<'a> Model<'a> {
         fl.expects.push_back(Expect::Parse {
             server_name,
             unnamed,
-            hash: stmt.hash,
+            hash: stmt.identity,
             register: register.map(|n| (n, stmt.clone())),
         });
     }
@@ -470,7 +472,7 @@ impl<'a> Model<'a> {
     fn ensure_prepared(&mut self, fl: &mut InFlight, stmt: &Arc<Statement>) {
         let server = &mut self.servers[fl.backend];
         let present = if stmt.server_name.is_empty() {
-            server.unnamed == Some(stmt.hash)
+            server.unnamed == Some(stmt.identity)
         } else {
             server.prepared.touch(&stmt.server_name);
             server.prepared.contains(&stmt.server_name)
@@ -481,7 +483,7 @@ impl<'a> Model<'a> {
         // The message that needs it goes right after: the server must hold it now.
         let server = &self.servers[fl.backend];
         if stmt.server_name.is_empty() {
-            assert_eq!(server.unnamed, Some(stmt.hash));
+            assert_eq!(server.unnamed, Some(stmt.identity));
         } else {
             assert!(server.prepared.contains(&stmt.server_name));
         }
@@ -690,8 +692,8 @@ impl<'a> Model<'a> {
             s.generation == 0,
             s.baseline.is_empty() && s.values.is_empty()
         );
-        for (name, stmt) in &self.statements {
-            assert_eq!(*name, stmt.parse.name);
+        for (name, stmt) in self.statements.iter() {
+            assert_eq!(name, stmt.parse.name);
             assert_eq!(name.is_empty(), stmt.server_name.is_empty());
         }
     }
@@ -723,9 +725,9 @@ fn run(data: &[u8]) {
         oracle: Unstructured::new(oracle),
         classify: &classify,
         servers: (0..3).map(|_| Server::new(capacity)).collect(),
-        statements: HashMap::new(),
+        statements: Statements::default(),
         batch: Vec::new(),
-        batch_local: HashMap::new(),
+        batch_local: Statements::default(),
         skip_until_sync: false,
         tx: TxStatus::Idle,
         tx_conn: None,

@@ -81,7 +81,7 @@ pub struct ServerConn {
     pub params: Vec<(String, String)>,
     /// Server-side names of the statements prepared on this connection.
     pub prepared: PreparedSet,
-    /// Hash of the SQL held by this connection's unnamed statement, if known.
+    /// The identity of the statement this connection's unnamed statement holds, if known.
     pub unnamed: Option<u64>,
     /// Session settings (name → SET statement) this connection currently has applied.
     pub settings: HashMap<String, String>,

@@ -12,7 +12,16 @@ use super::{Frame, tag};
 #[error("malformed {0} message")]
 pub struct MalformedMessage(pub &'static str);
 
-/// Split a NUL-terminated UTF-8 string off the front of `b`.
+/// Where the first NUL byte of `b` is. `CStr` searches word by word (core's memchr), several
+/// times faster than a byte loop over a statement's text.
+fn nul_at(b: &[u8]) -> Option<usize> {
+    std::ffi::CStr::from_bytes_until_nul(b)
+        .ok()
+        .map(|c| c.count_bytes())
+}
+
+/// Split a NUL-terminated UTF-8 string off the front of `b`: a statement or portal name,
+/// short enough that a byte loop beats `nul_at`'s setup.
 fn cstr<'a>(b: &'a [u8], what: &'static str) -> Result<(&'a str, &'a [u8]), MalformedMessage> {
     let nul = b
         .iter()
@@ -22,12 +31,9 @@ fn cstr<'a>(b: &'a [u8], what: &'static str) -> Result<(&'a str, &'a [u8]), Malf
     Ok((s, &b[nul + 1..]))
 }
 
-/// Split a NUL-terminated byte string off the front of `b` (any client encoding).
+/// Split a NUL-terminated byte string off the front of `b` (any client encoding): SQL text.
 fn cbytes<'a>(b: &'a [u8], what: &'static str) -> Result<(&'a [u8], &'a [u8]), MalformedMessage> {
-    let nul = b
-        .iter()
-        .position(|&c| c == 0)
-        .ok_or(MalformedMessage(what))?;
+    let nul = nul_at(b).ok_or(MalformedMessage(what))?;
     Ok((&b[..nul], &b[nul + 1..]))
 }
 
@@ -266,5 +272,19 @@ mod tests {
         assert!(query_sql(b"select 1").is_err());
         assert!(query_sql(b"a\0b\0").is_err());
         assert_eq!(query_sql(b"\xff\0").unwrap(), "\u{fffd}");
+    }
+
+    #[test]
+    fn finds_the_first_nul_at_any_position() {
+        assert_eq!(nul_at(b""), None);
+        assert_eq!(nul_at(b"abc"), None);
+        assert_eq!(nul_at(b"\0abc"), Some(0));
+        let mut long = vec![b'x'; 100];
+        assert_eq!(nul_at(&long), None);
+        for at in [1, 7, 8, 9, 63, 64, 99] {
+            long[at] = 0;
+            assert_eq!(nul_at(&long), Some(at));
+            long[at] = 0xff;
+        }
     }
 }

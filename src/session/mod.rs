@@ -13,7 +13,6 @@ mod request;
 mod startup;
 mod state;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -33,7 +32,7 @@ use crate::stats::{ClientInfo, ClientState, RouteKind};
 use client::ClientConn;
 use request::Item;
 use startup::{Login, Opening};
-use state::{Settings, Statement, startup_settings, startup_value};
+use state::{Settings, Statements, startup_settings, startup_value};
 
 /// Serve one accepted client connection to its end.
 pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, over_limit: bool) {
@@ -252,11 +251,11 @@ pub struct Session {
     settings: Settings,
     /// Session operations of the open transaction, applied at COMMIT.
     tx_ops: Vec<SessionOp>,
-    statements: HashMap<String, Arc<Statement>>,
+    statements: Statements,
     /// Extended-protocol messages received since the last Sync.
     batch: Vec<Item>,
     /// Statements parsed in the current batch, which shadow the session's.
-    batch_local: HashMap<String, Arc<Statement>>,
+    batch_local: Statements,
     /// After a failure before an unsynced batch reached a server: drop client messages up
     /// to the Sync, then report ReadyForQuery, as PostgreSQL does.
     skip_until_sync: bool,
@@ -331,9 +330,9 @@ impl Session {
             last_failed: false,
             settings: Settings::with_baseline(baseline),
             tx_ops: Vec::new(),
-            statements: HashMap::new(),
+            statements: Statements::default(),
             batch: Vec::new(),
-            batch_local: HashMap::new(),
+            batch_local: Statements::default(),
             skip_until_sync: false,
             // Allocated at first use: a client that logs in and idles never needs them.
             out: bytes::BytesMut::new(),
@@ -639,7 +638,7 @@ impl Session {
     async fn dispatch_items(
         &mut self,
         items: &[Item],
-        local: &HashMap<String, Arc<Statement>>,
+        local: &Statements,
         open: bool,
     ) -> Result<()> {
         if let Some(reply) = self.local_reply(items) {

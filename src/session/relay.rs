@@ -10,7 +10,7 @@
 //! injected, inserts answers for messages it served itself, and knows after an error which
 //! messages the server skipped.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use bytes::Buf;
@@ -18,7 +18,7 @@ use tracing::{debug, warn};
 
 use super::Session;
 use super::request::{self, Item};
-use super::state::Statement;
+use super::state::{Statement, Statements};
 use crate::backend::{BackendError, BackendId, ServerConn};
 use crate::error::{Error, Result};
 use crate::protocol::{
@@ -85,7 +85,7 @@ struct InFlight {
     conn: Box<ServerConn>,
     expects: VecDeque<Expect>,
     /// Statements parsed in this batch (for messages of an open batch still to come).
-    local: HashMap<String, Arc<Statement>>,
+    local: Statements,
     /// The batch has no Sync yet: further client messages join it.
     open: bool,
     copy_in: bool,
@@ -136,7 +136,7 @@ impl Session {
         &mut self,
         id: BackendId,
         items: &[Item],
-        local: &HashMap<String, Arc<Statement>>,
+        local: &Statements,
         open: bool,
         retryable: bool,
     ) -> Result<Outcome> {
@@ -147,7 +147,11 @@ impl Session {
             id,
             conn,
             expects: VecDeque::with_capacity(items.len()),
-            local: if open { local.clone() } else { HashMap::new() },
+            local: if open {
+                local.clone()
+            } else {
+                Statements::default()
+            },
             open,
             copy_in: false,
             copy_by_execute: false,
@@ -472,7 +476,7 @@ impl Session {
             .encode_into(&mut self.wbuf);
         let unnamed = stmt.server_name.is_empty();
         let server_name = if unnamed {
-            fl.conn.unnamed = Some(stmt.hash);
+            fl.conn.unnamed = Some(stmt.identity);
             None
         } else {
             Some(stmt.server_name.clone())
@@ -488,7 +492,7 @@ impl Session {
     /// Prepare `stmt` on the connection first if it does not have it.
     fn ensure_prepared(&mut self, fl: &mut InFlight, stmt: &Arc<Statement>) {
         let present = if stmt.server_name.is_empty() {
-            fl.conn.unnamed == Some(stmt.hash)
+            fl.conn.unnamed == Some(stmt.identity)
         } else {
             fl.conn.prepared.touch(&stmt.server_name);
             fl.conn.prepared.contains(&stmt.server_name)

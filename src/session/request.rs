@@ -3,10 +3,9 @@
 //! to the session's [`Statement`]. Decoded once; sent to a backend once or, on a retry,
 //! again to another.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::state::Statement;
+use super::state::{Statement, Statements};
 use crate::error::Result;
 use crate::protocol::{
     BindNames, Frame, ParseMsg, Target, decode_target, query_sql, tag, validate_execute,
@@ -256,12 +255,11 @@ fn unnamed_execute(frame: &Frame) -> bool {
 pub fn decode(
     frame: Frame,
     classify: &ClassifyCache,
-    session: &HashMap<String, Arc<Statement>>,
-    local: &mut HashMap<String, Arc<Statement>>,
+    session: &Statements,
+    local: &mut Statements,
 ) -> Result<Item> {
-    let lookup = |name: &str, local: &HashMap<String, Arc<Statement>>| {
-        local.get(name).or_else(|| session.get(name)).cloned()
-    };
+    let lookup =
+        |name: &str, local: &Statements| local.get(name).or_else(|| session.get(name)).cloned();
     Ok(match frame.tag {
         tag::QUERY => {
             let class = classify.get(&query_sql(&frame.body)?);
@@ -319,8 +317,8 @@ mod tests {
     /// `D portal` (Describe), `S`) as the session would.
     fn items(messages: &[&str]) -> Vec<Item> {
         let classify = ClassifyCache::new(64, vec![]);
-        let session = HashMap::new();
-        let mut local = HashMap::new();
+        let session = Statements::default();
+        let mut local = Statements::default();
         messages
             .iter()
             .map(|m| {

@@ -14,31 +14,96 @@ use crate::router::{Classification, SessionOp};
 pub struct Statement {
     pub parse: ParseMsg,
     pub class: Arc<Classification>,
-    /// Stable hash of SQL text and declared parameter types.
-    pub hash: u64,
+    /// What a server connection's copy of this statement is recognised by. Named: a stable
+    /// hash of SQL text and declared parameter types. Unnamed: a number unique in this
+    /// process, since clients parse the unnamed statement again before nearly every use;
+    /// hashing its text each time cost more than the rare re-Parse the hash could spare.
+    pub identity: u64,
     /// The name it has on servers: derived from the hash, so equal SQL shares one
     /// server-side statement and two clients' names never collide.
     pub server_name: String,
 }
 
+/// Source of unnamed statements' identities.
+static UNNAMED_STATEMENTS: AtomicU64 = AtomicU64::new(1);
+
 impl Statement {
     pub fn new(parse: ParseMsg, class: Arc<Classification>) -> Statement {
+        if parse.name.is_empty() {
+            return Statement {
+                parse,
+                class,
+                identity: UNNAMED_STATEMENTS.fetch_add(1, Ordering::Relaxed),
+                server_name: String::new(),
+            };
+        }
         // DefaultHasher::new() uses fixed keys: the same text hashes alike in every process.
         let mut h = std::hash::DefaultHasher::new();
         parse.sql_raw.hash(&mut h);
         parse.param_types.hash(&mut h);
-        let hash = h.finish();
-        let server_name = if parse.name.is_empty() {
-            String::new()
-        } else {
-            format!("pgsplit_{hash:016x}")
-        };
+        let identity = h.finish();
         Statement {
             parse,
             class,
-            hash,
-            server_name,
+            identity,
+            server_name: format!("pgsplit_{identity:016x}"),
         }
+    }
+}
+
+/// A session's (or one batch's) prepared statements by name. The unnamed one has a field of
+/// its own: most clients parse it again before every use, and a map would hash "" for each
+/// Parse, Bind and ParseComplete.
+#[derive(Debug, Default, Clone)]
+pub struct Statements {
+    unnamed: Option<Arc<Statement>>,
+    named: HashMap<String, Arc<Statement>>,
+}
+
+impl Statements {
+    pub fn get(&self, name: &str) -> Option<&Arc<Statement>> {
+        if name.is_empty() {
+            self.unnamed.as_ref()
+        } else {
+            self.named.get(name)
+        }
+    }
+
+    pub fn contains_key(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+
+    pub fn insert(&mut self, name: String, stmt: Arc<Statement>) {
+        if name.is_empty() {
+            self.unnamed = Some(stmt);
+        } else {
+            self.named.insert(name, stmt);
+        }
+    }
+
+    pub fn remove(&mut self, name: &str) -> Option<Arc<Statement>> {
+        if name.is_empty() {
+            self.unnamed.take()
+        } else {
+            self.named.remove(name)
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.unnamed = None;
+        self.named.clear();
+    }
+
+    /// Every statement with its name, the unnamed one first (for the fuzz target's checks).
+    #[allow(dead_code)]
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Arc<Statement>)> {
+        let unnamed = self.unnamed.iter().map(|s| ("", s));
+        unnamed.chain(self.named.iter().map(|(n, s)| (n.as_str(), s)))
+    }
+
+    /// Named statements the map has room for without growing.
+    pub fn capacity(&self) -> usize {
+        self.named.capacity()
     }
 }
 
@@ -459,20 +524,55 @@ mod tests {
         assert!(a.equal_generations.len() <= EQUAL_GENERATIONS_KEPT);
     }
 
-    #[test]
-    fn statements_share_server_names_by_text() {
-        let c = Arc::new(Classification::unknown());
-        let p = |name: &str, sql: &str| ParseMsg {
+    fn parse_msg(name: &str, sql: &str) -> ParseMsg {
+        ParseMsg {
             name: name.into(),
             sql: sql.into(),
             sql_raw: bytes::Bytes::copy_from_slice(sql.as_bytes()),
             param_types: bytes::Bytes::from_static(&[0, 0]),
-        };
-        let a = Statement::new(p("a", "select 1"), c.clone());
-        let b = Statement::new(p("b", "select 1"), c.clone());
-        let d = Statement::new(p("a", "select 2"), c.clone());
+        }
+    }
+
+    #[test]
+    fn statements_share_server_names_by_text() {
+        let c = Arc::new(Classification::unknown());
+        let a = Statement::new(parse_msg("a", "select 1"), c.clone());
+        let b = Statement::new(parse_msg("b", "select 1"), c.clone());
+        let d = Statement::new(parse_msg("a", "select 2"), c.clone());
         assert_eq!(a.server_name, b.server_name);
         assert_ne!(a.server_name, d.server_name);
-        assert_eq!(Statement::new(p("", "select 1"), c).server_name, "");
+        let e = Statement::new(parse_msg("", "select 1"), c.clone());
+        let f = Statement::new(parse_msg("", "select 1"), c);
+        assert_eq!(e.server_name, "");
+        assert_ne!(e.identity, f.identity);
+    }
+
+    #[test]
+    fn the_unnamed_statement_is_kept_apart_from_named_ones() {
+        let c = Arc::new(Classification::unknown());
+        let mut all = Statements::default();
+        all.insert(
+            String::new(),
+            Arc::new(Statement::new(parse_msg("", "select 1"), c.clone())),
+        );
+        all.insert(
+            "s1".into(),
+            Arc::new(Statement::new(parse_msg("s1", "select 2"), c.clone())),
+        );
+        assert_eq!(all.get("").map(|s| s.parse.sql.as_str()), Some("select 1"));
+        assert_eq!(
+            all.get("s1").map(|s| s.parse.sql.as_str()),
+            Some("select 2")
+        );
+        all.insert(
+            String::new(),
+            Arc::new(Statement::new(parse_msg("", "select 3"), c)),
+        );
+        assert_eq!(all.get("").map(|s| s.parse.sql.as_str()), Some("select 3"));
+        assert!(all.remove("").is_some());
+        assert!(!all.contains_key(""));
+        assert!(all.contains_key("s1"));
+        all.clear();
+        assert!(!all.contains_key("s1"));
     }
 }
