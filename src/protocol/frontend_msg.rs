@@ -103,18 +103,35 @@ impl ParseMsg {
 
     /// The same statement under another name.
     pub fn encode_named(&self, name: &str) -> Frame {
-        let mut b =
-            BytesMut::with_capacity(name.len() + self.sql_raw.len() + 2 + self.param_types.len());
+        let mut b = BytesMut::with_capacity(self.body_len(name));
+        self.put_body(name, &mut b);
+        Frame {
+            tag: tag::PARSE,
+            body: b.freeze(),
+        }
+    }
+
+    /// The same statement under another name, as a whole message written onto `out` (no
+    /// buffer of its own: this runs for every Parse a client sends).
+    pub fn encode_named_into(&self, name: &str, out: &mut BytesMut) {
+        let len = self.body_len(name);
+        out.reserve(5 + len);
+        out.put_u8(tag::PARSE);
+        out.put_i32((len + 4) as i32);
+        self.put_body(name, out);
+    }
+
+    fn body_len(&self, name: &str) -> usize {
+        name.len() + self.sql_raw.len() + 2 + self.param_types.len()
+    }
+
+    fn put_body(&self, name: &str, b: &mut BytesMut) {
         b.put_slice(name.as_bytes());
         b.put_u8(0);
         // The client's own bytes: `sql` is lossy for clients whose encoding is not UTF-8.
         b.put_slice(&self.sql_raw);
         b.put_u8(0);
         b.put_slice(&self.param_types);
-        Frame {
-            tag: tag::PARSE,
-            body: b.freeze(),
-        }
     }
 }
 
@@ -233,6 +250,10 @@ mod tests {
         assert_eq!(p.sql, "select $1");
         let f = p.encode_named("srv");
         assert_eq!(&f.body[..], b"srv\0select $1\0\0\x01\0\0\0\x17");
+        let (mut whole, mut direct) = (BytesMut::from(&b"x"[..]), BytesMut::from(&b"x"[..]));
+        f.encode_into(&mut whole);
+        p.encode_named_into("srv", &mut direct);
+        assert_eq!(direct, whole);
         assert!(ParseMsg::decode(&Bytes::from_static(b"s1\0select\0\0\x02\0\0\0\x17")).is_err());
         assert!(ParseMsg::decode(&Bytes::from_static(b"s1\0select")).is_err());
     }

@@ -472,8 +472,7 @@ impl Session {
             fl.expects.push_back(Expect::CloseEvicted(victim));
         }
         stmt.parse
-            .encode_named(&stmt.server_name)
-            .encode_into(&mut self.wbuf);
+            .encode_named_into(&stmt.server_name, &mut self.wbuf);
         let unnamed = stmt.server_name.is_empty();
         let server_name = if unnamed {
             fl.conn.unnamed = Some(stmt.identity);
