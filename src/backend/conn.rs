@@ -88,6 +88,9 @@ pub struct ServerConn {
     /// The session-settings generation `settings` was last brought to.
     pub settings_generation: Option<u64>,
     pub created: Instant,
+    /// When a pool retires this connection (`max_lifetime` after it opened); None: never
+    /// (a session's own connection).
+    pub expires: Option<Instant>,
 }
 
 impl std::fmt::Debug for ServerConn {
@@ -144,6 +147,7 @@ impl ServerConn {
             settings: HashMap::new(),
             settings_generation: None,
             created: Instant::now(),
+            expires: None,
         });
         conn.startup(params, max_message).await?;
         Ok(conn)

@@ -111,8 +111,10 @@ impl Pool {
         self.server_params.get().map(Vec::as_slice)
     }
 
-    /// Lend a connection: an idle live one, or a new one while under `size`.
-    pub async fn checkout(&self) -> Result<Lent, CheckoutError> {
+    /// Lend a connection: an idle live one, or a new one while under `size`. `now` is a
+    /// recent clock reading of the caller's (the start of its request): a lifetime needs no
+    /// fresher one, and the clock is read enough per request already.
+    pub async fn checkout(&self, now: Instant) -> Result<Lent, CheckoutError> {
         // A free permit needs no timer (and the semaphore hands released permits to queued
         // waiters first, so taking one here jumps no queue).
         let permit = match self.permits.clone().try_acquire_owned() {
@@ -131,9 +133,7 @@ impl Pool {
         };
         while let Some(idle) = self.pop_idle() {
             let mut conn = idle.conn;
-            if conn.created.elapsed() < self.limits.max_lifetime
-                && super::is_alive(&mut conn, false)
-            {
+            if conn.expires.is_none_or(|at| now < at) && super::is_alive(&mut conn, false) {
                 return Ok(Lent { conn, permit });
             }
             debug!(backend = %self.name, "dropping a dead or expired idle server connection");
@@ -145,7 +145,7 @@ impl Pool {
     async fn connect(&self) -> Result<Box<ServerConn>, BackendError> {
         // Boxed: opening a connection is rare, and its state machine (~1.5 KB) inline would
         // make every request's future that large, with its allocation and copies.
-        let conn = Box::pin(tokio::time::timeout(
+        let mut conn = Box::pin(tokio::time::timeout(
             self.limits.connect_timeout,
             ServerConn::connect(
                 self.backend,
@@ -156,6 +156,7 @@ impl Pool {
         ))
         .await
         .unwrap_or(Err(BackendError::Timeout))?;
+        conn.expires = conn.created.checked_add(self.limits.max_lifetime);
         let _ = self.server_params.set(conn.params.clone());
         debug!(backend = %self.name, pid = conn.cancel_key.pid, "pooled server connection opened");
         Ok(conn)
@@ -165,10 +166,10 @@ impl Pool {
         lock(&self.idle).pop()
     }
 
-    /// Take a lent connection back. One past its lifetime is closed instead.
-    pub fn checkin(&self, lent: Lent) {
-        let now = Instant::now();
-        if now.saturating_duration_since(lent.conn.created) >= self.limits.max_lifetime {
+    /// Take a lent connection back. One past its lifetime is closed instead. `now`: the
+    /// caller's latest clock reading (the end of its request).
+    pub fn checkin(&self, lent: Lent, now: Instant) {
+        if lent.conn.expires.is_some_and(|at| now >= at) {
             return;
         }
         lock(&self.idle).push(Idle {

@@ -162,7 +162,7 @@ impl Session {
             }
         };
         let backend = self.runtime.backends.get(id);
-        match pool.checkout().await {
+        match pool.checkout(self.clock).await {
             Ok(lent) => {
                 if let Some(b) = backend {
                     b.mark_up();
@@ -285,7 +285,7 @@ impl Session {
         if let (Some(conn), Some(permit), Some(pool), true) =
             (conn, permit, &self.pools[slot], reusable)
         {
-            pool.checkin(Lent { conn, permit });
+            pool.checkin(Lent { conn, permit }, self.clock);
         }
     }
 }

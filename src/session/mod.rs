@@ -266,6 +266,10 @@ pub struct Session {
     cancel_pid: i32,
     cancel_secret: i32,
     cancel_slot: CancelSlot,
+    /// The session's latest clock reading: its request's start, then its end. Pool
+    /// lifetimes and idle times go by it, so a request reads the clock twice, not four
+    /// times.
+    clock: std::time::Instant,
 }
 
 impl Session {
@@ -340,6 +344,7 @@ impl Session {
             cancel_pid,
             cancel_secret,
             cancel_slot,
+            clock: std::time::Instant::now(),
         }
     }
 
@@ -376,6 +381,7 @@ impl Session {
         }
         protocol::backend_key_data(self.cancel_pid, self.cancel_secret).encode_into(&mut greeting);
         protocol::ready_for_query(TxStatus::Idle).encode_into(&mut greeting);
+        self.clock = std::time::Instant::now();
         self.release_idle();
         self.client.write(&greeting).await
     }
@@ -433,6 +439,7 @@ impl Session {
         }
         // Pooled connections go back only when nothing of this session is left on them.
         if !self.pinned {
+            self.clock = std::time::Instant::now();
             self.release_idle();
         }
         for conn in self.conns.iter_mut().filter_map(Option::take) {
@@ -645,6 +652,7 @@ impl Session {
             return self.client.send(&reply).await;
         }
         let started = std::time::Instant::now();
+        self.clock = started;
         let in_transaction = self.tx != TxStatus::Idle
             || items
                 .iter()
@@ -791,10 +799,12 @@ impl Session {
     }
 
     /// Count a request and its latency; the client is idle (or in its transaction) again.
-    fn record(&self, route: RouteKind, started: std::time::Instant, failed: bool) {
+    fn record(&mut self, route: RouteKind, started: std::time::Instant, failed: bool) {
+        self.clock = std::time::Instant::now();
+        let elapsed = self.clock.saturating_duration_since(started);
         self.shared
             .stats
-            .record(route, started.elapsed(), failed, self.cancel_pid as usize);
+            .record(route, elapsed, failed, self.cancel_pid as usize);
         self.info.set_state(if self.tx == TxStatus::Idle {
             ClientState::Idle
         } else {

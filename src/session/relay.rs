@@ -231,6 +231,7 @@ impl Session {
                     }
                 }
                 self.conns[id.0 as usize] = Some(fl.conn);
+                self.clock = std::time::Instant::now();
                 self.release(id, true);
                 Ok(Outcome::Retry { on_replica: false })
             }

@@ -628,3 +628,55 @@ async fn a_reload_keeps_the_pooled_connections_it_did_not_change() {
         "a new pool after [pool] changed"
     );
 }
+
+#[tokio::test]
+async fn server_connections_retire_after_their_lifetime_and_idle_ones_close() {
+    let c = cluster();
+    let limits = "\n[pool]\nsize = 1\nmax_lifetime_ms = 1500\nidle_timeout_ms = 1000\n";
+    let proxy = start_proxy_with(&format!("{}{limits}", ops_config(c))).await;
+    let admin = console(proxy.port()).await;
+    // Read before the login, which opens the first server connection.
+    let started = Instant::now();
+    let client = connect(&proxy.conn_str("trustuser", "")).await;
+    // In a transaction: on the primary, through its pool of one.
+    let primary_pid = || async {
+        let messages = client
+            .simple_query("BEGIN; SELECT pg_backend_pid()::text; COMMIT")
+            .await
+            .unwrap();
+        messages
+            .iter()
+            .find_map(|m| match m {
+                SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+                _ => None,
+            })
+            .unwrap()
+    };
+    let first = primary_pid().await;
+    // Kept busy (never idle for the idle timeout): only its lifetime retires it.
+    let mut replaced_after = None;
+    while started.elapsed() < Duration::from_secs(5) {
+        if primary_pid().await != first {
+            replaced_after = Some(started.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let replaced_after = replaced_after.expect("the connection outlived its max_lifetime");
+    assert!(
+        replaced_after >= Duration::from_millis(1500),
+        "retired after {replaced_after:?}, before its lifetime"
+    );
+    // Idle past the idle timeout: the pool closes it (min_idle is 0).
+    let deadline = Instant::now() + Duration::from_secs(6);
+    loop {
+        let pools = rows(&admin, "SHOW POOLS").await;
+        let idle: Vec<_> = pools.iter().filter(|p| p["user"] == "trustuser").collect();
+        assert!(!idle.is_empty(), "{pools:?}");
+        if idle.iter().all(|p| p["idle"] == "0" && p["in_use"] == "0") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still open: {idle:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
