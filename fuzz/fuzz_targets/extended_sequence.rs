@@ -36,9 +36,7 @@ use pgsplit::router::{
     Classification, ClassifyCache, Route, SessionFacts, SessionOp, Target, TxAccess, route,
 };
 use pgsplit_fuzz::request::{self, Item};
-use pgsplit_fuzz::state::{
-    Settings, Statement, Statements, apply_to_server, startup_settings,
-};
+use pgsplit_fuzz::state::{Settings, Statement, Statements, apply_to_server, startup_settings};
 use pgsplit_fuzz::{SESSION_STACK, check_error_response, on_stack};
 
 /// One server connection (0 = primary, 1 and 2 = replicas), as `ServerConn` tracks it.
@@ -74,7 +72,7 @@ enum Expect {
     Parse {
         server_name: Option<String>,
         unnamed: bool,
-        hash: u64,
+        identity: u64,
         register: Option<(String, Arc<Statement>)>,
     },
     Synth {
@@ -82,14 +80,19 @@ enum Expect {
         unregister: Option<String>,
     },
     CloseEvicted(String),
+    /// The Close of the unnamed statement sent before a Bind or Describe of an unnamed
+    /// statement the session does not have.
+    CloseUnnamed,
     /// Bind, Describe, Execute, Close: answered, nothing to record.
     Plain,
     Sync,
     HiddenSync,
     /// `clears`: it holds DISCARD ALL or DEALLOCATE ALL (the server drops every prepared
-    /// statement when it succeeds).
+    /// statement when it succeeds). `simple`: a simple Query, which drops the unnamed
+    /// statement (a FunctionCall leaves it).
     Query {
         clears: bool,
+        simple: bool,
     },
 }
 
@@ -387,7 +390,10 @@ impl<'a> Model<'a> {
                     .session_ops
                     .iter()
                     .any(|op| matches!(op, SessionOp::DiscardAll | SessionOp::DeallocateAll));
-                fl.expects.push_back(Expect::Query { clears });
+                fl.expects.push_back(Expect::Query {
+                    clears,
+                    simple: true,
+                });
                 fl.ops.extend(class.session_ops.iter().cloned());
                 let sql = query_sql(&frame.body).expect("decoded once").into_owned();
                 let head = sql.trim_start().to_ascii_lowercase();
@@ -396,7 +402,10 @@ impl<'a> Model<'a> {
                 }
                 fl.sql.push(sql);
             }
-            Item::FunctionCall(_) => fl.expects.push_back(Expect::Query { clears: false }),
+            Item::FunctionCall(_) => fl.expects.push_back(Expect::Query {
+                clears: false,
+                simple: false,
+            }),
             Item::Parse(stmt) => {
                 let name = stmt.parse.name.clone();
                 fl.sql.push(stmt.parse.sql.clone());
@@ -413,13 +422,16 @@ impl<'a> Model<'a> {
                     self.send_parse(fl, stmt, Some(name));
                 }
             }
-            Item::Bind { stmt, .. } | Item::DescribeStatement { stmt, .. } => {
+            Item::Bind { stmt, frame } | Item::DescribeStatement { stmt, frame } => {
                 if let Some(s) = stmt {
                     self.ensure_prepared(fl, s);
                     if matches!(item, Item::Bind { .. }) {
                         fl.ops.extend(s.class.session_ops.iter().cloned());
                         fl.sql.push(s.parse.sql.clone());
                     }
+                } else if names_unnamed_statement(item, &frame.body) {
+                    self.servers[fl.backend].unnamed = None;
+                    fl.expects.push_back(Expect::CloseUnnamed);
                 }
                 fl.expects.push_back(Expect::Plain);
             }
@@ -464,7 +476,7 @@ impl<'a> Model<'a> {
         fl.expects.push_back(Expect::Parse {
             server_name,
             unnamed,
-            hash: stmt.identity,
+            identity: stmt.identity,
             register: register.map(|n| (n, stmt.clone())),
         });
     }
@@ -560,14 +572,14 @@ impl<'a> Model<'a> {
                 Some(Expect::Parse {
                     register,
                     server_name,
-                    hash,
+                    identity,
                     ..
                 }) => {
                     match server_name {
                         Some(n) => {
                             server.actual.insert(n);
                         }
-                        None => server.actual_unnamed = Some(hash),
+                        None => server.actual_unnamed = Some(identity),
                     }
                     if let Some((n, s)) = register {
                         self.statements.insert(n, s);
@@ -576,9 +588,12 @@ impl<'a> Model<'a> {
                 Some(Expect::CloseEvicted(victim)) => {
                     server.actual.remove(&victim);
                 }
-                Some(Expect::Query { clears }) => {
+                Some(Expect::CloseUnnamed) => server.actual_unnamed = None,
+                Some(Expect::Query { clears, simple }) => {
                     // A simple Query drops the unnamed statement.
-                    server.actual_unnamed = None;
+                    if simple {
+                        server.actual_unnamed = None;
+                    }
                     if clears && !fl.failed {
                         server.actual.clear();
                         server.prepared.clear();
@@ -759,3 +774,15 @@ fuzz_target!(|data: &[u8]| {
     let data = data.to_vec();
     on_stack(SESSION_STACK, move || run(&data));
 });
+
+/// Whether a Bind or Describe (statement) names the unnamed statement.
+fn names_unnamed_statement(item: &Item, body: &[u8]) -> bool {
+    match item {
+        // Portal name, then statement name.
+        Item::Bind { .. } => {
+            body.iter().position(|&b| b == 0).map(|p| body.get(p + 1)) == Some(Some(&0))
+        }
+        // 'S', then the statement name.
+        _ => body.get(1) == Some(&0),
+    }
+}

@@ -117,8 +117,8 @@ impl Pool {
     pub async fn checkout(&self, now: Instant) -> Result<Lent, CheckoutError> {
         // A free permit needs no timer (and the semaphore hands released permits to queued
         // waiters first, so taking one here jumps no queue).
-        let permit = match self.permits.clone().try_acquire_owned() {
-            Ok(permit) => permit,
+        let (permit, now) = match self.permits.clone().try_acquire_owned() {
+            Ok(permit) => (permit, now),
             Err(_) => tokio::time::timeout(
                 self.limits.checkout_timeout,
                 self.permits.clone().acquire_owned(),
@@ -128,8 +128,12 @@ impl Pool {
                 backend: self.name.clone(),
                 waited_ms: self.limits.checkout_timeout.as_millis(),
                 size: self.limits.size,
-            })?
-            .expect("pool semaphores are never closed"),
+            })
+            .map(|acquired| {
+                let permit = acquired.expect("pool semaphores are never closed");
+                // It waited (up to checkout_timeout): the caller's reading is stale now.
+                (permit, Instant::now())
+            })?,
         };
         while let Some(idle) = self.pop_idle() {
             let mut conn = idle.conn;
@@ -167,7 +171,9 @@ impl Pool {
     }
 
     /// Take a lent connection back. One past its lifetime is closed instead. `now`: the
-    /// caller's latest clock reading (the end of its request).
+    /// caller's latest clock reading, taken when its request's answer was complete (the
+    /// bookkeeping after it, at most a round trip, may make the idle time look that much
+    /// longer).
     pub fn checkin(&self, lent: Lent, now: Instant) {
         if lent.conn.expires.is_some_and(|at| now >= at) {
             return;

@@ -266,9 +266,9 @@ pub struct Session {
     cancel_pid: i32,
     cancel_secret: i32,
     cancel_slot: CancelSlot,
-    /// The session's latest clock reading: its request's start, then its end. Pool
-    /// lifetimes and idle times go by it, so a request reads the clock twice, not four
-    /// times.
+    /// The session's latest clock reading: its request's start, then the moment its answer
+    /// was complete. Pool lifetimes and idle times go by it, so a request reads the clock
+    /// twice, not four times (a pool that made it wait reads its own).
     clock: std::time::Instant,
 }
 

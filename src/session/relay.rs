@@ -59,6 +59,11 @@ enum Expect {
     /// A Close the proxy sent to stay within the connection's prepared-statement limit; if
     /// the server skips it (after an error), the statement is still there.
     CloseEvicted(String),
+    /// A Close of the unnamed statement, sent before a Bind or Describe of an unnamed
+    /// statement this session does not have: on a pooled connection the slot may hold
+    /// another session's statement, which must not run. The server then answers 26000, as
+    /// a direct connection would.
+    CloseUnnamed,
     DescribeStatement,
     DescribePortal,
     Execute,
@@ -400,7 +405,12 @@ impl Session {
                         fl.ops.extend(s.class.session_ops.iter().cloned());
                         fl.read_back.extend(s.class.read_back.iter().cloned());
                     }
-                    None => frame.encode_into(out),
+                    None => {
+                        if BindNames::decode(&frame.body).is_ok_and(|n| n.statement.is_empty()) {
+                            close_unnamed(out, fl);
+                        }
+                        frame.encode_into(out);
+                    }
                 }
                 fl.expects.push_back(Expect::Bind);
             }
@@ -415,7 +425,13 @@ impl Session {
                                 .encode_into(&mut self.wbuf);
                         }
                     }
-                    None => frame.encode_into(out),
+                    None => {
+                        // 'S', then the name: empty for the unnamed statement.
+                        if frame.body.get(1) == Some(&0) {
+                            close_unnamed(out, fl);
+                        }
+                        frame.encode_into(out);
+                    }
                 }
                 fl.expects.push_back(Expect::DescribeStatement);
             }
@@ -881,9 +897,10 @@ impl Session {
                 }
                 _ => true,
             },
-            tag::BIND_COMPLETE | tag::CLOSE_COMPLETE => {
-                !matches!(fl.expects.pop_front(), Some(Expect::CloseEvicted(_)))
-            }
+            tag::BIND_COMPLETE | tag::CLOSE_COMPLETE => !matches!(
+                fl.expects.pop_front(),
+                Some(Expect::CloseEvicted(_) | Expect::CloseUnnamed)
+            ),
             tag::ROW_DESCRIPTION | tag::NO_DATA => {
                 if matches!(
                     fl.expects.front(),
@@ -940,6 +957,14 @@ fn encode_hidden_begin(out: &mut bytes::BytesMut) {
     out.put_u8(tag::EXECUTE);
     out.put_i32(4 + 1 + 4);
     out.put_slice(&[0, 0, 0, 0, 0]);
+}
+
+/// Empty the connection's unnamed statement slot ahead of a message that names it (see
+/// [`Expect::CloseUnnamed`]).
+fn close_unnamed(out: &mut bytes::BytesMut, fl: &mut InFlight) {
+    protocol::encode_statement_target(tag::CLOSE, "").encode_into(out);
+    fl.conn.unnamed = None;
+    fl.expects.push_back(Expect::CloseUnnamed);
 }
 
 fn undo_parse(conn: &mut ServerConn, server_name: Option<String>, unnamed: bool) {

@@ -101,9 +101,10 @@ impl Statements {
         unnamed.chain(self.named.iter().map(|(n, s)| (n.as_str(), s)))
     }
 
-    /// Named statements the map has room for without growing.
+    /// Statements the map has room for without growing (the unnamed one counted when
+    /// present, so a map holding only it is not mistaken for an unused one).
     pub fn capacity(&self) -> usize {
-        self.named.capacity()
+        self.named.capacity() + usize::from(self.unnamed.is_some())
     }
 }
 

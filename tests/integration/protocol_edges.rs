@@ -242,3 +242,40 @@ async fn a_begin_answered_by_the_proxy_opens_one_real_transaction() {
         assert_eq!(primary_count(&t).await, 2);
     }
 }
+
+/// The unnamed statement belongs to the session that parsed it. Two sessions share the one
+/// pooled connection of a primary-only proxy; the first leaves its unnamed statement in the
+/// server's slot, and the second's Bind or Describe of "" without a Parse gets 26000, as on
+/// a direct connection, never the first session's statement or its result.
+#[tokio::test]
+async fn another_sessions_unnamed_statement_is_never_run() {
+    let c = cluster();
+    let primary_only = without_replica(
+        &without_replica(&base_config_toml(c), c.replicas[0]),
+        c.replicas[1],
+    );
+    let proxy = start_proxy_with(&format!("{primary_only}\n[pool]\nsize = 1\n")).await;
+    let mut a = RawClient::login(proxy.addr, "trustuser").await;
+    let mut b = RawClient::login(proxy.addr, "trustuser").await;
+    let secret = "SELECT 'a_secret'::text";
+    let msgs = a.send(&parse_bind_execute(secret)).await;
+    assert_eq!(tags(&msgs), "12DCZ", "{msgs:?}");
+
+    let msgs = b.send(&bind_execute("")).await;
+    assert_eq!(error_code(&msgs).as_deref(), Some("26000"), "{msgs:?}");
+    assert!(!tags(&msgs).contains('D'), "{msgs:?}");
+    let mut describe = describe_statement("");
+    describe.extend(sync());
+    let msgs = b.send(&describe).await;
+    assert_eq!(error_code(&msgs).as_deref(), Some("26000"), "{msgs:?}");
+    assert!(!tags(&msgs).contains('T'), "{msgs:?}");
+
+    // The first session still has its statement: the proxy prepares it again.
+    let msgs = a.send(&bind_execute("")).await;
+    assert_eq!(tags(&msgs), "2DCZ", "{msgs:?}");
+    assert!(
+        msgs.iter()
+            .any(|m| m.0 == b'D' && m.1.windows(8).any(|w| w == b"a_secret")),
+        "{msgs:?}"
+    );
+}
