@@ -87,7 +87,6 @@ pub struct ServerConn {
     pub settings: HashMap<String, String>,
     /// The session-settings generation `settings` was last brought to.
     pub settings_generation: Option<u64>,
-    pub created: Instant,
     /// When a pool retires this connection (`max_lifetime` after it opened); None: never
     /// (a session's own connection).
     pub expires: Option<Instant>,
@@ -146,7 +145,6 @@ impl ServerConn {
             unnamed: None,
             settings: HashMap::new(),
             settings_generation: None,
-            created: Instant::now(),
             expires: None,
         });
         conn.startup(params, max_message).await?;

@@ -160,7 +160,7 @@ impl Pool {
         ))
         .await
         .unwrap_or(Err(BackendError::Timeout))?;
-        conn.expires = conn.created.checked_add(self.limits.max_lifetime);
+        conn.expires = Instant::now().checked_add(self.limits.max_lifetime);
         let _ = self.server_params.set(conn.params.clone());
         debug!(backend = %self.name, pid = conn.cancel_key.pid, "pooled server connection opened");
         Ok(conn)
