@@ -486,8 +486,7 @@ impl<'a> Model<'a> {
         let present = if stmt.server_name.is_empty() {
             server.unnamed == Some(stmt.identity)
         } else {
-            server.prepared.touch(&stmt.server_name);
-            server.prepared.contains(&stmt.server_name)
+            server.prepared.touch(&stmt.server_name)
         };
         if !present {
             self.send_parse(fl, stmt, None);

@@ -25,11 +25,15 @@ impl PreparedSet {
         self.names.contains_key(name)
     }
 
-    /// Mark a statement as used now.
-    pub fn touch(&mut self, name: &str) {
+    /// Mark a statement as used now; whether the connection has it (one lookup for both).
+    pub fn touch(&mut self, name: &str) -> bool {
         self.tick += 1;
-        if let Some(t) = self.names.get_mut(name) {
-            *t = self.tick;
+        match self.names.get_mut(name) {
+            Some(t) => {
+                *t = self.tick;
+                true
+            }
+            None => false,
         }
     }
 
@@ -85,7 +89,8 @@ mod tests {
         let mut p = PreparedSet::new(2);
         assert_eq!(p.insert("a"), None);
         assert_eq!(p.insert("b"), None);
-        p.touch("a");
+        assert!(p.touch("a"));
+        assert!(!p.touch("z"), "touching an absent name adds nothing");
         assert_eq!(p.insert("c"), Some("b".to_owned()));
         assert!(p.contains("a") && p.contains("c") && !p.contains("b"));
         assert_eq!(

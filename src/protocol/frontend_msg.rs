@@ -162,17 +162,34 @@ impl<'a> BindNames<'a> {
 
 /// The same Bind aimed at another server-side statement name.
 pub fn rewrite_bind(body: &Bytes, names: &BindNames<'_>, statement: &str) -> Frame {
-    let tail = &body[names.rest_offset..];
-    let mut b = BytesMut::with_capacity(names.portal.len() + statement.len() + 2 + tail.len());
-    b.put_slice(names.portal.as_bytes());
-    b.put_u8(0);
-    b.put_slice(statement.as_bytes());
-    b.put_u8(0);
-    b.put_slice(tail);
+    let mut b = BytesMut::with_capacity(rewritten_bind_len(body, names, statement));
+    put_rewritten_bind(body, names, statement, &mut b);
     Frame {
         tag: tag::BIND,
         body: b.freeze(),
     }
+}
+
+/// [`rewrite_bind`], as a whole message written onto `out` (no buffer of its own: this
+/// runs for every Bind of a prepared statement).
+pub fn rewrite_bind_into(body: &[u8], names: &BindNames<'_>, statement: &str, out: &mut BytesMut) {
+    let len = rewritten_bind_len(body, names, statement);
+    out.reserve(5 + len);
+    out.put_u8(tag::BIND);
+    out.put_i32((len + 4) as i32);
+    put_rewritten_bind(body, names, statement, out);
+}
+
+fn rewritten_bind_len(body: &[u8], names: &BindNames<'_>, statement: &str) -> usize {
+    names.portal.len() + statement.len() + 2 + (body.len() - names.rest_offset)
+}
+
+fn put_rewritten_bind(body: &[u8], names: &BindNames<'_>, statement: &str, b: &mut BytesMut) {
+    b.put_slice(names.portal.as_bytes());
+    b.put_u8(0);
+    b.put_slice(statement.as_bytes());
+    b.put_u8(0);
+    b.put_slice(&body[names.rest_offset..]);
 }
 
 /// What a Describe or Close message targets.
@@ -273,6 +290,10 @@ mod tests {
         assert_eq!((names.portal, names.statement), ("p", "s1"));
         let f = rewrite_bind(&body, &names, "srv_1");
         assert_eq!(&f.body[..], b"p\0srv_1\0\0\0\0\x01\0\0\0\x011\0\0");
+        let (mut whole, mut direct) = (BytesMut::from(&b"x"[..]), BytesMut::from(&b"x"[..]));
+        f.encode_into(&mut whole);
+        rewrite_bind_into(&body, &names, "srv_1", &mut direct);
+        assert_eq!(direct, whole);
     }
 
     #[test]

@@ -23,7 +23,7 @@ use crate::backend::{BackendError, BackendId, ServerConn};
 use crate::error::{Error, Result};
 use crate::protocol::{
     self, BindNames, ErrorFields, Frame, Severity, TxStatus, decode_command_tag, needs_whole_frame,
-    rewrite_bind, tag,
+    rewrite_bind_into, tag,
 };
 use crate::router::SessionOp;
 
@@ -399,8 +399,7 @@ impl Session {
                         if s.server_name.is_empty() {
                             frame.encode_into(&mut self.wbuf);
                         } else if let Ok(names) = BindNames::decode(&frame.body) {
-                            rewrite_bind(&frame.body, &names, &s.server_name)
-                                .encode_into(&mut self.wbuf);
+                            rewrite_bind_into(&frame.body, &names, &s.server_name, &mut self.wbuf);
                         }
                         fl.ops.extend(s.class.session_ops.iter().cloned());
                         fl.read_back.extend(s.class.read_back.iter().cloned());
@@ -510,8 +509,7 @@ impl Session {
         let present = if stmt.server_name.is_empty() {
             fl.conn.unnamed == Some(stmt.identity)
         } else {
-            fl.conn.prepared.touch(&stmt.server_name);
-            fl.conn.prepared.contains(&stmt.server_name)
+            fl.conn.prepared.touch(&stmt.server_name)
         };
         if !present {
             self.send_parse(fl, stmt, false, None);
