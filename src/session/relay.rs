@@ -300,13 +300,8 @@ impl Session {
             for n in notifications {
                 n.encode_into(&mut self.out);
             }
-            let sql = match value {
-                Some(v) => format!(
-                    "SELECT pg_catalog.set_config('{quoted}', '{}', false)",
-                    v.replace('\'', "''")
-                ),
-                None => continue,
-            };
+            let Some(v) = value else { continue };
+            let sql = super::state::set_sql(&name, &v);
             fl.ops.push(SessionOp::Set { name, sql });
         }
         Ok(())

@@ -276,7 +276,7 @@ pub fn startup_value(params: &[(String, String)], name: &str) -> Option<String> 
 
 /// set_config takes the value as raw text, as the startup packet does (a SET with a quoted
 /// literal would turn `a,b` into one list element).
-fn set_sql(name: &str, value: &str) -> String {
+pub fn set_sql(name: &str, value: &str) -> String {
     // Built in one allocation: every pooled login makes one of these per startup parameter.
     let mut sql = String::with_capacity(48 + name.len() + value.len());
     sql.push_str("SELECT pg_catalog.set_config('");

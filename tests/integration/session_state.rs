@@ -115,6 +115,23 @@ async fn search_path_of_one_client_never_leaks_into_another() {
     }
 }
 
+/// `set_config(…, false)` called by the client is read back and replayed like a SET, with
+/// the value exactly as the server holds it (quotes and commas included).
+#[tokio::test]
+async fn set_config_applies_on_every_backend_like_set() {
+    for proxy in both_modes().await {
+        let a = proxy.app().await;
+        let b = proxy.app().await;
+        a.batch_execute("SELECT set_config('application_name', 'it''s a,b', false)")
+            .await
+            .unwrap();
+        for _ in 0..4 {
+            assert_eq!(setting(&a, "application_name").await.0, "it's a,b");
+            assert_ne!(setting(&b, "application_name").await.0, "it's a,b");
+        }
+    }
+}
+
 #[tokio::test]
 async fn temp_tables_pin_the_session_to_the_primary() {
     let c = cluster();
