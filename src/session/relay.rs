@@ -420,8 +420,8 @@ impl Session {
                         }
                     }
                     None => {
-                        // 'S', then the name: empty for the unnamed statement.
-                        if frame.body.get(1) == Some(&0) {
+                        let target = protocol::decode_target(&frame.body, "Describe");
+                        if target == Ok(protocol::Target::Statement("")) {
                             close_unnamed(out, fl);
                         }
                         frame.encode_into(out);
