@@ -35,6 +35,10 @@ use startup::{Login, Opening};
 use state::{Settings, Statements, startup_settings, startup_value};
 
 /// Serve one accepted client connection to its end.
+///
+/// Every phase after the socket setup runs boxed, so this task's own future stays a few
+/// hundred bytes: spawning and finishing a task copies its whole future several times, and an
+/// idle client's task holds no space for phases it is not in.
 pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, over_limit: bool) {
     let _ = stream.set_nodelay(true);
     let runtime = shared.runtime.load_full();
@@ -51,19 +55,17 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, over_
     let span =
         info_span!("session", %peer, user = tracing::field::Empty, db = tracing::field::Empty);
     async move {
-        let opening = tokio::time::timeout(
+        let opening = Box::pin(tokio::time::timeout(
             runtime.config.proxy.client_login_timeout(),
-            // Boxed here and below: each phase's state lives on the heap only while it runs,
-            // so an idle client's task stays small.
-            Box::pin(startup::open(&mut client, &runtime, over_limit)),
-        )
+            startup::open(&mut client, &runtime, over_limit),
+        ))
         .await
         .unwrap_or(Err(Error::LoginTimeout));
         match opening {
             Ok(Opening::Cancel { pid, secret }) => {
                 if let Some(key) = shared.cancels.lookup(pid, secret) {
                     debug!(backend = %key.addr, "forwarding cancel request");
-                    if let Err(e) = send_cancel(key).await {
+                    if let Err(e) = Box::pin(send_cancel(key)).await {
                         warn!(error = %e, "cancel request could not reach the server");
                     }
                 }
@@ -77,13 +79,7 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, over_
                     .stats
                     .logins
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let mut session = Session::new(shared.clone(), runtime, client, login, peer);
-                let result = Box::pin(session.start()).await;
-                let result = match result {
-                    Ok(()) => Box::pin(session.serve()).await,
-                    Err(e) => Err(e),
-                };
-                session.close(result).await;
+                Box::pin(live(Session::new(shared, runtime, client, login, peer))).await;
             }
             Ok(Opening::Admin) => {
                 tracing::Span::current().record("user", "(admin console)");
@@ -91,37 +87,50 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, over_
                 if let Err(e) = Box::pin(crate::admin::serve(&shared, &mut client)).await
                     && !matches!(e, Error::ClientGone | Error::ClientIo(_))
                 {
-                    let _ = client.send(&[e.to_error_response(Severity::Fatal)]).await;
+                    let _ = Box::pin(client.send(&[e.to_error_response(Severity::Fatal)])).await;
                 }
             }
             Err(Error::ClientGone) => {}
-            Err(e) => {
-                if matches!(e, Error::BadPassword(_) | Error::AuthRejected(_)) {
-                    // Every refused login is logged (with the peer, from the span) so that
-                    // guessing shows up; the user name the client sent is escaped and cut
-                    // short, so it cannot forge log lines or flood the log.
-                    let short = |s: &str| s.chars().take(100).collect::<String>();
-                    match &e {
-                        // A wrong password, or a user pgsplit does not know.
-                        Error::BadPassword(u) => {
-                            warn!(user = ?short(u), "login refused: password authentication failed")
-                        }
-                        other => warn!(reason = ?short(&other.to_string()), "login refused"),
-                    }
-                    shared
-                        .stats
-                        .login_failures
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    tokio::time::sleep(runtime.config.proxy.auth_failure_delay()).await;
-                } else {
-                    debug!(error = %e, "startup failed");
-                }
-                let _ = client.send(&[e.to_error_response(Severity::Fatal)]).await;
-            }
+            Err(e) => Box::pin(refuse(&shared, &runtime, &mut client, e)).await,
         }
     }
     .instrument(span)
     .await
+}
+
+/// A logged-in session, from its first request to its last.
+async fn live(mut session: Session) {
+    // Boxed: start's state is gone once it has run, and serve's only while it runs.
+    let result = match Box::pin(session.start()).await {
+        Ok(()) => Box::pin(session.serve()).await,
+        Err(e) => Err(e),
+    };
+    session.close(result).await;
+}
+
+/// Tell a client why its startup failed, then close.
+async fn refuse(shared: &Shared, runtime: &Runtime, client: &mut ClientConn, e: Error) {
+    if matches!(e, Error::BadPassword(_) | Error::AuthRejected(_)) {
+        // Every refused login is logged (with the peer, from the span) so that
+        // guessing shows up; the user name the client sent is escaped and cut
+        // short, so it cannot forge log lines or flood the log.
+        let short = |s: &str| s.chars().take(100).collect::<String>();
+        match &e {
+            // A wrong password, or a user pgsplit does not know.
+            Error::BadPassword(u) => {
+                warn!(user = ?short(u), "login refused: password authentication failed")
+            }
+            other => warn!(reason = ?short(&other.to_string()), "login refused"),
+        }
+        shared
+            .stats
+            .login_failures
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tokio::time::sleep(runtime.config.proxy.auth_failure_delay()).await;
+    } else {
+        debug!(error = %e, "startup failed");
+    }
+    let _ = client.send(&[e.to_error_response(Severity::Fatal)]).await;
 }
 
 /// Largest message accepted before authentication (PostgreSQL allows about as much for
@@ -420,7 +429,7 @@ impl Session {
         })
     }
 
-    async fn close(mut self, result: Result<()>) {
+    async fn close(&mut self, result: Result<()>) {
         match result {
             Ok(()) | Err(Error::ClientGone) | Err(Error::ClientIo(_)) => {}
             // A client that does not read would not read its FATAL either.
