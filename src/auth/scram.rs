@@ -10,8 +10,8 @@ use ring::{digest, hmac};
 /// HMAC keys are set up once here rather than at every login: each setup hashes two blocks.
 #[derive(Clone)]
 pub struct ScramSecret {
-    iterations: u32,
-    salt_b64: String,
+    /// `,s=<salt>,i=<iterations>`: the end of every server-first message, made once.
+    salt_and_iterations: String,
     stored_key: [u8; 32],
     /// Keyed with StoredKey: signs the AuthMessage into the ClientSignature.
     client_signer: hmac::Key,
@@ -31,17 +31,13 @@ impl ScramSecret {
         let stored_key: [u8; 32] = B64.decode(stored).ok()?.try_into().ok()?;
         let server_key: [u8; 32] = B64.decode(server).ok()?.try_into().ok()?;
         Some(ScramSecret::new(
-            iterations,
-            salt_b64.to_owned(),
-            stored_key,
-            server_key,
+            iterations, salt_b64, stored_key, server_key,
         ))
     }
 
-    fn new(iterations: u32, salt_b64: String, stored_key: [u8; 32], server_key: [u8; 32]) -> Self {
+    fn new(iterations: u32, salt_b64: &str, stored_key: [u8; 32], server_key: [u8; 32]) -> Self {
         ScramSecret {
-            iterations,
-            salt_b64,
+            salt_and_iterations: salt_and_iterations(salt_b64, iterations),
             stored_key,
             client_signer: hmac::Key::new(hmac::HMAC_SHA256, &stored_key),
             server_signer: hmac::Key::new(hmac::HMAC_SHA256, &server_key),
@@ -62,14 +58,18 @@ impl ScramSecret {
         static MOCK: std::sync::OnceLock<Mock> = std::sync::OnceLock::new();
         let mock = MOCK.get_or_init(|| Mock {
             salt_key: hmac::Key::new(hmac::HMAC_SHA256, &rand::random::<[u8; 32]>()),
-            secret: ScramSecret::new(4096, String::new(), rand::random(), rand::random()),
+            secret: ScramSecret::new(4096, "", rand::random(), rand::random()),
         });
         let salt = hmac::sign(&mock.salt_key, user.as_bytes());
         ScramSecret {
-            salt_b64: B64.encode(&salt.as_ref()[..16]),
+            salt_and_iterations: salt_and_iterations(&B64.encode(&salt.as_ref()[..16]), 4096),
             ..mock.secret.clone()
         }
     }
+}
+
+fn salt_and_iterations(salt_b64: &str, iterations: u32) -> String {
+    format!(",s={salt_b64},i={iterations}")
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -85,10 +85,12 @@ pub enum ScramError {
 /// One exchange: `client_first` then `client_final`.
 pub struct ScramExchange<'s> {
     secret: &'s ScramSecret,
-    client_first_bare: String,
-    server_first: String,
-    gs2_header: String,
-    nonce: String,
+    /// `client-first-message-bare,server-first-message,`: how the AuthMessage begins.
+    auth_prefix: String,
+    /// The GS2 header the client must echo (base64) in its final message.
+    gs2_header: &'static str,
+    /// Where the combined nonce sits in `auth_prefix`.
+    nonce: std::ops::Range<usize>,
 }
 
 impl<'s> ScramExchange<'s> {
@@ -102,11 +104,13 @@ impl<'s> ScramExchange<'s> {
         let (cbind, rest) = msg
             .split_once(',')
             .ok_or(ScramError::Malformed("no GS2 header"))?;
-        match cbind {
-            "n" | "y" => {}
+        // The authorization identity is always empty (checked below).
+        let gs2_header = match cbind {
+            "n" => "n,,",
+            "y" => "y,,",
             c if c.starts_with("p=") => return Err(ScramError::ChannelBinding),
             _ => return Err(ScramError::Malformed("bad channel binding flag")),
-        }
+        };
         let (authzid, bare) = rest
             .split_once(',')
             .ok_or(ScramError::Malformed("no GS2 header"))?;
@@ -126,14 +130,24 @@ impl<'s> ScramExchange<'s> {
         if bare.starts_with("m=") {
             return Err(ScramError::Malformed("mandatory extension not supported"));
         }
-        let nonce = format!("{client_nonce}{}", B64.encode(server_nonce));
-        let server_first = format!("r={nonce},s={},i={}", secret.salt_b64, secret.iterations);
-        let gs2_header = format!("{cbind},{authzid},");
+        // Built by hand: `format!` costs several times more, on every login.
+        let mut server_first =
+            String::with_capacity(2 + client_nonce.len() + 24 + secret.salt_and_iterations.len());
+        server_first.push_str("r=");
+        server_first.push_str(client_nonce);
+        B64.encode_string(server_nonce, &mut server_first);
+        let nonce_end = server_first.len();
+        server_first.push_str(&secret.salt_and_iterations);
+        let mut auth_prefix = String::with_capacity(bare.len() + server_first.len() + 2);
+        auth_prefix.push_str(bare);
+        auth_prefix.push(',');
+        let nonce = auth_prefix.len() + 2..auth_prefix.len() + nonce_end;
+        auth_prefix.push_str(&server_first);
+        auth_prefix.push(',');
         Ok((
             ScramExchange {
                 secret,
-                client_first_bare: bare.to_owned(),
-                server_first: server_first.clone(),
+                auth_prefix,
                 gs2_header,
                 nonce,
             },
@@ -159,7 +173,7 @@ impl<'s> ScramExchange<'s> {
         if B64.decode(cbind).ok().as_deref() != Some(self.gs2_header.as_bytes()) {
             return Err(ScramError::Malformed("channel binding mismatch"));
         }
-        if nonce != self.nonce {
+        if nonce != &self.auth_prefix[self.nonce.clone()] {
             return Err(ScramError::Malformed("nonce mismatch"));
         }
         let proof: [u8; 32] = B64
@@ -167,10 +181,9 @@ impl<'s> ScramExchange<'s> {
             .ok()
             .and_then(|p| p.try_into().ok())
             .ok_or(ScramError::Malformed("bad proof encoding"))?;
-        let auth_message = format!(
-            "{},{},{}",
-            self.client_first_bare, self.server_first, without_proof
-        );
+        let mut auth_message = String::with_capacity(self.auth_prefix.len() + without_proof.len());
+        auth_message.push_str(&self.auth_prefix);
+        auth_message.push_str(without_proof);
         let client_signature = hmac::sign(&self.secret.client_signer, auth_message.as_bytes());
         let mut client_key = proof;
         for (k, s) in client_key.iter_mut().zip(client_signature.as_ref()) {
@@ -181,7 +194,10 @@ impl<'s> ScramExchange<'s> {
             return Err(ScramError::BadProof);
         }
         let server_signature = hmac::sign(&self.secret.server_signer, auth_message.as_bytes());
-        Ok(format!("v={}", B64.encode(server_signature.as_ref())))
+        let mut server_final = String::with_capacity(46);
+        server_final.push_str("v=");
+        B64.encode_string(server_signature.as_ref(), &mut server_final);
+        Ok(server_final)
     }
 }
 
@@ -232,6 +248,25 @@ mod tests {
         for bad in [&b""[..], b"c=biws", b"c=biws,r=abc,p=AAAA", b"c=,r=,p="] {
             assert!(ex.client_final(bad).is_err());
         }
+    }
+
+    #[test]
+    fn server_first_carries_both_nonces_the_salt_and_the_iterations() {
+        let secret =
+            ScramSecret::parse("SCRAM-SHA-256$4096:c2FsdHNhbHQ=$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=")
+                .unwrap();
+        let (ex, server_first) =
+            ScramExchange::client_first(&secret, b"y,,n=,r=abc", &[7; 18]).unwrap();
+        assert_eq!(
+            server_first,
+            "r=abcBwcHBwcHBwcHBwcHBwcHBwcH,s=c2FsdHNhbHQ=,i=4096"
+        );
+        assert_eq!(ex.gs2_header, "y,,");
+        assert_eq!(
+            &ex.auth_prefix[ex.nonce.clone()],
+            "abcBwcHBwcHBwcHBwcHBwcHBwcH"
+        );
+        assert_eq!(ex.auth_prefix, format!("n=,r=abc,{server_first},"));
     }
 
     #[test]
