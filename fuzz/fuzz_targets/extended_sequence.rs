@@ -185,6 +185,18 @@ impl<'a> Model<'a> {
                 self.pinned |= c.pins_session;
             }
             let mut fl = self.inflight.take().expect("in flight");
+            if let Item::Query { .. } = item {
+                // `relay::forget_unnamed`.
+                self.statements.remove("");
+                fl.local.remove("");
+                for x in fl.expects.iter_mut() {
+                    if let Expect::Parse { register, .. } | Expect::Synth { register, .. } = x
+                        && register.as_ref().is_some_and(|(name, _)| name.is_empty())
+                    {
+                        *register = None;
+                    }
+                }
+            }
             if matches!(
                 item,
                 Item::Sync | Item::Query { .. } | Item::FunctionCall(_)
@@ -214,6 +226,9 @@ impl<'a> Model<'a> {
                 if matches!(frame.tag, tag::QUERY | tag::FUNCTION_CALL) && !self.batch.is_empty() {
                     check_error_response(&pgsplit::Error::Protocol("query in batch".into()));
                     return Flow::End;
+                }
+                if frame.tag == tag::QUERY {
+                    self.statements.remove("");
                 }
                 let item = match request::decode(
                     frame,

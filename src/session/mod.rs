@@ -566,6 +566,12 @@ impl Session {
                         "simple Query before the Sync of an extended-protocol batch".into(),
                     ));
                 }
+                if frame.tag == tag::QUERY {
+                    // PostgreSQL drops the unnamed statement at every simple Query, before
+                    // parsing it; the session follows even when no server sees the Query
+                    // (answered from the cache, or by pgsplit itself).
+                    self.statements.remove("");
+                }
                 // Decoded on arrival, so a malformed message is refused at once.
                 let item = request::decode(
                     frame,

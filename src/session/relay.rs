@@ -658,6 +658,9 @@ impl Session {
             if matches!(item, Item::FunctionCall(_)) {
                 self.writes.note_unknown();
             }
+            if let Item::Query { .. } = item {
+                forget_unnamed(&mut self.statements, fl);
+            }
             if matches!(
                 item,
                 Item::Sync | Item::Query { .. } | Item::FunctionCall(_)
@@ -950,6 +953,21 @@ fn encode_hidden_begin(out: &mut bytes::BytesMut) {
     out.put_u8(tag::EXECUTE);
     out.put_i32(4 + 1 + 4);
     out.put_slice(&[0, 0, 0, 0, 0]);
+}
+
+/// A simple Query sent behind an open batch drops the unnamed statement on the server, so
+/// the session forgets it too: the one it had, the one the batch parsed, and the one a Parse
+/// still in flight would have recorded.
+fn forget_unnamed(session: &mut Statements, fl: &mut InFlight) {
+    session.remove("");
+    fl.local.remove("");
+    for x in fl.expects.iter_mut() {
+        if let Expect::Parse { register, .. } | Expect::Synth { register, .. } = x
+            && register.as_ref().is_some_and(|(name, _)| name.is_empty())
+        {
+            *register = None;
+        }
+    }
 }
 
 /// Empty the connection's unnamed statement slot ahead of a message that names it (see

@@ -243,6 +243,52 @@ async fn a_begin_answered_by_the_proxy_opens_one_real_transaction() {
     }
 }
 
+/// A simple Query drops the unnamed statement (PostgreSQL's `exec_simple_query` does, before
+/// it even parses): a Bind of "" after one fails with 26000 through pgsplit as it does
+/// directly, whether the Query came after a Sync, was answered by pgsplit itself (a plain
+/// BEGIN) or ended a batch that a Flush had sent.
+#[tokio::test]
+async fn a_simple_query_drops_the_unnamed_statement() {
+    let c = cluster();
+    let direct = std::net::SocketAddr::from(([127, 0, 0, 1], c.primary));
+    let proxies = both_modes().await;
+    for addr in std::iter::once(direct).chain(proxies.iter().map(|p| p.addr)) {
+        let mut s = RawClient::login(addr, "trustuser").await;
+        let unnamed_is_gone = |msgs: &[(u8, Vec<u8>)]| {
+            assert_eq!(
+                error_code(msgs).as_deref(),
+                Some("26000"),
+                "{addr}: {msgs:?}"
+            );
+            assert!(!tags(msgs).contains('D'), "{addr}: {msgs:?}");
+        };
+
+        assert_eq!(
+            tags(&s.send(&parse_bind_execute("SELECT 1")).await),
+            "12DCZ"
+        );
+        assert_eq!(tags(&s.send(&query("SELECT 2")).await), "TDCZ");
+        unnamed_is_gone(&s.send(&bind_execute("")).await);
+
+        assert_eq!(
+            tags(&s.send(&parse_bind_execute("SELECT 3")).await),
+            "12DCZ"
+        );
+        assert_eq!(tags(&s.send(&query("BEGIN")).await), "CZ");
+        unnamed_is_gone(&s.send(&bind_execute("")).await);
+        assert_eq!(tags(&s.send(&query("ROLLBACK")).await), "CZ");
+
+        let mut req = parse("", "SELECT 4");
+        req.extend(bind(""));
+        req.extend(execute());
+        req.extend(message(b'H', &[]));
+        s.stream_write(&req).await;
+        assert_eq!(tags(&s.read_n(4).await), "12DC", "{addr}");
+        assert_eq!(tags(&s.send(&query("SELECT 5")).await), "TDCZ", "{addr}");
+        unnamed_is_gone(&s.send(&bind_execute("")).await);
+    }
+}
+
 /// The unnamed statement belongs to the session that parsed it. Two sessions share the one
 /// pooled connection of a primary-only proxy; the first leaves its unnamed statement in the
 /// server's slot, and the second's Bind or Describe of "" without a Parse gets 26000, as on
