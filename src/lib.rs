@@ -28,7 +28,7 @@ pub use error::{Error, Result};
 /// mimalloc for every binary built on this crate (the proxy, its tests and benchmarks, so
 /// they measure what production runs). Against glibc's malloc it takes a tenth of the
 /// instructions off a login, whose task and I/O registration are cache-line aligned
-/// allocations that glibc serves slowly. `no_thp` keeps it from asking for transparent
-/// huge pages, which cost idle clients twice the memory.
+/// allocations that glibc serves slowly. Built with `no_thp`, it turns transparent huge
+/// pages off for the process: with them, idle clients cost twice the memory.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

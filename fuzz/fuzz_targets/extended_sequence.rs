@@ -185,23 +185,24 @@ impl<'a> Model<'a> {
                 self.pinned |= c.pins_session;
             }
             let mut fl = self.inflight.take().expect("in flight");
-            if let Item::Query { .. } = item {
-                // `relay::forget_unnamed`.
+            if let Item::Query { .. } = item
+                && !fl.failed
+            {
+                // `relay::forget_unnamed` (the mirror has no COPY).
                 self.statements.remove("");
-                fl.local.remove("");
                 for x in fl.expects.iter_mut() {
-                    if let Expect::Parse { register, .. } | Expect::Synth { register, .. } = x
+                    if let Expect::Parse { register, .. } = x
                         && register.as_ref().is_some_and(|(name, _)| name.is_empty())
                     {
                         *register = None;
                     }
                 }
             }
-            if matches!(
-                item,
-                Item::Sync | Item::Query { .. } | Item::FunctionCall(_)
-            ) {
-                fl.open = false;
+            // `relay::ends_batch`: behind an error, only the Sync ends the batch.
+            match item {
+                Item::Sync => fl.open = false,
+                Item::Query { .. } | Item::FunctionCall(_) if !fl.failed => fl.open = false,
+                _ => {}
             }
             self.emit(&mut fl, &item);
             self.process(fl);

@@ -56,14 +56,19 @@ impl ScramSecret {
             secret: ScramSecret,
         }
         static MOCK: std::sync::OnceLock<Mock> = std::sync::OnceLock::new();
+        // PostgreSQL's default iteration count, which most real verifiers carry too.
+        const ITERATIONS: u32 = 4096;
         let mock = MOCK.get_or_init(|| Mock {
             salt_key: hmac::Key::new(hmac::HMAC_SHA256, &rand::random::<[u8; 32]>()),
-            secret: ScramSecret::new(4096, "", rand::random(), rand::random()),
+            secret: ScramSecret::new(ITERATIONS, "", rand::random(), rand::random()),
         });
         let salt = hmac::sign(&mock.salt_key, user.as_bytes());
+        let salt_b64 = B64.encode(&salt.as_ref()[..16]);
         ScramSecret {
-            salt_and_iterations: salt_and_iterations(&B64.encode(&salt.as_ref()[..16]), 4096),
-            ..mock.secret.clone()
+            salt_and_iterations: salt_and_iterations(&salt_b64, ITERATIONS),
+            stored_key: mock.secret.stored_key,
+            client_signer: mock.secret.client_signer.clone(),
+            server_signer: mock.secret.server_signer.clone(),
         }
     }
 }

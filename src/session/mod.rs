@@ -108,7 +108,7 @@ async fn live(mut session: Session) {
     session.close(result).await;
 }
 
-/// Tell a client why its startup failed, then close.
+/// Tell a client why its startup failed (the caller then drops the connection).
 async fn refuse(shared: &Shared, runtime: &Runtime, client: &mut ClientConn, e: Error) {
     if matches!(e, Error::BadPassword(_) | Error::AuthRejected(_)) {
         // Every refused login is logged (with the peer, from the span) so that

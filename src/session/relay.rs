@@ -658,14 +658,14 @@ impl Session {
             if matches!(item, Item::FunctionCall(_)) {
                 self.writes.note_unknown();
             }
-            if let Item::Query { .. } = item {
+            // Unless the server skips it: after an error (up to the Sync), or in a COPY.
+            if let Item::Query { .. } = item
+                && !fl.failed
+                && !fl.copy_in
+            {
                 forget_unnamed(&mut self.statements, fl);
             }
-            if matches!(
-                item,
-                Item::Sync | Item::Query { .. } | Item::FunctionCall(_)
-            ) {
-                // A simple Query ends with its own ReadyForQuery: nothing joins it after.
+            if ends_batch(&item, fl.failed) {
                 fl.open = false;
             }
             self.emit(fl, &item);
@@ -955,14 +955,24 @@ fn encode_hidden_begin(out: &mut bytes::BytesMut) {
     out.put_slice(&[0, 0, 0, 0, 0]);
 }
 
-/// A simple Query sent behind an open batch drops the unnamed statement on the server, so
-/// the session forgets it too: the one it had, the one the batch parsed, and the one a Parse
-/// still in flight would have recorded.
+/// Whether `item` ends the open batch it joins. A simple Query or FunctionCall ends with
+/// its own ReadyForQuery, so nothing joins it after; but behind an error the server skips
+/// it like the rest and answers nothing before the Sync, so the batch stays open for that.
+fn ends_batch(item: &Item, failed: bool) -> bool {
+    match item {
+        Item::Sync => true,
+        Item::Query { .. } | Item::FunctionCall(_) => !failed,
+        _ => false,
+    }
+}
+
+/// A simple Query that ends an open batch drops the unnamed statement on the server, so the
+/// session forgets it too: the one it had, and the one a Parse of the batch would record
+/// when its ParseComplete arrives (the batch's own copy is not read after a Query).
 fn forget_unnamed(session: &mut Statements, fl: &mut InFlight) {
     session.remove("");
-    fl.local.remove("");
     for x in fl.expects.iter_mut() {
-        if let Expect::Parse { register, .. } | Expect::Synth { register, .. } = x
+        if let Expect::Parse { register, .. } = x
             && register.as_ref().is_some_and(|(name, _)| name.is_empty())
         {
             *register = None;

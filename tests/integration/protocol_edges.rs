@@ -246,7 +246,8 @@ async fn a_begin_answered_by_the_proxy_opens_one_real_transaction() {
 /// A simple Query drops the unnamed statement (PostgreSQL's `exec_simple_query` does, before
 /// it even parses): a Bind of "" after one fails with 26000 through pgsplit as it does
 /// directly, whether the Query came after a Sync, was answered by pgsplit itself (a plain
-/// BEGIN) or ended a batch that a Flush had sent.
+/// BEGIN) or ended a batch that a Flush had sent; one the server skips after an error
+/// leaves the statement in place.
 #[tokio::test]
 async fn a_simple_query_drops_the_unnamed_statement() {
     let c = cluster();
@@ -286,6 +287,26 @@ async fn a_simple_query_drops_the_unnamed_statement() {
         assert_eq!(tags(&s.read_n(4).await), "12DC", "{addr}");
         assert_eq!(tags(&s.send(&query("SELECT 5")).await), "TDCZ", "{addr}");
         unnamed_is_gone(&s.send(&bind_execute("")).await);
+
+        // A Query the server skips, behind an error and before the Sync, drops nothing.
+        let mut req = parse("", "SELECT 6");
+        req.extend(bind(""));
+        req.extend(execute());
+        req.extend(bind("no_such_statement"));
+        req.extend(message(b'H', &[]));
+        s.stream_write(&req).await;
+        let msgs = s.read_n(5).await;
+        assert_eq!(tags(&msgs), "12DCE", "{addr}");
+        assert_eq!(error_code(&msgs).as_deref(), Some("26000"), "{addr}");
+        let mut req = query("SELECT 7");
+        req.extend(sync());
+        assert_eq!(tags(&s.send(&req).await), "Z", "{addr}");
+        let msgs = s.send(&bind_execute("")).await;
+        assert_eq!(tags(&msgs), "2DCZ", "{addr}: {msgs:?}");
+        assert!(
+            msgs.iter().any(|m| m.0 == b'D' && m.1.ends_with(b"6")),
+            "{addr}: {msgs:?}"
+        );
     }
 }
 
@@ -324,4 +345,44 @@ async fn another_sessions_unnamed_statement_is_never_run() {
             .any(|m| m.0 == b'D' && m.1.windows(8).any(|w| w == b"a_secret")),
         "{msgs:?}"
     );
+}
+
+/// Behind an error in a batch a Flush sent, the server skips a simple Query like everything
+/// else up to the Sync, and answers nothing for it. pgsplit took the Query as the end of the
+/// request: the connection, still waiting for a Sync, went back to the pool and the session's
+/// next request got a stale ReadyForQuery, then no answer at all.
+///
+/// Primary only, one pooled connection: every request meets what the last one left.
+#[tokio::test]
+async fn a_query_behind_an_error_waits_for_the_sync() {
+    let c = cluster();
+    let direct = std::net::SocketAddr::from(([127, 0, 0, 1], c.primary));
+    let primary_only = without_replica(
+        &without_replica(&base_config_toml(c), c.replicas[0]),
+        c.replicas[1],
+    );
+    let primary_only = format!("{primary_only}\n[pool]\nsize = 1\n");
+    let proxies = [
+        start_proxy_with(&primary_only).await,
+        start_proxy_with(&session_mode(&primary_only)).await,
+    ];
+    for addr in std::iter::once(direct).chain(proxies.iter().map(|p| p.addr)) {
+        let mut s = RawClient::login(addr, "trustuser").await;
+        let mut req = bind("no_such_statement");
+        req.extend(message(b'H', &[]));
+        s.stream_write(&req).await;
+        let msgs = s.read_n(1).await;
+        assert_eq!(
+            error_code(&msgs).as_deref(),
+            Some("26000"),
+            "{addr}: {msgs:?}"
+        );
+        let mut req = query("SELECT 1");
+        req.extend(sync());
+        assert_eq!(tags(&s.send(&req).await), "Z", "{addr}");
+        let msgs = s.send(&query("SELECT 2")).await;
+        assert_eq!(tags(&msgs), "TDCZ", "{addr}: {msgs:?}");
+        let msgs = s.send(&parse_bind_execute("SELECT 3")).await;
+        assert_eq!(tags(&msgs), "12DCZ", "{addr}: {msgs:?}");
+    }
 }
