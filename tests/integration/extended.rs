@@ -21,16 +21,18 @@ async fn a_prepared_statement_runs_on_every_replica_with_binary_results() {
         .await
         .unwrap();
         assert_eq!(stmt.columns().len(), 4);
-        let mut ports = std::collections::HashSet::new();
-        for i in 0..6i64 {
+        let mut i = 0i64;
+        let ports = tally_while_in_rotation(&proxy, 6, async || {
+            i += 1;
             let row = client.query_one(&stmt, &[&i, &"x"]).await.unwrap();
-            ports.insert(row.get::<_, i32>(0) as u16);
             assert_eq!(row.get::<_, i64>(1), i * 2);
             assert_eq!(row.get::<_, String>(2), "x!");
             assert!(row.get::<_, bool>(3));
-        }
+            row.get::<_, i32>(0) as u16
+        })
+        .await;
         assert_eq!(
-            ports,
+            ports.into_keys().collect::<std::collections::HashSet<_>>(),
             c.replicas.into_iter().collect(),
             "prepared lazily on both replicas"
         );

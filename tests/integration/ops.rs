@@ -371,10 +371,7 @@ async fn reload_under_load_changes_routing_users_and_rules_without_errors() {
         .await,
         "the re-added replica joins the rotation"
     );
-    let mut hits = HashMap::new();
-    for _ in 0..40 {
-        *hits.entry(server_port(&app).await).or_insert(0) += 1;
-    }
+    let hits = tally_while_in_rotation(&proxy, 40, async || server_port(&app).await).await;
     let (r1, r2) = (
         hits.get(&c.replicas[0]).copied().unwrap_or(0),
         hits.get(&c.replicas[1]).copied().unwrap_or(0),

@@ -1,7 +1,5 @@
 //! Where statements run: reads on replicas (round robin), everything else on the primary.
 
-use std::collections::HashMap;
-
 use crate::common::*;
 
 #[tokio::test]
@@ -9,10 +7,7 @@ async fn plain_reads_spread_over_both_replicas_round_robin() {
     let c = cluster();
     let proxy = start_proxy().await;
     let client = proxy.app().await;
-    let mut seen: HashMap<u16, usize> = HashMap::new();
-    for _ in 0..20 {
-        *seen.entry(server_port(&client).await).or_default() += 1;
-    }
+    let seen = tally_while_in_rotation(&proxy, 20, async || server_port(&client).await).await;
     assert_eq!(seen.get(&c.replicas[0]), Some(&10), "{seen:?}");
     assert_eq!(seen.get(&c.replicas[1]), Some(&10), "{seen:?}");
     assert!(!seen.contains_key(&c.primary));
@@ -169,10 +164,7 @@ async fn weights_shape_the_distribution() {
     );
     let proxy = start_proxy_with(&toml).await;
     let client = proxy.app().await;
-    let mut seen: HashMap<u16, usize> = HashMap::new();
-    for _ in 0..40 {
-        *seen.entry(server_port(&client).await).or_default() += 1;
-    }
+    let seen = tally_while_in_rotation(&proxy, 40, async || server_port(&client).await).await;
     assert_eq!(seen.get(&c.replicas[0]), Some(&30), "{seen:?}");
     assert_eq!(seen.get(&c.replicas[1]), Some(&10), "{seen:?}");
 }
@@ -225,17 +217,12 @@ async fn servers_reached_over_unix_sockets_route_and_cancel_the_same() {
         let row = client.query_one(sql, &[]).await.unwrap();
         row.get::<_, String>(0).parse().unwrap()
     };
-    // Reads alternate over the replicas once the health checkers have seen them.
-    let mut seen = std::collections::HashSet::new();
-    for _ in 0..40 {
-        seen.insert(port_of("SELECT current_setting('port')").await);
-        if seen.len() == 2 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    let seen = tally_while_in_rotation(&proxy, 2, async || {
+        port_of("SELECT current_setting('port')").await
+    })
+    .await;
     assert_eq!(
-        seen,
+        seen.into_keys().collect::<std::collections::HashSet<_>>(),
         c.replicas.into_iter().collect(),
         "reads reached both replicas"
     );

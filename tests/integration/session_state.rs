@@ -28,15 +28,18 @@ async fn set_and_reset_apply_on_every_replica() {
             .batch_execute("SET TIME ZONE 'Asia/Tokyo'")
             .await
             .unwrap();
-        let mut ports = std::collections::HashSet::new();
-        for _ in 0..4 {
+        let ports = tally_while_in_rotation(&proxy, 4, async || {
             let (tz, port) = setting(&client, "TimeZone").await;
             assert_eq!(tz, "Asia/Tokyo");
-            ports.insert(port);
             assert_eq!(setting(&client, "application_name").await.0, "albums");
             assert_eq!(setting(&client, "statement_timeout").await.0, "7s");
-        }
-        assert_eq!(ports, c.replicas.into_iter().collect());
+            port
+        })
+        .await;
+        assert_eq!(
+            ports.into_keys().collect::<std::collections::HashSet<_>>(),
+            c.replicas.into_iter().collect()
+        );
         client
             .batch_execute("RESET statement_timeout")
             .await

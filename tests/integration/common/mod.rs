@@ -370,6 +370,47 @@ pub async fn server_port(client: &Client) -> u16 {
     row.get::<_, i32>(0) as u16
 }
 
+/// How many of `n` calls of `read` (each returning the port that answered) each server
+/// answered, counted while every replica of `proxy` stayed in rotation. On a loaded machine a
+/// health check can time out twice and take a replica out for a few seconds, which would skew
+/// the count for reasons outside the test; then the count waits for the rotation to be whole
+/// again and starts over. The balancer's wheel goes on turning, so `n` should be a multiple
+/// of the wheel's length for exact counts.
+pub async fn tally_while_in_rotation(
+    proxy: &Proxy,
+    n: usize,
+    mut read: impl AsyncFnMut() -> u16,
+) -> HashMap<u16, usize> {
+    let whole = || {
+        proxy
+            .shared
+            .runtime
+            .load()
+            .backends
+            .replicas
+            .iter()
+            .all(|r| r.is_available())
+    };
+    for _ in 0..5 {
+        assert!(
+            eventually(Duration::from_secs(20), whole).await,
+            "the replicas never were all in rotation"
+        );
+        let mut tally = HashMap::new();
+        for _ in 0..n {
+            let port = read().await;
+            if !whole() {
+                break;
+            }
+            *tally.entry(port).or_default() += 1;
+        }
+        if tally.values().sum::<usize>() == n {
+            return tally;
+        }
+    }
+    panic!("a replica kept leaving the rotation");
+}
+
 /// A table name unique to one test, so tests sharing the cluster never collide.
 pub fn unique(prefix: &str) -> String {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
