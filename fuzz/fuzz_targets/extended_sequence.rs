@@ -185,19 +185,6 @@ impl<'a> Model<'a> {
                 self.pinned |= c.pins_session;
             }
             let mut fl = self.inflight.take().expect("in flight");
-            if let Item::Query { .. } = item
-                && !fl.failed
-            {
-                // `relay::forget_unnamed` (the mirror has no COPY).
-                self.statements.remove("");
-                for x in fl.expects.iter_mut() {
-                    if let Expect::Parse { register, .. } = x
-                        && register.as_ref().is_some_and(|(name, _)| name.is_empty())
-                    {
-                        *register = None;
-                    }
-                }
-            }
             // `relay::ends_batch`: behind an error, only the Sync ends the batch.
             match item {
                 Item::Sync => fl.open = false,
@@ -224,11 +211,7 @@ impl<'a> Model<'a> {
             | tag::CLOSE
             | tag::SYNC
             | tag::FLUSH => {
-                if matches!(frame.tag, tag::QUERY | tag::FUNCTION_CALL) && !self.batch.is_empty() {
-                    check_error_response(&pgsplit::Error::Protocol("query in batch".into()));
-                    return Flow::End;
-                }
-                if frame.tag == tag::QUERY {
+                if frame.tag == tag::QUERY && self.batch.is_empty() {
                     self.statements.remove("");
                 }
                 let item = match request::decode(
@@ -369,6 +352,11 @@ impl<'a> Model<'a> {
             // and the request runs again on the primary.
             fl.failed = true;
             self.drain_after_error(&mut fl);
+            if !fl.retry {
+                // A simple Query behind the refused message: the server skipped it too, and
+                // the request waits for the client's Sync, the error reported.
+                return self.process(fl);
+            }
             for sql in &fl.sql {
                 self.classify.learn_write(sql);
                 if sql.len() <= pgsplit::memo::MAX_MEMO_SQL {
@@ -548,6 +536,13 @@ impl<'a> Model<'a> {
                 _ => {}
             }
         }
+        if matches!(fl.expects.front(), Some(Expect::Query { .. })) {
+            // A simple Query behind the failed message is skipped as well: the request
+            // waits for the client's Sync, and is no longer one to retry.
+            fl.expects.pop_front();
+            fl.open = true;
+            fl.retry = false;
+        }
         // On a retry the rest is drained without a word to the client.
         if fl.retry {
             fl.expects.clear();
@@ -605,9 +600,10 @@ impl<'a> Model<'a> {
                 }
                 Some(Expect::CloseUnnamed) => server.actual_unnamed = None,
                 Some(Expect::Query { clears, simple }) => {
-                    // A simple Query drops the unnamed statement.
+                    // A simple Query drops the unnamed statement, the session's with it.
                     if simple {
                         server.actual_unnamed = None;
+                        self.statements.remove("");
                     }
                     if clears && !fl.failed {
                         server.actual.clear();

@@ -561,15 +561,12 @@ impl Session {
             | tag::CLOSE
             | tag::SYNC
             | tag::FLUSH => {
-                if matches!(frame.tag, tag::QUERY | tag::FUNCTION_CALL) && !self.batch.is_empty() {
-                    return Err(Error::Protocol(
-                        "simple Query before the Sync of an extended-protocol batch".into(),
-                    ));
-                }
-                if frame.tag == tag::QUERY {
+                if frame.tag == tag::QUERY && self.batch.is_empty() {
                     // PostgreSQL drops the unnamed statement at every simple Query, before
                     // parsing it; the session follows even when no server sees the Query
-                    // (answered from the cache, or by pgsplit itself).
+                    // (answered from the cache, or by pgsplit itself). A Query behind
+                    // extended messages of the same batch drops it only if the server runs
+                    // it (not behind an error): the relay sees to that.
                     self.statements.remove("");
                 }
                 // Decoded on arrival, so a malformed message is refused at once.

@@ -72,8 +72,11 @@ enum Expect {
     /// A Sync the proxy added to close a describe-only request: its ReadyForQuery is not
     /// the client's.
     HiddenSync,
-    /// A simple Query or FunctionCall: everything up to ReadyForQuery.
-    Query,
+    /// A simple Query or FunctionCall: everything up to ReadyForQuery. A Query the server
+    /// runs drops its unnamed statement (`drops_unnamed`); a FunctionCall does not.
+    Query {
+        drops_unnamed: bool,
+    },
     /// The proxy's own commit-facts query behind the client's request: everything up to its
     /// ReadyForQuery is read, none of it forwarded (but notifications).
     CommitFacts,
@@ -345,7 +348,7 @@ impl Session {
         if fl
             .expects
             .iter()
-            .any(|x| matches!(x, Expect::Sync | Expect::Query))
+            .any(|x| matches!(x, Expect::Sync | Expect::Query { .. }))
         {
             frames.push(protocol::ready_for_query(self.tx));
         } else if fl.open {
@@ -367,13 +370,17 @@ impl Session {
             Item::Query { frame, class } => {
                 frame.encode_into(out);
                 fl.conn.unnamed = None;
-                fl.expects.push_back(Expect::Query);
+                fl.expects.push_back(Expect::Query {
+                    drops_unnamed: true,
+                });
                 fl.ops.extend(class.session_ops.iter().cloned());
                 fl.read_back.extend(class.read_back.iter().cloned());
             }
             Item::FunctionCall(frame) => {
                 frame.encode_into(out);
-                fl.expects.push_back(Expect::Query);
+                fl.expects.push_back(Expect::Query {
+                    drops_unnamed: false,
+                });
             }
             Item::Parse(stmt) => {
                 let name = stmt.parse.name.clone();
@@ -658,13 +665,6 @@ impl Session {
             if matches!(item, Item::FunctionCall(_)) {
                 self.writes.note_unknown();
             }
-            // Unless the server skips it: after an error (up to the Sync), or in a COPY.
-            if let Item::Query { .. } = item
-                && !fl.failed
-                && !fl.copy_in
-            {
-                forget_unnamed(&mut self.statements, fl);
-            }
             if ends_batch(&item, fl.failed) {
                 fl.open = false;
             }
@@ -835,7 +835,7 @@ impl Session {
                     fl.retry = true;
                 }
                 debug!(code = %fields.code, "server reported an error");
-                if !matches!(fl.expects.front(), Some(Expect::Query)) {
+                if !matches!(fl.expects.front(), Some(Expect::Query { .. })) {
                     // The failed message and everything up to the Sync are skipped. What
                     // sending them did to the prepared set is undone newest first: a batch
                     // can prepare a statement, evict it and prepare it again, and only the
@@ -843,18 +843,30 @@ impl Session {
                     // fuzz/fuzz_targets/extended_sequence.rs).
                     let mut skipped = Vec::new();
                     while let Some(x) = fl.expects.front() {
-                        if matches!(x, Expect::Sync | Expect::HiddenSync | Expect::Query) {
+                        if matches!(x, Expect::Sync | Expect::HiddenSync | Expect::Query { .. }) {
                             break;
                         }
                         skipped.extend(fl.expects.pop_front());
                     }
-                    if hidden_begin && matches!(fl.expects.front(), Some(Expect::Query)) {
-                        // The deferred BEGIN failed and the server skips the client's Query
-                        // too: a Sync of ours brings the ReadyForQuery the client waits for,
-                        // after this error, as the answer to its request.
+                    if matches!(fl.expects.front(), Some(Expect::Query { .. })) {
+                        // The server skips a simple Query behind the failed message as well,
+                        // and answers nothing before the next Sync.
                         fl.expects.pop_front();
-                        fl.expects.push_front(Expect::Sync);
-                        fl.sync_due = true;
+                        if hidden_begin {
+                            // The deferred BEGIN failed: a Sync of ours brings the
+                            // ReadyForQuery the client waits for, after this error, as the
+                            // answer to its request.
+                            fl.expects.push_front(Expect::Sync);
+                            fl.sync_due = true;
+                        } else {
+                            // The client's own extended messages came before the Query
+                            // without a Sync: the request stays open for the client's Sync,
+                            // as the server does, and the error goes out now (the request
+                            // is no longer one to retry elsewhere).
+                            fl.open = true;
+                            fl.holding = false;
+                            fl.retry = false;
+                        }
                     }
                     for x in skipped.into_iter().rev() {
                         match x {
@@ -872,7 +884,14 @@ impl Session {
                 true
             }
             tag::READY_FOR_QUERY => {
-                let hidden = matches!(fl.expects.pop_front(), Some(Expect::HiddenSync));
+                let answered = fl.expects.pop_front();
+                if let Some(Expect::Query {
+                    drops_unnamed: true,
+                }) = answered
+                {
+                    self.statements.remove("");
+                }
+                let hidden = matches!(answered, Some(Expect::HiddenSync));
                 let status = fl.conn.rbuf.get(5).copied().and_then(TxStatus::from_byte);
                 if let Some(status) = status
                     && !fl.retry
@@ -963,20 +982,6 @@ fn ends_batch(item: &Item, failed: bool) -> bool {
         Item::Sync => true,
         Item::Query { .. } | Item::FunctionCall(_) => !failed,
         _ => false,
-    }
-}
-
-/// A simple Query that ends an open batch drops the unnamed statement on the server, so the
-/// session forgets it too: the one it had, and the one a Parse of the batch would record
-/// when its ParseComplete arrives (the batch's own copy is not read after a Query).
-fn forget_unnamed(session: &mut Statements, fl: &mut InFlight) {
-    session.remove("");
-    for x in fl.expects.iter_mut() {
-        if let Expect::Parse { register, .. } = x
-            && register.as_ref().is_some_and(|(name, _)| name.is_empty())
-        {
-            *register = None;
-        }
     }
 }
 

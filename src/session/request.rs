@@ -131,6 +131,10 @@ pub fn deferrable_begin(items: &[Item]) -> Option<Vec<Frame>> {
 /// bool: whether the block ended.
 pub fn answer_in_failed_block(items: &[Item]) -> Option<(Vec<Frame>, bool)> {
     use crate::protocol::{Severity, TxStatus, command_complete, error_response, ready_for_query};
+    if items.iter().all(|i| matches!(i, Item::Sync | Item::Flush)) {
+        // Nothing to refuse: a Sync only asks where the session stands.
+        return Some((vec![ready_for_query(TxStatus::Failed)], false));
+    }
     if let Some(lone) = lone_statement(items)
         && lone.class.tx_effect == TxEffect::Ends
     {
@@ -147,9 +151,12 @@ pub fn answer_in_failed_block(items: &[Item]) -> Option<(Vec<Frame>, bool)> {
         "25P02",
         "current transaction is aborted, commands ignored until end of transaction block",
     )];
-    if items
-        .iter()
-        .any(|i| matches!(i, Item::Sync | Item::Query { .. } | Item::FunctionCall(_)))
+    // A simple Query or FunctionCall alone has its own ReadyForQuery; behind a refused
+    // extended message the server skips it, and only a Sync is answered.
+    if matches!(
+        items.first(),
+        Some(Item::Query { .. } | Item::FunctionCall(_))
+    ) || items.iter().any(|i| matches!(i, Item::Sync))
     {
         reply.push(ready_for_query(TxStatus::Failed));
     }
@@ -366,6 +373,33 @@ mod tests {
                 decode(frame, &classify, &session, &mut local).expect("valid message")
             })
             .collect()
+    }
+
+    /// What the session answers itself in a transaction block that failed before reaching
+    /// a server, in PostgreSQL's words: tags of the reply, and whether the block ended.
+    fn failed_block_reply(messages: &[&str]) -> Option<(String, bool)> {
+        let (reply, ended) = answer_in_failed_block(&items(messages))?;
+        Some((reply.iter().map(|f| f.tag as char).collect(), ended))
+    }
+
+    #[test]
+    fn a_failed_block_refuses_all_but_its_end_as_postgresql_does() {
+        let refused = |tags: &str| Some((tags.to_owned(), false));
+        assert_eq!(failed_block_reply(&["Q SELECT 1"]), refused("EZ"));
+        assert_eq!(
+            failed_block_reply(&["P  SELECT 1", "B  ", "E ", "S"]),
+            refused("EZ")
+        );
+        // Behind the refused Parse the server would skip the Query, and answer only a Sync.
+        assert_eq!(
+            failed_block_reply(&["P  SELECT 1", "B  ", "E ", "Q SELECT 2"]),
+            refused("E")
+        );
+        assert_eq!(failed_block_reply(&["S"]), refused("Z"));
+        assert_eq!(
+            failed_block_reply(&["Q ROLLBACK"]),
+            Some(("CZ".to_owned(), true))
+        );
     }
 
     #[test]

@@ -386,3 +386,79 @@ async fn a_query_behind_an_error_waits_for_the_sync() {
         assert_eq!(tags(&msgs), "12DCZ", "{addr}: {msgs:?}");
     }
 }
+
+/// A simple Query sent before the Sync of an extended-protocol batch runs as PostgreSQL runs
+/// it: it ends the batch's implicit transaction with its own ReadyForQuery (a later Sync
+/// gets one more), it drops the unnamed statement, and a write in it goes to the primary.
+/// Behind an error in the batch the server skips it and waits for the Sync; pgsplit refused
+/// such a Query with 08P01, and one sent right behind a Flush could wait forever for an
+/// answer the server never gives.
+#[tokio::test]
+async fn a_query_inside_an_extended_batch_runs_as_postgresql_runs_it() {
+    let c = cluster();
+    let t = unique("query_in_batch");
+    direct(c.primary)
+        .await
+        .batch_execute(&format!(
+            "CREATE TABLE {t} (who text); GRANT INSERT ON {t} TO trustuser"
+        ))
+        .await
+        .unwrap();
+    let direct_addr = std::net::SocketAddr::from(([127, 0, 0, 1], c.primary));
+    let proxies = both_modes().await;
+    for (addr, who) in std::iter::once((direct_addr, "direct".to_owned())).chain(
+        proxies
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.addr, format!("proxy{i}"))),
+    ) {
+        let mut s = RawClient::login(addr, "trustuser").await;
+
+        let mut req = parse_bind_execute("SELECT 1");
+        req.truncate(req.len() - sync().len());
+        req.extend(query(&format!("INSERT INTO {t} VALUES ('{who}')")));
+        req.extend(sync());
+        s.stream_write(&req).await;
+        let msgs = s.read_n(7).await;
+        assert_eq!(tags(&msgs), "12DCCZZ", "{addr}: {msgs:?}");
+        let msgs = s.send(&bind_execute("")).await;
+        assert_eq!(
+            error_code(&msgs).as_deref(),
+            Some("26000"),
+            "{addr}: {msgs:?}"
+        );
+
+        // Behind an error (the Bind's: planning folds 1 / 0) the Query is skipped, the error
+        // comes at once, the Sync answers.
+        let mut req = parse("", "SELECT 1 / 0");
+        req.extend(bind(""));
+        req.extend(execute());
+        req.extend(query("SELECT 2"));
+        s.stream_write(&req).await;
+        let msgs = s.read_n(2).await;
+        assert_eq!(tags(&msgs), "1E", "{addr}: {msgs:?}");
+        assert_eq!(error_code(&msgs).as_deref(), Some("22012"), "{addr}");
+        assert_eq!(tags(&s.send(&sync()).await), "Z", "{addr}");
+
+        // The same Query right behind a Flush, before the error is back.
+        let mut req = parse("", "SELECT 1 / 0");
+        req.extend(bind(""));
+        req.extend(execute());
+        req.extend(message(b'H', &[]));
+        req.extend(query("SELECT 3"));
+        req.extend(sync());
+        s.stream_write(&req).await;
+        assert_eq!(tags(&s.read_n(3).await), "1EZ", "{addr}");
+
+        // The session goes on.
+        let msgs = s.send(&query("SELECT 4")).await;
+        assert_eq!(tags(&msgs), "TDCZ", "{addr}: {msgs:?}");
+    }
+    let rows = direct(c.primary)
+        .await
+        .query(&format!("SELECT who FROM {t} ORDER BY who"), &[])
+        .await
+        .unwrap();
+    let who: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(who, ["direct", "proxy0", "proxy1"]);
+}
