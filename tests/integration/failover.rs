@@ -283,6 +283,7 @@ async fn with_the_primary_down_writes_fail_clearly_and_reads_go_on() {
             .await
             .unwrap();
         wait_replicated_on(c).await;
+        wait_proxy_saw_replay(&proxy, c).await;
         cluster_cmd(c, &["stop-node", "primary", "--mode", "fast"]).await;
         let write = client
             .execute(&format!("INSERT INTO {t} VALUES (1)"), &[])

@@ -370,6 +370,34 @@ pub async fn server_port(client: &Client) -> u16 {
     row.get::<_, i32>(0) as u16
 }
 
+/// Wait until `proxy`'s health checkers have seen every replica of `c` replay all the
+/// primary has written so far. A session's reads after its own write go to a replica only
+/// once the proxy knows the replica has it (read-your-writes); the checkers look once per
+/// interval, so a replica can have replayed a write for up to a second before that.
+pub async fn wait_proxy_saw_replay(proxy: &Proxy, c: &Cluster) {
+    let text: String = direct(c.primary)
+        .await
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let lsn = pgsplit::backend::health::parse_lsn(&text).expect("an LSN");
+    let seen = || {
+        proxy
+            .shared
+            .runtime
+            .load()
+            .backends
+            .replicas
+            .iter()
+            .all(|r| r.health.lsn() >= lsn)
+    };
+    assert!(
+        eventually(Duration::from_secs(30), seen).await,
+        "the proxy never saw the replicas replay {text}"
+    );
+}
+
 /// How many of `n` calls of `read` (each returning the port that answered) each server
 /// answered, counted while every replica of `proxy` stayed in rotation. On a loaded machine a
 /// health check can time out twice and take a replica out for a few seconds, which would skew
