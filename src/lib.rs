@@ -6,6 +6,7 @@
 //! `backend` and `auth` build on leaves; `session` combines them; `server` wires it up.
 
 pub mod admin;
+mod alloc;
 pub mod auth;
 pub mod backend;
 pub mod cache;
@@ -25,10 +26,5 @@ pub mod tls;
 
 pub use error::{Error, Result};
 
-/// mimalloc for every binary built on this crate (the proxy, its tests and benchmarks, so
-/// they measure what production runs). Against glibc's malloc it takes a tenth of the
-/// instructions off a login, whose task and I/O registration are cache-line aligned
-/// allocations that glibc serves slowly. Built with `no_thp`, it turns transparent huge
-/// pages off for the process: with them, idle clients cost twice the memory.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: alloc::MiMalloc = alloc::MiMalloc;
