@@ -642,6 +642,20 @@ impl Session {
                 // COPY data sent ahead of a CopyInResponse (asyncpg does) goes on in order.
                 if frame.tag == tag::SYNC {
                     fl.need_sync = false;
+                } else if fl.need_sync && !fl.copy_in && frame.tag != tag::TERMINATE {
+                    // The COPY is over but the Sync that answers the one the server
+                    // ignored in it is still to come: the server runs what comes first as
+                    // usual, and its answers come before that Sync's.
+                    let item = self.decode_joining(fl, frame)?;
+                    let syncs = fl.expects.len()
+                        - fl.expects
+                            .iter()
+                            .rposition(|x| !matches!(x, Expect::Sync))
+                            .map_or(0, |i| i + 1);
+                    let held: Vec<Expect> = fl.expects.drain(fl.expects.len() - syncs..).collect();
+                    self.emit(fl, &item);
+                    fl.expects.extend(held);
+                    continue;
                 }
                 frame.encode_into(&mut self.wbuf);
                 continue;
@@ -649,22 +663,7 @@ impl Session {
             if frame.tag == tag::TERMINATE {
                 return Err(Error::ClientGone);
             }
-            let item = request::decode(
-                frame,
-                &self.runtime.classify,
-                &self.statements,
-                &mut fl.local,
-            )?;
-            if let Some(c) = item.class() {
-                self.pinned |= c.pins_session;
-                self.writes.note(c);
-                if c.calls_user_functions && fl.id.is_primary() {
-                    self.writes.note_unknown();
-                }
-            }
-            if matches!(item, Item::FunctionCall(_)) {
-                self.writes.note_unknown();
-            }
+            let item = self.decode_joining(fl, frame)?;
             if ends_batch(&item, fl.failed) {
                 fl.open = false;
             }
@@ -679,6 +678,28 @@ impl Session {
             self.wbuf.clear();
         }
         Ok(())
+    }
+
+    /// Decode a client message that joins the request in flight, and note what it may
+    /// write or pin.
+    fn decode_joining(&mut self, fl: &mut InFlight, frame: Frame) -> Result<Item> {
+        let item = request::decode(
+            frame,
+            &self.runtime.classify,
+            &self.statements,
+            &mut fl.local,
+        )?;
+        if let Some(c) = item.class() {
+            self.pinned |= c.pins_session;
+            self.writes.note(c);
+            if c.calls_user_functions && fl.id.is_primary() {
+                self.writes.note_unknown();
+            }
+        }
+        if matches!(item, Item::FunctionCall(_)) {
+            self.writes.note_unknown();
+        }
+        Ok(item)
     }
 
     /// Move what the server sent into the client output, acting on the frames that matter.

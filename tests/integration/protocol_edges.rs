@@ -462,3 +462,35 @@ async fn a_query_inside_an_extended_batch_runs_as_postgresql_runs_it() {
     let who: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
     assert_eq!(who, ["direct", "proxy0", "proxy1"]);
 }
+
+/// After a COPY started by an Execute, the server ignored the Sync sent with it and waits
+/// for another; what the client sends between CopyDone and that Sync runs as usual. A
+/// simple Query there has its own ReadyForQuery, then the Sync gets one; pgsplit took the
+/// Query's for the Sync's and left the Sync's answer to the next request.
+#[tokio::test]
+async fn a_query_between_an_extended_copy_and_its_sync_answers_in_order() {
+    let c = cluster();
+    let direct = std::net::SocketAddr::from(([127, 0, 0, 1], c.primary));
+    let proxies = both_modes().await;
+    for addr in std::iter::once(direct).chain(proxies.iter().map(|p| p.addr)) {
+        let mut s = RawClient::login(addr, "trustuser").await;
+        let t = unique("xcopy");
+        assert_eq!(
+            tags(&s.send(&query(&format!("CREATE TABLE {t} (v int)"))).await),
+            "CZ"
+        );
+        s.stream_write(&parse_bind_execute(&format!("COPY {t} FROM STDIN")))
+            .await;
+        assert_eq!(tags(&s.read_n(3).await), "12G", "{addr}");
+        let mut req = message(b'd', b"1\n2\n");
+        req.extend(message(b'c', &[]));
+        req.extend(query(&format!("SELECT count(*) FROM {t}")));
+        req.extend(sync());
+        s.stream_write(&req).await;
+        let msgs = s.read_n(6).await;
+        assert_eq!(tags(&msgs), "CTDCZZ", "{addr}: {msgs:?}");
+        assert!(msgs[2].1.ends_with(b"2"), "{addr}: {msgs:?}");
+        let msgs = s.send(&query("SELECT 3")).await;
+        assert_eq!(tags(&msgs), "TDCZ", "{addr}: {msgs:?}");
+    }
+}
