@@ -102,6 +102,8 @@ struct InFlight {
     local: Statements,
     open: bool,
     failed: bool,
+    /// An extended message failed: the server discards what follows up to the Sync.
+    skipping: bool,
     rolled_back: bool,
     ops: Vec<SessionOp>,
     /// The SQL of the statements sent (what a 25006 teaches the cache).
@@ -188,7 +190,7 @@ impl<'a> Model<'a> {
             // `relay::ends_batch`: behind an error, only the Sync ends the batch.
             match item {
                 Item::Sync => fl.open = false,
-                Item::Query { .. } | Item::FunctionCall(_) if !fl.failed => fl.open = false,
+                Item::Query { .. } | Item::FunctionCall(_) if !fl.skipping => fl.open = false,
                 _ => {}
             }
             self.emit(&mut fl, &item);
@@ -339,6 +341,7 @@ impl<'a> Model<'a> {
             local: if open { local } else { Statements::default() },
             open,
             failed: false,
+            skipping: false,
             rolled_back: false,
             ops: Vec::new(),
             sql: Vec::new(),
@@ -352,11 +355,6 @@ impl<'a> Model<'a> {
             // and the request runs again on the primary.
             fl.failed = true;
             self.drain_after_error(&mut fl);
-            if !fl.retry {
-                // A simple Query behind the refused message: the server skipped it too, and
-                // the request waits for the client's Sync, the error reported.
-                return self.process(fl);
-            }
             for sql in &fl.sql {
                 self.classify.learn_write(sql);
                 if sql.len() <= pgsplit::memo::MAX_MEMO_SQL {
@@ -369,6 +367,7 @@ impl<'a> Model<'a> {
                 local: Statements::default(),
                 open: false,
                 failed: false,
+                skipping: false,
                 rolled_back: false,
                 ops: Vec::new(),
                 sql: Vec::new(),
@@ -384,7 +383,7 @@ impl<'a> Model<'a> {
 
     /// `Session::emit`.
     fn emit(&mut self, fl: &mut InFlight, item: &Item) {
-        if fl.failed && !matches!(item, Item::Sync) {
+        if fl.skipping && !matches!(item, Item::Sync) {
             return;
         }
         match item {
@@ -510,12 +509,15 @@ impl<'a> Model<'a> {
         if matches!(fl.expects.front(), Some(Expect::Query { .. })) {
             return;
         }
+        fl.skipping = true;
         let server = &mut self.servers[fl.backend];
         let mut skipped = Vec::new();
+        let mut skipped_query = false;
         while let Some(x) = fl.expects.front() {
-            if matches!(x, Expect::Sync | Expect::HiddenSync | Expect::Query { .. }) {
+            if matches!(x, Expect::Sync | Expect::HiddenSync) {
                 break;
             }
+            skipped_query |= matches!(x, Expect::Query { .. });
             skipped.extend(fl.expects.pop_front());
         }
         for x in skipped.into_iter().rev() {
@@ -536,12 +538,15 @@ impl<'a> Model<'a> {
                 _ => {}
             }
         }
-        if matches!(fl.expects.front(), Some(Expect::Query { .. })) {
-            // A simple Query behind the failed message is skipped as well: the request
-            // waits for the client's Sync, and is no longer one to retry.
-            fl.expects.pop_front();
-            fl.open = true;
-            fl.retry = false;
+        if skipped_query && fl.expects.is_empty() {
+            // A simple Query behind the failed message was skipped as well, and no Sync
+            // follows: a refused replica read gets a Sync of the proxy's, anything else
+            // waits for the client's.
+            if fl.retry {
+                fl.expects.push_back(Expect::HiddenSync);
+            } else {
+                fl.open = true;
+            }
         }
         // On a retry the rest is drained without a word to the client.
         if fl.retry {
@@ -552,7 +557,7 @@ impl<'a> Model<'a> {
     /// The server's answers, message by message (`process_backend` / `on_backend_frame`).
     fn process(&mut self, mut fl: InFlight) {
         loop {
-            if !fl.failed {
+            if !fl.skipping {
                 while let Some(Expect::Synth { .. }) = fl.expects.front() {
                     if let Some(Expect::Synth {
                         register,
@@ -615,6 +620,7 @@ impl<'a> Model<'a> {
                     self.tx_conn = (status != TxStatus::Idle).then_some(fl.backend);
                 }
                 Some(Expect::Sync | Expect::HiddenSync) => {
+                    fl.skipping = false;
                     let status = self.status_after(&fl);
                     self.tx = status;
                     self.tx_conn = (status != TxStatus::Idle).then_some(fl.backend);

@@ -101,7 +101,11 @@ struct InFlight {
     /// copy, so the Sync that follows CopyDone/CopyFail must reach it too.
     copy_by_execute: bool,
     need_sync: bool,
+    /// The server reported an error: what the request set up does not hold.
     failed: bool,
+    /// The error was an extended-protocol message's: the server discards what follows up to
+    /// the next Sync (a simple Query's error ends with its own ReadyForQuery instead).
+    skipping: bool,
     rolled_back: bool,
     /// Bytes of a large frame still to stream through untouched.
     passthrough: usize,
@@ -165,6 +169,7 @@ impl Session {
             copy_by_execute: false,
             need_sync: false,
             failed: false,
+            skipping: false,
             rolled_back: false,
             passthrough: 0,
             holding: retryable,
@@ -361,7 +366,7 @@ impl Session {
     /// Encode one item for the server, with the expectation of its response.
     fn emit(&mut self, fl: &mut InFlight, item: &Item) {
         tracing::trace!(?item, "to server");
-        if fl.failed && !matches!(item, Item::Sync) {
+        if fl.skipping && !matches!(item, Item::Sync) {
             // The server discards messages after an error until the Sync: so do we.
             return;
         }
@@ -642,11 +647,24 @@ impl Session {
                 // COPY data sent ahead of a CopyInResponse (asyncpg does) goes on in order.
                 if frame.tag == tag::SYNC {
                     fl.need_sync = false;
-                } else if fl.need_sync && !fl.copy_in && frame.tag != tag::TERMINATE {
+                } else if fl.need_sync
+                    && !fl.copy_in
+                    && !matches!(
+                        frame.tag,
+                        tag::TERMINATE | tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL
+                    )
+                {
                     // The COPY is over but the Sync that answers the one the server
                     // ignored in it is still to come: the server runs what comes first as
-                    // usual, and its answers come before that Sync's.
+                    // usual, and its answers come before that Sync's. (It drops COPY
+                    // messages now, and they go to it as they are.)
                     let item = self.decode_joining(fl, frame)?;
+                    if matches!(item, Item::Query { .. }) && !fl.skipping {
+                        // Messages behind the Query are decoded before its answer comes,
+                        // and must not find the unnamed statement it drops.
+                        self.statements.remove("");
+                        fl.local.remove("");
+                    }
                     let syncs = fl.expects.len()
                         - fl.expects
                             .iter()
@@ -664,7 +682,7 @@ impl Session {
                 return Err(Error::ClientGone);
             }
             let item = self.decode_joining(fl, frame)?;
-            if ends_batch(&item, fl.failed) {
+            if ends_batch(&item, fl.skipping) {
                 fl.open = false;
             }
             self.emit(fl, &item);
@@ -719,7 +737,7 @@ impl Session {
                     return Ok(Progress::NeedMore);
                 }
             }
-            if !fl.failed {
+            if !fl.skipping {
                 self.emit_synths(fl);
             }
             if fl.expects.is_empty() && !fl.open {
@@ -857,36 +875,41 @@ impl Session {
                 }
                 debug!(code = %fields.code, "server reported an error");
                 if !matches!(fl.expects.front(), Some(Expect::Query { .. })) {
-                    // The failed message and everything up to the Sync are skipped. What
-                    // sending them did to the prepared set is undone newest first: a batch
-                    // can prepare a statement, evict it and prepare it again, and only the
-                    // reverse order gets back to what the server holds (found by
-                    // fuzz/fuzz_targets/extended_sequence.rs).
+                    // The failed message and everything up to the Sync are skipped, a simple
+                    // Query among them too. What sending them did to the prepared set is
+                    // undone newest first: a batch can prepare a statement, evict it and
+                    // prepare it again, and only the reverse order gets back to what the
+                    // server holds (found by fuzz/fuzz_targets/extended_sequence.rs).
+                    fl.skipping = true;
                     let mut skipped = Vec::new();
+                    let mut skipped_query = false;
                     while let Some(x) = fl.expects.front() {
-                        if matches!(x, Expect::Sync | Expect::HiddenSync | Expect::Query { .. }) {
+                        if matches!(x, Expect::Sync | Expect::HiddenSync) {
                             break;
                         }
+                        skipped_query |= matches!(x, Expect::Query { .. });
                         skipped.extend(fl.expects.pop_front());
                     }
-                    if matches!(fl.expects.front(), Some(Expect::Query { .. })) {
-                        // The server skips a simple Query behind the failed message as well,
-                        // and answers nothing before the next Sync.
-                        fl.expects.pop_front();
+                    if skipped_query && fl.expects.is_empty() {
+                        // The request ended with that Query, and no Sync is on its way
+                        // (one sent or still to come after a COPY has its Expect queued).
                         if hidden_begin {
                             // The deferred BEGIN failed: a Sync of ours brings the
                             // ReadyForQuery the client waits for, after this error, as the
                             // answer to its request.
-                            fl.expects.push_front(Expect::Sync);
+                            fl.expects.push_back(Expect::Sync);
+                            fl.sync_due = true;
+                        } else if fl.retry {
+                            // The replica refused a write: a Sync of ours ends its part,
+                            // and the whole request runs again on the primary.
+                            fl.expects.push_back(Expect::HiddenSync);
                             fl.sync_due = true;
                         } else {
                             // The client's own extended messages came before the Query
                             // without a Sync: the request stays open for the client's Sync,
-                            // as the server does, and the error goes out now (the request
-                            // is no longer one to retry elsewhere).
+                            // as the server does, and the error goes out now.
                             fl.open = true;
                             fl.holding = false;
-                            fl.retry = false;
                         }
                     }
                     for x in skipped.into_iter().rev() {
@@ -913,6 +936,9 @@ impl Session {
                     self.statements.remove("");
                 }
                 let hidden = matches!(answered, Some(Expect::HiddenSync));
+                if matches!(answered, Some(Expect::Sync | Expect::HiddenSync)) {
+                    fl.skipping = false;
+                }
                 let status = fl.conn.rbuf.get(5).copied().and_then(TxStatus::from_byte);
                 if let Some(status) = status
                     && !fl.retry

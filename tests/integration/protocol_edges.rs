@@ -494,3 +494,98 @@ async fn a_query_between_an_extended_copy_and_its_sync_answers_in_order() {
         assert_eq!(tags(&msgs), "TDCZ", "{addr}: {msgs:?}");
     }
 }
+
+/// The same window when something fails in it. A COPY that fails makes the server skip
+/// everything up to the client's Sync, a Query behind it included; a Query that fails ends
+/// with its own ReadyForQuery and what follows it runs (here a Close pgsplit answers itself).
+#[tokio::test]
+async fn failures_between_an_extended_copy_and_its_sync_answer_in_order() {
+    let c = cluster();
+    let direct = std::net::SocketAddr::from(([127, 0, 0, 1], c.primary));
+    let proxies = both_modes().await;
+    for addr in std::iter::once(direct).chain(proxies.iter().map(|p| p.addr)) {
+        let mut s = RawClient::login(addr, "trustuser").await;
+        let t = unique("xcopyf");
+        assert_eq!(
+            tags(&s.send(&query(&format!("CREATE TABLE {t} (v int)"))).await),
+            "CZ"
+        );
+        let copy = parse_bind_execute(&format!("COPY {t} FROM STDIN"));
+
+        s.stream_write(&copy).await;
+        assert_eq!(tags(&s.read_n(3).await), "12G", "{addr}");
+        let mut req = message(b'd', b"not a number\n");
+        req.extend(message(b'c', &[]));
+        req.extend(query("SELECT 1"));
+        req.extend(sync());
+        s.stream_write(&req).await;
+        let msgs = s.read_n(2).await;
+        assert_eq!(tags(&msgs), "EZ", "{addr}: {msgs:?}");
+        assert_eq!(error_code(&msgs).as_deref(), Some("22P02"), "{addr}");
+        let msgs = s.send(&query("SELECT 2")).await;
+        assert_eq!(tags(&msgs), "TDCZ", "{addr}: {msgs:?}");
+
+        s.parse("s1", "SELECT 1").await;
+        s.stream_write(&copy).await;
+        assert_eq!(tags(&s.read_n(3).await), "12G", "{addr}");
+        let mut req = message(b'd', b"1\n");
+        req.extend(message(b'c', &[]));
+        req.extend(query("SELECT 1 / 0"));
+        req.extend(message(b'C', &[b"S".as_slice(), &cstr("s1")].concat()));
+        req.extend(sync());
+        s.stream_write(&req).await;
+        let msgs = s.read_n(5).await;
+        assert_eq!(tags(&msgs), "CEZ3Z", "{addr}: {msgs:?}");
+        assert_eq!(error_code(&msgs).as_deref(), Some("22012"), "{addr}");
+        let msgs = s.send(&bind_execute("s1")).await;
+        assert_eq!(
+            error_code(&msgs).as_deref(),
+            Some("26000"),
+            "{addr}: {msgs:?}"
+        );
+        let msgs = s.send(&query("SELECT 3")).await;
+        assert_eq!(tags(&msgs), "TDCZ", "{addr}: {msgs:?}");
+    }
+}
+
+/// A replica refuses a write that looked like a read (25006) in a batch that ends with a
+/// simple Query and no Sync: the server skipped the Query too, and the whole batch runs
+/// again on the primary, as without the Query; the client's Sync gets its ReadyForQuery.
+#[tokio::test]
+async fn a_refused_write_with_a_query_behind_it_runs_again_on_the_primary() {
+    let c = cluster();
+    let proxy = start_proxy().await;
+    let t = unique("retryq");
+    proxy
+        .app()
+        .await
+        .batch_execute(&format!(
+            "CREATE TABLE {t} (port int);
+             GRANT SELECT, INSERT ON {t} TO trustuser;
+             CREATE FUNCTION {t}_bump() RETURNS int LANGUAGE sql AS
+               'INSERT INTO {t} VALUES (inet_server_port()) RETURNING port';"
+        ))
+        .await
+        .unwrap();
+    wait_replicated().await;
+    let mut s = RawClient::login(proxy.addr, "trustuser").await;
+    let mut req = parse("", &format!("SELECT {t}_bump()"));
+    req.extend(bind(""));
+    req.extend(execute());
+    req.extend(query("SELECT inet_server_port()"));
+    s.stream_write(&req).await;
+    let msgs = s.read_n(8).await;
+    assert_eq!(tags(&msgs), "12DCTDCZ", "{msgs:?}");
+    let primary = c.primary.to_string();
+    for row in [&msgs[2], &msgs[5]] {
+        assert!(row.1.ends_with(primary.as_bytes()), "{msgs:?}");
+    }
+    assert_eq!(tags(&s.send(&sync()).await), "Z");
+    let n: i64 = direct(c.primary)
+        .await
+        .query_one(&format!("SELECT count(*) FROM {t}"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1, "the write ran once");
+}
