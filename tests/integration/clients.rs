@@ -107,12 +107,7 @@ async fn psql_simple_queries_multi_statements_and_copy() {
     })
     .await
     .map(|t| async move {
-        let n: i64 = direct(c.primary)
-            .await
-            .query_one(&format!("SELECT count(*) FROM {t}"), &[])
-            .await
-            .unwrap()
-            .get(0);
+        let n: i64 = rows_on(c.primary, &t).await;
         assert_eq!(n, 3);
     })
     .unwrap()

@@ -110,12 +110,7 @@ async fn copy_in_and_copy_out_through_the_proxy() {
         sink.send(bytes::Bytes::from(data.clone())).await.unwrap();
         let n = sink.finish().await.unwrap();
         assert_eq!(n, 1000);
-        let count: i64 = direct(c.primary)
-            .await
-            .query_one(&format!("SELECT count(*) FROM {t}"), &[])
-            .await
-            .unwrap()
-            .get(0);
+        let count: i64 = rows_on(c.primary, &t).await;
         assert_eq!(count, 1000);
         wait_replicated().await;
         let stream = client

@@ -581,11 +581,6 @@ async fn a_refused_write_with_a_query_behind_it_runs_again_on_the_primary() {
         assert!(row.1.ends_with(primary.as_bytes()), "{msgs:?}");
     }
     assert_eq!(tags(&s.send(&sync()).await), "Z");
-    let n: i64 = direct(c.primary)
-        .await
-        .query_one(&format!("SELECT count(*) FROM {t}"), &[])
-        .await
-        .unwrap()
-        .get(0);
+    let n: i64 = rows_on(c.primary, &t).await;
     assert_eq!(n, 1, "the write ran once");
 }

@@ -145,12 +145,7 @@ async fn a_replica_refusing_a_write_is_retried_on_the_primary() {
         .unwrap()
         .get(0);
     assert_eq!(port as u16, c.primary);
-    let n: i64 = direct(c.primary)
-        .await
-        .query_one(&format!("SELECT count(*) FROM {t}"), &[])
-        .await
-        .unwrap()
-        .get(0);
+    let n: i64 = rows_on(c.primary, &t).await;
     assert_eq!(n, 2, "each call wrote exactly once");
 }
 

@@ -439,6 +439,16 @@ pub async fn tally_while_in_rotation(
     panic!("a replica kept leaving the rotation");
 }
 
+/// How many rows `table` has, read directly on the server at `port`.
+pub async fn rows_on(port: u16, table: &str) -> i64 {
+    direct(port)
+        .await
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
 /// A table name unique to one test, so tests sharing the cluster never collide.
 pub fn unique(prefix: &str) -> String {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
