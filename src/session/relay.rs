@@ -659,11 +659,20 @@ impl Session {
                     // usual, and its answers come before that Sync's. (It drops COPY
                     // messages now, and they go to it as they are.)
                     let item = self.decode_joining(fl, frame)?;
-                    if matches!(item, Item::Query { .. }) && !fl.skipping {
+                    if let Item::Query { class, .. } = &item
+                        && !fl.skipping
+                    {
                         // Messages behind the Query are decoded before its answer comes,
                         // and must not find the unnamed statement it drops.
                         self.statements.remove("");
                         fl.local.remove("");
+                        // Each Query here commits on its own, but the request settles its
+                        // session settings as one unit, all or (after any error) none: a
+                        // session that changes settings in such a request stays on this
+                        // connection, which then holds the truth.
+                        if !class.session_ops.is_empty() || !fl.ops.is_empty() {
+                            self.pinned = true;
+                        }
                     }
                     let syncs = fl.expects.len()
                         - fl.expects

@@ -545,6 +545,28 @@ async fn failures_between_an_extended_copy_and_its_sync_answer_in_order() {
         );
         let msgs = s.send(&query("SELECT 3")).await;
         assert_eq!(tags(&msgs), "TDCZ", "{addr}: {msgs:?}");
+
+        // Each Query commits on its own: a setting made by one holds whatever the other did.
+        // (Reads after the COPY go to the replicas at once.)
+        let msgs = s.send(&query("SET pgsplit.consistency = 'eventual'")).await;
+        assert_eq!(tags(&msgs), "CZ", "{addr}: {msgs:?}");
+        s.stream_write(&copy).await;
+        assert_eq!(tags(&s.read_n(3).await), "12G", "{addr}");
+        let mut req = message(b'd', b"1\n");
+        req.extend(message(b'c', &[]));
+        req.extend(query("SELECT 1 / 0"));
+        req.extend(query("SET statement_timeout = '7s'"));
+        req.extend(sync());
+        s.stream_write(&req).await;
+        let msgs = s.read_n(6).await;
+        assert_eq!(tags(&msgs), "CEZCZZ", "{addr}: {msgs:?}");
+        for _ in 0..3 {
+            let msgs = s
+                .send(&query("SELECT current_setting('statement_timeout')"))
+                .await;
+            assert_eq!(tags(&msgs), "TDCZ", "{addr}: {msgs:?}");
+            assert!(msgs[1].1.ends_with(b"7s"), "{addr}: {msgs:?}");
+        }
     }
 }
 
