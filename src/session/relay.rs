@@ -106,6 +106,9 @@ struct InFlight {
     /// The error was an extended-protocol message's: the server discards what follows up to
     /// the next Sync (a simple Query's error ends with its own ReadyForQuery instead).
     skipping: bool,
+    /// The session's unnamed statement, set aside when a simple Query joined after an
+    /// extended COPY, until the server runs that Query (or skips it: then it comes back).
+    set_aside_unnamed: Option<Arc<Statement>>,
     rolled_back: bool,
     /// Bytes of a large frame still to stream through untouched.
     passthrough: usize,
@@ -170,6 +173,7 @@ impl Session {
             need_sync: false,
             failed: false,
             skipping: false,
+            set_aside_unnamed: None,
             rolled_back: false,
             passthrough: 0,
             holding: retryable,
@@ -664,7 +668,10 @@ impl Session {
                     {
                         // Messages behind the Query are decoded before its answer comes,
                         // and must not find the unnamed statement it drops.
-                        self.statements.remove("");
+                        let had = self.statements.remove("");
+                        if fl.set_aside_unnamed.is_none() {
+                            fl.set_aside_unnamed = had;
+                        }
                         fl.local.remove("");
                         // Each Query here commits on its own, but the request settles its
                         // session settings as one unit, all or (after any error) none: a
@@ -899,6 +906,13 @@ impl Session {
                         skipped_query |= matches!(x, Expect::Query { .. });
                         skipped.extend(fl.expects.pop_front());
                     }
+                    if skipped_query
+                        && let Some(unnamed) = fl.set_aside_unnamed.take()
+                        && !self.statements.contains_key("")
+                    {
+                        // The Query that set it aside was skipped: the server still has it.
+                        self.statements.insert(String::new(), unnamed);
+                    }
                     if skipped_query && fl.expects.is_empty() {
                         // The request ended with that Query, and no Sync is on its way
                         // (one sent or still to come after a COPY has its Expect queued).
@@ -943,6 +957,7 @@ impl Session {
                 }) = answered
                 {
                     self.statements.remove("");
+                    fl.set_aside_unnamed = None;
                 }
                 let hidden = matches!(answered, Some(Expect::HiddenSync));
                 if matches!(answered, Some(Expect::Sync | Expect::HiddenSync)) {

@@ -522,6 +522,13 @@ async fn failures_between_an_extended_copy_and_its_sync_answer_in_order() {
         let msgs = s.read_n(2).await;
         assert_eq!(tags(&msgs), "EZ", "{addr}: {msgs:?}");
         assert_eq!(error_code(&msgs).as_deref(), Some("22P02"), "{addr}");
+        // The skipped Query dropped nothing: the unnamed statement is still the COPY.
+        s.stream_write(&bind_execute("")).await;
+        assert_eq!(tags(&s.read_n(2).await), "2G", "{addr}");
+        let mut req = message(b'f', &cstr("changed my mind"));
+        req.extend(sync());
+        let msgs = s.send(&req).await;
+        assert_eq!(tags(&msgs), "EZ", "{addr}: {msgs:?}");
         let msgs = s.send(&query("SELECT 2")).await;
         assert_eq!(tags(&msgs), "TDCZ", "{addr}: {msgs:?}");
 
