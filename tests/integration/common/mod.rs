@@ -249,6 +249,17 @@ impl Proxy {
         )
     }
 
+    /// Whether `holds` holds for every replica in the proxy's current configuration.
+    pub fn every_replica(&self, holds: impl Fn(&pgsplit::backend::Backend) -> bool) -> bool {
+        self.shared
+            .runtime
+            .load()
+            .backends
+            .replicas
+            .iter()
+            .all(holds)
+    }
+
     /// A tokio-postgres client through the proxy as `app`.
     pub async fn app(&self) -> Client {
         connect(&self.conn_str("app", "app_pw")).await
@@ -382,16 +393,7 @@ pub async fn wait_proxy_saw_replay(proxy: &Proxy, c: &Cluster) {
         .unwrap()
         .get(0);
     let lsn = pgsplit::backend::health::parse_lsn(&text).expect("an LSN");
-    let seen = || {
-        proxy
-            .shared
-            .runtime
-            .load()
-            .backends
-            .replicas
-            .iter()
-            .all(|r| r.health.lsn() >= lsn)
-    };
+    let seen = || proxy.every_replica(|r| r.health.lsn() >= lsn);
     assert!(
         eventually(Duration::from_secs(30), seen).await,
         "the proxy never saw the replicas replay {text}"
@@ -409,16 +411,7 @@ pub async fn tally_while_in_rotation(
     n: usize,
     mut read: impl AsyncFnMut() -> u16,
 ) -> HashMap<u16, usize> {
-    let whole = || {
-        proxy
-            .shared
-            .runtime
-            .load()
-            .backends
-            .replicas
-            .iter()
-            .all(|r| r.is_available())
-    };
+    let whole = || proxy.every_replica(|r| r.is_available());
     for _ in 0..5 {
         assert!(
             eventually(Duration::from_secs(20), whole).await,
