@@ -681,12 +681,12 @@ impl Session {
                             self.pinned = true;
                         }
                     }
-                    let syncs = fl.expects.len()
-                        - fl.expects
-                            .iter()
-                            .rposition(|x| !matches!(x, Expect::Sync))
-                            .map_or(0, |i| i + 1);
-                    let held: Vec<Expect> = fl.expects.drain(fl.expects.len() - syncs..).collect();
+                    let first_sync = fl
+                        .expects
+                        .iter()
+                        .rposition(|x| !matches!(x, Expect::Sync))
+                        .map_or(0, |i| i + 1);
+                    let held: Vec<Expect> = fl.expects.drain(first_sync..).collect();
                     self.emit(fl, &item);
                     fl.expects.extend(held);
                     continue;
@@ -1046,12 +1046,13 @@ fn encode_hidden_begin(out: &mut bytes::BytesMut) {
 }
 
 /// Whether `item` ends the open batch it joins. A simple Query or FunctionCall ends with
-/// its own ReadyForQuery, so nothing joins it after; but behind an error the server skips
-/// it like the rest and answers nothing before the Sync, so the batch stays open for that.
-fn ends_batch(item: &Item, failed: bool) -> bool {
+/// its own ReadyForQuery, so nothing joins it after; but while the server skips messages
+/// after an error it skips that one too and answers nothing before the Sync, so the batch
+/// stays open for that.
+fn ends_batch(item: &Item, skipping: bool) -> bool {
     match item {
         Item::Sync => true,
-        Item::Query { .. } | Item::FunctionCall(_) => !failed,
+        Item::Query { .. } | Item::FunctionCall(_) => !skipping,
         _ => false,
     }
 }
