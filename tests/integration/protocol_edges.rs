@@ -250,10 +250,8 @@ async fn a_begin_answered_by_the_proxy_opens_one_real_transaction() {
 /// leaves the statement in place.
 #[tokio::test]
 async fn a_simple_query_drops_the_unnamed_statement() {
-    let c = cluster();
-    let direct = std::net::SocketAddr::from(([127, 0, 0, 1], c.primary));
-    let proxies = both_modes().await;
-    for addr in std::iter::once(direct).chain(proxies.iter().map(|p| p.addr)) {
+    let (_proxies, addrs) = direct_and_both_modes().await;
+    for addr in addrs {
         let mut s = RawClient::login(addr, "trustuser").await;
         let unnamed_is_gone = |msgs: &[(u8, Vec<u8>)]| {
             assert_eq!(
@@ -469,10 +467,8 @@ async fn a_query_inside_an_extended_batch_runs_as_postgresql_runs_it() {
 /// Query's for the Sync's and left the Sync's answer to the next request.
 #[tokio::test]
 async fn a_query_between_an_extended_copy_and_its_sync_answers_in_order() {
-    let c = cluster();
-    let direct = std::net::SocketAddr::from(([127, 0, 0, 1], c.primary));
-    let proxies = both_modes().await;
-    for addr in std::iter::once(direct).chain(proxies.iter().map(|p| p.addr)) {
+    let (_proxies, addrs) = direct_and_both_modes().await;
+    for addr in addrs {
         let mut s = RawClient::login(addr, "trustuser").await;
         let t = unique("xcopy");
         assert_eq!(
@@ -500,10 +496,8 @@ async fn a_query_between_an_extended_copy_and_its_sync_answers_in_order() {
 /// with its own ReadyForQuery and what follows it runs (here a Close pgsplit answers itself).
 #[tokio::test]
 async fn failures_between_an_extended_copy_and_its_sync_answer_in_order() {
-    let c = cluster();
-    let direct = std::net::SocketAddr::from(([127, 0, 0, 1], c.primary));
-    let proxies = both_modes().await;
-    for addr in std::iter::once(direct).chain(proxies.iter().map(|p| p.addr)) {
+    let (_proxies, addrs) = direct_and_both_modes().await;
+    for addr in addrs {
         let mut s = RawClient::login(addr, "trustuser").await;
         let t = unique("xcopyf");
         assert_eq!(

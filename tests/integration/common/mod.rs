@@ -275,6 +275,18 @@ pub async fn both_modes() -> Vec<Proxy> {
     ]
 }
 
+/// The primary's address, then one proxy's in each pool mode: for behaviour that must be
+/// the same through pgsplit as on a direct connection. The proxies run while the returned
+/// Vec lives.
+pub async fn direct_and_both_modes() -> (Vec<Proxy>, Vec<SocketAddr>) {
+    let proxies = both_modes().await;
+    let direct = SocketAddr::from(([127, 0, 0, 1], cluster().primary));
+    let addrs = std::iter::once(direct)
+        .chain(proxies.iter().map(|p| p.addr))
+        .collect();
+    (proxies, addrs)
+}
+
 pub async fn start_proxy() -> Proxy {
     start_proxy_with(&base_config_toml(cluster())).await
 }
