@@ -89,7 +89,7 @@ async fn answer(shared: &Shared, mut stream: TcpStream) -> std::io::Result<()> {
 
 /// Healthy while pgsplit accepts clients and some server can answer them.
 pub fn health(shared: &Shared) -> (bool, String) {
-    if shared.draining.is_cancelled() {
+    if shared.is_draining() {
         return (false, "shutting down\n".into());
     }
     let rt = shared.runtime.load();

@@ -104,7 +104,7 @@ impl Server {
         // Idle sessions end now, the others at the end of their transaction; what is still
         // running after the timeout is cut off when the process exits.
         let shared = self.shared;
-        shared.draining.cancel();
+        shared.begin_draining();
         let timeout = shared.runtime.load().config.proxy.shutdown_timeout();
         if tokio::time::timeout(timeout, tracker.wait()).await.is_err() {
             warn!(

@@ -1,14 +1,15 @@
 //! State shared by every session of one proxy instance: the current runtime (configuration
-//! plus what is derived from it) behind an `ArcSwap`, and the cancel-key registry.
+//! plus what is derived from it) behind an `ArcSwap`, and the registry of live sessions.
 //!
 //! No process-global state: two proxies can run in one test process.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use atomic_waker::AtomicWaker;
 
 use crate::auth::UserSecret;
 use crate::backend::{BackendId, Backends, CancelKey, ConnectParams, Pool, PoolLimits};
@@ -190,21 +191,46 @@ impl Runtime {
     }
 }
 
-/// What a CancelRequest carrying a session's key must reach: the backend query the session
-/// is running right now, if any.
-pub type CancelSlot = Arc<Mutex<Option<CancelKey>>>;
-
-/// Keys the proxy handed out in BackendKeyData, by process id.
+/// What other tasks need of a live session.
 #[derive(Default)]
-pub struct CancelRegistry {
-    map: Mutex<HashMap<i32, (i32, CancelSlot)>>,
+pub struct SessionSlot {
+    /// What a CancelRequest carrying the session's key must reach: the backend query the
+    /// session is running right now, if any.
+    pub cancel_target: Mutex<Option<CancelKey>>,
+    /// Wakes the session when something it waits on changes outside its sockets (the proxy
+    /// begins draining). A session re-registers it at every wait, which costs a few atomic
+    /// operations where a `Notify` or `CancellationToken` waiter takes a lock to join and
+    /// another to leave, once per request.
+    nudge: AtomicWaker,
+}
+
+impl SessionSlot {
+    /// Ready once `flag` is set; the setter must call [`SessionRegistry::nudge_all`] after.
+    pub async fn wait_for(&self, flag: &AtomicBool) {
+        std::future::poll_fn(|cx| {
+            // Registered before the check: a nudge between the two still wakes us.
+            self.nudge.register(cx.waker());
+            if flag.load(Ordering::SeqCst) {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+/// Live sessions by the process id the proxy handed out in BackendKeyData.
+#[derive(Default)]
+pub struct SessionRegistry {
+    map: Mutex<HashMap<i32, (i32, Arc<SessionSlot>)>>,
     next_pid: AtomicI32,
 }
 
-impl CancelRegistry {
+impl SessionRegistry {
     /// A fresh (pid, secret) for a session, and the slot it keeps current.
-    pub fn register(&self) -> (i32, i32, CancelSlot) {
-        let slot: CancelSlot = Arc::new(Mutex::new(None));
+    pub fn register(&self) -> (i32, i32, Arc<SessionSlot>) {
+        let slot = Arc::new(SessionSlot::default());
         let secret: i32 = rand::random();
         let mut map = lock(&self.map);
         loop {
@@ -226,13 +252,20 @@ impl CancelRegistry {
     }
 
     /// The backend target for a cancel request, if the key is valid and a query runs.
-    pub fn lookup(&self, pid: i32, secret: i32) -> Option<CancelKey> {
+    pub fn cancel_target(&self, pid: i32, secret: i32) -> Option<CancelKey> {
         let map = lock(&self.map);
         let (s, slot) = map.get(&pid)?;
         if *s != secret {
             return None;
         }
-        lock(slot).clone()
+        lock(&slot.cancel_target).clone()
+    }
+
+    /// Wake every session, to look again at what changed.
+    pub fn nudge_all(&self) {
+        for (_, slot) in lock(&self.map).values() {
+            slot.nudge.wake();
+        }
     }
 }
 
@@ -245,7 +278,7 @@ pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// The proxy instance's shared state.
 pub struct Shared {
     pub runtime: ArcSwap<Runtime>,
-    pub cancels: CancelRegistry,
+    pub sessions: SessionRegistry,
     /// The Redis result cache, when `[cache] enabled`.
     pub cache: Option<Arc<ResultCache>>,
     /// Counters, latency histograms and the client registry.
@@ -258,8 +291,9 @@ pub struct Shared {
     pub log_filter: std::sync::OnceLock<LogFilterFn>,
     /// Health checkers of the current runtime.
     pub checkers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
-    /// Set when the proxy shuts down: sessions end at their next idle point.
-    pub draining: tokio_util::sync::CancellationToken,
+    /// Set when the proxy shuts down (by [`Shared::begin_draining`]): sessions end at
+    /// their next idle point.
+    pub draining: AtomicBool,
 }
 
 pub type LogFilterFn = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
@@ -302,16 +336,25 @@ impl Shared {
             };
             Shared {
                 runtime: ArcSwap::from_pointee(runtime),
-                cancels: CancelRegistry::default(),
+                sessions: SessionRegistry::default(),
                 cache,
                 stats: crate::stats::Stats::default(),
                 config_path: std::sync::OnceLock::new(),
                 reload: Mutex::new(ReloadStatus::default()),
                 log_filter: std::sync::OnceLock::new(),
                 checkers: Mutex::new(Vec::new()),
-                draining: tokio_util::sync::CancellationToken::new(),
+                draining: AtomicBool::new(false),
             }
         })
+    }
+
+    pub fn begin_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        self.sessions.nudge_all();
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
     }
 }
 
@@ -322,20 +365,40 @@ mod tests {
 
     #[test]
     fn cancel_keys_need_the_secret_and_a_running_query() {
-        let r = CancelRegistry::default();
+        let r = SessionRegistry::default();
         let (pid, secret, slot) = r.register();
-        assert_eq!(r.lookup(pid, secret), None);
+        assert_eq!(r.cancel_target(pid, secret), None);
         let key = CancelKey {
             addr: crate::backend::ServerAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 5432))),
             pid: 42,
             secret: 7,
         };
-        *lock(&slot) = Some(key.clone());
-        assert_eq!(r.lookup(pid, secret), Some(key));
-        assert_eq!(r.lookup(pid, secret.wrapping_add(1)), None);
+        *lock(&slot.cancel_target) = Some(key.clone());
+        assert_eq!(r.cancel_target(pid, secret), Some(key));
+        assert_eq!(r.cancel_target(pid, secret.wrapping_add(1)), None);
         r.unregister(pid);
-        assert_eq!(r.lookup(pid, secret), None);
+        assert_eq!(r.cancel_target(pid, secret), None);
         let (pid2, _, _) = r.register();
         assert_ne!(pid, pid2);
+    }
+
+    #[tokio::test]
+    async fn a_nudge_wakes_a_session_waiting_for_its_flag() {
+        let r = SessionRegistry::default();
+        let (_, _, slot) = r.register();
+        let flag = Arc::new(AtomicBool::new(false));
+        let waiter = tokio::spawn({
+            let flag = flag.clone();
+            async move { slot.wait_for(&flag).await }
+        });
+        // The waiter runs up to its wait (this runtime has one thread).
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        flag.store(true, Ordering::SeqCst);
+        r.nudge_all();
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("woken")
+            .unwrap();
     }
 }

@@ -41,11 +41,25 @@ fn cbytes<'a>(b: &'a [u8], what: &'static str) -> Result<(&'a [u8], &'a [u8]), M
 /// UTF-8: invalid sequences become U+FFFD here, while the frame itself is forwarded as sent
 /// (the server judges the encoding).
 pub fn query_sql(body: &[u8]) -> Result<Cow<'_, str>, MalformedMessage> {
+    if let Some((&0, sql)) = body.split_last()
+        && plain_ascii(sql)
+    {
+        // SAFETY: every byte of `sql` is ASCII (just checked), and ASCII is valid UTF-8.
+        // Skipping the second pass that `from_utf8` would make takes about a tenth off
+        // the proxy's instructions for a simple-protocol select.
+        return Ok(Cow::Borrowed(unsafe { std::str::from_utf8_unchecked(sql) }));
+    }
     let (sql, rest) = cbytes(body, "Query")?;
     if !rest.is_empty() {
         return Err(MalformedMessage("Query"));
     }
     Ok(lossy_text(sql))
+}
+
+/// No byte is NUL or beyond ASCII: the usual statement text, recognised in one pass
+/// without branches (the compiler folds 16 bytes per instruction).
+fn plain_ascii(b: &[u8]) -> bool {
+    b.iter().fold(0u8, |acc, &c| acc | c | c.wrapping_sub(1)) < 0x80
 }
 
 /// `sql` as text, U+FFFD for invalid sequences. Checked as UTF-8 first: that check runs word
@@ -260,6 +274,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn plain_ascii_is_ascii_without_nul() {
+        assert!(plain_ascii(b""));
+        assert!(plain_ascii(&(1..=0x7f).collect::<Vec<u8>>()));
+        for bad in [0u8, 0x80, 0x81, 0xfe, 0xff] {
+            let mut text = b"select 1 from a_table_with_a_long_name".to_vec();
+            text.insert(20, bad);
+            assert!(!plain_ascii(&text), "{bad:#x}");
+        }
+    }
+
+    #[test]
     fn parse_round_trip_under_a_new_name() {
         let body = Bytes::from_static(b"s1\0select $1\0\0\x01\0\0\0\x17");
         let p = ParseMsg::decode(&body).unwrap();
@@ -313,7 +338,12 @@ mod tests {
         assert_eq!(query_sql(b"select 1\0").unwrap(), "select 1");
         assert!(query_sql(b"select 1").is_err());
         assert!(query_sql(b"a\0b\0").is_err());
+        assert!(query_sql(b"a\0\0").is_err());
         assert_eq!(query_sql(b"\xff\0").unwrap(), "\u{fffd}");
+        assert_eq!(query_sql(b"\x80\0").unwrap(), "\u{fffd}");
+        assert_eq!(query_sql("select 'é'\0".as_bytes()).unwrap(), "select 'é'");
+        assert_eq!(query_sql(b"\0").unwrap(), "");
+        assert!(query_sql(b"").is_err());
     }
 
     #[test]

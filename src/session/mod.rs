@@ -26,7 +26,7 @@ use crate::config::PoolMode;
 use crate::error::{Error, Result, Side};
 use crate::protocol::{self, Frame, Severity, TxStatus, tag};
 use crate::router::{Route, SessionFacts, SessionOp};
-use crate::state::{CancelSlot, Runtime, Shared, lock};
+use crate::state::{Runtime, SessionSlot, Shared, lock};
 use crate::stats::{ClientInfo, ClientState, RouteKind};
 
 use client::ClientConn;
@@ -63,7 +63,7 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, over_
         .unwrap_or(Err(Error::LoginTimeout));
         match opening {
             Ok(Opening::Cancel { pid, secret }) => {
-                if let Some(key) = shared.cancels.lookup(pid, secret) {
+                if let Some(key) = shared.sessions.cancel_target(pid, secret) {
                     debug!(backend = %key.addr, "forwarding cancel request");
                     if let Err(e) = Box::pin(send_cancel(key)).await {
                         warn!(error = %e, "cancel request could not reach the server");
@@ -253,7 +253,7 @@ pub struct Session {
     last_failed: bool,
     /// The one timer of the session's held replica reads (see `relay`), created at the
     /// first; it fires once per health interval while a read is held.
-    hold_tick: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    hold_tick: Option<relay::HoldTick>,
     /// The replica of the last read: requests that only prepare or describe stay there,
     /// so preparing a statement does not use up a turn of the round robin.
     last_replica: Option<BackendId>,
@@ -274,7 +274,7 @@ pub struct Session {
     wbuf: bytes::BytesMut,
     cancel_pid: i32,
     cancel_secret: i32,
-    cancel_slot: CancelSlot,
+    slot: Arc<SessionSlot>,
     /// The session's latest clock reading: its request's start, then the moment its answer
     /// was complete. Pool lifetimes and idle times go by it, so a request reads the clock
     /// twice, not four times (a pool that made it wait reads its own).
@@ -289,7 +289,7 @@ impl Session {
         login: Login,
         peer: SocketAddr,
     ) -> Self {
-        let (cancel_pid, cancel_secret, cancel_slot) = shared.cancels.register();
+        let (cancel_pid, cancel_secret, slot) = shared.sessions.register();
         let info = shared.stats.clients.register(
             cancel_pid,
             peer,
@@ -352,7 +352,7 @@ impl Session {
             wbuf: bytes::BytesMut::new(),
             cancel_pid,
             cancel_secret,
-            cancel_slot,
+            slot,
             clock: std::time::Instant::now(),
         }
     }
@@ -454,14 +454,14 @@ impl Session {
         for conn in self.conns.iter_mut().filter_map(Option::take) {
             conn.terminate().await;
         }
-        self.shared.cancels.unregister(self.cancel_pid);
+        self.shared.sessions.unregister(self.cancel_pid);
         self.shared.stats.clients.unregister(self.cancel_pid);
     }
 
     /// The request loop.
     async fn serve(&mut self) -> Result<()> {
         loop {
-            if self.shared.draining.is_cancelled() && self.at_rest() {
+            if self.shared.is_draining() && self.at_rest() {
                 return Err(Error::ShuttingDown);
             }
             while let Some(frame) = self.client.try_frame()? {
@@ -489,10 +489,10 @@ impl Session {
     /// says unprompted (LISTEN notifications, notices). A shutdown ends an idle session.
     async fn wait_idle(&mut self) -> Result<()> {
         let watch = self.pinned && self.tx == TxStatus::Idle;
-        let draining = self.shared.clone();
+        let (shared, slot) = (&self.shared, &self.slot);
         let drain = async {
             if self.tx == TxStatus::Idle && self.batch.is_empty() {
-                draining.draining.cancelled().await
+                slot.wait_for(&shared.draining).await
             } else {
                 std::future::pending().await
             }
@@ -992,6 +992,6 @@ impl Session {
     }
 
     fn set_cancel_target(&self, key: Option<crate::backend::CancelKey>) {
-        *lock(&self.cancel_slot) = key;
+        *lock(&self.slot.cancel_target) = key;
     }
 }

@@ -11,6 +11,7 @@
 //! messages the server skipped.
 
 use std::collections::VecDeque;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Buf;
@@ -597,20 +598,20 @@ impl Session {
                 let interval = self.runtime.config.health.interval();
                 let tick = self
                     .hold_tick
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(interval)));
+                    .get_or_insert_with(|| HoldTick::new(interval));
                 let ticked = tokio::select! {
                     biased;
                     r = fl.conn.fill() => {
                         r?;
                         false
                     }
-                    _ = tick.as_mut() => true,
+                    _ = tick.fired() => true,
                 };
                 if !ticked {
                     fl.heard_since_tick = true;
                     continue;
                 }
-                tick.as_mut().reset(tokio::time::Instant::now() + interval);
+                tick.restart(interval);
                 if std::mem::take(&mut fl.heard_since_tick) {
                     continue;
                 }
@@ -1081,5 +1082,43 @@ fn statement_sql(item: &Item) -> Option<std::borrow::Cow<'_, str>> {
         Item::Parse(s) => Some(std::borrow::Cow::Borrowed(&s.parse.sql)),
         Item::Bind { stmt: Some(s), .. } => Some(std::borrow::Cow::Borrowed(&s.parse.sql)),
         _ => None,
+    }
+}
+
+/// The session's one timer for reads held on a replica (see `relay`).
+pub(super) struct HoldTick {
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    /// The timer holds this task's waker since a poll returned Pending, and keeps it until
+    /// it fires: until then a held read only looks at it, instead of polling it again (the
+    /// poll, most of it waker bookkeeping, cost about 1 % of a select's instructions).
+    armed: bool,
+}
+
+impl HoldTick {
+    fn new(interval: std::time::Duration) -> HoldTick {
+        HoldTick {
+            sleep: Box::pin(tokio::time::sleep(interval)),
+            armed: false,
+        }
+    }
+
+    async fn fired(&mut self) {
+        std::future::poll_fn(|cx| {
+            if self.armed && !self.sleep.is_elapsed() {
+                return std::task::Poll::Pending;
+            }
+            let poll = self.sleep.as_mut().poll(cx);
+            self.armed = poll.is_pending();
+            poll
+        })
+        .await
+    }
+
+    fn restart(&mut self, interval: std::time::Duration) {
+        self.sleep
+            .as_mut()
+            .reset(tokio::time::Instant::now() + interval);
+        // A reset timer may have let go of the waker.
+        self.armed = false;
     }
 }
