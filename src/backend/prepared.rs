@@ -2,12 +2,11 @@
 //! eviction (a pooled connection serves many clients and would otherwise collect every
 //! statement any of them ever prepared).
 
-use std::collections::HashMap;
-
 #[derive(Debug)]
 pub struct PreparedSet {
-    /// Server-side name → the tick of its last use.
-    names: HashMap<String, u64>,
+    /// Server-side name → the tick of its last use. The names are pgsplit's own (hashed at
+    /// every Bind), so foldhash needs no protection from crafted keys here.
+    names: foldhash::HashMap<String, u64>,
     tick: u64,
     capacity: usize,
 }
@@ -15,7 +14,7 @@ pub struct PreparedSet {
 impl PreparedSet {
     pub fn new(capacity: usize) -> PreparedSet {
         PreparedSet {
-            names: HashMap::new(),
+            names: Default::default(),
             tick: 0,
             capacity: capacity.max(1),
         }

@@ -27,7 +27,10 @@ fn cstr<'a>(b: &'a [u8], what: &'static str) -> Result<(&'a str, &'a [u8]), Malf
         .iter()
         .position(|&c| c == 0)
         .ok_or(MalformedMessage(what))?;
-    let s = std::str::from_utf8(&b[..nul]).map_err(|_| MalformedMessage(what))?;
+    let s = match ascii_text(&b[..nul]) {
+        Some(s) => s,
+        None => std::str::from_utf8(&b[..nul]).map_err(|_| MalformedMessage(what))?,
+    };
     Ok((s, &b[nul + 1..]))
 }
 
@@ -42,12 +45,9 @@ fn cbytes<'a>(b: &'a [u8], what: &'static str) -> Result<(&'a [u8], &'a [u8]), M
 /// (the server judges the encoding).
 pub fn query_sql(body: &[u8]) -> Result<Cow<'_, str>, MalformedMessage> {
     if let Some((&0, sql)) = body.split_last()
-        && plain_ascii(sql)
+        && let Some(text) = ascii_text(sql)
     {
-        // SAFETY: every byte of `sql` is ASCII (just checked), and ASCII is valid UTF-8.
-        // Skipping the second pass that `from_utf8` would make takes about a tenth off
-        // the proxy's instructions for a simple-protocol select.
-        return Ok(Cow::Borrowed(unsafe { std::str::from_utf8_unchecked(sql) }));
+        return Ok(Cow::Borrowed(text));
     }
     let (sql, rest) = cbytes(body, "Query")?;
     if !rest.is_empty() {
@@ -56,10 +56,17 @@ pub fn query_sql(body: &[u8]) -> Result<Cow<'_, str>, MalformedMessage> {
     Ok(lossy_text(sql))
 }
 
-/// No byte is NUL or beyond ASCII: the usual statement text, recognised in one pass
-/// without branches (the compiler folds 16 bytes per instruction).
-fn plain_ascii(b: &[u8]) -> bool {
-    b.iter().fold(0u8, |acc, &c| acc | c | c.wrapping_sub(1)) < 0x80
+/// `b` as text if no byte is NUL or beyond ASCII: the usual statement text and names,
+/// recognised in one pass without branches (the compiler folds 16 bytes per instruction),
+/// where finding the NUL and then validating UTF-8 takes two.
+fn ascii_text(b: &[u8]) -> Option<&str> {
+    if b.iter().fold(0u8, |acc, &c| acc | c | c.wrapping_sub(1)) >= 0x80 {
+        return None;
+    }
+    // SAFETY: every byte is ASCII (just checked), and ASCII is valid UTF-8. Skipping the
+    // second pass that `from_utf8` would make took about a tenth off the proxy's
+    // instructions for a simple-protocol select.
+    Some(unsafe { std::str::from_utf8_unchecked(b) })
 }
 
 /// `sql` as text, U+FFFD for invalid sequences. Checked as UTF-8 first: that check runs word
@@ -274,13 +281,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn plain_ascii_is_ascii_without_nul() {
-        assert!(plain_ascii(b""));
-        assert!(plain_ascii(&(1..=0x7f).collect::<Vec<u8>>()));
+    fn ascii_text_is_ascii_without_nul() {
+        assert_eq!(ascii_text(b""), Some(""));
+        let all: Vec<u8> = (1..=0x7f).collect();
+        assert_eq!(ascii_text(&all).map(str::len), Some(0x7f));
         for bad in [0u8, 0x80, 0x81, 0xfe, 0xff] {
             let mut text = b"select 1 from a_table_with_a_long_name".to_vec();
             text.insert(20, bad);
-            assert!(!plain_ascii(&text), "{bad:#x}");
+            assert_eq!(ascii_text(&text), None, "{bad:#x}");
         }
     }
 
@@ -328,6 +336,11 @@ mod tests {
             Ok(Target::Statement("abc"))
         );
         assert_eq!(decode_target(b"P\0", "Close"), Ok(Target::Portal("")));
+        assert_eq!(
+            decode_target("Sé\0".as_bytes(), "Close"),
+            Ok(Target::Statement("é"))
+        );
+        assert!(decode_target(b"S\xff\0", "Close").is_err());
         assert!(decode_target(b"Xa\0", "Close").is_err());
         assert!(decode_target(b"", "Close").is_err());
         assert!(decode_target(b"Sa", "Close").is_err());

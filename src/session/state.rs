@@ -57,7 +57,9 @@ impl Statement {
 #[derive(Debug, Default, Clone)]
 pub struct Statements {
     unnamed: Option<Arc<Statement>>,
-    named: HashMap<String, Arc<Statement>>,
+    /// foldhash: the names are hashed at every Bind, and a client's names can only crowd
+    /// its own map.
+    named: foldhash::HashMap<String, Arc<Statement>>,
 }
 
 impl Statements {
