@@ -72,6 +72,9 @@ fn ascii_text(b: &[u8]) -> Option<&str> {
 /// `sql` as text, U+FFFD for invalid sequences. Checked as UTF-8 first: that check runs word
 /// by word over ASCII, several times faster than the lossy decoder on the usual valid text.
 fn lossy_text(sql: &[u8]) -> Cow<'_, str> {
+    if let Some(text) = ascii_text(sql) {
+        return Cow::Borrowed(text);
+    }
     match std::str::from_utf8(sql) {
         Ok(text) => Cow::Borrowed(text),
         Err(_) => String::from_utf8_lossy(sql),

@@ -193,10 +193,18 @@ fn route_kind(route: Route) -> RouteKind {
 /// The session setting that chooses a [`Consistency`].
 const CONSISTENCY_SETTING: &str = "pgsplit.consistency";
 
-/// What the request loop does after a client message.
+/// What the request loop does after a client message. Taking a message is synchronous:
+/// most of them (Parse, Bind, Describe, Execute) only join the batch, and an `async fn`
+/// per message would build and tear down a future for each.
 enum Flow {
     Continue,
     Terminate,
+    /// The message ended a request (Sync, Query, function call; Flush when `flush`).
+    Dispatch {
+        flush: bool,
+    },
+    /// The Sync that ends skipping after an error: answer it with ReadyForQuery.
+    EndSkip,
 }
 
 /// A request's message list and statement map up to this capacity are kept for the next.
@@ -465,8 +473,18 @@ impl Session {
                 return Err(Error::ShuttingDown);
             }
             while let Some(frame) = self.client.try_frame()? {
-                if let Flow::Terminate = self.on_client_frame(frame).await? {
-                    return Ok(());
+                match self.take_client_frame(frame)? {
+                    Flow::Continue => {}
+                    Flow::Terminate => return Ok(()),
+                    // Boxed: a request's state machine is large, and inline it would be part
+                    // of every session's future, idle or not, for the session's whole life.
+                    Flow::Dispatch { flush: true } => Box::pin(self.dispatch_flush()).await?,
+                    Flow::Dispatch { flush: false } => Box::pin(self.dispatch_batch(false)).await?,
+                    Flow::EndSkip => {
+                        self.client
+                            .send(&[protocol::ready_for_query(self.tx)])
+                            .await?
+                    }
                 }
             }
             // A client waiting on an Execute without Sync or Flush (COPY FROM STDIN through
@@ -541,13 +559,11 @@ impl Session {
         self.client.send(&frames).await
     }
 
-    async fn on_client_frame(&mut self, frame: Frame) -> Result<Flow> {
+    fn take_client_frame(&mut self, frame: Frame) -> Result<Flow> {
         if self.skip_until_sync {
             if frame.tag == tag::SYNC {
                 self.skip_until_sync = false;
-                self.client
-                    .send(&[protocol::ready_for_query(self.tx)])
-                    .await?;
+                return Ok(Flow::EndSkip);
             }
             return Ok(Flow::Continue);
         }
@@ -576,19 +592,15 @@ impl Session {
                     &self.statements,
                     &mut self.batch_local,
                 )?;
-                let ends = match item {
-                    Item::Query { .. } | Item::FunctionCall(_) | Item::Sync => Some(false),
-                    Item::Flush => Some(true),
-                    _ => None,
+                let flow = match item {
+                    Item::Query { .. } | Item::FunctionCall(_) | Item::Sync => {
+                        Flow::Dispatch { flush: false }
+                    }
+                    Item::Flush => Flow::Dispatch { flush: true },
+                    _ => Flow::Continue,
                 };
                 self.batch.push(item);
-                // Boxed: a request's state machine is large, and inline it would be part of
-                // every session's future, idle or not, for the session's whole life.
-                match ends {
-                    Some(true) => Box::pin(self.dispatch_flush()).await?,
-                    Some(false) => Box::pin(self.dispatch_batch(false)).await?,
-                    None => {}
-                }
+                return Ok(flow);
             }
             tag::TERMINATE => return Ok(Flow::Terminate),
             // Leftovers of a COPY that failed: PostgreSQL ignores them too.
