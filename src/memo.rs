@@ -15,7 +15,8 @@ const SHARDS: usize = 16;
 /// rarely repeated, and keeping them would bound the map by count but not by memory.
 pub const MAX_MEMO_SQL: usize = 16 * 1024;
 
-type Shard<V> = Mutex<HashTable<(Box<str>, V)>>;
+/// Each entry keeps its text's hash, compared before the text.
+type Shard<V> = Mutex<HashTable<(u64, Box<str>, V)>>;
 
 /// Each text is hashed once per lookup: the hash picks the shard and the slot (a
 /// `HashMap` per shard would hash it a second time).
@@ -24,9 +25,12 @@ pub struct SqlMemo<V> {
     per_shard: usize,
     /// foldhash with a random seed: about a sixth of SipHash's cost on a statement-sized
     /// text, which is hashed at every classification. Texts come from clients, and foldhash
-    /// resists collisions only as long as its seed stays secret; a client who learned it
-    /// could at worst pile texts into one shard, where a lookup then compares at most
-    /// `per_shard` entries before the shard fills and is cleared.
+    /// resists collisions only while its per-process seed stays unknown: it is not keyed
+    /// the way SipHash is, and its authors advise against it where an adversary can study
+    /// the program's behaviour to recover the seed. Through the network, timing a lookup
+    /// that probes a few more slots is lost in the jitter. Were the seed known, colliding
+    /// texts could lengthen the probes of one shard up to `per_shard` entries (it is
+    /// cleared when full); texts are compared only when their full 64-bit hashes match.
     hasher: foldhash::fast::RandomState,
 }
 
@@ -47,8 +51,8 @@ impl<V: Clone> SqlMemo<V> {
     pub fn get(&self, sql: &str) -> Option<V> {
         let hash = self.hasher.hash_one(sql);
         lock(self.shard(hash))
-            .find(hash, |(k, _)| **k == *sql)
-            .map(|(_, v)| v.clone())
+            .find(hash, |(h, k, _)| *h == hash && **k == *sql)
+            .map(|(_, _, v)| v.clone())
     }
 
     /// Remember `value` for `sql` (unless the text is too long to keep).
@@ -58,17 +62,14 @@ impl<V: Clone> SqlMemo<V> {
         }
         let hash = self.hasher.hash_one(sql);
         let mut table = lock(self.shard(hash));
-        if table.len() >= self.per_shard && table.find(hash, |(k, _)| **k == *sql).is_none() {
+        let same = |(h, k, _): &(u64, Box<str>, V)| *h == hash && **k == *sql;
+        if table.len() >= self.per_shard && table.find(hash, same).is_none() {
             table.clear();
         }
-        match table.entry(
-            hash,
-            |(k, _)| **k == *sql,
-            |(k, _)| self.hasher.hash_one(&**k),
-        ) {
-            Entry::Occupied(mut e) => e.get_mut().1 = value,
+        match table.entry(hash, same, |(h, _, _)| *h) {
+            Entry::Occupied(mut e) => e.get_mut().2 = value,
             Entry::Vacant(e) => {
-                e.insert((sql.into(), value));
+                e.insert((hash, sql.into(), value));
             }
         }
     }

@@ -166,7 +166,7 @@ impl<'a> Model<'a> {
         }
     }
 
-    /// `Session::on_client_frame` (and `forward_client_frames` while a batch is open).
+    /// `Session::take_client_frame` (and `forward_client_frames` while a batch is open).
     fn on_frame(&mut self, frame: pgsplit::protocol::Frame) -> Flow {
         if let Some(fl) = self.inflight.as_mut().filter(|f| f.open) {
             if frame.tag == tag::TERMINATE {

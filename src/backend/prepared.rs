@@ -4,8 +4,9 @@
 
 #[derive(Debug)]
 pub struct PreparedSet {
-    /// Server-side name → the tick of its last use. The names are pgsplit's own (hashed at
-    /// every Bind), so foldhash needs no protection from crafted keys here.
+    /// Server-side name → the tick of its last use (looked up at every Bind). The names
+    /// are digests of the statement text, colliding ones would take the process's
+    /// foldhash seed (see `SqlMemo::hasher`), and the set is bounded.
     names: foldhash::HashMap<String, u64>,
     tick: u64,
     capacity: usize,

@@ -1107,7 +1107,10 @@ impl HoldTick {
             if self.armed && !self.sleep.is_elapsed() {
                 return std::task::Poll::Pending;
             }
-            let poll = self.sleep.as_mut().poll(cx);
+            // Outside the task's budget: a Sleep polled on a spent budget answers Pending
+            // without taking the waker, and would then never be looked at again.
+            let poll =
+                Pin::new(&mut tokio::task::coop::unconstrained(self.sleep.as_mut())).poll(cx);
             self.armed = poll.is_pending();
             poll
         })
@@ -1120,5 +1123,33 @@ impl HoldTick {
             .reset(tokio::time::Instant::now() + interval);
         // A reset timer may have let go of the waker.
         self.armed = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_hold_tick_first_polled_on_a_spent_budget_still_fires() {
+        let mut tick = HoldTick::new(Duration::from_millis(20));
+        while tokio::task::coop::has_budget_remaining() {
+            tokio::task::coop::consume_budget().await;
+        }
+        // One poll while the budget is spent (as after a long streamed answer), without
+        // yielding in between.
+        std::future::poll_fn(|cx| {
+            assert!(std::pin::pin!(tick.fired()).poll(cx).is_pending());
+            std::task::Poll::Ready(())
+        })
+        .await;
+        tokio::time::timeout(Duration::from_secs(5), tick.fired())
+            .await
+            .expect("the timer fires");
+        tick.restart(Duration::from_millis(20));
+        tokio::time::timeout(Duration::from_secs(5), tick.fired())
+            .await
+            .expect("and fires again after a restart");
     }
 }

@@ -57,8 +57,9 @@ impl Statement {
 #[derive(Debug, Default, Clone)]
 pub struct Statements {
     unnamed: Option<Arc<Statement>>,
-    /// foldhash: the names are hashed at every Bind, and a client's names can only crowd
-    /// its own map.
+    /// foldhash: the names are hashed at every Bind. Names that collide would slow the
+    /// session's own map, and crafting them takes the process's random seed (see
+    /// `SqlMemo::hasher`).
     named: foldhash::HashMap<String, Arc<Statement>>,
 }
 
