@@ -191,22 +191,39 @@ impl Pool {
             let mut idle = lock(&self.idle);
             let keep = self.limits.min_idle;
             let timeout = self.limits.idle_timeout;
-            // Oldest first in the stack: drop from the bottom while over the minimum.
-            while idle.len() > keep && idle.first().is_some_and(|i| i.since.elapsed() >= timeout) {
-                idle.remove(0);
-            }
+            // Mostly oldest first from the bottom (warm connections go in there too), so
+            // every expired one is looked at, not just those below the first fresh one.
+            let mut excess = idle.len().saturating_sub(keep);
+            idle.retain(|i| {
+                let drop = excess > 0 && i.since.elapsed() >= timeout;
+                excess -= usize::from(drop);
+                !drop
+            });
         }
         while lock(&self.idle).len() < self.limits.min_idle
             && self.permits.available_permits() > lock(&self.idle).len()
         {
+            // Held while connecting: sessions that take the other permits meanwhile and
+            // open connections of their own must not push lent + idle past `size`.
+            let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+                break;
+            };
             match self.connect().await {
-                Ok(conn) => lock(&self.idle).insert(
-                    0,
-                    Idle {
-                        conn,
-                        since: Instant::now(),
-                    },
-                ),
+                Ok(conn) => {
+                    let mut idle = lock(&self.idle);
+                    // Lent by sessions: size - available - 1 (this permit).
+                    if idle.len() > self.permits.available_permits() {
+                        break;
+                    }
+                    idle.insert(
+                        0,
+                        Idle {
+                            conn,
+                            since: Instant::now(),
+                        },
+                    );
+                    drop(permit);
+                }
                 Err(e) => {
                     warn!(backend = %self.name, error = %e, "cannot open warm server connections");
                     break;

@@ -380,7 +380,12 @@ impl Session {
         let max = self.runtime.config.proxy.max_message_bytes;
         let conn = self.conns[0].as_mut()?;
         let mut notifications = Vec::new();
-        let result = conn.query_row(sql, max, &mut notifications).await;
+        // Bounded like the settings replay: a primary that stopped answering must not hold
+        // the session (a timeout counts as a lost connection, which is then dropped).
+        let limit = self.runtime.config.pool.connect_timeout();
+        let result = tokio::time::timeout(limit, conn.query_row(sql, max, &mut notifications))
+            .await
+            .unwrap_or(Err(BackendError::Timeout));
         for n in notifications {
             n.encode_into(&mut self.out);
         }

@@ -757,7 +757,10 @@ impl Session {
             {
                 self.tainted[conn.0 as usize] = true;
             }
-            let retryable = route == Route::Replica && !open && attempts_left > 0;
+            // On the replica it was routed to: a read that fell back to the primary may be
+            // a write the classifier missed, and must not run there twice.
+            let retryable =
+                route == Route::Replica && !conn.is_primary() && !open && attempts_left > 0;
             match self
                 .run_request(conn, items, local, open, retryable)
                 .await?
@@ -948,6 +951,15 @@ impl Session {
             // An error aborts the implicit transaction or the whole block, and a ROLLBACK
             // ends the block: SETs in them are undone by the server too. A failed block's
             // pending operations go at its ROLLBACK (reported as such even for COMMIT).
+            // Not always all of them: a COMMIT before the error, a SET after the ROLLBACK
+            // in the same request, or a ROLLBACK TO SAVEPOINT (reported as ROLLBACK too)
+            // leave some in place. Then what the connection has is unknown, and it serves
+            // no other session (transaction mode closes it at release).
+            if !ops.is_empty()
+                || (rolled_back && self.tx != TxStatus::Idle && !self.tx_ops.is_empty())
+            {
+                self.tainted[conn.0 as usize] = true;
+            }
             if self.tx == TxStatus::Idle {
                 self.tx_ops.clear();
             }

@@ -122,6 +122,8 @@ struct InFlight {
     heard_since_tick: bool,
     /// A replica refused with 25006: drain to ReadyForQuery, then retry on the primary.
     retry: bool,
+    /// The last ReadyForQuery said the server is outside a transaction block.
+    server_idle: bool,
     /// The server said FATAL and is closing the connection; kept from the client, which
     /// keeps its session (the error is reported as an ERROR when the connection ends).
     /// Boxed, with `facts_error`: rare, and this struct lives in every request's future.
@@ -180,6 +182,7 @@ impl Session {
             holding: retryable,
             heard_since_tick: true,
             retry: false,
+            server_idle: false,
             fatal: None,
             ops: Vec::new(),
             read_back: Vec::new(),
@@ -248,9 +251,12 @@ impl Session {
                         self.runtime.classify.learn_write(&sql);
                     }
                 }
+                let reusable = fl.server_idle;
                 self.conns[id.0 as usize] = Some(fl.conn);
                 self.clock = std::time::Instant::now();
-                self.release(id, true);
+                // Only outside a transaction block: the refused statement may have aborted
+                // one, which the next user of the connection must not inherit.
+                self.release(id, reusable);
                 Ok(Outcome::Retry { on_replica: false })
             }
             Ok(()) => {
@@ -645,6 +651,12 @@ impl Session {
                 frame.encode_into(&mut self.wbuf);
                 continue;
             }
+            if frame.tag == tag::TERMINATE {
+                // Ends the client's session, never the server's: the connection (in an
+                // unknown state now) is closed by the proxy, not by a forwarded Terminate
+                // that would look like the server failing.
+                return Err(Error::ClientGone);
+            }
             if !fl.open || matches!(frame.tag, tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL) {
                 // Within a COPY, anything else goes to the server, which ignores Sync and
                 // Flush there and reports the rest. After an extended-protocol COPY, the
@@ -654,10 +666,7 @@ impl Session {
                     fl.need_sync = false;
                 } else if fl.need_sync
                     && !fl.copy_in
-                    && !matches!(
-                        frame.tag,
-                        tag::TERMINATE | tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL
-                    )
+                    && !matches!(frame.tag, tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL)
                 {
                     // The COPY is over but the Sync that answers the one the server
                     // ignored in it is still to come: the server runs what comes first as
@@ -694,9 +703,6 @@ impl Session {
                 }
                 frame.encode_into(&mut self.wbuf);
                 continue;
-            }
-            if frame.tag == tag::TERMINATE {
-                return Err(Error::ClientGone);
             }
             let item = self.decode_joining(fl, frame)?;
             if ends_batch(&item, fl.skipping) {
@@ -965,6 +971,7 @@ impl Session {
                     fl.skipping = false;
                 }
                 let status = fl.conn.rbuf.get(5).copied().and_then(TxStatus::from_byte);
+                fl.server_idle = status == Some(TxStatus::Idle);
                 if let Some(status) = status
                     && !fl.retry
                 {

@@ -266,17 +266,8 @@ async fn thousands_of_unauthenticated_clients_open_no_server_connection() {
     let toml = with_proxy_settings(&base_config_toml(c), "client_login_timeout_ms = 3000");
     let proxy = start_proxy_with(&toml).await;
     let server_conns = |proxy: &Proxy| -> usize {
-        proxy
-            .shared
-            .runtime
-            .load()
-            .pools()
-            .iter()
-            .map(|p| {
-                let (a, b) = p.counts();
-                a + b
-            })
-            .sum()
+        let (lent, idle) = proxy.pool_counts(|_| true);
+        lent + idle
     };
     // Two sockets per connection live in this process: stay well under its file limit.
     let n = (open_file_limit().saturating_sub(200) / 2).min(2000);

@@ -323,3 +323,80 @@ async fn a_transaction_takes_a_connection_at_its_first_statement() {
         .await
         .unwrap();
 }
+
+/// The search_path a transaction on the primary sees (BEGIN keeps it there).
+async fn primary_search_path(client: &tokio_postgres::Client) -> String {
+    client
+        .simple_query("BEGIN; SELECT current_setting('search_path'); COMMIT")
+        .await
+        .unwrap()
+        .into_iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .expect("a row")
+}
+
+/// A request can end in an error or a ROLLBACK and still leave a SET in force on the
+/// server: a COMMIT ran before the error, or the ROLLBACK only went back to a savepoint
+/// taken after the SET. The next client of that pooled connection must not inherit it.
+#[tokio::test]
+async fn a_set_left_by_a_failed_or_rolled_back_request_never_reaches_the_next_client() {
+    let proxy = start_proxy_with(&pooled(1, "")).await;
+    let a = proxy.app().await;
+    let b = proxy.app().await;
+    let default = primary_search_path(&b).await;
+    assert_eq!(default, "\"$user\", public");
+
+    let e = a
+        .batch_execute("BEGIN; SET search_path TO pg_catalog; COMMIT; SELECT 1/0")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("22012"), "{e:?}");
+    assert_eq!(
+        primary_search_path(&b).await,
+        default,
+        "after a COMMIT then an error"
+    );
+
+    a.batch_execute("BEGIN").await.unwrap();
+    a.batch_execute("SET search_path TO pg_catalog; SAVEPOINT s; SELECT 1; ROLLBACK TO s")
+        .await
+        .unwrap();
+    a.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(
+        primary_search_path(&b).await,
+        default,
+        "after a ROLLBACK TO a savepoint taken after the SET"
+    );
+}
+
+/// Idle server connections past `idle_timeout` close down to `min_idle`, including those
+/// stacked above a fresher one, and the warm ones the pool opens never take it past `size`.
+#[tokio::test]
+async fn idle_connections_age_out_to_min_idle_within_the_pool_size() {
+    let proxy = start_proxy_with(&pooled(3, "min_idle = 1\nidle_timeout_ms = 1000")).await;
+    let primary_counts = || proxy.pool_counts(|p| p.backend.is_primary());
+    let clients = [proxy.app().await, proxy.app().await, proxy.app().await];
+    for c in &clients {
+        c.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    }
+    assert_eq!(
+        primary_counts().0,
+        3,
+        "three transactions, three connections"
+    );
+    for c in &clients {
+        c.batch_execute("COMMIT").await.unwrap();
+    }
+    let mut seen = Vec::new();
+    let aged_out = eventually(Duration::from_secs(10), || {
+        let (lent, idle) = primary_counts();
+        seen.push((lent, idle));
+        lent == 0 && idle == 1
+    })
+    .await;
+    assert!(aged_out, "down to min_idle: {seen:?}");
+    assert!(seen.iter().all(|(l, i)| l + i <= 3), "{seen:?}");
+}

@@ -1,6 +1,8 @@
 //! Message sequences drivers send that a proxy gets wrong easily, replayed byte for byte in
 //! one packet each (so timing cannot hide a bug).
 
+use std::time::Duration;
+
 use crate::common::*;
 
 #[tokio::test]
@@ -465,19 +467,26 @@ async fn a_query_inside_an_extended_batch_runs_as_postgresql_runs_it() {
 /// for another; what the client sends between CopyDone and that Sync runs as usual. A
 /// simple Query there has its own ReadyForQuery, then the Sync gets one; pgsplit took the
 /// Query's for the Sync's and left the Sync's answer to the next request.
+/// A client logged in at `addr`, a new table, and a COPY into it started through the
+/// extended protocol (ParseComplete, BindComplete and CopyInResponse read), without Sync.
+async fn in_extended_copy(addr: std::net::SocketAddr, prefix: &str) -> (RawClient, String) {
+    let mut s = RawClient::login(addr, "trustuser").await;
+    let t = unique(prefix);
+    assert_eq!(
+        tags(&s.send(&query(&format!("CREATE TABLE {t} (v int)"))).await),
+        "CZ"
+    );
+    s.stream_write(&parse_bind_execute(&format!("COPY {t} FROM STDIN")))
+        .await;
+    assert_eq!(tags(&s.read_n(3).await), "12G", "{addr}");
+    (s, t)
+}
+
 #[tokio::test]
 async fn a_query_between_an_extended_copy_and_its_sync_answers_in_order() {
     let (_proxies, addrs) = direct_and_both_modes().await;
     for addr in addrs {
-        let mut s = RawClient::login(addr, "trustuser").await;
-        let t = unique("xcopy");
-        assert_eq!(
-            tags(&s.send(&query(&format!("CREATE TABLE {t} (v int)"))).await),
-            "CZ"
-        );
-        s.stream_write(&parse_bind_execute(&format!("COPY {t} FROM STDIN")))
-            .await;
-        assert_eq!(tags(&s.read_n(3).await), "12G", "{addr}");
+        let (mut s, t) = in_extended_copy(addr, "xcopy").await;
         let mut req = message(b'd', b"1\n2\n");
         req.extend(message(b'c', &[]));
         req.extend(query(&format!("SELECT count(*) FROM {t}")));
@@ -498,16 +507,8 @@ async fn a_query_between_an_extended_copy_and_its_sync_answers_in_order() {
 async fn failures_between_an_extended_copy_and_its_sync_answer_in_order() {
     let (_proxies, addrs) = direct_and_both_modes().await;
     for addr in addrs {
-        let mut s = RawClient::login(addr, "trustuser").await;
-        let t = unique("xcopyf");
-        assert_eq!(
-            tags(&s.send(&query(&format!("CREATE TABLE {t} (v int)"))).await),
-            "CZ"
-        );
+        let (mut s, t) = in_extended_copy(addr, "xcopyf").await;
         let copy = parse_bind_execute(&format!("COPY {t} FROM STDIN"));
-
-        s.stream_write(&copy).await;
-        assert_eq!(tags(&s.read_n(3).await), "12G", "{addr}");
         let mut req = message(b'd', b"not a number\n");
         req.extend(message(b'c', &[]));
         req.extend(query("SELECT 1"));
@@ -606,4 +607,40 @@ async fn a_refused_write_with_a_query_behind_it_runs_again_on_the_primary() {
     assert_eq!(tags(&s.send(&sync()).await), "Z");
     let n: i64 = rows_on(c.primary, &t).await;
     assert_eq!(n, 1, "the write ran once");
+}
+
+/// A client that leaves in the window after an extended COPY (CopyDone sent, its Sync not
+/// yet) ends its own session only: pgsplit closes the server connection itself instead of
+/// forwarding the Terminate, which would look like the server failing and take the primary
+/// out of rotation. The COPY, never synced, commits nothing, as on a direct connection.
+#[tokio::test]
+async fn a_terminate_after_an_extended_copy_ends_the_client_not_the_server() {
+    let (proxies, addrs) = direct_and_both_modes().await;
+    for addr in addrs {
+        let (mut s, t) = in_extended_copy(addr, "xcopyx").await;
+        let mut req = message(b'd', b"1\n");
+        req.extend(message(b'c', &[]));
+        // The server holds its answers until a Sync or Flush.
+        req.extend(message(b'H', &[]));
+        s.stream_write(&req).await;
+        assert_eq!(tags(&s.read_n(1).await), "C", "{addr}");
+        s.stream_write(&message(b'X', &[])).await;
+        // The socket stays open a while, as a client's may after its Terminate: whatever
+        // pgsplit does, it does not wait for the client to close.
+        for _ in 0..50 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            for p in &proxies {
+                assert!(
+                    p.shared.runtime.load().backends.primary.is_available(),
+                    "{addr}: the primary stays in rotation"
+                );
+            }
+        }
+        drop(s);
+        assert_eq!(
+            rows_on(cluster().primary, &t).await,
+            0,
+            "{addr}: nothing committed"
+        );
+    }
 }

@@ -260,6 +260,18 @@ impl Proxy {
             .all(holds)
     }
 
+    /// Server connections (lent, idle) summed over the pools that `counts` picks.
+    pub fn pool_counts(&self, counts: impl Fn(&pgsplit::backend::Pool) -> bool) -> (usize, usize) {
+        self.shared
+            .runtime
+            .load()
+            .pools()
+            .iter()
+            .filter(|p| counts(p))
+            .map(|p| p.counts())
+            .fold((0, 0), |(a, b), (x, y)| (a + x, b + y))
+    }
+
     /// A tokio-postgres client through the proxy as `app`.
     pub async fn app(&self) -> Client {
         connect(&self.conn_str("app", "app_pw")).await
