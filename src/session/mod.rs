@@ -955,9 +955,7 @@ impl Session {
             // in the same request, or a ROLLBACK TO SAVEPOINT (reported as ROLLBACK too)
             // leave some in place. Then what the connection has is unknown, and it serves
             // no other session (transaction mode closes it at release).
-            if !ops.is_empty()
-                || (rolled_back && self.tx != TxStatus::Idle && !self.tx_ops.is_empty())
-            {
+            if !ops.is_empty() || !self.tx_ops.is_empty() {
                 self.tainted[conn.0 as usize] = true;
             }
             if self.tx == TxStatus::Idle {

@@ -361,6 +361,18 @@ async fn a_set_left_by_a_failed_or_rolled_back_request_never_reaches_the_next_cl
     );
 
     a.batch_execute("BEGIN").await.unwrap();
+    a.batch_execute("SET search_path TO pg_catalog")
+        .await
+        .unwrap();
+    let e = a.batch_execute("COMMIT; SELECT 1/0").await.unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("22012"), "{e:?}");
+    assert_eq!(
+        primary_search_path(&b).await,
+        default,
+        "after a COMMIT of an earlier SET, then an error"
+    );
+
+    a.batch_execute("BEGIN").await.unwrap();
     a.batch_execute("SET search_path TO pg_catalog; SAVEPOINT s; SELECT 1; ROLLBACK TO s")
         .await
         .unwrap();
