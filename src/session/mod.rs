@@ -953,8 +953,9 @@ impl Session {
             // pending operations go at its ROLLBACK (reported as such even for COMMIT).
             // Not always all of them: a COMMIT before the error, a SET after the ROLLBACK
             // in the same request, or a ROLLBACK TO SAVEPOINT (reported as ROLLBACK too)
-            // leave some in place. Then what the connection has is unknown, and it serves
-            // no other session (transaction mode closes it at release).
+            // leave some in place, and the tags do not tell these cases apart. So a
+            // connection that had any SET pending here serves no other session
+            // (transaction mode closes it at release).
             if !ops.is_empty() || !self.tx_ops.is_empty() {
                 self.tainted[conn.0 as usize] = true;
             }
