@@ -349,39 +349,40 @@ async fn a_set_left_by_a_failed_or_rolled_back_request_never_reaches_the_next_cl
     let default = primary_search_path(&b).await;
     assert_eq!(default, "\"$user\", public");
 
-    let e = a
-        .batch_execute("BEGIN; SET search_path TO pg_catalog; COMMIT; SELECT 1/0")
-        .await
-        .unwrap_err();
-    assert_eq!(e.code().map(|c| c.code()), Some("22012"), "{e:?}");
-    assert_eq!(
-        primary_search_path(&b).await,
-        default,
-        "after a COMMIT then an error"
-    );
-
-    a.batch_execute("BEGIN").await.unwrap();
-    a.batch_execute("SET search_path TO pg_catalog")
-        .await
-        .unwrap();
-    let e = a.batch_execute("COMMIT; SELECT 1/0").await.unwrap_err();
-    assert_eq!(e.code().map(|c| c.code()), Some("22012"), "{e:?}");
-    assert_eq!(
-        primary_search_path(&b).await,
-        default,
-        "after a COMMIT of an earlier SET, then an error"
-    );
-
-    a.batch_execute("BEGIN").await.unwrap();
-    a.batch_execute("SET search_path TO pg_catalog; SAVEPOINT s; SELECT 1; ROLLBACK TO s")
-        .await
-        .unwrap();
-    a.batch_execute("COMMIT").await.unwrap();
-    assert_eq!(
-        primary_search_path(&b).await,
-        default,
-        "after a ROLLBACK TO a savepoint taken after the SET"
-    );
+    // Each case: its statements (requests) with the SQLSTATE each must fail with, if any.
+    let set = "SET search_path TO pg_catalog";
+    let cases = [
+        (
+            "a COMMIT then an error",
+            vec![(format!("BEGIN; {set}; COMMIT; SELECT 1/0"), Some("22012"))],
+        ),
+        (
+            "a COMMIT of an earlier SET, then an error",
+            vec![
+                ("BEGIN".into(), None),
+                (set.into(), None),
+                ("COMMIT; SELECT 1/0".into(), Some("22012")),
+            ],
+        ),
+        (
+            "a ROLLBACK TO a savepoint taken after the SET",
+            vec![
+                ("BEGIN".into(), None),
+                (format!("{set}; SAVEPOINT s; SELECT 1; ROLLBACK TO s"), None),
+                ("COMMIT".into(), None),
+            ],
+        ),
+    ];
+    for (case, requests) in cases {
+        for (sql, code) in requests {
+            let result = a.batch_execute(&sql).await;
+            match code {
+                None => result.unwrap_or_else(|e| panic!("{case}: {sql}: {e:?}")),
+                Some(code) => assert_eq!(sqlstate(&result.unwrap_err()), code, "{case}: {sql}"),
+            }
+        }
+        assert_eq!(primary_search_path(&b).await, default, "after {case}");
+    }
 }
 
 /// Idle server connections past `idle_timeout` close down to `min_idle`, including those
