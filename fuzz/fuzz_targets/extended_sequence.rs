@@ -671,7 +671,8 @@ impl<'a> Model<'a> {
         }
     }
 
-    /// `Session::settle_session_ops`.
+    /// `Session::settle_session_ops`. Not mirrored: the taint that keeps a connection with
+    /// unknown settings out of the pool (this model has no server-side settings to compare).
     fn settle(&mut self, fl: InFlight) {
         if fl.failed || fl.rolled_back {
             if self.tx == TxStatus::Idle {
