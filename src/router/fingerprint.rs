@@ -28,6 +28,22 @@ pub fn fingerprint_into(sql: &str, out: &mut String) -> bool {
         let c = b[i];
         if !SPECIAL[usize::from(c)] {
             i += 1;
+            // Then eight bytes at a time: keywords, names and spaces, most of a statement,
+            // pass at about an instruction a byte, and a word that may hold a special byte
+            // is looked at byte by byte once (punctuation like `.` and `,` only may).
+            while let Some(word) = b.get(i..i + 8) {
+                if may_hold_special(u64::from_le_bytes(word.try_into().unwrap_or_default())) {
+                    match word.iter().position(|&c| SPECIAL[usize::from(c)]) {
+                        Some(at) => {
+                            i += at;
+                            break;
+                        }
+                        None => i += 8,
+                    }
+                } else {
+                    i += 8;
+                }
+            }
             continue;
         }
         let prev_ident = i > 0 && is_ident(b[i - 1]);
@@ -123,6 +139,21 @@ fn is_run_time_word(text: &str) -> bool {
     .any(|w| text.eq_ignore_ascii_case(w))
 }
 
+/// Whether one of the eight bytes of `word` may be one the scan stops at ([`SPECIAL`]):
+/// those are all within 0x22..=0x39, so a byte in that range or beyond ASCII says maybe.
+fn may_hold_special(word: u64) -> bool {
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    const EACH: u64 = 0x0101_0101_0101_0101;
+    if word & HIGH != 0 {
+        return true;
+    }
+    // Below 0x80 a byte plus 0x5e (or plus 0x46) stays within its own byte; the sum's top
+    // bit says whether the byte is at least 0x22 (at least 0x3a).
+    let at_least_22 = word.wrapping_add(0x5e * EACH);
+    let at_least_3a = word.wrapping_add(0x46 * EACH);
+    at_least_22 & !at_least_3a & HIGH != 0
+}
+
 /// Bytes the scan stops at: quotes, the starts of comments and dollar quotes, digits.
 const SPECIAL: [bool; 256] = {
     let mut table = [false; 256];
@@ -153,7 +184,26 @@ fn is_ident(c: u8) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::fingerprint;
+    use super::{SPECIAL, fingerprint, may_hold_special};
+
+    #[test]
+    fn a_word_without_special_bytes_is_never_one_that_has_one() {
+        for c in 0..=255u8 {
+            for at in 0..8 {
+                let mut bytes = *b"SELECT a";
+                bytes[at] = c;
+                let word = u64::from_le_bytes(bytes);
+                if SPECIAL[usize::from(c)] {
+                    assert!(may_hold_special(word), "{c:#x} at {at}");
+                }
+                assert_eq!(
+                    may_hold_special(word),
+                    (0x22..=0x39).contains(&c) || c >= 0x80,
+                    "{c:#x} at {at}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn texts_without_a_literal_have_no_shape() {
