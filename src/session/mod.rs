@@ -226,8 +226,9 @@ pub struct Session {
     permits: Vec<Option<OwnedSemaphorePermit>>,
     /// The pool of each backend, looked up once (transaction mode).
     pools: Vec<Option<Arc<Pool>>>,
-    /// Connections (other than the primary's) that ran session-bound work, e.g. a session
-    /// advisory lock inside a read-only transaction on a replica: closed, never pooled.
+    /// Connections that ran session-bound work (e.g. a session advisory lock inside a
+    /// read-only transaction on a replica) or whose settings pgsplit cannot know: closed,
+    /// never pooled.
     tainted: Vec<bool>,
     tx: TxStatus,
     /// The backend the open transaction runs on.
