@@ -947,6 +947,7 @@ impl Session {
         ops: Vec<SessionOp>,
         failed: bool,
         rolled_back: bool,
+        set_config_unread: bool,
     ) {
         if failed || rolled_back {
             // An error aborts the implicit transaction or the whole block, and a ROLLBACK
@@ -954,11 +955,18 @@ impl Session {
             // pending operations go at its ROLLBACK (reported as such even for COMMIT).
             // Not always all of them: a COMMIT before the error, a SET after the ROLLBACK
             // in the same request, or a ROLLBACK TO SAVEPOINT (reported as ROLLBACK too)
-            // leave some in place, and the tags do not tell these cases apart. So a
-            // connection that had any SET pending here serves no other session
-            // (transaction mode closes it at release).
-            if !ops.is_empty() || !self.tx_ops.is_empty() {
-                self.tainted[conn.0 as usize] = true;
+            // leave some in place, and the tags do not tell these cases apart (nor is a
+            // `set_config` read back after an error). So a connection that had any SET
+            // pending here serves no other session: transaction mode closes it at release.
+            if !ops.is_empty() || !self.tx_ops.is_empty() || set_config_unread {
+                if self.mode == PoolMode::Transaction {
+                    self.tainted[conn.0 as usize] = true;
+                } else if self.tx == TxStatus::Idle && !(conn.is_primary() && self.pinned) {
+                    // The session's own connection: replaced, so that all its connections
+                    // run with the settings it replays (one that holds more session state
+                    // than settings stays, and so does an open transaction's).
+                    self.release(conn, false);
+                }
             }
             if self.tx == TxStatus::Idle {
                 self.tx_ops.clear();

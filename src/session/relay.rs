@@ -270,10 +270,11 @@ impl Session {
                     ops,
                     failed,
                     rolled_back,
+                    read_back,
                     ..
                 } = fl;
                 self.conns[id.0 as usize] = Some(conn);
-                self.settle_session_ops(id, ops, failed, rolled_back);
+                self.settle_session_ops(id, ops, failed, rolled_back, !read_back.is_empty());
                 Ok(Outcome::Done)
             }
             Err(Error::Backend(e)) if e.is_connection_failure() => {
@@ -296,7 +297,8 @@ impl Session {
         self.permits[fl.id.0 as usize] = None;
         self.discard_idle(fl.id);
         self.last_failed = fl.failed;
-        self.settle_session_ops(fl.id, fl.ops, fl.failed, fl.rolled_back);
+        let unread = !fl.read_back.is_empty();
+        self.settle_session_ops(fl.id, fl.ops, fl.failed, fl.rolled_back, unread);
         Outcome::Done
     }
 

@@ -324,20 +324,6 @@ async fn a_transaction_takes_a_connection_at_its_first_statement() {
         .unwrap();
 }
 
-/// The search_path a transaction on the primary sees (BEGIN keeps it there).
-async fn primary_search_path(client: &tokio_postgres::Client) -> String {
-    client
-        .simple_query("BEGIN; SELECT current_setting('search_path'); COMMIT")
-        .await
-        .unwrap()
-        .into_iter()
-        .find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
-            _ => None,
-        })
-        .expect("a row")
-}
-
 /// A request can end in an error or a ROLLBACK and still leave a SET in force on the
 /// server: a COMMIT ran before the error, or the ROLLBACK only went back to a savepoint
 /// taken after the SET. The next client of that pooled connection must not inherit it.
@@ -346,7 +332,7 @@ async fn a_set_left_by_a_failed_or_rolled_back_request_never_reaches_the_next_cl
     let proxy = start_proxy_with(&pooled(1, "")).await;
     let a = proxy.app().await;
     let b = proxy.app().await;
-    let default = primary_search_path(&b).await;
+    let default = primary_setting(&b, "search_path").await;
     assert_eq!(default, "\"$user\", public");
 
     // Each case: its statements (requests) with the SQLSTATE each must fail with, if any.
@@ -365,6 +351,15 @@ async fn a_set_left_by_a_failed_or_rolled_back_request_never_reaches_the_next_cl
             ],
         ),
         (
+            "a set_config, a COMMIT, then an error",
+            vec![(
+                "BEGIN; SELECT set_config('search_path', 'pg_catalog', false); \
+                 COMMIT; SELECT 1/0"
+                    .into(),
+                Some("22012"),
+            )],
+        ),
+        (
             "a ROLLBACK TO a savepoint taken after the SET",
             vec![
                 ("BEGIN".into(), None),
@@ -381,7 +376,11 @@ async fn a_set_left_by_a_failed_or_rolled_back_request_never_reaches_the_next_cl
                 Some(code) => assert_eq!(sqlstate(&result.unwrap_err()), code, "{case}: {sql}"),
             }
         }
-        assert_eq!(primary_search_path(&b).await, default, "after {case}");
+        assert_eq!(
+            primary_setting(&b, "search_path").await,
+            default,
+            "after {case}"
+        );
     }
 }
 

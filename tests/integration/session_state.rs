@@ -214,3 +214,27 @@ async fn deallocate_and_discard_all_behave_like_a_direct_connection() {
         assert_eq!(setting(&client, "application_name").await.0, "");
     }
 }
+
+/// A SET that a COMMIT kept before the request failed is one pgsplit cannot see: the
+/// session's connections must still agree with each other (here: the primary, which runs
+/// transactions, and the replicas, which run its reads), in both pool modes.
+#[tokio::test]
+async fn a_set_kept_by_a_failed_request_leaves_no_connection_disagreeing() {
+    for proxy in both_modes().await {
+        let client = proxy.app().await;
+        let e = client
+            .batch_execute("BEGIN; SET search_path TO pg_catalog; COMMIT; SELECT 1/0")
+            .await
+            .unwrap_err();
+        assert_eq!(sqlstate(&e), "22012");
+        let on_primary = primary_setting(&client, "search_path").await;
+        for _ in 0..4 {
+            let (on_replica, port) = setting(&client, "search_path").await;
+            assert_ne!(port, cluster().primary, "a read on a replica");
+            assert_eq!(
+                on_replica, on_primary,
+                "replica {port} and the primary disagree"
+            );
+        }
+    }
+}

@@ -554,3 +554,18 @@ pub async fn primary_count(table: &str) -> i64 {
         .unwrap()
         .get(0)
 }
+
+/// A setting as the primary sees it for `client`: read inside a transaction, which pgsplit
+/// always runs there.
+pub async fn primary_setting(client: &Client, name: &str) -> String {
+    client
+        .simple_query(&format!("BEGIN; SELECT current_setting('{name}'); COMMIT"))
+        .await
+        .unwrap()
+        .into_iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .expect("a row")
+}
