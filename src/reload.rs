@@ -50,8 +50,18 @@ fn apply_file(shared: &Arc<Shared>, path: &Path) -> Result<String, String> {
     if log_changed && let Some(apply) = shared.log_filter.get() {
         apply(&runtime.config.proxy.log).map_err(|e| format!("proxy.log: {e}"))?;
     }
+    let rules_changed = old.config.cache.rules != runtime.config.cache.rules;
     shared.runtime.store(Arc::new(runtime));
     crate::server::restart_health_checkers(shared);
+    if rules_changed
+        && let Some(cache) = shared.cache.clone()
+        && let Ok(rt) = tokio::runtime::Handle::try_current()
+    {
+        // Writes made while a rule was absent bumped nothing for its tables: entries it
+        // stored before could otherwise come back to life when it returns.
+        let lsn = shared.runtime.load().backends.primary.health.lsn();
+        rt.spawn(async move { cache.invalidate(&[], true, lsn).await });
+    }
     Ok(summary)
 }
 

@@ -61,7 +61,7 @@ impl ClassifyCache {
             return c;
         }
         let c = Arc::new(classify_with(sql, &self.primary_functions));
-        if shaped && c.session_ops.is_empty() && c.read_back.is_empty() {
+        if shaped && c.session_ops.is_empty() && c.read_back.is_empty() && !c.by_literal {
             // Texts with literals go by their shape only: caching each would fill the map
             // with statements seen once.
             self.shapes.insert(shape, c.clone());
@@ -120,6 +120,28 @@ mod tests {
         assert!(
             c.get("SELECT 'now'::timestamptz FROM t WHERE id = 1")
                 .volatile
+        );
+    }
+
+    #[test]
+    fn a_decision_taken_by_a_literal_is_not_shared_by_shape() {
+        let c = ClassifyCache::new(64, vec![]);
+        assert_eq!(
+            c.get("SELECT current_setting('server_version_num')").target,
+            Target::Replica
+        );
+        assert_eq!(
+            c.get("SELECT current_setting('transaction_read_only')")
+                .target,
+            Target::Primary
+        );
+        assert!(
+            !c.get("EXPLAIN (ANALYZE 0) SELECT pg_advisory_lock(1)")
+                .pins_session
+        );
+        assert!(
+            c.get("EXPLAIN (ANALYZE 1) SELECT pg_advisory_lock(2)")
+                .pins_session
         );
     }
 

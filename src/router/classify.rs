@@ -69,10 +69,20 @@ pub fn classify(sql: &str) -> Classification {
 /// `routing.primary_functions`; matched case-insensitively by bare or schema-qualified name)
 /// as writing functions. Results depend on that list: clear a cache keyed by SQL when it changes.
 pub fn classify_with(sql: &str, extra_primary_functions: &[String]) -> Classification {
+    if lexes_unlike_postgres(sql) {
+        return Classification::unknown();
+    }
     let dialect = PostgreSqlDialect {};
     let Ok(mut tokens) = Tokenizer::new(&dialect, sql).tokenize_with_location() else {
         return Classification::unknown();
     };
+    // sqlparser glues `--` or `/*` after an operator into the operator, where the server
+    // starts a comment there: the statements each of them sees would differ.
+    if tokens.iter().any(|t| {
+        matches!(&t.token, Token::CustomBinaryOperator(op) if op.contains("--") || op.contains("/*"))
+    }) {
+        return Classification::unknown();
+    }
     // After `COPY ... FROM STDIN;` the tokenizer takes the following lines as COPY data (a psql
     // script convention). On the wire that text is more SQL: fine if it holds no statement,
     // otherwise do not guess.
@@ -124,6 +134,18 @@ pub fn classify_with(sql: &str, extra_primary_functions: &[String]) -> Classific
         ctx.fragment(fragment);
     }
     ctx.finish()
+}
+
+/// Texts whose tokens the server may see differently from sqlparser, so that a statement
+/// could hide inside what looks like one read (it would run on a replica's pooled
+/// connection): a dollar-quote tag starting with a non-ASCII character (the server allows
+/// any, sqlparser only alphanumerics), and a backslash in a text that was not valid UTF-8
+/// (in SJIS, BIG5, GBK or UHC a character's second byte can be 0x5C, which the lossy
+/// decoding leaves as a backslash that escapes a quote in `E''`).
+fn lexes_unlike_postgres(sql: &str) -> bool {
+    let b = sql.as_bytes();
+    b.windows(2).any(|w| w[0] == b'$' && w[1] >= 0x80)
+        || (sql.contains('\u{FFFD}') && b.contains(&b'\\'))
 }
 
 /// One `;`-separated statement as tokens, plus what the fallback and the replay text need.
@@ -325,6 +347,10 @@ impl Ctx<'_> {
             | Statement::NOTIFY { .. } => {
                 self.walk(stmt);
                 self.primary();
+                // A new index is a write for read-your-writes (a lagging replica lacks it).
+                if let Statement::CreateIndex(c) = stmt {
+                    push_unique(&mut self.out.tables_written, relation_name(&c.table_name));
+                }
             }
             Statement::Explain {
                 analyze,
@@ -341,6 +367,8 @@ impl Ctx<'_> {
                 if *analyze || analyze_option {
                     self.statement(statement, None);
                 }
+                // `ANALYZE 0` and `ANALYZE 1` have one shape.
+                self.out.by_literal |= options.iter().flatten().any(|o| o.arg.is_some());
                 // Plans are not data: never cache them.
                 self.out.volatile = true;
             }
@@ -458,6 +486,9 @@ impl Ctx<'_> {
                 if *temporary {
                     self.pin();
                 }
+                if let Statement::CreateSequence { name, .. } = stmt {
+                    push_unique(&mut self.out.tables_written, relation_name(name));
+                }
             }
             Statement::Drop {
                 object_type,
@@ -467,12 +498,15 @@ impl Ctx<'_> {
             } => {
                 self.primary();
                 match object_type {
-                    ObjectType::Table | ObjectType::View | ObjectType::MaterializedView => {
+                    ObjectType::Table
+                    | ObjectType::View
+                    | ObjectType::MaterializedView
+                    | ObjectType::Index
+                    | ObjectType::Sequence => {
                         for name in names {
                             push_unique(&mut self.out.tables_written, relation_name(name));
                         }
                     }
-                    ObjectType::Index | ObjectType::Sequence => {}
                     _ => self.out.writes_unknown = true,
                 }
                 self.out.writes_unknown |= *cascade;
@@ -510,8 +544,8 @@ impl Ctx<'_> {
                     && value().any(|v| v.contains("serializable"));
                 // Without standard strings `\'` escapes a quote, and the tokenizer would split
                 // statements differently from the server: keep it all on one connection.
-                let backslash_strings = name == "standard_conforming_strings"
-                    && value().any(|v| is_false_word(v.trim_matches('\'')));
+                let backslash_strings =
+                    name == "standard_conforming_strings" && value().any(|v| !keeps_on(&v));
                 if serializable || backslash_strings {
                     self.pin();
                 }
@@ -680,6 +714,7 @@ impl Ctx<'_> {
         self.out.writes_unknown |= w.writes_unknown;
         self.out.volatile |= w.volatile;
         self.out.calls_user_functions |= w.user_functions;
+        self.out.by_literal |= w.by_literal;
         w.needs_primary
     }
 }
@@ -724,6 +759,29 @@ fn is_false_word(s: &str) -> bool {
     ["false", "off", "0", "no"]
         .iter()
         .any(|f| s.eq_ignore_ascii_case(f))
+}
+
+/// Whether a text holds a word that date and time input reads as a moment relative to
+/// the clock ('now', 'today', 'tomorrow', 'yesterday'), in any case: such a value has another
+/// meaning at every run. Over-matching ('nowhere') only costs caching.
+pub fn names_a_moment(text: &[u8]) -> bool {
+    const WORDS: [&[u8]; 4] = [b"now", b"today", b"tomorrow", b"yesterday"];
+    (0..text.len()).any(|i| {
+        WORDS.iter().any(|w| {
+            text[i..]
+                .get(..w.len())
+                .is_some_and(|t| t.eq_ignore_ascii_case(w))
+        })
+    })
+}
+
+/// Whether a boolean setting's value leaves it on (or at its default): the server takes any
+/// unique prefix of true / yes, `on` and `1`, in quotes of either kind too. Anything else may
+/// turn it off (`f`, `of`, `n`, `"off"`, ...).
+pub fn keeps_on(value: &str) -> bool {
+    let v = value.trim().trim_matches(['\'', '"']).to_ascii_lowercase();
+    let prefix_of = |word: &str| !v.is_empty() && word.starts_with(v.as_str());
+    prefix_of("true") || prefix_of("yes") || v == "on" || v == "1" || v == "default"
 }
 
 /// PostgreSQL folds unquoted identifiers to (ASCII) lower case; quoted ones stay as written.
@@ -822,7 +880,8 @@ fn primary_kind(name: &str, args: &[FunctionArg]) -> Option<FnKind> {
                 .iter()
                 .any(|p| s.eq_ignore_ascii_case(p))
                 .then_some(FnKind::Primary),
-            _ => None,
+            // A name it cannot read could be one of the probes.
+            _ => Some(FnKind::Primary),
         },
         _ if SESSION_FNS.contains(&name) => Some(FnKind::Session),
         _ if PRIMARY_FNS.contains(&name) => Some(FnKind::Primary),
@@ -1084,14 +1143,19 @@ struct Walk<'a> {
     targets: Vec<*const ObjectName>,
     /// Names (by address) of functions called in FROM, which sqlparser reports as relations.
     functions_in_from: Vec<*const ObjectName>,
-    /// CTE names in scope: references to them are not tables.
-    ctes: Vec<Vec<String>>,
+    /// CTE names in scope, one WITH list per enclosing query, with how many of its
+    /// names are visible at this point: references to them are not tables.
+    ctes: Vec<(Vec<String>, usize)>,
+    /// The CTE bodies (by address) of the queries being walked: the WITH list (its index in
+    /// `ctes`) and how many of its names the body sees.
+    cte_bodies: Vec<(*const Query, usize, usize)>,
     needs_primary: bool,
     pins: bool,
     read_back: Vec<String>,
     writes_unknown: bool,
     volatile: bool,
     user_functions: bool,
+    by_literal: bool,
 }
 
 impl Walk<'_> {
@@ -1119,6 +1183,8 @@ impl Walk<'_> {
         } else {
             primary_kind(&base, args)
         };
+        // Which node answers depends on the setting's name, a literal.
+        self.by_literal |= base == "current_setting";
         if let Some(kind) = kind {
             self.needs_primary = true;
             self.volatile = true;
@@ -1142,7 +1208,12 @@ impl Walk<'_> {
     }
 
     fn read_relation(&mut self, name: String, qualified: bool) {
-        if qualified || !self.ctes.iter().any(|scope| scope.contains(&name)) {
+        if qualified
+            || !self
+                .ctes
+                .iter()
+                .any(|(names, visible)| names[..*visible].contains(&name))
+        {
             push_unique(&mut self.read, name);
         }
     }
@@ -1226,15 +1297,47 @@ impl Visitor for Walk<'_> {
     fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
         // FOR UPDATE / SHARE takes row locks: only the primary can.
         self.needs_primary |= !query.locks.is_empty();
-        let ctes = query.with.iter().flat_map(|w| &w.cte_tables);
-        self.ctes
-            .push(ctes.map(|c| ident_name(&c.alias.name)).collect());
+        // A CTE's own body sees only the CTEs before it (all of them WITH RECURSIVE): in
+        // `WITH t AS (SELECT * FROM t)` the inner `t` is the table, and the statement reads it.
+        if let Some(&(_, list, visible)) = self
+            .cte_bodies
+            .iter()
+            .find(|(body, ..)| std::ptr::eq(*body, query))
+        {
+            self.ctes[list].1 = visible;
+        }
+        let names: Vec<String> = query
+            .with
+            .iter()
+            .flat_map(|w| &w.cte_tables)
+            .map(|c| ident_name(&c.alias.name))
+            .collect();
+        if let Some(with) = &query.with {
+            let list = self.ctes.len();
+            for (i, cte) in with.cte_tables.iter().enumerate() {
+                let visible = if with.recursive { names.len() } else { i };
+                self.cte_bodies
+                    .push((&*cte.query as *const Query, list, visible));
+            }
+        }
+        let all = names.len();
+        self.ctes.push((names, all));
         self.set_expr_tables(&query.body);
         ControlFlow::Continue(())
     }
 
-    fn post_visit_query(&mut self, _query: &Query) -> ControlFlow<()> {
+    fn post_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
         self.ctes.pop();
+        let own = self.ctes.len();
+        self.cte_bodies.retain(|&(_, list, _)| list != own);
+        if let Some(&(_, list, _)) = self
+            .cte_bodies
+            .iter()
+            .find(|(body, ..)| std::ptr::eq(*body, query))
+        {
+            // Back to the whole list for the rest of the enclosing query.
+            self.ctes[list].1 = self.ctes[list].0.len();
+        }
         ControlFlow::Continue(())
     }
 
@@ -1315,12 +1418,18 @@ impl Visitor for Walk<'_> {
     }
 
     fn pre_visit_value(&mut self, value: &ValueWithSpan) -> ControlFlow<()> {
-        // 'now'::timestamptz and friends are evaluated when the statement runs.
-        if let Value::SingleQuotedString(s) = &value.value {
-            let s = s.trim();
-            self.volatile |= ["now", "today", "tomorrow", "yesterday"]
-                .iter()
-                .any(|w| s.eq_ignore_ascii_case(w));
+        // 'now'::timestamptz and friends are evaluated when the statement runs, in any
+        // quoting and with a time after them ('yesterday 13:00').
+        if let Value::SingleQuotedString(s)
+        | Value::EscapedStringLiteral(s)
+        | Value::UnicodeStringLiteral(s)
+        | Value::NationalStringLiteral(s)
+        | Value::DoubleQuotedString(s) = &value.value
+        {
+            self.volatile |= names_a_moment(s.as_bytes());
+        }
+        if let Value::DollarQuotedString(d) = &value.value {
+            self.volatile |= names_a_moment(d.value.as_bytes());
         }
         ControlFlow::Continue(())
     }

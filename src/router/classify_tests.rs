@@ -59,6 +59,12 @@ const CASES: &[(&str, &str)] = &[
     ("WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 10) SELECT * FROM r", "R"),
     ("WITH x AS MATERIALIZED (SELECT * FROM t) SELECT * FROM x, u", "R r=t,u"),
     ("WITH t AS (SELECT 1) SELECT * FROM (WITH u AS (SELECT 2) SELECT * FROM u, t) s, u", "R r=u"),
+    // A CTE's body sees only the CTEs before it: the inner name is the table of that name.
+    ("WITH t AS (SELECT * FROM t WHERE id = 1) SELECT * FROM t JOIN u USING (id)", "R r=t,u"),
+    ("WITH a AS (SELECT * FROM b), b AS (SELECT * FROM a) SELECT * FROM b", "R r=b"),
+    ("WITH a AS (SELECT 1), b AS (SELECT * FROM a) SELECT * FROM b", "R"),
+    ("WITH x AS (WITH x AS (SELECT * FROM x) SELECT * FROM x) SELECT * FROM x", "R r=x"),
+    ("WITH RECURSIVE a AS (SELECT * FROM b), b AS (SELECT 1) SELECT * FROM a", "R"),
     // Volatile reads stay on replicas but must never be cached.
     ("SELECT now()", "R vol"),
     ("SELECT CURRENT_TIMESTAMP", "R vol"),
@@ -145,6 +151,8 @@ const CASES: &[(&str, &str)] = &[
     ("SHOW pool_nodes", "P vol"),
     ("SELECT current_setting('transaction_read_only')", "P vol"),
     ("SELECT current_setting('IN_HOT_STANDBY')", "P vol"),
+    ("SELECT current_setting($1)", "P vol"),
+    ("SELECT current_setting(E'transaction_read_only')", "P vol"),
     ("SELECT * FROM pg_stat_activity", "P vol r=pg_stat_activity"),
     ("SELECT * FROM pg_catalog.pg_locks WHERE locktype = 'advisory'", "P vol r=pg_catalog.pg_locks"),
     ("SHOW transaction_isolation", "R vol"),
@@ -203,11 +211,12 @@ const CASES: &[(&str, &str)] = &[
     ("ALTER TABLE t ADD COLUMN c int", "P w=t"),
     ("DROP TABLE t", "P w=t"),
     ("DROP TABLE IF EXISTS a, b CASCADE", "P wu w=a,b"),
-    ("DROP INDEX i", "P"),
+    ("DROP INDEX i", "P w=i"),
     ("DROP FUNCTION f", "P wu vol"),
     ("TRUNCATE t, u", "P w=t,u"),
     ("TRUNCATE TABLE ONLY t RESTART IDENTITY CASCADE", "P wu w=t"),
-    ("CREATE INDEX CONCURRENTLY i ON t (a)", "P r=t"),
+    ("CREATE INDEX CONCURRENTLY i ON t (a)", "P r=t w=t"),
+    ("CREATE SEQUENCE s", "P w=s"),
     ("REFRESH MATERIALIZED VIEW CONCURRENTLY mv", "P w=mv"),
     ("CREATE SCHEMA s", "P wu vol"),
     ("CREATE EXTENSION IF NOT EXISTS pgcrypto", "P wu vol"),
@@ -224,6 +233,11 @@ const CASES: &[(&str, &str)] = &[
     ("LOCK TABLE t IN ACCESS EXCLUSIVE MODE", "P r=t"),
     ("CALL proc(1)", "P wu vol"),
     ("NOTIFY chan, 'payload'", "P"),
+    // Texts sqlparser splits into statements unlike the server: a SET hidden in what it
+    // takes for one string must not run on a replica's pooled connection.
+    ("SELECT 1 >/* ' */ 0; SET search_path = evil, public; SELECT ' AS a, ' AS b --'", "?"),
+    ("SELECT $€$, '$€$ AS x; SET search_path = evil, public; SELECT ' AS y --'", "?"),
+    ("SELECT E'\u{FFFD}\\'; SET search_path = evil, public; SELECT ' AS b --'", "?"),
     // PostgreSQL that sqlparser 0.64 cannot parse: the conservative fallback.
     ("DO $$ BEGIN PERFORM 1; END $$", "?"),
     ("CHECKPOINT", "?"),
@@ -321,6 +335,12 @@ const CASES: &[(&str, &str)] = &[
     ("SET a = 1, b = 2", "P pin"),
     ("SET standard_conforming_strings = off", "P pin set=standard_conforming_strings"),
     ("SET standard_conforming_strings TO 'on'", "P set=standard_conforming_strings"),
+    ("SET standard_conforming_strings = f", "P pin set=standard_conforming_strings"),
+    ("SET standard_conforming_strings = 'of'", "P pin set=standard_conforming_strings"),
+    ("SET standard_conforming_strings TO \"off\"", "P pin set=standard_conforming_strings"),
+    ("SET standard_conforming_strings = n", "P pin set=standard_conforming_strings"),
+    ("SET standard_conforming_strings = tr", "P set=standard_conforming_strings"),
+    ("SET standard_conforming_strings = DEFAULT", "P set=standard_conforming_strings"),
     ("RESET search_path", "P reset=search_path"),
     (r#"RESET "TimeZone""#, "P reset=timezone"),
     ("RESET ALL", "P resetall"),
@@ -345,7 +365,7 @@ const CASES: &[(&str, &str)] = &[
     ("CREATE GLOBAL TEMPORARY TABLE x (a int)", "P pin w=x"),
     ("CREATE TABLE pg_temp.x (a int)", "P pin w=pg_temp.x"),
     ("CREATE TEMP VIEW v AS SELECT 1", "P pin w=v"),
-    ("CREATE TEMP SEQUENCE s", "P pin"),
+    ("CREATE TEMP SEQUENCE s", "P pin w=s"),
     ("CREATE TEMP TABLE x (LIKE y INCLUDING ALL)", "? pin"),
     ("SELECT * FROM pg_temp.foo", "P pin r=pg_temp.foo"),
     ("INSERT INTO mydb.pg_temp_3.foo VALUES (1)", "P pin w=mydb.pg_temp_3.foo"),
@@ -652,6 +672,14 @@ fn deep_and_long_input_does_not_overflow() {
             (Target::Primary, true, vec!["t".to_owned()])
         );
         assert_eq!(classify(&"SELECT 1;".repeat(5_000)).statement_count, 5_000);
+        // Postfix operators cost one token a level.
+        for n in [9_000, 19_999, 25_000] {
+            let bangs = " !".repeat(n);
+            classify(&format!("SELECT 1{bangs}"));
+            classify(&format!("EXPLAIN (ANALYZE 1{bangs}) SELECT 1"));
+            classify(&format!("SET standard_conforming_strings = 1{bangs}"));
+            classify(&format!("SELECT 1{}", " NOTNULL".repeat(n)));
+        }
     };
     let handle = std::thread::Builder::new().stack_size(2 << 20).spawn(run);
     assert!(handle.expect("spawn").join().is_ok());

@@ -125,18 +125,10 @@ fn closing(b: &[u8], from: usize, quote: u8) -> Option<usize> {
 /// Strings PostgreSQL turns into a different value at every run ('now', 'today', ...): a
 /// statement with one is not the same statement with another literal.
 fn is_run_time_word(text: &str) -> bool {
-    [
-        "now",
-        "today",
-        "tomorrow",
-        "yesterday",
-        "epoch",
-        "infinity",
-        "-infinity",
-        "allballs",
-    ]
-    .iter()
-    .any(|w| text.eq_ignore_ascii_case(w))
+    super::names_a_moment(text.as_bytes())
+        || ["epoch", "infinity", "-infinity", "allballs"]
+            .iter()
+            .any(|w| text.eq_ignore_ascii_case(w))
 }
 
 /// Whether one of the eight bytes of `word` may be one the scan stops at ([`SPECIAL`]):

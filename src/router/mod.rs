@@ -11,7 +11,7 @@ mod fingerprint;
 mod route;
 
 pub use cache::ClassifyCache;
-pub use classify::{classify, classify_with};
+pub use classify::{classify, classify_with, keeps_on, names_a_moment};
 pub use route::{Route, SessionFacts, route};
 
 /// Where a statement may run, judged from its text alone.
@@ -98,6 +98,9 @@ pub struct Classification {
     pub statement_count: usize,
     /// Whether sqlparser understood it; `false` means the conservative fallback was used.
     pub parsed: bool,
+    /// The decision depends on a literal's value (`current_setting('…')`, EXPLAIN's option
+    /// values): texts that differ only in literals must not share it.
+    pub by_literal: bool,
 }
 
 impl Classification {
@@ -117,6 +120,7 @@ impl Classification {
             calls_user_functions: true,
             statement_count: 1,
             parsed: false,
+            by_literal: false,
         }
     }
 

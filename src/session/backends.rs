@@ -314,7 +314,7 @@ impl Session {
     /// changed. `None` when nothing needs it.
     pub(super) fn commit_facts_query(&self, writes: &WriteSet) -> Option<String> {
         let ryw = self.consistency == Consistency::ReadYourWrites;
-        let cache = self.shared.cache.is_some() && !self.runtime.cache_rules.is_empty();
+        let cache = self.shared.cache.is_some() && self.any_cache_rules();
         // A pinned session reads from the primary anyway.
         if !cache && (!ryw || self.pinned) {
             return None;

@@ -2,6 +2,7 @@
 //! replay of a hit, the capture of a miss's answer, and the invalidation after a committed
 //! write (before the client learns of the commit).
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -132,6 +133,11 @@ impl Session {
         let rules = &self.runtime.cache_rules;
         if let [Item::Query { frame, class }] = items {
             let sql = query_sql(&frame.body).ok()?;
+            if matches!(sql, Cow::Owned(_)) {
+                // Not UTF-8 (another client encoding): the lossy text for the key could be
+                // the same for two different statements.
+                return None;
+            }
             return Some(Candidate {
                 plan: rules.plan(&sql, class)?,
                 shape: "Q",
@@ -181,6 +187,11 @@ impl Session {
         if let Some(d) = describe
             && !(d.tag == tag::DESCRIBE
                 && matches!(decode_target(&d.body, "Describe"), Ok(Target::Portal(""))))
+        {
+            return None;
+        }
+        if stmt.parse.sql.as_bytes() != &stmt.parse.sql_raw[..]
+            || text_params_run_time_words(names.tail(&bind.body))
         {
             return None;
         }
@@ -291,9 +302,16 @@ impl Session {
     /// (foreign-key actions, triggers) into one that does.
     pub(super) fn defer_tail(&self) -> bool {
         self.shared.cache.is_some()
-            && !self.runtime.cache_rules.is_empty()
             && self.tx == TxStatus::Idle
             && self.writes.any
+            && self.any_cache_rules()
+    }
+
+    /// Whether this session's configuration or the one in force now has cache rules: a
+    /// session keeps the configuration it started a transaction or pinned itself under,
+    /// and its writes must still invalidate what sessions under a newer one cached.
+    pub(super) fn any_cache_rules(&self) -> bool {
+        !self.runtime.cache_rules.is_empty() || !self.shared.runtime.load().cache_rules.is_empty()
     }
 
     /// After a request that ended outside a transaction: if what it committed wrote,
@@ -302,7 +320,7 @@ impl Session {
         if self.tx != TxStatus::Idle || !self.writes.any {
             return;
         }
-        let invalidate = !self.runtime.cache_rules.is_empty();
+        let invalidate = self.any_cache_rules();
         let mut writes = std::mem::take(&mut self.writes);
         if !conn.is_primary() {
             return;
@@ -318,16 +336,23 @@ impl Session {
             let lsn = facts
                 .as_ref()
                 .map_or_else(|| self.runtime.backends.primary.health.lsn(), |f| f.lsn);
-            if let Some(f) = &facts {
-                for d in &f.dependents {
-                    let name = version_name(d);
-                    if !writes.tables.contains(&name) {
-                        writes.tables.push(name);
+            match &facts {
+                Some(f) => {
+                    for d in &f.dependents {
+                        let name = version_name(d);
+                        if !writes.tables.contains(&name) {
+                            writes.tables.push(name);
+                        }
                     }
+                    writes.everything |= f.triggers;
                 }
-                writes.everything |= f.triggers;
+                // What cascades and triggers changed is unknown too.
+                None => writes.everything = true,
             }
-            writes.tables.retain(|t| self.runtime.cache_rules.guards(t));
+            let current = self.shared.runtime.load();
+            writes
+                .tables
+                .retain(|t| self.runtime.cache_rules.guards(t) || current.cache_rules.guards(t));
             if writes.everything || !writes.tables.is_empty() {
                 Box::pin(cache.invalidate(&writes.tables, writes.everything, lsn)).await;
             }
@@ -375,6 +400,42 @@ pub(super) fn commit_facts_sql(tables: &[String]) -> String {
 
 /// Startup parameters that cannot change a query's result.
 const IRRELEVANT_SETTINGS: &[&str] = &["application_name", super::CONSISTENCY_SETTING];
+
+/// Whether a text-format parameter value holds a word the server reads as a moment
+/// ('now', 'today', ...): `WHERE day = $1::date` with 'today' has another answer tomorrow.
+/// Any value that cannot be read counts too.
+fn text_params_run_time_words(tail: &[u8]) -> bool {
+    fn take<'a>(r: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = r.split_at_checked(n)?;
+        *r = rest;
+        Some(head)
+    }
+    fn int16(r: &mut &[u8]) -> Option<usize> {
+        Some(u16::from_be_bytes(take(r, 2)?.try_into().ok()?) as usize)
+    }
+    fn scan(mut r: &[u8]) -> Option<bool> {
+        let nformats = int16(&mut r)?;
+        let formats = take(&mut r, nformats * 2)?;
+        let nparams = int16(&mut r)?;
+        for i in 0..nparams {
+            let len = i32::from_be_bytes(take(&mut r, 4)?.try_into().ok()?);
+            let Ok(len) = usize::try_from(len) else {
+                continue; // NULL
+            };
+            let value = take(&mut r, len)?;
+            let binary = match nformats {
+                0 => false,
+                1 => formats[1] != 0,
+                _ => *formats.get(i * 2 + 1)? != 0,
+            };
+            if !binary && crate::router::names_a_moment(value) {
+                return Some(true);
+            }
+        }
+        Some(false)
+    }
+    scan(tail).unwrap_or(true)
+}
 
 /// Execute of the unnamed portal with no row limit.
 fn runs_unnamed_portal_to_completion(execute: &protocol::Frame) -> bool {

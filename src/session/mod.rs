@@ -323,7 +323,7 @@ impl Session {
             max_prepared: runtime.config.pool.max_prepared_statements,
             tls: runtime.server_tls.clone(),
         };
-        Session {
+        let mut session = Session {
             shared,
             mode,
             client,
@@ -363,7 +363,9 @@ impl Session {
             cancel_secret,
             slot,
             clock: std::time::Instant::now(),
-        }
+        };
+        session.pinned = session.replicas_unfit();
+        session
     }
 
     /// Finish the login: a primary connection is used first, so a bad database or role
@@ -1006,6 +1008,10 @@ impl Session {
                 c.unnamed = None;
             }
         }
+        if !self.pinned && self.replicas_unfit() {
+            debug!("session pinned to the primary: a setting replicas cannot serve");
+            self.pinned = true;
+        }
         // The connection that ran the statements now has exactly what they did to it: a
         // RESET there returns to the server's default, which need not be this session's
         // (pooled connections start without its startup settings).
@@ -1014,6 +1020,21 @@ impl Session {
             c.settings_generation =
                 (c.settings == self.settings.effective()).then_some(self.settings.generation);
         }
+    }
+
+    /// A setting in force (from the startup packet, or a `set_config` read back) under which
+    /// replicas cannot serve this session's reads.
+    fn replicas_unfit(&self) -> bool {
+        self.settings.replicas_unfit()
+            || [
+                "default_transaction_isolation",
+                "standard_conforming_strings",
+            ]
+            .into_iter()
+            .any(|name| {
+                state::startup_value(&self.login_params, name)
+                    .is_some_and(|v| state::replicas_unfit(name, &v))
+            })
     }
 
     fn default_consistency(&self) -> Consistency {

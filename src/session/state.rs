@@ -176,6 +176,15 @@ impl Settings {
         all
     }
 
+    /// Whether a setting in force keeps this session's reads off the replicas (see
+    /// [`replicas_unfit`]). Values set by `SET` pinned the session when they ran; these come
+    /// from the startup packet or a `set_config` read back.
+    pub fn replicas_unfit(&self) -> bool {
+        self.baseline.iter().chain(&self.values).any(|(name, sql)| {
+            set_config_value(sql).is_some_and(|value| replicas_unfit(name, &value))
+        })
+    }
+
     /// Apply committed session operations. Returns true when prepared statements must be
     /// forgotten too (DISCARD ALL).
     pub fn apply(&mut self, ops: &[SessionOp]) -> bool {
@@ -279,6 +288,25 @@ pub fn startup_value(params: &[(String, String)], name: &str) -> Option<String> 
 
 /// set_config takes the value as raw text, as the startup packet does (a SET with a quoted
 /// literal would turn `a,b` into one list element).
+/// Settings under which a replica cannot serve a session's reads as the primary would: a
+/// serializable default (standbys refuse serializable transactions, every read would fail)
+/// and strings with backslash escapes (the classifier would split statements unlike the
+/// server).
+pub fn replicas_unfit(name: &str, value: &str) -> bool {
+    match name {
+        "default_transaction_isolation" => value.to_ascii_lowercase().contains("serializable"),
+        "standard_conforming_strings" => !crate::router::keeps_on(value),
+        _ => false,
+    }
+}
+
+/// The value in a statement [`set_sql`] built.
+fn set_config_value(sql: &str) -> Option<String> {
+    let rest = sql.strip_prefix("SELECT pg_catalog.set_config('")?;
+    let (_, value) = rest.split_once("', '")?;
+    Some(value.strip_suffix("', false)")?.replace("''", "'"))
+}
+
 pub fn set_sql(name: &str, value: &str) -> String {
     // Built in one allocation: every pooled login makes one of these per startup parameter.
     let mut sql = String::with_capacity(48 + name.len() + value.len());

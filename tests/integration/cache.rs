@@ -676,3 +676,42 @@ async fn cascades_and_triggers_invalidate_what_they_change() {
         "the trigger's write invalidated"
     );
 }
+
+/// Texts in another client encoding: their lossy UTF-8 view is the same for 'Caf\xE9' and
+/// 'Caf\xE8', so such texts must not be keyed on it.
+#[tokio::test]
+async fn texts_in_another_client_encoding_never_share_an_entry() {
+    let t = unique("cache_latin1");
+    let c = cluster();
+    direct(c.primary)
+        .await
+        .batch_execute(&format!(
+            "CREATE TABLE {t} (id int, v text);
+             INSERT INTO {t} VALUES (1, 'Café'), (2, 'Cafè');
+             GRANT SELECT ON {t} TO trustuser;"
+        ))
+        .await
+        .unwrap();
+    wait_replicated().await;
+    let proxy = cache_proxy(&unique("p"), &[&t], &[]).await;
+    let mut raw = RawClient::login(proxy.addr, "trustuser").await;
+    let set = raw
+        .send(&query_message(b"SET client_encoding = 'LATIN1'"))
+        .await;
+    assert_eq!(error_code(&set), None, "{set:?}");
+    for _ in 0..2 {
+        for (byte, id) in [(0xE9u8, b'1'), (0xE8, b'2')] {
+            let mut sql = format!("SELECT id FROM {t} WHERE v = 'Caf").into_bytes();
+            sql.extend_from_slice(&[byte, b'\'']);
+            let msgs = raw.send(&query_message(&sql)).await;
+            let row = msgs.iter().find(|m| m.0 == b'D').expect("a row");
+            assert_eq!(row.1.last(), Some(&id), "{msgs:?}");
+        }
+    }
+}
+
+fn query_message(sql: &[u8]) -> Vec<u8> {
+    let mut body = sql.to_vec();
+    body.push(0);
+    message(b'Q', &body)
+}

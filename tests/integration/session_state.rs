@@ -238,3 +238,31 @@ async fn a_set_kept_by_a_failed_request_leaves_no_connection_disagreeing() {
         }
     }
 }
+
+/// Standbys refuse serializable transactions: a session whose default is serializable,
+/// however it got it, reads from the primary instead of failing on every replica read.
+#[tokio::test]
+async fn a_serializable_default_from_startup_or_set_config_keeps_reads_working() {
+    for proxy in both_modes().await {
+        let client = connect(&format!(
+            "{} options='-c default_transaction_isolation=serializable'",
+            proxy.conn_str("app", "app_pw")
+        ))
+        .await;
+        for _ in 0..4 {
+            let rows = client.simple_query("SELECT 1").await;
+            assert!(rows.is_ok(), "{rows:?}");
+        }
+        let client = proxy.app().await;
+        client
+            .batch_execute(
+                "SELECT set_config('default_transaction_isolation', 'serializable', false)",
+            )
+            .await
+            .unwrap();
+        for _ in 0..4 {
+            let rows = client.simple_query("SELECT 1").await;
+            assert!(rows.is_ok(), "{rows:?}");
+        }
+    }
+}
