@@ -61,9 +61,12 @@ impl ClassifyCache {
             return c;
         }
         let c = Arc::new(classify_with(sql, &self.primary_functions));
-        if shaped && c.session_ops.is_empty() && c.read_back.is_empty() && !c.by_literal {
+        if shaped && c.parsed && c.session_ops.is_empty() && c.read_back.is_empty() && !c.by_literal
+        {
             // Texts with literals go by their shape only: caching each would fill the map
-            // with statements seen once.
+            // with statements seen once. Not what the classifier could not read: the
+            // fingerprint may cut such a text into other statements than sqlparser did, and
+            // a text of the same shape can hold a SET that must be seen.
             self.shapes.insert(shape, c.clone());
         } else {
             self.memo.insert(sql, c.clone());
@@ -143,6 +146,14 @@ mod tests {
             c.get("EXPLAIN (ANALYZE 1) SELECT pg_advisory_lock(2)")
                 .pins_session
         );
+        // What the classifier could not read is kept per text: another text of its shape
+        // may hold a SET. (Texts with comments, like this one, have no shape at all.)
+        let hidden_set = "SELECT 1 >/* ' */ 0; SET search_path = evil; SELECT ' AS a --'";
+        assert!(!c.get(hidden_set).parsed && fingerprint(hidden_set).is_none());
+        let unparsed = "ALTER SEQUENCE s RESTART WITH 1";
+        assert!(!c.get(unparsed).parsed);
+        let shape = fingerprint(unparsed).expect("a literal to mask");
+        assert!(c.shapes.get(&shape).is_none());
     }
 
     #[test]

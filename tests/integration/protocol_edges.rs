@@ -644,3 +644,33 @@ async fn a_terminate_after_an_extended_copy_ends_the_client_not_the_server() {
         );
     }
 }
+
+/// A fast-path FunctionCall names its function by OID, which the classifier cannot judge:
+/// batched behind a read, the whole request goes to the primary (the call ends the batch
+/// with a ReadyForQuery of its own, so what comes before it is an open batch).
+#[tokio::test]
+async fn a_fast_path_call_batched_with_a_read_runs_on_the_primary() {
+    // pg_is_in_recovery() has the fixed OID 3810 in every PostgreSQL catalog.
+    let mut call = 3810i32.to_be_bytes().to_vec();
+    call.extend_from_slice(&[0, 0, 0, 0, 0, 0]); // no formats, no arguments, text result
+    for proxy in both_modes().await {
+        let mut c = RawClient::login(proxy.addr, "trustuser").await;
+        for _ in 0..4 {
+            let mut req = parse("", "SELECT pg_is_in_recovery()");
+            req.extend(bind(""));
+            req.extend(execute());
+            req.extend(message(b'F', &call));
+            req.extend(message(b'S', &[]));
+            let msgs = c.send(&req).await;
+            assert_eq!(tags(&msgs), "12DCVZ", "{msgs:?}");
+            let answer = msgs.iter().find(|m| m.0 == b'V').unwrap();
+            assert_eq!(
+                answer.1.last(),
+                Some(&b'f'),
+                "answered by a replica: {msgs:?}"
+            );
+            // The Sync's own ReadyForQuery.
+            assert_eq!(tags(&c.read_n(1).await), "Z");
+        }
+    }
+}
