@@ -103,6 +103,9 @@ pub struct ResultCache {
     /// A write was not recorded in Redis while the breaker was open: everything cached may
     /// be stale, so the epoch is bumped before the cache is used again.
     missed_writes: AtomicBool,
+    /// The highest commit position among those writes: the epoch bump carries it, so that
+    /// no replica behind them fills the cache afterwards.
+    missed_lsn: AtomicU64,
     lsn_source: LsnSource,
     pub stats: CacheStats,
 }
@@ -138,6 +141,7 @@ impl ResultCache {
             open: AtomicBool::new(true),
             probing: AtomicBool::new(false),
             missed_writes: AtomicBool::new(false),
+            missed_lsn: AtomicU64::new(0),
             lsn_source,
             stats: CacheStats::default(),
         });
@@ -263,8 +267,11 @@ impl ResultCache {
     /// the write cannot be attributed to tables. Returns once Redis has them (or gave up).
     pub async fn invalidate(self: &Arc<Self>, tables: &[String], everything: bool, lsn: u64) {
         if self.is_bypassed() {
-            self.missed_writes.store(true, Ordering::Relaxed);
-            return;
+            self.note_missed(lsn);
+            if self.is_bypassed() {
+                return;
+            }
+            // Reopened meanwhile: the probe may have looked before this write was noted.
         }
         let keys: Vec<String> = if everything {
             vec![version_key(&self.prefix, None)]
@@ -279,8 +286,39 @@ impl ResultCache {
                 self.stats.invalidations.fetch_add(1, Ordering::Relaxed);
             }
             Err(e) => {
-                self.missed_writes.store(true, Ordering::Relaxed);
+                self.note_missed(lsn);
                 self.trip(&e);
+            }
+        }
+    }
+
+    fn note_missed(&self, lsn: u64) {
+        self.missed_lsn.fetch_max(lsn, Ordering::Relaxed);
+        self.missed_writes.store(true, Ordering::Relaxed);
+    }
+
+    /// If writes went unrecorded, bump the epoch at the highest position among them (or
+    /// the primary's last known one, if higher). False if Redis failed.
+    async fn bump_missed(&self) -> bool {
+        if !self.missed_writes.swap(false, Ordering::Relaxed) {
+            return true;
+        }
+        let lsn = self
+            .missed_lsn
+            .swap(0, Ordering::Relaxed)
+            .max((self.lsn_source)());
+        match self
+            .timed(self.bump(&[version_key(&self.prefix, None)], lsn))
+            .await
+        {
+            Ok(()) => {
+                self.stats.invalidations.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(e) => {
+                self.note_missed(lsn);
+                tracing::debug!(error = %e, "epoch bump after a redis outage failed");
+                false
             }
         }
     }
@@ -351,20 +389,22 @@ impl ResultCache {
             tracing::debug!(error = %e, "redis probe failed");
             return false;
         }
-        if self.missed_writes.swap(false, Ordering::Relaxed) {
-            let lsn = (self.lsn_source)();
-            if let Err(e) = self
-                .timed(self.bump(&[version_key(&self.prefix, None)], lsn))
-                .await
-            {
-                self.missed_writes.store(true, Ordering::Relaxed);
-                tracing::debug!(error = %e, "epoch bump after a redis outage failed");
+        // Writes noted while a bump was on its way bump again: no lookup may find what
+        // they outdated once the cache is open.
+        while self.missed_writes.load(Ordering::Relaxed) {
+            if !self.bump_missed().await {
                 return false;
             }
-            self.stats.invalidations.fetch_add(1, Ordering::Relaxed);
         }
         if self.open.swap(false, Ordering::Relaxed) {
             info!("redis answers: result cache in use");
+        }
+        // A write noted between the last look and the reopening (another worker thread):
+        // it saw the cache bypassed and left it to this probe; writes after the reopening
+        // bump their own tables.
+        if !self.bump_missed().await {
+            self.open.store(true, Ordering::Relaxed);
+            return false;
         }
         true
     }

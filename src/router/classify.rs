@@ -875,13 +875,22 @@ fn primary_kind(name: &str, args: &[FunctionArg]) -> Option<FnKind> {
             Some(Value::SingleQuotedString(n)) => Some(FnKind::SetConfig(n.to_ascii_lowercase())),
             _ => Some(FnKind::Session),
         },
+        // A name given as a parameter is the application's own reading (drivers probe
+        // with SHOW or a literal name); a literal in any quoting is checked.
         "current_setting" => match arg(0) {
-            Some(Value::SingleQuotedString(s)) => PROBE_GUCS
+            Some(
+                Value::SingleQuotedString(s)
+                | Value::EscapedStringLiteral(s)
+                | Value::UnicodeStringLiteral(s),
+            ) => PROBE_GUCS
                 .iter()
                 .any(|p| s.eq_ignore_ascii_case(p))
                 .then_some(FnKind::Primary),
-            // A name it cannot read could be one of the probes.
-            _ => Some(FnKind::Primary),
+            Some(Value::DollarQuotedString(d)) => PROBE_GUCS
+                .iter()
+                .any(|p| d.value.eq_ignore_ascii_case(p))
+                .then_some(FnKind::Primary),
+            _ => None,
         },
         _ if SESSION_FNS.contains(&name) => Some(FnKind::Session),
         _ if PRIMARY_FNS.contains(&name) => Some(FnKind::Primary),

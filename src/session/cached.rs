@@ -360,8 +360,10 @@ impl Session {
     }
 }
 
-/// The commit position, plus what else the written tables' foreign-key actions (cascades,
-/// SET NULL, SET DEFAULT, transitively) and user triggers may have changed.
+/// The commit position, plus what else the write may have changed: through foreign-key
+/// actions (cascades, SET NULL, SET DEFAULT, transitively), inheritance and partitions,
+/// updatable views and rules, and for the views reading any of it; and whether user
+/// triggers ran on any of it.
 pub(super) fn commit_facts_sql(tables: &[String]) -> String {
     let names: Vec<String> = tables
         .iter()
@@ -385,15 +387,38 @@ pub(super) fn commit_facts_sql(tables: &[String]) -> String {
             format!("'{}'", regclass_text.replace('\'', "''"))
         })
         .collect();
+    // w walks from the written relations to every relation whose rows or reads the write
+    // may have changed. Downwards (`down`, from the named relations only): inheritance
+    // children and partitions, and what a view or rule on them writes through to.
+    // From everything reached: foreign-key actions, inheritance parents, and the views
+    // that read it. One recursive term with LATERAL keeps the planner's estimate small
+    // (two recursive CTEs made it large enough to JIT-compile a 1 ms query for 300 ms).
     format!(
-        "WITH RECURSIVE w(oid) AS (\
-           SELECT to_regclass(n)::oid FROM unnest(ARRAY[{}]::text[]) n WHERE to_regclass(n) IS NOT NULL \
+        "WITH RECURSIVE w(oid, down) AS (\
+           SELECT to_regclass(n)::oid, true FROM unnest(ARRAY[{}]::text[]) n WHERE to_regclass(n) IS NOT NULL \
            UNION \
-           SELECT k.conrelid FROM pg_catalog.pg_constraint k JOIN w ON k.confrelid = w.oid \
-           WHERE k.contype = 'f' AND (k.confdeltype IN ('c','n','d') OR k.confupdtype IN ('c','n','d'))) \
+           SELECT x.oid, x.down FROM w, LATERAL (\
+             SELECT i.inhrelid, true FROM pg_catalog.pg_inherits i WHERE w.down AND i.inhparent = w.oid \
+             UNION ALL \
+             SELECT d.refobjid, true FROM pg_catalog.pg_rewrite r JOIN pg_catalog.pg_depend d \
+               ON d.classid = 'pg_catalog.pg_rewrite'::regclass AND d.objid = r.oid \
+               AND d.refclassid = 'pg_catalog.pg_class'::regclass AND d.refobjid <> r.ev_class \
+             WHERE w.down AND r.ev_class = w.oid \
+             UNION ALL \
+             SELECT k.conrelid, true FROM pg_catalog.pg_constraint k \
+             WHERE k.confrelid = w.oid AND k.contype = 'f' \
+               AND (k.confdeltype IN ('c','n','d') OR k.confupdtype IN ('c','n','d')) \
+             UNION ALL \
+             SELECT i.inhparent, false FROM pg_catalog.pg_inherits i WHERE i.inhrelid = w.oid \
+             UNION ALL \
+             SELECT r.ev_class, false FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_rewrite r \
+               ON d.classid = 'pg_catalog.pg_rewrite'::regclass AND d.objid = r.oid \
+             WHERE d.refclassid = 'pg_catalog.pg_class'::regclass AND d.refobjid = w.oid \
+               AND r.ev_class <> w.oid AND r.ev_type = '1') x(oid, down)) \
          SELECT pg_catalog.pg_current_wal_lsn()::text, \
-           (SELECT string_agg(c.relname, ',') FROM w JOIN pg_catalog.pg_class c ON c.oid = w.oid), \
-           (SELECT count(*) FROM pg_catalog.pg_trigger t JOIN w ON t.tgrelid = w.oid WHERE NOT t.tgisinternal)",
+           (SELECT string_agg(DISTINCT c.relname, ',') FROM w JOIN pg_catalog.pg_class c ON c.oid = w.oid), \
+           (SELECT count(*) FROM pg_catalog.pg_trigger t \
+            WHERE NOT t.tgisinternal AND t.tgrelid IN (SELECT oid FROM w))",
         names.join(",")
     )
 }

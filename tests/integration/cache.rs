@@ -677,6 +677,81 @@ async fn cascades_and_triggers_invalidate_what_they_change() {
     );
 }
 
+/// Writes reach cached reads through other relations too: a base table's reads after an
+/// update through its view, a view's reads after a write to its base table, a partitioned
+/// table's reads after an insert into one partition, and a rule's target.
+#[tokio::test]
+async fn writes_through_views_partitions_and_rules_invalidate_what_they_change() {
+    let (base, view, parted, rule_src, rule_dst) = (
+        unique("cache_base"),
+        unique("cache_view"),
+        unique("cache_parted"),
+        unique("cache_rsrc"),
+        unique("cache_rdst"),
+    );
+    let c = cluster();
+    direct(c.primary)
+        .await
+        .batch_execute(&format!(
+            "CREATE TABLE {base} (id int PRIMARY KEY, v text);
+             INSERT INTO {base} VALUES (1, 'a');
+             CREATE VIEW {view} AS SELECT id, v FROM {base} WHERE id > 0;
+             CREATE TABLE {parted} (id int, v text) PARTITION BY RANGE (id);
+             CREATE TABLE {parted}_low PARTITION OF {parted} FOR VALUES FROM (0) TO (100);
+             INSERT INTO {parted} VALUES (1, 'a');
+             CREATE TABLE {rule_src} (id int);
+             CREATE TABLE {rule_dst} (id int);
+             CREATE RULE {rule_src}_r AS ON INSERT TO {rule_src}
+               DO ALSO INSERT INTO {rule_dst} VALUES (NEW.id);
+             GRANT ALL ON {base}, {view}, {parted}, {parted}_low, {rule_src}, {rule_dst} TO app;"
+        ))
+        .await
+        .unwrap();
+    wait_replicated().await;
+    let proxy = cache_proxy(&unique("p"), &[&base, &view, &parted, &rule_dst], &[]).await;
+    let client = proxy.app().await;
+    let cases = [
+        (
+            format!("SELECT v FROM {base} WHERE id = 1"),
+            format!("UPDATE {view} SET v = 'b' WHERE id = 1"),
+            "a",
+            "b",
+            "an update through the view",
+        ),
+        (
+            format!("SELECT v FROM {view} WHERE id = 1"),
+            format!("UPDATE {base} SET v = 'c' WHERE id = 1"),
+            "b",
+            "c",
+            "an update of the view's base table",
+        ),
+        (
+            format!("SELECT count(*) FROM {parted}"),
+            format!("INSERT INTO {parted}_low VALUES (2, 'b')"),
+            "1",
+            "2",
+            "an insert into a partition",
+        ),
+        (
+            format!("SELECT count(*) FROM {rule_dst}"),
+            format!("INSERT INTO {rule_src} VALUES (1)"),
+            "0",
+            "1",
+            "an insert its rule copies",
+        ),
+    ];
+    for (read, write, before, after, what) in cases {
+        assert_eq!(simple_value(&client, &read).await, before);
+        assert_eq!(simple_value(&client, &read).await, before);
+        client.batch_execute(&write).await.unwrap();
+        assert_eq!(
+            simple_value(&client, &read).await,
+            after,
+            "{what} invalidated"
+        );
+    }
+}
+
 /// Texts in another client encoding: their lossy UTF-8 view is the same for 'Caf\xE9' and
 /// 'Caf\xE8', so such texts must not be keyed on it.
 #[tokio::test]
