@@ -31,6 +31,9 @@ pub struct Runtime {
     pub users: HashMap<String, Arc<UserEntry>>,
     /// The admin console's login (`[proxy] admin_user` / `admin_password`), if configured.
     pub admin: Option<Arc<UserEntry>>,
+    /// Keys the salts pgsplit chooses (plain passwords, unknown users): see
+    /// [`crate::auth::salt_key`].
+    pub salt_key: ring::hmac::Key,
     /// Client TLS, when `tls_cert` and `tls_key` are set.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     /// TLS towards the servers.
@@ -53,9 +56,16 @@ impl Runtime {
     /// A runtime for `config` that keeps `old`'s knowledge of servers at the same address.
     pub fn new_reusing(config: Config, old: Option<&Runtime>) -> Result<Runtime, ConfigError> {
         config.validate()?;
+        let salt_key = crate::auth::salt_key(
+            config
+                .users
+                .iter()
+                .map(|u| (u.name.as_str(), u.password.as_deref().unwrap_or_default()))
+                .chain(config.proxy.admin_password.as_deref().map(|p| ("", p))),
+        );
         let mut users = HashMap::new();
         for u in &config.users {
-            let secret = UserSecret::for_user(&config, u).ok_or_else(|| {
+            let secret = UserSecret::for_user(&config, u, &salt_key).ok_or_else(|| {
                 ConfigError::Invalid(format!("user {:?}: unusable password", u.name))
             })?;
             users.insert(
@@ -75,7 +85,7 @@ impl Runtime {
                     server_user: None,
                     server_password: None,
                 };
-                let secret = UserSecret::for_user(&config, &user).ok_or_else(|| {
+                let secret = UserSecret::for_user(&config, &user, &salt_key).ok_or_else(|| {
                     ConfigError::Invalid("proxy.admin_password: unusable password".into())
                 })?;
                 Some(Arc::new(UserEntry {
@@ -103,6 +113,7 @@ impl Runtime {
         Ok(Runtime {
             backends,
             admin,
+            salt_key,
             tls,
             server_tls: Arc::new(server_tls),
             classify: ClassifyCache::new(16_384, config.routing.primary_functions.clone()),
@@ -183,6 +194,17 @@ impl Runtime {
             )
         });
         Some(pool.clone())
+    }
+
+    /// Forget the pool for `backend` and these credentials if it never reached its server
+    /// (a login to a database or role that does not exist): a client making up names must
+    /// not leave a pool behind for each.
+    pub fn forget_unconnected_pool(&self, backend: BackendId, params: &ConnectParams) {
+        let key = (backend, params.user.clone(), params.database.clone());
+        let mut pools = lock(&self.pools);
+        if pools.get(&key).is_some_and(|p| p.server_params().is_none()) {
+            pools.remove(&key);
+        }
     }
 
     /// Every pool made so far.

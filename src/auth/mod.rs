@@ -9,7 +9,7 @@ mod scram;
 
 use md5::{Digest, Md5};
 
-pub use scram::{ScramError, ScramExchange, ScramSecret};
+pub use scram::{ScramError, ScramExchange, ScramSecret, salt_key};
 
 use crate::config::{AuthMethod, Config, UserConfig};
 
@@ -37,7 +37,11 @@ impl std::fmt::Debug for UserSecret {
 impl UserSecret {
     /// Derive the secret for a configured user; `None` when the config cannot support its
     /// method (validation rejects such configs first).
-    pub fn for_user(cfg: &Config, user: &UserConfig) -> Option<UserSecret> {
+    pub fn for_user(
+        cfg: &Config,
+        user: &UserConfig,
+        salt_key: &ring::hmac::Key,
+    ) -> Option<UserSecret> {
         let method = user.auth_method.unwrap_or(cfg.proxy.auth_method);
         match method {
             AuthMethod::Trust => Some(UserSecret::Trust),
@@ -46,7 +50,7 @@ impl UserSecret {
                 let secret = if p.starts_with("SCRAM-SHA-256$") {
                     ScramSecret::parse(p)?
                 } else {
-                    ScramSecret::parse(&postgres_protocol::password::scram_sha_256(p.as_bytes()))?
+                    ScramSecret::from_password(p, &scram::user_salt(salt_key, &user.name))
                 };
                 Some(UserSecret::Scram(Box::new(secret)))
             }
@@ -123,7 +127,8 @@ mod tests {
         "#,
         )
         .unwrap();
-        match UserSecret::for_user(&cfg, &cfg.users[0]) {
+        let key = scram::salt_key([]);
+        match UserSecret::for_user(&cfg, &cfg.users[0], &key) {
             Some(UserSecret::Md5(h)) => assert_eq!(h, "aabbccddeeff00112233445566778899"),
             other => panic!("{other:?}"),
         }

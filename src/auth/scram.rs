@@ -44,33 +44,74 @@ impl ScramSecret {
         }
     }
 
+    /// The secret for a plain password in the configuration, salted with [`user_salt`]:
+    /// the same user shows the same salt across reloads and restarts, as a stored verifier
+    /// does, and as an unknown user's [`mock`](Self::mock) does.
+    pub fn from_password(password: &str, salt: &[u8; 16]) -> ScramSecret {
+        // SASLprep, as libpq applies it before hashing; a password it refuses is used as
+        // is (libpq and the server do the same).
+        let prepared = stringprep::saslprep(password).unwrap_or(password.into());
+        let mut salted = [0u8; 32];
+        ring::pbkdf2::derive(
+            ring::pbkdf2::PBKDF2_HMAC_SHA256,
+            std::num::NonZeroU32::new(ITERATIONS).expect("non-zero"),
+            salt,
+            prepared.as_bytes(),
+            &mut salted,
+        );
+        let key = hmac::Key::new(hmac::HMAC_SHA256, &salted);
+        let client_key = hmac::sign(&key, b"Client Key");
+        let mut stored_key = [0u8; 32];
+        stored_key.copy_from_slice(digest::digest(&digest::SHA256, client_key.as_ref()).as_ref());
+        let mut server_key = [0u8; 32];
+        server_key.copy_from_slice(hmac::sign(&key, b"Server Key").as_ref());
+        ScramSecret::new(ITERATIONS, &B64.encode(salt), stored_key, server_key)
+    }
+
     /// A secret no password matches, for a user that does not exist: the client goes through
     /// the same exchange and fails the same way, so probing cannot tell unknown users from
-    /// wrong passwords (PostgreSQL's mock authentication). The salt depends only on the name
-    /// and this process's random key, so asking twice shows the same salt, as for a real user.
+    /// wrong passwords (PostgreSQL's mock authentication). The salt is made from the name as
+    /// a configured user's is, so it too stays the same across reloads and restarts.
     /// Its keys are made once per process, like a real user's once per configuration, so an
     /// unknown user's login does no extra hashing that timing could reveal.
-    pub fn mock(user: &str) -> ScramSecret {
-        struct Mock {
-            salt_key: hmac::Key,
-            secret: ScramSecret,
-        }
-        static MOCK: std::sync::OnceLock<Mock> = std::sync::OnceLock::new();
-        // PostgreSQL's default iteration count, which most real verifiers carry too.
-        const ITERATIONS: u32 = 4096;
-        let mock = MOCK.get_or_init(|| Mock {
-            salt_key: hmac::Key::new(hmac::HMAC_SHA256, &rand::random::<[u8; 32]>()),
-            secret: ScramSecret::new(ITERATIONS, "", rand::random(), rand::random()),
-        });
-        let salt = hmac::sign(&mock.salt_key, user.as_bytes());
-        let salt_b64 = B64.encode(&salt.as_ref()[..16]);
+    pub fn mock(user: &str, salt_key: &hmac::Key) -> ScramSecret {
+        static MOCK: std::sync::OnceLock<ScramSecret> = std::sync::OnceLock::new();
+        let mock =
+            MOCK.get_or_init(|| ScramSecret::new(ITERATIONS, "", rand::random(), rand::random()));
+        let salt_b64 = B64.encode(user_salt(salt_key, user));
         ScramSecret {
             salt_and_iterations: salt_and_iterations(&salt_b64, ITERATIONS),
-            stored_key: mock.secret.stored_key,
-            client_signer: mock.secret.client_signer.clone(),
-            server_signer: mock.secret.server_signer.clone(),
+            stored_key: mock.stored_key,
+            client_signer: mock.client_signer.clone(),
+            server_signer: mock.server_signer.clone(),
         }
     }
+}
+
+/// PostgreSQL's default iteration count, which most real verifiers carry too.
+const ITERATIONS: u32 = 4096;
+
+/// The salt of a user whose salt pgsplit chooses (a plain password in the configuration, or
+/// a user that does not exist): the name keyed with [`salt_key`].
+pub fn user_salt(salt_key: &hmac::Key, user: &str) -> [u8; 16] {
+    let mut salt = [0u8; 16];
+    salt.copy_from_slice(&hmac::sign(salt_key, user.as_bytes()).as_ref()[..16]);
+    salt
+}
+
+/// The key of [`user_salt`]: a digest of every password and verifier in the configuration,
+/// so that it stays the same across restarts (a salt that changed at a restart for some
+/// names only would tell which names exist) and cannot be computed without them.
+pub fn salt_key<'a>(secrets: impl IntoIterator<Item = (&'a str, &'a str)>) -> hmac::Key {
+    let mut ctx = digest::Context::new(&digest::SHA256);
+    ctx.update(b"pgsplit user salt v1\0");
+    for (name, secret) in secrets {
+        for part in [name, secret] {
+            ctx.update(&(part.len() as u64).to_be_bytes());
+            ctx.update(part.as_bytes());
+        }
+    }
+    hmac::Key::new(hmac::HMAC_SHA256, ctx.finish().as_ref())
 }
 
 fn salt_and_iterations(salt_b64: &str, iterations: u32) -> String {
@@ -213,11 +254,17 @@ mod tests {
 
     fn run(password_on_server: &str, password_of_client: &str) -> Result<(), ScramError> {
         let verifier = postgres_protocol::password::scram_sha_256(password_on_server.as_bytes());
-        let secret = ScramSecret::parse(&verifier).expect("valid verifier");
+        run_with(
+            &ScramSecret::parse(&verifier).expect("valid verifier"),
+            password_of_client,
+        )
+    }
+
+    fn run_with(secret: &ScramSecret, password_of_client: &str) -> Result<(), ScramError> {
         let mut client =
             ScramSha256::new(password_of_client.as_bytes(), ChannelBinding::unsupported());
         let (exchange, server_first) =
-            ScramExchange::client_first(&secret, client.message(), &[7u8; 18])?;
+            ScramExchange::client_first(secret, client.message(), &[7u8; 18])?;
         client
             .update(server_first.as_bytes())
             .map_err(|_| ScramError::Malformed("client rejected server-first"))?;
@@ -232,6 +279,27 @@ mod tests {
     fn full_exchange_with_a_real_client() {
         assert_eq!(run("secret", "secret"), Ok(()));
         assert_eq!(run("secret", "wrong"), Err(ScramError::BadProof));
+    }
+
+    #[test]
+    fn a_plain_password_gets_a_salt_that_depends_on_name_and_configuration_only() {
+        let key = salt_key([("app", "app_pw")]);
+        let salt = user_salt(&key, "app");
+        assert_eq!(salt, user_salt(&salt_key([("app", "app_pw")]), "app"));
+        assert_ne!(salt, user_salt(&key, "bob"));
+        assert_ne!(salt, user_salt(&salt_key([("app", "other")]), "app"));
+        // A real client (libpq's algorithm, SASLprep included) logs in with it.
+        for password in ["app_pw", "pässwörd", "I\u{2168}"] {
+            let secret = ScramSecret::from_password(password, &salt);
+            assert_eq!(run_with(&secret, password), Ok(()), "{password}");
+            assert_eq!(run_with(&secret, "wrong"), Err(ScramError::BadProof));
+        }
+        // An unknown user shows the salt a configured one of that name would have.
+        let mock = ScramSecret::mock("app", &key);
+        assert_eq!(
+            mock.salt_and_iterations,
+            ScramSecret::from_password("app_pw", &salt).salt_and_iterations
+        );
     }
 
     #[test]

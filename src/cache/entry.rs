@@ -83,9 +83,11 @@ pub fn version_lsn(value: &str) -> Option<u64> {
 }
 
 /// The value a missing version key starts at: a random counter, so an entry filled before
-/// Redis lost the key (flush, eviction) can never match again.
-pub fn fresh_version() -> String {
-    format!("{}:{:016X}", rand::random::<u64>() >> 24, 0)
+/// Redis lost the key (flush, eviction) can never match again, and `lsn`, the primary's
+/// last known position: a write the key recorded may have been lost with it, so fills
+/// wait for a replica that has replayed that far.
+pub fn fresh_version(lsn: u64) -> String {
+    format!("{}:{:016X}", rand::random::<u64>() >> 24, lsn)
 }
 
 pub fn lsn_hex(lsn: u64) -> String {
@@ -305,7 +307,7 @@ mod tests {
     fn versions_carry_the_commit_position() {
         assert_eq!(version_lsn("17:0000000001A2B3C4"), Some(0x1A2B3C4));
         assert_eq!(version_lsn("garbage"), None);
-        assert_eq!(version_lsn(&fresh_version()), Some(0));
+        assert_eq!(version_lsn(&fresh_version(0x2A)), Some(0x2A));
         assert_eq!(lsn_hex(0x1A), "000000000000001A");
         assert_eq!(version_key("p", Some("albums")), "p:v:{albums}");
         assert_eq!(version_key("p", None), "p:v:{*}");

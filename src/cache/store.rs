@@ -234,7 +234,7 @@ impl ResultCache {
                 // Missing (never written, or lost to a flush or eviction): start it at a
                 // random counter that no stored entry carries. Boxed: rare, and its futures
                 // would enlarge every lookup's.
-                None => Box::pin(start_version(client, k)).await?,
+                None => Box::pin(start_version(client, k, (self.lsn_source)())).await?,
             };
             versions.push(v);
         }
@@ -328,7 +328,7 @@ impl ResultCache {
         let lsn = lsn_hex(lsn);
         // One script per key: in Redis Cluster each version lives on its own slot.
         for k in keys {
-            let start = fresh_version();
+            let start = fresh_version(0);
             let start = start.split(':').next().unwrap_or("1").to_owned();
             let _: i64 = client
                 .eval(BUMP_SCRIPT, k.as_str(), vec![lsn.clone(), start])
@@ -429,9 +429,9 @@ async fn get_pipelined(
 }
 
 /// Create a missing version key (unless another instance just did) and read it back.
-async fn start_version(client: &Client, k: &str) -> RedisResult<String> {
+async fn start_version(client: &Client, k: &str, lsn: u64) -> RedisResult<String> {
     let _: Option<String> = client
-        .set(k, fresh_version(), None, Some(SetOptions::NX), false)
+        .set(k, fresh_version(lsn), None, Some(SetOptions::NX), false)
         .await
         .map_err(err)?;
     let v: Option<String> = client.get(k).await.map_err(err)?;

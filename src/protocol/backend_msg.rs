@@ -269,9 +269,11 @@ fn empty(tag: u8) -> Frame {
 }
 
 /// Tell a client asking for protocol 3.x (x > 0) or `_pq_.` options that we speak 3.0.
-pub fn negotiate_protocol_version(newest_minor: i32, unsupported: &[&str]) -> Frame {
+/// The first field is the whole version code, as the server sends it (the documentation
+/// calls it the newest minor version; libpq 18 takes a bare 0 for "pre-3.0" and gives up).
+pub fn negotiate_protocol_version(newest_version: i32, unsupported: &[&str]) -> Frame {
     let mut b = BytesMut::new();
-    b.put_i32(newest_minor);
+    b.put_i32(newest_version);
     b.put_i32(unsupported.len() as i32);
     for o in unsupported {
         put_cstr(&mut b, o);

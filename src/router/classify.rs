@@ -468,10 +468,13 @@ impl Ctx<'_> {
                 self.out.volatile = true;
             }
             Statement::Execute { .. } => self.opaque(),
-            Statement::Prepare { .. }
-            | Statement::LISTEN { .. }
-            | Statement::UNLISTEN { .. }
-            | Statement::Load { .. } => self.pin(),
+            Statement::Prepare { .. } | Statement::LISTEN { .. } | Statement::UNLISTEN { .. } => {
+                self.pin()
+            }
+            Statement::Load { .. } => {
+                self.pin();
+                self.out.pins_for_good = true;
+            }
             Statement::Truncate(t) => {
                 self.walk(stmt);
                 self.primary();
@@ -715,6 +718,7 @@ impl Ctx<'_> {
         self.out.volatile |= w.volatile;
         self.out.calls_user_functions |= w.user_functions;
         self.out.by_literal |= w.by_literal;
+        self.out.pins_for_good |= w.pins_for_good;
         w.needs_primary
     }
 }
@@ -1165,6 +1169,7 @@ struct Walk<'a> {
     volatile: bool,
     user_functions: bool,
     by_literal: bool,
+    pins_for_good: bool,
 }
 
 impl Walk<'_> {
@@ -1199,7 +1204,10 @@ impl Walk<'_> {
             self.volatile = true;
             match kind {
                 FnKind::Primary => {}
-                FnKind::Session => self.pins = true,
+                FnKind::Session => {
+                    self.pins = true;
+                    self.pins_for_good |= base.starts_with("dblink_connect");
+                }
                 FnKind::SetConfig(name) => push_unique(&mut self.read_back, name),
                 FnKind::Write => self.writes_unknown = true,
             }

@@ -783,3 +783,11 @@ fn transaction_effect() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     assert_eq!(Classification::unknown().tx_effect, Other);
 }
+
+#[test]
+fn state_discard_all_cannot_reset_pins_for_good() {
+    assert!(classify("LOAD 'auto_explain'").pins_for_good);
+    assert!(classify("SELECT dblink_connect('c', 'dbname=appdb')").pins_for_good);
+    assert!(!classify("SELECT pg_advisory_lock(1)").pins_for_good);
+    assert!(!classify("PREPARE p AS SELECT 1").pins_for_good);
+}

@@ -77,6 +77,9 @@ pub struct Classification {
     /// DECLARE ... WITH HOLD, set_config, SET of something that cannot be replayed): the
     /// session stays on its primary connection from now on.
     pub pins_session: bool,
+    /// It leaves state on the connection that `DISCARD ALL` does not reset (a library
+    /// loaded with LOAD, a dblink connection): the session stays pinned for its life.
+    pub pins_for_good: bool,
     /// Session-state statements in the order they appear.
     pub session_ops: Vec<SessionOp>,
     /// Settings changed by `set_config(name, value, false)`: once the statement succeeded,
@@ -111,6 +114,7 @@ impl Classification {
             begins_tx: None,
             tx_effect: TxEffect::Other,
             pins_session: false,
+            pins_for_good: false,
             session_ops: Vec::new(),
             read_back: Vec::new(),
             tables_read: Vec::new(),

@@ -235,6 +235,8 @@ pub struct Session {
     tx_conn: Option<BackendId>,
     /// Session-bound work happened: everything goes to the primary from now on.
     pinned: bool,
+    /// The pinning left state that DISCARD ALL does not reset: it never unpins.
+    pinned_for_good: bool,
     /// Read-your-writes or eventual consistency for this session's reads.
     consistency: Consistency,
     /// The primary's WAL position after this session's last committed write: replicas
@@ -337,6 +339,7 @@ impl Session {
             tx: TxStatus::Idle,
             tx_conn: None,
             pinned: false,
+            pinned_for_good: false,
             hold_tick: None,
             last_replica: None,
             consistency,
@@ -383,7 +386,16 @@ impl Session {
         {
             Some(params) => params,
             None => {
-                from_server = self.login_server_params().await?;
+                from_server = match self.login_server_params().await {
+                    Ok(params) => params,
+                    Err(e) => {
+                        if pool.is_some() {
+                            self.runtime
+                                .forget_unconnected_pool(BackendId::PRIMARY, &self.connect);
+                        }
+                        return Err(e);
+                    }
+                };
                 &from_server
             }
         };
@@ -651,7 +663,7 @@ impl Session {
     /// Decode, route and run one request. `open`: the batch has no Sync yet and the rest
     /// of it follows the same connection.
     async fn dispatch_batch(&mut self, open: bool) -> Result<()> {
-        self.adopt_new_runtime().await;
+        self.adopt_new_runtime().await?;
         let mut items = std::mem::take(&mut self.batch);
         let mut local = std::mem::take(&mut self.batch_local);
         let result = self.dispatch_items(&items, &local, open).await;
@@ -713,6 +725,9 @@ impl Session {
             debug!("session pinned to the primary");
             self.pinned = true;
         }
+        self.pinned_for_good |= items
+            .iter()
+            .any(|i| i.class().is_some_and(|c| c.pins_for_good));
         let executes = items
             .iter()
             .any(|i| i.is_execute() || matches!(i, Item::Query { .. } | Item::FunctionCall(_)));
@@ -789,18 +804,26 @@ impl Session {
     /// A reloaded configuration applies from the first request that finds the session
     /// outside a transaction and holding no server connection it must keep (a pinned
     /// session stays with the configuration it pinned under).
-    async fn adopt_new_runtime(&mut self) {
+    async fn adopt_new_runtime(&mut self) -> Result<()> {
         // A guard, not a clone: this runs before every request and almost always finds
         // nothing new.
-        if Arc::ptr_eq(&self.shared.runtime.load(), &self.runtime)
-            || self.tx != TxStatus::Idle
-            || self.pinned
-        {
-            return;
+        if Arc::ptr_eq(&self.shared.runtime.load(), &self.runtime) || self.tx != TxStatus::Idle {
+            return Ok(());
         }
         let current = self.shared.runtime.load_full();
+        if !current.users.contains_key(&self.login_user) {
+            // Removing a user revokes its access: its sessions end at their next request
+            // outside a transaction, pinned or not.
+            return Err(Error::AuthRejected(format!(
+                "user \"{}\" was removed from pgsplit's configuration",
+                self.login_user
+            )));
+        }
+        if self.pinned {
+            return Ok(());
+        }
         match self.mode {
-            PoolMode::Transaction if self.conns.iter().any(Option::is_some) => return,
+            PoolMode::Transaction if self.conns.iter().any(Option::is_some) => return Ok(()),
             PoolMode::Transaction => {}
             // Own connections are reopened under the new configuration as they are needed
             // (settings are replayed as usual).
@@ -826,6 +849,7 @@ impl Session {
         self.settings_digest = None;
         debug!("session now uses the reloaded configuration");
         self.runtime = current;
+        Ok(())
     }
 
     /// Count a request and its latency; the client is idle (or in its transaction) again.
@@ -1002,7 +1026,7 @@ impl Session {
         }
         if self.settings.apply(&all) {
             self.statements.clear();
-            self.pinned = false;
+            self.pinned = self.pinned_for_good;
             if let Some(c) = self.conns[conn.0 as usize].as_mut() {
                 c.prepared.clear();
                 c.unnamed = None;

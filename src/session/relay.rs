@@ -734,6 +734,7 @@ impl Session {
         )?;
         if let Some(c) = item.class() {
             self.pinned |= c.pins_session;
+            self.pinned_for_good |= c.pins_for_good;
             self.writes.note(c);
             if c.calls_user_functions && fl.id.is_primary() {
                 self.writes.note_unknown();

@@ -65,6 +65,23 @@ async fn read_startup(
     }
 }
 
+/// The longest name PostgreSQL keeps (NAMEDATALEN - 1 bytes).
+const MAX_NAME_BYTES: usize = 63;
+
+/// A user or database name cut as the server cuts it at login (at a character boundary):
+/// the same client then reaches the same role and database, and a made-up name of
+/// kilobytes cannot key a pool.
+fn truncate_name(mut name: String) -> String {
+    if name.len() > MAX_NAME_BYTES {
+        let mut end = MAX_NAME_BYTES;
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        name.truncate(end);
+    }
+    name
+}
+
 pub async fn open(client: &mut ClientConn, runtime: &Runtime, over_limit: bool) -> Result<Opening> {
     let (minor, params) = match read_startup(client, runtime.tls.as_ref()).await? {
         StartupPacket::Cancel { pid, secret } => return Ok(Opening::Cancel { pid, secret }),
@@ -78,7 +95,10 @@ pub async fn open(client: &mut ClientConn, runtime: &Runtime, over_limit: bool) 
         .collect();
     if minor > 0 || !unsupported.is_empty() {
         client
-            .send(&[protocol::negotiate_protocol_version(0, &unsupported)])
+            .send(&[protocol::negotiate_protocol_version(
+                protocol::PROTOCOL_3_0,
+                &unsupported,
+            )])
             .await?;
     }
     if over_limit {
@@ -105,11 +125,15 @@ pub async fn open(client: &mut ClientConn, runtime: &Runtime, over_limit: bool) 
             _ => rest.push((k, v)),
         }
     }
-    let user_name = user_name.filter(|u| !u.is_empty()).ok_or_else(|| {
-        Error::AuthRejected("no PostgreSQL user name specified in startup packet".into())
-    })?;
+    let user_name = user_name
+        .filter(|u| !u.is_empty())
+        .map(truncate_name)
+        .ok_or_else(|| {
+            Error::AuthRejected("no PostgreSQL user name specified in startup packet".into())
+        })?;
     let database = database
         .filter(|d| !d.is_empty())
+        .map(truncate_name)
         .unwrap_or_else(|| user_name.clone());
     if database == crate::admin::DATABASE
         && let Some(admin) = runtime
@@ -136,7 +160,9 @@ pub async fn open(client: &mut ClientConn, runtime: &Runtime, over_limit: bool) 
 /// same). With `trust` as the default there is no password to ask: refused by name.
 async fn refuse_unknown(client: &mut ClientConn, runtime: &Runtime, user_name: String) -> Error {
     let secret = match runtime.config.proxy.auth_method {
-        AuthMethod::ScramSha256 => UserSecret::Scram(Box::new(ScramSecret::mock(&user_name))),
+        AuthMethod::ScramSha256 => {
+            UserSecret::Scram(Box::new(ScramSecret::mock(&user_name, &runtime.salt_key)))
+        }
         // No md5 hash matches an empty string's digest of random bytes.
         AuthMethod::Md5 => UserSecret::Md5(format!("{:032x}", rand::random::<u128>())),
         AuthMethod::Trust => {
@@ -243,4 +269,18 @@ fn sasl_initial(body: &mut bytes::Bytes) -> Result<(String, Vec<u8>)> {
         return Err(bad());
     }
     Ok((mechanism, body.to_vec()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_cut_like_the_servers_at_a_character_boundary() {
+        assert_eq!(truncate_name("app".into()), "app");
+        assert_eq!(truncate_name("a".repeat(100)), "a".repeat(63));
+        // 'é' is two bytes: 62 + 2 would be 64, so it goes whole.
+        let name = format!("{}é", "a".repeat(62));
+        assert_eq!(truncate_name(name), "a".repeat(62));
+    }
 }

@@ -64,6 +64,28 @@ async fn an_unknown_database_reports_the_servers_error() {
     .await
     .expect_err("refused");
     assert_eq!(sqlstate(&e), "3D000", "{e}");
+    // Made-up names leave no pool behind, however many and however long.
+    let pools = || proxy.shared.runtime.load().pools().len();
+    let before = pools();
+    for i in 0..5 {
+        let name = format!("nosuchdb{i}{}", "x".repeat(2_000));
+        let e = try_connect(&format!(
+            "host=127.0.0.1 port={} user=app password=app_pw dbname={name}",
+            proxy.port()
+        ))
+        .await
+        .expect_err("refused");
+        assert_eq!(sqlstate(&e), "3D000", "{e}");
+        let message = e
+            .as_db_error()
+            .map(|d| d.message().to_owned())
+            .unwrap_or_default();
+        assert!(
+            message.contains(&format!("nosuchdb{i}xxx")) && !message.contains(&name),
+            "the server saw the name cut to 63 bytes: {message}"
+        );
+    }
+    assert_eq!(pools(), before);
 }
 
 #[tokio::test]
@@ -141,4 +163,41 @@ async fn a_readable_config_with_plain_passwords_is_warned_about() {
         "{}",
         shared.log_text()
     );
+}
+
+/// A client asking for protocol 3.2 (libpq 18 with max_protocol_version=latest) or for
+/// `_pq_.` options learns that the proxy speaks 3.0, as from PostgreSQL 17, and logs in.
+#[tokio::test]
+async fn a_client_asking_for_a_newer_minor_protocol_is_answered_with_3_0() {
+    use tokio::io::AsyncWriteExt;
+    let proxy = start_proxy().await;
+    let mut body = Vec::new();
+    body.extend_from_slice(&0x0003_0002i32.to_be_bytes());
+    for part in [
+        "user",
+        "trustuser",
+        "database",
+        "appdb",
+        "_pq_.test_option",
+        "on",
+    ] {
+        body.extend_from_slice(part.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut packet = (body.len() as i32 + 4).to_be_bytes().to_vec();
+    packet.extend_from_slice(&body);
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(&packet).await.unwrap();
+    let msgs = read_messages(&mut s).await;
+    let (tag, negotiate) = &msgs[0];
+    assert_eq!(*tag, b'v', "{msgs:?}");
+    assert_eq!(
+        negotiate[..4],
+        0x0003_0000i32.to_be_bytes(),
+        "the newest version, whole"
+    );
+    assert_eq!(negotiate[4..8], 1i32.to_be_bytes());
+    assert_eq!(&negotiate[8..], b"_pq_.test_option\0");
+    assert_eq!(msgs.last().map(|m| m.0), Some(b'Z'), "logged in: {msgs:?}");
 }

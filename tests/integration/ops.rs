@@ -320,6 +320,8 @@ async fn reload_under_load_changes_routing_users_and_rules_without_errors() {
     let without_trust = base.replacen(trust_block, "", 1);
     assert_ne!(without_trust, base);
     let one_replica = without_replica(&without_trust, c.replicas[1]);
+    let removed = connect(&proxy.conn_str("trustuser", "")).await;
+    removed.simple_query("SELECT 1").await.unwrap();
     write(&path, &one_replica);
     let admin_ref = &admin;
     assert!(
@@ -338,6 +340,12 @@ async fn reload_under_load_changes_routing_users_and_rules_without_errors() {
         .expect_err("removed user");
     // Asked for a password like any user pgsplit does not know; the client has none.
     assert!(format!("{e:?}").contains("password"), "{e:?}");
+    // A session it had open ends at its next request.
+    let e = removed
+        .simple_query("SELECT 1")
+        .await
+        .expect_err("the removed user's session ends");
+    assert_eq!(sqlstate(&e), "28000", "{e}");
 
     // 2. Put it back with weight 3, and let trustuser in, and whitelist a table: RELOAD.
     let with_more = base.replacen(

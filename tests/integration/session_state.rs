@@ -266,3 +266,21 @@ async fn a_serializable_default_from_startup_or_set_config_keeps_reads_working()
         }
     }
 }
+
+/// DISCARD ALL resets what pins a session, but not a library loaded with LOAD (nor a
+/// dblink connection): such a session keeps its connection, which no other client gets.
+#[tokio::test]
+async fn discard_all_does_not_unpin_a_session_that_loaded_a_library() {
+    for proxy in both_modes().await {
+        let admin = connect(&proxy.conn_str("admin", "admin_password")).await;
+        admin.batch_execute("LOAD 'auto_explain'").await.unwrap();
+        admin.batch_execute("DISCARD ALL").await.unwrap();
+        for _ in 0..4 {
+            // Only a connection that loaded the library knows its settings.
+            let rows = admin
+                .simple_query("SHOW auto_explain.log_min_duration")
+                .await;
+            assert!(rows.is_ok(), "{rows:?}");
+        }
+    }
+}
