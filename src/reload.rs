@@ -42,9 +42,10 @@ pub fn reload(shared: &Arc<Shared>) -> Result<String, String> {
 }
 
 fn apply_file(shared: &Arc<Shared>, path: &Path) -> Result<String, String> {
-    let config = Config::load(path).map_err(|e| e.to_string())?;
+    let mut config = Config::load(path).map_err(|e| e.to_string())?;
     let old = shared.runtime.load_full();
     let summary = describe_changes(&old.config, &config);
+    keep_restart_only(&mut config, &old.config);
     let log_changed = old.config.proxy.log != config.proxy.log;
     let runtime = Runtime::new_reusing(config, Some(&old)).map_err(|e| e.to_string())?;
     if log_changed && let Some(apply) = shared.log_filter.get() {
@@ -63,6 +64,24 @@ fn apply_file(shared: &Arc<Shared>, path: &Path) -> Result<String, String> {
         rt.spawn(async move { cache.invalidate(&[], true, lsn).await });
     }
     Ok(summary)
+}
+
+/// The running values of what only a restart applies: a reload reports them "not
+/// applied", so nothing may use the new ones meanwhile (new sessions took a new pool_mode,
+/// and a new cache key prefix split entries from their versions).
+fn keep_restart_only(config: &mut Config, running: &Config) {
+    let (p, r) = (&mut config.proxy, &running.proxy);
+    p.listen = r.listen;
+    p.pool_mode = r.pool_mode;
+    p.metrics_listen = r.metrics_listen;
+    p.max_client_connections = r.max_client_connections;
+    p.worker_threads = r.worker_threads;
+    let rules = std::mem::take(&mut config.cache.rules);
+    let (ttl, max_entry) = (config.cache.default_ttl_s, config.cache.max_entry_bytes);
+    config.cache = running.cache.clone();
+    config.cache.rules = rules;
+    config.cache.default_ttl_s = ttl;
+    config.cache.max_entry_bytes = max_entry;
 }
 
 /// A one-line summary of what differs, naming settings that only a restart applies.
@@ -119,6 +138,7 @@ fn needs_restart(key: &str) -> bool {
             | "proxy.pool_mode"
             | "proxy.metrics_listen"
             | "proxy.max_client_connections"
+            | "proxy.worker_threads"
     ) || (key.starts_with("cache.")
         && !key.starts_with("cache.rules")
         && key != "cache.default_ttl_s"

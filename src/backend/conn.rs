@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
@@ -124,6 +124,7 @@ impl ServerConn {
                 .await
                 .map_err(BackendError::Io)?;
             stream.set_nodelay(true).map_err(BackendError::Io)?;
+            watch_for_a_dead_peer(&stream).map_err(BackendError::Io)?;
             let addr = stream.peer_addr().map_err(BackendError::Io)?;
             (
                 ServerAddr::Tcp(addr),
@@ -434,6 +435,22 @@ async fn negotiate_tls(
         )),
         _ => Err(BackendError::Protocol("unexpected answer to SSLRequest")),
     }
+}
+
+/// A server host that loses power or its network sends nothing more: without these, a
+/// request waiting for its answer would wait (and hold its pool slot) for ever, or for the
+/// 15 minutes of TCP's retransmissions. Keepalive probes after 15 s of silence, every 5 s,
+/// 3 unanswered ones end the connection; data unacknowledged for 30 s does too. A server
+/// busy with a long query still answers probes (its kernel does).
+fn watch_for_a_dead_peer(stream: &TcpStream) -> std::io::Result<()> {
+    let socket = socket2::SockRef::from(stream);
+    socket.set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(Duration::from_secs(15))
+            .with_interval(Duration::from_secs(5))
+            .with_retries(3),
+    )?;
+    socket.set_tcp_user_timeout(Some(Duration::from_secs(30)))
 }
 
 /// Send a CancelRequest for `key` on a fresh connection (the protocol's only way).

@@ -33,6 +33,9 @@ pub struct HealthState {
     role: AtomicU8,
     /// Current WAL LSN (primary) or replay LSN (standby), as a u64; 0 = unknown.
     lsn: AtomicU64,
+    /// How many checks have stored `lsn`: checks run one after another, so the second
+    /// one after a moment started after it.
+    lsn_samples: AtomicU64,
     /// Bytes behind the primary (standbys); u64::MAX = unknown.
     lag_bytes: AtomicU64,
     /// Milliseconds since the last replayed transaction (standbys); u64::MAX = unknown.
@@ -49,6 +52,7 @@ impl Default for HealthState {
             healthy: AtomicBool::new(true),
             role: AtomicU8::new(0),
             lsn: AtomicU64::new(0),
+            lsn_samples: AtomicU64::new(0),
             lag_bytes: AtomicU64::new(u64::MAX),
             replay_age_ms: AtomicU64::new(u64::MAX),
             reason: Mutex::new("not checked yet".into()),
@@ -81,6 +85,11 @@ impl HealthState {
     /// The WAL position last seen (0 when unknown).
     pub fn lsn(&self) -> u64 {
         self.lsn.load(Ordering::Relaxed)
+    }
+
+    /// How many checks have read the position so far.
+    pub fn lsn_samples(&self) -> u64 {
+        self.lsn_samples.load(Ordering::Relaxed)
     }
 
     pub fn lag_bytes(&self) -> Option<u64> {
@@ -239,6 +248,7 @@ pub async fn run_checker(
                     .role
                     .store(if obs.in_recovery { 2 } else { 1 }, Ordering::Relaxed);
                 state.lsn.store(obs.lsn, Ordering::Relaxed);
+                state.lsn_samples.fetch_add(1, Ordering::Relaxed);
                 state
                     .replay_age_ms
                     .store(obs.replay_age_ms.unwrap_or(u64::MAX), Ordering::Relaxed);

@@ -303,10 +303,27 @@ impl Session {
     /// write (read-your-writes), and for a cache fill the last write to the cached tables.
     pub(super) fn required_lsn(&self) -> u64 {
         let own = match self.consistency {
-            Consistency::ReadYourWrites => self.min_lsn,
+            Consistency::ReadYourWrites => self.own_write_lsn(),
             Consistency::Eventual => 0,
         };
         own.max(self.read_floor)
+    }
+
+    /// The position of this session's last write. When it could not be read (the
+    /// connection broke right after a COMMIT), replicas wait for a position the health
+    /// checker read after that moment: a check that started after it.
+    fn own_write_lsn(&self) -> u64 {
+        match self.min_lsn_unknown_since {
+            Some(samples) if self.min_lsn == u64::MAX => {
+                let health = &self.runtime.backends.primary.health;
+                if health.lsn_samples() >= samples + 2 {
+                    health.lsn()
+                } else {
+                    u64::MAX
+                }
+            }
+            _ => self.min_lsn,
+        }
     }
 
     /// The query that learns what a commit of `writes` needs known: where the primary's
@@ -315,8 +332,9 @@ impl Session {
     pub(super) fn commit_facts_query(&self, writes: &WriteSet) -> Option<String> {
         let ryw = self.consistency == Consistency::ReadYourWrites;
         let cache = self.shared.cache.is_some() && self.any_cache_rules();
-        // A pinned session reads from the primary anyway.
-        if !cache && (!ryw || self.pinned) {
+        // A pinned session reads from the primary, but DISCARD ALL can unpin it: its
+        // writes must hold its later replica reads back too.
+        if !cache && !ryw {
             return None;
         }
         Some(if cache && !writes.raw_tables.is_empty() {
@@ -346,7 +364,12 @@ impl Session {
                     .flatten()
                     .and_then(|t| crate::backend::health::parse_lsn(&t))?;
                 if ryw {
-                    self.min_lsn = self.min_lsn.max(lsn);
+                    // A position unknown before is an earlier commit's: this one is past it.
+                    self.min_lsn = match self.own_write_lsn() {
+                        u64::MAX => lsn,
+                        known => known.max(lsn),
+                    };
+                    self.min_lsn_unknown_since = None;
                 }
                 Some(CommitFacts {
                     lsn,
@@ -363,6 +386,8 @@ impl Session {
                 debug!(error = %e, "could not read the commit position; reads go to the primary");
                 if ryw {
                     self.min_lsn = u64::MAX;
+                    self.min_lsn_unknown_since =
+                        Some(self.runtime.backends.primary.health.lsn_samples());
                 }
                 if e.is_connection_failure() {
                     self.release(BackendId::PRIMARY, false);

@@ -65,8 +65,14 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, over_
             Ok(Opening::Cancel { pid, secret }) => {
                 if let Some(key) = shared.sessions.cancel_target(pid, secret) {
                     debug!(backend = %key.addr, "forwarding cancel request");
-                    if let Err(e) = Box::pin(send_cancel(key)).await {
-                        warn!(error = %e, "cancel request could not reach the server");
+                    // Bounded: a server that is gone must not hold a client slot.
+                    let limit = runtime.config.pool.connect_timeout();
+                    match tokio::time::timeout(limit, Box::pin(send_cancel(key))).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            warn!(error = %e, "cancel request could not reach the server")
+                        }
+                        Err(_) => warn!("cancel request: no answer from the server in time"),
                     }
                 }
             }
@@ -242,6 +248,8 @@ pub struct Session {
     /// The primary's WAL position after this session's last committed write: replicas
     /// serve its reads only once they replayed this far (0: never wrote).
     min_lsn: u64,
+    /// `min_lsn` is unknown since the primary's health checks numbered this many.
+    min_lsn_unknown_since: Option<u64>,
     /// What was written since the last commit (read-your-writes, cache invalidation).
     writes: cached::WriteSet,
     /// The commit-facts query sent behind the current request, and its answer.
@@ -344,6 +352,7 @@ impl Session {
             last_replica: None,
             consistency,
             min_lsn: 0,
+            min_lsn_unknown_since: None,
             writes: cached::WriteSet::default(),
             commit_read: backends::CommitRead::NotSent,
             deferred_begin: false,

@@ -368,3 +368,42 @@ async fn a_primary_in_recovery_is_never_sent_writes() {
     assert!(msg.contains("in recovery"), "{msg}");
     assert_usable(&client).await;
 }
+
+/// A pinned session reads from the primary, but DISCARD ALL (which some drivers send when
+/// they return a connection to their pool) unpins it: what it wrote while pinned must
+/// still hold its replica reads back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_made_while_pinned_are_read_after_discard_all_unpins() {
+    let _serial = failure_lock().lock().await;
+    let c = failure_cluster();
+    let proxy = start_proxy_with(&delayed_only(c)).await;
+    let t = unique("ryw_pin");
+    // Made elsewhere: the session itself has written nothing before it pins.
+    direct(c.primary)
+        .await
+        .batch_execute(&format!(
+            "CREATE TABLE {t} (id int); GRANT ALL ON {t} TO app"
+        ))
+        .await
+        .unwrap();
+    wait_replicated_on(c).await;
+    let client = proxy.app().await;
+    client
+        .batch_execute("CREATE TEMP TABLE pinned_here (x int)")
+        .await
+        .unwrap();
+    client
+        .batch_execute(&format!("INSERT INTO {t} VALUES (1)"))
+        .await
+        .unwrap();
+    client.batch_execute("DISCARD ALL").await.unwrap();
+    // The replica is in rotation: a session that never wrote reads there.
+    let fresh = proxy.app().await;
+    assert_eq!(server_port(&fresh).await, c.replicas[1]);
+    let n: i64 = client
+        .query_one(&format!("SELECT count(*) FROM {t}"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1, "the write made while pinned is read after the unpin");
+}

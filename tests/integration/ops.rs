@@ -429,6 +429,18 @@ async fn reload_under_load_changes_routing_users_and_rules_without_errors() {
             && config["reload.last_changes"].contains("max_client_connections"),
         "{config:?}"
     );
+    // ... and not applied: the running value stays (new clients are not limited to 5).
+    assert_ne!(
+        proxy
+            .shared
+            .runtime
+            .load()
+            .config
+            .proxy
+            .max_client_connections,
+        5
+    );
+    assert_ne!(config["proxy.max_client_connections"], "5", "{config:?}");
 
     let out = load.await.unwrap();
     let text =
