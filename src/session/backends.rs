@@ -129,10 +129,15 @@ impl Session {
             self.conns[slot] = None;
             self.permits[slot] = None;
             if id.is_primary() && self.pinned {
-                return Err(Error::NoServer(
-                    "the primary connection holding this session's state (temporary tables, LISTEN, locks) was lost".into(),
-                ));
+                self.pinned_state_lost = true;
             }
+        }
+        if id.is_primary() && self.pinned_state_lost {
+            // A fresh connection would not hold what the client believes it holds: the
+            // session ends, as its direct connection would have.
+            return Err(Error::NoServer(
+                "the primary connection holding this session's state (temporary tables, LISTEN, locks) was lost".into(),
+            ));
         }
         match self.mode {
             PoolMode::Session => {
@@ -390,6 +395,7 @@ impl Session {
                         Some(self.runtime.backends.primary.health.lsn_samples());
                 }
                 if e.is_connection_failure() {
+                    self.pinned_state_lost |= self.pinned;
                     self.release(BackendId::PRIMARY, false);
                 }
                 None

@@ -243,6 +243,8 @@ pub struct Session {
     pinned: bool,
     /// The pinning left state that DISCARD ALL does not reset: it never unpins.
     pinned_for_good: bool,
+    /// The pinned primary connection, and the state on it, is gone.
+    pinned_state_lost: bool,
     /// Read-your-writes or eventual consistency for this session's reads.
     consistency: Consistency,
     /// The primary's WAL position after this session's last committed write: replicas
@@ -348,6 +350,7 @@ impl Session {
             tx_conn: None,
             pinned: false,
             pinned_for_good: false,
+            pinned_state_lost: false,
             hold_tick: None,
             last_replica: None,
             consistency,
@@ -954,12 +957,14 @@ impl Session {
             // statement's error fails it, and its ROLLBACK is answered here.
             self.tx = TxStatus::Failed;
         }
-        if self.tx != TxStatus::Idle
-            && self
-                .tx_conn
-                .is_some_and(|b| self.conns[b.0 as usize].is_none())
+        if self.pinned_state_lost
+            || (self.tx != TxStatus::Idle
+                && self
+                    .tx_conn
+                    .is_some_and(|b| self.conns[b.0 as usize].is_none()))
         {
-            // The transaction's connection is gone: the transaction is lost with it.
+            // The transaction's connection, or the pinned one, is gone: what it held is
+            // lost with it, and so is the session.
             return Err(e);
         }
         let mut frames = vec![e.to_error_response(Severity::Error)];

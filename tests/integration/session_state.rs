@@ -284,3 +284,38 @@ async fn discard_all_does_not_unpin_a_session_that_loaded_a_library() {
         }
     }
 }
+
+/// A pinned session whose server connection dies loses what it held there (a temp table
+/// here): the session ends, as a direct connection would, instead of going on with a
+/// fresh connection that lacks it.
+#[tokio::test]
+async fn a_pinned_session_whose_connection_dies_ends_instead_of_forgetting() {
+    for proxy in both_modes().await {
+        let client = proxy.app().await;
+        client
+            .batch_execute("CREATE TEMP TABLE held_here (x int)")
+            .await
+            .unwrap();
+        let pid: i32 = client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        direct(cluster().primary)
+            .await
+            .execute("SELECT pg_terminate_backend($1)", &[&pid])
+            .await
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(
+            client
+                .simple_query("SELECT count(*) FROM held_here")
+                .await
+                .is_err()
+        );
+        assert!(
+            client.simple_query("SELECT 1").await.is_err(),
+            "the session ended with its connection"
+        );
+    }
+}
