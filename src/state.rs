@@ -56,13 +56,7 @@ impl Runtime {
     /// A runtime for `config` that keeps `old`'s knowledge of servers at the same address.
     pub fn new_reusing(config: Config, old: Option<&Runtime>) -> Result<Runtime, ConfigError> {
         config.validate()?;
-        let salt_key = crate::auth::salt_key(
-            config
-                .users
-                .iter()
-                .map(|u| (u.name.as_str(), u.password.as_deref().unwrap_or_default()))
-                .chain(config.proxy.admin_password.as_deref().map(|p| ("", p))),
-        );
+        let salt_key = crate::auth::salt_key().clone();
         let mut users = HashMap::new();
         for u in &config.users {
             let secret = UserSecret::for_user(&config, u, &salt_key).ok_or_else(|| {

@@ -127,8 +127,7 @@ mod tests {
         "#,
         )
         .unwrap();
-        let key = scram::salt_key([]);
-        match UserSecret::for_user(&cfg, &cfg.users[0], &key) {
+        match UserSecret::for_user(&cfg, &cfg.users[0], scram::salt_key()) {
             Some(UserSecret::Md5(h)) => assert_eq!(h, "aabbccddeeff00112233445566778899"),
             other => panic!("{other:?}"),
         }

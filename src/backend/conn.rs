@@ -437,20 +437,19 @@ async fn negotiate_tls(
     }
 }
 
-/// A server host that loses power or its network sends nothing more: without these, a
-/// request waiting for its answer would wait (and hold its pool slot) for ever, or for the
-/// 15 minutes of TCP's retransmissions. Keepalive probes after 15 s of silence, every 5 s,
-/// 3 unanswered ones end the connection; data unacknowledged for 30 s does too. A server
-/// busy with a long query still answers probes (its kernel does).
+/// A server host that loses power or its network sends nothing more: without this, a
+/// request waiting for its answer would wait (and hold its pool slot) for ever. Keepalive
+/// probes after 15 s of silence, every 5 s; 3 unanswered ones end the connection. A server
+/// busy with a long query still answers them (its kernel does). Data the server does not
+/// take (a COPY into a locked table) is left to TCP's own retransmission limit: a
+/// shorter TCP_USER_TIMEOUT would also cut a server that is merely slow to read.
 fn watch_for_a_dead_peer(stream: &TcpStream) -> std::io::Result<()> {
-    let socket = socket2::SockRef::from(stream);
-    socket.set_tcp_keepalive(
+    socket2::SockRef::from(stream).set_tcp_keepalive(
         &socket2::TcpKeepalive::new()
             .with_time(Duration::from_secs(15))
             .with_interval(Duration::from_secs(5))
             .with_retries(3),
-    )?;
-    socket.set_tcp_user_timeout(Some(Duration::from_secs(30)))
+    )
 }
 
 /// Send a CancelRequest for `key` on a fresh connection (the protocol's only way).

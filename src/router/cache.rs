@@ -138,6 +138,14 @@ mod tests {
                 .target,
             Target::Primary
         );
+        // The setting's name stays in the shape; other literals do not.
+        let tenant = |id: u32| {
+            c.get(&format!(
+                "SELECT * FROM t WHERE tenant = current_setting ( 'app.tenant') AND id = {id}"
+            ))
+        };
+        assert!(Arc::ptr_eq(&tenant(1), &tenant(2)));
+        assert_eq!(tenant(3).target, Target::Replica);
         assert!(
             !c.get("EXPLAIN (ANALYZE 0) SELECT pg_advisory_lock(1)")
                 .pins_session

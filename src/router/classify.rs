@@ -76,13 +76,6 @@ pub fn classify_with(sql: &str, extra_primary_functions: &[String]) -> Classific
     let Ok(mut tokens) = Tokenizer::new(&dialect, sql).tokenize_with_location() else {
         return Classification::unknown();
     };
-    // sqlparser glues `--` or `/*` after an operator into the operator, where the server
-    // starts a comment there: the statements each of them sees would differ.
-    if tokens.iter().any(|t| {
-        matches!(&t.token, Token::CustomBinaryOperator(op) if op.contains("--") || op.contains("/*"))
-    }) {
-        return Classification::unknown();
-    }
     // After `COPY ... FROM STDIN;` the tokenizer takes the following lines as COPY data (a psql
     // script convention). On the wire that text is more SQL: fine if it holds no statement,
     // otherwise do not guess.
@@ -98,7 +91,7 @@ pub fn classify_with(sql: &str, extra_primary_functions: &[String]) -> Classific
         }
         _ => true,
     });
-    if copy_data_is_sql {
+    if copy_data_is_sql || comment_start_inside_operators(&tokens) {
         return Classification::unknown();
     }
     let fragments = split(tokens);
@@ -144,8 +137,56 @@ pub fn classify_with(sql: &str, extra_primary_functions: &[String]) -> Classific
 /// decoding leaves as a backslash that escapes a quote in `E''`).
 fn lexes_unlike_postgres(sql: &str) -> bool {
     let b = sql.as_bytes();
-    b.windows(2).any(|w| w[0] == b'$' && w[1] >= 0x80)
-        || (sql.contains('\u{FFFD}') && b.contains(&b'\\'))
+    let non_ascii_dollar_tag = b.iter().enumerate().any(|(i, &c)| {
+        if c != b'$' {
+            return false;
+        }
+        let tag_len = b[i + 1..]
+            .iter()
+            .take_while(|&&t| t.is_ascii_alphanumeric() || t == b'_' || t >= 0x80)
+            .count();
+        let tag = &b[i + 1..i + 1 + tag_len];
+        b.get(i + 1 + tag_len) == Some(&b'$') && tag.iter().any(|&t| t >= 0x80)
+    });
+    non_ascii_dollar_tag || (sql.contains('\u{FFFD}') && b.contains(&b'\\'))
+}
+
+/// Whether sqlparser read a `--` or `/*` as part of operators, where the server ends the
+/// operator there and starts a comment: the statements each of them sees would differ.
+/// Inside one token (`>--` as a custom operator) or across two adjacent ones (`?-` then
+/// `-`, or `-` then `-` written apart only by sqlparser).
+fn comment_start_inside_operators(tokens: &[TokenWithSpan]) -> bool {
+    let operator = |t: &Token| {
+        !matches!(
+            t,
+            Token::Whitespace(_)
+                | Token::Word(_)
+                | Token::Number(..)
+                | Token::SingleQuotedString(_)
+                | Token::DoubleQuotedString(_)
+                | Token::DollarQuotedString(_)
+                | Token::EscapedStringLiteral(_)
+                | Token::UnicodeStringLiteral(_)
+                | Token::NationalStringLiteral(_)
+                | Token::HexStringLiteral(_)
+                | Token::SingleQuotedByteStringLiteral(_)
+                | Token::Placeholder(_)
+                | Token::EOF
+        )
+    };
+    let text = |t: &Token| operator(t).then(|| t.to_string());
+    tokens.iter().enumerate().any(|(i, t)| {
+        let Some(a) = text(&t.token) else {
+            return false;
+        };
+        if a.contains("--") || a.contains("/*") {
+            return true;
+        }
+        let Some(b) = tokens.get(i + 1).and_then(|n| text(&n.token)) else {
+            return false;
+        };
+        (a.ends_with('-') && b.starts_with('-')) || (a.ends_with('/') && b.starts_with('*'))
+    })
 }
 
 /// One `;`-separated statement as tokens, plus what the fallback and the replay text need.
@@ -771,11 +812,13 @@ fn is_false_word(s: &str) -> bool {
 pub fn names_a_moment(text: &[u8]) -> bool {
     const WORDS: [&[u8]; 4] = [b"now", b"today", b"tomorrow", b"yesterday"];
     (0..text.len()).any(|i| {
-        WORDS.iter().any(|w| {
-            text[i..]
-                .get(..w.len())
-                .is_some_and(|t| t.eq_ignore_ascii_case(w))
-        })
+        // Most bytes start none of the words: one comparison each.
+        matches!(text[i] | 0x20, b'n' | b't' | b'y')
+            && WORDS.iter().any(|w| {
+                text[i..]
+                    .get(..w.len())
+                    .is_some_and(|t| t.eq_ignore_ascii_case(w))
+            })
     })
 }
 
@@ -1197,8 +1240,6 @@ impl Walk<'_> {
         } else {
             primary_kind(&base, args)
         };
-        // Which node answers depends on the setting's name, a literal.
-        self.by_literal |= base == "current_setting";
         if let Some(kind) = kind {
             self.needs_primary = true;
             self.volatile = true;

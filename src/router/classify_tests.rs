@@ -238,6 +238,11 @@ const CASES: &[(&str, &str)] = &[
     // takes for one string must not run on a replica's pooled connection.
     ("SELECT 1 >/* ' */ 0; SET search_path = evil, public; SELECT ' AS a, ' AS b --'", "?"),
     ("SELECT $€$, '$€$ AS x; SET search_path = evil, public; SELECT ' AS y --'", "?"),
+    ("SELECT $a€$, '$a€$ AS x; SET search_path = evil, public; SELECT ' AS y --'", "?"),
+    ("SELECT '{}'::jsonb ?-- '\n' AS k, '; SET search_path = evil, public; SELECT ' AS b --'", "?"),
+    // ... and what only looks like them stays a read.
+    ("SELECT '$€', 'a<!--b', data->>'k', 1 - -2 FROM t -- note", "R r=t"),
+    ("SELECT data #>> '{a,b}' FROM t /* a - b */ WHERE x @> '{}'", "R r=t"),
     ("SELECT E'\u{FFFD}\\'; SET search_path = evil, public; SELECT ' AS b --'", "?"),
     // PostgreSQL that sqlparser 0.64 cannot parse: the conservative fallback.
     ("DO $$ BEGIN PERFORM 1; END $$", "?"),

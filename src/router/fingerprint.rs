@@ -65,8 +65,10 @@ pub fn fingerprint_into(sql: &str, out: &mut String) -> bool {
                 if is_run_time_word(sql[start..end].trim()) {
                     return false;
                 }
-                mask(out, sql, copied, i, "'?'");
-                copied = end + 1;
+                if !names_a_setting(b, i) {
+                    mask(out, sql, copied, i, "'?'");
+                    copied = end + 1;
+                }
                 i = end + 1;
             }
             b'"' => match closing(b, i + 1, b'"') {
@@ -120,6 +122,23 @@ fn closing(b: &[u8], from: usize, quote: u8) -> Option<usize> {
             Some(_) => j += 1,
         }
     }
+}
+
+/// Whether the string starting at `quote` is `current_setting`'s first argument: which
+/// setting decides the route (the node-identity probes go to the primary), so the name
+/// stays in the shape.
+fn names_a_setting(b: &[u8], quote: usize) -> bool {
+    let before = b[..quote].trim_ascii_end();
+    let Some(before) = before.strip_suffix(b"(") else {
+        return false;
+    };
+    let before = before.trim_ascii_end();
+    const NAME: &[u8] = b"current_setting";
+    before.len() >= NAME.len()
+        && before[before.len() - NAME.len()..].eq_ignore_ascii_case(NAME)
+        && !before[..before.len() - NAME.len()]
+            .last()
+            .is_some_and(|&c| is_ident(c))
 }
 
 /// Strings PostgreSQL turns into a different value at every run ('now', 'today', ...): a

@@ -337,9 +337,9 @@ impl Session {
     pub(super) fn commit_facts_query(&self, writes: &WriteSet) -> Option<String> {
         let ryw = self.consistency == Consistency::ReadYourWrites;
         let cache = self.shared.cache.is_some() && self.any_cache_rules();
-        // A pinned session reads from the primary, but DISCARD ALL can unpin it: its
-        // writes must hold its later replica reads back too.
-        if !cache && !ryw {
+        // A pinned session reads from the primary anyway (DISCARD ALL, which can unpin
+        // it, holds its replica reads back for a while instead: see settle_session_ops).
+        if !cache && (!ryw || self.pinned) {
             return None;
         }
         Some(if cache && !writes.raw_tables.is_empty() {

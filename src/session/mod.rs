@@ -1040,6 +1040,13 @@ impl Session {
         }
         if self.settings.apply(&all) {
             self.statements.clear();
+            if self.pinned && !self.pinned_for_good {
+                // Unpinned: what it wrote while pinned left no position to wait for, so its
+                // reads wait for one the health checker reads from now on.
+                self.min_lsn = u64::MAX;
+                self.min_lsn_unknown_since =
+                    Some(self.runtime.backends.primary.health.lsn_samples());
+            }
             self.pinned = self.pinned_for_good;
             if let Some(c) = self.conns[conn.0 as usize].as_mut() {
                 c.prepared.clear();
