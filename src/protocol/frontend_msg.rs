@@ -184,6 +184,41 @@ impl<'a> BindNames<'a> {
     }
 }
 
+/// The parameter values a Bind sends in text format (NULLs left out), from its
+/// [`tail`](BindNames::tail); `None` if the tail is malformed.
+pub fn bind_text_values(tail: &[u8]) -> Option<Vec<&[u8]>> {
+    fn take<'a>(r: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = r.split_at_checked(n)?;
+        *r = rest;
+        Some(head)
+    }
+    fn int16(r: &mut &[u8]) -> Option<usize> {
+        Some(u16::from_be_bytes(take(r, 2)?.try_into().ok()?) as usize)
+    }
+    let mut r = tail;
+    let nformats = int16(&mut r)?;
+    let formats = take(&mut r, nformats * 2)?;
+    let nparams = int16(&mut r)?;
+    let mut values = Vec::new();
+    for i in 0..nparams {
+        let len = i32::from_be_bytes(take(&mut r, 4)?.try_into().ok()?);
+        let Ok(len) = usize::try_from(len) else {
+            continue; // NULL
+        };
+        let value = take(&mut r, len)?;
+        // No format codes: all text; one: for all; else one per parameter.
+        let binary = match nformats {
+            0 => false,
+            1 => formats[1] != 0,
+            _ => *formats.get(i * 2 + 1)? != 0,
+        };
+        if !binary {
+            values.push(value);
+        }
+    }
+    Some(values)
+}
+
 /// The same Bind aimed at another server-side statement name.
 pub fn rewrite_bind(body: &Bytes, names: &BindNames<'_>, statement: &str) -> Frame {
     let mut b = BytesMut::with_capacity(rewritten_bind_len(body, names, statement));
@@ -282,6 +317,26 @@ pub fn sync_frame() -> Frame {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bind_text_values_follow_the_format_codes_and_never_panic() {
+        // Two parameters: 'now' as text, 4 binary bytes; formats [0, 1].
+        let mut tail = vec![0, 2, 0, 0, 0, 1, 0, 2];
+        tail.extend_from_slice(&3i32.to_be_bytes());
+        tail.extend_from_slice(b"now");
+        tail.extend_from_slice(&4i32.to_be_bytes());
+        tail.extend_from_slice(&[1, 2, 3, 4]);
+        tail.extend_from_slice(&[0, 0]);
+        assert_eq!(bind_text_values(&tail), Some(vec![&b"now"[..]]));
+        // One format code for all (binary): nothing in text; a NULL is skipped.
+        let mut all_binary = vec![0, 1, 0, 1, 0, 1];
+        all_binary.extend_from_slice(&(-1i32).to_be_bytes());
+        assert_eq!(bind_text_values(&all_binary), Some(vec![]));
+        for cut in 0..tail.len() - 2 {
+            let _ = bind_text_values(&tail[..cut]);
+        }
+        assert_eq!(bind_text_values(&[0, 0, 0, 1, 0, 0, 0, 9, b'x']), None);
+    }
 
     #[test]
     fn ascii_text_is_ascii_without_nul() {

@@ -431,36 +431,8 @@ const IRRELEVANT_SETTINGS: &[&str] = &["application_name", super::CONSISTENCY_SE
 /// ('now', 'today', ...): `WHERE day = $1::date` with 'today' has another answer tomorrow.
 /// Any value that cannot be read counts too.
 fn text_params_run_time_words(tail: &[u8]) -> bool {
-    fn take<'a>(r: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
-        let (head, rest) = r.split_at_checked(n)?;
-        *r = rest;
-        Some(head)
-    }
-    fn int16(r: &mut &[u8]) -> Option<usize> {
-        Some(u16::from_be_bytes(take(r, 2)?.try_into().ok()?) as usize)
-    }
-    fn scan(mut r: &[u8]) -> Option<bool> {
-        let nformats = int16(&mut r)?;
-        let formats = take(&mut r, nformats * 2)?;
-        let nparams = int16(&mut r)?;
-        for i in 0..nparams {
-            let len = i32::from_be_bytes(take(&mut r, 4)?.try_into().ok()?);
-            let Ok(len) = usize::try_from(len) else {
-                continue; // NULL
-            };
-            let value = take(&mut r, len)?;
-            let binary = match nformats {
-                0 => false,
-                1 => formats[1] != 0,
-                _ => *formats.get(i * 2 + 1)? != 0,
-            };
-            if !binary && crate::router::names_a_moment(value) {
-                return Some(true);
-            }
-        }
-        Some(false)
-    }
-    scan(tail).unwrap_or(true)
+    protocol::bind_text_values(tail)
+        .is_none_or(|values| values.iter().any(|v| crate::router::names_a_moment(v)))
 }
 
 /// Execute of the unnamed portal with no row limit.

@@ -729,17 +729,13 @@ impl Session {
             // The rest of the batch is unknown yet: it might write.
             route = Route::Primary;
         }
-        if items
-            .iter()
-            .any(|i| i.class().is_some_and(|c| c.pins_session))
-            && !self.pinned
-        {
-            debug!("session pinned to the primary");
-            self.pinned = true;
+        for c in items.iter().filter_map(Item::class) {
+            if c.pins_session && !self.pinned {
+                debug!("session pinned to the primary");
+                self.pinned = true;
+            }
+            self.pinned_for_good |= c.pins_for_good;
         }
-        self.pinned_for_good |= items
-            .iter()
-            .any(|i| i.class().is_some_and(|c| c.pins_for_good));
         let executes = items
             .iter()
             .any(|i| i.is_execute() || matches!(i, Item::Query { .. } | Item::FunctionCall(_)));
