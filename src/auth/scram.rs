@@ -117,7 +117,9 @@ fn salt_and_iterations(salt_b64: &str, iterations: u32) -> String {
 pub enum ScramError {
     #[error("malformed SCRAM message: {0}")]
     Malformed(&'static str),
-    #[error("channel binding is not supported")]
+    #[error(
+        "malformed SCRAM message: SCRAM-SHA-256 was selected without channel binding, but the message includes channel binding data"
+    )]
     ChannelBinding,
     #[error("password authentication failed")]
     BadProof,

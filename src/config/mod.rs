@@ -524,6 +524,13 @@ impl Config {
             if u.name.is_empty() {
                 errors.push("a [[users]] entry has an empty name".to_owned());
             }
+            if u.name.len() > 63 {
+                // Clients' names are cut to 63 bytes at login, as the server cuts them.
+                errors.push(format!(
+                    "user {:?}: names longer than 63 bytes cannot log in",
+                    u.name
+                ));
+            }
             if !seen.insert(u.name.as_str()) {
                 errors.push(format!("user {:?} is listed twice", u.name));
             }
@@ -850,6 +857,12 @@ mod tests {
         assert!(err.contains("needs a password"), "{err}");
         assert!(err.contains("max_client_connections"), "{err}");
         assert!(err.contains("empty host"), "{err}");
+        let long = format!(
+            "[[users]]\nname = \"{}\"\nauth_method = \"trust\"\n[primary]\nhost = \"h\"\n",
+            "u".repeat(64)
+        );
+        let err = Config::from_toml(&long).unwrap_err().to_string();
+        assert!(err.contains("longer than 63 bytes"), "{err}");
     }
 
     #[test]

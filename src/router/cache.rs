@@ -145,6 +145,15 @@ mod tests {
             ))
         };
         assert!(Arc::ptr_eq(&tenant(1), &tenant(2)));
+        assert_eq!(
+            c.get("SELECT current_setting(('server_version_num'))")
+                .target,
+            Target::Replica
+        );
+        assert_eq!(
+            c.get("SELECT current_setting(('in_hot_standby'))").target,
+            Target::Primary
+        );
         assert_eq!(tenant(3).target, Target::Replica);
         assert!(
             !c.get("EXPLAIN (ANALYZE 0) SELECT pg_advisory_lock(1)")

@@ -905,14 +905,22 @@ const WRITE_FNS: [&str; 11] = [
 ];
 
 fn primary_kind(name: &str, args: &[FunctionArg]) -> Option<FnKind> {
+    // A literal, also when cast or parenthesized (`'transaction_read_only'::text`).
+    fn literal(e: &Expr) -> Option<&Value> {
+        match e {
+            Expr::Value(v) => Some(&v.value),
+            Expr::Cast { expr, .. } | Expr::Nested(expr) => literal(expr),
+            _ => None,
+        }
+    }
     let arg = |i: usize| match args.get(i) {
         Some(
-            FunctionArg::Unnamed(FunctionArgExpr::Expr(Expr::Value(v)))
+            FunctionArg::Unnamed(FunctionArgExpr::Expr(e))
             | FunctionArg::Named {
-                arg: FunctionArgExpr::Expr(Expr::Value(v)),
+                arg: FunctionArgExpr::Expr(e),
                 ..
             },
-        ) => Some(&v.value),
+        ) => literal(e),
         _ => None,
     };
     match name {

@@ -152,6 +152,8 @@ const CASES: &[(&str, &str)] = &[
     ("SELECT current_setting('transaction_read_only')", "P vol"),
     ("SELECT current_setting('IN_HOT_STANDBY')", "P vol"),
     ("SELECT current_setting($1)", "R vol"),
+    ("SELECT current_setting('transaction_read_only'::text)", "P vol"),
+    ("SELECT current_setting(('in_hot_standby'))", "P vol"),
     ("SELECT current_setting($$in_hot_standby$$)", "P vol"),
     ("SELECT current_setting(E'transaction_read_only')", "P vol"),
     ("SELECT * FROM pg_stat_activity", "P vol r=pg_stat_activity"),

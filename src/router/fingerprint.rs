@@ -128,11 +128,15 @@ fn closing(b: &[u8], from: usize, quote: u8) -> Option<usize> {
 /// setting decides the route (the node-identity probes go to the primary), so the name
 /// stays in the shape.
 fn names_a_setting(b: &[u8], quote: usize) -> bool {
-    let before = b[..quote].trim_ascii_end();
-    let Some(before) = before.strip_suffix(b"(") else {
+    let opening = b[..quote]
+        .iter()
+        .rev()
+        .take_while(|c| c.is_ascii_whitespace() || **c == b'(')
+        .count();
+    let before = &b[..quote - opening];
+    if !b[quote - opening..quote].contains(&b'(') {
         return false;
-    };
-    let before = before.trim_ascii_end();
+    }
     const NAME: &[u8] = b"current_setting";
     before.len() >= NAME.len()
         && before[before.len() - NAME.len()..].eq_ignore_ascii_case(NAME)

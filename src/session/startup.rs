@@ -237,11 +237,10 @@ async fn authenticate(client: &mut ClientConn, user: &UserEntry) -> Result<()> {
     }
 }
 
+/// Every SCRAM failure but a wrong password is a protocol violation (08P01), as the
+/// server reports it; channel-binding data after choosing plain SCRAM-SHA-256 included.
 fn scram_error(e: ScramError) -> Error {
-    match e {
-        ScramError::ChannelBinding => Error::Unsupported(e.to_string()),
-        _ => Error::Protocol(e.to_string()),
-    }
+    Error::Protocol(e.to_string())
 }
 
 async fn password_frame(client: &mut ClientConn) -> Result<bytes::Bytes> {

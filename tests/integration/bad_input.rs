@@ -485,3 +485,30 @@ async fn a_huge_row_from_a_replica_streams_through_without_being_held_whole() {
         ROW >> 20
     );
 }
+
+/// Channel-binding data after choosing plain SCRAM-SHA-256 is a malformed SCRAM message:
+/// FATAL 08P01, as the server answers it.
+#[tokio::test]
+async fn scram_with_channel_binding_data_is_a_protocol_violation() {
+    let proxy = start_proxy().await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(&startup_packet("app")).await.unwrap();
+    let mut header = [0u8; 9];
+    s.read_exact(&mut header).await.unwrap();
+    assert_eq!(
+        (header[0], &header[5..9]),
+        (b'R', &10i32.to_be_bytes()[..]),
+        "SASL offered"
+    );
+    let len = i32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    let mut rest = vec![0u8; len - 8];
+    s.read_exact(&mut rest).await.unwrap();
+    let data = b"p=tls-server-end-point,,n=,r=abcdef";
+    let mut body = b"SCRAM-SHA-256\0".to_vec();
+    body.extend_from_slice(&(data.len() as i32).to_be_bytes());
+    body.extend_from_slice(data);
+    s.write_all(&message(b'p', &body)).await.unwrap();
+    let msgs = read_messages(&mut s).await;
+    assert_eq!(error_code(&msgs).as_deref(), Some("08P01"), "{msgs:?}");
+    assert_proxy_serves(&proxy).await;
+}
