@@ -1066,16 +1066,14 @@ impl Session {
     /// A setting in force (from the startup packet, or a `set_config` read back) under which
     /// replicas cannot serve this session's reads.
     fn replicas_unfit(&self) -> bool {
+        // Transaction mode holds the startup parameters as settings; session mode passes
+        // them to its connections instead.
         self.settings.replicas_unfit()
-            || [
-                "default_transaction_isolation",
-                "standard_conforming_strings",
-            ]
-            .into_iter()
-            .any(|name| {
-                state::startup_value(&self.login_params, name)
-                    .is_some_and(|v| state::replicas_unfit(name, &v))
-            })
+            || (self.mode == PoolMode::Session
+                && state::REPLICA_UNFIT_SETTINGS.into_iter().any(|name| {
+                    state::startup_value(&self.login_params, name)
+                        .is_some_and(|v| state::replicas_unfit(name, &v))
+                }))
     }
 
     fn default_consistency(&self) -> Consistency {

@@ -180,9 +180,13 @@ impl Settings {
     /// [`replicas_unfit`]). Values set by `SET` pinned the session when they ran; these come
     /// from the startup packet or a `set_config` read back.
     pub fn replicas_unfit(&self) -> bool {
-        self.baseline.iter().chain(&self.values).any(|(name, sql)| {
-            set_config_value(sql).is_some_and(|value| replicas_unfit(name, &value))
-        })
+        self.baseline
+            .iter()
+            .chain(&self.values)
+            .filter(|(name, _)| REPLICA_UNFIT_SETTINGS.contains(&name.as_str()))
+            .any(|(name, sql)| {
+                set_config_value(sql).is_some_and(|value| replicas_unfit(name, &value))
+            })
     }
 
     /// Apply committed session operations. Returns true when prepared statements must be
@@ -292,6 +296,12 @@ pub fn startup_value(params: &[(String, String)], name: &str) -> Option<String> 
 /// serializable default (standbys refuse serializable transactions, every read would fail)
 /// and strings with backslash escapes (the classifier would split statements unlike the
 /// server).
+pub const REPLICA_UNFIT_SETTINGS: [&str; 2] = [
+    "default_transaction_isolation",
+    "standard_conforming_strings",
+];
+
+/// See [`REPLICA_UNFIT_SETTINGS`].
 pub fn replicas_unfit(name: &str, value: &str) -> bool {
     match name {
         "default_transaction_isolation" => value.to_ascii_lowercase().contains("serializable"),
