@@ -15,12 +15,15 @@ use crate::state::{Runtime, Shared, lock};
 
 /// Reload from the file the proxy was started with. Returns the summary of what changed.
 pub fn reload(shared: &Arc<Shared>) -> Result<String, String> {
+    // One reload at a time, from reading the file to recording the outcome: the file
+    // watcher and RELOAD racing could otherwise apply an older file over a newer one, or
+    // record the older one's outcome last.
+    let mut status = lock(&shared.reload);
     let result = shared
         .config_path
         .get()
         .ok_or_else(|| "the proxy was started without a config file".to_owned())
         .and_then(|path| apply_file(shared, path));
-    let mut status = lock(&shared.reload);
     match &result {
         Ok(summary) => {
             status.applied += 1;
@@ -171,6 +174,7 @@ pub async fn watch_file(shared: Arc<Shared>, shutdown: CancellationToken) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::Ordering;
 
     const BASE: &str = r#"
         [[users]]
@@ -182,6 +186,59 @@ mod tests {
         host = "127.0.0.1"
         port = 5433
     "#;
+
+    /// The file watcher and RELOAD can run at once. Whatever the interleaving, once both
+    /// are done the proxy runs what the file says now, and the status agrees.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn racing_reloads_never_leave_an_older_file_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("proxy.toml");
+        let version = |i: u32| BASE.replace("port = 5433", &format!("port = {}", 20000 + i));
+        let write = |text: &str| {
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, text).unwrap();
+            std::fs::rename(&tmp, &path).unwrap();
+        };
+        write(&version(0));
+        let shared = Shared::new(Runtime::new(Config::load(&path).unwrap()).unwrap());
+        shared.config_path.set(path.clone()).unwrap();
+        let running_port = |s: &Shared| s.runtime.load().config.replicas[0].port;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        for i in 1..=100 {
+            let racer = {
+                let (shared, rt) = (shared.clone(), tokio::runtime::Handle::current());
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let _in_runtime = rt.enter();
+                    while !stop.load(Ordering::Relaxed) {
+                        let _ = reload(&shared);
+                        // Lets the test thread in: std's mutex is not fair.
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                })
+            };
+            std::thread::sleep(Duration::from_millis(1));
+            write(&version(i));
+            reload(&shared).unwrap();
+            stop.store(true, Ordering::Relaxed);
+            racer.join().unwrap();
+            stop.store(false, Ordering::Relaxed);
+            assert_eq!(running_port(&shared), 20000 + i as u16, "round {i}");
+        }
+        // A rejected file after a good one: the error is what stays recorded.
+        write(&(version(101) + "\n[routing]\nno_such_key = 1\n"));
+        let racer = {
+            let (shared, rt) = (shared.clone(), tokio::runtime::Handle::current());
+            std::thread::spawn(move || {
+                let _in_runtime = rt.enter();
+                reload(&shared)
+            })
+        };
+        assert!(reload(&shared).is_err());
+        assert!(racer.join().unwrap().is_err());
+        assert!(lock(&shared.reload).last_error.is_some());
+        assert_eq!(running_port(&shared), 20100);
+    }
 
     #[test]
     fn summaries_name_changes_and_restart_settings() {
