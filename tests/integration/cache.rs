@@ -56,6 +56,16 @@ async fn cache_ready(proxy: Proxy) -> Proxy {
     proxy
 }
 
+/// Wait until `proxy`'s cache has stored more than `before` entries in all: a fill is
+/// stored off the client's path, so a repeat sent at once can still miss.
+async fn stored_more_than(proxy: &Proxy, before: u64) {
+    let cache = proxy.shared.cache.clone().expect("cache enabled");
+    assert!(
+        eventually(Duration::from_secs(10), || cache.snapshot().stores > before).await,
+        "the fill was never stored"
+    );
+}
+
 /// How many times SELECTs mentioning `marker` ran, summed over all three nodes
 /// (pg_stat_statements; the marker is a table name unique to the test).
 async fn executions_on(c: &Cluster, marker: &str) -> i64 {
@@ -133,19 +143,28 @@ async fn a_whitelisted_read_is_served_from_redis_on_the_second_call() {
         .prepare(&format!("SELECT id, v FROM {t} WHERE id = $1"))
         .await
         .unwrap();
-    for _ in 0..3 {
+    let stores = || proxy.shared.cache.as_ref().unwrap().snapshot().stores;
+    for i in 0..3 {
+        let before = stores();
         let rows = client.query(&stmt, &[&3i32]).await.unwrap();
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].get::<_, i32>(0), 3);
         assert_eq!(rows[0].get::<_, String>(1), "v3");
+        if i == 0 {
+            stored_more_than(&proxy, before).await;
+        }
     }
     // Unnamed statements (Parse + Bind + Execute in one request) hit too.
-    for _ in 0..2 {
+    for i in 0..2 {
+        let before = stores();
         let rows = client
             .query(&format!("SELECT id, v FROM {t} WHERE id = $1"), &[&1i32])
             .await
             .unwrap();
         assert_eq!(rows[0].get::<_, String>(1), "v1");
+        if i == 0 {
+            stored_more_than(&proxy, before).await;
+        }
     }
     let n = executions(&t).await;
     assert!(
@@ -476,7 +495,9 @@ async fn redis_down_costs_only_the_cache() {
     let cache = proxy.shared.cache.clone().unwrap();
     let read = format!("SELECT v FROM {t} WHERE id = 1");
     let client = proxy.app().await;
+    let before = cache.snapshot().stores;
     simple_value(&client, &read).await;
+    stored_more_than(&proxy, before).await;
     simple_value(&client, &read).await;
     assert!(cache.snapshot().hits >= 1);
 

@@ -75,10 +75,19 @@ async fn psql_simple_queries_multi_statements_and_copy() {
             None,
         ));
         assert_eq!(out.trim(), c.primary.to_string());
-        // Reads only: a replica.
-        let out = ok_stdout(&psql(proxy, &["-c", "SELECT 1; SELECT inet_server_port()"], None));
-        let port: u16 = out.lines().last().unwrap().trim().parse().unwrap();
-        assert!(c.replicas.contains(&port), "{out}");
+        // Reads only: a replica. (Under load, a replica's health check can time out and
+        // take it out for a few seconds, and reads fall back to the primary: a few tries.)
+        let read_port = || {
+            let out = ok_stdout(&psql(proxy, &["-c", "SELECT 1; SELECT inet_server_port()"], None));
+            out.lines().last().unwrap().trim().parse::<u16>().unwrap()
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let mut port = read_port();
+        while port == c.primary && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            port = read_port();
+        }
+        assert!(c.replicas.contains(&port), "read on {port}");
         // \copy in and out.
         let out = ok_stdout(&psql(
             proxy,

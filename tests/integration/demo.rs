@@ -200,10 +200,17 @@ async fn rows_marked(marker: &str) -> (i64, i64) {
 }
 
 /// Everything after the writes has reached both replicas and the proxy's health checker
-/// has seen it, so reads of sessions that wrote may go to replicas again.
-async fn settle() {
+/// has seen it, so reads of sessions that wrote may go to replicas again; and both replicas
+/// are in rotation (under load, a check can time out and take one out for a while).
+async fn settle(proxy: &Proxy) {
     wait_replicated().await;
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    wait_proxy_saw_replay(proxy, cluster()).await;
+    assert!(
+        eventually(Duration::from_secs(20), || proxy
+            .every_replica(|r| r.is_available()))
+        .await,
+        "the replicas never were all in rotation"
+    );
 }
 
 #[tokio::test]
@@ -227,7 +234,7 @@ async fn the_album_api_reads_from_replicas_and_cache_and_writes_to_the_primary()
         ids.push(created["id"].as_i64().expect("id"));
     }
     assert_eq!(rows_marked(&marker).await, (3, 6));
-    settle().await;
+    settle(&proxy).await;
 
     // Reads: each album four times. The first read of each misses the cache and runs on a
     // replica; the others are answered from Redis.
@@ -341,7 +348,7 @@ async fn the_album_api_reads_from_replicas_and_cache_and_writes_to_the_primary()
     assert_eq!(left, 0);
 
     // Bad input: 400 (or 415) with a JSON error, and nothing written anywhere.
-    settle().await;
+    settle(&proxy).await;
     let before_bad = album_calls().await;
     let long = "x".repeat(201);
     let bad_bodies = [

@@ -198,22 +198,14 @@ async fn statement_names_of_one_client_map_per_sql_text() {
     }
 }
 
-/// Resident memory of this process (the in-process proxy and the test), in KiB.
-fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_client_reading_a_huge_result_costs_the_proxy_only_buffers() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let proxy = start_proxy().await;
-    let mut c = RawClient::login(proxy.addr, "trustuser").await;
-    let before = rss_kib();
+    // A proxy process of its own: its memory is not the other tests' running beside it.
+    let proxy = ProxyProcess::start(&base_config_toml(cluster()), "warn").await;
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], proxy.port));
+    let mut c = RawClient::login(addr, "trustuser").await;
+    let before = proxy.rss_kib();
     // 300 MB of rows, read slowly in small pieces: the proxy must wait for the client
     // instead of buffering what the server sends.
     let sql = "SELECT repeat('x', 1048576) FROM generate_series(1, 300)\0";
@@ -238,7 +230,7 @@ async fn a_slow_client_reading_a_huge_result_costs_the_proxy_only_buffers() {
             break;
         }
         if total % (16 << 20) < n {
-            peak = peak.max(rss_kib());
+            peak = peak.max(proxy.rss_kib());
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     }

@@ -113,24 +113,32 @@ async fn the_admin_console_reports_and_controls() {
     let c = cluster();
     let proxy = start_proxy_with(&ops_config(c)).await;
     let app = proxy.app().await;
-    for _ in 0..6 {
-        app.simple_query("SELECT 1").await.unwrap();
-    }
+    // Reads counted while both replicas are in rotation (else they fall back to the
+    // primary and count there), one of them failing.
+    let reads = tally_while_in_rotation(&proxy, 7, async || {
+        let failing = app.simple_query("SELECT * FROM no_such_table_x").await;
+        assert!(failing.is_err());
+        server_port(&app).await
+    })
+    .await;
+    assert!(!reads.contains_key(&c.primary), "{reads:?}");
     app.batch_execute("BEGIN; SELECT 1; COMMIT").await.unwrap();
-    assert!(
-        app.simple_query("SELECT * FROM no_such_table_x")
-            .await
-            .is_err()
-    );
 
     let admin = console(proxy.port()).await;
+    let admin_ref = &admin;
+    assert!(
+        eventually_async(Duration::from_secs(20), || async move {
+            rows(admin_ref, "SHOW BACKENDS")
+                .await
+                .iter()
+                .all(|b| b["in_rotation"] == "true")
+        })
+        .await,
+        "every backend in rotation"
+    );
     let backends = rows(&admin, "SHOW BACKENDS").await;
     assert_eq!(backends.len(), 3, "{backends:?}");
     assert_eq!(backends[0]["configured_as"], "primary");
-    assert!(
-        backends.iter().all(|b| b["in_rotation"] == "true"),
-        "{backends:?}"
-    );
 
     let stats = rows(&admin, "show stats;").await;
     let route = |name: &str| stats.iter().find(|r| r["route"] == name).unwrap().clone();
@@ -181,11 +189,14 @@ async fn the_admin_console_reports_and_controls() {
         .simple_query(&format!("UNBAN {victim}"))
         .await
         .unwrap();
-    let mut seen = std::collections::HashSet::new();
-    for _ in 0..6 {
-        seen.insert(server_port(&app).await);
-    }
-    assert!(seen.contains(&banned), "unbanned replica back in rotation");
+    let app_ref = &app;
+    assert!(
+        eventually_async(Duration::from_secs(20), || async move {
+            server_port(app_ref).await == banned
+        })
+        .await,
+        "unbanned replica back in rotation"
+    );
 
     // Mistakes get errors, and the console stays usable.
     let e = admin.simple_query("SELECT 1").await.unwrap_err();

@@ -16,16 +16,17 @@ fn pooled(size: usize, extra: &str) -> String {
     )
 }
 
-/// Server connections of `user` on each node (primary, replica1, replica2).
-async fn server_conns(user: &str) -> Vec<i64> {
+/// Server connections on each node (primary, replica1, replica2) whose session carries
+/// `application_name`: the test's own, whatever other tests keep in their pools.
+async fn server_conns(application_name: &str) -> Vec<i64> {
     let c = cluster();
     let mut out = Vec::new();
     for port in [c.primary, c.replicas[0], c.replicas[1]] {
         let n: i64 = direct(port)
             .await
             .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND backend_type = 'client backend'",
-                &[&user],
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND backend_type = 'client backend'",
+                &[&application_name],
             )
             .await
             .unwrap()
@@ -39,7 +40,8 @@ async fn server_conns(user: &str) -> Vec<i64> {
 async fn five_hundred_clients_share_ten_connections_per_backend() {
     let proxy = start_proxy_with(&pooled(10, "checkout_timeout_ms = 60000")).await;
     let t = unique("pooled");
-    let setup = connect(&proxy.conn_str("trustuser", "")).await;
+    let conn_str = format!("{} application_name={t}", proxy.conn_str("trustuser", ""));
+    let setup = connect(&conn_str).await;
     setup
         .batch_execute(&format!("CREATE TABLE {t} (client int, n int)"))
         .await
@@ -47,17 +49,17 @@ async fn five_hundred_clients_share_ten_connections_per_backend() {
     let peak = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let watcher = {
-        let (peak, done) = (peak.clone(), done.clone());
+        let (peak, done, t) = (peak.clone(), done.clone(), t.clone());
         tokio::spawn(async move {
             while !done.load(Ordering::Relaxed) {
-                let counts = server_conns("trustuser").await;
+                let counts = server_conns(&t).await;
                 peak.fetch_max(*counts.iter().max().unwrap() as usize, Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         })
     };
     let clients = (0..500).map(|i| {
-        let conn_str = proxy.conn_str("trustuser", "");
+        let conn_str = conn_str.clone();
         let t = t.clone();
         async move {
             let client = connect(&conn_str).await;
@@ -89,7 +91,7 @@ async fn five_hundred_clients_share_ten_connections_per_backend() {
     let peak = peak.load(Ordering::Relaxed);
     assert!(peak <= 10, "at most the pool size per backend, saw {peak}");
     // 500 idle clients hold no server connection: what is open is the pools' idle stock.
-    let now = server_conns("trustuser").await;
+    let now = server_conns(&t).await;
     assert!(now.iter().all(|&n| n <= 10), "{now:?}");
 }
 
