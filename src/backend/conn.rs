@@ -301,18 +301,52 @@ impl ServerConn {
 
     /// Read more bytes into `rbuf`. Cancel-safe: bytes land in `rbuf` or not at all.
     pub async fn fill(&mut self) -> Result<(), BackendError> {
-        if self.rbuf.capacity() - self.rbuf.len() < 4096 {
-            self.rbuf.reserve(16 * 1024);
+        fill_from(&mut self.rd, &mut self.rbuf).await
+    }
+
+    /// Write the front of `out` to the server (what is written leaves `out`), taking in
+    /// what it answers meanwhile. A long pipeline's answers come while the rest of it is
+    /// still being written: left unread, they would fill the socket, the server would stop
+    /// reading to wait for it, and so would this write, for ever. Returns `true` once all
+    /// of `out` is sent, `false` after `rbuf` took in `drain_limit` more bytes, which the
+    /// caller passes on before it sends the rest (so memory stays bounded).
+    pub async fn send_draining(
+        &mut self,
+        out: &mut BytesMut,
+        drain_limit: usize,
+    ) -> Result<bool, BackendError> {
+        let limit = self.rbuf.len() + drain_limit;
+        while !out.is_empty() {
+            if self.rbuf.len() >= limit {
+                return Ok(false);
+            }
+            // Both cancel-safe: a write that loses the race wrote nothing.
+            tokio::select! {
+                biased;
+                n = self.wr.write(out) => match n.map_err(BackendError::Io)? {
+                    0 => return Err(BackendError::Io(std::io::ErrorKind::WriteZero.into())),
+                    n => out.advance(n),
+                },
+                r = fill_from(&mut self.rd, &mut self.rbuf) => r?,
+            }
         }
-        let n = self
-            .rd
-            .read_buf(&mut self.rbuf)
-            .await
-            .map_err(BackendError::Io)?;
-        if n == 0 {
-            return Err(BackendError::Closed);
+        if matches!(self.wr, Writer::Tls(_)) {
+            // A TLS writer may keep the last record: it goes out the same way.
+            loop {
+                if self.rbuf.len() >= limit {
+                    return Ok(false);
+                }
+                tokio::select! {
+                    biased;
+                    r = self.wr.flush() => {
+                        r.map_err(BackendError::Io)?;
+                        break;
+                    }
+                    r = fill_from(&mut self.rd, &mut self.rbuf) => r?,
+                }
+            }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Run SQL the proxy needs (settings replay) and swallow the answer. A server error is
@@ -476,5 +510,17 @@ async fn deliver_cancel(
     // processed before we return.
     let mut sink = [0u8; 16];
     let _ = s.read(&mut sink).await;
+    Ok(())
+}
+/// Read more bytes from `rd` into `rbuf`; apart from the writer, so that a write can wait
+/// on the same connection meanwhile. Cancel-safe.
+async fn fill_from(rd: &mut Reader, rbuf: &mut BytesMut) -> Result<(), BackendError> {
+    if rbuf.capacity() - rbuf.len() < 4096 {
+        rbuf.reserve(16 * 1024);
+    }
+    let n = rd.read_buf(rbuf).await.map_err(BackendError::Io)?;
+    if n == 0 {
+        return Err(BackendError::Closed);
+    }
     Ok(())
 }

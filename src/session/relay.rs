@@ -28,6 +28,10 @@ use crate::protocol::{
 };
 use crate::router::SessionOp;
 
+/// How much of the server's answer is taken in while a request is still being written to
+/// it, before that answer is passed on to the client and the writing goes on.
+const DRAIN_LIMIT: usize = 256 * 1024;
+
 /// How a request ended.
 pub enum Outcome {
     Done,
@@ -538,20 +542,11 @@ impl Session {
 
     /// Send what was emitted, then relay until the request is complete.
     async fn relay(&mut self, fl: &mut InFlight) -> Result<()> {
-        fl.conn
-            .wr
-            .send_all(&self.wbuf)
-            .await
-            .map_err(|e| Error::Backend(BackendError::Io(e)))?;
-        self.wbuf.clear();
+        self.send_request(fl).await?;
         loop {
             let progress = self.process_backend(fl)?;
             if std::mem::take(&mut fl.sync_due) {
-                fl.conn
-                    .wr
-                    .send_all(&[tag::SYNC, 0, 0, 0, 4])
-                    .await
-                    .map_err(|e| Error::Backend(BackendError::Io(e)))?;
+                self.wbuf.extend_from_slice(&[tag::SYNC, 0, 0, 0, 4]);
             }
             if let Progress::Done = progress {
                 if fl.retry {
@@ -579,6 +574,12 @@ impl Session {
                 self.tee_capture();
                 self.client.write(&self.out).await?;
                 self.out.clear();
+            }
+            if !self.wbuf.is_empty() {
+                // The rest of what goes to the server, once what it answered meanwhile has
+                // gone on; nothing more is taken from the client before.
+                self.send_request(fl).await?;
+                continue;
             }
             let accepting = fl.copy_in || fl.open || fl.need_sync;
             if accepting && self.client.has_frame() {
@@ -640,7 +641,6 @@ impl Session {
     /// Client messages that belong to the request in flight: COPY data, or the rest of an
     /// open batch. Anything after them stays buffered for the next request.
     async fn forward_client_frames(&mut self, fl: &mut InFlight) -> Result<()> {
-        self.wbuf.clear();
         while fl.copy_in || fl.open || fl.need_sync {
             let Some(frame) = self.client.try_frame()? else {
                 break;
@@ -712,14 +712,16 @@ impl Session {
             }
             self.emit(fl, &item);
         }
-        if !self.wbuf.is_empty() {
-            fl.conn
-                .wr
-                .send_all(&self.wbuf)
-                .await
-                .map_err(|e| Error::Backend(BackendError::Io(e)))?;
-            self.wbuf.clear();
-        }
+        self.send_request(fl).await
+    }
+
+    /// Send what `wbuf` holds for the server, or as much as fits before the server's
+    /// answers meanwhile reach [`DRAIN_LIMIT`]; the rest stays in `wbuf`.
+    async fn send_request(&mut self, fl: &mut InFlight) -> Result<()> {
+        fl.conn
+            .send_draining(&mut self.wbuf, DRAIN_LIMIT)
+            .await
+            .map_err(Error::Backend)?;
         Ok(())
     }
 

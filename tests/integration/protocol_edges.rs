@@ -674,3 +674,61 @@ async fn a_fast_path_call_batched_with_a_read_runs_on_the_primary() {
         }
     }
 }
+
+/// A long pipeline without a Sync, from a client that reads the answers while it writes
+/// (as libpq's pipeline mode and a JDBC batch do): the server's answers must keep flowing
+/// while the rest of the pipeline is still on its way to the server. A proxy that writes to
+/// the server without reading it fills both sockets and waits for ever, as does the server.
+#[tokio::test]
+async fn a_long_pipeline_without_a_sync_keeps_flowing() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const EXECUTES: usize = 200_000;
+    let (_proxies, addrs) = direct_and_both_modes().await;
+    for addr in addrs {
+        let c = RawClient::login(addr, "trustuser").await;
+        let (mut rd, mut wr) = c.stream.into_split();
+        let writer = tokio::spawn(async move {
+            wr.write_all(&parse("wide", "SELECT repeat('x', 400)"))
+                .await
+                .unwrap();
+            let mut one = bind("wide");
+            one.extend(execute());
+            let chunk = one.repeat(1000);
+            for _ in 0..EXECUTES / 1000 {
+                wr.write_all(&chunk).await.unwrap();
+            }
+            wr.write_all(&sync()).await.unwrap();
+            wr
+        });
+        // Count DataRows up to the ReadyForQuery, reading as the answers come.
+        let reader = async {
+            let (mut rows, mut buf) = (0usize, Vec::new());
+            let mut chunk = vec![0u8; 64 * 1024];
+            loop {
+                let n = rd.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "closed after {rows} rows");
+                buf.extend_from_slice(&chunk[..n]);
+                let mut at = 0;
+                while buf.len() - at >= 5 {
+                    let len = u32::from_be_bytes(buf[at + 1..at + 5].try_into().unwrap()) as usize;
+                    if buf.len() - at < 1 + len {
+                        break;
+                    }
+                    match buf[at] {
+                        b'D' => rows += 1,
+                        b'E' => panic!("{}", String::from_utf8_lossy(&buf[at..at + 1 + len])),
+                        b'Z' => return rows,
+                        _ => {}
+                    }
+                    at += 1 + len;
+                }
+                buf.drain(..at);
+            }
+        };
+        let rows = tokio::time::timeout(Duration::from_secs(120), reader)
+            .await
+            .unwrap_or_else(|_| panic!("{addr}: the pipeline stalled"));
+        assert_eq!(rows, EXECUTES, "{addr}");
+        writer.await.unwrap();
+    }
+}
