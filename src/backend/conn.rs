@@ -299,6 +299,14 @@ impl ServerConn {
         }
     }
 
+    /// Let go of a read buffer a large answer grew, once it is empty: a pooled connection
+    /// keeps it for its whole life otherwise.
+    pub fn trim_read_buffer(&mut self) {
+        if self.rbuf.is_empty() && self.rbuf.capacity() > 64 * 1024 {
+            self.rbuf = BytesMut::new();
+        }
+    }
+
     /// Read more bytes into `rbuf`. Cancel-safe: bytes land in `rbuf` or not at all.
     pub async fn fill(&mut self) -> Result<(), BackendError> {
         fill_from(&mut self.rd, &mut self.rbuf).await
@@ -308,45 +316,51 @@ impl ServerConn {
     /// what it answers meanwhile. A long pipeline's answers come while the rest of it is
     /// still being written: left unread, they would fill the socket, the server would stop
     /// reading to wait for it, and so would this write, for ever. Returns `true` once all
-    /// of `out` is sent, `false` after `rbuf` took in `drain_limit` more bytes, which the
-    /// caller passes on before it sends the rest (so memory stays bounded).
+    /// of `out` is sent (and flushed, over TLS), `false` after `rbuf` took in `drain_limit`
+    /// more bytes or the read side failed after taking some: the caller passes on what
+    /// came (a FATAL saying why, perhaps) and calls again for the rest.
     pub async fn send_draining(
         &mut self,
         out: &mut BytesMut,
         drain_limit: usize,
     ) -> Result<bool, BackendError> {
-        let limit = self.rbuf.len() + drain_limit;
-        while !out.is_empty() {
-            if self.rbuf.len() >= limit {
+        let (wr, rd, rbuf) = (&mut self.wr, &mut self.rd, &mut self.rbuf);
+        let start = rbuf.len();
+        let limit = start.saturating_add(drain_limit);
+        // A TLS writer may keep the last record until flushed; flushing an empty one is free.
+        let mut unflushed = matches!(wr, Writer::Tls(_));
+        loop {
+            let flush = match (out.is_empty(), unflushed) {
+                (false, _) => false,
+                (true, true) => true,
+                (true, false) => return Ok(true),
+            };
+            if rbuf.len() >= limit {
                 return Ok(false);
             }
-            // Both cancel-safe: a write that loses the race wrote nothing.
+            // Both cancel-safe: a write that loses the race wrote nothing, a flush that
+            // loses it goes on at the next call.
             tokio::select! {
                 biased;
-                n = self.wr.write(out) => match n.map_err(BackendError::Io)? {
-                    0 => return Err(BackendError::Io(std::io::ErrorKind::WriteZero.into())),
-                    n => out.advance(n),
-                },
-                r = fill_from(&mut self.rd, &mut self.rbuf) => r?,
-            }
-        }
-        if matches!(self.wr, Writer::Tls(_)) {
-            // A TLS writer may keep the last record: it goes out the same way.
-            loop {
-                if self.rbuf.len() >= limit {
-                    return Ok(false);
-                }
-                tokio::select! {
-                    biased;
-                    r = self.wr.flush() => {
-                        r.map_err(BackendError::Io)?;
-                        break;
+                r = async {
+                    if flush {
+                        wr.flush().await.map(|()| None)
+                    } else {
+                        wr.write(out).await.map(Some)
                     }
-                    r = fill_from(&mut self.rd, &mut self.rbuf) => r?,
-                }
+                } => match r.map_err(BackendError::Io)? {
+                    None => unflushed = false,
+                    Some(0) => return Err(BackendError::Io(std::io::ErrorKind::WriteZero.into())),
+                    Some(n) => {
+                        out.advance(n);
+                        unflushed = matches!(wr, Writer::Tls(_));
+                    }
+                },
+                r = fill_from(rd, rbuf) => if let Err(e) = r {
+                    return if rbuf.len() > start { Ok(false) } else { Err(e) };
+                },
             }
         }
-        Ok(true)
     }
 
     /// Run SQL the proxy needs (settings replay) and swallow the answer. A server error is

@@ -3,7 +3,8 @@
 //! Backend frames are not decoded: the relay reads each header, and whole frames only for
 //! the few types it acts on (ReadyForQuery, ErrorResponse, CommandComplete, ParseComplete,
 //! CopyInResponse ...). DataRows stream through in pieces as they arrive, and the next read
-//! from the server waits until the client took the previous bytes (backpressure).
+//! from the server waits until the client took the previous bytes (backpressure); only
+//! while a long request is still being written does up to [`DRAIN_LIMIT`] more come in.
 //!
 //! Each message sent has an [`Expect`] entry. Responses arrive in order, so the queue tells
 //! which message a response answers: that is how the relay drops the answer to a Parse it
@@ -30,7 +31,7 @@ use crate::router::SessionOp;
 
 /// How much of the server's answer is taken in while a request is still being written to
 /// it, before that answer is passed on to the client and the writing goes on.
-const DRAIN_LIMIT: usize = 256 * 1024;
+const DRAIN_LIMIT: usize = 64 * 1024;
 
 /// How a request ended.
 pub enum Outcome {
@@ -124,6 +125,9 @@ struct InFlight {
     /// whole health interval of silence (the firing before cleared it); a flag costs no
     /// clock read per answer, a timestamp did.
     heard_since_tick: bool,
+    /// Part of the request (in `wbuf`, or a TLS record not flushed yet) has not reached the
+    /// server: the server's answers meanwhile went on first (see `send_request`).
+    unsent: bool,
     /// A replica refused with 25006: drain to ReadyForQuery, then retry on the primary.
     retry: bool,
     /// The last ReadyForQuery said the server is outside a transaction block.
@@ -185,6 +189,7 @@ impl Session {
             passthrough: 0,
             holding: retryable,
             heard_since_tick: true,
+            unsent: false,
             retry: false,
             server_idle: false,
             fatal: None,
@@ -549,6 +554,19 @@ impl Session {
                 self.wbuf.extend_from_slice(&[tag::SYNC, 0, 0, 0, 4]);
             }
             if let Progress::Done = progress {
+                if fl.unsent || !self.wbuf.is_empty() {
+                    // COPY data behind an error, which the server skips: it must still get
+                    // whole messages, or it would take the next request's first bytes for
+                    // their rest.
+                    while !fl
+                        .conn
+                        .send_draining(&mut self.wbuf, usize::MAX)
+                        .await
+                        .map_err(Error::Backend)?
+                    {}
+                    fl.unsent = false;
+                }
+                fl.conn.trim_read_buffer();
                 if fl.retry {
                     return Ok(());
                 }
@@ -575,7 +593,7 @@ impl Session {
                 self.client.write(&self.out).await?;
                 self.out.clear();
             }
-            if !self.wbuf.is_empty() {
+            if fl.unsent || !self.wbuf.is_empty() {
                 // The rest of what goes to the server, once what it answered meanwhile has
                 // gone on; nothing more is taken from the client before.
                 self.send_request(fl).await?;
@@ -715,13 +733,19 @@ impl Session {
         self.send_request(fl).await
     }
 
-    /// Send what `wbuf` holds for the server, or as much as fits before the server's
-    /// answers meanwhile reach [`DRAIN_LIMIT`]; the rest stays in `wbuf`.
+    /// Send what `wbuf` holds for the server, or as much as goes before the server's
+    /// answers meanwhile reach [`DRAIN_LIMIT`]; the rest stays in `wbuf` (`fl.unsent`).
     async fn send_request(&mut self, fl: &mut InFlight) -> Result<()> {
-        fl.conn
+        let before = fl.conn.rbuf.len();
+        let sent = fl
+            .conn
             .send_draining(&mut self.wbuf, DRAIN_LIMIT)
             .await
             .map_err(Error::Backend)?;
+        fl.unsent = !sent;
+        if fl.conn.rbuf.len() > before {
+            fl.heard_since_tick = true;
+        }
         Ok(())
     }
 

@@ -683,7 +683,15 @@ async fn a_fast_path_call_batched_with_a_read_runs_on_the_primary() {
 async fn a_long_pipeline_without_a_sync_keeps_flowing() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     const EXECUTES: usize = 200_000;
-    let (_proxies, addrs) = direct_and_both_modes().await;
+    // Both pool modes over TLS to the servers (the tests' default, `prefer`), and over
+    // plain TCP.
+    let (_proxies, mut addrs) = direct_and_both_modes().await;
+    let plain = start_proxy_with(&with_proxy_settings(
+        &base_config_toml(cluster()),
+        "server_tls = \"disable\"",
+    ))
+    .await;
+    addrs.push(plain.addr);
     for addr in addrs {
         let c = RawClient::login(addr, "trustuser").await;
         let (mut rd, mut wr) = c.stream.into_split();
