@@ -243,6 +243,9 @@ pub struct Session {
     pinned: bool,
     /// The pinning left state that DISCARD ALL does not reset: it never unpins.
     pinned_for_good: bool,
+    /// The request in flight pins the session (a LISTEN behind a DISCARD ALL in one
+    /// pipeline must leave it pinned; the order inside a request is not tracked).
+    pinned_in_request: bool,
     /// The pinned primary connection, and the state on it, is gone.
     pinned_state_lost: bool,
     /// Read-your-writes or eventual consistency for this session's reads.
@@ -350,6 +353,7 @@ impl Session {
             tx_conn: None,
             pinned: false,
             pinned_for_good: false,
+            pinned_in_request: false,
             pinned_state_lost: false,
             hold_tick: None,
             last_replica: None,
@@ -699,6 +703,7 @@ impl Session {
         local: &Statements,
         open: bool,
     ) -> Result<()> {
+        self.pinned_in_request = false;
         if let Some(reply) = self.local_reply(items) {
             return self.client.send(&reply).await;
         }
@@ -734,6 +739,7 @@ impl Session {
                 debug!("session pinned to the primary");
                 self.pinned = true;
             }
+            self.pinned_in_request |= c.pins_session;
             self.pinned_for_good |= c.pins_for_good;
         }
         let executes = items
@@ -1036,14 +1042,16 @@ impl Session {
         }
         if self.settings.apply(&all) {
             self.statements.clear();
-            if self.pinned && !self.pinned_for_good {
+            // What the same request pins may come after the DISCARD ALL: it stays pinned.
+            let keep = self.pinned_for_good || self.pinned_in_request;
+            if self.pinned && !keep {
                 // Unpinned: what it wrote while pinned left no position to wait for, so its
                 // reads wait for one the health checker reads from now on.
                 self.min_lsn = u64::MAX;
                 self.min_lsn_unknown_since =
                     Some(self.runtime.backends.primary.health.lsn_samples());
             }
-            self.pinned = self.pinned_for_good;
+            self.pinned = keep;
             if let Some(c) = self.conns[conn.0 as usize].as_mut() {
                 c.prepared.clear();
                 c.unnamed = None;

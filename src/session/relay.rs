@@ -709,6 +709,7 @@ impl Session {
                         // connection, which then holds the truth.
                         if !class.session_ops.is_empty() || !fl.ops.is_empty() {
                             self.pinned = true;
+                            self.pinned_in_request = true;
                         }
                     }
                     let first_sync = fl
@@ -760,6 +761,7 @@ impl Session {
         )?;
         if let Some(c) = item.class() {
             self.pinned |= c.pins_session;
+            self.pinned_in_request |= c.pins_session;
             self.pinned_for_good |= c.pins_for_good;
             self.writes.note(c);
             if c.calls_user_functions && fl.id.is_primary() {

@@ -292,6 +292,64 @@ async fn discard_all_does_not_unpin_a_session_that_loaded_a_library() {
     }
 }
 
+/// DISCARD ALL unpins a session, but what the same request pins after it holds: here a
+/// temp table made behind it in one extended-protocol batch (one Sync), read afterwards.
+#[tokio::test]
+async fn what_a_request_pins_behind_its_discard_all_keeps_the_session_pinned() {
+    for proxy in both_modes().await {
+        let mut c = RawClient::login(proxy.addr, "trustuser").await;
+        assert_eq!(tags(&c.send(&query("LISTEN before_discard")).await), "CZ");
+        let mut req = parse_bind_execute_unsynced("DISCARD ALL");
+        req.extend(parse_bind_execute_unsynced(
+            "CREATE TEMP TABLE made_after_discard (x int)",
+        ));
+        req.extend(sync());
+        let msgs = c.send(&req).await;
+        assert_eq!(tags(&msgs), "12C12CZ", "{msgs:?}");
+        // An unpinned session's reads go back to replicas once the health checker has read
+        // the primary's position twice more (read-your-writes): wait for that.
+        let health = || {
+            proxy
+                .shared
+                .runtime
+                .load()
+                .backends
+                .primary
+                .health
+                .lsn_samples()
+        };
+        let seen = health();
+        assert!(eventually(Duration::from_secs(20), || health() >= seen + 3).await);
+        for _ in 0..4 {
+            let msgs = c
+                .send(&query("SELECT count(*) FROM made_after_discard"))
+                .await;
+            assert_eq!(tags(&msgs), "TDCZ", "{msgs:?}");
+        }
+        // A DISCARD ALL of its own still unpins: reads reach a replica again once the
+        // health checker has seen the primary's position after it (read-your-writes).
+        assert_eq!(tags(&c.send(&query("DISCARD ALL")).await), "CZ");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let msgs = c.send(&query("SELECT inet_server_port()")).await;
+            let (_, row) = msgs.iter().find(|m| m.0 == b'D').expect("a row");
+            let port: u16 = String::from_utf8_lossy(&row[6..]).parse().unwrap();
+            if port != cluster().primary {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "still pinned");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn parse_bind_execute_unsynced(sql: &str) -> Vec<u8> {
+    let mut req = parse("", sql);
+    req.extend(bind(""));
+    req.extend(execute());
+    req
+}
+
 /// A pinned session whose server connection dies loses what it held there (a temp table
 /// here): the session ends, as a direct connection would, instead of going on with a
 /// fresh connection that lacks it.
