@@ -200,6 +200,17 @@ impl Session {
             sync_due: false,
         };
         self.wbuf.clear();
+        let outdated = self
+            .shared
+            .plans_outdated
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if fl.conn.plans_seen != outdated {
+            fl.conn.plans_seen = outdated;
+            for name in fl.conn.prepared.take_all() {
+                protocol::encode_statement_target(tag::CLOSE, &name).encode_into(&mut self.wbuf);
+                fl.expects.push_back(Expect::CloseEvicted(name));
+            }
+        }
         if self.deferred_begin && id.is_primary() {
             self.deferred_begin = false;
             // From here the transaction is on this connection, answered or not.
@@ -926,6 +937,15 @@ impl Session {
                 fl.failed = true;
                 if fl.holding && fields.code == "25006" {
                     fl.retry = true;
+                }
+                if fields.code == "0A000"
+                    && matches!(fl.expects.front(), Some(Expect::Bind | Expect::Execute))
+                {
+                    // "cached plan must not change result type" (in the server's language):
+                    // the statement must be prepared again, here and on every connection.
+                    self.shared
+                        .plans_outdated
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 debug!(code = %fields.code, "server reported an error");
                 if !matches!(fl.expects.front(), Some(Expect::Query { .. })) {

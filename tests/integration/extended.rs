@@ -198,6 +198,49 @@ async fn statement_names_of_one_client_map_per_sql_text() {
     }
 }
 
+/// After a table's columns change, a server refuses to run a statement prepared before
+/// with "cached plan must not change result type" (0A000); drivers then prepare it again.
+/// pgsplit shares server statements per SQL text, so it must prepare them again too, on
+/// every connection, or the client's fresh statement would meet the same error for ever.
+#[tokio::test]
+async fn a_statement_prepared_again_after_a_schema_change_works() {
+    let t = unique("reshaped");
+    let primary = direct(cluster().primary).await;
+    primary
+        .batch_execute(&format!(
+            "CREATE TABLE {t} (a int); INSERT INTO {t} VALUES (1); GRANT SELECT ON {t} TO app"
+        ))
+        .await
+        .unwrap();
+    wait_replicated().await;
+    let sql = format!("SELECT * FROM {t}");
+    let mut proxies = Vec::new();
+    for proxy in both_modes().await {
+        let client = proxy.app().await;
+        let stmt = client.prepare(&sql).await.unwrap();
+        for _ in 0..4 {
+            assert_eq!(client.query(&stmt, &[]).await.unwrap()[0].len(), 1);
+        }
+        proxies.push((proxy, client, stmt));
+    }
+    primary
+        .batch_execute(&format!("ALTER TABLE {t} ADD COLUMN b int DEFAULT 7"))
+        .await
+        .unwrap();
+    wait_replicated().await;
+    for (_proxy, client, old) in &proxies {
+        // What a direct connection answers first too.
+        let e = client.query(old, &[]).await.unwrap_err();
+        assert_eq!(sqlstate(&e), "0A000", "{e}");
+        let stmt = client.prepare(&sql).await.unwrap();
+        assert_eq!(stmt.columns().len(), 2);
+        for _ in 0..4 {
+            let rows = client.query(&stmt, &[]).await.unwrap();
+            assert_eq!(rows[0].get::<_, i32>(1), 7);
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_client_reading_a_huge_result_costs_the_proxy_only_buffers() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
