@@ -897,7 +897,8 @@ impl Session {
     }
 
     /// Requests the proxy answers itself: a lone Sync, DEALLOCATE of a protocol-level
-    /// statement (its server-side name differs, and other backends may hold it too).
+    /// statement in a simple Query of its own (its server-side name differs, and other
+    /// backends may hold it too).
     fn local_reply(&mut self, items: &[Item]) -> Option<Vec<Frame>> {
         if self.deferred_begin && self.tx == TxStatus::Failed {
             let (reply, ended) = request::answer_in_failed_block(items)?;
@@ -930,7 +931,9 @@ impl Session {
         let [Item::Query { class, .. }] = items else {
             return None;
         };
-        if self.tx != TxStatus::Idle || class.statement_count != 1 {
+        // Inside a transaction too: psycopg 3 (libpq < 17) deallocates its oldest statement
+        // there. DEALLOCATE is not transactional. A failed block's server answers 25P02.
+        if self.tx == TxStatus::Failed || class.statement_count != 1 {
             return None;
         }
         let tag = match class.session_ops.as_slice() {

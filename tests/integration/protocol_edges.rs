@@ -740,3 +740,31 @@ async fn a_long_pipeline_without_a_sync_keeps_flowing() {
         writer.await.unwrap();
     }
 }
+
+/// psycopg 3 with a libpq older than 17 deallocates its oldest prepared statement with a
+/// simple `DEALLOCATE name` inside the open transaction. The statement is known to the
+/// server under another name: the transaction must go on as on a direct connection.
+#[tokio::test]
+async fn deallocate_of_a_protocol_statement_inside_a_transaction() {
+    let (_proxies, addrs) = direct_and_both_modes().await;
+    for addr in addrs {
+        let mut c = RawClient::login(addr, "trustuser").await;
+        c.parse("_pg3_0", "SELECT 1").await;
+        assert_eq!(c.execute_named("_pg3_0").await, "1");
+        let msgs = c.send(&query("BEGIN")).await;
+        assert_eq!(tags(&msgs), "CZ", "{addr}: {msgs:?}");
+        let msgs = c.send(&query("DEALLOCATE _pg3_0")).await;
+        assert_eq!(tags(&msgs), "CZ", "{addr}: {msgs:?}");
+        assert_eq!(msgs[1].1, b"T", "{addr}: still in the transaction");
+        let msgs = c.send(&query("SELECT 2")).await;
+        assert_eq!(tags(&msgs), "TDCZ", "{addr}: {msgs:?}");
+        assert_eq!(tags(&c.send(&query("COMMIT")).await), "CZ");
+        // Gone, as on a direct connection.
+        let msgs = c.send(&bind_execute("_pg3_0")).await;
+        assert_eq!(
+            error_code(&msgs).as_deref(),
+            Some("26000"),
+            "{addr}: {msgs:?}"
+        );
+    }
+}
