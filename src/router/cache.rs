@@ -76,10 +76,21 @@ impl ClassifyCache {
 
     /// A replica refused this SQL as a write (SQLSTATE 25006): remember it as one.
     pub fn learn_write(&self, sql: &str) {
+        self.learn(sql, true);
+    }
+
+    /// A replica cannot serve this read (an unlogged table): it goes to the primary.
+    pub fn learn_primary_read(&self, sql: &str) {
+        self.learn(sql, false);
+    }
+
+    fn learn(&self, sql: &str, writes: bool) {
         let mut c = (*self.get(sql)).clone();
         c.target = Target::Primary;
-        c.writes_unknown = true;
-        c.volatile = true;
+        if writes {
+            c.writes_unknown = true;
+            c.volatile = true;
+        }
         let c = Arc::new(c);
         if let Some(shape) = fingerprint(sql) {
             self.shapes.insert(&shape, c.clone());
@@ -99,6 +110,12 @@ mod tests {
         assert!(Arc::ptr_eq(&a, &c.get("SELECT f()")));
         c.learn_write("SELECT f()");
         assert_eq!(c.get("SELECT f()").target, Target::Primary);
+        assert!(c.get("SELECT f()").writes_unknown);
+        // A read only the primary can serve stays a read.
+        c.learn_primary_read("SELECT v FROM unlogged_t WHERE id = 1");
+        let r = c.get("SELECT v FROM unlogged_t WHERE id = 2");
+        assert_eq!(r.target, Target::Primary);
+        assert!(!r.writes_unknown && !r.may_write() && !r.volatile);
     }
 
     #[test]

@@ -33,6 +33,23 @@ use crate::router::SessionOp;
 /// it, before that answer is passed on to the client and the writing goes on.
 const DRAIN_LIMIT: usize = 64 * 1024;
 
+/// A replica's error that the primary would not give: `Some(true)` for a write the
+/// classifier missed (25006), `Some(false)` for a read of an unlogged table, which only
+/// the primary has (that message is matched in English only; in another language the
+/// error reaches the client).
+fn replica_cannot_serve(e: &ErrorFields) -> Option<bool> {
+    match e.code.as_str() {
+        "25006" => Some(true),
+        "0A000"
+            if e.message
+                .starts_with("cannot access temporary or unlogged relations during recovery") =>
+        {
+            Some(false)
+        }
+        _ => None,
+    }
+}
+
 /// How a request ended.
 pub enum Outcome {
     Done,
@@ -128,8 +145,11 @@ struct InFlight {
     /// Part of the request (in `wbuf`, or a TLS record not flushed yet) has not reached the
     /// server: the server's answers meanwhile went on first (see `send_request`).
     unsent: bool,
-    /// A replica refused with 25006: drain to ReadyForQuery, then retry on the primary.
+    /// A replica refused what the primary can serve (`replica_cannot_serve`): drain to
+    /// ReadyForQuery, then retry on the primary.
     retry: bool,
+    /// ... because it writes (else: it reads what only the primary has).
+    retry_write: bool,
     /// The last ReadyForQuery said the server is outside a transaction block.
     server_idle: bool,
     /// The server said FATAL and is closing the connection; kept from the client, which
@@ -191,6 +211,7 @@ impl Session {
             heard_since_tick: true,
             unsent: false,
             retry: false,
+            retry_write: false,
             server_idle: false,
             fatal: None,
             ops: Vec::new(),
@@ -261,14 +282,22 @@ impl Session {
         }
         match result {
             Ok(()) if fl.retry => {
-                warn!(backend = ?fl.id, "replica refused a statement as a write; retrying on the primary");
-                // Whatever it wrote is not attributable to tables, and its answer is no
-                // read to cache.
-                self.writes.note_unknown();
                 self.capture = None;
+                if fl.retry_write {
+                    warn!(backend = ?fl.id, "replica refused a statement as a write; retrying on the primary");
+                    // Whatever it wrote is not attributable to tables, and its answer is no
+                    // read to cache.
+                    self.writes.note_unknown();
+                } else {
+                    debug!(backend = ?fl.id, "replica cannot read an unlogged table; retrying on the primary");
+                }
                 for item in items {
                     if let Some(sql) = statement_sql(item) {
-                        self.runtime.classify.learn_write(&sql);
+                        if fl.retry_write {
+                            self.runtime.classify.learn_write(&sql);
+                        } else {
+                            self.runtime.classify.learn_primary_read(&sql);
+                        }
                     }
                 }
                 let reusable = fl.server_idle;
@@ -935,8 +964,11 @@ impl Session {
                     return false;
                 }
                 fl.failed = true;
-                if fl.holding && fields.code == "25006" {
+                if fl.holding
+                    && let Some(write) = replica_cannot_serve(&fields)
+                {
                     fl.retry = true;
+                    fl.retry_write = write;
                 }
                 if fields.code == "0A000"
                     && matches!(fl.expects.front(), Some(Expect::Bind | Expect::Execute))

@@ -151,6 +151,48 @@ async fn a_replica_refusing_a_write_is_retried_on_the_primary() {
     assert_eq!(n, 2, "each call wrote exactly once");
 }
 
+/// Replicas cannot read unlogged tables (0A000 "cannot access temporary or unlogged
+/// relations during recovery"): such a read is run again on the primary, and the next one
+/// goes there at once. A read, not a write: it invalidates nothing.
+#[tokio::test]
+async fn a_read_of_an_unlogged_table_is_answered_by_the_primary() {
+    let c = cluster();
+    let proxy = start_proxy().await;
+    let client = proxy.app().await;
+    let t = unique("unlogged");
+    client
+        .batch_execute(&format!(
+            "CREATE UNLOGGED TABLE {t} (v int); INSERT INTO {t} VALUES (5)"
+        ))
+        .await
+        .unwrap();
+    wait_replicated().await;
+    wait_proxy_saw_replay(&proxy, c).await;
+    let reader = proxy.app().await;
+    for protocol in ["simple", "extended", "extended"] {
+        let sql = format!("SELECT v, inet_server_port() FROM {t}");
+        let (v, port): (String, String) = if protocol == "simple" {
+            let rows = reader.simple_query(&sql).await.unwrap();
+            let row = rows
+                .iter()
+                .find_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
+                    _ => None,
+                })
+                .expect("a row");
+            (row.get(0).unwrap().into(), row.get(1).unwrap().into())
+        } else {
+            let row = reader.query_one(&sql, &[]).await.unwrap();
+            (
+                row.get::<_, i32>(0).to_string(),
+                row.get::<_, i32>(1).to_string(),
+            )
+        };
+        assert_eq!(v, "5", "{protocol}");
+        assert_eq!(port, c.primary.to_string(), "{protocol}");
+    }
+}
+
 #[tokio::test]
 async fn weights_shape_the_distribution() {
     let c = cluster();
