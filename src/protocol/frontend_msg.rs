@@ -112,8 +112,9 @@ impl ParseMsg {
         if rest.len() < 2 {
             return Err(MalformedMessage("Parse"));
         }
-        let n = i16::from_be_bytes([rest[0], rest[1]]);
-        if n < 0 || rest.len() != 2 + 4 * n as usize {
+        // Unsigned, as the server reads it: up to 65535 parameter types.
+        let n = u16::from_be_bytes([rest[0], rest[1]]);
+        if rest.len() != 2 + 4 * n as usize {
             return Err(MalformedMessage("Parse"));
         }
         let offset = body.len() - rest.len();
@@ -364,6 +365,16 @@ mod tests {
         assert_eq!(direct, whole);
         assert!(ParseMsg::decode(&Bytes::from_static(b"s1\0select\0\0\x02\0\0\0\x17")).is_err());
         assert!(ParseMsg::decode(&Bytes::from_static(b"s1\0select")).is_err());
+        // A count over 32767 is no negative number: the server takes up to 65535.
+        let mut wide = b"s\0select\0\x80\x00".to_vec();
+        wide.extend(std::iter::repeat_n(0u8, 4 * 32768));
+        assert_eq!(
+            ParseMsg::decode(&Bytes::from(wide))
+                .unwrap()
+                .param_types
+                .len(),
+            2 + 4 * 32768
+        );
     }
 
     #[test]

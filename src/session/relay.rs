@@ -996,6 +996,17 @@ impl Session {
                         skipped_query |= matches!(x, Expect::Query { .. });
                         skipped.extend(fl.expects.pop_front());
                     }
+                    if let Some(Expect::Parse {
+                        forward: true,
+                        unnamed: true,
+                        ..
+                    }) = skipped.first()
+                    {
+                        // The client's Parse of the unnamed statement failed: the server
+                        // dropped the old one first, so a later Bind of "" fails there too.
+                        self.statements.remove("");
+                        fl.local.remove("");
+                    }
                     if skipped_query
                         && let Some(unnamed) = fl.set_aside_unnamed.take()
                         && !self.statements.contains_key("")

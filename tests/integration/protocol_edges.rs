@@ -768,3 +768,30 @@ async fn deallocate_of_a_protocol_statement_inside_a_transaction() {
         );
     }
 }
+
+/// A Parse of the unnamed statement that fails leaves no unnamed statement behind: the
+/// server drops the old one before parsing the new one, so a later Bind of "" fails with
+/// 26000 instead of running the old SQL again.
+#[tokio::test]
+async fn a_failed_parse_of_the_unnamed_statement_drops_the_old_one() {
+    let (_proxies, addrs) = direct_and_both_modes().await;
+    for addr in addrs {
+        let mut c = RawClient::login(addr, "trustuser").await;
+        let msgs = c.send(&parse_bind_execute("SELECT 1")).await;
+        assert_eq!(tags(&msgs), "12DCZ", "{addr}: {msgs:?}");
+        let mut bad = parse("", "SELEC oops");
+        bad.extend(sync());
+        let msgs = c.send(&bad).await;
+        assert_eq!(
+            error_code(&msgs).as_deref(),
+            Some("42601"),
+            "{addr}: {msgs:?}"
+        );
+        let msgs = c.send(&bind_execute("")).await;
+        assert_eq!(
+            error_code(&msgs).as_deref(),
+            Some("26000"),
+            "{addr}: {msgs:?}"
+        );
+    }
+}
