@@ -795,3 +795,39 @@ async fn a_failed_parse_of_the_unnamed_statement_drops_the_old_one() {
         );
     }
 }
+
+/// Closing statements needs no server (tokio-postgres closes one after every query given as
+/// a string): it is answered even while the primary is down, and takes no connection.
+#[tokio::test]
+async fn closing_statements_is_answered_without_a_server() {
+    let c = cluster();
+    let dead_primary = base_config_toml(c).replace(
+        &format!("port = {}\n", c.primary),
+        &format!("port = {}\n", unused_port()),
+    );
+    for toml in [dead_primary.clone(), session_mode(&dead_primary)] {
+        let proxy = start_proxy_with(&toml).await;
+        let mut raw = RawClient::login(proxy.addr, "trustuser").await;
+        raw.parse("s1", "SELECT 1").await;
+        raw.parse("s2", "SELECT 2").await;
+        assert_eq!(raw.execute_named("s1").await, "1");
+        let mut req = message(b'C', &[b"S".as_slice(), &cstr("s1")].concat());
+        req.extend(message(b'C', &[b"S".as_slice(), &cstr("s2")].concat()));
+        req.extend(message(
+            b'C',
+            &[b"S".as_slice(), &cstr("never_made")].concat(),
+        ));
+        req.extend(sync());
+        let msgs = raw.send(&req).await;
+        assert_eq!(tags(&msgs), "333Z", "{msgs:?}");
+        // Closed: the name is free for other SQL.
+        raw.parse("s1", "SELECT 3").await;
+        assert_eq!(raw.execute_named("s1").await, "3");
+        // A client of the real driver, whose every string query ends with a Close.
+        let client = proxy.app().await;
+        for i in 0..3 {
+            let row = client.query_one("SELECT $1::int", &[&i]).await.unwrap();
+            assert_eq!(row.get::<_, i32>(0), i);
+        }
+    }
+}
