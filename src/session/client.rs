@@ -61,19 +61,37 @@ impl ClientConn {
 
     /// Read more bytes. Cancel-safe.
     pub async fn fill(&mut self) -> Result<()> {
+        self.make_room();
+        let read = self.rd.read_buf(&mut self.buf).await;
+        self.took(read).map(|_| ())
+    }
+
+    /// Read what the client already sent, without waiting: `false` when nothing is there.
+    pub fn try_fill(&mut self) -> Result<bool> {
+        self.make_room();
+        match self.rd.try_read_buf(&mut self.buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+            read => self.took(read).map(|_| true),
+        }
+    }
+
+    fn make_room(&mut self) {
         if self.buf.capacity() - self.buf.len() < 4096 {
             self.buf.reserve(16 * 1024);
         }
-        match self.rd.read_buf(&mut self.buf).await {
+    }
+
+    fn took(&mut self, read: std::io::Result<usize>) -> Result<usize> {
+        match read {
             Ok(0) => Err(Error::ClientGone),
-            Ok(_n) => {
+            Ok(n) => {
                 #[cfg(feature = "capture")]
                 if let Some(f) = self.capture.as_mut() {
                     use std::io::Write;
                     // Plain text: after a TLS handshake, `rd` yields decrypted bytes.
-                    let _ = f.write_all(&self.buf[self.buf.len() - _n..]);
+                    let _ = f.write_all(&self.buf[self.buf.len() - n..]);
                 }
-                Ok(())
+                Ok(n)
             }
             Err(e) => Err(Error::ClientIo(e)),
         }

@@ -519,8 +519,13 @@ impl Session {
                 }
             }
             // A client waiting on an Execute without Sync or Flush (COPY FROM STDIN through
-            // the extended protocol does this) must not wait for us.
+            // the extended protocol does this) must not wait for us. A write split right
+            // after an Execute has its rest here already: that batch is not sent open (to
+            // the primary, past the cache).
             if self.client.buf.is_empty() && self.batch.iter().any(Item::is_execute) {
+                if self.client.try_fill()? {
+                    continue;
+                }
                 Box::pin(self.dispatch_batch(true)).await?;
                 continue;
             }
