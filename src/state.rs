@@ -307,11 +307,6 @@ pub struct Shared {
     pub log_filter: std::sync::OnceLock<LogFilterFn>,
     /// Health checkers of the current runtime.
     pub checkers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
-    /// Bumped when a server says a prepared statement's cached plan no longer fits (a
-    /// table it reads changed its columns): statements are shared per text on every
-    /// connection, so each connection prepares its statements afresh before its next
-    /// request, as a client re-preparing on a direct connection would get.
-    pub plans_outdated: std::sync::atomic::AtomicU64,
     /// Set when the proxy shuts down (by [`Shared::begin_draining`]): sessions end at
     /// their next idle point.
     pub draining: AtomicBool,
@@ -364,7 +359,6 @@ impl Shared {
                 reload: Mutex::new(ReloadStatus::default()),
                 log_filter: std::sync::OnceLock::new(),
                 checkers: Mutex::new(Vec::new()),
-                plans_outdated: std::sync::atomic::AtomicU64::new(0),
                 draining: AtomicBool::new(false),
             }
         })

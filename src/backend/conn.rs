@@ -81,8 +81,6 @@ pub struct ServerConn {
     pub params: Vec<(String, String)>,
     /// Server-side names of the statements prepared on this connection.
     pub prepared: PreparedSet,
-    /// The value of `Shared::plans_outdated` its prepared statements are newer than.
-    pub plans_seen: u64,
     /// The identity of the statement this connection's unnamed statement holds, if known.
     pub unnamed: Option<u64>,
     /// Session settings (name → SET statement) this connection currently has applied.
@@ -145,7 +143,6 @@ impl ServerConn {
             },
             params: Vec::new(),
             prepared: PreparedSet::new(params.max_prepared),
-            plans_seen: 0,
             unnamed: None,
             settings: HashMap::new(),
             settings_generation: None,

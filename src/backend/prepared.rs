@@ -71,11 +71,6 @@ impl PreparedSet {
         self.names.clear();
     }
 
-    /// Forget every statement; their names, for closing them on the server.
-    pub fn take_all(&mut self) -> Vec<String> {
-        self.names.drain().map(|(name, _)| name).collect()
-    }
-
     pub fn len(&self) -> usize {
         self.names.len()
     }

@@ -78,7 +78,8 @@ enum Expect {
         register: Option<(String, Arc<Statement>)>,
         unregister: Option<String>,
     },
-    Bind,
+    /// The shared server statement it binds, if named: a 0A000 answer outdates it.
+    Bind(Option<super::state::SharedStatement>),
     /// A Close the proxy sent to stay within the connection's prepared-statement limit; if
     /// the server skips it (after an error), the statement is still there.
     CloseEvicted(String),
@@ -87,7 +88,8 @@ enum Expect {
     /// another session's statement, which must not run. The server then answers 26000, as
     /// a direct connection would.
     CloseUnnamed,
-    DescribeStatement,
+    /// As for Bind.
+    DescribeStatement(Option<super::state::SharedStatement>),
     DescribePortal,
     Execute,
     Close,
@@ -221,17 +223,6 @@ impl Session {
             sync_due: false,
         };
         self.wbuf.clear();
-        let outdated = self
-            .shared
-            .plans_outdated
-            .load(std::sync::atomic::Ordering::Relaxed);
-        if fl.conn.plans_seen != outdated {
-            fl.conn.plans_seen = outdated;
-            for name in fl.conn.prepared.take_all() {
-                protocol::encode_statement_target(tag::CLOSE, &name).encode_into(&mut self.wbuf);
-                fl.expects.push_back(Expect::CloseEvicted(name));
-            }
-        }
         if self.deferred_begin && id.is_primary() {
             self.deferred_begin = false;
             // From here the transaction is on this connection, answered or not.
@@ -480,7 +471,8 @@ impl Session {
                         frame.encode_into(out);
                     }
                 }
-                fl.expects.push_back(Expect::Bind);
+                let key = stmt.as_ref().and_then(|s| s.shared_key());
+                fl.expects.push_back(Expect::Bind(key));
             }
             Item::DescribeStatement { frame, stmt } => {
                 match stmt {
@@ -501,7 +493,8 @@ impl Session {
                         frame.encode_into(out);
                     }
                 }
-                fl.expects.push_back(Expect::DescribeStatement);
+                let key = stmt.as_ref().and_then(|s| s.shared_key());
+                fl.expects.push_back(Expect::DescribeStatement(key));
             }
             Item::CloseStatement { frame, name, known } => {
                 if *known || !self.pinned {
@@ -971,13 +964,14 @@ impl Session {
                     fl.retry_write = write;
                 }
                 if fields.code == "0A000"
-                    && matches!(fl.expects.front(), Some(Expect::Bind | Expect::Execute))
+                    && let Some(Expect::Bind(Some(key)) | Expect::DescribeStatement(Some(key))) =
+                        fl.expects.front()
                 {
                     // "cached plan must not change result type" (in the server's language):
-                    // the statement must be prepared again, here and on every connection.
-                    self.shared
-                        .plans_outdated
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    // this server statement is outdated. The client's handles keep it, and
+                    // its error, as on a direct connection; what it prepares from now on
+                    // gets a server statement of its own.
+                    super::state::outdate_shared_statement(*key);
                 }
                 debug!(code = %fields.code, "server reported an error");
                 if !matches!(fl.expects.front(), Some(Expect::Query { .. })) {
@@ -1092,7 +1086,7 @@ impl Session {
             tag::ROW_DESCRIPTION | tag::NO_DATA => {
                 if matches!(
                     fl.expects.front(),
-                    Some(Expect::DescribeStatement | Expect::DescribePortal)
+                    Some(Expect::DescribeStatement(_) | Expect::DescribePortal)
                 ) {
                     fl.expects.pop_front();
                 }

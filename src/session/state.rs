@@ -3,8 +3,8 @@
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crate::protocol::ParseMsg;
 use crate::router::{Classification, SessionOp};
@@ -22,6 +22,9 @@ pub struct Statement {
     /// The name it has on servers: derived from the hash, so equal SQL shares one
     /// server-side statement and two clients' names never collide.
     pub server_name: String,
+    /// Bumped past a server statement of this SQL that a server called outdated (see
+    /// [`outdate_shared_statement`]); part of `server_name` when not 0.
+    pub generation: u32,
 }
 
 /// Source of unnamed statements' identities.
@@ -35,6 +38,7 @@ impl Statement {
                 class,
                 identity: UNNAMED_STATEMENTS.fetch_add(1, Ordering::Relaxed),
                 server_name: String::new(),
+                generation: 0,
             };
         }
         // DefaultHasher::new() uses fixed keys: the same text hashes alike in every process.
@@ -42,13 +46,67 @@ impl Statement {
         parse.sql_raw.hash(&mut h);
         parse.param_types.hash(&mut h);
         let identity = h.finish();
+        let generation = current_generation(identity);
+        let server_name = match generation {
+            0 => format!("pgsplit_{identity:016x}"),
+            g => format!("pgsplit_{identity:016x}_{g}"),
+        };
         Statement {
             parse,
             class,
             identity,
-            server_name: format!("pgsplit_{identity:016x}"),
+            server_name,
+            generation,
         }
     }
+
+    /// Which shared server statement this is (none for the unnamed one).
+    pub fn shared_key(&self) -> Option<SharedStatement> {
+        (!self.server_name.is_empty()).then_some((self.identity, self.generation))
+    }
+}
+
+/// A shared server statement: the SQL's digest and its generation.
+pub type SharedStatement = (u64, u32);
+
+/// Server statements a server called outdated ("cached plan must not change result type",
+/// after a table's columns changed): digest → the generation new Parses of that SQL get.
+/// Clients' statements prepared before keep the old server statement and its error, as
+/// on a direct connection, and drivers that prepare again (pgjdbc, asyncpg, Npgsql) get a
+/// fresh one instead of the outdated one shared per text. Bounded; empty almost always,
+/// and then not locked.
+static OUTDATED: Mutex<Vec<(u64, u32)>> = Mutex::new(Vec::new());
+static ANY_OUTDATED: AtomicBool = AtomicBool::new(false);
+const MAX_OUTDATED: usize = 4096;
+
+fn current_generation(identity: u64) -> u32 {
+    if !ANY_OUTDATED.load(Ordering::Relaxed) {
+        return 0;
+    }
+    let outdated = OUTDATED.lock().unwrap_or_else(|p| p.into_inner());
+    outdated
+        .iter()
+        .find(|(id, _)| *id == identity)
+        .map_or(0, |&(_, g)| g)
+}
+
+/// A server refused `key`'s cached plan: Parses of its SQL from now on get a new server
+/// statement.
+pub fn outdate_shared_statement((identity, generation): SharedStatement) {
+    let mut outdated = OUTDATED.lock().unwrap_or_else(|p| p.into_inner());
+    let next = generation.wrapping_add(1).max(1);
+    match outdated.iter_mut().find(|(id, _)| *id == identity) {
+        Some((_, g)) => *g = (*g).max(next),
+        None => {
+            if outdated.len() >= MAX_OUTDATED {
+                // The oldest mark goes: at worst its SQL meets the old statement's error
+                // once more and is marked again.
+                outdated.remove(0);
+            }
+            outdated.push((identity, next));
+        }
+    }
+    ANY_OUTDATED.store(true, Ordering::Relaxed);
 }
 
 /// A session's (or one batch's) prepared statements by name. The unnamed one has a field of
@@ -587,6 +645,30 @@ mod tests {
         let f = Statement::new(parse_msg("", "select 1"), c);
         assert_eq!(e.server_name, "");
         assert_ne!(e.identity, f.identity);
+    }
+
+    #[test]
+    fn an_outdated_server_statement_is_left_to_old_handles() {
+        let c = Arc::new(Classification::unknown());
+        let sql = "select 'outdated statement test'";
+        let old = Statement::new(parse_msg("a", sql), c.clone());
+        assert_eq!(old.generation, 0);
+        outdate_shared_statement(old.shared_key().unwrap());
+        let new = Statement::new(parse_msg("b", sql), c.clone());
+        assert_eq!(new.identity, old.identity);
+        assert_eq!(new.generation, 1);
+        assert_ne!(new.server_name, old.server_name);
+        // A late error from an old handle does not move the generation back or on.
+        outdate_shared_statement(old.shared_key().unwrap());
+        assert_eq!(Statement::new(parse_msg("c", sql), c.clone()).generation, 1);
+        outdate_shared_statement(new.shared_key().unwrap());
+        assert_eq!(Statement::new(parse_msg("c", sql), c.clone()).generation, 2);
+        // Other texts and the unnamed statement are untouched.
+        assert_eq!(
+            Statement::new(parse_msg("d", "select 3"), c.clone()).generation,
+            0
+        );
+        assert_eq!(Statement::new(parse_msg("", sql), c).shared_key(), None);
     }
 
     #[test]
