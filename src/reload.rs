@@ -17,13 +17,15 @@ use crate::state::{Runtime, Shared, lock};
 pub fn reload(shared: &Arc<Shared>) -> Result<String, String> {
     // One reload at a time, from reading the file to recording the outcome: the file
     // watcher and RELOAD racing could otherwise apply an older file over a newer one, or
-    // record the older one's outcome last.
-    let mut status = lock(&shared.reload);
+    // record the older one's outcome last. (A lock of its own: metrics and SHOW CONFIG
+    // read the status meanwhile.)
+    let _one_at_a_time = lock(&shared.reloading);
     let result = shared
         .config_path
         .get()
         .ok_or_else(|| "the proxy was started without a config file".to_owned())
         .and_then(|path| apply_file(shared, path));
+    let mut status = lock(&shared.reload);
     match &result {
         Ok(summary) => {
             status.applied += 1;

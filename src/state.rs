@@ -303,6 +303,8 @@ pub struct Shared {
     pub config_path: std::sync::OnceLock<std::path::PathBuf>,
     /// How the last reloads went.
     pub reload: Mutex<ReloadStatus>,
+    /// Held through a reload, from reading the file to recording the outcome.
+    pub reloading: Mutex<()>,
     /// Applies a new log filter (set by `main`; tests run without one).
     pub log_filter: std::sync::OnceLock<LogFilterFn>,
     /// Health checkers of the current runtime.
@@ -357,6 +359,7 @@ impl Shared {
                 stats: crate::stats::Stats::default(),
                 config_path: std::sync::OnceLock::new(),
                 reload: Mutex::new(ReloadStatus::default()),
+                reloading: Mutex::new(()),
                 log_filter: std::sync::OnceLock::new(),
                 checkers: Mutex::new(Vec::new()),
                 draining: AtomicBool::new(false),

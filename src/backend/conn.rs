@@ -299,10 +299,11 @@ impl ServerConn {
         }
     }
 
-    /// Let go of a read buffer a large answer grew, once it is empty: a pooled connection
-    /// keeps it for its whole life otherwise.
+    /// Let go of a read buffer that answers taken in while sending grew, once it is empty:
+    /// a pooled connection would keep it for its whole life. (Its capacity cannot tell:
+    /// it counts from where the consumed bytes end, not from the allocation's start.)
     pub fn trim_read_buffer(&mut self) {
-        if self.rbuf.is_empty() && self.rbuf.capacity() > 64 * 1024 {
+        if self.rbuf.is_empty() {
             self.rbuf = BytesMut::new();
         }
     }

@@ -902,9 +902,27 @@ impl Session {
     }
 
     /// Requests the proxy answers itself: a lone Sync, Closes of statements, DEALLOCATE of
-    /// a protocol-level statement in a simple Query of its own (its server-side name differs, and other
-    /// backends may hold it too).
+    /// a protocol-level statement in a simple Query of its own (its server-side name
+    /// differs, and other backends may hold it too).
     fn local_reply(&mut self, items: &[Item]) -> Option<Vec<Frame>> {
+        if let [closes @ .., Item::Sync] = items
+            && !closes.is_empty()
+            && closes
+                .iter()
+                .all(|i| matches!(i, Item::CloseStatement { known, .. } if *known || !self.pinned))
+        {
+            // Closing statements (tokio-postgres does after every query with a string):
+            // the server's statements stay shared, so no server takes part.
+            let mut reply = Vec::with_capacity(closes.len() + 1);
+            for close in closes {
+                if let Item::CloseStatement { name, .. } = close {
+                    self.statements.remove(name);
+                    reply.push(protocol::close_complete());
+                }
+            }
+            reply.push(protocol::ready_for_query(self.tx));
+            return Some(reply);
+        }
         if self.deferred_begin && self.tx == TxStatus::Failed {
             let (reply, ended) = request::answer_in_failed_block(items)?;
             if ended {
@@ -932,24 +950,6 @@ impl Session {
             // A Sync with nothing before it (after an error in a Flush-ended request): every
             // request the proxy sent ended with a Sync, so no server has anything pending.
             return Some(vec![protocol::ready_for_query(TxStatus::Idle)]);
-        }
-        if let [closes @ .., Item::Sync] = items
-            && !closes.is_empty()
-            && closes
-                .iter()
-                .all(|i| matches!(i, Item::CloseStatement { known, .. } if *known || !self.pinned))
-        {
-            // Closing statements (tokio-postgres does after every query with a string):
-            // the server's statements stay shared, so no server takes part.
-            let mut reply = Vec::with_capacity(closes.len() + 1);
-            for close in closes {
-                if let Item::CloseStatement { name, .. } = close {
-                    self.statements.remove(name);
-                    reply.push(protocol::close_complete());
-                }
-            }
-            reply.push(protocol::ready_for_query(self.tx));
-            return Some(reply);
         }
         let [Item::Query { class, .. }] = items else {
             return None;

@@ -147,6 +147,8 @@ struct InFlight {
     /// Part of the request (in `wbuf`, or a TLS record not flushed yet) has not reached the
     /// server: the server's answers meanwhile went on first (see `send_request`).
     unsent: bool,
+    /// Answers were taken in while sending: the read buffer may have grown.
+    drained: bool,
     /// A replica refused what the primary can serve (`replica_cannot_serve`): drain to
     /// ReadyForQuery, then retry on the primary.
     retry: bool,
@@ -212,6 +214,7 @@ impl Session {
             holding: retryable,
             heard_since_tick: true,
             unsent: false,
+            drained: false,
             retry: false,
             retry_write: false,
             server_idle: false,
@@ -599,7 +602,9 @@ impl Session {
                     {}
                     fl.unsent = false;
                 }
-                fl.conn.trim_read_buffer();
+                if fl.drained {
+                    fl.conn.trim_read_buffer();
+                }
                 if fl.retry {
                     return Ok(());
                 }
@@ -779,6 +784,7 @@ impl Session {
         fl.unsent = !sent;
         if fl.conn.rbuf.len() > before {
             fl.heard_since_tick = true;
+            fl.drained = true;
         }
         Ok(())
     }
@@ -1000,6 +1006,7 @@ impl Session {
                         // dropped the old one first, so a later Bind of "" fails there too.
                         self.statements.remove("");
                         fl.local.remove("");
+                        fl.set_aside_unnamed = None;
                     }
                     if skipped_query
                         && let Some(unnamed) = fl.set_aside_unnamed.take()
