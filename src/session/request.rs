@@ -265,8 +265,16 @@ pub fn decode(
     session: &Statements,
     local: &mut Statements,
 ) -> Result<Item> {
-    let lookup =
-        |name: &str, local: &Statements| local.get(name).or_else(|| session.get(name)).cloned();
+    let lookup = |name: &str, local: &Statements| {
+        local
+            .get(name)
+            .or_else(|| {
+                (!local.is_closed(name))
+                    .then(|| session.get(name))
+                    .flatten()
+            })
+            .cloned()
+    };
     Ok(match frame.tag {
         tag::QUERY => {
             let class = classify.get(&query_sql(&frame.body)?);
@@ -294,7 +302,8 @@ pub fn decode(
         tag::CLOSE => match decode_target(&frame.body, "Close")? {
             Target::Statement(name) => {
                 let name = name.to_owned();
-                let known = local.remove(&name).is_some() | session.contains_key(&name);
+                let known = local.get(&name).is_some() | session.contains_key(&name);
+                local.mark_closed(&name);
                 Item::CloseStatement { frame, name, known }
             }
             Target::Portal(_) => Item::Portal(frame),

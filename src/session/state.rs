@@ -119,6 +119,9 @@ pub struct Statements {
     /// session's own map, and crafting them takes the process's random seed (see
     /// `SqlMemo::hasher`).
     named: foldhash::HashMap<String, Arc<Statement>>,
+    /// In one batch's statements: names it closed, which no longer fall back to the
+    /// session's (a Bind behind the Close must fail, as on the server). Empty otherwise.
+    closed: Vec<String>,
 }
 
 impl Statements {
@@ -135,6 +138,9 @@ impl Statements {
     }
 
     pub fn insert(&mut self, name: String, stmt: Arc<Statement>) {
+        if !self.closed.is_empty() {
+            self.closed.retain(|n| *n != name);
+        }
         if name.is_empty() {
             self.unnamed = Some(stmt);
         } else {
@@ -153,6 +159,19 @@ impl Statements {
     pub fn clear(&mut self) {
         self.unnamed = None;
         self.named.clear();
+        self.closed.clear();
+    }
+
+    /// `name` was closed in this batch (see `closed`).
+    pub fn mark_closed(&mut self, name: &str) {
+        self.remove(name);
+        if !self.closed.iter().any(|n| n == name) {
+            self.closed.push(name.to_owned());
+        }
+    }
+
+    pub fn is_closed(&self, name: &str) -> bool {
+        self.closed.iter().any(|n| n == name)
     }
 
     /// Every statement with its name, the unnamed one first (for the fuzz target's checks).

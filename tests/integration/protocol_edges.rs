@@ -831,3 +831,26 @@ async fn closing_statements_is_answered_without_a_server() {
         }
     }
 }
+
+/// A Close of a statement and a Bind of it in the same batch: the Bind fails (26000) as on
+/// a direct connection, instead of running the statement the client closed.
+#[tokio::test]
+async fn a_bind_behind_a_close_of_its_statement_fails() {
+    let (_proxies, addrs) = direct_and_both_modes().await;
+    for addr in addrs {
+        let mut c = RawClient::login(addr, "trustuser").await;
+        c.parse("s1", "SELECT 1").await;
+        let mut req = message(b'C', &[b"S".as_slice(), &cstr("s1")].concat());
+        req.extend(bind_execute("s1"));
+        let msgs = c.send(&req).await;
+        assert_eq!(tags(&msgs), "3EZ", "{addr}: {msgs:?}");
+        assert_eq!(error_code(&msgs).as_deref(), Some("26000"), "{addr}");
+        // The unnamed statement too, parsed before the Close in the same batch.
+        let mut req = parse("", "SELECT 2");
+        req.extend(message(b'C', &[b"S".as_slice(), &cstr("")].concat()));
+        req.extend(bind_execute(""));
+        let msgs = c.send(&req).await;
+        assert_eq!(tags(&msgs), "13EZ", "{addr}: {msgs:?}");
+        assert_eq!(error_code(&msgs).as_deref(), Some("26000"), "{addr}");
+    }
+}
