@@ -676,7 +676,14 @@ impl Session {
             // connection open until the client's Sync: close it with a Sync of our own, so
             // the statement is prepared where reads run and later messages route freely.
             self.batch.push(Item::HiddenSync);
-            return self.dispatch_batch(false).await;
+            self.last_failed = false;
+            self.dispatch_batch(false).await?;
+            if self.last_failed {
+                // After an error the server skips what the client sends up to its Sync;
+                // the proxy's own Sync ended that on the server, so the session skips.
+                self.skip_until_sync = true;
+            }
+            return Ok(());
         }
         self.dispatch_batch(true).await
     }
@@ -995,6 +1002,7 @@ impl Session {
             // lost with it, and so is the session.
             return Err(e);
         }
+        self.last_failed = true;
         let mut frames = vec![e.to_error_response(Severity::Error)];
         let synced = items
             .iter()

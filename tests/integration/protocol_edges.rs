@@ -854,3 +854,23 @@ async fn a_bind_behind_a_close_of_its_statement_fails() {
         assert_eq!(error_code(&msgs).as_deref(), Some("26000"), "{addr}");
     }
 }
+
+/// A pipelining client prepares with Parse, Describe, Flush and binds in the same write:
+/// when the Parse fails, what follows up to the Sync is skipped, one error in all, as the
+/// server does (the proxy ends its part of a describe-only request with a Sync of its own).
+#[tokio::test]
+async fn after_a_failed_prepare_with_flush_the_rest_up_to_the_sync_is_skipped() {
+    let (_proxies, addrs) = direct_and_both_modes().await;
+    for addr in addrs {
+        let mut c = RawClient::login(addr, "trustuser").await;
+        let mut req = parse("s_bad", "SELEC broken");
+        req.extend(describe_statement("s_bad"));
+        req.extend(message(b'H', &[]));
+        req.extend(bind_execute("s_bad"));
+        let msgs = c.send(&req).await;
+        assert_eq!(tags(&msgs), "EZ", "{addr}: {msgs:?}");
+        assert_eq!(error_code(&msgs).as_deref(), Some("42601"), "{addr}");
+        // And the session goes on.
+        assert_eq!(tags(&c.send(&query("SELECT 1")).await), "TDCZ", "{addr}");
+    }
+}
