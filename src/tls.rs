@@ -308,6 +308,18 @@ impl AsyncWrite for Writer {
 }
 
 impl Writer {
+    /// A write that does not wait, on a plain socket: how much it took (`None`: nothing, it
+    /// would block or failed, or the writer is TLS; the caller then writes the usual way,
+    /// which meets the same error).
+    pub fn try_write_plain(&mut self, buf: &[u8]) -> Option<usize> {
+        let n = match self {
+            Writer::Plain(w) => w.try_write(buf),
+            Writer::Unix(w) => w.try_write(buf),
+            _ => return None,
+        };
+        n.ok().filter(|&n| n > 0)
+    }
+
     /// Write all of `buf` and push it out: a TLS writer may otherwise keep the last record
     /// buffered.
     pub async fn send_all(&mut self, buf: &[u8]) -> io::Result<()> {

@@ -326,6 +326,13 @@ impl ServerConn {
         drain_limit: usize,
     ) -> Result<bool, BackendError> {
         let (wr, rd, rbuf) = (&mut self.wr, &mut self.rd, &mut self.rbuf);
+        // Almost always the socket takes it all at once: one write(2), no select.
+        if let Some(n) = wr.try_write_plain(out) {
+            out.advance(n);
+            if out.is_empty() {
+                return Ok(true);
+            }
+        }
         let start = rbuf.len();
         let limit = start.saturating_add(drain_limit);
         // A TLS writer may keep the last record until flushed; flushing an empty one is free.
