@@ -3,8 +3,10 @@
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
 
 use crate::protocol::ParseMsg;
 use crate::router::{Classification, SessionOp};
@@ -73,40 +75,31 @@ pub type SharedStatement = (u64, u32);
 /// after a table's columns changed): digest → the generation new Parses of that SQL get.
 /// Clients' statements prepared before keep the old server statement and its error, as
 /// on a direct connection, and drivers that prepare again (pgjdbc, asyncpg, Npgsql) get a
-/// fresh one instead of the outdated one shared per text. Bounded; empty almost always,
-/// and then not locked.
-static OUTDATED: Mutex<Vec<(u64, u32)>> = Mutex::new(Vec::new());
-static ANY_OUTDATED: AtomicBool = AtomicBool::new(false);
+/// fresh one instead of the outdated one shared per text. Read without a lock at every
+/// named Parse; written (copied whole) only on such an error. Bounded.
+static OUTDATED: std::sync::LazyLock<ArcSwap<HashMap<u64, u32>>> =
+    std::sync::LazyLock::new(Default::default);
+/// Serializes the writers of `OUTDATED`.
+static OUTDATING: Mutex<()> = Mutex::new(());
 const MAX_OUTDATED: usize = 4096;
 
 fn current_generation(identity: u64) -> u32 {
-    if !ANY_OUTDATED.load(Ordering::Relaxed) {
-        return 0;
-    }
-    let outdated = OUTDATED.lock().unwrap_or_else(|p| p.into_inner());
-    outdated
-        .iter()
-        .find(|(id, _)| *id == identity)
-        .map_or(0, |&(_, g)| g)
+    OUTDATED.load().get(&identity).copied().unwrap_or(0)
 }
 
 /// A server refused `key`'s cached plan: Parses of its SQL from now on get a new server
 /// statement.
 pub fn outdate_shared_statement((identity, generation): SharedStatement) {
-    let mut outdated = OUTDATED.lock().unwrap_or_else(|p| p.into_inner());
-    let next = generation.wrapping_add(1).max(1);
-    match outdated.iter_mut().find(|(id, _)| *id == identity) {
-        Some((_, g)) => *g = (*g).max(next),
-        None => {
-            if outdated.len() >= MAX_OUTDATED {
-                // The oldest mark goes: at worst its SQL meets the old statement's error
-                // once more and is marked again.
-                outdated.remove(0);
-            }
-            outdated.push((identity, next));
-        }
+    let _one_writer = OUTDATING.lock().unwrap_or_else(|p| p.into_inner());
+    let mut outdated = HashMap::clone(&OUTDATED.load());
+    if outdated.len() >= MAX_OUTDATED && !outdated.contains_key(&identity) {
+        // Forgotten marks cost at most the old statements' error once more, and a mark.
+        outdated.clear();
     }
-    ANY_OUTDATED.store(true, Ordering::Relaxed);
+    let next = generation.wrapping_add(1).max(1);
+    let g = outdated.entry(identity).or_insert(next);
+    *g = (*g).max(next);
+    OUTDATED.store(Arc::new(outdated));
 }
 
 /// A session's (or one batch's) prepared statements by name. The unnamed one has a field of
