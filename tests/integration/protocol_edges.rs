@@ -533,7 +533,7 @@ async fn failures_between_an_extended_copy_and_its_sync_answer_in_order() {
         let mut req = message(b'd', b"1\n");
         req.extend(message(b'c', &[]));
         req.extend(query("SELECT 1 / 0"));
-        req.extend(message(b'C', &[b"S".as_slice(), &cstr("s1")].concat()));
+        req.extend(close_statement("s1"));
         req.extend(sync());
         s.stream_write(&req).await;
         let msgs = s.read_n(5).await;
@@ -811,12 +811,9 @@ async fn closing_statements_is_answered_without_a_server() {
         raw.parse("s1", "SELECT 1").await;
         raw.parse("s2", "SELECT 2").await;
         assert_eq!(raw.execute_named("s1").await, "1");
-        let mut req = message(b'C', &[b"S".as_slice(), &cstr("s1")].concat());
-        req.extend(message(b'C', &[b"S".as_slice(), &cstr("s2")].concat()));
-        req.extend(message(
-            b'C',
-            &[b"S".as_slice(), &cstr("never_made")].concat(),
-        ));
+        let mut req = close_statement("s1");
+        req.extend(close_statement("s2"));
+        req.extend(close_statement("never_made"));
         req.extend(sync());
         let msgs = raw.send(&req).await;
         assert_eq!(tags(&msgs), "333Z", "{msgs:?}");
@@ -840,14 +837,14 @@ async fn a_bind_behind_a_close_of_its_statement_fails() {
     for addr in addrs {
         let mut c = RawClient::login(addr, "trustuser").await;
         c.parse("s1", "SELECT 1").await;
-        let mut req = message(b'C', &[b"S".as_slice(), &cstr("s1")].concat());
+        let mut req = close_statement("s1");
         req.extend(bind_execute("s1"));
         let msgs = c.send(&req).await;
         assert_eq!(tags(&msgs), "3EZ", "{addr}: {msgs:?}");
         assert_eq!(error_code(&msgs).as_deref(), Some("26000"), "{addr}");
         // The unnamed statement too, parsed before the Close in the same batch.
         let mut req = parse("", "SELECT 2");
-        req.extend(message(b'C', &[b"S".as_slice(), &cstr("")].concat()));
+        req.extend(close_statement(""));
         req.extend(bind_execute(""));
         let msgs = c.send(&req).await;
         assert_eq!(tags(&msgs), "13EZ", "{addr}: {msgs:?}");

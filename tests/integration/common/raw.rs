@@ -135,10 +135,8 @@ impl RawClient {
     }
 
     pub async fn close_statement(&mut self, name: &str) {
-        let mut body = vec![b'S'];
-        body.extend(cstr(name));
-        let mut req = message(b'C', &body);
-        req.extend(message(b'S', &[]));
+        let mut req = close_statement(name);
+        req.extend(sync());
         let msgs = self.send(&req).await;
         assert_eq!(
             msgs.iter().map(|m| m.0).collect::<Vec<_>>(),
@@ -177,6 +175,13 @@ pub fn bind(statement: &str) -> Vec<u8> {
 
 pub fn execute() -> Vec<u8> {
     message(b'E', &[0, 0, 0, 0, 0])
+}
+
+/// Close of the statement `name`.
+pub fn close_statement(name: &str) -> Vec<u8> {
+    let mut b = vec![b'S'];
+    b.extend(cstr(name));
+    message(b'C', &b)
 }
 
 pub fn sync() -> Vec<u8> {
