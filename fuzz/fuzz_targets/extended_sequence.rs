@@ -85,6 +85,8 @@ enum Expect {
     CloseUnnamed,
     /// Bind, Describe, Execute, Close: answered, nothing to record.
     Plain,
+    /// The Describe standing for an `Item::Fail`: always an error.
+    Fail,
     Sync,
     HiddenSync,
     /// `clears`: it holds DISCARD ALL or DEALLOCATE ALL (the server drops every prepared
@@ -452,6 +454,7 @@ impl<'a> Model<'a> {
             Item::Sync => fl.expects.push_back(Expect::Sync),
             Item::HiddenSync => fl.expects.push_back(Expect::HiddenSync),
             Item::Flush => {}
+            Item::Fail(_) => fl.expects.push_back(Expect::Fail),
         }
     }
 
@@ -576,7 +579,8 @@ impl<'a> Model<'a> {
             let Some(front) = fl.expects.front() else {
                 break;
             };
-            let errs = !matches!(front, Expect::Synth { .. }) && self.oracle() >= 0xf0;
+            let errs = matches!(front, Expect::Fail)
+                || (!matches!(front, Expect::Synth { .. }) && self.oracle() >= 0xf0);
             if errs && !matches!(front, Expect::Sync | Expect::HiddenSync) {
                 fl.failed = true;
                 self.drain_after_error(&mut fl);
@@ -614,6 +618,7 @@ impl<'a> Model<'a> {
                         server.actual.clear();
                         server.prepared.clear();
                         server.unnamed = None;
+                        self.statements.clear_named();
                     }
                     let status = self.status_after(&fl);
                     self.tx = status;

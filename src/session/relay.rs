@@ -90,6 +90,9 @@ enum Expect {
     CloseUnnamed,
     /// As for Bind.
     DescribeStatement(Option<super::state::SharedStatement>),
+    /// A Describe of [`NO_SUCH_STATEMENT`] standing for an [`Item::Fail`]: the server's
+    /// error is replaced by this one.
+    Fail(Frame),
     DescribePortal,
     Execute,
     Close,
@@ -536,6 +539,11 @@ impl Session {
                 }
                 .encode_into(out);
             }
+            Item::Fail(error) => {
+                protocol::encode_statement_target(tag::DESCRIBE, NO_SUCH_STATEMENT)
+                    .encode_into(out);
+                fl.expects.push_back(Expect::Fail(error.clone()));
+            }
         }
     }
 
@@ -943,6 +951,7 @@ impl Session {
     /// only for the rest). Returns whether the frame goes to the client.
     fn on_backend_frame(&mut self, fl: &mut InFlight, t: u8, len: usize) -> bool {
         let body = || &fl.conn.rbuf[5..len + 1];
+        let mut substituted = false;
         let hidden_begin = matches!(fl.expects.front(), Some(Expect::HiddenBegin));
         if hidden_begin {
             match t {
@@ -963,6 +972,14 @@ impl Session {
                     return false;
                 }
                 fl.failed = true;
+                if let Some(Expect::Fail(error)) = fl.expects.front()
+                    && !fl.retry
+                {
+                    // The server failed where the client's message does: the client's
+                    // error goes out instead of the server's, then everything runs its course.
+                    error.encode_into(&mut self.out);
+                    substituted = true;
+                }
                 if fl.holding
                     && let Some(write) = replica_cannot_serve(&fields)
                 {
@@ -1050,7 +1067,7 @@ impl Session {
                         }
                     }
                 }
-                true
+                !substituted
             }
             tag::READY_FOR_QUERY => {
                 let answered = fl.expects.pop_front();
@@ -1093,7 +1110,9 @@ impl Session {
             tag::ROW_DESCRIPTION | tag::NO_DATA => {
                 if matches!(
                     fl.expects.front(),
-                    Some(Expect::DescribeStatement(_) | Expect::DescribePortal)
+                    // A Fail's statement exists only if a client named one after it: its
+                    // description goes out rather than the request waiting for ever.
+                    Some(Expect::DescribeStatement(_) | Expect::DescribePortal | Expect::Fail(_))
                 ) {
                     fl.expects.pop_front();
                 }
@@ -1103,10 +1122,13 @@ impl Session {
                 match decode_command_tag(body()) {
                     b"ROLLBACK" => fl.rolled_back = true,
                     // The server dropped every prepared statement of this connection (a
-                    // DEALLOCATE is not undone by a rollback).
+                    // DEALLOCATE is not undone by a rollback), and the client's names are
+                    // free again: a Parse of one must not fail with 42P05.
                     b"DEALLOCATE ALL" | b"DISCARD ALL" => {
                         fl.conn.prepared.clear();
                         fl.conn.unnamed = None;
+                        self.statements.clear_named();
+                        fl.local.clear_named();
                     }
                     _ => {}
                 }
@@ -1130,6 +1152,10 @@ impl Session {
         }
     }
 }
+
+/// The statement an [`Item::Fail`] describes to make the server fail: no pgsplit name
+/// looks like it, and a client would have to choose it on purpose.
+const NO_SUCH_STATEMENT: &str = "pgsplit\u{1}no such statement";
 
 /// Parse, Bind and Execute of `BEGIN` in the unnamed statement and portal, without a Sync.
 fn encode_hidden_begin(out: &mut bytes::BytesMut) {

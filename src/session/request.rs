@@ -8,7 +8,8 @@ use std::sync::Arc;
 use super::state::{Statement, Statements};
 use crate::error::Result;
 use crate::protocol::{
-    BindNames, Frame, ParseMsg, Target, decode_target, query_sql, tag, validate_execute,
+    BindNames, Frame, MalformedMessage, ParseMsg, Severity, Target, decode_target, error_response,
+    query_sql, tag, validate_execute,
 };
 use crate::router::{Classification, ClassifyCache, TxEffect};
 
@@ -42,6 +43,12 @@ pub enum Item {
     Flush,
     /// A Sync the proxy adds itself (never decoded from the client).
     HiddenSync,
+    /// An extended-protocol message PostgreSQL refuses with an ERROR, not by ending the
+    /// session: a Parse of a name the session already has (42P05), or a malformed Parse,
+    /// Bind, Describe, Close or Execute (08P01). The relay makes the server fail in its
+    /// place, so that the batch and any transaction block fail with it exactly as on a
+    /// direct connection; the client gets this error instead of the server's.
+    Fail(Frame),
 }
 
 impl Item {
@@ -265,6 +272,24 @@ pub fn decode(
     session: &Statements,
     local: &mut Statements,
 ) -> Result<Item> {
+    Ok(match frame.tag {
+        tag::QUERY => {
+            let class = classify.get(&query_sql(&frame.body)?);
+            Item::Query { frame, class }
+        }
+        tag::FUNCTION_CALL => Item::FunctionCall(frame),
+        _ => decode_extended(frame, classify, session, local)?,
+    })
+}
+
+/// [`decode`] for the extended-protocol messages, whose malformed forms are an ERROR (the
+/// server's own `pq_getmsg*` checks raise one), not a reason to end the session.
+fn decode_extended(
+    frame: Frame,
+    classify: &ClassifyCache,
+    session: &Statements,
+    local: &mut Statements,
+) -> Result<Item> {
     let lookup = |name: &str, local: &Statements| {
         local
             .get(name)
@@ -275,43 +300,54 @@ pub fn decode(
             })
             .cloned()
     };
+    let malformed =
+        |e: MalformedMessage| Item::Fail(error_response(Severity::Error, "08P01", &e.to_string()));
     Ok(match frame.tag {
-        tag::QUERY => {
-            let class = classify.get(&query_sql(&frame.body)?);
-            Item::Query { frame, class }
-        }
-        tag::FUNCTION_CALL => Item::FunctionCall(frame),
-        tag::PARSE => {
-            let parse = ParseMsg::decode(&frame.body)?;
-            let class = classify.get(&parse.sql);
-            let stmt = Arc::new(Statement::new(parse, class));
-            local.insert(stmt.parse.name.clone(), stmt.clone());
-            Item::Parse(stmt)
-        }
-        tag::BIND => {
-            let stmt = lookup(BindNames::decode(&frame.body)?.statement, local);
-            Item::Bind { frame, stmt }
-        }
-        tag::DESCRIBE => match decode_target(&frame.body, "Describe")? {
-            Target::Statement(name) => {
+        tag::PARSE => match ParseMsg::decode(&frame.body) {
+            Ok(parse) if !parse.name.is_empty() && lookup(&parse.name, local).is_some() => {
+                Item::Fail(error_response(
+                    Severity::Error,
+                    "42P05",
+                    &format!("prepared statement \"{}\" already exists", parse.name),
+                ))
+            }
+            Ok(parse) => {
+                let class = classify.get(&parse.sql);
+                let stmt = Arc::new(Statement::new(parse, class));
+                local.insert(stmt.parse.name.clone(), stmt.clone());
+                Item::Parse(stmt)
+            }
+            Err(e) => malformed(e),
+        },
+        tag::BIND => match BindNames::decode(&frame.body) {
+            Ok(names) => {
+                let stmt = lookup(names.statement, local);
+                Item::Bind { frame, stmt }
+            }
+            Err(e) => malformed(e),
+        },
+        tag::DESCRIBE => match decode_target(&frame.body, "Describe") {
+            Ok(Target::Statement(name)) => {
                 let stmt = lookup(name, local);
                 Item::DescribeStatement { frame, stmt }
             }
-            Target::Portal(_) => Item::Portal(frame),
+            Ok(Target::Portal(_)) => Item::Portal(frame),
+            Err(e) => malformed(e),
         },
-        tag::CLOSE => match decode_target(&frame.body, "Close")? {
-            Target::Statement(name) => {
+        tag::CLOSE => match decode_target(&frame.body, "Close") {
+            Ok(Target::Statement(name)) => {
                 let name = name.to_owned();
                 let known = local.get(&name).is_some() | session.contains_key(&name);
                 local.mark_closed(&name);
                 Item::CloseStatement { frame, name, known }
             }
-            Target::Portal(_) => Item::Portal(frame),
+            Ok(Target::Portal(_)) => Item::Portal(frame),
+            Err(e) => malformed(e),
         },
-        tag::EXECUTE => {
-            validate_execute(&frame.body)?;
-            Item::Portal(frame)
-        }
+        tag::EXECUTE => match validate_execute(&frame.body) {
+            Ok(()) => Item::Portal(frame),
+            Err(e) => malformed(e),
+        },
         tag::SYNC => Item::Sync,
         tag::FLUSH => Item::Flush,
         other => {
@@ -330,7 +366,8 @@ mod tests {
     use super::*;
 
     /// Decodes `messages` (`Q sql`, `P name sql`, `B portal statement`, `E portal`,
-    /// `D portal` (Describe), `S`) as the session would.
+    /// `D portal` (Describe), `C statement` (Close), `X name` (a Describe of kind X), `S`)
+    /// as the session would.
     fn items(messages: &[&str]) -> Vec<Item> {
         let classify = ClassifyCache::new(64, vec![]);
         let session = Statements::default();
@@ -373,6 +410,15 @@ mod tests {
                         cstr(&format!("P{}", parts.next().unwrap_or_default()));
                         tag::DESCRIBE
                     }
+                    "C" => {
+                        cstr(&format!("S{}", parts.next().unwrap_or_default()));
+                        tag::CLOSE
+                    }
+                    // A Describe of neither a statement nor a portal.
+                    "X" => {
+                        cstr(&format!("X{}", parts.next().unwrap_or_default()));
+                        tag::DESCRIBE
+                    }
                     _ => tag::SYNC,
                 };
                 let frame = Frame {
@@ -382,6 +428,71 @@ mod tests {
                 decode(frame, &classify, &session, &mut local).expect("valid message")
             })
             .collect()
+    }
+
+    fn failure(item: &Item) -> Option<String> {
+        match item {
+            Item::Fail(f) => Some(crate::protocol::ErrorFields::parse(&f.body).code),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn parsing_a_name_again_fails_until_it_is_closed() {
+        let decoded = items(&[
+            "P a SELECT 1",
+            "P a SELECT 2",
+            "P  SELECT 3",
+            "P  SELECT 4",
+            "C a",
+            "P a SELECT 5",
+            "S",
+        ]);
+        let codes: Vec<_> = decoded.iter().map(failure).collect();
+        assert_eq!(
+            codes,
+            [None, Some("42P05".into()), None, None, None, None, None],
+            "the unnamed statement is replaced; a closed name is free again"
+        );
+        // The failed Parse did not replace the statement a later Bind finds.
+        let decoded = items(&["P a SELECT 1", "P a SELECT 2", "B  a", "S"]);
+        let Item::Bind { stmt: Some(s), .. } = &decoded[2] else {
+            panic!("{decoded:?}");
+        };
+        assert_eq!(s.parse.sql, "SELECT 1");
+    }
+
+    #[test]
+    fn a_malformed_extended_message_is_an_error_not_the_end_of_the_session() {
+        let decoded = items(&["X a", "S"]);
+        assert_eq!(failure(&decoded[0]).as_deref(), Some("08P01"));
+        let classify = ClassifyCache::new(64, vec![]);
+        let mut local = Statements::default();
+        let truncated_bind = Frame {
+            tag: tag::BIND,
+            body: bytes::Bytes::from_static(b"\0"),
+        };
+        let item = decode(
+            truncated_bind,
+            &classify,
+            &Statements::default(),
+            &mut local,
+        );
+        assert_eq!(failure(&item.unwrap()).as_deref(), Some("08P01"));
+        let query_with_trailing_bytes = Frame {
+            tag: tag::QUERY,
+            body: bytes::Bytes::from_static(b"SELECT 1\0x"),
+        };
+        assert!(
+            decode(
+                query_with_trailing_bytes,
+                &classify,
+                &Statements::default(),
+                &mut local
+            )
+            .is_err(),
+            "a malformed simple Query still ends the session"
+        );
     }
 
     /// What the session answers itself in a transaction block that failed before reaching

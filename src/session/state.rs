@@ -149,6 +149,11 @@ impl Statements {
         }
     }
 
+    /// What `DEALLOCATE ALL` drops: the named statements, not the unnamed one.
+    pub fn clear_named(&mut self) {
+        self.named.clear();
+    }
+
     pub fn clear(&mut self) {
         self.unnamed = None;
         self.named.clear();

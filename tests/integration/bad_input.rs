@@ -36,7 +36,6 @@ async fn bad_lengths_and_unknown_messages_get_fatal_08p01() {
         vec![b'Q', 0, 0, 0, 2],             // shorter than itself
         vec![b'?', 0, 0, 0, 4],             // no such message type
         vec![b'Q', 0, 0, 0, 7, b'x', 0, 0], // bytes after the query's terminator
-        vec![b'B', 0, 0, 0, 5, 0],          // Bind without its statement name
     ] {
         let mut s = logged_in(&proxy).await;
         s.write_all(&bad).await.unwrap();

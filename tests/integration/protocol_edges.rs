@@ -871,3 +871,99 @@ async fn after_a_failed_prepare_with_flush_the_rest_up_to_the_sync_is_skipped() 
         assert_eq!(tags(&c.send(&query("SELECT 1")).await), "TDCZ", "{addr}");
     }
 }
+
+/// Errors the session raises for the server: a Parse of a name the session already has
+/// (42P05), a malformed Bind or a Describe of an unknown kind (08P01). Each fails what the
+/// server would fail with it, as on a direct connection: the batch's implicit transaction
+/// (an INSERT before it is not committed) or the open transaction block (its COMMIT rolls
+/// back), and the session goes on. pgsplit used to replace the statement at such a Parse,
+/// and to end the session at a malformed message.
+#[tokio::test]
+async fn errors_raised_for_the_server_fail_what_the_server_would_fail() {
+    let c = cluster();
+    let t = unique("raised_errors");
+    let primary = direct(c.primary).await;
+    primary
+        .batch_execute(&format!(
+            "CREATE TABLE {t} (who text); GRANT INSERT ON {t} TO trustuser"
+        ))
+        .await
+        .unwrap();
+    let (_proxies, addrs) = direct_and_both_modes().await;
+    let truncated_bind = message(b'B', &[0]);
+    let describe_of_kind_x = message(b'D', b"Xs1\0");
+    for addr in addrs {
+        let mut s = RawClient::login(addr, "trustuser").await;
+        s.parse("s1", "SELECT 1").await;
+        let insert = |who: &str| {
+            let mut req = parse_bind_execute(&format!("INSERT INTO {t} VALUES ('{who}')"));
+            req.truncate(req.len() - sync().len());
+            req
+        };
+        for (n, failing) in [
+            parse("s1", "SELECT 2"),
+            truncated_bind.clone(),
+            describe_of_kind_x.clone(),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let code = ["42P05", "08P01", "08P01"][n];
+            // Outside a block: the INSERT's implicit transaction fails.
+            let mut req = insert(&format!("{addr} implicit {n}"));
+            req.extend(&failing);
+            req.extend(execute());
+            req.extend(sync());
+            let msgs = s.send(&req).await;
+            assert_eq!(tags(&msgs), "12CEZ", "{addr} {n}: {msgs:?}");
+            assert_eq!(error_code(&msgs).as_deref(), Some(code), "{addr} {n}");
+            assert_eq!(status(&msgs), b'I', "{addr} {n}");
+            // Inside one: the block fails, and its COMMIT rolls back.
+            assert_eq!(tags(&s.send(&query("BEGIN")).await), "CZ", "{addr}");
+            let mut req = insert(&format!("{addr} block {n}"));
+            req.extend(sync());
+            assert_eq!(tags(&s.send(&req).await), "12CZ", "{addr} {n}");
+            let mut req = failing.clone();
+            req.extend(sync());
+            let msgs = s.send(&req).await;
+            assert_eq!(tags(&msgs), "EZ", "{addr} {n}: {msgs:?}");
+            assert_eq!(error_code(&msgs).as_deref(), Some(code), "{addr} {n}");
+            assert_eq!(status(&msgs), b'E', "{addr} {n}");
+            let msgs = s.send(&query("COMMIT")).await;
+            assert!(
+                msgs.iter()
+                    .any(|m| m.0 == b'C' && m.1.starts_with(b"ROLLBACK")),
+                "{addr} {n}: {msgs:?}"
+            );
+            assert_eq!(status(&msgs), b'I', "{addr} {n}");
+        }
+        // The statement the failed Parse named is the first one, still.
+        assert_eq!(s.execute_named("s1").await, "1", "{addr}");
+        assert_eq!(tags(&s.send(&query("SELECT 1")).await), "TDCZ", "{addr}");
+    }
+    let committed: i64 = primary
+        .query_one(&format!("SELECT count(*) FROM {t}"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        committed, 0,
+        "nothing the failed requests ran was committed"
+    );
+}
+
+/// After a `DEALLOCATE ALL` the server ran (through the extended protocol, so pgsplit does
+/// not answer it itself), the client's statement names are free again: preparing one
+/// anew works, as on a direct connection, and runs the new text.
+#[tokio::test]
+async fn names_freed_by_deallocate_all_can_be_prepared_again() {
+    let (_proxies, addrs) = direct_and_both_modes().await;
+    for addr in addrs {
+        let mut s = RawClient::login(addr, "trustuser").await;
+        s.parse("s1", "SELECT 1").await;
+        let msgs = s.send(&parse_bind_execute("DEALLOCATE ALL")).await;
+        assert_eq!(tags(&msgs), "12CZ", "{addr}: {msgs:?}");
+        s.parse("s1", "SELECT 2").await;
+        assert_eq!(s.execute_named("s1").await, "2", "{addr}");
+    }
+}
