@@ -398,21 +398,9 @@ impl ServerConn {
         }
     }
 
-    /// Run a one-value query the proxy needs and return the first column of the first row
-    /// as text. Notifications that arrive meanwhile (the connection of a session that
-    /// LISTENs) are the client's: they go to `notifications`.
-    pub async fn query_text(
-        &mut self,
-        sql: &str,
-        max_message: usize,
-        notifications: &mut Vec<Frame>,
-    ) -> Result<Option<String>, BackendError> {
-        let row = self.query_row(sql, max_message, notifications).await?;
-        Ok(row.into_iter().next().flatten())
-    }
-
-    /// [`query_text`](Self::query_text), returning every column of the first row (empty
-    /// when there is no row).
+    /// Run a query the proxy needs and return every column of its first row as text (empty
+    /// when there is no row). Notifications that arrive meanwhile (the connection of a
+    /// session that LISTENs) are the client's: they go to `notifications`.
     pub async fn query_row(
         &mut self,
         sql: &str,
@@ -423,6 +411,31 @@ impl ServerConn {
         protocol::query_frame(sql).encode_into(&mut out);
         self.wr.send_all(&out).await.map_err(BackendError::Io)?;
         self.unnamed = None;
+        self.first_row(max_message, notifications).await
+    }
+
+    /// The value of the setting `name` now in force on this connection (`None`: there is
+    /// none), read without disturbing the client's unnamed statement or portal (see
+    /// [`protocol::read_setting_messages`]).
+    pub async fn read_setting(
+        &mut self,
+        name: &str,
+        max_message: usize,
+        notifications: &mut Vec<Frame>,
+    ) -> Result<Option<String>, BackendError> {
+        let mut out = BytesMut::new();
+        protocol::read_setting_messages(name, &mut out);
+        self.wr.send_all(&out).await.map_err(BackendError::Io)?;
+        let row = self.first_row(max_message, notifications).await?;
+        Ok(row.into_iter().next().flatten())
+    }
+
+    /// The first row of the answer up to ReadyForQuery, or its error.
+    async fn first_row(
+        &mut self,
+        max_message: usize,
+        notifications: &mut Vec<Frame>,
+    ) -> Result<Vec<Option<String>>, BackendError> {
         let mut value = None;
         let mut error = None;
         loop {

@@ -315,9 +315,78 @@ pub fn sync_frame() -> Frame {
     }
 }
 
+/// Messages that read the value of the setting `name` now in force
+/// (`current_setting(name, true)`: NULL if there is none) through a statement and portal
+/// of their own, then close both and Sync. Unlike a simple Query, they leave the client's
+/// unnamed statement and portal alone: inside a transaction block the client may still be
+/// fetching from its portal.
+pub fn read_setting_messages(name: &str, out: &mut BytesMut) {
+    const STATEMENT: &[u8] = b"pgsplit\x01read setting\0";
+    const SQL: &[u8] = b"SELECT pg_catalog.current_setting($1, true)\0";
+    let mut message = |tag: u8, parts: &[&[u8]]| {
+        out.put_u8(tag);
+        out.put_i32(4 + parts.iter().map(|p| p.len()).sum::<usize>() as i32);
+        for part in parts {
+            out.put_slice(part);
+        }
+    };
+    // One parameter, of type text (OID 25).
+    message(tag::PARSE, &[STATEMENT, SQL, &[0, 1, 0, 0, 0, 25]]);
+    // Portal and statement of the same name; no format codes (text); the name; text results.
+    message(
+        tag::BIND,
+        &[
+            STATEMENT,
+            STATEMENT,
+            &[0, 0, 0, 1],
+            &(name.len() as i32).to_be_bytes(),
+            name.as_bytes(),
+            &[0, 0],
+        ],
+    );
+    message(tag::EXECUTE, &[STATEMENT, &[0, 0, 0, 0]]);
+    message(tag::CLOSE, &[b"P", STATEMENT]);
+    message(tag::CLOSE, &[b"S", STATEMENT]);
+    message(tag::SYNC, &[]);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reading_a_setting_names_neither_the_unnamed_statement_nor_portal() {
+        let mut out = BytesMut::new();
+        read_setting_messages("search_path", &mut out);
+        let mut frames = Vec::new();
+        let mut buf = out;
+        while let Some(f) = crate::protocol::decode_frame(&mut buf, 1 << 20).unwrap() {
+            frames.push(f);
+        }
+        assert!(buf.is_empty());
+        let tags: Vec<u8> = frames.iter().map(|f| f.tag).collect();
+        assert_eq!(tags, b"PBECCS");
+        let parse = ParseMsg::decode(&frames[0].body).unwrap();
+        assert_eq!(parse.name, "pgsplit\u{1}read setting");
+        let bind = BindNames::decode(&frames[1].body).unwrap();
+        assert_eq!(
+            (bind.portal, bind.statement),
+            (parse.name.as_str(), parse.name.as_str())
+        );
+        assert_eq!(
+            bind_text_values(bind.tail(&frames[1].body)),
+            Some(vec![&b"search_path"[..]])
+        );
+        validate_execute(&frames[2].body).unwrap();
+        assert_eq!(
+            decode_target(&frames[3].body, "Close"),
+            Ok(Target::Portal(&parse.name))
+        );
+        assert_eq!(
+            decode_target(&frames[4].body, "Close"),
+            Ok(Target::Statement(&parse.name))
+        );
+    }
 
     #[test]
     fn bind_text_values_follow_the_format_codes_and_never_panic() {

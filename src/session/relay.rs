@@ -353,15 +353,10 @@ impl Session {
     async fn read_back_settings(&mut self, fl: &mut InFlight) -> Result<()> {
         let max = self.runtime.config.proxy.max_message_bytes;
         for name in std::mem::take(&mut fl.read_back) {
-            let quoted = name.replace('\'', "''");
             let mut notifications = Vec::new();
             let value = fl
                 .conn
-                .query_text(
-                    &format!("SELECT pg_catalog.current_setting('{quoted}', true)"),
-                    max,
-                    &mut notifications,
-                )
+                .read_setting(&name, max, &mut notifications)
                 .await
                 .map_err(Error::Backend)?;
             for n in notifications {

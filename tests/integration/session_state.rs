@@ -384,3 +384,49 @@ async fn a_pinned_session_whose_connection_dies_ends_instead_of_forgetting() {
         );
     }
 }
+
+/// pgsplit reads a setting back after a `set_config(…, false)` on the connection that ran
+/// it. Inside a transaction block the client may still be fetching from its unnamed portal
+/// (Execute with a row limit): the read must leave that portal alone, as a direct
+/// connection would (it read with a simple Query, which destroyed the portal: 34000).
+#[tokio::test]
+async fn reading_back_a_set_config_leaves_the_clients_portal_open() {
+    let (_proxies, addrs) = direct_and_both_modes().await;
+    let execute_10 = message(b'E', &[0, 0, 0, 0, 10]);
+    for addr in addrs {
+        let mut s = RawClient::login(addr, "trustuser").await;
+        assert_eq!(tags(&s.send(&query("BEGIN")).await), "CZ", "{addr}");
+        let mut req = parse(
+            "",
+            "SELECT set_config('application_name', 'read back ' || g, false), g \
+             FROM generate_series(1, 25) g",
+        );
+        req.extend(bind(""));
+        req.extend(&execute_10);
+        req.extend(sync());
+        // ParameterStatus messages (S) report each new application_name.
+        let msgs = s.send(&req).await;
+        assert_eq!(
+            tags(&msgs).replace('S', ""),
+            "12DDDDDDDDDDsZ",
+            "{addr}: {msgs:?}"
+        );
+        let mut req = execute_10.clone();
+        req.extend(sync());
+        let msgs = s.send(&req).await;
+        assert_eq!(
+            tags(&msgs).replace('S', ""),
+            "DDDDDDDDDDsZ",
+            "{addr}: {msgs:?}"
+        );
+        let msgs = s.send(&query("COMMIT")).await;
+        assert_eq!(tags(&msgs), "CZ", "{addr}: {msgs:?}");
+        // And the setting read back is the session's.
+        let msgs = s.send(&query("SHOW application_name")).await;
+        assert!(
+            msgs.iter()
+                .any(|m| m.0 == b'D' && m.1.windows(9).any(|w| w == b"read back")),
+            "{addr}: {msgs:?}"
+        );
+    }
+}
