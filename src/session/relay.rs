@@ -90,9 +90,9 @@ enum Expect {
     CloseUnnamed,
     /// As for Bind.
     DescribeStatement(Option<super::state::SharedStatement>),
-    /// A Describe of [`NO_SUCH_STATEMENT`] standing for an [`Item::Fail`]: the server's
-    /// error is replaced by this one.
-    Fail(Frame),
+    /// The Describe of an invalid kind standing for an [`Item::Fail`]: the server's error
+    /// is replaced by the client's own.
+    Fail(protocol::MalformedMessage),
     DescribePortal,
     Execute,
     Close,
@@ -535,8 +535,9 @@ impl Session {
                 .encode_into(out);
             }
             Item::Fail(error) => {
-                protocol::encode_statement_target(tag::DESCRIBE, NO_SUCH_STATEMENT)
-                    .encode_into(out);
+                // A Describe of neither a statement nor a portal: refused with an ERROR in
+                // any state, never answered with a description.
+                out.extend_from_slice(&[tag::DESCRIBE, 0, 0, 0, 6, b'X', 0]);
                 fl.expects.push_back(Expect::Fail(error.clone()));
             }
         }
@@ -972,7 +973,8 @@ impl Session {
                 {
                     // The server failed where the client's message does: the client's
                     // error goes out instead of the server's, then everything runs its course.
-                    error.encode_into(&mut self.out);
+                    protocol::error_response(Severity::Error, "08P01", &error.to_string())
+                        .encode_into(&mut self.out);
                     substituted = true;
                 }
                 if fl.holding
@@ -1105,8 +1107,8 @@ impl Session {
             tag::ROW_DESCRIPTION | tag::NO_DATA => {
                 if matches!(
                     fl.expects.front(),
-                    // A Fail's statement exists only if a client named one after it: its
-                    // description goes out rather than the request waiting for ever.
+                    // A Fail is never described; should a server do it all the same, the
+                    // request goes on rather than waiting for ever.
                     Some(Expect::DescribeStatement(_) | Expect::DescribePortal | Expect::Fail(_))
                 ) {
                     fl.expects.pop_front();
@@ -1117,13 +1119,14 @@ impl Session {
                 match decode_command_tag(body()) {
                     b"ROLLBACK" => fl.rolled_back = true,
                     // The server dropped every prepared statement of this connection (a
-                    // DEALLOCATE is not undone by a rollback), and the client's names are
-                    // free again: a Parse of one must not fail with 42P05.
+                    // DEALLOCATE is not undone by a rollback), and the client's names with
+                    // them: a later Bind of one fails with 26000, as on a direct connection.
+                    // (Statements parsed after it in the same batch register at their own
+                    // ParseComplete, which comes later.)
                     b"DEALLOCATE ALL" | b"DISCARD ALL" => {
                         fl.conn.prepared.clear();
                         fl.conn.unnamed = None;
                         self.statements.clear_named();
-                        fl.local.clear_named();
                     }
                     _ => {}
                 }
@@ -1147,10 +1150,6 @@ impl Session {
         }
     }
 }
-
-/// The statement an [`Item::Fail`] describes to make the server fail: no pgsplit name
-/// looks like it, and a client would have to choose it on purpose.
-const NO_SUCH_STATEMENT: &str = "pgsplit\u{1}no such statement";
 
 /// Parse, Bind and Execute of `BEGIN` in the unnamed statement and portal, without a Sync.
 fn encode_hidden_begin(out: &mut bytes::BytesMut) {

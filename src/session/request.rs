@@ -8,8 +8,8 @@ use std::sync::Arc;
 use super::state::{Statement, Statements};
 use crate::error::Result;
 use crate::protocol::{
-    BindNames, Frame, MalformedMessage, ParseMsg, Severity, Target, decode_target, error_response,
-    query_sql, tag, validate_execute,
+    BindNames, Frame, MalformedMessage, ParseMsg, Target, decode_target, query_sql, tag,
+    validate_execute,
 };
 use crate::router::{Classification, ClassifyCache, TxEffect};
 
@@ -43,12 +43,12 @@ pub enum Item {
     Flush,
     /// A Sync the proxy adds itself (never decoded from the client).
     HiddenSync,
-    /// An extended-protocol message PostgreSQL refuses with an ERROR, not by ending the
-    /// session: a Parse of a name the session already has (42P05), or a malformed Parse,
-    /// Bind, Describe, Close or Execute (08P01). The relay makes the server fail in its
+    /// A malformed Parse, Bind, Describe, Close or Execute, which PostgreSQL refuses with an
+    /// ERROR (08P01), not by ending the session. The relay makes the server fail in its
     /// place, so that the batch and any transaction block fail with it exactly as on a
-    /// direct connection; the client gets this error instead of the server's.
-    Fail(Frame),
+    /// direct connection; the client gets this error instead of the server's. (Kept as the
+    /// decoder's error, a few bytes: a client can send many such messages before a Sync.)
+    Fail(MalformedMessage),
 }
 
 impl Item {
@@ -92,7 +92,10 @@ pub fn ends_outside_transaction(items: &[Item], in_transaction: bool) -> bool {
                 Some(class) if frame.body.first() == Some(&0) => executed.push(class),
                 _ => return false,
             },
-            Item::Bind { .. } | Item::FunctionCall(_) | Item::HiddenSync => return false,
+            // A Fail fails the request where it stands: what comes after it never runs.
+            Item::Bind { .. } | Item::FunctionCall(_) | Item::HiddenSync | Item::Fail(_) => {
+                return false;
+            }
             _ => {}
         }
     }
@@ -300,31 +303,28 @@ fn decode_extended(
             })
             .cloned()
     };
-    let malformed =
-        |e: MalformedMessage| Item::Fail(error_response(Severity::Error, "08P01", &e.to_string()));
+    // A Parse of a name the session already has replaces the statement, where PostgreSQL
+    // answers 42P05: the session's names can outlive the server's view of them (a name
+    // registered by a replica attempt that was then abandoned, a DEALLOCATE the server
+    // refused because it knows the statement under pgsplit's name, a client that looks in
+    // pg_prepared_statements and finds only pgsplit's names), and a strict check would
+    // then fail that statement for the rest of the session.
     Ok(match frame.tag {
         tag::PARSE => match ParseMsg::decode(&frame.body) {
-            Ok(parse) if !parse.name.is_empty() && lookup(&parse.name, local).is_some() => {
-                Item::Fail(error_response(
-                    Severity::Error,
-                    "42P05",
-                    &format!("prepared statement \"{}\" already exists", parse.name),
-                ))
-            }
             Ok(parse) => {
                 let class = classify.get(&parse.sql);
                 let stmt = Arc::new(Statement::new(parse, class));
                 local.insert(stmt.parse.name.clone(), stmt.clone());
                 Item::Parse(stmt)
             }
-            Err(e) => malformed(e),
+            Err(e) => Item::Fail(e),
         },
         tag::BIND => match BindNames::decode(&frame.body) {
             Ok(names) => {
                 let stmt = lookup(names.statement, local);
                 Item::Bind { frame, stmt }
             }
-            Err(e) => malformed(e),
+            Err(e) => Item::Fail(e),
         },
         tag::DESCRIBE => match decode_target(&frame.body, "Describe") {
             Ok(Target::Statement(name)) => {
@@ -332,7 +332,7 @@ fn decode_extended(
                 Item::DescribeStatement { frame, stmt }
             }
             Ok(Target::Portal(_)) => Item::Portal(frame),
-            Err(e) => malformed(e),
+            Err(e) => Item::Fail(e),
         },
         tag::CLOSE => match decode_target(&frame.body, "Close") {
             Ok(Target::Statement(name)) => {
@@ -342,11 +342,11 @@ fn decode_extended(
                 Item::CloseStatement { frame, name, known }
             }
             Ok(Target::Portal(_)) => Item::Portal(frame),
-            Err(e) => malformed(e),
+            Err(e) => Item::Fail(e),
         },
         tag::EXECUTE => match validate_execute(&frame.body) {
             Ok(()) => Item::Portal(frame),
-            Err(e) => malformed(e),
+            Err(e) => Item::Fail(e),
         },
         tag::SYNC => Item::Sync,
         tag::FLUSH => Item::Flush,
@@ -430,42 +430,27 @@ mod tests {
             .collect()
     }
 
-    fn failure(item: &Item) -> Option<String> {
+    fn failure(item: &Item) -> Option<MalformedMessage> {
         match item {
-            Item::Fail(f) => Some(crate::protocol::ErrorFields::parse(&f.body).code),
+            Item::Fail(e) => Some(e.clone()),
             _ => None,
         }
     }
 
     #[test]
-    fn parsing_a_name_again_fails_until_it_is_closed() {
-        let decoded = items(&[
-            "P a SELECT 1",
-            "P a SELECT 2",
-            "P  SELECT 3",
-            "P  SELECT 4",
-            "C a",
-            "P a SELECT 5",
-            "S",
-        ]);
-        let codes: Vec<_> = decoded.iter().map(failure).collect();
-        assert_eq!(
-            codes,
-            [None, Some("42P05".into()), None, None, None, None, None],
-            "the unnamed statement is replaced; a closed name is free again"
-        );
-        // The failed Parse did not replace the statement a later Bind finds.
+    fn parsing_a_name_again_replaces_the_statement() {
         let decoded = items(&["P a SELECT 1", "P a SELECT 2", "B  a", "S"]);
+        assert!(decoded.iter().all(|i| failure(i).is_none()));
         let Item::Bind { stmt: Some(s), .. } = &decoded[2] else {
             panic!("{decoded:?}");
         };
-        assert_eq!(s.parse.sql, "SELECT 1");
+        assert_eq!(s.parse.sql, "SELECT 2");
     }
 
     #[test]
     fn a_malformed_extended_message_is_an_error_not_the_end_of_the_session() {
         let decoded = items(&["X a", "S"]);
-        assert_eq!(failure(&decoded[0]).as_deref(), Some("08P01"));
+        assert_eq!(failure(&decoded[0]), Some(MalformedMessage("Describe")));
         let classify = ClassifyCache::new(64, vec![]);
         let mut local = Statements::default();
         let truncated_bind = Frame {
@@ -478,7 +463,7 @@ mod tests {
             &Statements::default(),
             &mut local,
         );
-        assert_eq!(failure(&item.unwrap()).as_deref(), Some("08P01"));
+        assert_eq!(failure(&item.unwrap()), Some(MalformedMessage("Bind")));
         let query_with_trailing_bytes = Frame {
             tag: tag::QUERY,
             body: bytes::Bytes::from_static(b"SELECT 1\0x"),

@@ -872,14 +872,13 @@ async fn after_a_failed_prepare_with_flush_the_rest_up_to_the_sync_is_skipped() 
     }
 }
 
-/// Errors the session raises for the server: a Parse of a name the session already has
-/// (42P05), a malformed Bind or a Describe of an unknown kind (08P01). Each fails what the
-/// server would fail with it, as on a direct connection: the batch's implicit transaction
-/// (an INSERT before it is not committed) or the open transaction block (its COMMIT rolls
-/// back), and the session goes on. pgsplit used to replace the statement at such a Parse,
-/// and to end the session at a malformed message.
+/// A malformed Bind, or a Describe of an unknown kind, is an ERROR (08P01) in PostgreSQL,
+/// not the end of the session, and it fails what the server would fail with it: the
+/// batch's implicit transaction (an INSERT before it is not committed) or the open
+/// transaction block (its COMMIT rolls back). pgsplit used to end the session; now it makes
+/// the server fail at that point too.
 #[tokio::test]
-async fn errors_raised_for_the_server_fail_what_the_server_would_fail() {
+async fn malformed_extended_messages_fail_what_the_server_would_fail() {
     let c = cluster();
     let t = unique("raised_errors");
     let primary = direct(c.primary).await;
@@ -900,15 +899,11 @@ async fn errors_raised_for_the_server_fail_what_the_server_would_fail() {
             req.truncate(req.len() - sync().len());
             req
         };
-        for (n, failing) in [
-            parse("s1", "SELECT 2"),
-            truncated_bind.clone(),
-            describe_of_kind_x.clone(),
-        ]
-        .into_iter()
-        .enumerate()
+        for (n, failing) in [truncated_bind.clone(), describe_of_kind_x.clone()]
+            .into_iter()
+            .enumerate()
         {
-            let code = ["42P05", "08P01", "08P01"][n];
+            let code = "08P01";
             // Outside a block: the INSERT's implicit transaction fails.
             let mut req = insert(&format!("{addr} implicit {n}"));
             req.extend(&failing);
@@ -937,7 +932,6 @@ async fn errors_raised_for_the_server_fail_what_the_server_would_fail() {
             );
             assert_eq!(status(&msgs), b'I', "{addr} {n}");
         }
-        // The statement the failed Parse named is the first one, still.
         assert_eq!(s.execute_named("s1").await, "1", "{addr}");
         assert_eq!(tags(&s.send(&query("SELECT 1")).await), "TDCZ", "{addr}");
     }
@@ -952,17 +946,24 @@ async fn errors_raised_for_the_server_fail_what_the_server_would_fail() {
     );
 }
 
-/// After a `DEALLOCATE ALL` the server ran (through the extended protocol, so pgsplit does
-/// not answer it itself), the client's statement names are free again: preparing one
-/// anew works, as on a direct connection, and runs the new text.
+/// A `DEALLOCATE ALL` the server ran (through the extended protocol, so pgsplit does not
+/// answer it itself) drops the client's statements: a Bind of one fails with 26000, as on a
+/// direct connection (pgsplit used to prepare it again and run it), and the name can be
+/// prepared anew.
 #[tokio::test]
-async fn names_freed_by_deallocate_all_can_be_prepared_again() {
+async fn a_deallocate_all_the_server_ran_drops_the_clients_statements() {
     let (_proxies, addrs) = direct_and_both_modes().await;
     for addr in addrs {
         let mut s = RawClient::login(addr, "trustuser").await;
         s.parse("s1", "SELECT 1").await;
         let msgs = s.send(&parse_bind_execute("DEALLOCATE ALL")).await;
         assert_eq!(tags(&msgs), "12CZ", "{addr}: {msgs:?}");
+        let msgs = s.send(&bind_execute("s1")).await;
+        assert_eq!(
+            error_code(&msgs).as_deref(),
+            Some("26000"),
+            "{addr}: {msgs:?}"
+        );
         s.parse("s1", "SELECT 2").await;
         assert_eq!(s.execute_named("s1").await, "2", "{addr}");
     }
