@@ -149,15 +149,23 @@ pub fn replayable_frames(captured: &[u8]) -> Option<BytesMut> {
     completed.then_some(out)
 }
 
-/// Well-formed frames only: a corrupted or foreign value never reaches a client.
+/// Well-formed frames of the shape [`replayable_frames`] stores (descriptions and rows,
+/// then one CommandComplete) only: a corrupted or foreign value never reaches a client, and
+/// never slips it a ReadyForQuery, an error or a parameter change the hit does not expect.
 fn valid_frames(mut rest: &[u8]) -> bool {
+    let mut completed = false;
     while !rest.is_empty() {
-        match split_frame(rest) {
-            Some((_, f)) => rest = &rest[f.len()..],
-            None => return false,
+        let Some((t, f)) = split_frame(rest) else {
+            return false;
+        };
+        rest = &rest[f.len()..];
+        match t {
+            tag::ROW_DESCRIPTION | tag::DATA_ROW | tag::NO_DATA if !completed => {}
+            tag::COMMAND_COMPLETE if !completed => completed = true,
+            _ => return false,
         }
     }
-    true
+    completed
 }
 
 fn split_frame(buf: &[u8]) -> Option<(u8, &[u8])> {
@@ -301,6 +309,30 @@ mod tests {
             decode_entry(Bytes::from_static(b"\0\0\0\0D\0\0\0\x09ab"), ""),
             None
         );
+    }
+
+    #[test]
+    fn stored_values_of_another_shape_are_refused() {
+        let done = protocol::command_complete("SELECT 1");
+        for body in [
+            // No CommandComplete: the client would wait for ever.
+            frames(&[row_description(), data_row()]),
+            // Anything after it, or a frame a hit never replays.
+            frames(&[data_row(), done.clone(), data_row()]),
+            frames(&[
+                data_row(),
+                protocol::ready_for_query(TxStatus::Idle),
+                done.clone(),
+            ]),
+            frames(&[
+                protocol::error_response(protocol::Severity::Error, "XX000", "no"),
+                done.clone(),
+            ]),
+        ] {
+            assert_eq!(decode_entry(encode_entry("1:00", &body), "1:00"), None);
+        }
+        let good = frames(&[row_description(), data_row(), done]);
+        assert!(decode_entry(encode_entry("1:00", &good), "1:00").is_some());
     }
 
     #[test]

@@ -26,7 +26,17 @@ pub fn normalize(sql: &str) -> Option<String> {
         }
         match t {
             Token::Word(w) if w.quote_style.is_none() => out.push_str(&w.value.to_lowercase()),
-            other => out.push_str(&other.to_string()),
+            other => {
+                let shown = other.to_string();
+                if shown.contains(['\'', '"', '\\']) {
+                    // The tokenizer unescapes quoted text and displays it without escaping
+                    // it again: 'x'' and b = ''y' would read like 'x' and b = 'y'. Debug
+                    // output escapes, and names the kind of literal.
+                    out.push_str(&format!("{other:?}"));
+                } else {
+                    out.push_str(&shown);
+                }
+            }
         }
     }
     Some(out)
@@ -69,6 +79,18 @@ mod tests {
         differ("SELECT 1.0", "SELECT 1");
         differ("SELECT $$a$$", "SELECT $$A$$");
         differ("SELECT 1; SELECT 2", "SELECT 1 SELECT 2");
+    }
+
+    #[test]
+    fn quotes_inside_literals_and_names_cannot_make_two_statements_alike() {
+        differ(
+            "SELECT * FROM albums WHERE artist = 'x'' and title = ''y' and title = 'z'",
+            "SELECT * FROM albums WHERE artist = 'x' and title = 'y'' and title = ''z'",
+        );
+        differ(r#"SELECT "a"" , ""b" FROM t"#, r#"SELECT "a" , "b" FROM t"#);
+        differ("SELECT E'a\\\\b'", "SELECT E'a\\\\\\\\b'");
+        differ("SELECT 'a'", "SELECT E'a'");
+        same("SELECT 'it''s'", "select   'it''s' ;");
     }
 
     #[test]

@@ -1429,6 +1429,19 @@ impl Visitor for Walk<'_> {
     }
 
     fn pre_visit_table_factor(&mut self, factor: &TableFactor) -> ControlFlow<()> {
+        if let TableFactor::Table {
+            sample:
+                Some(
+                    sqlparser::ast::TableSampleKind::BeforeTableAlias(sample)
+                    | sqlparser::ast::TableSampleKind::AfterTableAlias(sample),
+                ),
+            ..
+        } = factor
+            && sample.seed.is_none()
+        {
+            // TABLESAMPLE without REPEATABLE draws a new sample each time.
+            self.volatile = true;
+        }
         match factor {
             TableFactor::Table {
                 name,

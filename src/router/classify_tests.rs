@@ -50,7 +50,7 @@ const CASES: &[(&str, &str)] = &[
     ("SELECT CAST(a AS int), a::text, EXTRACT(year FROM d) FROM t", "R r=t"),
     ("SELECT 'it''s', E'a\\nb', $$dollar$$, $q$x$q$", "R"),
     ("SELECT t.id FROM t WHERE t.name LIKE 'a%' AND t.x BETWEEN 1 AND 2", "R r=t"),
-    ("SELECT * FROM t TABLESAMPLE SYSTEM (10)", "R r=t"),
+    ("SELECT * FROM t TABLESAMPLE SYSTEM (10)", "R vol r=t"),
     ("SELECT * FROM pg_catalog.pg_tables", "R r=pg_catalog.pg_tables"),
     ("SELECT version()", "R"),
     ("SELECT * FROM t WHERE b OPERATOR(pg_catalog.~) 'x'", "R r=t"),
@@ -83,6 +83,9 @@ const CASES: &[(&str, &str)] = &[
     ("SELECT 'now'::timestamptz", "R vol"),
     ("SELECT current_setting('server_version_num')::int", "R vol"),
     ("VALUES (now())", "R vol"),
+    // A new sample each time, unless seeded.
+    ("SELECT * FROM t TABLESAMPLE BERNOULLI (10)", "R vol r=t"),
+    ("SELECT * FROM t TABLESAMPLE SYSTEM (10) REPEATABLE (42)", "R r=t"),
     // Locking reads.
     ("SELECT * FROM t FOR UPDATE", "P r=t"),
     ("SELECT * FROM t WHERE id = 1 FOR SHARE NOWAIT", "P r=t"),
