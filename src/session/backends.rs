@@ -333,7 +333,9 @@ impl Session {
 
     /// The query that learns what a commit of `writes` needs known: where the primary's
     /// WAL is (read-your-writes) and, for the cache, which other tables the write may have
-    /// changed. `None` when nothing needs it.
+    /// changed. `None` when nothing needs it. The position is WAL *inserted*, not written:
+    /// with `synchronous_commit = off` a COMMIT returns before its record is written, and a
+    /// replica that reached the write position could still lack the commit.
     pub(super) fn commit_facts_query(&self, writes: &WriteSet) -> Option<String> {
         let ryw = self.consistency == Consistency::ReadYourWrites;
         let cache = self.shared.cache.is_some() && self.any_cache_rules();
@@ -345,7 +347,7 @@ impl Session {
         Some(if cache && !writes.raw_tables.is_empty() {
             super::cached::commit_facts_sql(&writes.raw_tables)
         } else {
-            "SELECT pg_catalog.pg_current_wal_lsn()::text".to_owned()
+            "SELECT pg_catalog.pg_current_wal_insert_lsn()::text".to_owned()
         })
     }
 

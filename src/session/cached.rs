@@ -303,7 +303,7 @@ impl Session {
     /// (foreign-key actions, triggers) into one that does.
     pub(super) fn defer_tail(&self) -> bool {
         self.shared.cache.is_some()
-            && self.tx == TxStatus::Idle
+            && (self.tx == TxStatus::Idle || self.committed)
             && self.writes.any
             && self.any_cache_rules()
     }
@@ -318,7 +318,14 @@ impl Session {
     /// After a request that ended outside a transaction: if what it committed wrote,
     /// learn the commit position (read-your-writes) and invalidate the cache.
     pub(super) async fn settle_writes(&mut self, conn: BackendId) {
-        if self.tx != TxStatus::Idle || !self.writes.any {
+        let committed = std::mem::take(&mut self.committed);
+        if !self.writes.any {
+            return;
+        }
+        if self.tx != TxStatus::Idle {
+            if committed {
+                Box::pin(self.settle_chained_commit(conn)).await;
+            }
             return;
         }
         let invalidate = self.any_cache_rules();
@@ -359,12 +366,46 @@ impl Session {
             }
         }
     }
+
+    /// A COMMIT with a transaction block open again behind it (COMMIT AND CHAIN, or
+    /// `COMMIT; BEGIN` in one request). What it changed cannot be asked inside the new
+    /// block (a query there would take the block's snapshot before the client's first
+    /// statement does): invalidate as for a commit whose facts are unknown. The writes stay
+    /// noted, for the block's own commit: some may have come after the COMMIT.
+    async fn settle_chained_commit(&mut self, conn: BackendId) {
+        if !conn.is_primary() || !self.any_cache_rules() {
+            return;
+        }
+        let Some(cache) = self.shared.cache.clone() else {
+            return;
+        };
+        let health = &self.runtime.backends.primary.health;
+        let samples = health.lsn_samples();
+        cache.invalidate(&[], true, health.lsn()).await;
+        // That position was read before the commit: a replica that reached it may still
+        // lack the commit and refill what it outdated. Once the health checker has read
+        // the position twice more (the first read may have begun before the commit), bump
+        // again at the newer one; such refills last about two health intervals at most.
+        let runtime = self.runtime.clone();
+        let interval = self.runtime.config.health.interval();
+        tokio::spawn(async move {
+            let health = &runtime.backends.primary.health;
+            // Not for ever: a primary that stays down is sampled no more.
+            for _ in 0..40 {
+                if health.lsn_samples() >= samples + 2 {
+                    cache.invalidate(&[], true, health.lsn()).await;
+                    return;
+                }
+                tokio::time::sleep(interval / 4).await;
+            }
+        });
+    }
 }
 
 /// The commit position, plus what else the write may have changed: through foreign-key
 /// actions (cascades, SET NULL, SET DEFAULT, transitively), inheritance and partitions,
-/// updatable views and rules, and for the views reading any of it; and whether user
-/// triggers ran on any of it.
+/// updatable views and rules, and for the views and row-level security policies reading
+/// any of it; and whether user triggers ran on any of it.
 pub(super) fn commit_facts_sql(tables: &[String]) -> String {
     let names: Vec<String> = tables
         .iter()
@@ -391,8 +432,9 @@ pub(super) fn commit_facts_sql(tables: &[String]) -> String {
     // w walks from the written relations to every relation whose rows or reads the write
     // may have changed. Downwards (`down`, from the named relations only): inheritance
     // children and partitions, and what a view or rule on them writes through to.
-    // From everything reached: foreign-key actions, inheritance parents, and the views
-    // that read it. Only rows of `down` relations change, so only their triggers fire. One recursive term with LATERAL keeps the planner's estimate small
+    // From everything reached: foreign-key actions, inheritance parents, the views that
+    // read it, and the tables whose row-level security policies read it (what those show
+    // changes with it). Only rows of `down` relations change, so only their triggers fire. One recursive term with LATERAL keeps the planner's estimate small
     // (two recursive CTEs made it large enough to JIT-compile a 1 ms query for 300 ms).
     format!(
         "WITH RECURSIVE w(oid, down) AS (\
@@ -412,11 +454,16 @@ pub(super) fn commit_facts_sql(tables: &[String]) -> String {
              UNION ALL \
              SELECT i.inhparent, false FROM pg_catalog.pg_inherits i WHERE i.inhrelid = w.oid \
              UNION ALL \
+             SELECT p.polrelid, false FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_policy p \
+               ON d.classid = 'pg_catalog.pg_policy'::regclass AND d.objid = p.oid \
+             WHERE d.refclassid = 'pg_catalog.pg_class'::regclass AND d.refobjid = w.oid \
+               AND p.polrelid <> w.oid \
+             UNION ALL \
              SELECT r.ev_class, false FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_rewrite r \
                ON d.classid = 'pg_catalog.pg_rewrite'::regclass AND d.objid = r.oid \
              WHERE d.refclassid = 'pg_catalog.pg_class'::regclass AND d.refobjid = w.oid \
                AND r.ev_class <> w.oid AND r.ev_type = '1') x(oid, down)) \
-         SELECT pg_catalog.pg_current_wal_lsn()::text, \
+         SELECT pg_catalog.pg_current_wal_insert_lsn()::text, \
            (SELECT string_agg(DISTINCT c.relname, ',') FROM w JOIN pg_catalog.pg_class c ON c.oid = w.oid), \
            (SELECT count(*) FROM pg_catalog.pg_trigger t \
             WHERE NOT t.tgisinternal AND t.tgrelid IN (SELECT oid FROM w WHERE down))",

@@ -257,6 +257,10 @@ pub struct Session {
     min_lsn_unknown_since: Option<u64>,
     /// What was written since the last commit (read-your-writes, cache invalidation).
     writes: cached::WriteSet,
+    /// The request in flight ran a COMMIT (the server's tag, so not a failed block's): with
+    /// a block open again after it (COMMIT AND CHAIN, `COMMIT; BEGIN`), the cache must still
+    /// learn of the commit before the client does.
+    committed: bool,
     /// The commit-facts query sent behind the current request, and its answer.
     commit_read: backends::CommitRead,
     /// The client's BEGIN was answered by the proxy and goes to the primary with the
@@ -361,6 +365,7 @@ impl Session {
             min_lsn: 0,
             min_lsn_unknown_since: None,
             writes: cached::WriteSet::default(),
+            committed: false,
             commit_read: backends::CommitRead::NotSent,
             deferred_begin: false,
             login_user: login.user.config.name.clone(),

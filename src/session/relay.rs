@@ -1118,6 +1118,7 @@ impl Session {
             tag::COMMAND_COMPLETE => {
                 match decode_command_tag(body()) {
                     b"ROLLBACK" => fl.rolled_back = true,
+                    b"COMMIT" if !fl.retry => self.committed = true,
                     // The server dropped every prepared statement of this connection (a
                     // DEALLOCATE is not undone by a rollback), and the client's names with
                     // them: a later Bind of one fails with 26000, as on a direct connection.

@@ -698,6 +698,90 @@ async fn cascades_and_triggers_invalidate_what_they_change() {
     );
 }
 
+/// A COMMIT that leaves a transaction block open behind it (COMMIT AND CHAIN, or
+/// `COMMIT; BEGIN` in one Query) has committed: others must miss what it outdated at
+/// once, not when the chained block ends.
+#[tokio::test]
+async fn a_commit_and_chain_invalidates_at_the_commit() {
+    let t = unique("cache_chain");
+    make_table(&t).await;
+    let proxy = cache_proxy(&unique("p"), &[&t], &[]).await;
+    let (writer, reader) = (proxy.app().await, proxy.app().await);
+    let read = format!("SELECT v FROM {t} WHERE id = 1");
+    for (n, commit) in ["COMMIT AND CHAIN", "COMMIT; BEGIN"]
+        .into_iter()
+        .enumerate()
+    {
+        let stores = proxy.shared.cache.clone().expect("cache").snapshot().stores;
+        let before = simple_value(&reader, &read).await;
+        stored_more_than(&proxy, stores).await;
+        assert_eq!(simple_value(&reader, &read).await, before, "a hit");
+        let value = format!("chained{n}");
+        writer
+            .batch_execute(&format!(
+                "BEGIN; UPDATE {t} SET v = '{value}' WHERE id = 1; {commit}"
+            ))
+            .await
+            .unwrap();
+        // Replicated first: the miss that must follow reads a replica.
+        wait_replicated().await;
+        assert_eq!(
+            simple_value(&reader, &read).await,
+            value,
+            "after {commit}, with the chained block still open"
+        );
+        // A write in the chained block is invalidated at its own commit.
+        let later = format!("later{n}");
+        writer
+            .batch_execute(&format!(
+                "UPDATE {t} SET v = '{later}' WHERE id = 1; COMMIT"
+            ))
+            .await
+            .unwrap();
+        assert_eq!(simple_value(&reader, &read).await, later, "{commit}");
+    }
+}
+
+/// A row-level security policy that reads another table: a write to that table changes
+/// what the policy lets a user see, so it invalidates the reads of the policy's table.
+#[tokio::test]
+async fn a_write_a_security_policy_reads_invalidates_the_tables_it_guards() {
+    let (docs, members) = (unique("cache_docs"), unique("cache_members"));
+    let c = cluster();
+    direct(c.primary)
+        .await
+        .batch_execute(&format!(
+            "CREATE TABLE {docs} (id int, team int);
+             CREATE TABLE {members} (team int, who text);
+             INSERT INTO {docs} VALUES (1, 7), (2, 8);
+             INSERT INTO {members} VALUES (7, 'app');
+             ALTER TABLE {docs} ENABLE ROW LEVEL SECURITY;
+             CREATE POLICY {docs}_team ON {docs}
+               USING (team IN (SELECT team FROM {members} WHERE who = current_user));
+             GRANT ALL ON {docs}, {members} TO app;"
+        ))
+        .await
+        .unwrap();
+    wait_replicated().await;
+    // Only the guarded table is whitelisted.
+    let proxy = cache_proxy(&unique("p"), &[&docs], &[]).await;
+    let client = proxy.app().await;
+    let visible = format!("SELECT count(*) FROM {docs}");
+    let stores = proxy.shared.cache.clone().expect("cache").snapshot().stores;
+    assert_eq!(simple_value(&client, &visible).await, "1");
+    stored_more_than(&proxy, stores).await;
+    assert_eq!(simple_value(&client, &visible).await, "1");
+    client
+        .batch_execute(&format!("DELETE FROM {members} WHERE team = 7"))
+        .await
+        .unwrap();
+    assert_eq!(
+        simple_value(&client, &visible).await,
+        "0",
+        "the membership's removal invalidated what the policy showed"
+    );
+}
+
 /// Writes reach cached reads through other relations too: a base table's reads after an
 /// update through its view, a view's reads after a write to its base table, a partitioned
 /// table's reads after an insert into one partition, and a rule's target.
