@@ -25,7 +25,10 @@ pub fn normalize(sql: &str) -> Option<String> {
             out.push(' ');
         }
         match t {
-            Token::Word(w) if w.quote_style.is_none() => out.push_str(&w.value.to_lowercase()),
+            // PostgreSQL folds ASCII letters only (in UTF-8): `Ärzte` and `ärzte` are two tables.
+            Token::Word(w) if w.quote_style.is_none() => {
+                out.push_str(&w.value.to_ascii_lowercase())
+            }
             other => {
                 let shown = other.to_string();
                 if shown.contains(['\'', '"', '\\']) {
@@ -91,6 +94,12 @@ mod tests {
         differ("SELECT E'a\\\\b'", "SELECT E'a\\\\\\\\b'");
         differ("SELECT 'a'", "SELECT E'a'");
         same("SELECT 'it''s'", "select   'it''s' ;");
+    }
+
+    #[test]
+    fn only_ascii_letters_fold() {
+        differ("SELECT * FROM Ärzte", "SELECT * FROM ärzte");
+        same("SELECT * FROM ÄRZTE", "select * from Ärzte");
     }
 
     #[test]

@@ -128,7 +128,7 @@ fn rule_table_name(name: &str) -> String {
     let bare = name.trim().rsplit('.').next().unwrap_or(name).trim();
     match bare.strip_prefix('"').and_then(|b| b.strip_suffix('"')) {
         Some(quoted) => version_name(quoted),
-        None => version_name(&bare.to_lowercase()),
+        None => version_name(&bare.to_ascii_lowercase()),
     }
 }
 

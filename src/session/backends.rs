@@ -33,6 +33,20 @@ pub(super) struct CommitFacts {
     pub triggers: bool,
 }
 
+/// Where a commit just acknowledged ends in the primary's WAL, as text: the *insert*
+/// position, not the written one (with `synchronous_commit = off` a COMMIT returns before
+/// its record is written, and a replica that reached the write position could lack it).
+/// At a page boundary the insert position points past the next page's header (24 bytes,
+/// 40 at a segment start), where no record ends and no replica's replay position stops:
+/// such a position is taken back to the boundary.
+pub(super) const COMMIT_POSITION_SQL: &str = "(SELECT (CASE \
+    WHEN o % pg_catalog.current_setting('wal_block_size')::numeric = 24 THEN l - 24 \
+    WHEN o % pg_catalog.pg_size_bytes(pg_catalog.current_setting('wal_segment_size')) = 40 \
+      THEN l - 40 \
+    ELSE l END)::text \
+  FROM (SELECT l, l - '0/0'::pg_lsn \
+        FROM (SELECT pg_catalog.pg_current_wal_insert_lsn()) i(l)) x(l, o))";
+
 impl Session {
     /// A connection for `route`, connected and carrying the session's settings.
     pub(super) async fn acquire(&mut self, route: Route) -> Result<BackendId> {
@@ -333,9 +347,7 @@ impl Session {
 
     /// The query that learns what a commit of `writes` needs known: where the primary's
     /// WAL is (read-your-writes) and, for the cache, which other tables the write may have
-    /// changed. `None` when nothing needs it. The position is WAL *inserted*, not written:
-    /// with `synchronous_commit = off` a COMMIT returns before its record is written, and a
-    /// replica that reached the write position could still lack the commit.
+    /// changed. `None` when nothing needs it.
     pub(super) fn commit_facts_query(&self, writes: &WriteSet) -> Option<String> {
         let ryw = self.consistency == Consistency::ReadYourWrites;
         let cache = self.shared.cache.is_some() && self.any_cache_rules();
@@ -347,7 +359,7 @@ impl Session {
         Some(if cache && !writes.raw_tables.is_empty() {
             super::cached::commit_facts_sql(&writes.raw_tables)
         } else {
-            "SELECT pg_catalog.pg_current_wal_insert_lsn()::text".to_owned()
+            format!("SELECT {COMMIT_POSITION_SQL}")
         })
     }
 

@@ -463,11 +463,12 @@ pub(super) fn commit_facts_sql(tables: &[String]) -> String {
                ON d.classid = 'pg_catalog.pg_rewrite'::regclass AND d.objid = r.oid \
              WHERE d.refclassid = 'pg_catalog.pg_class'::regclass AND d.refobjid = w.oid \
                AND r.ev_class <> w.oid AND r.ev_type = '1') x(oid, down)) \
-         SELECT pg_catalog.pg_current_wal_insert_lsn()::text, \
+         SELECT {}, \
            (SELECT string_agg(DISTINCT c.relname, ',') FROM w JOIN pg_catalog.pg_class c ON c.oid = w.oid), \
            (SELECT count(*) FROM pg_catalog.pg_trigger t \
             WHERE NOT t.tgisinternal AND t.tgrelid IN (SELECT oid FROM w WHERE down))",
-        names.join(",")
+        names.join(","),
+        super::backends::COMMIT_POSITION_SQL,
     )
 }
 

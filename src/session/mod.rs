@@ -721,6 +721,8 @@ impl Session {
         open: bool,
     ) -> Result<()> {
         self.pinned_in_request = false;
+        // Set by a COMMIT of this request only (an abandoned attempt's must not count).
+        self.committed = false;
         if let Some(reply) = self.local_reply(items) {
             return self.client.send(&reply).await;
         }
