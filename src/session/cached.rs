@@ -323,8 +323,13 @@ impl Session {
             return;
         }
         if self.tx != TxStatus::Idle {
-            if committed {
-                Box::pin(self.settle_chained_commit(conn)).await;
+            if committed && conn.is_primary() {
+                // COMMIT AND CHAIN, or `COMMIT; BEGIN` in one request: what it changed
+                // cannot be asked inside the new block (a query there would take the
+                // block's snapshot before the client's first statement does). The writes
+                // stay noted, for the block's own commit: some may have come after the
+                // COMMIT.
+                Box::pin(self.invalidate_unknown_commit()).await;
             }
             return;
         }
@@ -367,13 +372,10 @@ impl Session {
         }
     }
 
-    /// A COMMIT with a transaction block open again behind it (COMMIT AND CHAIN, or
-    /// `COMMIT; BEGIN` in one request). What it changed cannot be asked inside the new
-    /// block (a query there would take the block's snapshot before the client's first
-    /// statement does): invalidate as for a commit whose facts are unknown. The writes stay
-    /// noted, for the block's own commit: some may have come after the COMMIT.
-    async fn settle_chained_commit(&mut self, conn: BackendId) {
-        if !conn.is_primary() || !self.any_cache_rules() {
+    /// Invalidate the whole cache for a commit on the primary whose facts cannot be asked
+    /// (a COMMIT with a block open again behind it, a commit in doubt).
+    pub(super) async fn invalidate_unknown_commit(&mut self) {
+        if !self.any_cache_rules() {
             return;
         }
         let Some(cache) = self.shared.cache.clone() else {

@@ -386,12 +386,17 @@ impl Session {
             Some(fields) => BackendError::Server(*fields),
             None => e,
         };
-        if self.tx != TxStatus::Idle && self.tx_conn == Some(fl.id) {
+        let ends_session = (self.tx != TxStatus::Idle && self.tx_conn == Some(fl.id))
+            || (fl.id.is_primary() && self.pinned);
+        if ends_session {
+            if fl.id.is_primary() && self.writes.any {
+                // The request may have committed before the connection went (a COMMIT, or
+                // a pinned session's write): in doubt, the cache must not keep what it
+                // may have outdated.
+                Box::pin(self.invalidate_unknown_commit()).await;
+            }
             self.tx = TxStatus::Idle;
             self.tx_conn = None;
-            return Err(Error::Backend(e));
-        }
-        if fl.id.is_primary() && self.pinned {
             return Err(Error::Backend(e));
         }
         let mut frames = vec![match &e {

@@ -742,6 +742,45 @@ async fn a_commit_and_chain_invalidates_at_the_commit() {
     }
 }
 
+/// A transaction whose server connection is lost while it holds writes may have committed
+/// (the COMMIT went out, its answer did not come back): the session ends, and the cache
+/// must not keep what the write may have outdated. Here the server is terminated before the
+/// COMMIT, so nothing committed; the whole cache is invalidated all the same.
+#[tokio::test]
+async fn a_transaction_lost_with_its_writes_invalidates_the_cache() {
+    let t = unique("cache_doubt");
+    make_table(&t).await;
+    let proxy = cache_proxy(&unique("p"), &[&t], &[]).await;
+    let cache = proxy.shared.cache.clone().expect("cache");
+    let client = proxy.app().await;
+    client
+        .batch_execute(&format!("BEGIN; UPDATE {t} SET v = 'doubt' WHERE id = 1"))
+        .await
+        .unwrap();
+    let pid: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let before = cache.snapshot().invalidations;
+    direct(cluster().primary)
+        .await
+        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    assert!(
+        client.batch_execute("COMMIT").await.is_err(),
+        "the COMMIT's connection is gone"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || cache.snapshot().invalidations
+            > before)
+        .await,
+        "the commit in doubt invalidated: {:?}",
+        cache.snapshot()
+    );
+}
+
 /// A row-level security policy that reads another table: a write to that table changes
 /// what the policy lets a user see, so it invalidates the reads of the policy's table.
 #[tokio::test]
