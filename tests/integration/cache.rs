@@ -757,17 +757,8 @@ async fn a_transaction_lost_with_its_writes_invalidates_the_cache() {
         .batch_execute(&format!("BEGIN; UPDATE {t} SET v = 'doubt' WHERE id = 1"))
         .await
         .unwrap();
-    let pid: i32 = client
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
     let before = cache.snapshot().invalidations;
-    direct(cluster().primary)
-        .await
-        .execute("SELECT pg_terminate_backend($1)", &[&pid])
-        .await
-        .unwrap();
+    terminate_primary_backend(&client).await;
     assert!(
         client.batch_execute("COMMIT").await.is_err(),
         "the COMMIT's connection is gone"

@@ -361,16 +361,7 @@ async fn a_pinned_session_whose_connection_dies_ends_instead_of_forgetting() {
             .batch_execute("CREATE TEMP TABLE held_here (x int)")
             .await
             .unwrap();
-        let pid: i32 = client
-            .query_one("SELECT pg_backend_pid()", &[])
-            .await
-            .unwrap()
-            .get(0);
-        direct(cluster().primary)
-            .await
-            .execute("SELECT pg_terminate_backend($1)", &[&pid])
-            .await
-            .unwrap();
+        terminate_primary_backend(&client).await;
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         assert!(
             client

@@ -363,6 +363,21 @@ pub async fn direct(port: u16) -> Client {
     .await
 }
 
+/// Terminate, from a direct admin connection, the primary backend `client`'s session is on
+/// (it must be on the primary now: in a transaction, or pinned).
+pub async fn terminate_primary_backend(client: &Client) {
+    let pid: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    direct(cluster().primary)
+        .await
+        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
+}
+
 /// Wait until both replicas replayed everything the primary has written so far.
 pub async fn wait_replicated() {
     wait_replicated_on(cluster()).await
