@@ -281,7 +281,15 @@ impl ResultCache {
                 .map(|t| version_key(&self.prefix, Some(t)))
                 .collect()
         };
-        match self.timed(self.bump(&keys, lsn)).await {
+        let mut bumped = self.timed(self.bump(&keys, lsn)).await;
+        if bumped.is_err() {
+            // Once more before giving up: a bump that did not land leaves every other
+            // instance sharing this Redis serving what the write outdated, until this
+            // one's probe gets through. (Had the first landed after all, the second only
+            // invalidates once more.)
+            bumped = self.timed(self.bump(&keys, lsn)).await;
+        }
+        match bumped {
             Ok(()) => {
                 self.stats.invalidations.fetch_add(1, Ordering::Relaxed);
             }
