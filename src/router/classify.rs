@@ -576,6 +576,7 @@ impl Ctx<'_> {
             } => {
                 let name = guc_name(variable);
                 if *scope == Some(ContextModifier::Local) || TX_SCOPED_GUCS.contains(&&*name) {
+                    self.out.local_search_path |= name == "search_path";
                     return;
                 }
                 // sqlparser reads MySQL's `SET a = 1, b = 2` as one value list.
@@ -760,6 +761,7 @@ impl Ctx<'_> {
         self.out.calls_user_functions |= w.user_functions;
         self.out.by_literal |= w.by_literal;
         self.out.pins_for_good |= w.pins_for_good;
+        self.out.local_search_path |= w.local_search_path;
         w.needs_primary
     }
 }
@@ -877,6 +879,9 @@ enum FnKind {
     SetConfig(String),
     /// Primary, and writes something no table list captures.
     Write,
+    /// `set_config('search_path', …, true)`, or of a name not given as a literal: primary,
+    /// and the transaction's `search_path` may differ from the session's.
+    LocalSearchPath,
 }
 
 /// Session-level advisory locks and dblink connections outlive the statement.
@@ -925,7 +930,12 @@ fn primary_kind(name: &str, args: &[FunctionArg]) -> Option<FnKind> {
     };
     match name {
         // set_config(name, value, is_local => true) is SET LOCAL: it dies with the transaction.
-        "set_config" if arg(2) == Some(&Value::Boolean(true)) => Some(FnKind::Primary),
+        "set_config" if arg(2) == Some(&Value::Boolean(true)) => match arg(0) {
+            Some(Value::SingleQuotedString(n)) if !n.eq_ignore_ascii_case("search_path") => {
+                Some(FnKind::Primary)
+            }
+            _ => Some(FnKind::LocalSearchPath),
+        },
         "set_config" => match arg(0) {
             Some(Value::SingleQuotedString(n)) => Some(FnKind::SetConfig(n.to_ascii_lowercase())),
             _ => Some(FnKind::Session),
@@ -1221,6 +1231,7 @@ struct Walk<'a> {
     user_functions: bool,
     by_literal: bool,
     pins_for_good: bool,
+    local_search_path: bool,
 }
 
 impl Walk<'_> {
@@ -1259,6 +1270,7 @@ impl Walk<'_> {
                 }
                 FnKind::SetConfig(name) => push_unique(&mut self.read_back, name),
                 FnKind::Write => self.writes_unknown = true,
+                FnKind::LocalSearchPath => self.local_search_path = true,
             }
             return;
         }

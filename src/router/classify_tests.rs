@@ -622,6 +622,23 @@ fn set_replay_text() {
 }
 
 #[test]
+fn a_search_path_for_the_transaction_only_is_flagged() {
+    for (sql, local) in [
+        ("SET LOCAL search_path = tenant_7", true),
+        ("SET LOCAL search_path TO tenant_7, public", true),
+        ("SELECT set_config('search_path', 'tenant_7', true)", true),
+        // A name not given as a literal may be search_path.
+        ("SELECT set_config($1, 'tenant_7', true)", true),
+        ("SET search_path = tenant_7", false),
+        ("SET LOCAL statement_timeout = 5", false),
+        ("SELECT set_config('search_path', 'tenant_7', false)", false),
+        ("SELECT set_config('work_mem', '64MB', true)", false),
+    ] {
+        assert_eq!(classify(sql).local_search_path, local, "{sql}");
+    }
+}
+
+#[test]
 fn configured_primary_functions() {
     let extra = ["app.bump_counter".to_owned(), "Touch".to_owned()];
     for sql in [

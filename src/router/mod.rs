@@ -104,6 +104,10 @@ pub struct Classification {
     /// The decision depends on a literal's value (`current_setting('…')`, EXPLAIN's option
     /// values): texts that differ only in literals must not share it.
     pub by_literal: bool,
+    /// It changes `search_path` for the rest of its transaction only (`SET LOCAL`,
+    /// `set_config(…, true)`): names the transaction wrote may not resolve after its COMMIT
+    /// as they did inside it.
+    pub local_search_path: bool,
 }
 
 impl Classification {
@@ -125,6 +129,7 @@ impl Classification {
             statement_count: 1,
             parsed: false,
             by_literal: false,
+            local_search_path: false,
         }
     }
 

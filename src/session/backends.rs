@@ -357,7 +357,7 @@ impl Session {
             return None;
         }
         Some(if cache && !writes.raw_tables.is_empty() {
-            super::cached::commit_facts_sql(&writes.raw_tables)
+            super::cached::commit_facts_sql(&writes.raw_tables, writes.local_search_path)
         } else {
             format!("SELECT {COMMIT_POSITION_SQL}")
         })

@@ -29,10 +29,14 @@ pub(super) struct WriteSet {
     pub tables: Vec<String>,
     /// The tables written as the statements named them, for catalog lookups.
     pub raw_tables: Vec<String>,
+    /// The transaction changed `search_path` for itself only: after its COMMIT the names
+    /// it wrote may resolve elsewhere, or nowhere.
+    pub local_search_path: bool,
 }
 
 impl WriteSet {
     pub fn note(&mut self, class: &Classification) {
+        self.local_search_path |= class.local_search_path;
         if !class.may_write() {
             return;
         }
@@ -320,6 +324,10 @@ impl Session {
     pub(super) async fn settle_writes(&mut self, conn: BackendId) {
         let committed = std::mem::take(&mut self.committed);
         if !self.writes.any {
+            if self.tx == TxStatus::Idle {
+                // A block that wrote nothing leaves nothing for the next one.
+                self.writes.local_search_path = false;
+            }
             return;
         }
         if self.tx != TxStatus::Idle {
@@ -407,8 +415,9 @@ impl Session {
 /// The commit position, plus what else the write may have changed: through foreign-key
 /// actions (cascades, SET NULL, SET DEFAULT, transitively), inheritance and partitions,
 /// updatable views and rules, and for the views and row-level security policies reading
-/// any of it; and whether user triggers ran on any of it.
-pub(super) fn commit_facts_sql(tables: &[String]) -> String {
+/// any of it; and whether user triggers ran on any of it. `by_bare_name`: the names are
+/// also looked up in every schema (see [`WriteSet::local_search_path`]).
+pub(super) fn commit_facts_sql(tables: &[String], by_bare_name: bool) -> String {
     let names: Vec<String> = tables
         .iter()
         .map(|t| {
@@ -431,6 +440,25 @@ pub(super) fn commit_facts_sql(tables: &[String]) -> String {
             format!("'{}'", regclass_text.replace('\'', "''"))
         })
         .collect();
+    // The query runs after the COMMIT, under the session's search_path: a transaction that
+    // wrote under one of its own also seeds every relation of the same name (which only
+    // walks more than needed), else the relations it wrote may not be found.
+    let bare_seeds = if by_bare_name {
+        let bare: Vec<String> = tables
+            .iter()
+            .map(|t| {
+                let name = t.rsplit('.').next().unwrap_or(t);
+                format!("'{}'", name.replace('\'', "''"))
+            })
+            .collect();
+        format!(
+            " UNION SELECT c.oid FROM pg_catalog.pg_class c \
+             WHERE c.relname = ANY(ARRAY[{}]::text[]) AND c.relkind IN ('r','p','v','m','f')",
+            bare.join(",")
+        )
+    } else {
+        String::new()
+    };
     // w walks from the written relations to every relation whose rows or reads the write
     // may have changed. Downwards (`down`, from the named relations only): inheritance
     // children and partitions, and what a view or rule on them writes through to.
@@ -440,7 +468,9 @@ pub(super) fn commit_facts_sql(tables: &[String]) -> String {
     // (two recursive CTEs made it large enough to JIT-compile a 1 ms query for 300 ms).
     format!(
         "WITH RECURSIVE w(oid, down) AS (\
-           SELECT to_regclass(n)::oid, true FROM unnest(ARRAY[{}]::text[]) n WHERE to_regclass(n) IS NOT NULL \
+           SELECT s.oid, true FROM (\
+             SELECT to_regclass(n)::oid FROM unnest(ARRAY[{}]::text[]) n \
+             WHERE to_regclass(n) IS NOT NULL{}) s(oid) \
            UNION \
            SELECT x.oid, x.down FROM w, LATERAL (\
              SELECT i.inhrelid, true FROM pg_catalog.pg_inherits i WHERE w.down AND i.inhparent = w.oid \
@@ -470,6 +500,7 @@ pub(super) fn commit_facts_sql(tables: &[String]) -> String {
            (SELECT count(*) FROM pg_catalog.pg_trigger t \
             WHERE NOT t.tgisinternal AND t.tgrelid IN (SELECT oid FROM w WHERE down))",
         names.join(","),
+        bare_seeds,
         super::backends::COMMIT_POSITION_SQL,
     )
 }

@@ -772,6 +772,64 @@ async fn a_transaction_lost_with_its_writes_invalidates_the_cache() {
     );
 }
 
+/// A write made under `SET LOCAL search_path` (schema-per-tenant behind a transaction
+/// pooler): the relations it reaches are looked up after the COMMIT, when that path is gone,
+/// so the lookup must find the tenant's table by its name in any schema, or the cascade it
+/// caused would not invalidate the reads of the tenant's other table.
+#[tokio::test]
+async fn a_write_under_a_local_search_path_reaches_what_it_cascades_to() {
+    let (schema, parent, child) = (
+        unique("cache_tenant"),
+        unique("cache_tparent"),
+        unique("cache_tchild"),
+    );
+    let c = cluster();
+    direct(c.primary)
+        .await
+        .batch_execute(&format!(
+            "CREATE SCHEMA {schema};
+             CREATE TABLE {schema}.{parent} (id int PRIMARY KEY);
+             CREATE TABLE {schema}.{child} (id int PRIMARY KEY,
+                 parent_id int REFERENCES {schema}.{parent} ON DELETE CASCADE);
+             INSERT INTO {schema}.{parent} VALUES (1), (2);
+             INSERT INTO {schema}.{child} VALUES (1, 1), (2, 1), (3, 2);
+             GRANT USAGE ON SCHEMA {schema} TO app;
+             GRANT ALL ON ALL TABLES IN SCHEMA {schema} TO app;"
+        ))
+        .await
+        .unwrap();
+    wait_replicated().await;
+    let proxy = cache_proxy(&unique("p"), &[&child], &[]).await;
+    let (writer, reader) = (proxy.app().await, proxy.app().await);
+    reader
+        .batch_execute(&format!("SET search_path = {schema}"))
+        .await
+        .unwrap();
+    let count = format!("SELECT count(*) FROM {child}");
+    let stores = proxy.shared.cache.clone().expect("cache").snapshot().stores;
+    assert_eq!(simple_value(&reader, &count).await, "3");
+    stored_more_than(&proxy, stores).await;
+    assert_eq!(simple_value(&reader, &count).await, "3");
+    for local in [
+        format!("SET LOCAL search_path = {schema}"),
+        format!("SELECT set_config('search_path', '{schema}', true)"),
+    ] {
+        let id = if local.starts_with("SET") { 1 } else { 2 };
+        writer
+            .batch_execute(&format!(
+                "BEGIN; {local}; DELETE FROM {parent} WHERE id = {id}; COMMIT"
+            ))
+            .await
+            .unwrap();
+        let left = if id == 1 { "1" } else { "0" };
+        assert_eq!(
+            simple_value(&reader, &count).await,
+            left,
+            "the cascade of a delete under {local:?} invalidated"
+        );
+    }
+}
+
 /// A row-level security policy that reads another table: a write to that table changes
 /// what the policy lets a user see, so it invalidates the reads of the policy's table.
 #[tokio::test]
