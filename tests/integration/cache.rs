@@ -66,6 +66,16 @@ async fn stored_more_than(proxy: &Proxy, before: u64) {
     );
 }
 
+/// Read `sql` until the cache holds it: a miss that fills, then (once the fill is stored)
+/// the same value again. The value.
+async fn cached_value(proxy: &Proxy, client: &tokio_postgres::Client, sql: &str) -> String {
+    let stores = proxy.shared.cache.clone().expect("cache").snapshot().stores;
+    let value = simple_value(client, sql).await;
+    stored_more_than(proxy, stores).await;
+    assert_eq!(simple_value(client, sql).await, value, "a hit: {sql}");
+    value
+}
+
 /// How many times SELECTs mentioning `marker` ran, summed over all three nodes
 /// (pg_stat_statements; the marker is a table name unique to the test).
 async fn executions_on(c: &Cluster, marker: &str) -> i64 {
@@ -712,10 +722,7 @@ async fn a_commit_and_chain_invalidates_at_the_commit() {
         .into_iter()
         .enumerate()
     {
-        let stores = proxy.shared.cache.clone().expect("cache").snapshot().stores;
-        let before = simple_value(&reader, &read).await;
-        stored_more_than(&proxy, stores).await;
-        assert_eq!(simple_value(&reader, &read).await, before, "a hit");
+        cached_value(&proxy, &reader, &read).await;
         let value = format!("chained{n}");
         writer
             .batch_execute(&format!(
@@ -806,10 +813,7 @@ async fn a_write_under_a_local_search_path_reaches_what_it_cascades_to() {
         .await
         .unwrap();
     let count = format!("SELECT count(*) FROM {child}");
-    let stores = proxy.shared.cache.clone().expect("cache").snapshot().stores;
-    assert_eq!(simple_value(&reader, &count).await, "3");
-    stored_more_than(&proxy, stores).await;
-    assert_eq!(simple_value(&reader, &count).await, "3");
+    assert_eq!(cached_value(&proxy, &reader, &count).await, "3");
     for local in [
         format!("SET LOCAL search_path = {schema}"),
         format!("SELECT set_config('search_path', '{schema}', true)"),
@@ -855,10 +859,7 @@ async fn a_write_a_security_policy_reads_invalidates_the_tables_it_guards() {
     let proxy = cache_proxy(&unique("p"), &[&docs], &[]).await;
     let client = proxy.app().await;
     let visible = format!("SELECT count(*) FROM {docs}");
-    let stores = proxy.shared.cache.clone().expect("cache").snapshot().stores;
-    assert_eq!(simple_value(&client, &visible).await, "1");
-    stored_more_than(&proxy, stores).await;
-    assert_eq!(simple_value(&client, &visible).await, "1");
+    assert_eq!(cached_value(&proxy, &client, &visible).await, "1");
     client
         .batch_execute(&format!("DELETE FROM {members} WHERE team = 7"))
         .await
