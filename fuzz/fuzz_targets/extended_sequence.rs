@@ -190,12 +190,18 @@ impl<'a> Model<'a> {
             }
             let mut fl = self.inflight.take().expect("in flight");
             // `relay::ends_batch`: behind an error, only the Sync ends the batch.
+            let malformed_query = matches!(&item, Item::Fail(e) if e.ends_request());
             match item {
                 Item::Sync => fl.open = false,
                 Item::Query { .. } | Item::FunctionCall(_) if !fl.skipping => fl.open = false,
+                _ if malformed_query && !fl.skipping => fl.open = false,
                 _ => {}
             }
             self.emit(&mut fl, &item);
+            // `Relay::emit_joining`: the proxy's own Sync answers a malformed Query.
+            if malformed_query && !fl.skipping {
+                self.emit(&mut fl, &Item::Sync);
+            }
             self.process(fl);
             return Flow::Continue;
         }
@@ -215,9 +221,6 @@ impl<'a> Model<'a> {
             | tag::CLOSE
             | tag::SYNC
             | tag::FLUSH => {
-                if frame.tag == tag::QUERY && self.batch.is_empty() {
-                    self.statements.remove("");
-                }
                 let item = match request::decode(
                     frame,
                     self.classify,
@@ -230,9 +233,18 @@ impl<'a> Model<'a> {
                         return Flow::End;
                     }
                 };
+                if matches!(item, Item::Query { .. }) && self.batch.is_empty() {
+                    self.statements.remove("");
+                }
                 let ends = match item {
                     Item::Query { .. } | Item::FunctionCall(_) | Item::Sync => Some(false),
                     Item::Flush => Some(true),
+                    Item::Fail(ref e) if e.ends_request() => {
+                        self.batch.push(item);
+                        self.batch.push(Item::Sync);
+                        self.dispatch(false);
+                        return Flow::Continue;
+                    }
                     _ => None,
                 };
                 self.batch.push(item);

@@ -618,14 +618,6 @@ impl Session {
             | tag::CLOSE
             | tag::SYNC
             | tag::FLUSH => {
-                if frame.tag == tag::QUERY && self.batch.is_empty() {
-                    // PostgreSQL drops the unnamed statement at every simple Query, before
-                    // parsing it; the session follows even when no server sees the Query
-                    // (answered from the cache, or by pgsplit itself). A Query behind
-                    // extended messages of the same batch drops it only if the server runs
-                    // it (not behind an error): the relay sees to that.
-                    self.statements.remove("");
-                }
                 // Decoded on arrival, so a malformed message is refused at once.
                 let item = request::decode(
                     frame,
@@ -633,11 +625,27 @@ impl Session {
                     &self.statements,
                     &mut self.batch_local,
                 )?;
+                if matches!(item, Item::Query { .. }) && self.batch.is_empty() {
+                    // PostgreSQL drops the unnamed statement at every simple Query, before
+                    // parsing it; the session follows even when no server sees the Query
+                    // (answered from the cache, or by pgsplit itself). A Query behind
+                    // extended messages of the same batch drops it only if the server runs
+                    // it (not behind an error): the relay sees to that.
+                    self.statements.remove("");
+                }
                 let flow = match item {
                     Item::Query { .. } | Item::FunctionCall(_) | Item::Sync => {
                         Flow::Dispatch { flush: false }
                     }
                     Item::Flush => Flow::Dispatch { flush: true },
+                    // A malformed Query: the server fails where it stands (the open block
+                    // or the batch's implicit transaction with it), then this Sync has it
+                    // answer ReadyForQuery, as PostgreSQL does after a failed simple Query.
+                    Item::Fail(ref e) if e.ends_request() => {
+                        self.batch.push(item);
+                        self.batch.push(Item::Sync);
+                        return Ok(Flow::Dispatch { flush: false });
+                    }
                     _ => Flow::Continue,
                 };
                 self.batch.push(item);

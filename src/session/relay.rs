@@ -765,7 +765,7 @@ impl Session {
                         .rposition(|x| !matches!(x, Expect::Sync))
                         .map_or(0, |i| i + 1);
                     let held: Vec<Expect> = fl.expects.drain(first_sync..).collect();
-                    self.emit(fl, &item);
+                    self.emit_joining(fl, &item);
                     fl.expects.extend(held);
                     continue;
                 }
@@ -776,9 +776,20 @@ impl Session {
             if ends_batch(&item, fl.skipping) {
                 fl.open = false;
             }
-            self.emit(fl, &item);
+            self.emit_joining(fl, &item);
         }
         self.send_request(fl).await
+    }
+
+    /// Emit an item that joins the request in flight. A malformed Query (a [`Item::Fail`]
+    /// that ends the batch) is followed by a Sync of the proxy's, whose ReadyForQuery the
+    /// client gets, as after any failed simple Query.
+    fn emit_joining(&mut self, fl: &mut InFlight, item: &Item) {
+        self.emit(fl, item);
+        if matches!(item, Item::Fail(e) if e.ends_request()) && !fl.skipping {
+            fl.open = false;
+            self.emit(fl, &Item::Sync);
+        }
     }
 
     /// Send what `wbuf` holds for the server, or as much as goes before the server's
@@ -1182,6 +1193,7 @@ fn ends_batch(item: &Item, skipping: bool) -> bool {
     match item {
         Item::Sync => true,
         Item::Query { .. } | Item::FunctionCall(_) => !skipping,
+        Item::Fail(e) => e.ends_request() && !skipping,
         _ => false,
     }
 }

@@ -43,8 +43,8 @@ pub enum Item {
     Flush,
     /// A Sync the proxy adds itself (never decoded from the client).
     HiddenSync,
-    /// A malformed Parse, Bind, Describe, Close or Execute, which PostgreSQL refuses with an
-    /// ERROR (08P01), not by ending the session. The relay makes the server fail in its
+    /// A malformed Query, Parse, Bind, Describe, Close or Execute, which PostgreSQL refuses
+    /// with an ERROR (08P01), not by ending the session. The relay makes the server fail in its
     /// place, so that the batch and any transaction block fail with it exactly as on a
     /// direct connection; the client gets this error instead of the server's. (Kept as the
     /// decoder's error, a few bytes: a client can send many such messages before a Sync.)
@@ -276,10 +276,15 @@ pub fn decode(
     local: &mut Statements,
 ) -> Result<Item> {
     Ok(match frame.tag {
-        tag::QUERY => {
-            let class = classify.get(&query_sql(&frame.body)?);
-            Item::Query { frame, class }
-        }
+        // PostgreSQL refuses a Query whose text is not one NUL-terminated string with an
+        // ERROR, not by ending the session; the session follows it with a Sync of its own.
+        tag::QUERY => match query_sql(&frame.body) {
+            Ok(sql) => {
+                let class = classify.get(&sql);
+                Item::Query { frame, class }
+            }
+            Err(e) => Item::Fail(e),
+        },
         tag::FUNCTION_CALL => Item::FunctionCall(frame),
         _ => decode_extended(frame, classify, session, local)?,
     })
@@ -464,20 +469,19 @@ mod tests {
             &mut local,
         );
         assert_eq!(failure(&item.unwrap()), Some(MalformedMessage("Bind")));
-        let query_with_trailing_bytes = Frame {
-            tag: tag::QUERY,
-            body: bytes::Bytes::from_static(b"SELECT 1\0x"),
-        };
-        assert!(
-            decode(
-                query_with_trailing_bytes,
+        for body in [&b"SELECT 1\0x"[..], b"SELECT 1"] {
+            let malformed_query = Frame {
+                tag: tag::QUERY,
+                body: bytes::Bytes::from_static(body),
+            };
+            let item = decode(
+                malformed_query,
                 &classify,
                 &Statements::default(),
-                &mut local
-            )
-            .is_err(),
-            "a malformed simple Query still ends the session"
-        );
+                &mut local,
+            );
+            assert_eq!(failure(&item.unwrap()), Some(MalformedMessage("Query")));
+        }
     }
 
     /// What the session answers itself in a transaction block that failed before reaching

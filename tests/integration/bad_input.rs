@@ -35,7 +35,6 @@ async fn bad_lengths_and_unknown_messages_get_fatal_08p01() {
         vec![b'Q', 0xff, 0xff, 0xff, 0xfe], // negative
         vec![b'Q', 0, 0, 0, 2],             // shorter than itself
         vec![b'?', 0, 0, 0, 4],             // no such message type
-        vec![b'Q', 0, 0, 0, 7, b'x', 0, 0], // bytes after the query's terminator
     ] {
         let mut s = logged_in(&proxy).await;
         s.write_all(&bad).await.unwrap();
@@ -47,19 +46,30 @@ async fn bad_lengths_and_unknown_messages_get_fatal_08p01() {
         );
         assert_closed(&mut s).await;
     }
-    // SQL that is not valid in the client encoding is the server's to judge: an ERROR, and
-    // the session goes on.
+    // SQL that is not valid in the client encoding is the server's to judge, and a Query
+    // with bytes after its terminator is malformed: an ERROR each, as PostgreSQL answers
+    // them, and the session goes on.
     let mut s = logged_in(&proxy).await;
-    s.write_all(&[b'Q', 0, 0, 0, 6, 0xff, 0]).await.unwrap();
-    let msgs = read_messages(&mut s).await;
-    assert_eq!(error_code(&msgs).as_deref(), Some("22021"), "{msgs:?}");
-    s.write_all(&[
-        b'Q', 0, 0, 0, 14, b's', b'e', b'l', b'e', b'c', b't', b' ', b'1', b';', 0,
-    ])
-    .await
-    .unwrap();
-    let msgs = read_messages(&mut s).await;
-    assert!(msgs.iter().any(|m| m.0 == b'D'), "{msgs:?}");
+    for (bad, code) in [
+        (&[b'Q', 0, 0, 0, 6, 0xff, 0][..], "22021"),
+        (&[b'Q', 0, 0, 0, 7, b'x', 0, 0][..], "08P01"),
+    ] {
+        s.write_all(bad).await.unwrap();
+        let msgs = read_messages(&mut s).await;
+        assert_eq!(
+            error_code(&msgs).as_deref(),
+            Some(code),
+            "{bad:?}: {msgs:?}"
+        );
+        assert_eq!(msgs.last().map(|m| m.0), Some(b'Z'), "{bad:?}: {msgs:?}");
+        s.write_all(&[
+            b'Q', 0, 0, 0, 14, b's', b'e', b'l', b'e', b'c', b't', b' ', b'1', b';', 0,
+        ])
+        .await
+        .unwrap();
+        let msgs = read_messages(&mut s).await;
+        assert!(msgs.iter().any(|m| m.0 == b'D'), "{msgs:?}");
+    }
     assert_eq!(
         bystander
             .query_one("SELECT 2", &[])

@@ -872,13 +872,13 @@ async fn after_a_failed_prepare_with_flush_the_rest_up_to_the_sync_is_skipped() 
     }
 }
 
-/// A malformed Bind, or a Describe of an unknown kind, is an ERROR (08P01) in PostgreSQL,
-/// not the end of the session, and it fails what the server would fail with it: the
+/// A malformed Bind, a Describe of an unknown kind, or a Query whose text has no
+/// terminator is an ERROR (08P01) in PostgreSQL, not the end of the session, and it fails what the server would fail with it: the
 /// batch's implicit transaction (an INSERT before it is not committed) or the open
 /// transaction block (its COMMIT rolls back). pgsplit used to end the session; now it makes
 /// the server fail at that point too.
 #[tokio::test]
-async fn malformed_extended_messages_fail_what_the_server_would_fail() {
+async fn malformed_messages_fail_what_the_server_would_fail() {
     let c = cluster();
     let t = unique("raised_errors");
     let primary = direct(c.primary).await;
@@ -891,6 +891,7 @@ async fn malformed_extended_messages_fail_what_the_server_would_fail() {
     let (_proxies, addrs) = direct_and_both_modes().await;
     let truncated_bind = message(b'B', &[0]);
     let describe_of_kind_x = message(b'D', b"Xs1\0");
+    let unterminated_query = message(b'Q', b"SELECT 1");
     for addr in addrs {
         let mut s = RawClient::login(addr, "trustuser").await;
         s.parse("s1", "SELECT 1").await;
@@ -899,16 +900,22 @@ async fn malformed_extended_messages_fail_what_the_server_would_fail() {
             req.truncate(req.len() - sync().len());
             req
         };
-        for (n, failing) in [truncated_bind.clone(), describe_of_kind_x.clone()]
-            .into_iter()
-            .enumerate()
-        {
+        // A simple Query ends the request where it stands: PostgreSQL answers it with
+        // ReadyForQuery, no Sync needed.
+        let failures = [
+            (truncated_bind.clone(), false),
+            (describe_of_kind_x.clone(), false),
+            (unterminated_query.clone(), true),
+        ];
+        for (n, (failing, ends_request)) in failures.into_iter().enumerate() {
             let code = "08P01";
             // Outside a block: the INSERT's implicit transaction fails.
             let mut req = insert(&format!("{addr} implicit {n}"));
             req.extend(&failing);
-            req.extend(execute());
-            req.extend(sync());
+            if !ends_request {
+                req.extend(execute());
+                req.extend(sync());
+            }
             let msgs = s.send(&req).await;
             assert_eq!(tags(&msgs), "12CEZ", "{addr} {n}: {msgs:?}");
             assert_eq!(error_code(&msgs).as_deref(), Some(code), "{addr} {n}");
@@ -919,7 +926,9 @@ async fn malformed_extended_messages_fail_what_the_server_would_fail() {
             req.extend(sync());
             assert_eq!(tags(&s.send(&req).await), "12CZ", "{addr} {n}");
             let mut req = failing.clone();
-            req.extend(sync());
+            if !ends_request {
+                req.extend(sync());
+            }
             let msgs = s.send(&req).await;
             assert_eq!(tags(&msgs), "EZ", "{addr} {n}: {msgs:?}");
             assert_eq!(error_code(&msgs).as_deref(), Some(code), "{addr} {n}");
@@ -932,6 +941,15 @@ async fn malformed_extended_messages_fail_what_the_server_would_fail() {
             );
             assert_eq!(status(&msgs), b'I', "{addr} {n}");
         }
+        // A malformed Query that joins a request already sent (with a Flush) ends it too,
+        // and its INSERT is not committed.
+        let mut req = insert(&format!("{addr} joining"));
+        req.extend(message(b'H', &[]));
+        s.stream_write(&req).await;
+        assert_eq!(tags(&s.read_n(3).await), "12C", "{addr}");
+        let msgs = s.send(&unterminated_query).await;
+        assert_eq!(tags(&msgs), "EZ", "{addr}: {msgs:?}");
+        assert_eq!(error_code(&msgs).as_deref(), Some("08P01"), "{addr}");
         assert_eq!(s.execute_named("s1").await, "1", "{addr}");
         assert_eq!(tags(&s.send(&query("SELECT 1")).await), "TDCZ", "{addr}");
     }
