@@ -271,12 +271,14 @@ impl Settings {
         for op in ops {
             match op {
                 SessionOp::Set { name, sql } => {
+                    forget_role_with_authorization(&mut self.values, name);
                     self.values.insert(name.clone(), sql.clone());
                 }
                 SessionOp::Reset { name } => {
+                    forget_role_with_authorization(&mut self.values, name);
                     self.values.remove(name);
                 }
-                SessionOp::ResetAll => self.values.clear(),
+                SessionOp::ResetAll => self.values.retain(|name, _| survives_reset_all(name)),
                 SessionOp::DiscardAll => {
                     self.values.clear();
                     discard = true;
@@ -290,10 +292,25 @@ impl Settings {
 
     /// The SQL that brings a backend from `current` to these settings, or `None` if it is
     /// already there.
+    ///
+    /// The session authorization comes first, since setting it drops the role; the role
+    /// comes last, so that settings a superuser login made before `SET ROLE` took its
+    /// privileges away replay as they ran.
     pub fn diff_sql(&self, current: &HashMap<String, String>) -> Option<String> {
+        let target = |name: &str| self.values.get(name).or_else(|| self.baseline.get(name));
         let mut stmts: Vec<String> = Vec::new();
+        let authorization = target(AUTHORIZATION);
+        let new_authorization = authorization != current.get(AUTHORIZATION);
+        if new_authorization {
+            stmts.push(
+                authorization
+                    .cloned()
+                    .unwrap_or_else(|| reset_sql(AUTHORIZATION)),
+            );
+        }
+        let ordinary = |name: &str| name != AUTHORIZATION && name != ROLE;
         for name in current.keys() {
-            if !self.values.contains_key(name) && !self.baseline.contains_key(name) {
+            if ordinary(name) && target(name).is_none() {
                 stmts.push(reset_sql(name));
             }
         }
@@ -302,9 +319,18 @@ impl Settings {
             .iter()
             .filter(|(name, _)| !self.values.contains_key(*name));
         for (name, sql) in self.values.iter().chain(baseline_only) {
-            if current.get(name) != Some(sql) {
+            if ordinary(name) && current.get(name) != Some(sql) {
                 stmts.push(sql.clone());
             }
+        }
+        match target(ROLE) {
+            Some(sql) if new_authorization || current.get(ROLE) != Some(sql) => {
+                stmts.push(sql.clone());
+            }
+            None if !new_authorization && current.contains_key(ROLE) => {
+                stmts.push(reset_sql(ROLE));
+            }
+            _ => {}
         }
         if stmts.is_empty() {
             None
@@ -320,12 +346,15 @@ pub fn apply_to_server(server: &mut HashMap<String, String>, ops: &[SessionOp]) 
     for op in ops {
         match op {
             SessionOp::Set { name, sql } => {
+                forget_role_with_authorization(server, name);
                 server.insert(name.clone(), sql.clone());
             }
             SessionOp::Reset { name } => {
+                forget_role_with_authorization(server, name);
                 server.remove(name);
             }
-            SessionOp::ResetAll | SessionOp::DiscardAll => server.clear(),
+            SessionOp::ResetAll => server.retain(|name, _| survives_reset_all(name)),
+            SessionOp::DiscardAll => server.clear(),
             SessionOp::Deallocate { .. } | SessionOp::DeallocateAll => {}
         }
     }
@@ -455,9 +484,25 @@ fn parse_options(options: &str) -> Vec<(String, String)> {
     out
 }
 
+const ROLE: &str = "role";
+const AUTHORIZATION: &str = "session_authorization";
+
+/// `RESET ALL` leaves the role and the session authorization alone (PostgreSQL marks both
+/// GUC_NO_RESET_ALL; DISCARD ALL resets them).
+fn survives_reset_all(name: &str) -> bool {
+    name == ROLE || name == AUTHORIZATION
+}
+
+/// Setting or resetting the session authorization drops the role too (`SET ROLE NONE`).
+fn forget_role_with_authorization(settings: &mut HashMap<String, String>, name: &str) {
+    if name == AUTHORIZATION {
+        settings.remove(ROLE);
+    }
+}
+
 fn reset_sql(name: &str) -> String {
     match name {
-        "session_authorization" => "RESET SESSION AUTHORIZATION".to_owned(),
+        AUTHORIZATION => "RESET SESSION AUTHORIZATION".to_owned(),
         // Quoted so names like `pgsplit.consistency` or mixed case survive.
         _ => format!("RESET \"{}\"", name.replace('"', "\"\"")),
     }
@@ -715,5 +760,48 @@ mod tests {
         assert!(all.contains_key("s1"));
         all.clear();
         assert!(!all.contains_key("s1"));
+    }
+
+    /// PostgreSQL's RESET ALL leaves the role and the session authorization in force, and a
+    /// new session authorization drops the role: a pooled connection keeps what its server
+    /// keeps, and the next session's replay sets the authorization before the role.
+    #[test]
+    fn reset_all_keeps_the_role_and_a_new_authorization_drops_it() {
+        let role = set("role", "SET ROLE alice");
+        let mut s = Settings::default();
+        let mut server = HashMap::new();
+        let ops = [role.clone(), set("search_path", "SET search_path TO a")];
+        s.apply(&ops);
+        apply_to_server(&mut server, &ops);
+        s.apply(&[SessionOp::ResetAll]);
+        apply_to_server(&mut server, &[SessionOp::ResetAll]);
+        assert_eq!(s.values.keys().collect::<Vec<_>>(), ["role"]);
+        assert_eq!(server.keys().collect::<Vec<_>>(), ["role"]);
+        // Another session, without a role, on that connection: the role is reset.
+        assert_eq!(
+            Settings::default().diff_sql(&server).as_deref(),
+            Some("RESET \"role\"")
+        );
+        let auth = set("session_authorization", "SET SESSION AUTHORIZATION bob");
+        apply_to_server(&mut server, std::slice::from_ref(&auth));
+        assert!(server.keys().eq(["session_authorization"]));
+        // Authorization first, then the ordinary settings, the role last, and the role set
+        // again after a new authorization even where the connection had the same one.
+        let mut s = Settings::default();
+        s.apply(&[role, set("timezone", "SET TIME ZONE 'UTC'"), auth]);
+        assert_eq!(s.values.len(), 2, "the authorization dropped the role");
+        s.apply(&[set("role", "SET ROLE carol")]);
+        let mut on_conn = s.effective();
+        on_conn.remove("session_authorization");
+        assert_eq!(
+            s.diff_sql(&on_conn).as_deref(),
+            Some("SET SESSION AUTHORIZATION bob; SET ROLE carol")
+        );
+        assert_eq!(
+            s.diff_sql(&HashMap::new()).as_deref(),
+            Some("SET SESSION AUTHORIZATION bob; SET TIME ZONE 'UTC'; SET ROLE carol")
+        );
+        assert!(s.apply(&[SessionOp::DiscardAll]));
+        assert!(s.values.is_empty());
     }
 }

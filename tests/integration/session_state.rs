@@ -417,3 +417,46 @@ async fn reading_back_a_set_config_leaves_the_clients_portal_open() {
         );
     }
 }
+
+/// `RESET ALL` leaves the role in force, as PostgreSQL does (the role is not one of the
+/// settings it resets): the session keeps it on every backend, and the pooled connection
+/// it ran on is brought back to the next client's role (pool size 1, so that client gets
+/// that very connection). pgsplit used to forget the role at RESET ALL, so the next
+/// client ran as the first one's role.
+#[tokio::test]
+async fn reset_all_keeps_the_role_and_it_never_reaches_another_client() {
+    let c = cluster();
+    let role = unique("reset_all_role");
+    direct(c.primary)
+        .await
+        .batch_execute(&format!("CREATE ROLE {role} NOLOGIN; GRANT {role} TO app"))
+        .await
+        .unwrap();
+    wait_replicated_on(c).await;
+    let proxy = start_proxy_one_connection_per_node().await;
+    let a = proxy.app().await;
+    a.batch_execute(&format!("SET ROLE {role}")).await.unwrap();
+    a.batch_execute("SET search_path TO pg_catalog; RESET ALL")
+        .await
+        .unwrap();
+    let current_user = async |client: &tokio_postgres::Client, in_transaction: bool| {
+        let sql = if in_transaction {
+            "BEGIN; SELECT current_user; COMMIT"
+        } else {
+            "SELECT current_user"
+        };
+        let rows = client.simple_query(sql).await.unwrap();
+        rows.iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+                _ => None,
+            })
+            .unwrap()
+    };
+    let b = proxy.app().await;
+    for in_transaction in [true, false, true] {
+        assert_eq!(current_user(&a, in_transaction).await, role);
+        assert_eq!(current_user(&b, in_transaction).await, "app");
+    }
+    assert_eq!(setting(&a, "search_path").await.0, "\"$user\", public");
+}

@@ -303,6 +303,16 @@ pub async fn start_proxy() -> Proxy {
     start_proxy_with(&base_config_toml(cluster())).await
 }
 
+/// A proxy whose pools hold one server connection per node (transaction mode): a client
+/// gets the very connection the one before it left on that node.
+pub async fn start_proxy_one_connection_per_node() -> Proxy {
+    start_proxy_with(&format!(
+        "{}\n[pool]\nsize = 1\n",
+        base_config_toml(cluster())
+    ))
+    .await
+}
+
 pub async fn start_proxy_with(toml: &str) -> Proxy {
     let config = Config::from_toml(toml).expect("valid test config");
     run_proxy(Shared::new(Runtime::new(config).expect("runtime"))).await
