@@ -822,6 +822,11 @@ impl Session {
             self.pinned |= c.pins_session;
             self.pinned_in_request |= c.pins_session;
             self.pinned_for_good |= c.pins_for_good;
+            if c.pins_session && !fl.id.is_primary() {
+                // As at dispatch: session-bound work on a replica (in a READ ONLY block)
+                // stays on that connection, which is closed, not pooled, at the block's end.
+                self.tainted[fl.id.0 as usize] = true;
+            }
             self.writes.note(c);
             if c.calls_user_functions && fl.id.is_primary() {
                 self.writes.note_unknown();

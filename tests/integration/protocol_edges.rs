@@ -986,3 +986,35 @@ async fn a_deallocate_all_the_server_ran_drops_the_clients_statements() {
         assert_eq!(s.execute_named("s1").await, "2", "{addr}");
     }
 }
+
+/// Session-bound work that joins a request already running on a replica (in a READ ONLY
+/// block; the first part sent with a Flush) keeps that replica connection out of the pool,
+/// as when it comes with the request: it is closed at the COMMIT (a README known limit), and
+/// another client never finds the WITH HOLD cursor. pgsplit used to pool the connection.
+#[tokio::test]
+async fn session_bound_work_joining_a_replica_request_keeps_the_connection_out_of_the_pool() {
+    let proxy = start_proxy_one_connection_per_node().await;
+    let mut a = RawClient::login(proxy.addr, "trustuser").await;
+    let b = connect(&proxy.conn_str("trustuser", "")).await;
+    for _ in 0..2 {
+        assert_eq!(tags(&a.send(&query("BEGIN READ ONLY")).await), "CZ");
+        let mut first = parse_bind_execute("SELECT 1");
+        first.truncate(first.len() - sync().len());
+        first.extend(message(b'H', &[]));
+        a.stream_write(&first).await;
+        assert_eq!(tags(&a.read_n(4).await), "12DC");
+        let msgs = a
+            .send(&parse_bind_execute(
+                "DECLARE held CURSOR WITH HOLD FOR SELECT 42",
+            ))
+            .await;
+        assert_eq!(tags(&msgs), "12CZ", "{msgs:?}");
+        assert_eq!(tags(&a.send(&query("COMMIT")).await), "CZ");
+        for _ in 0..2 {
+            b.batch_execute("BEGIN READ ONLY").await.unwrap();
+            let err = b.simple_query("FETCH ALL FROM held").await.unwrap_err();
+            assert_eq!(err.code().map(|c| c.code()), Some("34000"), "{err}");
+            b.batch_execute("ROLLBACK").await.unwrap();
+        }
+    }
+}
