@@ -172,6 +172,36 @@ mod tests {
             Target::Primary
         );
         assert_eq!(tenant(3).target, Target::Replica);
+        // Spellings whose setting name the shape does not keep.
+        for (probe, target) in [
+            (
+                "SELECT current_setting(CAST('server_version' AS text))",
+                Target::Replica,
+            ),
+            (
+                "SELECT current_setting(CAST('transaction_read_only' AS text))",
+                Target::Primary,
+            ),
+            (
+                "SELECT \"current_setting\"('server_version')",
+                Target::Replica,
+            ),
+            (
+                "SELECT \"current_setting\"('transaction_read_only')",
+                Target::Primary,
+            ),
+        ] {
+            assert_eq!(c.get(probe).target, target, "{probe}");
+        }
+        // Which name set_config sets decides whether the transaction's search_path moves.
+        for (sql, local) in [
+            ("SELECT set_config('app.tenant', $1, true)", false),
+            ("SELECT set_config('search_path', $1, true)", true),
+            ("SELECT set_config('app.tenant', '7', true)", false),
+            ("SELECT set_config('search_path', 'tenant_7', true)", true),
+        ] {
+            assert_eq!(c.get(sql).local_search_path, local, "{sql}");
+        }
         assert!(
             !c.get("EXPLAIN (ANALYZE 0) SELECT pg_advisory_lock(1)")
                 .pins_session

@@ -14,9 +14,9 @@
 use std::ops::ControlFlow;
 
 use sqlparser::ast::{
-    CascadeOption, ContextModifier, CopySource, CopyTarget, CreateTable, CreateView, DeclareType,
-    DiscardObject, Expr, FromTable, FunctionArg, FunctionArgExpr, FunctionArguments, Ident,
-    ObjectName, ObjectType, Query, Reset, Select, Set, SetExpr, Statement, TableFactor,
+    CascadeOption, CastKind, ContextModifier, CopySource, CopyTarget, CreateTable, CreateView,
+    DeclareType, DiscardObject, Expr, FromTable, FunctionArg, FunctionArgExpr, FunctionArguments,
+    Ident, ObjectName, ObjectType, Query, Reset, Select, Set, SetExpr, Statement, TableFactor,
     TableObject, TransactionAccessMode, TransactionIsolationLevel, TransactionMode, Value,
     ValueWithSpan, Visit, Visitor,
 };
@@ -399,8 +399,10 @@ impl Ctx<'_> {
                 options,
                 ..
             } => {
+                // PostgreSQL's grammar takes the British spelling as the same option.
                 let analyze_option = options.iter().flatten().any(|o| {
-                    o.name.value.eq_ignore_ascii_case("analyze")
+                    (o.name.value.eq_ignore_ascii_case("analyze")
+                        || o.name.value.eq_ignore_ascii_case("analyse"))
                         && o.arg
                             .as_ref()
                             .is_none_or(|a| !is_false_word(&a.to_string()))
@@ -901,13 +903,40 @@ const PRIMARY_FNS: [&str; 15] = [
     "pg_current_wal_flush_lsn", "pg_is_in_recovery",
 ];
 
-/// Writes or side effects no table list captures (plus every `lo_*` and `pg_stat_reset*`).
+/// Writes or side effects no table list captures, or acts on the node that runs it (plus
+/// every name with a prefix in [`WRITE_FN_PREFIXES`]). A standby would run the node's own:
+/// `pg_promote` there promotes it, a replication slot made there is not the primary's.
 #[rustfmt::skip]
-const WRITE_FNS: [&str; 11] = [
+const WRITE_FNS: [&str; 20] = [
     "nextval", "setval", "txid_current", "pg_current_xact_id", "pg_switch_wal", "pg_notify",
-    "pg_create_restore_point", "pg_terminate_backend", "pg_cancel_backend", "pg_reload_conf",
-    "dblink_exec",
+    "pg_terminate_backend", "pg_cancel_backend", "pg_reload_conf", "dblink_exec",
+    "pg_promote", "pg_wal_replay_pause", "pg_wal_replay_resume", "pg_log_standby_snapshot",
+    "pg_drop_replication_slot", "pg_replication_slot_advance", "pg_backup_start",
+    "pg_backup_stop", "pg_rotate_logfile", "pg_stat_statements_reset",
 ];
+
+/// Large objects, statistics resets, slots, origins, logical messages, restore points.
+#[rustfmt::skip]
+const WRITE_FN_PREFIXES: [&str; 6] = [
+    "lo_", "pg_stat_reset", "pg_create_", "pg_copy_", "pg_logical_", "pg_replication_origin_",
+];
+
+/// Whether the first argument is a literal written right after the parenthesis (cast with
+/// `::` or not), where the shape fingerprint keeps a setting's name.
+fn plain_first(args: &[FunctionArg]) -> bool {
+    match args.first() {
+        Some(FunctionArg::Unnamed(FunctionArgExpr::Expr(e))) => match e {
+            Expr::Value(_) => true,
+            Expr::Cast {
+                kind: CastKind::DoubleColon,
+                expr,
+                ..
+            } => matches!(**expr, Expr::Value(_)),
+            _ => false,
+        },
+        _ => false,
+    }
+}
 
 fn primary_kind(name: &str, args: &[FunctionArg]) -> Option<FnKind> {
     // A literal, also when cast or parenthesized (`'transaction_read_only'::text`).
@@ -918,15 +947,28 @@ fn primary_kind(name: &str, args: &[FunctionArg]) -> Option<FnKind> {
             _ => None,
         }
     }
-    let arg = |i: usize| match args.get(i) {
-        Some(
-            FunctionArg::Unnamed(FunctionArgExpr::Expr(e))
-            | FunctionArg::Named {
+    // set_config's and current_setting's parameters: a named argument (`is_local => true`)
+    // is found by its name, the others by position.
+    const PARAMS: [&str; 3] = ["setting_name", "new_value", "is_local"];
+    let arg = |i: usize| {
+        let named = args.iter().find_map(|a| match a {
+            FunctionArg::Named {
+                name,
                 arg: FunctionArgExpr::Expr(e),
                 ..
-            },
-        ) => literal(e),
-        _ => None,
+            } if name.value.eq_ignore_ascii_case(PARAMS[i]) => Some(e),
+            FunctionArg::ExprNamed {
+                name: Expr::Identifier(name),
+                arg: FunctionArgExpr::Expr(e),
+                ..
+            } if name.value.eq_ignore_ascii_case(PARAMS[i]) => Some(e),
+            _ => None,
+        });
+        let positional = match args.get(i) {
+            Some(FunctionArg::Unnamed(FunctionArgExpr::Expr(e))) => Some(e),
+            _ => None,
+        };
+        named.or(positional).and_then(literal)
     };
     match name {
         // set_config(name, value, is_local => true) is SET LOCAL: it dies with the transaction.
@@ -959,32 +1001,51 @@ fn primary_kind(name: &str, args: &[FunctionArg]) -> Option<FnKind> {
         },
         _ if SESSION_FNS.contains(&name) => Some(FnKind::Session),
         _ if PRIMARY_FNS.contains(&name) => Some(FnKind::Primary),
-        _ if WRITE_FNS.contains(&name)
-            || name.starts_with("lo_")
-            || name.starts_with("pg_stat_reset") =>
-        {
+        _ if WRITE_FNS.contains(&name) || WRITE_FN_PREFIXES.iter().any(|p| name.starts_with(p)) => {
             Some(FnKind::Write)
         }
         _ => None,
     }
 }
 
-/// Built-ins whose result depends only on their arguments, the data and recorded session
-/// settings. Everything else, user functions included, counts as volatile: caching a volatile
-/// result is the worse mistake.
-#[rustfmt::skip]
 /// Built-in volatile functions that change nothing (so calling them is no write). Sorted.
+/// The SQL-standard niladic forms (`CURRENT_TIMESTAMP`, `current_user`) are keywords no
+/// user function can take the place of; the session-describing ones are volatile because a
+/// `SET ROLE` or a setting changes them within one login.
 const KNOWN_VOLATILE_READS: &[&str] = &[
+    "age",
     "clock_timestamp",
+    "current_catalog",
+    "current_database",
+    "current_date",
+    "current_role",
+    "current_schema",
+    "current_schemas",
+    "current_setting",
+    "current_time",
+    "current_timestamp",
+    "current_user",
     "gen_random_uuid",
+    "inet_client_addr",
+    "inet_client_port",
+    "inet_server_addr",
+    "inet_server_port",
+    "localtime",
+    "localtimestamp",
     "now",
+    "pg_backend_pid",
     "pg_sleep",
     "random",
+    "session_user",
     "statement_timestamp",
     "timeofday",
     "transaction_timestamp",
+    "user",
 ];
 
+/// Built-ins whose result depends only on their arguments, the data and recorded session
+/// settings. Everything else, user functions included, counts as volatile: caching a volatile
+/// result is the worse mistake. Sorted.
 const KNOWN_STABLE: &[&str] = &[
     "abs",
     "any_value",
@@ -1254,6 +1315,11 @@ impl Walk<'_> {
                 |e: &String| e.eq_ignore_ascii_case(&base) || e.eq_ignore_ascii_case(&full);
             self.extra.iter().any(matches)
         };
+        // Which name set_config sets decides where it runs and what it does to the
+        // transaction, and the shape cache keeps no literal but `current_setting('name')`'s
+        // (and only in that spelling): such texts are classified each by itself.
+        self.by_literal |= base == "set_config"
+            || (base == "current_setting" && !(last.quote_style.is_none() && plain_first(args)));
         let kind = if configured {
             Some(FnKind::Write)
         } else {

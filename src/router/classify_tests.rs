@@ -124,6 +124,16 @@ const CASES: &[(&str, &str)] = &[
     ("SELECT pg_stat_reset_shared('bgwriter')", "P wu vol"),
     ("SELECT dblink_exec('conn', 'DELETE FROM t')", "P wu vol"),
     ("SELECT pg_create_restore_point('x')", "P wu vol"),
+    // A standby runs node functions as its own: pg_promote there promotes it.
+    ("SELECT pg_promote()", "P wu vol"),
+    ("SELECT pg_wal_replay_pause()", "P wu vol"),
+    ("SELECT pg_create_physical_replication_slot('s1')", "P wu vol"),
+    ("SELECT * FROM pg_create_logical_replication_slot('s', 'pgoutput')", "P wu vol"),
+    ("SELECT pg_drop_replication_slot('s')", "P wu vol"),
+    ("SELECT pg_logical_emit_message(true, 'outbox', 'x')", "P wu vol"),
+    ("SELECT * FROM pg_logical_slot_get_changes('s', NULL, NULL)", "P wu vol"),
+    ("SELECT pg_replication_origin_create('o')", "P wu vol"),
+    ("SELECT pg_stat_statements_reset()", "P wu vol"),
     ("SELECT * FROM t ORDER BY nextval('s')", "P wu vol r=t"),
     ("SELECT CASE WHEN x THEN nextval('s') END FROM t", "P wu vol r=t"),
     ("SELECT count(*) FILTER (WHERE nextval('s') > 0) FROM t", "P wu vol r=t"),
@@ -173,6 +183,8 @@ const CASES: &[(&str, &str)] = &[
     ("EXPLAIN ANALYZE INSERT INTO t VALUES (1)", "P vol w=t"),
     ("EXPLAIN (ANALYZE, BUFFERS) DELETE FROM t", "P vol w=t"),
     ("EXPLAIN (ANALYZE false) DELETE FROM t", "R vol"),
+    ("EXPLAIN (ANALYSE) DELETE FROM t", "P vol w=t"),
+    ("EXPLAIN (ANALYSE, COSTS off) SELECT pg_advisory_lock(7)", "P pin vol"),
     ("EXPLAIN (ANALYZE TRUE) SELECT nextval('s')", "P wu vol"),
     // DML.
     ("INSERT INTO t (a) VALUES (1)", "P w=t"),
@@ -760,6 +772,11 @@ fn calls_of_functions_that_may_write_are_flagged() {
         "SELECT now(), random(), lower('x'), count(*) FROM t",
         "SELECT pg_catalog.upper('x')",
         "SELECT 1",
+        // The SQL-standard spellings of the clock and the session's identity.
+        "UPDATE t SET updated_at = CURRENT_TIMESTAMP WHERE id = 1",
+        "INSERT INTO t (a, created) VALUES (1, current_date)",
+        "SELECT * FROM t WHERE owner = current_user AND d > CURRENT_DATE",
+        "SELECT session_user, localtimestamp, current_setting('app.tenant'), age(d) FROM t",
     ] {
         assert!(!classify(sql).calls_user_functions, "{sql}");
     }
