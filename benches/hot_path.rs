@@ -58,10 +58,7 @@ fn framing(c: &mut Criterion) {
 fn routing(c: &mut Criterion) {
     let read = classify(JOIN_READ);
     let write = classify(WRITE);
-    let idle = SessionFacts {
-        in_transaction: false,
-        pinned: false,
-    };
+    let idle = SessionFacts::default();
     c.bench_function("route/read_then_write", |b| {
         b.iter(|| {
             (

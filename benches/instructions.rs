@@ -76,10 +76,7 @@ fn route_pair() -> usize {
         pgsplit::router::Classification,
     )> = std::sync::OnceLock::new();
     let (read, write) = PAIR.get_or_init(|| (classify(JOIN_READ), classify(WRITE)));
-    let idle = SessionFacts {
-        in_transaction: false,
-        pinned: false,
-    };
+    let idle = SessionFacts::default();
     let a = route([black_box(read)], idle);
     let b = route([black_box(read), black_box(write)], idle);
     black_box((a, b));

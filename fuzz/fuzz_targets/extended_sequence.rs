@@ -165,6 +165,7 @@ impl<'a> Model<'a> {
         SessionFacts {
             in_transaction: self.tx != TxStatus::Idle,
             pinned: self.pinned,
+            replicas_refused: false,
         }
     }
 

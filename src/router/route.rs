@@ -20,6 +20,9 @@ pub struct SessionFacts {
     pub in_transaction: bool,
     /// The session used something session-bound and stays on the primary.
     pub pinned: bool,
+    /// A replica refused the session itself (its default isolation is serializable): its
+    /// reads go to the primary, on pooled connections.
+    pub replicas_refused: bool,
 }
 
 /// Route a request made of the statements in `classes` (one for a simple Query, one per
@@ -31,7 +34,7 @@ pub fn route<'a>(
     if facts.in_transaction {
         return Route::Transaction;
     }
-    if facts.pinned {
+    if facts.pinned || facts.replicas_refused {
         return Route::Primary;
     }
     let mut any = false;
@@ -80,13 +83,19 @@ mod tests {
     fn transactions_and_pinned_sessions_override_the_statement() {
         let tx = SessionFacts {
             in_transaction: true,
-            pinned: false,
+            ..SessionFacts::default()
         };
         assert_eq!(r(&["SELECT 1"], tx), Route::Transaction);
         let pinned = SessionFacts {
-            in_transaction: false,
             pinned: true,
+            ..SessionFacts::default()
         };
         assert_eq!(r(&["SELECT 1"], pinned), Route::Primary);
+        let refused = SessionFacts {
+            replicas_refused: true,
+            ..SessionFacts::default()
+        };
+        assert_eq!(r(&["SELECT 1"], refused), Route::Primary);
+        assert_eq!(r(&["BEGIN READ ONLY"], refused), Route::Primary);
     }
 }

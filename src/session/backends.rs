@@ -5,6 +5,7 @@
 use tracing::{debug, warn};
 
 use super::cached::WriteSet;
+use super::relay::{Refusal, replica_cannot_serve};
 use super::{Consistency, Session};
 use crate::backend::{BackendError, BackendId, CheckoutError, Lent, Role, ServerConn};
 use crate::config::PoolMode;
@@ -80,6 +81,9 @@ impl Session {
                             self.last_replica = Some(id);
                             return Ok(id);
                         }
+                        Err(_) if self.replicas_refused => {
+                            return Box::pin(self.acquire(Route::Primary)).await;
+                        }
                         Err(e) => {
                             if let Some(b) = runtime.backends.get(id) {
                                 warn!(backend = %b.name(), error = %e, "replica unusable, trying another");
@@ -109,6 +113,14 @@ impl Session {
             // A setting the replica refuses (e.g. read-write defaults during recovery):
             // this connection cannot serve the session.
             self.release(id, false);
+            if let Error::Backend(BackendError::Server(fields)) = &e
+                && replica_cannot_serve(fields) == Some(Refusal::Session)
+            {
+                // No replica will: a serializable default of the role or database made the
+                // replay fail. The session's reads go to the primary.
+                debug!(backend = ?id, "replicas refuse this session's default isolation; its reads go to the primary");
+                self.replicas_refused = true;
+            }
             return Err(e);
         }
         Ok(())

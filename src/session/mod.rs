@@ -243,6 +243,8 @@ pub struct Session {
     pinned: bool,
     /// The pinning left state that DISCARD ALL does not reset: it never unpins.
     pinned_for_good: bool,
+    /// A replica refused this session (not a statement): its reads go to the primary.
+    replicas_refused: bool,
     /// The request in flight pins the session (a LISTEN behind a DISCARD ALL in one
     /// pipeline must leave it pinned; the order inside a request is not tracked).
     pinned_in_request: bool,
@@ -356,6 +358,7 @@ impl Session {
             tx: TxStatus::Idle,
             tx_conn: None,
             pinned: false,
+            replicas_refused: false,
             pinned_for_good: false,
             pinned_in_request: false,
             pinned_state_lost: false,
@@ -668,6 +671,7 @@ impl Session {
         SessionFacts {
             in_transaction: self.tx != TxStatus::Idle,
             pinned: self.pinned,
+            replicas_refused: self.replicas_refused,
         }
     }
 

@@ -33,19 +33,38 @@ use crate::router::SessionOp;
 /// it, before that answer is passed on to the client and the writing goes on.
 const DRAIN_LIMIT: usize = 64 * 1024;
 
-/// A replica's error that the primary would not give: `Some(true)` for a write the
-/// classifier missed (25006), `Some(false)` for a read of an unlogged table, which only
-/// the primary has (that message is matched in English only; in another language the
-/// error reaches the client).
-fn replica_cannot_serve(e: &ErrorFields) -> Option<bool> {
+/// Why a replica refused what the primary can serve.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Refusal {
+    /// A write the classifier missed: the statement is learned as one.
+    Write,
+    /// A read of what only the primary has (an unlogged table, the WAL position behind a
+    /// view or function): the statement is learned as a primary read.
+    PrimaryRead,
+    /// Not the statement but the session: serializable by default (a role's or database's
+    /// setting pgsplit never sees being set), which no standby runs.
+    Session,
+}
+
+/// A replica's error that the primary would not give. Apart from 25006 the messages are
+/// matched in English only; in another language the error reaches the client.
+pub(super) fn replica_cannot_serve(e: &ErrorFields) -> Option<Refusal> {
+    let says = |m: &str| e.message.starts_with(m);
     match e.code.as_str() {
-        "25006" => Some(true),
-        "0A000"
-            if e.message
-                .starts_with("cannot access temporary or unlogged relations during recovery") =>
+        "25006" => Some(Refusal::Write),
+        // A function that assigns a transaction id or writes WAL itself, called from a
+        // user function (pg_logical_emit_message in an outbox helper).
+        "XX000"
+            if says("cannot assign TransactionIds during recovery")
+                || says("cannot make new WAL entries during recovery") =>
         {
-            Some(false)
+            Some(Refusal::Write)
         }
+        "0A000" if says("cannot access temporary or unlogged relations during recovery") => {
+            Some(Refusal::PrimaryRead)
+        }
+        "55000" if says("recovery is in progress") => Some(Refusal::PrimaryRead),
+        "0A000" if says("cannot use serializable mode in a hot standby") => Some(Refusal::Session),
         _ => None,
     }
 }
@@ -155,8 +174,8 @@ struct InFlight {
     /// A replica refused what the primary can serve (`replica_cannot_serve`): drain to
     /// ReadyForQuery, then retry on the primary.
     retry: bool,
-    /// ... because it writes (else: it reads what only the primary has).
-    retry_write: bool,
+    /// ... for this reason.
+    refusal: Option<Refusal>,
     /// The last ReadyForQuery said the server is outside a transaction block.
     server_idle: bool,
     /// The server said FATAL and is closing the connection; kept from the client, which
@@ -219,7 +238,7 @@ impl Session {
             unsent: false,
             drained: false,
             retry: false,
-            retry_write: false,
+            refusal: None,
             server_idle: false,
             fatal: None,
             ops: Vec::new(),
@@ -280,21 +299,26 @@ impl Session {
         match result {
             Ok(()) if fl.retry => {
                 self.capture = None;
-                if fl.retry_write {
-                    warn!(backend = ?fl.id, "replica refused a statement as a write; retrying on the primary");
-                    // Whatever it wrote is not attributable to tables, and its answer is no
-                    // read to cache.
-                    self.writes.note_unknown();
-                } else {
-                    debug!(backend = ?fl.id, "replica cannot read an unlogged table; retrying on the primary");
+                match fl.refusal {
+                    Some(Refusal::Write) => {
+                        warn!(backend = ?fl.id, "replica refused a statement as a write; retrying on the primary");
+                        // Whatever it wrote is not attributable to tables, and its answer is
+                        // no read to cache.
+                        self.writes.note_unknown();
+                    }
+                    Some(Refusal::PrimaryRead) => {
+                        debug!(backend = ?fl.id, "replica cannot serve this read; retrying on the primary");
+                    }
+                    Some(Refusal::Session) | None => {}
                 }
+                let learn = |sql: &str| match fl.refusal {
+                    Some(Refusal::Write) => self.runtime.classify.learn_write(sql),
+                    Some(Refusal::PrimaryRead) => self.runtime.classify.learn_primary_read(sql),
+                    Some(Refusal::Session) | None => {}
+                };
                 for item in items {
                     if let Some(sql) = statement_sql(item) {
-                        if fl.retry_write {
-                            self.runtime.classify.learn_write(&sql);
-                        } else {
-                            self.runtime.classify.learn_primary_read(&sql);
-                        }
+                        learn(&sql);
                     }
                 }
                 let reusable = fl.server_idle;
@@ -998,11 +1022,19 @@ impl Session {
                         .encode_into(&mut self.out);
                     substituted = true;
                 }
-                if fl.holding
-                    && let Some(write) = replica_cannot_serve(&fields)
+                if let Some(refusal) = replica_cannot_serve(&fields)
+                    && !fl.id.is_primary()
                 {
-                    fl.retry = true;
-                    fl.retry_write = write;
+                    if refusal == Refusal::Session && !self.replicas_refused {
+                        // Also when it cannot be retried (inside a READ ONLY block): the
+                        // session's later reads go to the primary.
+                        debug!(backend = ?fl.id, "replicas refuse this session's default isolation; its reads go to the primary");
+                        self.replicas_refused = true;
+                    }
+                    if fl.holding {
+                        fl.retry = true;
+                        fl.refusal = Some(refusal);
+                    }
                 }
                 if fields.code == "0A000"
                     && let Some(Expect::Bind(Some(key)) | Expect::DescribeStatement(Some(key))) =

@@ -151,24 +151,28 @@ async fn a_replica_refusing_a_write_is_retried_on_the_primary() {
     assert_eq!(n, 2, "each call wrote exactly once");
 }
 
+/// A proxy, and a client of it, once `setup` ran through the proxy as app and every
+/// replica (and the proxy's health checker) saw it replayed.
+async fn replayed_through_a_proxy(setup: &str) -> (Proxy, tokio_postgres::Client) {
+    let proxy = start_proxy().await;
+    proxy.app().await.batch_execute(setup).await.unwrap();
+    wait_replicated().await;
+    wait_proxy_saw_replay(&proxy, cluster()).await;
+    let client = proxy.app().await;
+    (proxy, client)
+}
+
 /// Replicas cannot read unlogged tables (0A000 "cannot access temporary or unlogged
 /// relations during recovery"): such a read is run again on the primary, and the next one
 /// goes there at once. A read, not a write: it invalidates nothing.
 #[tokio::test]
 async fn a_read_of_an_unlogged_table_is_answered_by_the_primary() {
     let c = cluster();
-    let proxy = start_proxy().await;
-    let client = proxy.app().await;
     let t = unique("unlogged");
-    client
-        .batch_execute(&format!(
-            "CREATE UNLOGGED TABLE {t} (v int); INSERT INTO {t} VALUES (5)"
-        ))
-        .await
-        .unwrap();
-    wait_replicated().await;
-    wait_proxy_saw_replay(&proxy, c).await;
-    let reader = proxy.app().await;
+    let (_proxy, reader) = replayed_through_a_proxy(&format!(
+        "CREATE UNLOGGED TABLE {t} (v int); INSERT INTO {t} VALUES (5)"
+    ))
+    .await;
     for protocol in ["simple", "extended", "extended"] {
         let sql = format!("SELECT v, inet_server_port() FROM {t}");
         let (v, port): (String, String) = if protocol == "simple" {
@@ -190,6 +194,23 @@ async fn a_read_of_an_unlogged_table_is_answered_by_the_primary() {
         };
         assert_eq!(v, "5", "{protocol}");
         assert_eq!(port, c.primary.to_string(), "{protocol}");
+    }
+}
+
+/// A read a standby refuses with another code than 25006: the WAL position behind a view
+/// (55000 "recovery is in progress") runs again on the primary. pgsplit passed the
+/// replica's error on.
+#[tokio::test]
+async fn a_read_of_the_wal_position_behind_a_view_is_answered_by_the_primary() {
+    let c = cluster();
+    let v = unique("wal_position");
+    let (_proxy, reader) = replayed_through_a_proxy(&format!(
+        "CREATE VIEW {v} AS SELECT pg_current_wal_lsn() AS lsn, inet_server_port() AS port"
+    ))
+    .await;
+    for _ in 0..3 {
+        let port = simple_value(&reader, &format!("SELECT port FROM {v}")).await;
+        assert_eq!(port, c.primary.to_string());
     }
 }
 

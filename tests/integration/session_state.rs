@@ -274,6 +274,43 @@ async fn a_serializable_default_from_startup_or_set_config_keeps_reads_working()
     }
 }
 
+/// A serializable default set on the role (`ALTER ROLE … SET`), which pgsplit never sees
+/// being set: the first read a replica refuses for it (0A000, at the replay of the
+/// session's settings or at the read) runs again on the primary, and the session's reads
+/// go to the primary from then on, READ ONLY blocks included, even with
+/// `fallback_to_primary` off (the replicas are up, they refuse the session). pgsplit used to
+/// try every replica at every read (a new server connection each time), then fail or fall
+/// back.
+#[tokio::test]
+async fn a_serializable_default_of_the_role_keeps_reads_working() {
+    let c = cluster();
+    let user = unique("serializable_role");
+    run_as_superuser(&format!(
+        "CREATE ROLE {user} LOGIN PASSWORD 'pw'; \
+         ALTER ROLE {user} SET default_transaction_isolation = 'serializable'"
+    ))
+    .await;
+    wait_replicated_on(c).await;
+    let proxy = start_proxy_with(&format!(
+        "{}\n[[users]]\nname = \"{user}\"\npassword = \"pw\"\n\
+         [routing]\nfallback_to_primary = false\n",
+        base_config_toml(c)
+    ))
+    .await;
+    let client = connect(&proxy.conn_str(&user, "pw")).await;
+    for sql in [
+        "SELECT inet_server_port()",
+        "SELECT inet_server_port()",
+        "BEGIN READ ONLY; SELECT inet_server_port(); COMMIT",
+    ] {
+        assert_eq!(
+            simple_value(&client, sql).await,
+            c.primary.to_string(),
+            "{sql}"
+        );
+    }
+}
+
 /// DISCARD ALL resets what pins a session, but not a library loaded with LOAD (nor a
 /// dblink connection): such a session keeps its connection, which no other client gets.
 #[tokio::test]
@@ -427,11 +464,7 @@ async fn reading_back_a_set_config_leaves_the_clients_portal_open() {
 async fn reset_all_keeps_the_role_and_it_never_reaches_another_client() {
     let c = cluster();
     let role = unique("reset_all_role");
-    direct(c.primary)
-        .await
-        .batch_execute(&format!("CREATE ROLE {role} NOLOGIN; GRANT {role} TO app"))
-        .await
-        .unwrap();
+    run_as_superuser(&format!("CREATE ROLE {role} NOLOGIN; GRANT {role} TO app")).await;
     wait_replicated_on(c).await;
     let proxy = start_proxy_one_connection_per_node().await;
     let a = proxy.app().await;
@@ -445,13 +478,7 @@ async fn reset_all_keeps_the_role_and_it_never_reaches_another_client() {
         } else {
             "SELECT current_user"
         };
-        let rows = client.simple_query(sql).await.unwrap();
-        rows.iter()
-            .find_map(|m| match m {
-                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
-                _ => None,
-            })
-            .unwrap()
+        simple_value(client, sql).await
     };
     let b = proxy.app().await;
     for in_transaction in [true, false, true] {

@@ -373,6 +373,15 @@ pub async fn direct(port: u16) -> Client {
     .await
 }
 
+/// Run `sql` on the primary as the superuser (setup the test's own roles or tables need).
+pub async fn run_as_superuser(sql: &str) {
+    direct(cluster().primary)
+        .await
+        .batch_execute(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
 /// Terminate, from a direct admin connection, the primary backend `client`'s session is on
 /// (it must be on the primary now: in a transaction, or pinned).
 pub async fn terminate_primary_backend(client: &Client) {
@@ -583,8 +592,18 @@ pub async fn primary_count(table: &str) -> i64 {
 /// A setting as the primary sees it for `client`: read inside a transaction, which pgsplit
 /// always runs there.
 pub async fn primary_setting(client: &Client, name: &str) -> String {
+    simple_value(
+        client,
+        &format!("BEGIN; SELECT current_setting('{name}'); COMMIT"),
+    )
+    .await
+}
+
+/// The first column of the first row `sql` (simple protocol, maybe several statements)
+/// returns.
+pub async fn simple_value(client: &Client, sql: &str) -> String {
     client
-        .simple_query(&format!("BEGIN; SELECT current_setting('{name}'); COMMIT"))
+        .simple_query(sql)
         .await
         .unwrap()
         .into_iter()
@@ -592,5 +611,5 @@ pub async fn primary_setting(client: &Client, name: &str) -> String {
             tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
             _ => None,
         })
-        .expect("a row")
+        .unwrap_or_else(|| panic!("a row from {sql}"))
 }
