@@ -40,6 +40,11 @@ pub enum Error {
     LoginTimeout,
     #[error("{0}")]
     Backend(#[from] BackendError),
+    /// The server connection failed while the client was in the middle of one of its
+    /// messages: nothing more can reach the client that it would not read as part of that
+    /// message, so the session ends without a word, as a direct connection would.
+    #[error("server connection lost in the middle of a message to the client: {0}")]
+    ServerLostMidMessage(BackendError),
     #[error("no server available: {0}")]
     NoServer(String),
     #[error("{0}")]
@@ -56,6 +61,7 @@ impl Error {
     pub fn side(&self) -> Side {
         match self {
             Error::Backend(_)
+            | Error::ServerLostMidMessage(_)
             | Error::NoServer(_)
             | Error::PoolTimeout(_)
             | Error::PrimaryInRecovery => Side::Backend,
@@ -80,7 +86,7 @@ impl Error {
             // A server's own refusal keeps its SQLSTATE (e.g. 3D000 unknown database).
             Error::Backend(BackendError::Server(e)) if !e.code.is_empty() => &e.code,
             Error::Backend(BackendError::AuthUnsupported(_)) => "28000",
-            Error::Backend(_) | Error::NoServer(_) => "08006",
+            Error::Backend(_) | Error::ServerLostMidMessage(_) | Error::NoServer(_) => "08006",
         }
     }
 

@@ -481,6 +481,7 @@ impl Session {
             Ok(()) | Err(Error::ClientGone) | Err(Error::ClientIo(_)) => {}
             // A client that does not read would not read its FATAL either.
             Err(e @ Error::ClientWriteTimeout(_)) => warn!(error = %e, "disconnecting the client"),
+            Err(e @ Error::ServerLostMidMessage(_)) => warn!(error = %e, "closing the session"),
             Err(e) => {
                 if e.side() == Side::Backend {
                     warn!(error = %e, "session lost its server");

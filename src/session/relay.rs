@@ -410,7 +410,10 @@ impl Session {
             Some(fields) => BackendError::Server(*fields),
             None => e,
         };
-        let ends_session = (self.tx != TxStatus::Idle && self.tx_conn == Some(fl.id))
+        // A message to the client cut short: it would read anything more as part of it.
+        let cut = fl.passthrough > 0;
+        let ends_session = cut
+            || (self.tx != TxStatus::Idle && self.tx_conn == Some(fl.id))
             || (fl.id.is_primary() && self.pinned);
         if ends_session {
             if fl.id.is_primary() && self.writes.any {
@@ -421,7 +424,11 @@ impl Session {
             }
             self.tx = TxStatus::Idle;
             self.tx_conn = None;
-            return Err(Error::Backend(e));
+            return Err(if cut {
+                Error::ServerLostMidMessage(e)
+            } else {
+                Error::Backend(e)
+            });
         }
         let mut frames = vec![match &e {
             BackendError::Server(f) => {

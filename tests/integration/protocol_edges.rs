@@ -1018,3 +1018,56 @@ async fn session_bound_work_joining_a_replica_request_keeps_the_connection_out_o
         }
     }
 }
+
+/// A server connection lost in the middle of a row the client is reading (its backend
+/// terminated while streaming a 32 MB value, past what pgsplit holds back for a retry): the
+/// client gets no more bytes and the connection closes, as a direct connection would.
+/// pgsplit used to append an ErrorResponse and ReadyForQuery inside the cut row and wait
+/// for the next request, so the client waited for the rest of the row forever.
+#[tokio::test]
+async fn a_server_lost_in_the_middle_of_a_row_closes_the_client_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const VALUE: usize = 32 << 20;
+    let proxy = start_proxy().await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(&startup_packet("trustuser")).await.unwrap();
+    read_messages(&mut s).await;
+    s.write_all(&query(&format!(
+        "SELECT pg_backend_pid()::text || ',' || inet_server_port() || ',', repeat('x', {VALUE})"
+    )))
+    .await
+    .unwrap();
+    // The row's head names the backend and its server; the client then stops reading.
+    let mut head = Vec::new();
+    let (pid, port) = loop {
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "the row's head arrives");
+        head.extend_from_slice(&chunk[..n]);
+        // `…<pid>,<port>,…`: the first column's text, between its length and the next one.
+        let text = String::from_utf8_lossy(&head);
+        let mut fields = text.split(',');
+        if let (Some(before), Some(port), Some(_)) = (fields.next(), fields.next(), fields.next()) {
+            let start = before.trim_end_matches(|c: char| c.is_ascii_digit()).len();
+            let pid = before[start..].parse::<i32>().unwrap();
+            break (pid, port.parse::<u16>().unwrap());
+        }
+    };
+    let killed = direct(port)
+        .await
+        .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap()
+        .get::<_, bool>(0);
+    assert!(killed, "backend {pid} on port {port}");
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut rest))
+        .await
+        .expect("the proxy closes the connection")
+        .unwrap();
+    assert!(
+        head.len() + rest.len() < VALUE,
+        "the row was cut: {} bytes",
+        head.len() + rest.len()
+    );
+}
