@@ -47,6 +47,10 @@ pub enum Error {
     ServerLostMidMessage(BackendError),
     #[error("no server available: {0}")]
     NoServer(String),
+    /// The primary refused the session's settings (its startup parameters, replayed): the
+    /// session cannot be served, as PostgreSQL refuses such a login.
+    #[error("{}", .0.message)]
+    SettingsRefused(crate::protocol::ErrorFields),
     #[error("{0}")]
     PoolTimeout(String),
     #[error("the configured primary is in recovery (read-only); pgsplit refuses to send it writes")]
@@ -61,6 +65,7 @@ impl Error {
     pub fn side(&self) -> Side {
         match self {
             Error::Backend(_)
+            | Error::SettingsRefused(_)
             | Error::ServerLostMidMessage(_)
             | Error::NoServer(_)
             | Error::PoolTimeout(_)
@@ -84,9 +89,16 @@ impl Error {
             Error::LoginTimeout => "08006",
             Error::ShuttingDown => "57P01",
             // A server's own refusal keeps its SQLSTATE (e.g. 3D000 unknown database).
-            Error::Backend(BackendError::Server(e)) if !e.code.is_empty() => &e.code,
+            Error::Backend(BackendError::Server(e)) | Error::SettingsRefused(e)
+                if !e.code.is_empty() =>
+            {
+                &e.code
+            }
             Error::Backend(BackendError::AuthUnsupported(_)) => "28000",
-            Error::Backend(_) | Error::ServerLostMidMessage(_) | Error::NoServer(_) => "08006",
+            Error::Backend(_)
+            | Error::SettingsRefused(_)
+            | Error::ServerLostMidMessage(_)
+            | Error::NoServer(_) => "08006",
         }
     }
 

@@ -113,7 +113,7 @@ impl Session {
             // A setting the replica refuses (e.g. read-write defaults during recovery):
             // this connection cannot serve the session.
             self.release(id, false);
-            if let Error::Backend(BackendError::Server(fields)) = &e
+            if let Error::SettingsRefused(fields) = &e
                 && replica_cannot_serve(fields) == Some(Refusal::Session)
             {
                 // No replica will: a serializable default of the role or database made the
@@ -274,13 +274,24 @@ impl Session {
                     .await
                     .unwrap_or(Err(BackendError::Timeout));
                 if let Err(e) = result {
-                    // Which settings the connection has now is unknown: it serves no one
-                    // else.
-                    self.release(id, false);
-                    return Err(if e.is_connection_failure() {
-                        self.connect_error(id, e)
-                    } else {
-                        Error::Backend(e)
+                    return Err(match e {
+                        // Refused by the server: the replay ran as one implicit transaction,
+                        // which rolled back every SET in it, so the connection still has
+                        // the settings recorded for it.
+                        BackendError::Server(fields) => {
+                            self.release(id, true);
+                            Error::SettingsRefused(fields)
+                        }
+                        // Which settings the connection has now is unknown: it serves no one
+                        // else.
+                        e if e.is_connection_failure() => {
+                            self.release(id, false);
+                            self.connect_error(id, e)
+                        }
+                        e => {
+                            self.release(id, false);
+                            Error::Backend(e)
+                        }
                     });
                 }
                 conn.settings = self.settings.effective();

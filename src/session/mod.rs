@@ -1006,6 +1006,11 @@ impl Session {
     /// No server could take the request: tell the client the way PostgreSQL reports a
     /// failed request, and keep the session.
     async fn report_unavailable(&mut self, e: Error, items: &[Item], open: bool) -> Result<()> {
+        if matches!(e, Error::SettingsRefused(_)) {
+            // No server will serve this session: it ends, as a direct login with such a
+            // startup parameter would (with the server's FATAL and SQLSTATE).
+            return Err(e);
+        }
         warn!(error = %e, "request failed before reaching a server");
         if self.deferred_begin {
             // The transaction's first request reached no server: the block fails, as a

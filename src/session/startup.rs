@@ -116,7 +116,10 @@ pub async fn open(client: &mut ClientConn, runtime: &Runtime, over_limit: bool) 
         match k.as_str() {
             "user" => user_name = Some(v),
             "database" => database = Some(v),
-            "replication" if !matches!(v.as_str(), "false" | "off" | "no" | "0") => {
+            // An ordinary connection (libpq sends `replication=false` for `replication=0`):
+            // nothing to pass on.
+            "replication" if postgres_bool(&v) == Some(false) => {}
+            "replication" => {
                 return Err(Error::Unsupported(
                     "replication connections are not supported by pgsplit".into(),
                 ));
@@ -270,6 +273,20 @@ fn sasl_initial(body: &mut bytes::Bytes) -> Result<(String, Vec<u8>)> {
     Ok((mechanism, body.to_vec()))
 }
 
+/// A boolean as PostgreSQL's `parse_bool` reads it: any case, and any prefix of true,
+/// false, yes, no (and of on / off from two letters), or 1 / 0.
+fn postgres_bool(v: &str) -> Option<bool> {
+    let v = v.to_ascii_lowercase();
+    let prefix_of = |word: &str, min: usize| v.len() >= min && word.starts_with(v.as_str());
+    if prefix_of("true", 1) || prefix_of("yes", 1) || prefix_of("on", 2) || v == "1" {
+        Some(true)
+    } else if prefix_of("false", 1) || prefix_of("no", 1) || prefix_of("off", 2) || v == "0" {
+        Some(false)
+    } else {
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -281,5 +298,18 @@ mod tests {
         // 'é' is two bytes: 62 + 2 would be 64, so it goes whole.
         let name = format!("{}é", "a".repeat(62));
         assert_eq!(truncate_name(name), "a".repeat(62));
+    }
+
+    #[test]
+    fn booleans_read_as_postgresql_reads_them() {
+        for v in ["false", "F", "fal", "no", "N", "off", "OF", "0"] {
+            assert_eq!(postgres_bool(v), Some(false), "{v}");
+        }
+        for v in ["true", "t", "Yes", "y", "on", "1"] {
+            assert_eq!(postgres_bool(v), Some(true), "{v}");
+        }
+        for v in ["database", "o", "", "2", "falsey", "offf"] {
+            assert_eq!(postgres_bool(v), None, "{v}");
+        }
     }
 }

@@ -1,5 +1,9 @@
 //! Client authentication at the proxy, and server authentication behind it.
 
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+
 use crate::common::*;
 
 #[tokio::test]
@@ -86,6 +90,44 @@ async fn an_unknown_database_reports_the_servers_error() {
         );
     }
     assert_eq!(pools(), before);
+}
+
+/// Startup parameters the server refuses end the session with the server's FATAL, as a
+/// direct login ends: at login when pgsplit asks the primary then, else at the first
+/// request. pgsplit used to log the client in and fail every request, trying each replica
+/// and the primary anew (a new server connection each time). `replication=false` (libpq's
+/// `replication=0`) is an ordinary connection, which pgsplit refused to serve.
+#[tokio::test]
+async fn startup_parameters_the_server_refuses_end_the_session() {
+    let proxy = start_proxy().await;
+    let bad = format!(
+        "host=127.0.0.1 port={} user=app password=app_pw dbname=appdb \
+         options='-c work_mem=banana'",
+        proxy.port()
+    );
+    let e = try_connect(&bad).await.expect_err("refused at login");
+    assert_eq!(sqlstate(&e), "22023", "{e}");
+    // Now the pool knows the login parameters: the first request ends the session.
+    let good = proxy.app().await;
+    assert_usable(&good).await;
+    let client = connect(&bad).await;
+    let e = client.simple_query("SELECT 1").await.expect_err("refused");
+    assert_eq!(sqlstate(&e), "22023", "{e}");
+    assert!(
+        eventually(Duration::from_secs(5), || client.is_closed()).await,
+        "the session ended"
+    );
+    assert_usable(&good).await;
+    for value in ["false", "0", "off", "No"] {
+        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(&startup_packet_with("trustuser", &[("replication", value)]))
+            .await
+            .unwrap();
+        let msgs = read_messages(&mut s).await;
+        assert_eq!(msgs.last().map(|m| m.0), Some(b'Z'), "{value}: {msgs:?}");
+        s.write_all(&query("SELECT 1")).await.unwrap();
+        assert_eq!(tags(&read_messages(&mut s).await), "TDCZ", "{value}");
+    }
 }
 
 #[tokio::test]

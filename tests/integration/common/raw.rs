@@ -9,9 +9,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 pub fn startup_packet(user: &str) -> Vec<u8> {
+    startup_packet_with(user, &[])
+}
+
+/// A startup packet with more parameters than user and database.
+pub fn startup_packet_with(user: &str, params: &[(&str, &str)]) -> Vec<u8> {
     let mut body = BytesMut::new();
     body.put_i32(196608);
-    for (k, v) in [("user", user), ("database", "appdb")] {
+    for &(k, v) in [("user", user), ("database", "appdb")].iter().chain(params) {
         body.put_slice(k.as_bytes());
         body.put_u8(0);
         body.put_slice(v.as_bytes());
