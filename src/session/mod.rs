@@ -114,13 +114,18 @@ async fn live(mut session: Session) {
     session.close(result).await;
 }
 
+/// Client-given text for a log line: cut to 100 characters, to be logged with `?`, which
+/// escapes line breaks.
+fn short(s: &str) -> String {
+    s.chars().take(100).collect()
+}
+
 /// Tell a client why its startup failed (the caller then drops the connection).
 async fn refuse(shared: &Shared, runtime: &Runtime, client: &mut ClientConn, e: Error) {
     if matches!(e, Error::BadPassword(_) | Error::AuthRejected(_)) {
         // Every refused login is logged (with the peer, from the span) so that
         // guessing shows up; the user name the client sent is escaped and cut
         // short, so it cannot forge log lines or flood the log.
-        let short = |s: &str| s.chars().take(100).collect::<String>();
         match &e {
             // A wrong password, or a user pgsplit does not know.
             Error::BadPassword(u) => {
@@ -134,7 +139,9 @@ async fn refuse(shared: &Shared, runtime: &Runtime, client: &mut ClientConn, e: 
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tokio::time::sleep(runtime.config.proxy.auth_failure_delay()).await;
     } else {
-        debug!(error = %e, "startup failed");
+        // Escaped and cut short too: the text can hold what the client sent (a SASL
+        // mechanism name), before any authentication.
+        debug!(error = ?short(&e.to_string()), "startup failed");
     }
     let _ = client.send(&[e.to_error_response(Severity::Fatal)]).await;
 }
@@ -486,7 +493,7 @@ impl Session {
                 if e.side() == Side::Backend {
                     warn!(error = %e, "session lost its server");
                 } else {
-                    debug!(error = %e, "closing session");
+                    debug!(error = ?short(&e.to_string()), "closing session");
                 }
                 let _ = self
                     .client

@@ -379,6 +379,37 @@ async fn failed_logins_are_logged_delayed_and_counted() {
     );
 }
 
+/// What a client sends before authenticating reaches the log escaped, even at debug: a
+/// SASL mechanism name with a line break in it cannot forge a log line. pgsplit logged it
+/// as sent.
+#[tokio::test]
+async fn a_sasl_mechanism_name_cannot_forge_a_log_line() {
+    let proxy = ProxyProcess::start(&base_config_toml(cluster()), "debug").await;
+    let mut s = TcpStream::connect(("127.0.0.1", proxy.port)).await.unwrap();
+    s.write_all(&startup_packet("app")).await.unwrap();
+    // AuthenticationSASL, then the client's choice.
+    let mut header = [0u8; 5];
+    s.read_exact(&mut header).await.unwrap();
+    assert_eq!(header[0], b'R');
+    let len = i32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    s.read_exact(&mut vec![0; len - 4]).await.unwrap();
+    let mut body = b"x\nFORGED-LINE pgsplit::admin: admin console opened\0".to_vec();
+    body.extend(0i32.to_be_bytes());
+    s.write_all(&message(b'p', &body)).await.unwrap();
+    let msgs = read_messages(&mut s).await;
+    assert_eq!(error_code(&msgs).as_deref(), Some("08P01"), "{msgs:?}");
+    let logged = eventually(Duration::from_secs(5), || {
+        proxy.log_text().contains("FORGED-LINE")
+    })
+    .await;
+    let log = proxy.log_text();
+    assert!(logged, "the refusal is logged:\n{log}");
+    assert!(
+        !log.lines().any(|l| l.starts_with("FORGED-LINE")),
+        "a client's line break reached the log:\n{log}"
+    );
+}
+
 /// At the most verbose level, no password (right or wrong, SCRAM or md5, the admin
 /// console's) and no Bind parameter appears in the log.
 #[tokio::test]
