@@ -8,14 +8,17 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::protocol::{self, Frame, Severity, TxStatus, query_sql, tag};
 use crate::session::client::ClientConn;
-use crate::state::Shared;
+use crate::state::{Shared, UserEntry};
 
 pub use commands::{Command, Reply, parse, run};
 
 /// The database name that opens the console.
 pub const DATABASE: &str = "pgsplit";
 
-pub async fn serve(shared: &Arc<Shared>, client: &mut ClientConn) -> Result<()> {
+/// Serve the console to a client that logged in as `login`. A reload that removes or
+/// changes that login ends the console at its next message, as it cuts off ordinary users
+/// (rotating a leaked admin password must lock out the sessions open with it).
+pub async fn serve(shared: &Arc<Shared>, client: &mut ClientConn, login: &UserEntry) -> Result<()> {
     let version = format!("15.0 (pgsplit {})", env!("CARGO_PKG_VERSION"));
     let mut hello = vec![protocol::auth_ok()];
     for (k, v) in [
@@ -36,6 +39,18 @@ pub async fn serve(shared: &Arc<Shared>, client: &mut ClientConn) -> Result<()> 
     let mut skipping = false;
     loop {
         let f = client.read_frame().await?;
+        let still_valid = shared
+            .runtime
+            .load()
+            .admin
+            .as_ref()
+            .is_some_and(|admin| admin.config == login.config);
+        if !still_valid {
+            tracing::warn!("admin console closed: its login was removed or changed by a reload");
+            return Err(Error::AuthRejected(
+                "the admin login was removed or changed by a configuration reload".into(),
+            ));
+        }
         match f.tag {
             tag::QUERY => {
                 let sql = query_sql(&f.body)?;

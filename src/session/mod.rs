@@ -87,10 +87,10 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, over_
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 Box::pin(live(Session::new(shared, runtime, client, login, peer))).await;
             }
-            Ok(Opening::Admin) => {
+            Ok(Opening::Admin(login)) => {
                 tracing::Span::current().record("user", "(admin console)");
                 client.max_message = max_message;
-                if let Err(e) = Box::pin(crate::admin::serve(&shared, &mut client)).await
+                if let Err(e) = Box::pin(crate::admin::serve(&shared, &mut client, &login)).await
                     && !matches!(e, Error::ClientGone | Error::ClientIo(_))
                 {
                     let _ = Box::pin(client.send(&[e.to_error_response(Severity::Fatal)])).await;

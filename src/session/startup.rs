@@ -20,8 +20,9 @@ pub enum Opening {
         secret: i32,
     },
     Login(Login),
-    /// The admin user, authenticated, asking for the admin console.
-    Admin,
+    /// The admin user, authenticated, asking for the admin console (with the login it
+    /// authenticated as, which a reload may remove or change).
+    Admin(Arc<UserEntry>),
 }
 
 /// An authenticated client.
@@ -145,7 +146,7 @@ pub async fn open(client: &mut ClientConn, runtime: &Runtime, over_limit: bool) 
             .filter(|a| a.config.name == user_name)
     {
         authenticate(client, admin).await?;
-        return Ok(Opening::Admin);
+        return Ok(Opening::Admin(admin.clone()));
     }
     let Some(user) = runtime.users.get(&user_name).cloned() else {
         return Err(refuse_unknown(client, runtime, user_name).await);

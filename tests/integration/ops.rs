@@ -708,3 +708,33 @@ async fn server_connections_retire_after_their_lifetime_and_idle_ones_close() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// A reload that changes the admin login (a rotated password) ends the consoles opened
+/// with the old one at their next command, as it cuts off removed users; a reload that
+/// leaves the admin login alone keeps them. pgsplit kept old consoles open for good.
+#[tokio::test]
+async fn a_reload_that_rotates_the_admin_password_closes_old_consoles() {
+    let c = cluster();
+    let (_dir, path, base, proxy, admin) = proxy_from_ops_file(c).await;
+    let weight = base.replacen(
+        &format!("port = {}\n", c.replicas[1]),
+        &format!("port = {}\n        weight = 2\n", c.replicas[1]),
+        1,
+    );
+    write(&path, &weight);
+    admin.simple_query("RELOAD").await.expect("RELOAD");
+    rows(&admin, "SHOW BACKENDS").await;
+    write(&path, &weight.replace("console_pw", "rotated_pw"));
+    admin.simple_query("RELOAD").await.expect("RELOAD");
+    let e = admin
+        .simple_query("SHOW BACKENDS")
+        .await
+        .expect_err("the old login no longer works");
+    assert_eq!(sqlstate(&e), "28000", "{e}");
+    let rotated = connect(&format!(
+        "host=127.0.0.1 port={} user=pgsplit password=rotated_pw dbname=pgsplit",
+        proxy.port()
+    ))
+    .await;
+    assert_eq!(rows(&rotated, "SHOW BACKENDS").await.len(), 3);
+}
