@@ -311,15 +311,28 @@ impl Session {
                     }
                     Some(Refusal::Session) | None => {}
                 }
-                let learn = |sql: &str| match fl.refusal {
-                    Some(Refusal::Write) => self.runtime.classify.learn_write(sql),
-                    Some(Refusal::PrimaryRead) => self.runtime.classify.learn_primary_read(sql),
-                    Some(Refusal::Session) | None => {}
-                };
+                // A write refused: the statements that call functions, when some do. A read
+                // of tables alone batched with them (a pipeline) did not write, and learning
+                // it as a write would send it to the primary, and invalidate the cache, from
+                // then on.
+                let calls_functions = |i: &Item| i.class().is_some_and(|c| c.calls_user_functions);
+                let suspects =
+                    fl.refusal == Some(Refusal::Write) && items.iter().any(calls_functions);
                 for item in items {
-                    if let Some(sql) = statement_sql(item) {
-                        learn(&sql);
+                    if suspects && !calls_functions(item) {
+                        continue;
                     }
+                    let Some(sql) = statement_sql(item) else {
+                        continue;
+                    };
+                    let classify = &self.runtime.classify;
+                    match fl.refusal {
+                        Some(Refusal::Write) => classify.learn_write(&sql),
+                        Some(Refusal::PrimaryRead) => classify.learn_primary_read(&sql),
+                        Some(Refusal::Session) | None => continue,
+                    }
+                    // The session's own statements of that SQL follow at once.
+                    self.statements.reclassify(&sql, &classify.get(&sql));
                 }
                 let reusable = fl.server_idle;
                 self.conns[id.0 as usize] = Some(fl.conn);

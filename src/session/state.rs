@@ -62,6 +62,18 @@ impl Statement {
         }
     }
 
+    /// The same statement, classified anew (after the proxy learned something about its
+    /// SQL).
+    pub fn with_class(&self, class: Arc<Classification>) -> Statement {
+        Statement {
+            parse: self.parse.clone(),
+            class,
+            identity: self.identity,
+            server_name: self.server_name.clone(),
+            generation: self.generation,
+        }
+    }
+
     /// Which shared server statement this is (none for the unnamed one).
     pub fn shared_key(&self) -> Option<SharedStatement> {
         (!self.server_name.is_empty()).then_some((self.identity, self.generation))
@@ -146,6 +158,17 @@ impl Statements {
             self.unnamed.take()
         } else {
             self.named.remove(name)
+        }
+    }
+
+    /// Give the statements of `sql` the classification `class` (learned from a replica's
+    /// refusal): a statement prepared once and bound many times (statement caches of
+    /// drivers) would otherwise go to a replica and be refused at every Bind.
+    pub fn reclassify(&mut self, sql: &str, class: &Arc<Classification>) {
+        for stmt in self.unnamed.iter_mut().chain(self.named.values_mut()) {
+            if stmt.parse.sql == sql && !Arc::ptr_eq(&stmt.class, class) {
+                *stmt = Arc::new(stmt.with_class(class.clone()));
+            }
         }
     }
 

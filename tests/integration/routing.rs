@@ -128,7 +128,8 @@ async fn a_replica_refusing_a_write_is_retried_on_the_primary() {
         .batch_execute(&format!(
             "CREATE TABLE {t} (port int);
              CREATE FUNCTION {t}_bump() RETURNS int LANGUAGE sql AS
-               'INSERT INTO {t} VALUES (inet_server_port()) RETURNING port';"
+               'INSERT INTO {t} VALUES (inet_server_port()) RETURNING port';
+             GRANT ALL ON {t} TO trustuser;"
         ))
         .await
         .unwrap();
@@ -147,8 +148,49 @@ async fn a_replica_refusing_a_write_is_retried_on_the_primary() {
         .unwrap()
         .get(0);
     assert_eq!(port as u16, c.primary);
+    // A statement prepared once and run many times (drivers' statement caches) learns it
+    // too: one refusal, not one at every run.
+    let replica_retries = || {
+        proxy
+            .shared
+            .stats
+            .snapshot()
+            .iter()
+            .find(|r| r.route == pgsplit::stats::RouteKind::Replica)
+            .map_or(0, |r| r.retries)
+    };
+    // Without read-your-writes, each run would go to a replica again.
+    let eventual = proxy.app().await;
+    eventual
+        .batch_execute("SET pgsplit.consistency = 'eventual'")
+        .await
+        .unwrap();
+    let before = replica_retries();
+    let prepared = eventual
+        .prepare(&format!("SELECT {t}_bump() AS prepared_once"))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let port: i32 = eventual.query_one(&prepared, &[]).await.unwrap().get(0);
+        assert_eq!(port as u16, c.primary);
+    }
+    assert_eq!(replica_retries() - before, 1, "refused once");
+    // A read of tables alone, pipelined with the call that wrote, is not learned as a
+    // write (it would go to the primary and invalidate the cache at every run).
+    let mut raw = RawClient::login(proxy.addr, "trustuser").await;
+    let read = format!("SELECT count(*) FROM {t} WHERE port > 0");
+    let mut req = parse_bind_execute(&read);
+    req.truncate(req.len() - sync().len());
+    req.extend(parse_bind_execute(&format!(
+        "SELECT {t}_bump() AS pipelined"
+    )));
+    assert_eq!(tags(&raw.send(&req).await), "12DC12DCZ");
+    assert_eq!(replica_retries() - before, 2, "the pipeline was refused");
+    let learned = proxy.shared.runtime.load().classify.get(&read);
+    assert_eq!(learned.target, pgsplit::router::Target::Replica);
+    assert!(!learned.writes_unknown);
     let n: i64 = rows_on(c.primary, &t).await;
-    assert_eq!(n, 2, "each call wrote exactly once");
+    assert_eq!(n, 6, "each call wrote exactly once");
 }
 
 /// A proxy, and a client of it, once `setup` ran through the proxy as app and every
