@@ -643,9 +643,31 @@ impl Ctx<'_> {
     /// A statement sqlparser rejected: the conservative answer, plus what its first keywords
     /// say about session state so a session is pinned rather than silently diverging.
     fn fallback(&mut self, f: &Fragment) {
-        self.unparsed();
         let head = &f.head;
         let kw = |i: usize, k: &str| head.get(i).is_some_and(|t| is_word(t, k));
+        if kw(0, "BEGIN") || (kw(0, "START") && kw(1, "TRANSACTION")) {
+            // Modes sqlparser does not read (`BEGIN READ ONLY DEFERRABLE`, as asyncpg
+            // sends it): a transaction start all the same, which writes nothing. Read only
+            // unless serializable (standbys refuse that) or also READ WRITE.
+            self.out.parsed = false;
+            self.tx_other();
+            let pair = |a: &str, b: &str| {
+                head.windows(2)
+                    .any(|w| is_word(&w[0], a) && is_word(&w[1], b))
+            };
+            let read_only = pair("READ", "ONLY")
+                && !pair("READ", "WRITE")
+                && !head.iter().any(|t| is_word(t, "SERIALIZABLE"));
+            let access = if read_only {
+                TxAccess::ReadOnly
+            } else {
+                self.primary();
+                TxAccess::ReadWrite
+            };
+            self.out.begins_tx.get_or_insert(access);
+            return;
+        }
+        self.unparsed();
         if kw(0, "SET") {
             self.fallback_set(f);
         } else if kw(0, "RESET") {
@@ -664,8 +686,6 @@ impl Ctx<'_> {
                 Some(op) => self.out.session_ops.push(op),
                 None => self.pin(),
             }
-        } else if kw(0, "BEGIN") || (kw(0, "START") && kw(1, "TRANSACTION")) {
-            self.out.begins_tx.get_or_insert(TxAccess::ReadWrite);
         } else if (kw(0, "PREPARE") && !kw(1, "TRANSACTION"))
             || ["LISTEN", "UNLISTEN", "LOAD", "DECLARE"]
                 .iter()

@@ -769,8 +769,11 @@ impl Session {
             // read-write), its BEGIN sent ahead of it.
             route = Route::Primary;
         }
-        if open && route == Route::Replica {
-            // The rest of the batch is unknown yet: it might write.
+        if route == Route::Replica
+            && (open || items.iter().any(|i| matches!(i, Item::FunctionCall(_))))
+        {
+            // The rest of the batch is unknown yet, or a fast-path call names its function
+            // by OID, which the classifier cannot judge: it might write.
             route = Route::Primary;
         }
         for c in items.iter().filter_map(Item::class) {
