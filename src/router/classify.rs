@@ -91,7 +91,10 @@ pub fn classify_with(sql: &str, extra_primary_functions: &[String]) -> Classific
         }
         _ => true,
     });
-    if copy_data_is_sql || comment_start_inside_operators(&tokens) {
+    if copy_data_is_sql
+        || comment_start_inside_operators(&tokens)
+        || (sql.contains("&\"") && unicode_escaped_identifier(&tokens))
+    {
         return Classification::unknown();
     }
     let fragments = split(tokens);
@@ -186,6 +189,18 @@ fn comment_start_inside_operators(tokens: &[TokenWithSpan]) -> bool {
             return false;
         };
         (a.ends_with('-') && b.starts_with('-')) || (a.ends_with('/') && b.starts_with('*'))
+    })
+}
+
+/// Whether the text has a `U&"…"` identifier, which PostgreSQL reads as one name with its
+/// escapes decoded (`U&"\0070g_advisory_lock"` is pg_advisory_lock) and sqlparser as the
+/// word U, an operator and a name with the escapes left in: the classifier would judge a
+/// name the server never sees.
+fn unicode_escaped_identifier(tokens: &[TokenWithSpan]) -> bool {
+    tokens.windows(3).any(|w| {
+        matches!(&w[0].token, Token::Word(u) if u.quote_style.is_none() && u.value.eq_ignore_ascii_case("u"))
+            && w[1].token == Token::Ampersand
+            && matches!(&w[2].token, Token::Word(q) if q.quote_style == Some('"'))
     })
 }
 

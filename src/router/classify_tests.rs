@@ -124,6 +124,9 @@ const CASES: &[(&str, &str)] = &[
     ("SELECT pg_stat_reset_shared('bgwriter')", "P wu vol"),
     ("SELECT dblink_exec('conn', 'DELETE FROM t')", "P wu vol"),
     ("SELECT pg_create_restore_point('x')", "P wu vol"),
+    // A Unicode-escaped name is not the name sqlparser reads: nothing is guessed.
+    (r#"SELECT U&"\0070g_advisory_lock"(8)"#, "?"),
+    (r#"select u&"set\005fconfig"('search_path', 'evil', false)"#, "?"),
     // A standby runs node functions as its own: pg_promote there promotes it.
     ("SELECT pg_promote()", "P wu vol"),
     ("SELECT pg_wal_replay_pause()", "P wu vol"),
