@@ -183,6 +183,9 @@ struct InFlight {
     /// Boxed, with `facts_error`: rare, and this struct lives in every request's future.
     fatal: Option<Box<ErrorFields>>,
     ops: Vec<SessionOp>,
+    /// DEALLOCATE statements the server has completed so far (the first that many
+    /// `SessionOp::Deallocate` in `ops`).
+    deallocated: usize,
     /// Settings set by set_config() in this request, to read back once it succeeded.
     read_back: Vec<String>,
     /// A Sync must go to the server: the deferred BEGIN failed and the client's simple
@@ -242,6 +245,7 @@ impl Session {
             server_idle: false,
             fatal: None,
             ops: Vec::new(),
+            deallocated: 0,
             read_back: Vec::new(),
             facts_row: None,
             facts_error: None,
@@ -1201,6 +1205,24 @@ impl Session {
                         fl.conn.prepared.clear();
                         fl.conn.unnamed = None;
                         self.statements.clear_named();
+                    }
+                    // A DEALLOCATE that reached the server may have dropped a statement
+                    // pgsplit prepared there (a client that found its name in
+                    // pg_prepared_statements): the connection must not claim it any more,
+                    // or every later client's Bind of that SQL here would fail with 26000.
+                    b"DEALLOCATE" => {
+                        let name = fl
+                            .ops
+                            .iter()
+                            .filter_map(|op| match op {
+                                SessionOp::Deallocate { name } => Some(name),
+                                _ => None,
+                            })
+                            .nth(fl.deallocated);
+                        if let Some(name) = name {
+                            fl.conn.prepared.remove(name);
+                        }
+                        fl.deallocated += 1;
                     }
                     _ => {}
                 }

@@ -487,3 +487,33 @@ async fn reset_all_keeps_the_role_and_it_never_reaches_another_client() {
     }
     assert_eq!(setting(&a, "search_path").await.0, "\"$user\", public");
 }
+
+/// A client that finds pgsplit's name for a statement in `pg_prepared_statements` and
+/// DEALLOCATEs it on the server: the connection no longer claims the statement, so the next
+/// client to bind that SQL there gets it prepared again. pgsplit kept claiming it, and
+/// every later Bind of that SQL on the connection failed with 26000.
+#[tokio::test]
+async fn a_deallocate_of_pgsplits_own_statement_name_leaves_other_clients_working() {
+    let proxy = start_proxy_one_connection_per_node().await;
+    let sql = format!("SELECT 1 AS {}", unique("dealloc_probe"));
+    let a = proxy.app().await;
+    let stmt = a.prepare(&sql).await.unwrap();
+    a.batch_execute("BEGIN").await.unwrap();
+    a.query(&stmt, &[]).await.unwrap();
+    let name = simple_value(
+        &a,
+        &format!("SELECT name FROM pg_prepared_statements WHERE statement = '{sql}'"),
+    )
+    .await;
+    assert!(name.starts_with("pgsplit_"), "{name}");
+    a.batch_execute(&format!("DEALLOCATE \"{name}\"; COMMIT"))
+        .await
+        .unwrap();
+    let b = proxy.app().await;
+    let stmt = b.prepare(&sql).await.unwrap();
+    for _ in 0..2 {
+        b.batch_execute("BEGIN").await.unwrap();
+        assert_eq!(b.query_one(&stmt, &[]).await.unwrap().get::<_, i32>(0), 1);
+        b.batch_execute("COMMIT").await.unwrap();
+    }
+}
