@@ -393,12 +393,15 @@ impl Session {
     /// replayable session setting.
     async fn read_back_settings(&mut self, fl: &mut InFlight) -> Result<()> {
         let max = self.runtime.config.proxy.max_message_bytes;
+        // Bounded, as the settings replay: a server that stopped answering must not hold
+        // the session and its pool slot.
+        let limit = self.runtime.config.pool.connect_timeout();
         for name in std::mem::take(&mut fl.read_back) {
             let mut notifications = Vec::new();
-            let value = fl
-                .conn
-                .read_setting(&name, max, &mut notifications)
+            let read = fl.conn.read_setting(&name, max, &mut notifications);
+            let value = tokio::time::timeout(limit, read)
                 .await
+                .unwrap_or(Err(BackendError::Timeout))
                 .map_err(Error::Backend)?;
             for n in notifications {
                 n.encode_into(&mut self.out);
