@@ -50,7 +50,8 @@ const PROBE_GUCS: [&str; 3] = [
     "in_hot_standby",
 ];
 
-/// Catalog views that describe the node answering (its sessions, locks, replication): on a
+/// Catalog views that describe the node answering (its sessions, locks, replication; and
+/// every `pg_stat_*` / `pg_statio_*` view, pg_stat_statements included: its activity): on a
 /// replica they describe the replica, not the server the client thinks it talks to.
 const NODE_VIEWS: [&str; 5] = [
     "pg_stat_activity",
@@ -1585,8 +1586,11 @@ impl Visitor for Walk<'_> {
         }
         let name = relation_name(relation);
         // Views of this node's own sessions, locks and replication: a replica shows its own.
-        let bare = name.strip_prefix("pg_catalog.").unwrap_or(&name);
-        if NODE_VIEWS.contains(&bare) {
+        let bare = name.rsplit('.').next().unwrap_or(&name);
+        if NODE_VIEWS.contains(&bare)
+            || bare.starts_with("pg_stat_")
+            || bare.starts_with("pg_statio_")
+        {
             self.needs_primary = true;
             self.volatile = true;
         }

@@ -51,6 +51,12 @@ const CASES: &[(&str, &str)] = &[
     ("SELECT 'it''s', E'a\\nb', $$dollar$$, $q$x$q$", "R"),
     ("SELECT t.id FROM t WHERE t.name LIKE 'a%' AND t.x BETWEEN 1 AND 2", "R r=t"),
     ("SELECT * FROM t TABLESAMPLE SYSTEM (10)", "R vol r=t"),
+    ("SELECT * FROM pg_stat_statements ORDER BY calls DESC", "P vol r=pg_stat_statements"),
+    ("SELECT * FROM public.pg_stat_statements", "P vol r=public.pg_stat_statements"),
+    ("SELECT n_live_tup FROM pg_catalog.pg_stat_user_tables", "P vol r=pg_catalog.pg_stat_user_tables"),
+    ("SELECT * FROM pg_statio_user_tables", "P vol r=pg_statio_user_tables"),
+    // The planner's statistics are the replicated catalog's.
+    ("SELECT * FROM pg_stats WHERE tablename = 't'", "R r=pg_stats"),
     ("SELECT * FROM pg_catalog.pg_tables", "R r=pg_catalog.pg_tables"),
     ("SELECT version()", "R"),
     ("SELECT * FROM t WHERE b OPERATOR(pg_catalog.~) 'x'", "R r=t"),
