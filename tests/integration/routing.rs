@@ -12,7 +12,10 @@ async fn plain_reads_spread_over_both_replicas_round_robin() {
     assert_eq!(seen.get(&c.replicas[1]), Some(&10), "{seen:?}");
     assert!(!seen.contains_key(&c.primary));
     let in_recovery: bool = client
-        .query_one("SELECT count(*) > 0 FROM pg_stat_wal_receiver", &[])
+        .query_one(
+            "SELECT setting = 'on' FROM pg_settings WHERE name = 'in_hot_standby'",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);

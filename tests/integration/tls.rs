@@ -88,16 +88,31 @@ async fn app_select_one(proxy: &Proxy) {
 }
 
 /// Whether the server connections that answer run over TLS: two reads (both replicas) and
-/// one in a transaction (the primary).
+/// one in a transaction (the primary). Through a view of `pg_stat_ssl`: pgsplit reads the
+/// pg_stat_* views themselves on the primary, as views of the node's own activity.
 async fn server_side_tls(proxy: &Proxy) -> Vec<bool> {
-    const SQL: &str = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
+    let view = unique("own_ssl");
+    run_as_superuser(&format!(
+        "CREATE VIEW {view} AS SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid(); \
+         GRANT SELECT ON {view} TO app"
+    ))
+    .await;
+    wait_replicated().await;
+    let sql = format!("SELECT ssl, inet_server_port() FROM {view}");
     let client = proxy.app().await;
     let mut seen = Vec::new();
+    let mut ports = std::collections::HashSet::new();
     for _ in 0..2 {
-        seen.push(client.query_one(SQL, &[]).await.unwrap().get::<_, bool>(0));
+        let row = client.query_one(&sql, &[]).await.unwrap();
+        ports.insert(row.get::<_, i32>(1) as u16);
+        seen.push(row.get::<_, bool>(0));
     }
+    assert!(
+        ports.iter().all(|p| cluster().replicas.contains(p)),
+        "{ports:?}"
+    );
     client.batch_execute("BEGIN").await.unwrap();
-    seen.push(client.query_one(SQL, &[]).await.unwrap().get::<_, bool>(0));
+    seen.push(client.query_one(&sql, &[]).await.unwrap().get::<_, bool>(0));
     client.batch_execute("COMMIT").await.unwrap();
     seen
 }
