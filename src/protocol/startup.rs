@@ -86,16 +86,20 @@ fn parse_params(mut body: &[u8]) -> Result<Vec<(String, String)>, StartupError> 
             }
             return Ok(params);
         }
+        let key = std::str::from_utf8(key)
+            .map_err(|_| StartupError::Malformed("a parameter name that is not UTF-8"))?;
         let (value, rest) = cstr(rest).ok_or(StartupError::Malformed("parameter without value"))?;
-        params.push((key.to_owned(), value.to_owned()));
+        // The client's encoding is not known yet: a value in another one (a Latin-1
+        // application_name) is taken, its invalid bytes replaced, as PostgreSQL takes it
+        // (where application_name shows them as '?').
+        params.push((key.to_owned(), String::from_utf8_lossy(value).into_owned()));
         body = rest;
     }
 }
 
-fn cstr(b: &[u8]) -> Option<(&str, &[u8])> {
+fn cstr(b: &[u8]) -> Option<(&[u8], &[u8])> {
     let nul = b.iter().position(|&c| c == 0)?;
-    let s = std::str::from_utf8(&b[..nul]).ok()?;
-    Some((s, &b[nul + 1..]))
+    Some((&b[..nul], &b[nul + 1..]))
 }
 
 #[cfg(test)]
@@ -109,6 +113,17 @@ mod tests {
         b.put_i32(code);
         b.put_slice(payload);
         b
+    }
+
+    #[test]
+    fn a_value_in_another_encoding_is_taken() {
+        let mut b = packet(PROTOCOL_3, b"user\0app\0application_name\0caf\xe9\0\0");
+        let Some(StartupPacket::Startup { params, .. }) = decode_startup(&mut b).unwrap() else {
+            panic!("a startup packet");
+        };
+        assert_eq!(params[1], ("application_name".into(), "caf\u{FFFD}".into()));
+        let mut b = packet(PROTOCOL_3, b"us\xe9r\0app\0\0");
+        assert!(decode_startup(&mut b).is_err());
     }
 
     #[test]
