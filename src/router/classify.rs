@@ -71,11 +71,11 @@ pub fn classify(sql: &str) -> Classification {
 /// as writing functions. Results depend on that list: clear a cache keyed by SQL when it changes.
 pub fn classify_with(sql: &str, extra_primary_functions: &[String]) -> Classification {
     if lexes_unlike_postgres(sql) {
-        return Classification::unknown();
+        return Classification::unreadable();
     }
     let dialect = PostgreSqlDialect {};
     let Ok(mut tokens) = Tokenizer::new(&dialect, sql).tokenize_with_location() else {
-        return Classification::unknown();
+        return Classification::unreadable();
     };
     // After `COPY ... FROM STDIN;` the tokenizer takes the following lines as COPY data (a psql
     // script convention). On the wire that text is more SQL: fine if it holds no statement,
@@ -96,7 +96,7 @@ pub fn classify_with(sql: &str, extra_primary_functions: &[String]) -> Classific
         || comment_start_inside_operators(&tokens)
         || (sql.contains("&\"") && unicode_escaped_identifier(&tokens))
     {
-        return Classification::unknown();
+        return Classification::unreadable();
     }
     let fragments = split(tokens);
     let mut ctx = Ctx {
@@ -119,7 +119,7 @@ pub fn classify_with(sql: &str, extra_primary_functions: &[String]) -> Classific
     if fragments.iter().any(|f| f.atomic) {
         let too_long = fragments.iter().any(|f| f.longest_run > MAX_TOKEN_RUN);
         let Some(stmts) = parse_all(sql).filter(|_| !too_long) else {
-            return Classification::unknown();
+            return Classification::unreadable();
         };
         for stmt in &stmts {
             ctx.out.statement_count += 1;
@@ -216,6 +216,9 @@ struct Fragment {
     comments: Vec<(Location, Location)>,
     longest_run: usize,
     atomic: bool,
+    /// A name of a call that changes the session (set_config, a session advisory lock, a
+    /// dblink connection) appears in it: what the fallback pins on.
+    session_call: bool,
 }
 
 fn split(tokens: Vec<TokenWithSpan>) -> Vec<Fragment> {
@@ -246,6 +249,12 @@ fn split(tokens: Vec<TokenWithSpan>) -> Vec<Fragment> {
                 }
                 cur.atomic |= after_begin && is_word(tok, "ATOMIC");
                 after_begin = is_word(tok, "BEGIN");
+                if let Token::Word(w) = tok
+                    && w.value.len() >= "set_config".len()
+                {
+                    cur.session_call |= w.value.eq_ignore_ascii_case("set_config")
+                        || SESSION_FNS.iter().any(|f| w.value.eq_ignore_ascii_case(f));
+                }
                 match tok {
                     Token::Comma => {
                         if let Some(run) = runs.last_mut() {
@@ -684,6 +693,11 @@ impl Ctx<'_> {
             return;
         }
         self.unparsed();
+        // A call that changes the session anywhere in a statement sqlparser cannot read:
+        // the state it leaves must stay on this session's connection.
+        if f.session_call {
+            self.pin();
+        }
         if kw(0, "SET") {
             self.fallback_set(f);
         } else if kw(0, "RESET") {

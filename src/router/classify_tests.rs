@@ -131,8 +131,12 @@ const CASES: &[(&str, &str)] = &[
     ("SELECT dblink_exec('conn', 'DELETE FROM t')", "P wu vol"),
     ("SELECT pg_create_restore_point('x')", "P wu vol"),
     // A Unicode-escaped name is not the name sqlparser reads: nothing is guessed.
-    (r#"SELECT U&"\0070g_advisory_lock"(8)"#, "?"),
-    (r#"select u&"set\005fconfig"('search_path', 'evil', false)"#, "?"),
+    (r#"SELECT U&"\0070g_advisory_lock"(8)"#, "? pin"),
+    (r#"select u&"set\005fconfig"('search_path', 'evil', false)"#, "? pin"),
+    // Session-changing calls in what sqlparser cannot read pin the session.
+    ("SELECT set_config('search_path', 'evil', false), 1 BETWEEN SYMMETRIC 2 AND 0", "? pin"),
+    ("SELECT pg_advisory_lock(1), 1 BETWEEN SYMMETRIC 2 AND 0", "? pin"),
+    ("SELECT now(), 1 BETWEEN SYMMETRIC 2 AND 0", "?"),
     // A standby runs node functions as its own: pg_promote there promotes it.
     ("SELECT pg_promote()", "P wu vol"),
     ("SELECT pg_wal_replay_pause()", "P wu vol"),
@@ -225,7 +229,7 @@ const CASES: &[(&str, &str)] = &[
     ("COPY (DELETE FROM t RETURNING *) TO STDOUT", "P w=t"),
     ("COPY (SELECT nextval('s')) TO STDOUT", "P wu vol"),
     // psql-style inline data after `COPY ... FROM STDIN;`: on the wire it would be SQL.
-    ("COPY t FROM STDIN;\nDELETE FROM u", "?"),
+    ("COPY t FROM STDIN;\nDELETE FROM u", "? pin"),
     ("COPY t FROM STDIN; DELETE FROM u", "P n=2 w=t,u"),
     ("COPY t FROM STDIN;\n-- just a comment\n", "P w=t"),
     // DDL and utility statements.
@@ -262,14 +266,14 @@ const CASES: &[(&str, &str)] = &[
     ("NOTIFY chan, 'payload'", "P"),
     // Texts sqlparser splits into statements unlike the server: a SET hidden in what it
     // takes for one string must not run on a replica's pooled connection.
-    ("SELECT 1 >/* ' */ 0; SET search_path = evil, public; SELECT ' AS a, ' AS b --'", "?"),
-    ("SELECT $€$, '$€$ AS x; SET search_path = evil, public; SELECT ' AS y --'", "?"),
-    ("SELECT $a€$, '$a€$ AS x; SET search_path = evil, public; SELECT ' AS y --'", "?"),
-    ("SELECT '{}'::jsonb ?-- '\n' AS k, '; SET search_path = evil, public; SELECT ' AS b --'", "?"),
+    ("SELECT 1 >/* ' */ 0; SET search_path = evil, public; SELECT ' AS a, ' AS b --'", "? pin"),
+    ("SELECT $€$, '$€$ AS x; SET search_path = evil, public; SELECT ' AS y --'", "? pin"),
+    ("SELECT $a€$, '$a€$ AS x; SET search_path = evil, public; SELECT ' AS y --'", "? pin"),
+    ("SELECT '{}'::jsonb ?-- '\n' AS k, '; SET search_path = evil, public; SELECT ' AS b --'", "? pin"),
     // ... and what only looks like them stays a read.
     ("SELECT '$€', 'a<!--b', data->>'k', 1 - -2 FROM t -- note", "R r=t"),
     ("SELECT data #>> '{a,b}' FROM t /* a - b */ WHERE x @> '{}'", "R r=t"),
-    ("SELECT E'\u{FFFD}\\'; SET search_path = evil, public; SELECT ' AS b --'", "?"),
+    ("SELECT E'\u{FFFD}\\'; SET search_path = evil, public; SELECT ' AS b --'", "? pin"),
     // PostgreSQL that sqlparser 0.64 cannot parse: the conservative fallback.
     ("DO $$ BEGIN PERFORM 1; END $$", "?"),
     ("CHECKPOINT", "?"),
@@ -294,7 +298,7 @@ const CASES: &[(&str, &str)] = &[
     ("PREPARE TRANSACTION 'tx1'", "?"),
     ("COMMIT PREPARED 'tx1'", "?"),
     ("ROLLBACK PREPARED 'tx1'", "?"),
-    ("SELECT 'unterminated", "?"),
+    ("SELECT 'unterminated", "? pin"),
     ("SELEC 1", "?"),
     ("SELECT 1 END", "?"),
     ("SELECT * FROM t WHERE a = 1 END; DROP TABLE t", "? n=2 w=t"),
@@ -439,7 +443,7 @@ const CASES: &[(&str, &str)] = &[
     ("CREATE FUNCTION f() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1; SELECT 2; END; SET x = 1",
      "P n=2 wu vol set=x"),
     ("LISTEN a; SELECT 1", "P n=2 pin"),
-    ("CREATE FUNCTION f() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1; END END; DROP TABLE t", "?"),
+    ("CREATE FUNCTION f() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1; END END; DROP TABLE t", "? pin"),
     // Comments, odd formatting, empty queries.
     ("", "R n=0"),
     ("   \n\t ", "R n=0"),

@@ -133,6 +133,17 @@ impl Classification {
         }
     }
 
+    /// A text the classifier could not read at all (it lexes unlike PostgreSQL, or is too
+    /// deep to parse): on the primary, an unknown write, and pinning the session, since
+    /// it may change session state (`U&"set\005fconfig"(…)`) that must not reach a pooled
+    /// connection.
+    pub fn unreadable() -> Self {
+        Classification {
+            pins_session: true,
+            ..Classification::unknown()
+        }
+    }
+
     /// It changes data (as opposed to reading, locking or changing session state): after it
     /// commits, the session's reads must see it.
     pub fn may_write(&self) -> bool {
