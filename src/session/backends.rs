@@ -275,11 +275,11 @@ impl Session {
                     .unwrap_or(Err(BackendError::Timeout));
                 if let Err(e) = result {
                     return Err(match e {
-                        // Refused by the server: the replay ran as one implicit transaction,
-                        // which rolled back every SET in it, so the connection still has
-                        // the settings recorded for it.
+                        // Refused by the server (the replay rolled back whole): closed all
+                        // the same, should the refusal come from something on this very
+                        // connection, which must not go on refusing other sessions.
                         BackendError::Server(fields) => {
-                            self.release(id, true);
+                            self.release(id, false);
                             Error::SettingsRefused(fields)
                         }
                         // Which settings the connection has now is unknown: it serves no one

@@ -316,20 +316,24 @@ impl Settings {
     /// The SQL that brings a backend from `current` to these settings, or `None` if it is
     /// already there.
     ///
-    /// The session authorization comes first, since setting it drops the role; the role
-    /// comes last, so that settings a superuser login made before `SET ROLE` took its
+    /// The other settings are replayed as the login itself: a role or authorization on
+    /// the connection is reset first, and the session's own set last (authorization, then
+    /// role), so that settings a superuser login made before `SET ROLE` took its
     /// privileges away replay as they ran.
     pub fn diff_sql(&self, current: &HashMap<String, String>) -> Option<String> {
         let target = |name: &str| self.values.get(name).or_else(|| self.baseline.get(name));
         let mut stmts: Vec<String> = Vec::new();
         let authorization = target(AUTHORIZATION);
         let new_authorization = authorization != current.get(AUTHORIZATION);
-        if new_authorization {
-            stmts.push(
-                authorization
-                    .cloned()
-                    .unwrap_or_else(|| reset_sql(AUTHORIZATION)),
-            );
+        // A new session authorization drops the role: it is set again after it.
+        let new_role = new_authorization || target(ROLE) != current.get(ROLE);
+        // Back to the login's own identity first where it changes, so that the settings
+        // are replayed with the login's privileges (as the session made them before it
+        // changed identity), not with a role another session left on the connection.
+        if new_authorization && current.contains_key(AUTHORIZATION) {
+            stmts.push(reset_sql(AUTHORIZATION));
+        } else if new_role && current.contains_key(ROLE) {
+            stmts.push(reset_sql(ROLE));
         }
         let ordinary = |name: &str| name != AUTHORIZATION && name != ROLE;
         for name in current.keys() {
@@ -346,14 +350,11 @@ impl Settings {
                 stmts.push(sql.clone());
             }
         }
-        match target(ROLE) {
-            Some(sql) if new_authorization || current.get(ROLE) != Some(sql) => {
-                stmts.push(sql.clone());
-            }
-            None if !new_authorization && current.contains_key(ROLE) => {
-                stmts.push(reset_sql(ROLE));
-            }
-            _ => {}
+        if new_authorization && let Some(sql) = authorization {
+            stmts.push(sql.clone());
+        }
+        if new_role && let Some(sql) = target(ROLE) {
+            stmts.push(sql.clone());
         }
         if stmts.is_empty() {
             None
@@ -818,11 +819,23 @@ mod tests {
         on_conn.remove("session_authorization");
         assert_eq!(
             s.diff_sql(&on_conn).as_deref(),
-            Some("SET SESSION AUTHORIZATION bob; SET ROLE carol")
+            Some("RESET \"role\"; SET SESSION AUTHORIZATION bob; SET ROLE carol")
         );
         assert_eq!(
             s.diff_sql(&HashMap::new()).as_deref(),
-            Some("SET SESSION AUTHORIZATION bob; SET TIME ZONE 'UTC'; SET ROLE carol")
+            Some("SET TIME ZONE 'UTC'; SET SESSION AUTHORIZATION bob; SET ROLE carol")
+        );
+        // Another session's role on the connection is reset before this session's
+        // settings run.
+        let mut other = HashMap::new();
+        apply_to_server(&mut other, &[set("role", "SET ROLE mallory")]);
+        let mine = Settings::with_baseline(vec![(
+            "log_statement".into(),
+            "SET log_statement = 'all'".into(),
+        )]);
+        assert_eq!(
+            mine.diff_sql(&other).as_deref(),
+            Some("RESET \"role\"; SET log_statement = 'all'")
         );
         assert!(s.apply(&[SessionOp::DiscardAll]));
         assert!(s.values.is_empty());

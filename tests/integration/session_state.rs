@@ -488,6 +488,31 @@ async fn reset_all_keeps_the_role_and_it_never_reaches_another_client() {
     assert_eq!(setting(&a, "search_path").await.0, "\"$user\", public");
 }
 
+/// A connection another session left with its role is brought back to the login's own
+/// identity before this session's settings are replayed: a superuser-only setting from the
+/// startup packet is applied with the login's privileges, not with the role. With the role
+/// reset last, the replay failed (42501) and ended the session.
+#[tokio::test]
+async fn settings_are_replayed_as_the_login_not_as_the_role_left_on_the_connection() {
+    let proxy = start_proxy_one_connection_per_node().await;
+    let admin = |options: &str| {
+        format!(
+            "host=127.0.0.1 port={} user=admin password=admin_password dbname=appdb{options}",
+            proxy.port()
+        )
+    };
+    let a = connect(&admin("")).await;
+    a.batch_execute("SET ROLE app").await.unwrap();
+    assert_eq!(primary_setting(&a, "role").await, "app");
+    let b = connect(&admin(" options='-c log_statement=all'")).await;
+    assert_eq!(
+        simple_value(&b, "BEGIN; SELECT current_user; COMMIT").await,
+        "admin"
+    );
+    assert_eq!(primary_setting(&b, "log_statement").await, "all");
+    assert_eq!(primary_setting(&a, "role").await, "app");
+}
+
 /// A client that finds pgsplit's name for a statement in `pg_prepared_statements` and
 /// DEALLOCATEs it on the server: the connection no longer claims the statement, so the next
 /// client to bind that SQL there gets it prepared again. pgsplit kept claiming it, and
