@@ -191,18 +191,12 @@ impl<'a> Model<'a> {
             }
             let mut fl = self.inflight.take().expect("in flight");
             // `relay::ends_batch`: behind an error, only the Sync ends the batch.
-            let malformed_query = matches!(&item, Item::Fail(e) if e.ends_request());
             match item {
                 Item::Sync => fl.open = false,
-                Item::Query { .. } | Item::FunctionCall(_) if !fl.skipping => fl.open = false,
-                _ if malformed_query && !fl.skipping => fl.open = false,
+                Item::Query { .. } | Item::Forwarded(_) if !fl.skipping => fl.open = false,
                 _ => {}
             }
             self.emit(&mut fl, &item);
-            // `Relay::emit_joining`: the proxy's own Sync answers a malformed Query.
-            if malformed_query && !fl.skipping {
-                self.emit(&mut fl, &Item::Sync);
-            }
             self.process(fl);
             return Flow::Continue;
         }
@@ -238,14 +232,8 @@ impl<'a> Model<'a> {
                     self.statements.remove("");
                 }
                 let ends = match item {
-                    Item::Query { .. } | Item::FunctionCall(_) | Item::Sync => Some(false),
+                    Item::Query { .. } | Item::Forwarded(_) | Item::Sync => Some(false),
                     Item::Flush => Some(true),
-                    Item::Fail(ref e) if e.ends_request() => {
-                        self.batch.push(item);
-                        self.batch.push(Item::Sync);
-                        self.dispatch(false);
-                        return Flow::Continue;
-                    }
                     _ => None,
                 };
                 self.batch.push(item);
@@ -420,7 +408,7 @@ impl<'a> Model<'a> {
                 }
                 fl.sql.push(sql);
             }
-            Item::FunctionCall(_) => fl.expects.push_back(Expect::Query {
+            Item::Forwarded(_) => fl.expects.push_back(Expect::Query {
                 clears: false,
                 simple: false,
             }),

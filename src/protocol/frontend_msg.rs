@@ -12,14 +12,6 @@ use super::{Frame, tag};
 #[error("malformed {0} message")]
 pub struct MalformedMessage(pub &'static str);
 
-impl MalformedMessage {
-    /// Whether the malformed message was a simple Query, which PostgreSQL answers with
-    /// ReadyForQuery after the error (extended messages wait for the Sync).
-    pub fn ends_request(&self) -> bool {
-        self.0 == "Query"
-    }
-}
-
 /// Where the first NUL byte of `b` is. `CStr` searches word by word (core's memchr), several
 /// times faster than a byte loop over a statement's text.
 fn nul_at(b: &[u8]) -> Option<usize> {

@@ -645,18 +645,10 @@ impl Session {
                     self.statements.remove("");
                 }
                 let flow = match item {
-                    Item::Query { .. } | Item::FunctionCall(_) | Item::Sync => {
+                    Item::Query { .. } | Item::Forwarded(_) | Item::Sync => {
                         Flow::Dispatch { flush: false }
                     }
                     Item::Flush => Flow::Dispatch { flush: true },
-                    // A malformed Query: the server fails where it stands (the open block
-                    // or the batch's implicit transaction with it), then this Sync has it
-                    // answer ReadyForQuery, as PostgreSQL does after a failed simple Query.
-                    Item::Fail(ref e) if e.ends_request() => {
-                        self.batch.push(item);
-                        self.batch.push(Item::Sync);
-                        return Ok(Flow::Dispatch { flush: false });
-                    }
                     _ => Flow::Continue,
                 };
                 self.batch.push(item);
@@ -770,7 +762,7 @@ impl Session {
             route = Route::Primary;
         }
         if route == Route::Replica
-            && (open || items.iter().any(|i| matches!(i, Item::FunctionCall(_))))
+            && (open || items.iter().any(|i| matches!(i, Item::Forwarded(_))))
         {
             // The rest of the batch is unknown yet, or a fast-path call names its function
             // by OID, which the classifier cannot judge: it might write.
@@ -786,10 +778,12 @@ impl Session {
         }
         let executes = items
             .iter()
-            .any(|i| i.is_execute() || matches!(i, Item::Query { .. } | Item::FunctionCall(_)));
+            .any(|i| i.is_execute() || matches!(i, Item::Query { .. } | Item::Forwarded(_)));
         for item in items {
             match item {
-                Item::FunctionCall(_) => self.writes.note_unknown(),
+                // A fast-path call may write anything; a malformed Query runs nothing.
+                Item::Forwarded(f) if f.tag == tag::FUNCTION_CALL => self.writes.note_unknown(),
+                Item::Forwarded(_) => {}
                 other => {
                     if let Some(c) = other.class() {
                         self.writes.note(c);
@@ -1041,7 +1035,7 @@ impl Session {
         let mut frames = vec![e.to_error_response(Severity::Error)];
         let synced = items
             .iter()
-            .any(|i| matches!(i, Item::Sync | Item::Query { .. } | Item::FunctionCall(_)));
+            .any(|i| matches!(i, Item::Sync | Item::Query { .. } | Item::Forwarded(_)));
         if synced {
             frames.push(protocol::ready_for_query(self.tx));
         } else if open {

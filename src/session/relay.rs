@@ -119,8 +119,9 @@ enum Expect {
     /// A Sync the proxy added to close a describe-only request: its ReadyForQuery is not
     /// the client's.
     HiddenSync,
-    /// A simple Query or FunctionCall: everything up to ReadyForQuery. A Query the server
-    /// runs drops its unnamed statement (`drops_unnamed`); a FunctionCall does not.
+    /// A simple Query or a forwarded message: everything up to ReadyForQuery. A Query the
+    /// server runs drops its unnamed statement (`drops_unnamed`); a FunctionCall, or a
+    /// Query the server refuses as malformed, does not.
     Query {
         drops_unnamed: bool,
     },
@@ -491,7 +492,7 @@ impl Session {
                 fl.ops.extend(class.session_ops.iter().cloned());
                 fl.read_back.extend(class.read_back.iter().cloned());
             }
-            Item::FunctionCall(frame) => {
+            Item::Forwarded(frame) => {
                 frame.encode_into(out);
                 fl.expects.push_back(Expect::Query {
                     drops_unnamed: false,
@@ -816,7 +817,7 @@ impl Session {
                         .rposition(|x| !matches!(x, Expect::Sync))
                         .map_or(0, |i| i + 1);
                     let held: Vec<Expect> = fl.expects.drain(first_sync..).collect();
-                    self.emit_joining(fl, &item);
+                    self.emit(fl, &item);
                     fl.expects.extend(held);
                     continue;
                 }
@@ -827,20 +828,9 @@ impl Session {
             if ends_batch(&item, fl.skipping) {
                 fl.open = false;
             }
-            self.emit_joining(fl, &item);
+            self.emit(fl, &item);
         }
         self.send_request(fl).await
-    }
-
-    /// Emit an item that joins the request in flight. A malformed Query (a [`Item::Fail`]
-    /// that ends the batch) is followed by a Sync of the proxy's, whose ReadyForQuery the
-    /// client gets, as after any failed simple Query.
-    fn emit_joining(&mut self, fl: &mut InFlight, item: &Item) {
-        self.emit(fl, item);
-        if matches!(item, Item::Fail(e) if e.ends_request()) && !fl.skipping {
-            fl.open = false;
-            self.emit(fl, &Item::Sync);
-        }
     }
 
     /// Send what `wbuf` holds for the server, or as much as goes before the server's
@@ -883,7 +873,7 @@ impl Session {
                 self.writes.note_unknown();
             }
         }
-        if matches!(item, Item::FunctionCall(_)) {
+        if matches!(&item, Item::Forwarded(f) if f.tag == tag::FUNCTION_CALL) {
             self.writes.note_unknown();
         }
         Ok(item)
@@ -1267,15 +1257,14 @@ fn encode_hidden_begin(out: &mut bytes::BytesMut) {
     out.put_slice(&[0, 0, 0, 0, 0]);
 }
 
-/// Whether `item` ends the open batch it joins. A simple Query or FunctionCall ends with
+/// Whether `item` ends the open batch it joins. A simple Query or forwarded message ends with
 /// its own ReadyForQuery, so nothing joins it after; but while the server skips messages
 /// after an error it skips that one too and answers nothing before the Sync, so the batch
 /// stays open for that.
 fn ends_batch(item: &Item, skipping: bool) -> bool {
     match item {
         Item::Sync => true,
-        Item::Query { .. } | Item::FunctionCall(_) => !skipping,
-        Item::Fail(e) => e.ends_request() && !skipping,
+        Item::Query { .. } | Item::Forwarded(_) => !skipping,
         _ => false,
     }
 }

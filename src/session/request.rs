@@ -20,7 +20,11 @@ pub enum Item {
         frame: Frame,
         class: Arc<Classification>,
     },
-    FunctionCall(Frame),
+    /// A message forwarded as it is, whose content the proxy does not judge: a fast-path
+    /// FunctionCall (its function named by OID), or a simple Query whose text is malformed
+    /// (the server refuses it as PostgreSQL does). Answered up to ReadyForQuery, or skipped
+    /// by a server skipping to the Sync after an error.
+    Forwarded(Frame),
     Parse(Arc<Statement>),
     /// `stmt` is `None` for a name the session does not know (an SQL-level PREPARE, or an
     /// error the server will report).
@@ -43,8 +47,8 @@ pub enum Item {
     Flush,
     /// A Sync the proxy adds itself (never decoded from the client).
     HiddenSync,
-    /// A malformed Query, Parse, Bind, Describe, Close or Execute, which PostgreSQL refuses
-    /// with an ERROR (08P01), not by ending the session. The relay makes the server fail in its
+    /// A malformed Parse, Bind, Describe, Close or Execute, which PostgreSQL refuses with an
+    /// ERROR (08P01), not by ending the session. The relay makes the server fail in its
     /// place, so that the batch and any transaction block fail with it exactly as on a
     /// direct connection; the client gets this error instead of the server's. (Kept as the
     /// decoder's error, a few bytes: a client can send many such messages before a Sync.)
@@ -93,7 +97,7 @@ pub fn ends_outside_transaction(items: &[Item], in_transaction: bool) -> bool {
                 _ => return false,
             },
             // A Fail fails the request where it stands: what comes after it never runs.
-            Item::Bind { .. } | Item::FunctionCall(_) | Item::HiddenSync | Item::Fail(_) => {
+            Item::Bind { .. } | Item::Forwarded(_) | Item::HiddenSync | Item::Fail(_) => {
                 return false;
             }
             _ => {}
@@ -156,17 +160,21 @@ pub fn answer_in_failed_block(items: &[Item]) -> Option<(Vec<Frame>, bool)> {
     if ends_outside_transaction(items, true) {
         return None;
     }
-    let mut reply = vec![error_response(
-        Severity::Error,
-        "25P02",
-        "current transaction is aborted, commands ignored until end of transaction block",
-    )];
-    // A simple Query or FunctionCall alone has its own ReadyForQuery; behind a refused
+    // The message's form is checked before the transaction's state.
+    let malformed_query = matches!(items.first(), Some(Item::Forwarded(f)) if f.tag == tag::QUERY);
+    let mut reply = vec![if malformed_query {
+        error_response(Severity::Error, "08P01", "malformed Query message")
+    } else {
+        error_response(
+            Severity::Error,
+            "25P02",
+            "current transaction is aborted, commands ignored until end of transaction block",
+        )
+    }];
+    // A simple Query or forwarded message alone has its own ReadyForQuery; behind a refused
     // extended message the server skips it, and only a Sync is answered.
-    if matches!(
-        items.first(),
-        Some(Item::Query { .. } | Item::FunctionCall(_))
-    ) || items.iter().any(|i| matches!(i, Item::Sync))
+    if matches!(items.first(), Some(Item::Query { .. } | Item::Forwarded(_)))
+        || items.iter().any(|i| matches!(i, Item::Sync))
     {
         reply.push(ready_for_query(TxStatus::Failed));
     }
@@ -276,16 +284,17 @@ pub fn decode(
     local: &mut Statements,
 ) -> Result<Item> {
     Ok(match frame.tag {
-        // PostgreSQL refuses a Query whose text is not one NUL-terminated string with an
-        // ERROR, not by ending the session; the session follows it with a Sync of its own.
+        // A Query whose text is not one NUL-terminated string goes to the server as it is:
+        // PostgreSQL answers it with ERROR 08P01 and ReadyForQuery (or skips it after an
+        // error, waiting for the Sync), and fails the open block, not the session.
         tag::QUERY => match query_sql(&frame.body) {
             Ok(sql) => {
                 let class = classify.get(&sql);
                 Item::Query { frame, class }
             }
-            Err(e) => Item::Fail(e),
+            Err(_) => Item::Forwarded(frame),
         },
-        tag::FUNCTION_CALL => Item::FunctionCall(frame),
+        tag::FUNCTION_CALL => Item::Forwarded(frame),
         _ => decode_extended(frame, classify, session, local)?,
     })
 }
@@ -474,13 +483,14 @@ mod tests {
                 tag: tag::QUERY,
                 body: bytes::Bytes::from_static(body),
             };
+            // Forwarded as it is: the server refuses it (or skips it) as PostgreSQL does.
             let item = decode(
                 malformed_query,
                 &classify,
                 &Statements::default(),
                 &mut local,
             );
-            assert_eq!(failure(&item.unwrap()), Some(MalformedMessage("Query")));
+            assert!(matches!(item, Ok(Item::Forwarded(_))), "{item:?}");
         }
     }
 
@@ -509,6 +519,19 @@ mod tests {
             failed_block_reply(&["Q ROLLBACK"]),
             Some(("CZ".to_owned(), true))
         );
+        // A malformed Query is refused for its form, which comes before the block's state.
+        let malformed = Item::Forwarded(Frame {
+            tag: tag::QUERY,
+            body: bytes::Bytes::from_static(b"SELECT 1"),
+        });
+        let (reply, ended) = answer_in_failed_block(&[malformed]).expect("answered");
+        assert!(!ended);
+        assert_eq!(
+            reply.iter().map(|f| f.tag as char).collect::<String>(),
+            "EZ"
+        );
+        let code = crate::protocol::ErrorFields::parse(&reply[0].body).code;
+        assert_eq!(code, "08P01");
     }
 
     #[test]

@@ -941,6 +941,16 @@ async fn malformed_messages_fail_what_the_server_would_fail() {
             );
             assert_eq!(status(&msgs), b'I', "{addr} {n}");
         }
+        // Behind a failed Parse the server skips to the Sync, the malformed Query and the
+        // INSERT after it included: one error, one ReadyForQuery, nothing committed.
+        let mut req = parse("", "SELEC 1");
+        req.extend(&unterminated_query);
+        req.extend(insert(&format!("{addr} skipped")));
+        req.extend(sync());
+        let msgs = s.send(&req).await;
+        assert_eq!(tags(&msgs), "EZ", "{addr}: {msgs:?}");
+        assert_eq!(error_code(&msgs).as_deref(), Some("42601"), "{addr}");
+        assert_eq!(tags(&s.send(&query("SELECT 1")).await), "TDCZ", "{addr}");
         // A malformed Query that joins a request already sent (with a Flush) ends it too,
         // and its INSERT is not committed.
         let mut req = insert(&format!("{addr} joining"));
