@@ -711,7 +711,7 @@ impl Session {
         self.adopt_new_runtime().await?;
         let mut items = std::mem::take(&mut self.batch);
         let mut local = std::mem::take(&mut self.batch_local);
-        let result = self.dispatch_items(&items, &local, open).await;
+        let result = self.dispatch_items(&mut items, &local, open).await;
         // The next request reuses the allocations, unless an unusually long batch grew them
         // (an idle session should not keep that). Nothing refills the fields meanwhile (an
         // open batch's later messages go to the request in flight); the check is a guard.
@@ -728,7 +728,7 @@ impl Session {
 
     async fn dispatch_items(
         &mut self,
-        items: &[Item],
+        items: &mut [Item],
         local: &Statements,
         open: bool,
     ) -> Result<()> {
@@ -779,7 +779,7 @@ impl Session {
         let executes = items
             .iter()
             .any(|i| i.is_execute() || matches!(i, Item::Query { .. } | Item::Forwarded(_)));
-        for item in items {
+        for item in items.iter() {
             match item {
                 // A fast-path call may write anything; a malformed Query runs nothing.
                 Item::Forwarded(f) if f.tag == tag::FUNCTION_CALL => self.writes.note_unknown(),
@@ -846,6 +846,24 @@ impl Session {
                     if !on_replica || attempts_left == 0 {
                         route = Route::Primary;
                     }
+                    if !on_replica {
+                        // The refusal taught the classifier about these statements: the
+                        // ones this request prepares register with what it learned.
+                        self.reclassify_parses(items);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Give the statements `items` parse the classification the classifier now has for
+    /// their SQL.
+    fn reclassify_parses(&self, items: &mut [Item]) {
+        for item in items {
+            if let Item::Parse(stmt) = item {
+                let class = self.runtime.classify.get(&stmt.parse.sql);
+                if !Arc::ptr_eq(&class, &stmt.class) {
+                    *stmt = Arc::new(stmt.with_class(class));
                 }
             }
         }

@@ -183,9 +183,22 @@ async fn a_replica_refusing_a_write_is_retried_on_the_primary() {
         assert_eq!(port as u16, c.primary);
     }
     assert_eq!(replica_retries() - before, 1, "refused once");
+    // Also when the refused request itself prepared it (Parse, Bind, Execute in one, as
+    // node-postgres sends a named query the first time).
+    let mut raw = RawClient::login(proxy.addr, "trustuser").await;
+    let msgs = raw
+        .send(&query("SET pgsplit.consistency = 'eventual'"))
+        .await;
+    assert_eq!(tags(&msgs), "CZ");
+    let mut first = parse("named_once", &format!("SELECT {t}_bump() AS named_once"));
+    first.extend(bind_execute("named_once"));
+    assert_eq!(tags(&raw.send(&first).await), "12DCZ");
+    for _ in 0..2 {
+        assert_eq!(tags(&raw.send(&bind_execute("named_once")).await), "2DCZ");
+    }
+    assert_eq!(replica_retries() - before, 2, "refused once more");
     // A read of tables alone, pipelined with the call that wrote, is not learned as a
     // write (it would go to the primary and invalidate the cache at every run).
-    let mut raw = RawClient::login(proxy.addr, "trustuser").await;
     let read = format!("SELECT count(*) FROM {t} WHERE port > 0");
     let mut req = parse_bind_execute(&read);
     req.truncate(req.len() - sync().len());
@@ -193,12 +206,12 @@ async fn a_replica_refusing_a_write_is_retried_on_the_primary() {
         "SELECT {t}_bump() AS pipelined"
     )));
     assert_eq!(tags(&raw.send(&req).await), "12DC12DCZ");
-    assert_eq!(replica_retries() - before, 2, "the pipeline was refused");
+    assert_eq!(replica_retries() - before, 3, "the pipeline was refused");
     let learned = proxy.shared.runtime.load().classify.get(&read);
     assert_eq!(learned.target, pgsplit::router::Target::Replica);
     assert!(!learned.writes_unknown);
     let n: i64 = rows_on(c.primary, &t).await;
-    assert_eq!(n, 6, "each call wrote exactly once");
+    assert_eq!(n, 9, "each call wrote exactly once");
 }
 
 /// A proxy, and a client of it, once `setup` ran through the proxy as app and every
