@@ -1039,19 +1039,19 @@ impl Session {
                         .encode_into(&mut self.out);
                     substituted = true;
                 }
-                if let Some(refusal) = replica_cannot_serve(&fields)
-                    && !fl.id.is_primary()
+                if fl.holding
+                    && let Some(refusal) = replica_cannot_serve(&fields)
                 {
                     if refusal == Refusal::Session && !self.replicas_refused {
-                        // Also when it cannot be retried (inside a READ ONLY block): the
-                        // session's later reads go to the primary.
+                        // A read outside any block the client opened: the refusal is the
+                        // session's default isolation (inside a READ ONLY block it may be
+                        // the block's own SET TRANSACTION), and so holds for its later
+                        // reads too, which go to the primary.
                         debug!(backend = ?fl.id, "replicas refuse this session's default isolation; its reads go to the primary");
                         self.replicas_refused = true;
                     }
-                    if fl.holding {
-                        fl.retry = true;
-                        fl.refusal = Some(refusal);
-                    }
+                    fl.retry = true;
+                    fl.refusal = Some(refusal);
                 }
                 if fields.code == "0A000"
                     && let Some(Expect::Bind(Some(key)) | Expect::DescribeStatement(Some(key))) =
