@@ -184,9 +184,6 @@ struct InFlight {
     /// Boxed, with `facts_error`: rare, and this struct lives in every request's future.
     fatal: Option<Box<ErrorFields>>,
     ops: Vec<SessionOp>,
-    /// DEALLOCATE statements the server has completed so far (the first that many
-    /// `SessionOp::Deallocate` in `ops`).
-    deallocated: usize,
     /// Settings set by set_config() in this request, to read back once it succeeded.
     read_back: Vec<String>,
     /// A Sync must go to the server: the deferred BEGIN failed and the client's simple
@@ -246,7 +243,6 @@ impl Session {
             server_idle: false,
             fatal: None,
             ops: Vec::new(),
-            deallocated: 0,
             read_back: Vec::new(),
             facts_row: None,
             facts_error: None,
@@ -1204,18 +1200,19 @@ impl Session {
                     // pg_prepared_statements): the connection must not claim it any more,
                     // or every later client's Bind of that SQL here would fail with 26000.
                     b"DEALLOCATE" => {
-                        let name = fl
-                            .ops
-                            .iter()
-                            .filter_map(|op| match op {
-                                SessionOp::Deallocate { name } => Some(name),
-                                _ => None,
-                            })
-                            .nth(fl.deallocated);
-                        if let Some(name) = name {
-                            fl.conn.prepared.remove(name);
+                        let mut names = fl.ops.iter().filter_map(|op| match op {
+                            SessionOp::Deallocate { name } => Some(name),
+                            _ => None,
+                        });
+                        match (names.next(), names.next()) {
+                            (Some(name), None) => {
+                                fl.conn.prepared.remove(name);
+                            }
+                            // Several in one request (some maybe bound and never run): which
+                            // one ran is not known, so the connection is closed after it.
+                            (Some(_), Some(_)) => self.tainted[fl.id.0 as usize] = true,
+                            _ => {}
                         }
-                        fl.deallocated += 1;
                     }
                     _ => {}
                 }
