@@ -86,7 +86,7 @@ impl Session {
                         }
                         Err(e) => {
                             if let Some(b) = runtime.backends.get(id) {
-                                warn!(backend = %b.name(), error = %e, "replica unusable, trying another");
+                                warn!(backend = %b.name(), error = ?e.to_string(), "replica unusable, trying another");
                                 if matches!(e, Error::NoServer(_)) {
                                     b.mark_down();
                                 }
@@ -425,7 +425,7 @@ impl Session {
                 })
             }
             Err(e) => {
-                debug!(error = %e, "could not read the commit position; reads go to the primary");
+                debug!(error = ?e.to_string(), "could not read the commit position; reads go to the primary");
                 if ryw {
                     self.min_lsn = u64::MAX;
                     self.min_lsn_unknown_since =

@@ -70,7 +70,7 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, over_
                     match tokio::time::timeout(limit, Box::pin(send_cancel(key))).await {
                         Ok(Ok(())) => {}
                         Ok(Err(e)) => {
-                            warn!(error = %e, "cancel request could not reach the server")
+                            warn!(error = ?e.to_string(), "cancel request could not reach the server")
                         }
                         Err(_) => warn!("cancel request: no answer from the server in time"),
                     }
@@ -467,7 +467,7 @@ impl Session {
                 if id.is_primary() {
                     return Err(e);
                 }
-                warn!(error = %e, "primary unavailable at login; only reads will work");
+                warn!(error = ?e.to_string(), "primary unavailable at login; only reads will work");
                 let mut params = self.conns[id.0 as usize]
                     .as_ref()
                     .map(|c| c.params.clone())
@@ -488,10 +488,14 @@ impl Session {
             Ok(()) | Err(Error::ClientGone) | Err(Error::ClientIo(_)) => {}
             // A client that does not read would not read its FATAL either.
             Err(e @ Error::ClientWriteTimeout(_)) => warn!(error = %e, "disconnecting the client"),
-            Err(e @ Error::ServerLostMidMessage(_)) => warn!(error = %e, "closing the session"),
+            Err(e @ Error::ServerLostMidMessage(_)) => {
+                warn!(error = ?e.to_string(), "closing the session")
+            }
             Err(e) => {
+                // Debug-formatted (escaped): a server's error can quote what the client
+                // sent (a startup parameter's value), line breaks included.
                 if e.side() == Side::Backend {
-                    warn!(error = %e, "session lost its server");
+                    warn!(error = ?e.to_string(), "session lost its server");
                 } else {
                     debug!(error = ?short(&e.to_string()), "closing session");
                 }
@@ -1033,7 +1037,7 @@ impl Session {
             // startup parameter would (with the server's FATAL and SQLSTATE).
             return Err(e);
         }
-        warn!(error = %e, "request failed before reaching a server");
+        warn!(error = ?e.to_string(), "request failed before reaching a server");
         if self.deferred_begin {
             // The transaction's first request reached no server: the block fails, as a
             // statement's error fails it, and its ROLLBACK is answered here.

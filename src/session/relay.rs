@@ -373,7 +373,7 @@ impl Session {
     fn lost_after_answer(&mut self, fl: InFlight, result: Result<()>) -> Outcome {
         if let Err(Error::Backend(e)) = result {
             if let Some(b) = self.runtime.backends.get(fl.id) {
-                warn!(backend = %b.name(), error = %e, "server connection lost after a commit");
+                warn!(backend = %b.name(), error = ?e.to_string(), "server connection lost after a commit");
                 b.mark_down();
             }
             self.commit_read = super::backends::CommitRead::Answer(Box::new(Err(e)));
@@ -415,7 +415,7 @@ impl Session {
         // The pool slot goes with the connection.
         self.permits[fl.id.0 as usize] = None;
         if let Some(b) = self.runtime.backends.get(fl.id) {
-            warn!(backend = %b.name(), error = %e, "server connection lost during a request");
+            warn!(backend = %b.name(), error = ?e.to_string(), "server connection lost during a request");
             b.mark_down();
         }
         self.discard_idle(fl.id);

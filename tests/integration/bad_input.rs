@@ -379,11 +379,11 @@ async fn failed_logins_are_logged_delayed_and_counted() {
     );
 }
 
-/// What a client sends before authenticating reaches the log escaped, even at debug: a
-/// SASL mechanism name with a line break in it cannot forge a log line. pgsplit logged it
-/// as sent.
+/// What a client sends reaches the log escaped, even at debug: a SASL mechanism name with
+/// a line break in it (before any authentication), or a startup value the server quotes
+/// in its error, cannot forge a log line. pgsplit logged both as sent.
 #[tokio::test]
-async fn a_sasl_mechanism_name_cannot_forge_a_log_line() {
+async fn client_sent_text_cannot_forge_a_log_line() {
     let proxy = ProxyProcess::start(&base_config_toml(cluster()), "debug").await;
     let mut s = TcpStream::connect(("127.0.0.1", proxy.port)).await.unwrap();
     s.write_all(&startup_packet("app")).await.unwrap();
@@ -398,14 +398,27 @@ async fn a_sasl_mechanism_name_cannot_forge_a_log_line() {
     s.write_all(&message(b'p', &body)).await.unwrap();
     let msgs = read_messages(&mut s).await;
     assert_eq!(error_code(&msgs).as_deref(), Some("08P01"), "{msgs:?}");
+    // The pool learns the login's server parameters, then a client whose startup value
+    // the primary refuses (quoting it) at its first request.
+    assert_usable(&connect(&proxy.conn_str("trustuser", "none")).await).await;
+    let mut s = TcpStream::connect(("127.0.0.1", proxy.port)).await.unwrap();
+    let bad = [("work_mem", "x\nFORGED-VALUE")];
+    s.write_all(&startup_packet_with("trustuser", &bad))
+        .await
+        .unwrap();
+    assert_eq!(read_messages(&mut s).await.last().map(|m| m.0), Some(b'Z'));
+    s.write_all(&query("SELECT 1")).await.unwrap();
+    let msgs = read_messages(&mut s).await;
+    assert_eq!(error_code(&msgs).as_deref(), Some("22023"), "{msgs:?}");
     let logged = eventually(Duration::from_secs(5), || {
-        proxy.log_text().contains("FORGED-LINE")
+        let log = proxy.log_text();
+        log.contains("FORGED-LINE") && log.contains("FORGED-VALUE")
     })
     .await;
     let log = proxy.log_text();
     assert!(logged, "the refusal is logged:\n{log}");
     assert!(
-        !log.lines().any(|l| l.starts_with("FORGED-LINE")),
+        !log.lines().any(|l| l.starts_with("FORGED-")),
         "a client's line break reached the log:\n{log}"
     );
 }
