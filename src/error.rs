@@ -125,6 +125,7 @@ mod tests {
             severity: "FATAL".into(),
             code: "3D000".into(),
             message: "database \"x\" does not exist".into(),
+            detail: String::new(),
         }));
         assert_eq!(server.sqlstate(), "3D000");
         let f = server.to_error_response(Severity::Fatal);

@@ -55,6 +55,8 @@ pub struct ErrorFields {
     pub severity: String,
     pub code: String,
     pub message: String,
+    /// The DETAIL, when the proxy needs to tell errors of one message apart.
+    pub detail: String,
 }
 
 impl ErrorFields {
@@ -75,6 +77,7 @@ impl ErrorFields {
                 b'S' if out.severity.is_empty() => out.severity = value.into_owned(),
                 b'C' => out.code = value.into_owned(),
                 b'M' => out.message = value.into_owned(),
+                b'D' => out.detail = value.into_owned(),
                 _ => {}
             }
             rest = &tail[nul + 1..];

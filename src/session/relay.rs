@@ -64,7 +64,13 @@ pub(super) fn replica_cannot_serve(e: &ErrorFields) -> Option<Refusal> {
             Some(Refusal::PrimaryRead)
         }
         "55000" if says("recovery is in progress") => Some(Refusal::PrimaryRead),
-        "0A000" if says("cannot use serializable mode in a hot standby") => Some(Refusal::Session),
+        // The default's, not a transaction's own SET TRANSACTION: its DETAIL names it.
+        "0A000"
+            if says("cannot use serializable mode in a hot standby")
+                && e.detail.contains("default_transaction_isolation") =>
+        {
+            Some(Refusal::Session)
+        }
         _ => None,
     }
 }
@@ -1035,19 +1041,20 @@ impl Session {
                         .encode_into(&mut self.out);
                     substituted = true;
                 }
-                if fl.holding
-                    && let Some(refusal) = replica_cannot_serve(&fields)
+                if let Some(refusal) = replica_cannot_serve(&fields)
+                    && !fl.id.is_primary()
                 {
                     if refusal == Refusal::Session && !self.replicas_refused {
-                        // A read outside any block the client opened: the refusal is the
-                        // session's default isolation (inside a READ ONLY block it may be
-                        // the block's own SET TRANSACTION), and so holds for its later
-                        // reads too, which go to the primary.
+                        // The session's default isolation: it holds for the session's later
+                        // reads and READ ONLY blocks too (this one, if it cannot be retried,
+                        // fails once), which go to the primary.
                         debug!(backend = ?fl.id, "replicas refuse this session's default isolation; its reads go to the primary");
                         self.replicas_refused = true;
                     }
-                    fl.retry = true;
-                    fl.refusal = Some(refusal);
+                    if fl.holding {
+                        fl.retry = true;
+                        fl.refusal = Some(refusal);
+                    }
                 }
                 if fields.code == "0A000"
                     && let Some(Expect::Bind(Some(key)) | Expect::DescribeStatement(Some(key))) =

@@ -322,23 +322,11 @@ impl Settings {
     /// privileges away replay as they ran.
     pub fn diff_sql(&self, current: &HashMap<String, String>) -> Option<String> {
         let target = |name: &str| self.values.get(name).or_else(|| self.baseline.get(name));
-        let mut stmts: Vec<String> = Vec::new();
-        let authorization = target(AUTHORIZATION);
-        let new_authorization = authorization != current.get(AUTHORIZATION);
-        // A new session authorization drops the role: it is set again after it.
-        let new_role = new_authorization || target(ROLE) != current.get(ROLE);
-        // Back to the login's own identity first where it changes, so that the settings
-        // are replayed with the login's privileges (as the session made them before it
-        // changed identity), not with a role another session left on the connection.
-        if new_authorization && current.contains_key(AUTHORIZATION) {
-            stmts.push(reset_sql(AUTHORIZATION));
-        } else if new_role && current.contains_key(ROLE) {
-            stmts.push(reset_sql(ROLE));
-        }
         let ordinary = |name: &str| name != AUTHORIZATION && name != ROLE;
+        let mut settings: Vec<String> = Vec::new();
         for name in current.keys() {
             if ordinary(name) && target(name).is_none() {
-                stmts.push(reset_sql(name));
+                settings.push(reset_sql(name));
             }
         }
         let baseline_only = self
@@ -347,14 +335,29 @@ impl Settings {
             .filter(|(name, _)| !self.values.contains_key(*name));
         for (name, sql) in self.values.iter().chain(baseline_only) {
             if ordinary(name) && current.get(name) != Some(sql) {
-                stmts.push(sql.clone());
+                settings.push(sql.clone());
             }
         }
-        if new_authorization && let Some(sql) = authorization {
-            stmts.push(sql.clone());
+        let authorization = target(AUTHORIZATION);
+        let role = target(ROLE);
+        // Settings are replayed as the login itself, so that those a superuser login made
+        // before it changed identity replay as they ran: a role or authorization on the
+        // connection (another session's, or even this session's own) is taken back first
+        // and set again after. A new authorization drops the role, which is set again too.
+        let identity_on_conn = current.contains_key(AUTHORIZATION) || current.contains_key(ROLE);
+        let new_identity = authorization != current.get(AUTHORIZATION)
+            || role != current.get(ROLE)
+            || (identity_on_conn && !settings.is_empty());
+        let mut stmts: Vec<String> = Vec::new();
+        if new_identity && current.contains_key(AUTHORIZATION) {
+            stmts.push(reset_sql(AUTHORIZATION));
+        } else if new_identity && current.contains_key(ROLE) {
+            stmts.push(reset_sql(ROLE));
         }
-        if new_role && let Some(sql) = target(ROLE) {
-            stmts.push(sql.clone());
+        stmts.extend(settings);
+        if new_identity {
+            stmts.extend(authorization.cloned());
+            stmts.extend(role.cloned());
         }
         if stmts.is_empty() {
             None
@@ -502,7 +505,7 @@ fn parse_options(options: &str) -> Vec<(String, String)> {
         };
         match setting.as_deref().and_then(|s| s.split_once('=')) {
             Some((name, value)) => out.push((name.replace('-', "_"), value.to_owned())),
-            None => tracing::warn!(option = %w, "startup option ignored in transaction pool mode"),
+            None => tracing::debug!(option = ?w, "startup option ignored in transaction pool mode"),
         }
     }
     out

@@ -291,12 +291,30 @@ async fn a_serializable_default_of_the_role_keeps_reads_working() {
     ))
     .await;
     wait_replicated_on(c).await;
+    // Trusted by pgsplit (the raw client below cannot do SCRAM); pgsplit's own logins to
+    // the servers use the password.
     let proxy = start_proxy_with(&format!(
-        "{}\n[[users]]\nname = \"{user}\"\npassword = \"pw\"\n\
+        "{}\n[[users]]\nname = \"{user}\"\npassword = \"pw\"\nauth_method = \"trust\"\n\
          [routing]\nfallback_to_primary = false\n",
         base_config_toml(c)
     ))
     .await;
+    // A session whose first read is inside a READ ONLY block (no settings to replay, which
+    // a replica would refuse first): that block fails once, the session's later blocks
+    // and reads go to the primary.
+    let mut raw = RawClient::login(proxy.addr, &user).await;
+    assert_eq!(tags(&raw.send(&query("BEGIN READ ONLY")).await), "CZ");
+    let msgs = raw.send(&query("SELECT 1")).await;
+    assert_eq!(error_code(&msgs).as_deref(), Some("0A000"), "{msgs:?}");
+    assert_eq!(tags(&raw.send(&query("ROLLBACK")).await), "CZ");
+    for _ in 0..2 {
+        assert_eq!(tags(&raw.send(&query("BEGIN READ ONLY")).await), "CZ");
+        let msgs = raw.send(&query("SELECT inet_server_port()")).await;
+        assert_eq!(tags(&msgs), "TDCZ", "{msgs:?}");
+        let port = msgs.iter().find(|m| m.0 == b'D').map(|m| m.1[6..].to_vec());
+        assert_eq!(port, Some(c.primary.to_string().into_bytes()));
+        assert_eq!(tags(&raw.send(&query("COMMIT")).await), "CZ");
+    }
     let client = connect(&proxy.conn_str(&user, "pw")).await;
     for sql in [
         "SELECT inet_server_port()",
@@ -511,6 +529,13 @@ async fn settings_are_replayed_as_the_login_not_as_the_role_left_on_the_connecti
     );
     assert_eq!(primary_setting(&b, "log_statement").await, "all");
     assert_eq!(primary_setting(&a, "role").await, "app");
+    // With the same role on both sides the connection's role is taken back all the same:
+    // A's replay resets B's superuser-only setting as the login, not as app.
+    b.batch_execute("SET ROLE app").await.unwrap();
+    assert_eq!(primary_setting(&a, "log_statement").await, "none");
+    assert_eq!(primary_setting(&a, "role").await, "app");
+    assert_eq!(primary_setting(&b, "log_statement").await, "all");
+    assert_eq!(primary_setting(&b, "role").await, "app");
 }
 
 /// A client that finds pgsplit's name for a statement in `pg_prepared_statements` and
