@@ -216,9 +216,15 @@ struct Fragment {
     comments: Vec<(Location, Location)>,
     longest_run: usize,
     atomic: bool,
-    /// A name of a call that changes the session (set_config, a session advisory lock, a
-    /// dblink connection) appears in it: what the fallback pins on.
+    /// Words anywhere in it that the fallback acts on when sqlparser cannot read it: a call
+    /// that changes the session (set_config, a session advisory lock, a dblink connection;
+    /// `dblink`: the last, which DISCARD ALL does not undo), TEMP / TEMPORARY,
+    /// SERIALIZABLE, READ WRITE.
     session_call: bool,
+    dblink: bool,
+    temp: bool,
+    serializable: bool,
+    read_write: bool,
 }
 
 fn split(tokens: Vec<TokenWithSpan>) -> Vec<Fragment> {
@@ -226,6 +232,7 @@ fn split(tokens: Vec<TokenWithSpan>) -> Vec<Fragment> {
     let mut cur = Fragment::default();
     let mut runs = vec![0usize];
     let mut after_begin = false;
+    let mut after_read = false;
     for t in tokens {
         match &t.token {
             Token::SemiColon => {
@@ -249,12 +256,22 @@ fn split(tokens: Vec<TokenWithSpan>) -> Vec<Fragment> {
                 }
                 cur.atomic |= after_begin && is_word(tok, "ATOMIC");
                 after_begin = is_word(tok, "BEGIN");
-                if let Token::Word(w) = tok
-                    && w.value.len() >= "set_config".len()
-                {
-                    cur.session_call |= w.value.eq_ignore_ascii_case("set_config")
-                        || SESSION_FNS.iter().any(|f| w.value.eq_ignore_ascii_case(f));
+                if let Token::Word(w) = tok {
+                    // By length first: this runs for every word of every statement.
+                    let is = |k: &str| w.value.eq_ignore_ascii_case(k);
+                    match w.value.len() {
+                        4 => cur.temp |= is("TEMP"),
+                        5 => cur.read_write |= after_read && is("WRITE"),
+                        9 => cur.temp |= is("TEMPORARY"),
+                        12 => cur.serializable |= is("SERIALIZABLE"),
+                        _ => {}
+                    }
+                    if w.value.len() >= "set_config".len() {
+                        cur.session_call |= is("set_config") || SESSION_FNS.iter().any(|f| is(f));
+                        cur.dblink |= is("dblink_connect") || is("dblink_connect_u");
+                    }
                 }
+                after_read = is_word(tok, "READ");
                 match tok {
                     Token::Comma => {
                         if let Some(run) = runs.last_mut() {
@@ -676,13 +693,11 @@ impl Ctx<'_> {
             // unless serializable (standbys refuse that) or also READ WRITE.
             self.out.parsed = false;
             self.tx_other();
-            let pair = |a: &str, b: &str| {
-                head.windows(2)
-                    .any(|w| is_word(&w[0], a) && is_word(&w[1], b))
-            };
-            let read_only = pair("READ", "ONLY")
-                && !pair("READ", "WRITE")
-                && !head.iter().any(|t| is_word(t, "SERIALIZABLE"));
+            let read_only = head
+                .windows(2)
+                .any(|w| is_word(&w[0], "READ") && is_word(&w[1], "ONLY"))
+                && !f.read_write
+                && !f.serializable;
             let access = if read_only {
                 TxAccess::ReadOnly
             } else {
@@ -695,9 +710,10 @@ impl Ctx<'_> {
         self.unparsed();
         // A call that changes the session anywhere in a statement sqlparser cannot read:
         // the state it leaves must stay on this session's connection.
-        if f.session_call {
+        if f.session_call || f.temp {
             self.pin();
         }
+        self.out.pins_for_good |= f.dblink;
         if kw(0, "SET") {
             self.fallback_set(f);
         } else if kw(0, "RESET") {
@@ -720,7 +736,6 @@ impl Ctx<'_> {
             || ["LISTEN", "UNLISTEN", "LOAD", "DECLARE"]
                 .iter()
                 .any(|k| kw(0, k))
-            || (kw(0, "CREATE") && ["TEMP", "TEMPORARY"].iter().any(|k| kw(1, k) || kw(2, k)))
         {
             self.pin();
         }

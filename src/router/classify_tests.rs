@@ -137,6 +137,8 @@ const CASES: &[(&str, &str)] = &[
     ("SELECT set_config('search_path', 'evil', false), 1 BETWEEN SYMMETRIC 2 AND 0", "? pin"),
     ("SELECT pg_advisory_lock(1), 1 BETWEEN SYMMETRIC 2 AND 0", "? pin"),
     ("SELECT now(), 1 BETWEEN SYMMETRIC 2 AND 0", "?"),
+    ("SELECT * INTO TEMP x FROM t WHERE id BETWEEN SYMMETRIC 1 AND 10", "? pin"),
+    ("SELECT dblink_connect('c', 'x'), 1 BETWEEN SYMMETRIC 2 AND 0", "? pin"),
     // A standby runs node functions as its own: pg_promote there promotes it.
     ("SELECT pg_promote()", "P wu vol"),
     ("SELECT pg_wal_replay_pause()", "P wu vol"),
@@ -320,6 +322,8 @@ const CASES: &[(&str, &str)] = &[
     // Modes sqlparser does not read: still a transaction start that writes nothing.
     ("BEGIN ISOLATION LEVEL SERIALIZABLE, READ ONLY, DEFERRABLE", "P rw unparsed"),
     ("BEGIN READ ONLY DEFERRABLE", "R ro unparsed"),
+    // SERIALIZABLE or READ WRITE anywhere, not only in the first words.
+    ("START TRANSACTION READ ONLY, DEFERRABLE, ISOLATION LEVEL SERIALIZABLE", "P rw unparsed"),
     ("START TRANSACTION READ ONLY, NOT DEFERRABLE", "R ro unparsed"),
     ("BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY DEFERRABLE", "P rw unparsed"),
     ("BEGIN READ ONLY DEFERRABLE; DELETE FROM t", "P ro unparsed w=t n=2"),
@@ -775,6 +779,20 @@ fn garbage_does_not_panic() {
         let c = classify(&sql);
         assert!(c.parsed || c.target == Target::Primary, "{sql:?}");
     }
+}
+
+/// What DISCARD ALL does not undo keeps the session pinned for good, also where sqlparser
+/// cannot read the text.
+#[test]
+fn a_dblink_connection_in_what_cannot_be_read_pins_for_good() {
+    for sql in [
+        "SELECT dblink_connect('c', 'x'), 1 BETWEEN SYMMETRIC 2 AND 0",
+        r#"SELECT U&"dblink\005fconnect"('c', 'x')"#,
+    ] {
+        let c = classify(sql);
+        assert!(c.pins_session && c.pins_for_good, "{sql}");
+    }
+    assert!(!classify("SELECT pg_advisory_lock(1), 1 BETWEEN SYMMETRIC 2 AND 0").pins_for_good);
 }
 
 #[test]

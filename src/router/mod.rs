@@ -140,6 +140,8 @@ impl Classification {
     pub fn unreadable() -> Self {
         Classification {
             pins_session: true,
+            // It may have done what DISCARD ALL does not undo (LOAD, a dblink connection).
+            pins_for_good: true,
             ..Classification::unknown()
         }
     }
