@@ -1,7 +1,7 @@
 //! What a client session remembers so any backend can serve it: recorded settings and
 //! prepared statements. Pure data, unit-tested.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -217,6 +217,9 @@ pub struct Settings {
     pub baseline: HashMap<String, String>,
     /// GUC name (lower-case) → the SET statement that produced the current value.
     pub values: HashMap<String, String>,
+    /// The values set while a role or session authorization was in force: replayed under
+    /// it, the others as the login (each may need the privileges it ran with).
+    set_under_role: HashSet<String>,
     /// Unique per distinct state across all sessions (0: no settings at all), so a server
     /// connection that served another session cannot be mistaken for current.
     pub generation: u64,
@@ -287,6 +290,12 @@ impl Settings {
             })
     }
 
+    /// The session authorization and role in force (SET, or the startup packet's).
+    fn identity(&self) -> (Option<&String>, Option<&String>) {
+        let target = |name: &str| self.values.get(name).or_else(|| self.baseline.get(name));
+        (target(AUTHORIZATION), target(ROLE))
+    }
+
     /// Apply committed session operations. Returns true when prepared statements must be
     /// forgotten too (DISCARD ALL).
     pub fn apply(&mut self, ops: &[SessionOp]) -> bool {
@@ -294,16 +303,26 @@ impl Settings {
         for op in ops {
             match op {
                 SessionOp::Set { name, sql } => {
+                    if self.identity().0.is_some() || self.identity().1.is_some() {
+                        self.set_under_role.insert(name.clone());
+                    } else {
+                        self.set_under_role.remove(name);
+                    }
                     forget_role_with_authorization(&mut self.values, name);
                     self.values.insert(name.clone(), sql.clone());
                 }
                 SessionOp::Reset { name } => {
                     forget_role_with_authorization(&mut self.values, name);
                     self.values.remove(name);
+                    self.set_under_role.remove(name);
                 }
-                SessionOp::ResetAll => self.values.retain(|name, _| survives_reset_all(name)),
+                SessionOp::ResetAll => {
+                    self.values.retain(|name, _| survives_reset_all(name));
+                    self.set_under_role.clear();
+                }
                 SessionOp::DiscardAll => {
                     self.values.clear();
+                    self.set_under_role.clear();
                     discard = true;
                 }
                 SessionOp::Deallocate { .. } | SessionOp::DeallocateAll => continue,
@@ -316,49 +335,64 @@ impl Settings {
     /// The SQL that brings a backend from `current` to these settings, or `None` if it is
     /// already there.
     ///
-    /// The other settings are replayed as the login itself: a role or authorization on
-    /// the connection is reset first, and the session's own set last (authorization, then
-    /// role), so that settings a superuser login made before `SET ROLE` took its
-    /// privileges away replay as they ran.
+    /// Each setting is replayed with the identity it ran with, which its privilege checks
+    /// used: those the session made as the login before its own authorization and role,
+    /// those it made under them after.
     pub fn diff_sql(&self, current: &HashMap<String, String>) -> Option<String> {
         let target = |name: &str| self.values.get(name).or_else(|| self.baseline.get(name));
         let ordinary = |name: &str| name != AUTHORIZATION && name != ROLE;
-        let mut settings: Vec<String> = Vec::new();
-        for name in current.keys() {
-            if ordinary(name) && target(name).is_none() {
-                settings.push(reset_sql(name));
-            }
-        }
+        let leftovers = current
+            .keys()
+            .any(|name| ordinary(name) && target(name).is_none());
         let baseline_only = self
             .baseline
             .iter()
             .filter(|(name, _)| !self.values.contains_key(*name));
-        for (name, sql) in self.values.iter().chain(baseline_only) {
-            if ordinary(name) && current.get(name) != Some(sql) {
-                settings.push(sql.clone());
-            }
-        }
-        let authorization = target(AUTHORIZATION);
-        let role = target(ROLE);
-        // Settings are replayed as the login itself, so that those a superuser login made
-        // before it changed identity replay as they ran: a role or authorization on the
-        // connection (another session's, or even this session's own) is taken back first
-        // and set again after. A new authorization drops the role, which is set again too.
+        let wanted: Vec<(&String, &String)> = self
+            .values
+            .iter()
+            .chain(baseline_only)
+            .filter(|(name, _)| ordinary(name))
+            .collect();
+        // After a RESET ALL the connection has none of them.
+        let differing = |after_reset_all: bool| {
+            wanted
+                .iter()
+                .filter(move |(name, sql)| after_reset_all || current.get(*name) != Some(sql))
+        };
+        let (authorization, role) = self.identity();
+        let same_identity =
+            authorization == current.get(AUTHORIZATION) && role == current.get(ROLE);
         let identity_on_conn = current.contains_key(AUTHORIZATION) || current.contains_key(ROLE);
-        let new_identity = authorization != current.get(AUTHORIZATION)
-            || role != current.get(ROLE)
-            || (identity_on_conn && !settings.is_empty());
+        // Only what ran under the role the connection has, in force already: set as it is.
+        if same_identity
+            && !leftovers
+            && differing(false)
+                .all(|(name, _)| self.set_under_role.contains(*name) == identity_on_conn)
+        {
+            let stmts: Vec<String> = differing(false).map(|(_, sql)| (*sql).clone()).collect();
+            return (!stmts.is_empty()).then(|| stmts.join("; "));
+        }
+        // Otherwise: back to the login's own identity; RESET ALL for what the connection
+        // has that this session does not (it checks no privileges, which a RESET of a
+        // setting another session made under its role would need, and keeps the identity);
+        // the settings made as the login; the session's authorization and role; the
+        // settings made under them.
         let mut stmts: Vec<String> = Vec::new();
-        if new_identity && current.contains_key(AUTHORIZATION) {
+        if current.contains_key(AUTHORIZATION) {
             stmts.push(reset_sql(AUTHORIZATION));
-        } else if new_identity && current.contains_key(ROLE) {
+        } else if current.contains_key(ROLE) {
             stmts.push(reset_sql(ROLE));
         }
-        stmts.extend(settings);
-        if new_identity {
-            stmts.extend(authorization.cloned());
-            stmts.extend(role.cloned());
+        if leftovers {
+            stmts.push("RESET ALL".to_owned());
         }
+        let (under_role, as_login): (Vec<_>, Vec<_>) =
+            differing(leftovers).partition(|(name, _)| self.set_under_role.contains(*name));
+        stmts.extend(as_login.into_iter().map(|(_, sql)| (*sql).clone()));
+        stmts.extend(authorization.cloned());
+        stmts.extend(role.cloned());
+        stmts.extend(under_role.into_iter().map(|(_, sql)| (*sql).clone()));
         if stmts.is_empty() {
             None
         } else {
@@ -561,7 +595,12 @@ mod tests {
         s.apply(&[SessionOp::Reset {
             name: "timezone".into(),
         }]);
-        assert_eq!(s.diff_sql(&server).as_deref(), Some("RESET \"timezone\""));
+        // What the connection has and the session does not goes with a RESET ALL, which
+        // checks no privileges (another session may have set it under a role).
+        assert_eq!(
+            s.diff_sql(&server).as_deref(),
+            Some("RESET ALL; SET search_path TO a")
+        );
         assert!(s.apply(&[SessionOp::DiscardAll]));
         assert!(s.values.is_empty());
     }
@@ -824,9 +863,10 @@ mod tests {
             s.diff_sql(&on_conn).as_deref(),
             Some("RESET \"role\"; SET SESSION AUTHORIZATION bob; SET ROLE carol")
         );
+        // The time zone was set under alice's role: it follows the identity.
         assert_eq!(
             s.diff_sql(&HashMap::new()).as_deref(),
-            Some("SET TIME ZONE 'UTC'; SET SESSION AUTHORIZATION bob; SET ROLE carol")
+            Some("SET SESSION AUTHORIZATION bob; SET ROLE carol; SET TIME ZONE 'UTC'")
         );
         // Another session's role on the connection is reset before this session's
         // settings run.
@@ -842,5 +882,52 @@ mod tests {
         );
         assert!(s.apply(&[SessionOp::DiscardAll]));
         assert!(s.values.is_empty());
+    }
+
+    /// Each setting replays with the identity it ran with: a superuser-only setting made by
+    /// a superuser login before SET ROLE, as the login; one made under a superuser role by
+    /// a login that is not, under the role. Only what differs is set when the connection
+    /// has the session's identity already.
+    #[test]
+    fn settings_replay_with_the_identity_they_ran_with() {
+        let mut s = Settings::default();
+        s.apply(&[
+            set("log_statement", "SET log_statement = 'all'"),
+            set("role", "SET ROLE dba"),
+            set(
+                "log_min_duration_statement",
+                "SET log_min_duration_statement = 5",
+            ),
+        ]);
+        assert_eq!(
+            s.diff_sql(&HashMap::new()).as_deref(),
+            Some("SET log_statement = 'all'; SET ROLE dba; SET log_min_duration_statement = 5")
+        );
+        // The same role on the connection, only the setting made under it differs: set
+        // under the role in force.
+        let mut conn = s.effective();
+        conn.remove("log_min_duration_statement");
+        assert_eq!(
+            s.diff_sql(&conn).as_deref(),
+            Some("SET log_min_duration_statement = 5")
+        );
+        // A login setting differs: the identity is taken back first and set again.
+        let mut conn = s.effective();
+        conn.remove("log_statement");
+        assert_eq!(
+            s.diff_sql(&conn).as_deref(),
+            Some("RESET \"role\"; SET log_statement = 'all'; SET ROLE dba")
+        );
+        // Another session's setting left on the connection: RESET ALL, then all of them.
+        let mut conn = s.effective();
+        conn.insert("work_mem".into(), "SET work_mem = '1GB'".into());
+        assert_eq!(
+            s.diff_sql(&conn).as_deref(),
+            Some(
+                "RESET \"role\"; RESET ALL; SET log_statement = 'all'; SET ROLE dba; \
+                 SET log_min_duration_statement = 5"
+            )
+        );
+        assert_eq!(s.diff_sql(&s.effective()), None);
     }
 }

@@ -567,3 +567,37 @@ async fn a_deallocate_of_pgsplits_own_statement_name_leaves_other_clients_workin
         b.batch_execute("COMMIT").await.unwrap();
     }
 }
+
+/// Settings replay with the identity they ran with, whatever another session left on the
+/// connection: a superuser-only setting made under a superuser role (by a login that is
+/// not one) is set under that role, and one another session left there is cleared by
+/// RESET ALL, which checks no privileges. Before, the first was replayed as the login and
+/// the second reset as the login, both refused (42501), ending the session.
+#[tokio::test]
+async fn settings_made_under_a_role_replay_under_it() {
+    let c = cluster();
+    let role = unique("superuser_role");
+    run_as_superuser(&format!(
+        "CREATE ROLE {role} NOLOGIN SUPERUSER; GRANT {role} TO app"
+    ))
+    .await;
+    wait_replicated_on(c).await;
+    let proxy = start_proxy_one_connection_per_node().await;
+    let b = proxy.app().await;
+    b.batch_execute(&format!("SET ROLE {role}")).await.unwrap();
+    b.batch_execute("SET log_statement = 'all'").await.unwrap();
+    // A, under the same role, takes the connection B left its setting on.
+    let a = proxy.app().await;
+    a.batch_execute(&format!("SET ROLE {role}")).await.unwrap();
+    assert_eq!(primary_setting(&a, "log_statement").await, "none");
+    // B back on a connection with its role and not its setting.
+    assert_eq!(primary_setting(&b, "log_statement").await, "all");
+    // A third session without a role leaves the connection with none; B's replay then
+    // sets its role before its setting.
+    let plain = proxy.app().await;
+    assert_eq!(primary_setting(&plain, "role").await, "none");
+    assert_eq!(primary_setting(&b, "log_statement").await, "all");
+    assert_eq!(primary_setting(&b, "role").await, role);
+    assert_eq!(primary_setting(&a, "role").await, role);
+    assert_eq!(primary_setting(&plain, "log_statement").await, "none");
+}
