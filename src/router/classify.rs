@@ -71,11 +71,11 @@ pub fn classify(sql: &str) -> Classification {
 /// as writing functions. Results depend on that list: clear a cache keyed by SQL when it changes.
 pub fn classify_with(sql: &str, extra_primary_functions: &[String]) -> Classification {
     if lexes_unlike_postgres(sql) {
-        return Classification::unreadable();
+        return Classification::unreadable(sql);
     }
     let dialect = PostgreSqlDialect {};
     let Ok(mut tokens) = Tokenizer::new(&dialect, sql).tokenize_with_location() else {
-        return Classification::unreadable();
+        return Classification::unreadable(sql);
     };
     // After `COPY ... FROM STDIN;` the tokenizer takes the following lines as COPY data (a psql
     // script convention). On the wire that text is more SQL: fine if it holds no statement,
@@ -96,7 +96,7 @@ pub fn classify_with(sql: &str, extra_primary_functions: &[String]) -> Classific
         || comment_start_inside_operators(&tokens)
         || (sql.contains("&\"") && unicode_escaped_identifier(&tokens))
     {
-        return Classification::unreadable();
+        return Classification::unreadable(sql);
     }
     let fragments = split(tokens);
     let mut ctx = Ctx {
@@ -119,7 +119,7 @@ pub fn classify_with(sql: &str, extra_primary_functions: &[String]) -> Classific
     if fragments.iter().any(|f| f.atomic) {
         let too_long = fragments.iter().any(|f| f.longest_run > MAX_TOKEN_RUN);
         let Some(stmts) = parse_all(sql).filter(|_| !too_long) else {
-            return Classification::unreadable();
+            return Classification::unreadable(sql);
         };
         for stmt in &stmts {
             ctx.out.statement_count += 1;
@@ -259,13 +259,20 @@ fn split(tokens: Vec<TokenWithSpan>) -> Vec<Fragment> {
                 if let Token::Word(w) = tok {
                     // By length first: this runs for every word of every statement.
                     let is = |k: &str| w.value.eq_ignore_ascii_case(k);
+                    let keyword = w.quote_style.is_none();
                     match w.value.len() {
-                        4 => cur.temp |= is("TEMP"),
-                        5 => cur.read_write |= after_read && is("WRITE"),
-                        9 => cur.temp |= is("TEMPORARY"),
-                        12 => cur.serializable |= is("SERIALIZABLE"),
+                        4 => cur.temp |= keyword && is("TEMP"),
+                        5 => cur.read_write |= keyword && after_read && is("WRITE"),
+                        9 => cur.temp |= keyword && is("TEMPORARY"),
+                        12 => cur.serializable |= keyword && is("SERIALIZABLE"),
                         _ => {}
                     }
+                    // `pg_temp.x`: the session's temporary schema, in any spelling.
+                    cur.temp |= w
+                        .value
+                        .as_bytes()
+                        .get(..7)
+                        .is_some_and(|p| p.eq_ignore_ascii_case(b"pg_temp"));
                     if w.value.len() >= "set_config".len() {
                         cur.session_call |= is("set_config") || SESSION_FNS.iter().any(|f| is(f));
                         cur.dblink |= is("dblink_connect") || is("dblink_connect_u");
@@ -738,6 +745,8 @@ impl Ctx<'_> {
                 .any(|k| kw(0, k))
         {
             self.pin();
+            // A loaded library stays in the backend: DISCARD ALL does not undo it.
+            self.out.pins_for_good |= kw(0, "LOAD");
         }
     }
 

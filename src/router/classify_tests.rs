@@ -138,6 +138,9 @@ const CASES: &[(&str, &str)] = &[
     ("SELECT pg_advisory_lock(1), 1 BETWEEN SYMMETRIC 2 AND 0", "? pin"),
     ("SELECT now(), 1 BETWEEN SYMMETRIC 2 AND 0", "?"),
     ("SELECT * INTO TEMP x FROM t WHERE id BETWEEN SYMMETRIC 1 AND 10", "? pin"),
+    ("CREATE TABLE pg_temp.x (LIKE y INCLUDING ALL)", "? pin"),
+    // A quoted "temp" is a name, not the keyword.
+    (r#"SELECT "temp" FROM t WHERE id BETWEEN SYMMETRIC 1 AND 10"#, "?"),
     ("SELECT dblink_connect('c', 'x'), 1 BETWEEN SYMMETRIC 2 AND 0", "? pin"),
     // A standby runs node functions as its own: pg_promote there promotes it.
     ("SELECT pg_promote()", "P wu vol"),
@@ -793,6 +796,11 @@ fn a_dblink_connection_in_what_cannot_be_read_pins_for_good() {
         assert!(c.pins_session && c.pins_for_good, "{sql}");
     }
     assert!(!classify("SELECT pg_advisory_lock(1), 1 BETWEEN SYMMETRIC 2 AND 0").pins_for_good);
+    // A library loaded in text sqlparser rejects stays too.
+    assert!(classify("LOAD $$auto_explain$$").pins_for_good);
+    // An unreadable text that names none of those pins until DISCARD ALL only.
+    let c = classify("SELECT 'unterminated");
+    assert!(c.pins_session && !c.pins_for_good);
 }
 
 #[test]

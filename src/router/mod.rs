@@ -137,11 +137,17 @@ impl Classification {
     /// deep to parse): on the primary, an unknown write, and pinning the session, since
     /// it may change session state (`U&"set\005fconfig"(…)`) that must not reach a pooled
     /// connection.
-    pub fn unreadable() -> Self {
+    pub fn unreadable(sql: &str) -> Self {
+        // It may do what DISCARD ALL does not undo (LOAD, a dblink connection): then for
+        // good. Judged by the bare text, since nothing else can be trusted here.
+        let says = |needle: &[u8]| {
+            sql.as_bytes()
+                .windows(needle.len())
+                .any(|w| w.eq_ignore_ascii_case(needle))
+        };
         Classification {
             pins_session: true,
-            // It may have done what DISCARD ALL does not undo (LOAD, a dblink connection).
-            pins_for_good: true,
+            pins_for_good: says(b"load") || says(b"dblink") || says(b"u&"),
             ..Classification::unknown()
         }
     }
