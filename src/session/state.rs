@@ -1,7 +1,7 @@
 //! What a client session remembers so any backend can serve it: recorded settings and
 //! prepared statements. Pure data, unit-tested.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -217,9 +217,10 @@ pub struct Settings {
     pub baseline: HashMap<String, String>,
     /// GUC name (lower-case) → the SET statement that produced the current value.
     pub values: HashMap<String, String>,
-    /// The values set while a role or session authorization was in force: replayed under
-    /// it, the others as the login (each may need the privileges it ran with).
-    set_under_role: HashSet<String>,
+    /// The values set while a session authorization or role was in force, with that
+    /// identity (their SQL): replayed under it, the others as the login, since each
+    /// setting's privilege check used the identity it ran with.
+    set_under: HashMap<String, Identity>,
     /// Unique per distinct state across all sessions (0: no settings at all), so a server
     /// connection that served another session cannot be mistaken for current.
     pub generation: u64,
@@ -303,10 +304,12 @@ impl Settings {
         for op in ops {
             match op {
                 SessionOp::Set { name, sql } => {
-                    if self.identity().0.is_some() || self.identity().1.is_some() {
-                        self.set_under_role.insert(name.clone());
+                    let identity = self.identity();
+                    if identity != (None, None) {
+                        let identity = (identity.0.cloned(), identity.1.cloned());
+                        self.set_under.insert(name.clone(), identity);
                     } else {
-                        self.set_under_role.remove(name);
+                        self.set_under.remove(name);
                     }
                     forget_role_with_authorization(&mut self.values, name);
                     self.values.insert(name.clone(), sql.clone());
@@ -314,15 +317,15 @@ impl Settings {
                 SessionOp::Reset { name } => {
                     forget_role_with_authorization(&mut self.values, name);
                     self.values.remove(name);
-                    self.set_under_role.remove(name);
+                    self.set_under.remove(name);
                 }
                 SessionOp::ResetAll => {
                     self.values.retain(|name, _| survives_reset_all(name));
-                    self.set_under_role.clear();
+                    self.set_under.clear();
                 }
                 SessionOp::DiscardAll => {
                     self.values.clear();
-                    self.set_under_role.clear();
+                    self.set_under.clear();
                     discard = true;
                 }
                 SessionOp::Deallocate { .. } | SessionOp::DeallocateAll => continue,
@@ -361,38 +364,72 @@ impl Settings {
                 .filter(move |(name, sql)| after_reset_all || current.get(*name) != Some(sql))
         };
         let (authorization, role) = self.identity();
-        let same_identity =
-            authorization == current.get(AUTHORIZATION) && role == current.get(ROLE);
-        let identity_on_conn = current.contains_key(AUTHORIZATION) || current.contains_key(ROLE);
-        // Only what ran under the role the connection has, in force already: set as it is.
-        if same_identity
+        let on_conn = (current.get(AUTHORIZATION), current.get(ROLE));
+        // The identity a setting ran with (none: the login's own).
+        let ran_with = |name: &str| {
+            self.set_under
+                .get(name)
+                .map_or((None, None), |(a, r)| (a.as_ref(), r.as_ref()))
+        };
+        // Only settings that ran with the identity the connection has, which is the
+        // session's already: set as they are.
+        if (authorization, role) == on_conn
             && !leftovers
-            && differing(false)
-                .all(|(name, _)| self.set_under_role.contains(*name) == identity_on_conn)
+            && differing(false).all(|(name, _)| ran_with(name) == on_conn)
         {
             let stmts: Vec<String> = differing(false).map(|(_, sql)| (*sql).clone()).collect();
             return (!stmts.is_empty()).then(|| stmts.join("; "));
         }
-        // Otherwise: back to the login's own identity; RESET ALL for what the connection
-        // has that this session does not (it checks no privileges, which a RESET of a
-        // setting another session made under its role would need, and keeps the identity);
-        // the settings made as the login; the session's authorization and role; the
-        // settings made under them.
+        // Otherwise: back to the login's own identity (a new authorization drops the role;
+        // older servers need the role reset too); RESET ALL for what the connection has
+        // that this session does not (it checks no privileges, which a RESET of a setting
+        // another session made under its role would need, and keeps the identity); then
+        // each identity's settings under it, the login's first; the session's identity
+        // last.
         let mut stmts: Vec<String> = Vec::new();
-        if current.contains_key(AUTHORIZATION) {
-            stmts.push(reset_sql(AUTHORIZATION));
-        } else if current.contains_key(ROLE) {
-            stmts.push(reset_sql(ROLE));
-        }
+        let back_to_login =
+            |stmts: &mut Vec<String>, (a, r): (Option<&String>, Option<&String>)| {
+                if a.is_some() {
+                    stmts.push(reset_sql(AUTHORIZATION));
+                }
+                if r.is_some() {
+                    stmts.push(reset_sql(ROLE));
+                }
+            };
+        back_to_login(&mut stmts, on_conn);
         if leftovers {
             stmts.push("RESET ALL".to_owned());
         }
-        let (under_role, as_login): (Vec<_>, Vec<_>) =
-            differing(leftovers).partition(|(name, _)| self.set_under_role.contains(*name));
-        stmts.extend(as_login.into_iter().map(|(_, sql)| (*sql).clone()));
-        stmts.extend(authorization.cloned());
-        stmts.extend(role.cloned());
-        stmts.extend(under_role.into_iter().map(|(_, sql)| (*sql).clone()));
+        let mut groups: Vec<((Option<&String>, Option<&String>), Vec<&String>)> = Vec::new();
+        for (name, sql) in differing(leftovers) {
+            let identity = ran_with(name);
+            match groups.iter_mut().find(|(i, _)| *i == identity) {
+                Some((_, sqls)) => sqls.push(sql),
+                None => groups.push((identity, vec![sql])),
+            }
+        }
+        // The login's group first, the session's own identity's last.
+        groups.sort_by_key(|(identity, _)| {
+            (
+                *identity != (None, None),
+                *identity == (authorization, role),
+            )
+        });
+        let mut in_force = (None, None);
+        for (identity, sqls) in groups {
+            if identity != in_force {
+                back_to_login(&mut stmts, in_force);
+                stmts.extend(identity.0.cloned());
+                stmts.extend(identity.1.cloned());
+                in_force = identity;
+            }
+            stmts.extend(sqls.into_iter().cloned());
+        }
+        if (authorization, role) != in_force {
+            back_to_login(&mut stmts, in_force);
+            stmts.extend(authorization.cloned());
+            stmts.extend(role.cloned());
+        }
         if stmts.is_empty() {
             None
         } else {
@@ -547,6 +584,9 @@ fn parse_options(options: &str) -> Vec<(String, String)> {
 
 const ROLE: &str = "role";
 const AUTHORIZATION: &str = "session_authorization";
+
+/// A session authorization and a role, as the SQL that set them.
+type Identity = (Option<String>, Option<String>);
 
 /// `RESET ALL` leaves the role and the session authorization alone (PostgreSQL marks both
 /// GUC_NO_RESET_ALL; DISCARD ALL resets them).
@@ -863,10 +903,13 @@ mod tests {
             s.diff_sql(&on_conn).as_deref(),
             Some("RESET \"role\"; SET SESSION AUTHORIZATION bob; SET ROLE carol")
         );
-        // The time zone was set under alice's role: it follows the identity.
+        // The time zone was set under alice's role: it is replayed under it.
         assert_eq!(
             s.diff_sql(&HashMap::new()).as_deref(),
-            Some("SET SESSION AUTHORIZATION bob; SET ROLE carol; SET TIME ZONE 'UTC'")
+            Some(
+                "SET ROLE alice; SET TIME ZONE 'UTC'; RESET \"role\"; \
+                 SET SESSION AUTHORIZATION bob; SET ROLE carol"
+            )
         );
         // Another session's role on the connection is reset before this session's
         // settings run.
@@ -929,5 +972,23 @@ mod tests {
             )
         );
         assert_eq!(s.diff_sql(&s.effective()), None);
+        // A setting made under a role the session left since: replayed under that role.
+        let mut s = Settings::default();
+        s.apply(&[
+            set("role", "SET ROLE admin"),
+            set("log_statement", "SET log_statement = 'all'"),
+            set("role", "SET ROLE app"),
+        ]);
+        assert_eq!(
+            s.diff_sql(&HashMap::new()).as_deref(),
+            Some("SET ROLE admin; SET log_statement = 'all'; RESET \"role\"; SET ROLE app")
+        );
+        s.apply(&[SessionOp::Reset {
+            name: "role".into(),
+        }]);
+        assert_eq!(
+            s.diff_sql(&HashMap::new()).as_deref(),
+            Some("SET ROLE admin; SET log_statement = 'all'; RESET \"role\"")
+        );
     }
 }

@@ -600,4 +600,9 @@ async fn settings_made_under_a_role_replay_under_it() {
     assert_eq!(primary_setting(&b, "role").await, role);
     assert_eq!(primary_setting(&a, "role").await, role);
     assert_eq!(primary_setting(&plain, "log_statement").await, "none");
+    // B leaves the role its setting was made under: that setting still replays under it.
+    b.batch_execute("SET ROLE app").await.unwrap();
+    assert_eq!(primary_setting(&plain, "role").await, "none");
+    assert_eq!(primary_setting(&b, "log_statement").await, "all");
+    assert_eq!(primary_setting(&b, "role").await, "app");
 }
