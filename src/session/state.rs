@@ -292,7 +292,7 @@ impl Settings {
     }
 
     /// The session authorization and role in force (SET, or the startup packet's).
-    fn identity(&self) -> (Option<&String>, Option<&String>) {
+    fn identity(&self) -> IdentityRef<'_> {
         let target = |name: &str| self.values.get(name).or_else(|| self.baseline.get(name));
         (target(AUTHORIZATION), target(ROLE))
     }
@@ -387,20 +387,19 @@ impl Settings {
         // each identity's settings under it, the login's first; the session's identity
         // last.
         let mut stmts: Vec<String> = Vec::new();
-        let back_to_login =
-            |stmts: &mut Vec<String>, (a, r): (Option<&String>, Option<&String>)| {
-                if a.is_some() {
-                    stmts.push(reset_sql(AUTHORIZATION));
-                }
-                if r.is_some() {
-                    stmts.push(reset_sql(ROLE));
-                }
-            };
+        let back_to_login = |stmts: &mut Vec<String>, (a, r): IdentityRef| {
+            if a.is_some() {
+                stmts.push(reset_sql(AUTHORIZATION));
+            }
+            if r.is_some() {
+                stmts.push(reset_sql(ROLE));
+            }
+        };
         back_to_login(&mut stmts, on_conn);
         if leftovers {
             stmts.push("RESET ALL".to_owned());
         }
-        let mut groups: Vec<((Option<&String>, Option<&String>), Vec<&String>)> = Vec::new();
+        let mut groups: Vec<(IdentityRef, Vec<&String>)> = Vec::new();
         for (name, sql) in differing(leftovers) {
             let identity = ran_with(name);
             match groups.iter_mut().find(|(i, _)| *i == identity) {
@@ -587,6 +586,9 @@ const AUTHORIZATION: &str = "session_authorization";
 
 /// A session authorization and a role, as the SQL that set them.
 type Identity = (Option<String>, Option<String>);
+
+/// An [`Identity`] borrowed; `(None, None)` is the login's own.
+type IdentityRef<'a> = (Option<&'a String>, Option<&'a String>);
 
 /// `RESET ALL` leaves the role and the session authorization alone (PostgreSQL marks both
 /// GUC_NO_RESET_ALL; DISCARD ALL resets them).
