@@ -274,24 +274,14 @@ impl Session {
                     .await
                     .unwrap_or(Err(BackendError::Timeout));
                 if let Err(e) = result {
+                    // Which settings the connection has now is unknown, or (refused by the
+                    // server, the replay rolled back whole) the refusal may come from
+                    // something on this very connection: it serves no one else.
+                    self.release(id, false);
                     return Err(match e {
-                        // Refused by the server (the replay rolled back whole): closed all
-                        // the same, should the refusal come from something on this very
-                        // connection, which must not go on refusing other sessions.
-                        BackendError::Server(fields) => {
-                            self.release(id, false);
-                            Error::SettingsRefused(fields)
-                        }
-                        // Which settings the connection has now is unknown: it serves no one
-                        // else.
-                        e if e.is_connection_failure() => {
-                            self.release(id, false);
-                            self.connect_error(id, e)
-                        }
-                        e => {
-                            self.release(id, false);
-                            Error::Backend(e)
-                        }
+                        BackendError::Server(fields) => Error::SettingsRefused(fields),
+                        e if e.is_connection_failure() => self.connect_error(id, e),
+                        e => Error::Backend(e),
                     });
                 }
                 conn.settings = self.settings.effective();

@@ -291,10 +291,14 @@ impl Settings {
             })
     }
 
-    /// The session authorization and role in force (SET, or the startup packet's).
+    /// The SQL of `name`'s value in force: SET, or the startup packet's.
+    fn in_force(&self, name: &str) -> Option<&String> {
+        self.values.get(name).or_else(|| self.baseline.get(name))
+    }
+
+    /// The session authorization and role in force.
     fn identity(&self) -> IdentityRef<'_> {
-        let target = |name: &str| self.values.get(name).or_else(|| self.baseline.get(name));
-        (target(AUTHORIZATION), target(ROLE))
+        (self.in_force(AUTHORIZATION), self.in_force(ROLE))
     }
 
     /// Apply committed session operations. Returns true when prepared statements must be
@@ -305,7 +309,7 @@ impl Settings {
             match op {
                 SessionOp::Set { name, sql } => {
                     let identity = self.identity();
-                    if identity != (None, None) {
+                    if identity != (None, None) && ordinary(name) {
                         let identity = (identity.0.cloned(), identity.1.cloned());
                         self.set_under.insert(name.clone(), identity);
                     } else {
@@ -342,11 +346,9 @@ impl Settings {
     /// used: those the session made as the login before its own authorization and role,
     /// those it made under them after.
     pub fn diff_sql(&self, current: &HashMap<String, String>) -> Option<String> {
-        let target = |name: &str| self.values.get(name).or_else(|| self.baseline.get(name));
-        let ordinary = |name: &str| name != AUTHORIZATION && name != ROLE;
         let leftovers = current
             .keys()
-            .any(|name| ordinary(name) && target(name).is_none());
+            .any(|name| ordinary(name) && self.in_force(name).is_none());
         let baseline_only = self
             .baseline
             .iter()
@@ -583,6 +585,11 @@ fn parse_options(options: &str) -> Vec<(String, String)> {
 
 const ROLE: &str = "role";
 const AUTHORIZATION: &str = "session_authorization";
+
+/// Any setting but the session authorization and the role.
+fn ordinary(name: &str) -> bool {
+    name != AUTHORIZATION && name != ROLE
+}
 
 /// A session authorization and a role, as the SQL that set them.
 type Identity = (Option<String>, Option<String>);
