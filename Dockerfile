@@ -10,6 +10,8 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY app-example ./app-example
+# Cargo.toml declares the benchmarks: cargo reads their files with the manifest.
+COPY benches ./benches
 RUN cargo build --release --locked --bin pgsplit --bin app-example
 
 FROM debian:12-slim AS pgsplit

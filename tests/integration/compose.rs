@@ -1,8 +1,9 @@
 //! docker-compose.yaml, checked without a Docker engine: the services and their published
 //! ports, the files it mounts or builds from, start order against health checks, the pgsplit
 //! config it mounts (parsed by pgsplit itself) against the services, the roles the init
-//! scripts create against the credentials the services use, and the shell scripts' syntax
-//! (plus shellcheck where installed).
+//! scripts create against the credentials the services use, the files the image build
+//! copies against what cargo reads, and the shell scripts' syntax (plus shellcheck where
+//! installed).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -253,6 +254,13 @@ fn the_mounted_proxy_config_and_the_roles_match_the_services() {
     );
     assert!(config.cache.enabled);
     assert_eq!(config.cache.redis_url, "redis://redis:6379");
+    // Versions must never come back from an old snapshot with the entries they guard.
+    let redis = strings(&services["redis"]["command"]);
+    assert!(
+        redis.windows(2).any(|w| w == ["--save", ""])
+            && redis.windows(2).any(|w| w == ["--appendonly", "no"]),
+        "the cache's Redis runs without persistence: {redis:?}"
+    );
     let tables: BTreeSet<&str> = config
         .cache
         .rules
@@ -340,6 +348,69 @@ fn the_mounted_proxy_config_and_the_roles_match_the_services() {
 }
 
 /// `shell -n file` passes.
+/// Cargo reads every target the manifests declare (and every workspace member) before it
+/// builds anything: the image's build stage must copy them all, and .dockerignore must not
+/// drop them.
+#[test]
+fn the_docker_build_copies_every_file_cargo_reads() {
+    let manifest: toml::Table = read("Cargo.toml").parse().expect("Cargo.toml is TOML");
+    let mut needed = vec!["Cargo.toml".to_string(), "Cargo.lock".to_string()];
+    let members = manifest["workspace"]["members"]
+        .as_array()
+        .expect("members");
+    needed.extend(
+        members
+            .iter()
+            .filter_map(|m| m.as_str())
+            .filter(|m| *m != ".")
+            .map(String::from),
+    );
+    for (kind, dir) in [("bin", "src/bin"), ("bench", "benches"), ("test", "tests")] {
+        for target in manifest
+            .get(kind)
+            .and_then(|t| t.as_array())
+            .into_iter()
+            .flatten()
+        {
+            let path = match (target.get("path"), target.get("name")) {
+                (Some(p), _) => p.as_str().expect("path").to_string(),
+                (None, Some(n)) => format!("{dir}/{}.rs", n.as_str().expect("name")),
+                (None, None) => panic!("a [[{kind}]] without name or path"),
+            };
+            needed.push(path);
+        }
+    }
+    let copied: Vec<String> = read("Dockerfile")
+        .lines()
+        .filter(|l| l.starts_with("COPY ") && !l.contains("--from"))
+        .flat_map(|l| {
+            let words: Vec<&str> = l.split_whitespace().skip(1).collect();
+            let sources = &words[..words.len().saturating_sub(1)];
+            sources
+                .iter()
+                .map(|s| s.trim_end_matches('/').to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let ignored: Vec<String> = read(".dockerignore")
+        .lines()
+        .map(|l| l.trim().trim_end_matches('/').to_string())
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    let under = |path: &str, dir: &str| path == dir || path.starts_with(&format!("{dir}/"));
+    for path in &needed {
+        assert!(repo_root().join(path).exists(), "{path} exists");
+        assert!(
+            copied.iter().any(|c| under(path, c)),
+            "the Dockerfile copies {path} (COPY sources: {copied:?})"
+        );
+        assert!(
+            !ignored.iter().any(|i| under(path, i)),
+            ".dockerignore keeps {path}"
+        );
+    }
+}
+
 fn syntax_ok(shell: &str, rel: &str) {
     let out = Command::new(shell)
         .arg("-n")
