@@ -38,9 +38,9 @@ const INSERT_ALBUM: &str = "INSERT INTO albums (title) VALUES ($1) RETURNING id"
 const INSERT_SONGS: &str = "INSERT INTO songs (album_id, position, title) \
      SELECT $1, s.position::int, s.title FROM unnest($2::text[]) WITH ORDINALITY AS s (title, position)";
 const UPDATE_ALBUM: &str = "UPDATE albums SET title = $2 WHERE id = $1";
-// Songs are deleted explicitly rather than left to ON DELETE CASCADE: a cascade is invisible
-// in the statement's text, so a proxy that invalidates cached reads by the tables a statement
-// names would not know that `songs` changed.
+// Songs are deleted explicitly, though pgsplit follows ON DELETE CASCADE too (it asks the
+// primary at commit which tables a write reached): the statements say what they change, for
+// any proxy or cache in front of the database.
 const DELETE_SONGS: &str = "DELETE FROM songs WHERE album_id = $1";
 const DELETE_ALBUM: &str = "DELETE FROM albums WHERE id = $1";
 

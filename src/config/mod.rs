@@ -598,6 +598,17 @@ impl Config {
                 errors.push(format!("backend {} has port 0", b.display_name()));
             }
         }
+        let mut names = std::collections::HashSet::new();
+        for b in std::iter::once(&self.primary).chain(&self.replicas) {
+            // BAN, SHOW BACKENDS and the metrics' labels tell servers apart by name.
+            if !names.insert(b.display_name()) {
+                errors.push(format!("two backends are named {}", b.display_name()));
+            }
+        }
+        if self.primary.weight != default_weight() {
+            // Reads are shared among replicas only; the primary is their fallback.
+            errors.push("primary.weight has no effect: weights share reads among replicas".into());
+        }
         for r in self.replicas.iter().filter(|r| r.weight > MAX_WEIGHT) {
             errors.push(format!(
                 "replica {}: weight {} is over the maximum of {MAX_WEIGHT}",
@@ -619,6 +630,7 @@ impl Config {
             errors.push("health.interval_ms, failures and successes must be positive".to_owned());
         }
         if self.health.timeout_ms == 0
+            || self.proxy.client_login_timeout_ms == 0
             || self.pool.connect_timeout_ms == 0
             || self.pool.checkout_timeout_ms == 0
             || self.pool.max_lifetime_ms == 0
@@ -848,15 +860,25 @@ mod tests {
         let text = r#"
             [proxy]
             max_client_connections = 0
+            client_login_timeout_ms = 0
             [[users]]
             name = "a"
             [primary]
             host = ""
+            weight = 3
+            [[replicas]]
+            host = "r"
+            [[replicas]]
+            host = "r2"
+            name = "r:5432"
         "#;
         let err = Config::from_toml(text).unwrap_err().to_string();
         assert!(err.contains("needs a password"), "{err}");
         assert!(err.contains("max_client_connections"), "{err}");
         assert!(err.contains("empty host"), "{err}");
+        assert!(err.contains("timeouts must be positive"), "{err}");
+        assert!(err.contains("primary.weight has no effect"), "{err}");
+        assert!(err.contains("two backends are named r:5432"), "{err}");
         let long = format!(
             "[[users]]\nname = \"{}\"\nauth_method = \"trust\"\n[primary]\nhost = \"h\"\n",
             "u".repeat(64)
