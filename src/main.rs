@@ -79,8 +79,9 @@ fn main() -> anyhow::Result<()> {
     };
     builder.enable_all().build()?.block_on(async move {
         let shared = Shared::new(runtime);
-        let path = std::fs::canonicalize(&args.config).unwrap_or(args.config.clone());
-        let _ = shared.config_path.set(path);
+        let _ = shared
+            .config_path
+            .set(pgsplit::reload::config_path(&args.config));
         let _ = shared.log_filter.set(Box::new(move |f: &str| {
             let filter = tracing_subscriber::EnvFilter::try_new(f).map_err(|e| e.to_string())?;
             filter_handle.reload(filter).map_err(|e| e.to_string())

@@ -211,12 +211,16 @@ pub fn render(shared: &Shared) -> String {
     o.family("pgsplit_clients", "gauge", "Clients logged in now.");
     o.sample("pgsplit_clients", &[], stats.clients.len());
     let relaxed = std::sync::atomic::Ordering::Relaxed;
-    o.family("pgsplit_logins_total", "counter", "Client logins accepted.");
+    o.family(
+        "pgsplit_logins_total",
+        "counter",
+        "Client logins accepted by pgsplit and by the primary.",
+    );
     o.sample("pgsplit_logins_total", &[], stats.logins.load(relaxed));
     o.family(
         "pgsplit_login_failures_total",
         "counter",
-        "Client logins refused (bad password, unknown user).",
+        "Client logins refused (bad password, unknown user, or by the primary: unknown database, server credentials, no primary).",
     );
     o.sample(
         "pgsplit_login_failures_total",

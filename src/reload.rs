@@ -13,6 +13,13 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::state::{Runtime, Shared, lock};
 
+/// The path reloads read `given` from: absolute (the working directory may change), but
+/// through its symlinks, which a deployment may swap (a Kubernetes ConfigMap relinks its
+/// `..data`, a release switch relinks `current`), deleting the old target.
+pub fn config_path(given: &Path) -> std::path::PathBuf {
+    std::path::absolute(given).unwrap_or_else(|_| given.to_owned())
+}
+
 /// Reload from the file the proxy was started with. Returns the summary of what changed.
 pub fn reload(shared: &Arc<Shared>) -> Result<String, String> {
     // One reload at a time, from reading the file to recording the outcome: the file

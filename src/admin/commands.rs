@@ -20,6 +20,24 @@ pub enum Command {
     Reload,
     Ban(String),
     Unban(String),
+    /// No statement at all (`;`, or a keepalive's empty query).
+    Empty,
+}
+
+/// A command that failed: the SQLSTATE it is reported with, and why.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Failure {
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl Failure {
+    fn new(code: &'static str, message: impl Into<String>) -> Self {
+        Failure {
+            code,
+            message: message.into(),
+        }
+    }
 }
 
 /// A table (columns and text rows) or, without columns, just a command tag.
@@ -63,6 +81,7 @@ pub fn parse(sql: &str) -> Result<Command, String> {
     let upper: Vec<String> = words.iter().map(|w| w.to_ascii_uppercase()).collect();
     let upper: Vec<&str> = upper.iter().map(String::as_str).collect();
     Ok(match upper.as_slice() {
+        [] => Command::Empty,
         ["SHOW", "BACKENDS"] | ["SHOW", "SERVERS"] => Command::ShowBackends,
         ["SHOW", "POOLS"] => Command::ShowPools,
         ["SHOW", "CLIENTS"] => Command::ShowClients,
@@ -83,7 +102,7 @@ pub fn parse(sql: &str) -> Result<Command, String> {
     })
 }
 
-pub async fn run(shared: &Arc<Shared>, cmd: Command) -> Result<Reply, String> {
+pub async fn run(shared: &Arc<Shared>, cmd: Command) -> Result<Reply, Failure> {
     Ok(match cmd {
         Command::ShowBackends => show_backends(shared),
         Command::ShowPools => show_pools(shared),
@@ -102,7 +121,7 @@ pub async fn run(shared: &Arc<Shared>, cmd: Command) -> Result<Reply, String> {
                 .collect(),
         ),
         Command::Reload => {
-            let summary = crate::reload::reload(shared)?;
+            let summary = crate::reload::reload(shared).map_err(|e| Failure::new("F0000", e))?;
             Reply {
                 tag: "RELOAD".into(),
                 notice: Some(format!("configuration reloaded: {summary}")),
@@ -111,6 +130,7 @@ pub async fn run(shared: &Arc<Shared>, cmd: Command) -> Result<Reply, String> {
         }
         Command::Ban(name) => ban(shared, &name, true)?,
         Command::Unban(name) => ban(shared, &name, false)?,
+        Command::Empty => Reply::default(),
     })
 }
 
@@ -363,17 +383,31 @@ fn show_config(shared: &Shared) -> Reply {
     table(&["name", "value"], rows)
 }
 
-fn ban(shared: &Shared, name: &str, banned: bool) -> Result<Reply, String> {
+fn ban(shared: &Shared, name: &str, banned: bool) -> Result<Reply, Failure> {
     let rt = shared.runtime.load_full();
-    if [rt.backends.primary.name(), rt.backends.primary.address()].contains(&name.to_owned()) {
-        return Err("the primary cannot be banned: writes have nowhere else to go".into());
-    }
-    let b = rt
-        .backends
-        .replicas
-        .iter()
-        .find(|b| b.name() == name || b.address() == name)
-        .ok_or_else(|| format!("no replica named {name:?} (see SHOW BACKENDS)"))?;
+    let primary = &rt.backends.primary;
+    let b = if [primary.name(), primary.address()].contains(&name.to_owned()) {
+        if banned {
+            return Err(Failure::new(
+                "55000",
+                "the primary cannot be banned: writes have nowhere else to go",
+            ));
+        }
+        // A ban follows the server's address across reloads: a replica banned, promoted and
+        // made the primary by a reload must be released here.
+        primary
+    } else {
+        rt.backends
+            .replicas
+            .iter()
+            .find(|b| b.name() == name || b.address() == name)
+            .ok_or_else(|| {
+                Failure::new(
+                    "42704",
+                    format!("no replica named {name:?} (see SHOW BACKENDS)"),
+                )
+            })?
+    };
     b.health.set_banned(banned);
     tracing::info!(backend = %b.name(), banned, "operator changed rotation");
     Ok(Reply {
@@ -402,5 +436,7 @@ mod tests {
         let e = parse("SELECT 1").unwrap_err();
         assert!(e.contains("SHOW HELP"), "{e}");
         assert!(parse("BAN").is_err());
+        assert_eq!(parse(" ; ").unwrap(), Command::Empty);
+        assert_eq!(parse("").unwrap(), Command::Empty);
     }
 }

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::protocol::{self, Frame, Severity, TxStatus, query_sql, tag};
 use crate::session::client::ClientConn;
-use crate::state::{Shared, UserEntry};
+use crate::state::{SessionSlot, Shared, UserEntry};
 
-pub use commands::{Command, Reply, parse, run};
+pub use commands::{Command, Failure, Reply, parse, run};
 
 /// The database name that opens the console.
 pub const DATABASE: &str = "pgsplit";
@@ -19,6 +19,22 @@ pub const DATABASE: &str = "pgsplit";
 /// changes that login ends the console at its next message, as it cuts off ordinary users
 /// (rotating a leaked admin password must lock out the sessions open with it).
 pub async fn serve(shared: &Arc<Shared>, client: &mut ClientConn, login: &UserEntry) -> Result<()> {
+    // Registered like a session, so that a shutdown reaches an idle console too (its cancel
+    // key cancels nothing: the console runs no server query).
+    let (pid, secret, slot) = shared.sessions.register();
+    let result = serve_registered(shared, client, login, pid, secret, &slot).await;
+    shared.sessions.unregister(pid);
+    result
+}
+
+async fn serve_registered(
+    shared: &Arc<Shared>,
+    client: &mut ClientConn,
+    login: &UserEntry,
+    pid: i32,
+    secret: i32,
+    slot: &SessionSlot,
+) -> Result<()> {
     let version = format!("15.0 (pgsplit {})", env!("CARGO_PKG_VERSION"));
     let mut hello = vec![protocol::auth_ok()];
     for (k, v) in [
@@ -32,13 +48,17 @@ pub async fn serve(shared: &Arc<Shared>, client: &mut ClientConn, login: &UserEn
     ] {
         hello.push(protocol::parameter_status(k, v));
     }
-    hello.push(protocol::backend_key_data(0, 0));
+    hello.push(protocol::backend_key_data(pid, secret));
     hello.push(protocol::ready_for_query(TxStatus::Idle));
     client.send(&hello).await?;
     tracing::info!("admin console opened");
     let mut skipping = false;
     loop {
-        let f = client.read_frame().await?;
+        let f = tokio::select! {
+            biased;
+            _ = slot.wait_for(&shared.draining) => return Err(Error::ShuttingDown),
+            f = client.read_frame() => f?,
+        };
         let still_valid = shared
             .runtime
             .load()
@@ -89,9 +109,14 @@ pub async fn serve(shared: &Arc<Shared>, client: &mut ClientConn, login: &UserEn
     }
 }
 
-fn reply_frames(reply: std::result::Result<Reply, String>) -> Vec<Frame> {
+fn reply_frames(reply: std::result::Result<Reply, Failure>) -> Vec<Frame> {
     match reply {
-        Err(e) => vec![protocol::error_response(Severity::Error, "F0000", &e)],
+        Err(f) => vec![protocol::error_response(
+            Severity::Error,
+            f.code,
+            &f.message,
+        )],
+        Ok(r) if r.columns.is_empty() && r.tag.is_empty() => vec![protocol::empty_query_response()],
         Ok(r) => {
             let mut out = Vec::with_capacity(r.rows.len() + 3);
             if let Some(notice) = &r.notice {

@@ -264,6 +264,10 @@ pub fn no_data() -> Frame {
     empty(tag::NO_DATA)
 }
 
+pub fn empty_query_response() -> Frame {
+    empty(tag::EMPTY_QUERY_RESPONSE)
+}
+
 fn empty(tag: u8) -> Frame {
     Frame {
         tag,

@@ -15,6 +15,7 @@ mod state;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use tokio::net::TcpStream;
 use tracing::{Instrument, debug, info_span, warn};
@@ -81,10 +82,6 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, over_
                 span.record("user", login.user.config.name.as_str());
                 span.record("db", login.database.as_str());
                 client.max_message = max_message;
-                shared
-                    .stats
-                    .logins
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 Box::pin(live(Session::new(shared, runtime, client, login, peer))).await;
             }
             Ok(Opening::Admin(login)) => {
@@ -107,9 +104,23 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, over_
 /// A logged-in session, from its first request to its last.
 async fn live(mut session: Session) {
     // Boxed: start's state is gone once it has run, and serve's only while it runs.
+    // A login counts once the server accepted it too: one the primary refuses (an unknown
+    // database, wrong server credentials) failed, whatever pgsplit thought of the password.
     let result = match Box::pin(session.start()).await {
-        Ok(()) => Box::pin(session.serve()).await,
-        Err(e) => Err(e),
+        Ok(()) => {
+            session.shared.stats.logins.fetch_add(1, Ordering::Relaxed);
+            Box::pin(session.serve()).await
+        }
+        Err(e) => {
+            if !matches!(e, Error::ClientGone | Error::ClientIo(_)) {
+                session
+                    .shared
+                    .stats
+                    .login_failures
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e)
+        }
     };
     session.close(result).await;
 }
@@ -133,10 +144,7 @@ async fn refuse(shared: &Shared, runtime: &Runtime, client: &mut ClientConn, e: 
             }
             other => warn!(reason = ?short(&other.to_string()), "login refused"),
         }
-        shared
-            .stats
-            .login_failures
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        shared.stats.login_failures.fetch_add(1, Ordering::Relaxed);
         tokio::time::sleep(runtime.config.proxy.auth_failure_delay()).await;
     } else {
         // Escaped and cut short too: the text can hold what the client sent (a SASL
@@ -749,9 +757,7 @@ impl Session {
                 .iter()
                 .any(|i| i.class().is_some_and(|c| c.begins_tx.is_some()));
         self.info.set_state(ClientState::Active);
-        self.info
-            .queries
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.info.queries.fetch_add(1, Ordering::Relaxed);
         if self.serve_from_cache(items, open).await? {
             self.record(RouteKind::Cache, started, false);
             return Ok(());

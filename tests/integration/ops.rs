@@ -37,6 +37,15 @@ async fn proxy_from_ops_file(
     (dir, path, base, proxy, admin)
 }
 
+/// The SQLSTATE of a login through the proxy that must fail (`params`: user, password,
+/// dbname).
+async fn refused_login(proxy_port: u16, params: &str) -> String {
+    let e = try_connect(&format!("host=127.0.0.1 port={proxy_port} {params}"))
+        .await
+        .expect_err(params);
+    sqlstate(&e)
+}
+
 async fn console(proxy_port: u16) -> tokio_postgres::Client {
     connect(&format!(
         "host=127.0.0.1 port={proxy_port} user=pgsplit password=console_pw dbname=pgsplit"
@@ -201,44 +210,49 @@ async fn the_admin_console_reports_and_controls() {
     // Mistakes get errors, and the console stays usable.
     let e = admin.simple_query("SELECT 1").await.unwrap_err();
     assert_eq!(sqlstate(&e), "42601");
+    let e = admin
+        .simple_query(&format!("BAN {}", backends[0]["name"]))
+        .await
+        .expect_err("the primary cannot be banned");
+    assert_eq!(sqlstate(&e), "55000", "{e}");
+    admin
+        .simple_query(&format!("UNBAN {}", backends[0]["name"]))
+        .await
+        .expect("UNBAN of the primary (a ban a reload carried over to it) is allowed");
+    let e = admin.simple_query("BAN nosuchreplica").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "42704", "{e}");
+    let e = admin.simple_query("RELOAD").await.unwrap_err();
+    assert_eq!(sqlstate(&e), "F0000", "no config file to reload: {e}");
+    // An empty query (a keepalive's) gets EmptyQueryResponse, as from PostgreSQL.
+    let empty = admin.simple_query("").await.expect("empty query");
     assert!(
-        admin
-            .simple_query(&format!("BAN {}", backends[0]["name"]))
-            .await
-            .is_err()
-    );
-    assert!(
-        admin.simple_query("RELOAD").await.is_err(),
-        "no config file to reload"
+        !empty
+            .iter()
+            .any(|m| matches!(m, SimpleQueryMessage::Row(_))),
+        "{empty:?}"
     );
     assert_eq!(rows(&admin, "SHOW VERSION").await.len(), 1);
 
     // Ordinary users never reach the console; a wrong admin password is refused.
-    let e = try_connect(&format!(
-        "host=127.0.0.1 port={} user=app password=app_pw dbname=pgsplit",
-        proxy.port()
-    ))
-    .await
-    .expect_err("app cannot open the console");
     assert_eq!(
-        sqlstate(&e),
+        refused_login(proxy.port(), "user=app password=app_pw dbname=pgsplit").await,
         "3D000",
         "app reaches PostgreSQL, which has no such database"
     );
-    let e = try_connect(&format!(
-        "host=127.0.0.1 port={} user=pgsplit password=wrong dbname=pgsplit",
-        proxy.port()
-    ))
-    .await
-    .expect_err("wrong password");
-    assert_eq!(sqlstate(&e), "28P01");
-    let e = try_connect(&format!(
-        "host=127.0.0.1 port={} user=pgsplit password=console_pw dbname=appdb",
-        proxy.port()
-    ))
-    .await
-    .expect_err("the admin is no database user");
-    assert_eq!(sqlstate(&e), "28P01");
+    assert_eq!(
+        refused_login(proxy.port(), "user=pgsplit password=wrong dbname=pgsplit").await,
+        "28P01",
+        "wrong password"
+    );
+    assert_eq!(
+        refused_login(
+            proxy.port(),
+            "user=pgsplit password=console_pw dbname=appdb"
+        )
+        .await,
+        "28P01",
+        "the admin is no database user"
+    );
 }
 
 #[tokio::test]
@@ -251,7 +265,25 @@ async fn metrics_and_health_speak_http() {
         app.simple_query("SELECT 1").await.unwrap();
     }
     app.batch_execute("BEGIN; SELECT 1; COMMIT").await.unwrap();
+    // A login the primary refuses (no such database) failed, though its password was right.
+    let before = scrape(addr).await;
+    assert_eq!(
+        refused_login(proxy.port(), "user=app password=app_pw dbname=no_such_db").await,
+        "3D000",
+        "no such database"
+    );
     let samples = scrape(addr).await;
+    for (name, grew) in [
+        ("pgsplit_logins_total", 0.0),
+        ("pgsplit_login_failures_total", 1.0),
+    ] {
+        assert_eq!(
+            value(&samples, name, &[]) - value(&before, name, &[]),
+            grew,
+            "{name}"
+        );
+    }
+    assert!(value(&samples, "pgsplit_logins_total", &[]) >= 1.0);
     // Reads go to the replicas, or to the primary while a loaded machine makes a replica's
     // health check time out: count both.
     let reads = value(&samples, "pgsplit_queries_total", &[("route", "replica")])
@@ -538,6 +570,7 @@ async fn sigterm_lets_an_open_transaction_commit_then_stops() {
         }
     };
     let idle_client = connect(&conn_str).await;
+    let idle_console = console(port).await;
     tx_client
         .batch_execute(&format!("BEGIN; INSERT INTO {t} VALUES (1)"))
         .await
@@ -572,6 +605,15 @@ async fn sigterm_lets_an_open_transaction_commit_then_stops() {
         })
         .await,
         "idle session closed"
+    );
+    // An idle admin console ends too (57P01), not holding up the exit for the timeout.
+    let console_ref = &idle_console;
+    assert!(
+        eventually_async(Duration::from_secs(5), || async move {
+            console_ref.simple_query("SHOW VERSION").await.is_err()
+        })
+        .await,
+        "idle console closed"
     );
     assert!(
         try_connect(&conn_str).await.is_err(),
@@ -712,6 +754,43 @@ async fn server_connections_retire_after_their_lifetime_and_idle_ones_close() {
 /// A reload that changes the admin login (a rotated password) ends the consoles opened
 /// with the old one at their next command, as it cuts off removed users; a reload that
 /// leaves the admin login alone keeps them. pgsplit kept old consoles open for good.
+/// A config reached through a symlink that the deployment swaps (a Kubernetes ConfigMap
+/// relinks `..data`; a release switch relinks `current`) and whose old target is deleted is
+/// read through the new link at the next reload.
+#[tokio::test]
+async fn a_reload_follows_a_swapped_config_symlink() {
+    let c = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let release = |n: u32, text: &str| {
+        let d = dir.path().join(format!("release{n}"));
+        std::fs::create_dir(&d).unwrap();
+        write(&d.join("proxy.toml"), text);
+        d
+    };
+    let base = ops_config(c);
+    let first = release(1, &base);
+    let current = dir.path().join("current");
+    std::os::unix::fs::symlink(&first, &current).unwrap();
+    let proxy = start_proxy_from_file(&current.join("proxy.toml")).await;
+    let admin = console(proxy.port()).await;
+    let weighted = base.replacen(
+        &format!("port = {}\n", c.replicas[1]),
+        &format!("port = {}\n        weight = 2\n", c.replicas[1]),
+        1,
+    );
+    let second = release(2, &weighted);
+    let swap = dir.path().join("current.new");
+    std::os::unix::fs::symlink(&second, &swap).unwrap();
+    std::fs::rename(&swap, &current).unwrap();
+    std::fs::remove_dir_all(&first).unwrap();
+    admin
+        .simple_query("RELOAD")
+        .await
+        .expect("RELOAD reads the file through the new link");
+    let backends = rows(&admin, "SHOW BACKENDS").await;
+    assert_eq!(backends[2]["weight"], "2", "{backends:?}");
+}
+
 #[tokio::test]
 async fn a_reload_that_rotates_the_admin_password_closes_old_consoles() {
     let c = cluster();

@@ -322,7 +322,10 @@ pub async fn start_proxy_with(toml: &str) -> Proxy {
 pub async fn start_proxy_from_file(path: &Path) -> Proxy {
     let config = Config::load(path).expect("valid test config file");
     let shared = Shared::new(Runtime::new(config).expect("runtime"));
-    shared.config_path.set(path.to_owned()).unwrap();
+    shared
+        .config_path
+        .set(pgsplit::reload::config_path(path))
+        .unwrap();
     run_proxy(shared).await
 }
 
