@@ -68,17 +68,24 @@ impl ServerTlsPolicy {
         }
     }
 
-    /// `verify-full` needs `ca` (the PEM roots the servers' certificates chain to);
-    /// `prefer` and `require` encrypt without checking the certificate, as libpq does.
+    /// `verify-ca` and `verify-full` need `ca` (the PEM roots the servers' certificates
+    /// chain to); `prefer` and `require` encrypt without checking the certificate, as libpq
+    /// does, except that `require` with a `ca` checks the chain (libpq's `require` with a
+    /// root certificate file is `verify-ca`).
     pub fn new(mode: ServerTls, ca: Option<&Path>) -> Result<ServerTlsPolicy, String> {
         let builder = rustls::ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?;
         let mut trusted = Vec::new();
+        let mode = match (mode, ca) {
+            (ServerTls::Require, Some(_)) => ServerTls::VerifyCa,
+            _ => mode,
+        };
         let config = match mode {
             ServerTls::Disable => return Ok(ServerTlsPolicy::disabled()),
-            ServerTls::VerifyFull => {
-                let ca = ca.ok_or("server_tls = \"verify-full\" needs server_tls_ca")?;
+            ServerTls::VerifyCa | ServerTls::VerifyFull => {
+                let ca =
+                    ca.ok_or("server_tls = \"verify-ca\" / \"verify-full\" need server_tls_ca")?;
                 let mut roots = rustls::RootCertStore::empty();
                 let certs = CertificateDer::pem_file_iter(ca)
                     .and_then(|i| i.collect::<Result<Vec<_>, _>>())
@@ -95,11 +102,30 @@ impl ServerTlsPolicy {
                         ca.display()
                     ));
                 }
-                builder.with_root_certificates(roots).with_no_client_auth()
+                if mode == ServerTls::VerifyFull {
+                    builder.with_root_certificates(roots).with_no_client_auth()
+                } else {
+                    let chain = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                        Arc::new(roots),
+                        provider(),
+                    )
+                    .build()
+                    .map_err(|e| format!("proxy.server_tls_ca {}: {e}", ca.display()))?;
+                    builder
+                        .dangerous()
+                        .with_custom_certificate_verifier(Arc::new(WithoutName {
+                            provider: provider(),
+                            chain: Some(chain),
+                        }))
+                        .with_no_client_auth()
+                }
             }
             ServerTls::Prefer | ServerTls::Require => builder
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider())))
+                .with_custom_certificate_verifier(Arc::new(WithoutName {
+                    provider: provider(),
+                    chain: None,
+                }))
                 .with_no_client_auth(),
         };
         Ok(ServerTlsPolicy {
@@ -122,20 +148,36 @@ impl ServerTlsPolicy {
     }
 }
 
-/// `sslmode=require` semantics: encryption against passive eavesdroppers, no identity check.
+/// The certificate check of `require` (`chain` None: encryption against passive
+/// eavesdroppers, no identity check) and of `verify-ca` (the certificate must chain to the
+/// trusted roots, whatever host name it holds: servers reached by an address their
+/// certificate does not name).
 #[derive(Debug)]
-struct AnyCertificate(Arc<CryptoProvider>);
+struct WithoutName {
+    provider: Arc<CryptoProvider>,
+    chain: Option<Arc<rustls::client::WebPkiServerVerifier>>,
+}
 
-impl ServerCertVerifier for AnyCertificate {
+impl ServerCertVerifier for WithoutName {
     fn verify_server_cert(
         &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
+        let Some(chain) = &self.chain else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        // The chain is checked before the name: a name mismatch means the chain held.
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForName
+                | rustls::CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
     }
 
     fn verify_tls12_signature(
@@ -148,7 +190,7 @@ impl ServerCertVerifier for AnyCertificate {
             message,
             cert,
             dss,
-            &self.0.signature_verification_algorithms,
+            &self.provider.signature_verification_algorithms,
         )
     }
 
@@ -162,12 +204,14 @@ impl ServerCertVerifier for AnyCertificate {
             message,
             cert,
             dss,
-            &self.0.signature_verification_algorithms,
+            &self.provider.signature_verification_algorithms,
         )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -352,5 +396,72 @@ impl Reader {
             Poll::Ready(Err(e)) => Err(e),
             Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tls");
+
+    fn pem(name: &str) -> Vec<CertificateDer<'static>> {
+        CertificateDer::pem_file_iter(format!("{FIXTURES}/{name}"))
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap()
+    }
+
+    fn webpki(ca: &str) -> Arc<rustls::client::WebPkiServerVerifier> {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in pem(ca) {
+            roots.add(c).unwrap();
+        }
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .unwrap()
+    }
+
+    /// db-internal.crt is signed by ca.crt and names only db.internal.example.
+    fn check(verifier: &dyn ServerCertVerifier, host: &str) -> Result<(), rustls::Error> {
+        let cert = pem("db-internal.crt").remove(0);
+        let name = ServerName::try_from(host.to_owned()).unwrap();
+        // Within the fixtures' ten years (2026-11-30 to 2036-11-27).
+        let now = UnixTime::since_unix_epoch(std::time::Duration::from_secs(1_830_000_000));
+        verifier
+            .verify_server_cert(&cert, &[], &name, &[], now)
+            .map(|_| ())
+    }
+
+    #[test]
+    fn verify_ca_checks_the_chain_but_not_the_name() {
+        let full = webpki("ca.crt");
+        assert!(check(full.as_ref(), "db.internal.example").is_ok());
+        assert!(
+            check(full.as_ref(), "127.0.0.1").is_err(),
+            "verify-full checks the name"
+        );
+        let chain_only = |ca| WithoutName {
+            provider: provider(),
+            chain: Some(webpki(ca)),
+        };
+        assert!(check(&chain_only("ca.crt"), "127.0.0.1").is_ok());
+        let untrusted = chain_only("other-ca.crt");
+        assert!(matches!(
+            check(&untrusted, "db.internal.example"),
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::UnknownIssuer
+            ))
+        ));
+    }
+
+    #[test]
+    fn require_with_a_ca_is_verify_ca() {
+        let ca = Path::new(FIXTURES).join("ca.crt");
+        let policy = ServerTlsPolicy::new(ServerTls::Require, Some(&ca)).unwrap();
+        assert_eq!(policy.mode, ServerTls::VerifyCa);
+        assert!(!policy.roots.is_empty());
+        let policy = ServerTlsPolicy::new(ServerTls::Require, None).unwrap();
+        assert_eq!(policy.mode, ServerTls::Require);
     }
 }

@@ -65,8 +65,11 @@ pub enum ServerTls {
     Disable,
     /// TLS when the server offers it, else plain; the certificate is not checked.
     Prefer,
-    /// TLS or no connection; the certificate is not checked.
+    /// TLS or no connection; the certificate is not checked, unless `server_tls_ca` is set:
+    /// then, as libpq's `require` with a root certificate file, it is `VerifyCa`.
     Require,
+    /// TLS, the certificate chained to `server_tls_ca`, whatever host it names.
+    VerifyCa,
     /// TLS, the certificate chained to `server_tls_ca` and naming the configured host.
     VerifyFull,
 }
@@ -584,8 +587,19 @@ impl Config {
         if self.proxy.tls_required && self.proxy.tls_cert.is_none() {
             errors.push("proxy.tls_required needs tls_cert and tls_key".to_owned());
         }
-        if self.proxy.server_tls == ServerTls::VerifyFull && self.proxy.server_tls_ca.is_none() {
-            errors.push("proxy.server_tls = \"verify-full\" needs server_tls_ca".to_owned());
+        match (self.proxy.server_tls, &self.proxy.server_tls_ca) {
+            (ServerTls::VerifyFull, None) => {
+                errors.push("proxy.server_tls = \"verify-full\" needs server_tls_ca".to_owned())
+            }
+            (ServerTls::VerifyCa, None) => {
+                errors.push("proxy.server_tls = \"verify-ca\" needs server_tls_ca".to_owned())
+            }
+            // A CA that nothing checks would let an operator believe the servers are verified.
+            (ServerTls::Disable | ServerTls::Prefer, Some(_)) => errors.push(
+                "proxy.server_tls_ca is used with server_tls = \"require\", \"verify-ca\" or \"verify-full\" only"
+                    .to_owned(),
+            ),
+            _ => {}
         }
         if self.proxy.max_message_bytes < 1024 {
             errors.push("proxy.max_message_bytes must be at least 1024".to_owned());
@@ -925,6 +939,13 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("needs server_tls_ca"), "{err}");
+        let unused =
+            format!("[proxy]\nserver_tls = \"prefer\"\nserver_tls_ca = \"ca.crt\"\n{MINIMAL}");
+        let err = Config::from_toml(&unused).unwrap_err().to_string();
+        assert!(err.contains("server_tls_ca is used with"), "{err}");
+        let chain = format!("[proxy]\nserver_tls = \"verify-ca\"\n{MINIMAL}");
+        let err = Config::from_toml(&chain).unwrap_err().to_string();
+        assert!(err.contains("\"verify-ca\" needs server_tls_ca"), "{err}");
         let ok = format!("[proxy]\nserver_tls = \"disable\"\n{MINIMAL}");
         assert_eq!(
             Config::from_toml(&ok).unwrap().proxy.server_tls,

@@ -129,6 +129,12 @@ async fn server_tls_modes_reach_postgres_as_configured() {
     assert_eq!(server_side_tls(&verified).await, vec![true; 3]);
     let required = start_proxy_with(&with_tls_lines(c, "server_tls = \"require\"")).await;
     assert_eq!(server_side_tls(&required).await, vec![true; 3]);
+    let chained = start_proxy_with(&with_tls_lines(
+        c,
+        &format!("server_tls = \"verify-ca\"\nserver_tls_ca = \"{ca}\""),
+    ))
+    .await;
+    assert_eq!(server_side_tls(&chained).await, vec![true; 3]);
     let plain = start_proxy_with(&with_tls_lines(c, "server_tls = \"disable\"")).await;
     assert_eq!(server_side_tls(&plain).await, vec![false; 3]);
 
@@ -139,21 +145,24 @@ async fn server_tls_modes_reach_postgres_as_configured() {
         .status()
         .unwrap();
     assert!(status.success());
-    let wrong = start_proxy_with(&with_tls_lines(
-        c,
-        &format!(
-            "server_tls = \"verify-full\"\nserver_tls_ca = \"{}\"",
-            other.path().join("ca.crt").display()
-        ),
-    ))
-    .await;
-    let e = try_connect(&wrong.conn_str("app", "app_pw"))
-        .await
-        .expect_err("an unverifiable server is refused");
-    assert!(
-        format!("{e:?}").to_lowercase().contains("certificate"),
-        "the error names the certificate problem: {e:?}"
-    );
+    // `require` with a CA checks the chain too, as libpq's does (it is verify-ca).
+    for mode in ["verify-full", "verify-ca", "require"] {
+        let wrong = start_proxy_with(&with_tls_lines(
+            c,
+            &format!(
+                "server_tls = \"{mode}\"\nserver_tls_ca = \"{}\"",
+                other.path().join("ca.crt").display()
+            ),
+        ))
+        .await;
+        let e = try_connect(&wrong.conn_str("app", "app_pw"))
+            .await
+            .expect_err("an unverifiable server is refused");
+        assert!(
+            format!("{e:?}").to_lowercase().contains("certificate"),
+            "{mode}: the error names the certificate problem: {e:?}"
+        );
+    }
 }
 
 #[test]
