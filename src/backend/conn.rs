@@ -87,6 +87,11 @@ pub struct ServerConn {
     pub settings: HashMap<String, String>,
     /// The session-settings generation `settings` was last brought to.
     pub settings_generation: Option<u64>,
+    /// Since its last request that ended outside a transaction, something ran here that
+    /// may have changed a setting PostgreSQL parses statements under (see
+    /// `router::PARSE_SETTINGS`): a named statement prepared meanwhile may be parsed unlike
+    /// the name the session gave it says.
+    pub parse_settings_changed: bool,
     /// When a pool retires this connection (`max_lifetime` after it opened); None: never
     /// (a session's own connection).
     pub expires: Option<Instant>,
@@ -146,6 +151,7 @@ impl ServerConn {
             unnamed: None,
             settings: HashMap::new(),
             settings_generation: None,
+            parse_settings_changed: false,
             expires: None,
         });
         conn.startup(params, max_message).await?;

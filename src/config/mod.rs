@@ -612,11 +612,20 @@ impl Config {
                 errors.push(format!("backend {} has port 0", b.display_name()));
             }
         }
-        let mut names = std::collections::HashSet::new();
-        for b in std::iter::once(&self.primary).chain(&self.replicas) {
-            // BAN, SHOW BACKENDS and the metrics' labels tell servers apart by name.
-            if !names.insert(b.display_name()) {
-                errors.push(format!("two backends are named {}", b.display_name()));
+        // BAN, SHOW BACKENDS and the metrics' labels tell servers apart by name: a name
+        // given must be no other server's name or address. (Two unnamed entries of one
+        // address are left alone: a misconfiguration the health checks report.)
+        let backends: Vec<&BackendConfig> = std::iter::once(&self.primary)
+            .chain(&self.replicas)
+            .collect();
+        for (i, b) in backends.iter().enumerate() {
+            if let Some(name) = &b.name
+                && backends
+                    .iter()
+                    .enumerate()
+                    .any(|(j, o)| j != i && (o.display_name() == *name || o.address() == *name))
+            {
+                errors.push(format!("two backends are named {name}"));
             }
         }
         if self.primary.weight != default_weight() {

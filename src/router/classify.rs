@@ -42,6 +42,27 @@ const TX_SCOPED_GUCS: [&str; 3] = [
     "transaction_deferrable",
 ];
 
+/// Settings PostgreSQL applies when it parses a statement's text: the input of date, time,
+/// interval and money literals, string escapes, `= NULL`, array literals, the encoding of
+/// the text itself. A prepared statement keeps what they were at its Parse, so statements
+/// prepared under different values are different statements.
+pub const PARSE_SETTINGS: [&str; 9] = [
+    "timezone",
+    "datestyle",
+    "intervalstyle",
+    "client_encoding",
+    "standard_conforming_strings",
+    "transform_null_equals",
+    "array_nulls",
+    "lc_monetary",
+    "backslash_quote",
+];
+
+/// Whether the (lower-case) setting `name` changes how statements are parsed.
+pub fn affects_parsing(name: &str) -> bool {
+    PARSE_SETTINGS.contains(&name)
+}
+
 /// Settings whose value tells a client which node answered (libpq `target_session_attrs`,
 /// JDBC `targetServerType`): the proxy must answer them as the writable primary.
 const PROBE_GUCS: [&str; 3] = [
@@ -111,6 +132,7 @@ pub fn classify_with(sql: &str, extra_primary_functions: &[String]) -> Classific
             statement_count: 0,
             parsed: true,
             tx_effect: TxEffect::Neutral,
+            local_parse_setting: false,
             ..Classification::unknown()
         },
     };
@@ -628,6 +650,7 @@ impl Ctx<'_> {
                 let name = guc_name(variable);
                 if *scope == Some(ContextModifier::Local) || TX_SCOPED_GUCS.contains(&&*name) {
                     self.out.local_search_path |= name == "search_path";
+                    self.out.local_parse_setting |= affects_parsing(&name);
                     return;
                 }
                 // sqlparser reads MySQL's `SET a = 1, b = 2` as one value list.
@@ -679,10 +702,13 @@ impl Ctx<'_> {
                 return;
             }
             // SET LOCAL ... and SET TRANSACTION ...: gone at the end of the transaction.
-            Set::SetTimeZone { .. }
-            | Set::SetRole { .. }
-            | Set::SetSessionAuthorization(_)
-            | Set::SetTransaction { .. } => return,
+            Set::SetTimeZone { .. } => {
+                self.out.local_parse_setting = true;
+                return;
+            }
+            Set::SetRole { .. } | Set::SetSessionAuthorization(_) | Set::SetTransaction { .. } => {
+                return;
+            }
             // Not PostgreSQL syntax: we cannot know what it would replay.
             _ => return self.pin(),
         };
@@ -754,6 +780,8 @@ impl Ctx<'_> {
         let head = &f.head;
         let kw = |i: usize, k: &str| head.get(i).is_some_and(|t| is_word(t, k));
         if kw(1, "LOCAL") || kw(1, "TRANSACTION") {
+            // Which setting it is, sqlparser could not say: it may be one parsing reads.
+            self.out.local_parse_setting |= kw(1, "LOCAL");
             return;
         }
         let i = if kw(1, "SESSION") { 2 } else { 1 };
@@ -838,6 +866,7 @@ impl Ctx<'_> {
         self.out.by_literal |= w.by_literal;
         self.out.pins_for_good |= w.pins_for_good;
         self.out.local_search_path |= w.local_search_path;
+        self.out.local_parse_setting |= w.local_parse_setting;
         w.needs_primary
     }
 }
@@ -955,9 +984,14 @@ enum FnKind {
     SetConfig(String),
     /// Primary, and writes something no table list captures.
     Write,
-    /// `set_config('search_path', …, true)`, or of a name not given as a literal: primary,
-    /// and the transaction's `search_path` may differ from the session's.
+    /// `set_config('search_path', …, true)`: primary, and the transaction's `search_path`
+    /// may differ from the session's.
     LocalSearchPath,
+    /// `set_config(…, true)` of a name not given as a literal: both of the others.
+    LocalAnySetting,
+    /// `set_config(name, …, true)` of one of [`PARSE_SETTINGS`]: primary, and what the
+    /// transaction parses may differ from the session's statements of the same text.
+    LocalParseSetting,
 }
 
 /// Session-level advisory locks and dblink connections outlive the statement.
@@ -1047,10 +1081,14 @@ fn primary_kind(name: &str, args: &[FunctionArg]) -> Option<FnKind> {
     match name {
         // set_config(name, value, is_local => true) is SET LOCAL: it dies with the transaction.
         "set_config" if arg(2) == Some(&Value::Boolean(true)) => match arg(0) {
+            Some(Value::SingleQuotedString(n)) if affects_parsing(&n.to_ascii_lowercase()) => {
+                Some(FnKind::LocalParseSetting)
+            }
             Some(Value::SingleQuotedString(n)) if !n.eq_ignore_ascii_case("search_path") => {
                 Some(FnKind::Primary)
             }
-            _ => Some(FnKind::LocalSearchPath),
+            Some(Value::SingleQuotedString(_)) => Some(FnKind::LocalSearchPath),
+            _ => Some(FnKind::LocalAnySetting),
         },
         "set_config" => match arg(0) {
             Some(Value::SingleQuotedString(n)) => Some(FnKind::SetConfig(n.to_ascii_lowercase())),
@@ -1367,6 +1405,7 @@ struct Walk<'a> {
     by_literal: bool,
     pins_for_good: bool,
     local_search_path: bool,
+    local_parse_setting: bool,
 }
 
 impl Walk<'_> {
@@ -1411,6 +1450,11 @@ impl Walk<'_> {
                 FnKind::SetConfig(name) => push_unique(&mut self.read_back, name),
                 FnKind::Write => self.writes_unknown = true,
                 FnKind::LocalSearchPath => self.local_search_path = true,
+                FnKind::LocalParseSetting => self.local_parse_setting = true,
+                FnKind::LocalAnySetting => {
+                    self.local_search_path = true;
+                    self.local_parse_setting = true;
+                }
             }
             return;
         }

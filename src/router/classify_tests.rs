@@ -659,6 +659,32 @@ fn set_replay_text() {
     }
 }
 
+/// A prepared statement keeps the parse settings of its Parse: one the transaction changes
+/// for itself makes what it prepares differ from the session's statements of that text.
+#[test]
+fn a_parse_setting_for_the_transaction_only_is_flagged() {
+    for (sql, local) in [
+        ("SET LOCAL TIME ZONE 'America/New_York'", true),
+        ("SET LOCAL timezone = 'UTC'", true),
+        ("SET LOCAL DateStyle TO 'ISO, DMY'", true),
+        ("SELECT set_config('TimeZone', 'UTC', true)", true),
+        ("SELECT set_config('intervalstyle', 'iso_8601', true)", true),
+        // A name not given as a literal may be any setting.
+        ("SELECT set_config($1, $2, true)", true),
+        ("SET LOCAL search_path = tenant_7", false),
+        ("SET LOCAL statement_timeout = 5", false),
+        ("SELECT set_config('work_mem', '64MB', true)", false),
+        ("SELECT set_config('search_path', 'x', true)", false),
+        // For the session: recorded, and the session's statements renamed with it.
+        ("SET TIME ZONE 'UTC'", false),
+        ("SELECT now()", false),
+        // Unreadable text may set anything.
+        ("SET LOCAL U&\"d\\0061testyle\" = 'ISO'", true),
+    ] {
+        assert_eq!(classify(sql).local_parse_setting, local, "{sql}");
+    }
+}
+
 #[test]
 fn a_search_path_for_the_transaction_only_is_flagged() {
     for (sql, local) in [
@@ -710,7 +736,13 @@ fn known_stable_list_is_sorted() {
 fn deep_and_long_input_does_not_overflow() {
     let run = || {
         let parens = format!("SELECT {}1{}", "(".repeat(100_000), ")".repeat(100_000));
-        assert_eq!(classify(&parens), Classification::unknown());
+        assert_eq!(
+            classify(&parens),
+            Classification {
+                local_parse_setting: false,
+                ..Classification::unknown()
+            }
+        );
         assert!(!classify(&"(".repeat(50_000)).parsed);
         assert!(!classify(&format!("SELECT {}1", "- ".repeat(50_000))).parsed);
         assert!(!classify(&format!("SELECT {}1", "ARRAY[".repeat(5_000))).parsed);

@@ -11,7 +11,9 @@ mod fingerprint;
 mod route;
 
 pub use cache::ClassifyCache;
-pub use classify::{classify, classify_with, keeps_on, names_a_moment};
+pub use classify::{
+    PARSE_SETTINGS, affects_parsing, classify, classify_with, keeps_on, names_a_moment,
+};
 pub use route::{Route, SessionFacts, route};
 
 /// Where a statement may run, judged from its text alone.
@@ -108,6 +110,11 @@ pub struct Classification {
     /// `set_config(…, true)`): names the transaction wrote may not resolve after its COMMIT
     /// as they did inside it.
     pub local_search_path: bool,
+    /// It may change, for the rest of its transaction only, a setting PostgreSQL reads when
+    /// it parses a statement ([`PARSE_SETTINGS`]; `SET LOCAL TIME ZONE`, `set_config(…,
+    /// true)`): what the transaction prepares then is parsed unlike the session's other
+    /// statements of the same text. Set for texts the classifier could not read.
+    pub local_parse_setting: bool,
 }
 
 impl Classification {
@@ -130,6 +137,7 @@ impl Classification {
             parsed: false,
             by_literal: false,
             local_search_path: false,
+            local_parse_setting: true,
         }
     }
 

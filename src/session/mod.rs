@@ -408,6 +408,9 @@ impl Session {
         };
         session.pinned = session.replicas_unfit();
         session
+            .statements
+            .set_context(session.settings.parse_context());
+        session
     }
 
     /// Finish the login: a primary connection is used first, so a bad database or role
@@ -1082,6 +1085,13 @@ impl Session {
         rolled_back: bool,
         set_config_unread: bool,
     ) {
+        if self.tx == TxStatus::Idle
+            && let Some(c) = self.conns[conn.0 as usize].as_mut()
+        {
+            // Out of the transaction: its local settings are gone, and the session's own
+            // are recorded below.
+            c.parse_settings_changed = false;
+        }
         if failed || rolled_back {
             // An error aborts the implicit transaction or the whole block, and a ROLLBACK
             // ends the block: SETs in them are undone by the server too. A failed block's
@@ -1148,6 +1158,7 @@ impl Session {
                 c.unnamed = None;
             }
         }
+        self.statements.set_context(self.settings.parse_context());
         if !self.pinned && self.replicas_unfit() {
             debug!("session pinned to the primary: a setting replicas cannot serve");
             self.pinned = true;

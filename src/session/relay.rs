@@ -27,7 +27,7 @@ use crate::protocol::{
     self, BindNames, ErrorFields, Frame, Severity, TxStatus, decode_command_tag, needs_whole_frame,
     rewrite_bind_into, tag,
 };
-use crate::router::SessionOp;
+use crate::router::{Classification, SessionOp, affects_parsing};
 
 /// How much of the server's answer is taken in while a request is still being written to
 /// it, before that answer is passed on to the client and the writing goes on.
@@ -493,6 +493,7 @@ impl Session {
                 });
                 fl.ops.extend(class.session_ops.iter().cloned());
                 fl.read_back.extend(class.read_back.iter().cloned());
+                fl.conn.parse_settings_changed |= changes_parsing(class);
             }
             Item::Forwarded(frame) => {
                 frame.encode_into(out);
@@ -523,6 +524,7 @@ impl Session {
                         }
                         fl.ops.extend(s.class.session_ops.iter().cloned());
                         fl.read_back.extend(s.class.read_back.iter().cloned());
+                        fl.conn.parse_settings_changed |= changes_parsing(&s.class);
                     }
                     None => {
                         if BindNames::decode(&frame.body).is_ok_and(|n| n.statement.is_empty()) {
@@ -609,6 +611,10 @@ impl Session {
         forward: bool,
         register: Option<String>,
     ) {
+        if !stmt.server_name.is_empty() && fl.conn.parse_settings_changed {
+            // Parsed under settings its name does not say: no other session may find it.
+            self.tainted[fl.id.0 as usize] = true;
+        }
         if !stmt.server_name.is_empty()
             && let Some(victim) = fl.conn.prepared.insert(&stmt.server_name)
         {
@@ -1339,6 +1345,18 @@ impl HoldTick {
         // A reset timer may have let go of the waker.
         self.armed = false;
     }
+}
+
+/// Whether `class` may change a setting PostgreSQL parses statements under, for the
+/// session or for its transaction.
+fn changes_parsing(class: &Classification) -> bool {
+    class.local_parse_setting
+        || class.read_back.iter().any(|n| affects_parsing(n))
+        || class.session_ops.iter().any(|op| match op {
+            SessionOp::Set { name, .. } | SessionOp::Reset { name } => affects_parsing(name),
+            SessionOp::ResetAll | SessionOp::DiscardAll => true,
+            SessionOp::Deallocate { .. } | SessionOp::DeallocateAll => false,
+        })
 }
 
 #[cfg(test)]

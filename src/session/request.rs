@@ -327,7 +327,7 @@ fn decode_extended(
         tag::PARSE => match ParseMsg::decode(&frame.body) {
             Ok(parse) => {
                 let class = classify.get(&parse.sql);
-                let stmt = Arc::new(Statement::new(parse, class));
+                let stmt = Arc::new(Statement::new(parse, class, session.context()));
                 local.insert(stmt.parse.name.clone(), stmt.clone());
                 Item::Parse(stmt)
             }

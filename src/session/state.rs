@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 
 use crate::protocol::ParseMsg;
-use crate::router::{Classification, SessionOp};
+use crate::router::{Classification, PARSE_SETTINGS, SessionOp};
 
 /// A statement the client prepared with the extended protocol.
 #[derive(Debug)]
@@ -17,7 +17,7 @@ pub struct Statement {
     pub parse: ParseMsg,
     pub class: Arc<Classification>,
     /// What a server connection's copy of this statement is recognised by. Named: a stable
-    /// hash of SQL text and declared parameter types. Unnamed: a number unique in this
+    /// hash of SQL text, declared parameter types and the parse context. Unnamed: a number unique in this
     /// process, since clients parse the unnamed statement again before nearly every use;
     /// hashing its text each time cost more than the rare re-Parse the hash could spare.
     pub identity: u64,
@@ -27,13 +27,16 @@ pub struct Statement {
     /// Bumped past a server statement of this SQL that a server called outdated (see
     /// [`outdate_shared_statement`]); part of `server_name` when not 0.
     pub generation: u32,
+    /// The session's parse settings when it was named ([`Settings::parse_context`]): the
+    /// server parses it under them, so only sessions with the same ones may share it.
+    pub context: u64,
 }
 
 /// Source of unnamed statements' identities.
 static UNNAMED_STATEMENTS: AtomicU64 = AtomicU64::new(1);
 
 impl Statement {
-    pub fn new(parse: ParseMsg, class: Arc<Classification>) -> Statement {
+    pub fn new(parse: ParseMsg, class: Arc<Classification>, context: u64) -> Statement {
         if parse.name.is_empty() {
             return Statement {
                 parse,
@@ -41,12 +44,17 @@ impl Statement {
                 identity: UNNAMED_STATEMENTS.fetch_add(1, Ordering::Relaxed),
                 server_name: String::new(),
                 generation: 0,
+                context,
             };
         }
         // DefaultHasher::new() uses fixed keys: the same text hashes alike in every process.
         let mut h = std::hash::DefaultHasher::new();
         parse.sql_raw.hash(&mut h);
         parse.param_types.hash(&mut h);
+        if context != 0 {
+            // Not hashed for the login's defaults: names stay those of earlier versions.
+            context.hash(&mut h);
+        }
         let identity = h.finish();
         let generation = current_generation(identity);
         let server_name = match generation {
@@ -59,6 +67,7 @@ impl Statement {
             identity,
             server_name,
             generation,
+            context,
         }
     }
 
@@ -71,6 +80,7 @@ impl Statement {
             identity: self.identity,
             server_name: self.server_name.clone(),
             generation: self.generation,
+            context: self.context,
         }
     }
 
@@ -127,6 +137,9 @@ pub struct Statements {
     /// In one batch's statements: names it closed, which no longer fall back to the
     /// session's (a Bind behind the Close must fail, as on the server). Empty otherwise.
     closed: Vec<String>,
+    /// The session's parse settings ([`Settings::parse_context`]) its named statements are
+    /// named under.
+    context: u64,
 }
 
 impl Statements {
@@ -150,6 +163,29 @@ impl Statements {
             self.unnamed = Some(stmt);
         } else {
             self.named.insert(name, stmt);
+        }
+    }
+
+    /// The parse settings new statements are named under.
+    pub fn context(&self) -> u64 {
+        self.context
+    }
+
+    /// The session's parse settings are `context` (after a change, or after a request that
+    /// registered statements named before one): its named statements get the names of
+    /// those settings. A server copy of a statement is parsed under the settings the
+    /// connection has when it is prepared there, which are the session's now; under the
+    /// old name, another session with the old settings would run it.
+    pub fn set_context(&mut self, context: u64) {
+        self.context = context;
+        for stmt in self.named.values_mut() {
+            if stmt.context != context {
+                *stmt = Arc::new(Statement::new(
+                    stmt.parse.clone(),
+                    stmt.class.clone(),
+                    context,
+                ));
+            }
         }
     }
 
@@ -289,6 +325,20 @@ impl Settings {
             .any(|(name, sql)| {
                 set_config_value(sql).is_some_and(|value| replicas_unfit(name, &value))
             })
+    }
+
+    /// A digest of the [`PARSE_SETTINGS`] in force, 0 when none is set (the login's
+    /// defaults): statements are shared among sessions with the same one.
+    pub fn parse_context(&self) -> u64 {
+        let mut h: Option<std::hash::DefaultHasher> = None;
+        for name in PARSE_SETTINGS {
+            if let Some(sql) = self.in_force(name) {
+                let h = h.get_or_insert_with(std::hash::DefaultHasher::new);
+                name.hash(h);
+                sql.hash(h);
+            }
+        }
+        h.map_or(0, |h| h.finish().max(1))
     }
 
     /// The SQL of `name`'s value in force: SET, or the startup packet's.
@@ -813,39 +863,93 @@ mod tests {
     #[test]
     fn statements_share_server_names_by_text() {
         let c = Arc::new(Classification::unknown());
-        let a = Statement::new(parse_msg("a", "select 1"), c.clone());
-        let b = Statement::new(parse_msg("b", "select 1"), c.clone());
-        let d = Statement::new(parse_msg("a", "select 2"), c.clone());
+        let a = Statement::new(parse_msg("a", "select 1"), c.clone(), 0);
+        let b = Statement::new(parse_msg("b", "select 1"), c.clone(), 0);
+        let d = Statement::new(parse_msg("a", "select 2"), c.clone(), 0);
         assert_eq!(a.server_name, b.server_name);
         assert_ne!(a.server_name, d.server_name);
-        let e = Statement::new(parse_msg("", "select 1"), c.clone());
-        let f = Statement::new(parse_msg("", "select 1"), c);
+        let e = Statement::new(parse_msg("", "select 1"), c.clone(), 0);
+        let f = Statement::new(parse_msg("", "select 1"), c, 0);
         assert_eq!(e.server_name, "");
         assert_ne!(e.identity, f.identity);
+    }
+
+    /// PostgreSQL reads dates, times and escapes in a statement's text with the settings
+    /// of its Parse, and keeps the result: only sessions with the same such settings may
+    /// share a server statement.
+    #[test]
+    fn statements_are_shared_only_under_the_same_parse_settings() {
+        let mut utc =
+            Settings::with_baseline(startup_settings(&[("TimeZone".into(), "UTC".into())]));
+        let plain = Settings::default();
+        assert_eq!(plain.parse_context(), 0);
+        let mut other = Settings::default();
+        other.apply(&[set("work_mem", "SET work_mem = '64MB'")]);
+        assert_eq!(other.parse_context(), 0, "work_mem does not change parsing");
+        assert_ne!(utc.parse_context(), 0);
+        let ny = {
+            let mut s = Settings::default();
+            s.apply(&[set("timezone", "SET TIME ZONE 'America/New_York'")]);
+            s
+        };
+        assert_ne!(ny.parse_context(), utc.parse_context());
+
+        let c = Arc::new(Classification::unknown());
+        let sql = "select '2023-01-01 00:00'::timestamptz";
+        let named = |ctx| Statement::new(parse_msg("s", sql), c.clone(), ctx).server_name;
+        // The login's defaults keep the names pgsplit always gave.
+        assert_eq!(
+            named(0),
+            Statement::new(parse_msg("s", sql), c.clone(), 0).server_name
+        );
+        assert_ne!(named(utc.parse_context()), named(0));
+        assert_ne!(named(utc.parse_context()), named(ny.parse_context()));
+
+        // A session whose parse settings change renames its statements.
+        let mut statements = Statements::default();
+        statements.set_context(utc.parse_context());
+        let before = Arc::new(Statement::new(
+            parse_msg("s", sql),
+            c.clone(),
+            statements.context(),
+        ));
+        statements.insert("s".into(), before.clone());
+        utc.apply(&[set("datestyle", "SET DateStyle = 'ISO, DMY'")]);
+        statements.set_context(utc.parse_context());
+        let after = statements.get("s").unwrap();
+        assert_ne!(after.server_name, before.server_name);
+        assert_eq!(after.server_name, named(utc.parse_context()));
+        assert_eq!(after.parse.sql, before.parse.sql);
     }
 
     #[test]
     fn an_outdated_server_statement_is_left_to_old_handles() {
         let c = Arc::new(Classification::unknown());
         let sql = "select 'outdated statement test'";
-        let old = Statement::new(parse_msg("a", sql), c.clone());
+        let old = Statement::new(parse_msg("a", sql), c.clone(), 0);
         assert_eq!(old.generation, 0);
         outdate_shared_statement(old.shared_key().unwrap());
-        let new = Statement::new(parse_msg("b", sql), c.clone());
+        let new = Statement::new(parse_msg("b", sql), c.clone(), 0);
         assert_eq!(new.identity, old.identity);
         assert_eq!(new.generation, 1);
         assert_ne!(new.server_name, old.server_name);
         // A late error from an old handle does not move the generation back or on.
         outdate_shared_statement(old.shared_key().unwrap());
-        assert_eq!(Statement::new(parse_msg("c", sql), c.clone()).generation, 1);
+        assert_eq!(
+            Statement::new(parse_msg("c", sql), c.clone(), 0).generation,
+            1
+        );
         outdate_shared_statement(new.shared_key().unwrap());
-        assert_eq!(Statement::new(parse_msg("c", sql), c.clone()).generation, 2);
+        assert_eq!(
+            Statement::new(parse_msg("c", sql), c.clone(), 0).generation,
+            2
+        );
         // Other texts and the unnamed statement are untouched.
         assert_eq!(
-            Statement::new(parse_msg("d", "select 3"), c.clone()).generation,
+            Statement::new(parse_msg("d", "select 3"), c.clone(), 0).generation,
             0
         );
-        assert_eq!(Statement::new(parse_msg("", sql), c).shared_key(), None);
+        assert_eq!(Statement::new(parse_msg("", sql), c, 0).shared_key(), None);
     }
 
     #[test]
@@ -854,11 +958,11 @@ mod tests {
         let mut all = Statements::default();
         all.insert(
             String::new(),
-            Arc::new(Statement::new(parse_msg("", "select 1"), c.clone())),
+            Arc::new(Statement::new(parse_msg("", "select 1"), c.clone(), 0)),
         );
         all.insert(
             "s1".into(),
-            Arc::new(Statement::new(parse_msg("s1", "select 2"), c.clone())),
+            Arc::new(Statement::new(parse_msg("s1", "select 2"), c.clone(), 0)),
         );
         assert_eq!(all.get("").map(|s| s.parse.sql.as_str()), Some("select 1"));
         assert_eq!(
@@ -867,7 +971,7 @@ mod tests {
         );
         all.insert(
             String::new(),
-            Arc::new(Statement::new(parse_msg("", "select 3"), c)),
+            Arc::new(Statement::new(parse_msg("", "select 3"), c, 0)),
         );
         assert_eq!(all.get("").map(|s| s.parse.sql.as_str()), Some("select 3"));
         assert!(all.remove("").is_some());

@@ -606,3 +606,52 @@ async fn settings_made_under_a_role_replay_under_it() {
     assert_eq!(primary_setting(&b, "log_statement").await, "all");
     assert_eq!(primary_setting(&b, "role").await, "app");
 }
+
+/// A prepared statement's literals are read with the TimeZone and DateStyle of its Parse,
+/// and kept (PostgreSQL does not parse it again when they change). pgsplit shares server
+/// statements among clients by SQL text: clients whose parse settings differ must not
+/// share one, or one of them gets (and writes) times shifted by the other's zone.
+#[tokio::test]
+async fn statements_are_not_shared_across_parse_settings() {
+    let proxy = start_proxy_one_connection_per_node().await;
+    // `::text` is applied when it runs, in the zone then: it shows how the literal was read.
+    let sql = "SELECT ('2023-01-01 00:00'::timestamptz)::text";
+    // In a transaction: on the primary, whose one pooled connection all clients share.
+    async fn prepared_read(client: &tokio_postgres::Client, sql: &str) -> String {
+        client.batch_execute("BEGIN").await.unwrap();
+        let statement = client.prepare(sql).await.unwrap();
+        let value: String = client.query_one(&statement, &[]).await.unwrap().get(0);
+        client.batch_execute("COMMIT").await.unwrap();
+        value
+    }
+    let utc = proxy.app().await;
+    utc.batch_execute("SET TIME ZONE 'UTC'").await.unwrap();
+    let new_york = proxy.app().await;
+    new_york
+        .batch_execute("SET TIME ZONE 'America/New_York'")
+        .await
+        .unwrap();
+    assert_eq!(prepared_read(&utc, sql).await, "2023-01-01 00:00:00+00");
+    assert_eq!(
+        prepared_read(&new_york, sql).await,
+        "2023-01-01 00:00:00-05"
+    );
+    assert_eq!(prepared_read(&utc, sql).await, "2023-01-01 00:00:00+00");
+
+    // A zone set for one transaction only: what it prepares is read in that zone, and no
+    // other client with the session's zone finds that statement on the connection.
+    let local_sql = "SELECT ('2023-06-01 12:00'::timestamptz)::text";
+    utc.batch_execute("BEGIN; SET LOCAL TIME ZONE 'Asia/Tokyo'")
+        .await
+        .unwrap();
+    let statement = utc.prepare(local_sql).await.unwrap();
+    let local: String = utc.query_one(&statement, &[]).await.unwrap().get(0);
+    utc.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(local, "2023-06-01 12:00:00+09");
+    let utc_too = proxy.app().await;
+    utc_too.batch_execute("SET TIME ZONE 'UTC'").await.unwrap();
+    assert_eq!(
+        prepared_read(&utc_too, local_sql).await,
+        "2023-06-01 12:00:00+00"
+    );
+}
