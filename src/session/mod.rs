@@ -796,12 +796,14 @@ impl Session {
             match item {
                 // A fast-path call may write anything; a malformed Query runs nothing.
                 Item::Forwarded(f) if f.tag == tag::FUNCTION_CALL => self.writes.note_unknown(),
-                Item::Forwarded(_) => {}
-                other => {
-                    if let Some(c) = other.class() {
-                        self.writes.note(c);
-                    }
-                }
+                // What runs statements: a Query, a Bind (for the Execute that follows it). A
+                // Parse or a Describe only prepares (a driver's prepare of an INSERT).
+                Item::Query { class, .. } => self.writes.note(class),
+                Item::Bind { stmt: Some(s), .. } => self.writes.note(&s.class),
+                // A statement pgsplit does not know, in a pinned session: an SQL-level
+                // PREPAREd one (libpq's PQexecPrepared), which may write anything.
+                Item::Bind { stmt: None, .. } if self.pinned => self.writes.note_unknown(),
+                _ => {}
             }
         }
         // A read may run again if nothing of its answer reached the client: once more on
@@ -988,6 +990,13 @@ impl Session {
         if self.deferred_begin && self.tx == TxStatus::Failed {
             let (reply, ended) = request::answer_in_failed_block(items)?;
             if ended {
+                // A ROLLBACK parsed in the same request is the session's statement now.
+                for item in items {
+                    if let Item::Parse(stmt) = item {
+                        self.statements
+                            .insert(stmt.parse.name.clone(), stmt.clone());
+                    }
+                }
                 self.deferred_begin = false;
                 self.tx = TxStatus::Idle;
                 self.info.set_state(ClientState::Idle);

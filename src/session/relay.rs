@@ -142,6 +142,9 @@ enum Expect {
 }
 
 /// The state of the request in flight. Owns the server connection meanwhile.
+/// A portal's name and the classification of the statement bound to it.
+type BoundPortal = (String, Arc<Classification>);
+
 struct InFlight {
     id: BackendId,
     conn: Box<ServerConn>,
@@ -192,6 +195,10 @@ struct InFlight {
     ops: Vec<SessionOp>,
     /// Settings set by set_config() in this request, to read back once it succeeded.
     read_back: Vec<String>,
+    /// Portals bound to statements that change session state (SET, RESET, DISCARD,
+    /// set_config) and not executed yet: a Bind alone changes nothing on the server, so
+    /// their operations count when an Execute runs them.
+    unexecuted: Vec<BoundPortal>,
     /// A Sync must go to the server: the deferred BEGIN failed and the client's simple
     /// Query behind it was skipped, so only a Sync brings the ReadyForQuery it waits for.
     sync_due: bool,
@@ -250,6 +257,7 @@ impl Session {
             fatal: None,
             ops: Vec::new(),
             read_back: Vec::new(),
+            unexecuted: Vec::new(),
             facts_row: None,
             facts_error: None,
             sync_due: false,
@@ -361,9 +369,16 @@ impl Session {
                     failed,
                     rolled_back,
                     read_back,
+                    unexecuted,
                     ..
                 } = fl;
                 self.conns[id.0 as usize] = Some(conn);
+                if !unexecuted.is_empty() && self.tx != TxStatus::Idle {
+                    // A portal that changes session state lives on in the transaction, and
+                    // a later request may run it unseen: no other session gets this
+                    // connection.
+                    self.tainted[id.0 as usize] = true;
+                }
                 self.settle_session_ops(id, ops, failed, rolled_back, !read_back.is_empty());
                 Ok(Outcome::Done)
             }
@@ -522,15 +537,15 @@ impl Session {
                         } else if let Ok(names) = BindNames::decode(&frame.body) {
                             rewrite_bind_into(&frame.body, &names, &s.server_name, &mut self.wbuf);
                         }
-                        fl.ops.extend(s.class.session_ops.iter().cloned());
-                        fl.read_back.extend(s.class.read_back.iter().cloned());
                         fl.conn.parse_settings_changed |= changes_parsing(&s.class);
+                        bind_portal(fl, &frame.body, Some(&s.class));
                     }
                     None => {
                         if BindNames::decode(&frame.body).is_ok_and(|n| n.statement.is_empty()) {
                             close_unnamed(out, fl);
                         }
                         frame.encode_into(out);
+                        bind_portal(fl, &frame.body, None);
                     }
                 }
                 let key = stmt.as_ref().and_then(|s| s.shared_key());
@@ -573,6 +588,12 @@ impl Session {
                 }
             }
             Item::Portal(frame) => {
+                if frame.tag == tag::EXECUTE
+                    && let Some(class) = take_unexecuted(fl, &frame.body)
+                {
+                    fl.ops.extend(class.session_ops.iter().cloned());
+                    fl.read_back.extend(class.read_back.iter().cloned());
+                }
                 frame.encode_into(out);
                 fl.expects.push_back(match frame.tag {
                     tag::EXECUTE => Expect::Execute,
@@ -1345,6 +1366,35 @@ impl HoldTick {
         // A reset timer may have let go of the waker.
         self.armed = false;
     }
+}
+
+/// A Bind of a portal to a statement classified `class` (None: one pgsplit does not know):
+/// the portal's session operations wait for its Execute, and a portal bound anew forgets
+/// those of its old statement.
+fn bind_portal(fl: &mut InFlight, body: &[u8], class: Option<&Arc<Classification>>) {
+    let changes = class.filter(|c| !c.session_ops.is_empty() || !c.read_back.is_empty());
+    if changes.is_none() && fl.unexecuted.is_empty() {
+        return;
+    }
+    let portal = BindNames::decode(body).map_or(String::new(), |n| n.portal.to_owned());
+    fl.unexecuted.retain(|(p, _)| *p != portal);
+    if let Some(class) = changes {
+        fl.unexecuted.push((portal, class.clone()));
+    }
+}
+
+/// The classification of the session-changing statement an Execute (`body`) runs, if any.
+fn take_unexecuted(fl: &mut InFlight, body: &[u8]) -> Option<Arc<Classification>> {
+    if fl.unexecuted.is_empty() {
+        return None;
+    }
+    let name_end = body.iter().position(|&b| b == 0)?;
+    let portal = &body[..name_end];
+    let at = fl
+        .unexecuted
+        .iter()
+        .position(|(p, _)| p.as_bytes() == portal)?;
+    Some(fl.unexecuted.remove(at).1)
 }
 
 /// Whether `class` may change a setting PostgreSQL parses statements under, for the

@@ -139,17 +139,17 @@ pub fn deferrable_begin(items: &[Item]) -> Option<Vec<Frame>> {
 }
 
 /// PostgreSQL's answer to a request in a transaction block that failed before any of it
-/// reached a server (its deferred BEGIN found no primary): a lone COMMIT / ROLLBACK ends it
-/// ("ROLLBACK", idle; `None` when it comes with a Parse or anything else the proxy does not
-/// answer itself: it then goes to the server), anything else is refused with 25P02. The
-/// bool: whether the block ended.
+/// reached a server (its deferred BEGIN found no primary): a lone COMMIT / ROLLBACK, parsed
+/// in the same request or not, ends it ("ROLLBACK", idle; `None` when it comes with
+/// anything else the proxy does not answer itself: it then goes to the server), anything
+/// else is refused with 25P02. The bool: whether the block ended.
 pub fn answer_in_failed_block(items: &[Item]) -> Option<(Vec<Frame>, bool)> {
     use crate::protocol::{Severity, TxStatus, command_complete, error_response, ready_for_query};
     if items.iter().all(|i| matches!(i, Item::Sync | Item::Flush)) {
         // Nothing to refuse: a Sync only asks where the session stands.
         return Some((vec![ready_for_query(TxStatus::Failed)], false));
     }
-    if let Some(lone) = lone_statement(items)
+    if let Some(lone) = lone_statement_maybe_parsed(items)
         && lone.class.tx_effect == TxEffect::Ends
     {
         let mut reply = lone.before();
@@ -182,14 +182,16 @@ pub fn answer_in_failed_block(items: &[Item]) -> Option<(Vec<Frame>, bool)> {
 }
 
 /// A request that runs exactly one statement the proxy can answer for: a simple Query, or
-/// a Bind (no parameters) of a statement the session knows, an optional Describe of the
-/// unnamed portal, its Execute and a Sync.
+/// a Bind (no parameters) of a statement the session knows or the request parses first,
+/// an optional Describe of the unnamed portal, its Execute and a Sync.
 struct LoneStatement<'a> {
     class: &'a Classification,
     /// The Query message, or the prepared statement's text.
     source: Result<&'a Frame, &'a str>,
     /// A Describe of the portal came with the Bind.
     described: bool,
+    /// The request parses the statement first.
+    parsed: bool,
 }
 
 impl LoneStatement<'_> {
@@ -200,14 +202,20 @@ impl LoneStatement<'_> {
         }
     }
 
-    /// The answers due before the statement's own: BindComplete, NoData.
+    /// The answers due before the statement's own: ParseComplete, BindComplete, NoData.
     fn before(&self) -> Vec<Frame> {
-        use crate::protocol::{bind_complete, no_data};
-        match (self.source, self.described) {
-            (Ok(_), _) => Vec::new(),
-            (Err(_), false) => vec![bind_complete()],
-            (Err(_), true) => vec![bind_complete(), no_data()],
+        use crate::protocol::{bind_complete, no_data, parse_complete};
+        let mut out = Vec::new();
+        if self.parsed {
+            out.push(parse_complete());
         }
+        if self.source.is_err() {
+            out.push(bind_complete());
+            if self.described {
+                out.push(no_data());
+            }
+        }
+        out
     }
 }
 
@@ -217,6 +225,7 @@ fn lone_statement(items: &[Item]) -> Option<LoneStatement<'_>> {
             class,
             source: Ok(frame),
             described: false,
+            parsed: false,
         }),
         [
             Item::Bind {
@@ -239,8 +248,23 @@ fn lone_statement(items: &[Item]) -> Option<LoneStatement<'_>> {
                 class: &s.class,
                 source: Err(&s.parse.sql),
                 described,
+                parsed: false,
             })
         }
+        _ => None,
+    }
+}
+
+/// [`lone_statement`], or the same behind a Parse of the statement it binds.
+fn lone_statement_maybe_parsed(items: &[Item]) -> Option<LoneStatement<'_>> {
+    let [Item::Parse(parsed), rest @ ..] = items else {
+        return lone_statement(items);
+    };
+    match rest.first() {
+        Some(Item::Bind { stmt: Some(s), .. }) if Arc::ptr_eq(s, parsed) => Some(LoneStatement {
+            parsed: true,
+            ..lone_statement(rest)?
+        }),
         _ => None,
     }
 }
@@ -518,6 +542,23 @@ mod tests {
         assert_eq!(
             failed_block_reply(&["Q ROLLBACK"]),
             Some(("CZ".to_owned(), true))
+        );
+        // Sent through the extended protocol, parsed in the same request (pgjdbc, Npgsql).
+        for statement in ["", "s_rollback"] {
+            assert_eq!(
+                failed_block_reply(&[
+                    &format!("P {statement} ROLLBACK"),
+                    &format!("B  {statement}"),
+                    "E ",
+                    "S"
+                ]),
+                Some(("12CZ".to_owned(), true))
+            );
+        }
+        // A Parse of another statement than the one bound ends nothing.
+        assert_eq!(
+            failed_block_reply(&["P a ROLLBACK", "B  b", "E ", "S"]),
+            refused("EZ")
         );
         // A malformed Query is refused for its form, which comes before the block's state.
         let malformed = Item::Forwarded(Frame {

@@ -648,6 +648,58 @@ async fn writes_the_proxy_cannot_attribute_invalidate_everything() {
     }
 }
 
+/// What only prepares (a driver's Parse and Describe of an INSERT) writes nothing and
+/// invalidates nothing; what executes a statement pgsplit cannot see (an SQL-level
+/// PREPAREd UPDATE run through the protocol, as libpq's PQexecPrepared does) may write
+/// anything and invalidates everything.
+#[tokio::test]
+async fn only_what_executes_counts_as_a_write() {
+    let t = unique("cache_exec");
+    make_table(&t).await;
+    direct(cluster().primary)
+        .await
+        .batch_execute(&format!("GRANT ALL ON {t} TO trustuser"))
+        .await
+        .unwrap();
+    wait_replicated().await;
+    let proxy = cache_proxy(&unique("p"), &[&t], &[]).await;
+    let cache = proxy.shared.cache.clone().expect("cache");
+    let client = proxy.app().await;
+    let read = format!("SELECT v FROM {t} WHERE id = 1");
+    assert_eq!(cached_value(&proxy, &client, &read).await, "v1");
+
+    let invalidations = cache.snapshot().invalidations;
+    client
+        .prepare(&format!("INSERT INTO {t} VALUES (100, 'prepared only')"))
+        .await
+        .unwrap();
+    assert_eq!(cache.snapshot().invalidations, invalidations);
+    let hits = cache.snapshot().hits;
+    assert_eq!(simple_value(&client, &read).await, "v1");
+    assert_eq!(
+        cache.snapshot().hits,
+        hits + 1,
+        "still served from the cache"
+    );
+
+    let mut raw = RawClient::login(proxy.addr, "trustuser").await;
+    let prepared = raw
+        .send(&message(
+            b'Q',
+            &cstr(&format!(
+                "PREPARE upd_{t} AS UPDATE {t} SET v = 'by PQexecPrepared' WHERE id = 1"
+            )),
+        ))
+        .await;
+    assert_eq!(error_code(&prepared), None, "{prepared:?}");
+    let mut req = bind(&format!("upd_{t}"));
+    req.extend(execute());
+    req.extend(sync());
+    let ran = raw.send(&req).await;
+    assert_eq!(error_code(&ran), None, "{ran:?}");
+    assert_eq!(simple_value(&client, &read).await, "by PQexecPrepared");
+}
+
 #[tokio::test]
 async fn cascades_and_triggers_invalidate_what_they_change() {
     let (parent, child, audit, log) = (

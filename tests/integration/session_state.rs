@@ -655,3 +655,50 @@ async fn statements_are_not_shared_across_parse_settings() {
         "2023-06-01 12:00:00+00"
     );
 }
+
+/// A Bind changes nothing on the server until its portal is executed: a RESET ALL (or a
+/// DISCARD ALL) bound and never executed must not make pgsplit believe the connection lost
+/// the session's settings, or it would hand it, still set, to the next client.
+#[tokio::test]
+async fn a_reset_bound_but_never_executed_changes_nothing() {
+    let proxy = start_proxy_one_connection_per_node().await;
+    let mut a = RawClient::login(proxy.addr, "trustuser").await;
+    let set = a
+        .send(&message(
+            b'Q',
+            &cstr("SET search_path = tenant_never_reset, public"),
+        ))
+        .await;
+    assert_eq!(error_code(&set), None, "{set:?}");
+    for sql in ["RESET ALL", "DISCARD ALL"] {
+        let mut req = parse("r", sql);
+        req.extend(bind("r"));
+        req.extend(sync());
+        let answer = a.send(&req).await;
+        assert_eq!(
+            answer.iter().map(|m| m.0).collect::<Vec<_>>(),
+            vec![b'1', b'2', b'Z'],
+            "{sql}: {answer:?}"
+        );
+        a.close_statement("r").await;
+        // The next client of the login, on the same server connection, has its own
+        // (default) search_path; the first still has the one it set.
+        let b = connect(&proxy.conn_str("trustuser", "")).await;
+        assert_eq!(
+            primary_setting(&b, "search_path").await,
+            "\"$user\", public",
+            "after an unexecuted {sql}"
+        );
+        let shown = a
+            .send(&message(
+                b'Q',
+                &cstr("BEGIN; SELECT current_setting('search_path'); COMMIT"),
+            ))
+            .await;
+        let (_, row) = shown.iter().find(|m| m.0 == b'D').expect("a row");
+        assert!(
+            String::from_utf8_lossy(row).contains("tenant_never_reset"),
+            "after an unexecuted {sql}: {shown:?}"
+        );
+    }
+}
