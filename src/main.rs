@@ -63,6 +63,7 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     warn_if_readable_secrets(&args.config, &config);
+    raise_open_file_limit(&config);
     let listen = config.proxy.listen;
     let runtime = Runtime::new(config)?;
     let mut builder = match runtime.config.proxy.worker_threads {
@@ -160,5 +161,24 @@ impl StopSignals {
             _ = self.int.recv() => {}
             _ = self.term.recv() => {}
         }
+    }
+}
+
+/// Every client and server connection is a file descriptor, and the soft limit a shell or
+/// service manager gives is often 1024, under the default `max_client_connections`: raise
+/// it to the hard limit, and say so when even that is short of what the config allows.
+fn raise_open_file_limit(config: &Config) {
+    let servers = 1 + config.replicas.len() as u64;
+    let pools = servers * config.pool.size as u64 * config.users.len() as u64;
+    // Clients, their server connections, health checks, listeners, Redis, files.
+    let wanted = config.proxy.max_client_connections as u64 + pools + servers + 64;
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) if limit < wanted => tracing::warn!(
+            limit,
+            wanted,
+            "the open-file limit is below what max_client_connections and the pools may use; raise its hard limit (LimitNOFILE=, ulimit -Hn)"
+        ),
+        Ok(limit) => tracing::debug!(limit, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
     }
 }

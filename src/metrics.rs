@@ -19,7 +19,12 @@ const BUCKETS: &[f64] = &[
     5.0, 10.0,
 ];
 
+/// Scrapes and health probes answered at once; more connections are closed unanswered, so
+/// that slow or silent ones cannot pile up.
+const MAX_CONCURRENT: usize = 64;
+
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: CancellationToken) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT));
     loop {
         let (stream, _) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -32,9 +37,13 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: Cancell
                 }
             },
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            continue;
+        };
         let shared = shared.clone();
         tokio::spawn(async move {
             let _ = tokio::time::timeout(Duration::from_secs(5), answer(&shared, stream)).await;
+            drop(slot);
         });
     }
 }

@@ -7,7 +7,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::backend::health::{CheckerConfig, run_checker};
 use crate::backend::{BackendId, ConnectParams};
@@ -57,6 +57,11 @@ impl Server {
             .proxy
             .max_client_connections;
         let limit = Arc::new(Semaphore::new(max));
+        // Past the limit a client still gets its FATAL 53300, once its startup packet came
+        // (it may ask for TLS first): as many again may wait for that; more are closed at
+        // once, so that silent sockets cannot pile up (PostgreSQL's postmaster also stops
+        // at twice its connection slots).
+        let overflow = Arc::new(Semaphore::new(max));
         let tracker = TaskTracker::new();
         info!(addr = %self.local_addr().map(|a| a.to_string()).unwrap_or_default(), "listening");
         let maintenance = tokio::spawn(maintain_pools(self.shared.clone(), shutdown.clone()));
@@ -90,8 +95,16 @@ impl Server {
                 }
             };
             // Over the limit, the client still gets a proper FATAL 53300 from its session.
-            let permit = limit.clone().try_acquire_owned().ok();
-            let over_limit = permit.is_none();
+            let (permit, over_limit) = match limit.clone().try_acquire_owned() {
+                Ok(p) => (p, false),
+                Err(_) => match overflow.clone().try_acquire_owned() {
+                    Ok(p) => (p, true),
+                    Err(_) => {
+                        debug!(%peer, "connection closed: twice max_client_connections reached");
+                        continue;
+                    }
+                },
+            };
             let shared = self.shared.clone();
             tracker.spawn(async move {
                 crate::session::run(shared, stream, peer, over_limit).await;

@@ -286,6 +286,12 @@ pub async fn run_checker(
                     }
                 }
             }
+            Err(e) if e.is_local_exhaustion() => {
+                // pgsplit's own descriptors ran out: no verdict on the server.
+                conn = None;
+                warn!(backend = %name, error = %e, "health check skipped: pgsplit is out of file descriptors");
+                continue;
+            }
             Err(e) => {
                 conn = None;
                 (false, format!("check failed: {e}"))

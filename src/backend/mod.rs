@@ -63,7 +63,14 @@ impl BackendError {
         matches!(
             self,
             BackendError::Io(_) | BackendError::Closed | BackendError::Timeout
-        )
+        ) && !self.is_local_exhaustion()
+    }
+
+    /// pgsplit itself ran out of file descriptors or socket buffers: no server is to blame.
+    pub fn is_local_exhaustion(&self) -> bool {
+        // Linux's EMFILE, ENFILE and ENOBUFS.
+        const EXHAUSTION: [i32; 3] = [24, 23, 105];
+        matches!(self, BackendError::Io(e) if e.raw_os_error().is_some_and(|c| EXHAUSTION.contains(&c)))
     }
 }
 
@@ -223,6 +230,18 @@ pub fn is_alive(conn: &mut ServerConn, expect_messages: bool) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn running_out_of_descriptors_is_not_the_servers_fault() {
+        for code in [24, 23, 105] {
+            let e = BackendError::Io(std::io::Error::from_raw_os_error(code));
+            assert!(e.is_local_exhaustion(), "{e}");
+            assert!(!e.is_connection_failure(), "{e}");
+        }
+        let refused = BackendError::Io(std::io::Error::from_raw_os_error(111));
+        assert!(refused.is_connection_failure() && !refused.is_local_exhaustion());
+        assert!(BackendError::Timeout.is_connection_failure());
+    }
 
     #[test]
     fn a_refused_node_is_skipped_for_the_backoff_then_tried_again() {

@@ -238,6 +238,13 @@ impl Session {
             backend.mark_down();
             self.discard_idle(id);
         }
+        if e.is_local_exhaustion() {
+            warn!(error = %e, "pgsplit is out of file descriptors: raise its open-file limit or lower max_client_connections");
+            return Error::NoServer(format!(
+                "pgsplit cannot open a connection to {}: {e}",
+                backend.name()
+            ));
+        }
         match e {
             BackendError::Server(_) => Error::Backend(e),
             other => Error::NoServer(format!("{}: {other}", backend.name())),

@@ -126,6 +126,23 @@ async fn the_client_after_the_limit_gets_53300() {
         .await
         .expect_err("refused");
     assert_eq!(sqlstate(&e), "53300", "{e}");
+    // As many again may wait to be told so; past that, connections are closed at once
+    // instead of piling up for the login timeout.
+    let mut waiting = Vec::new();
+    for _ in 0..2 {
+        waiting.push(TcpStream::connect(proxy.addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut extra = TcpStream::connect(proxy.addr).await.unwrap();
+    let started = std::time::Instant::now();
+    assert_closed(&mut extra).await;
+    assert!(started.elapsed() < Duration::from_secs(2), "closed at once");
+    drop(waiting);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let e = try_connect(&proxy.conn_str("app", "app_pw"))
+        .await
+        .expect_err("refused");
+    assert_eq!(sqlstate(&e), "53300", "once the waiting ones left: {e}");
     assert_usable(&a).await;
     drop(b);
     tokio::time::sleep(Duration::from_millis(200)).await;
