@@ -44,6 +44,9 @@ pub struct HealthState {
     reason: Mutex<String>,
     /// Taken out of rotation by an operator (admin console `BAN`).
     banned: AtomicBool,
+    /// The last check got an answer (whatever it said of the lag or the role): the node
+    /// is up, even when out of rotation.
+    answering: AtomicBool,
 }
 
 impl Default for HealthState {
@@ -57,6 +60,7 @@ impl Default for HealthState {
             replay_age_ms: AtomicU64::new(u64::MAX),
             reason: Mutex::new("not checked yet".into()),
             banned: AtomicBool::new(false),
+            answering: AtomicBool::new(true),
         }
     }
 }
@@ -72,6 +76,10 @@ impl HealthState {
 
     pub fn set_banned(&self, banned: bool) {
         self.banned.store(banned, Ordering::Relaxed);
+    }
+
+    pub fn answering(&self) -> bool {
+        self.answering.load(Ordering::Relaxed)
     }
 
     pub fn role(&self) -> Role {
@@ -237,6 +245,7 @@ pub async fn run_checker(
         })
         .await
         .unwrap_or(Err(BackendError::Timeout));
+        state.answering.store(result.is_ok(), Ordering::Relaxed);
         let (ok, reason) = match result {
             Ok(obs) => {
                 let role = if obs.in_recovery {

@@ -114,6 +114,13 @@ impl Backend {
     }
 
     /// In rotation: healthy by the checker and not just refused a connection.
+    /// Not answering: out of rotation after failed checks that got no answer, or a
+    /// connection to it failed. (A node banned, or over the lag limit, still answers: what
+    /// runs there may finish.)
+    pub fn is_unreachable(&self) -> bool {
+        self.is_marked_down() || (!self.health.healthy() && !self.health.answering())
+    }
+
     pub fn is_available(&self) -> bool {
         self.health.healthy() && !self.health.banned() && !self.is_marked_down()
     }

@@ -746,7 +746,8 @@ impl Session {
             } else if fl.holding && !fl.id.is_primary() {
                 // A replica that stops answering (paused, partitioned) must not hold a read
                 // that could still run elsewhere: give up on it once it has been quiet for a
-                // health interval and has left the rotation. One timer per session serves
+                // health interval and its checks get no answer (a replica banned or over
+                // the lag limit still runs the read: it may finish). One timer per session serves
                 // all its reads (no timer-wheel insert and removal per read); it fires once
                 // per interval, and a read that was not heard from between two firings has
                 // been quiet for at least an interval.
@@ -770,11 +771,11 @@ impl Session {
                 if std::mem::take(&mut fl.heard_since_tick) {
                     continue;
                 }
-                if !self
+                if self
                     .runtime
                     .backends
                     .get(fl.id)
-                    .is_some_and(|b| b.is_available())
+                    .is_none_or(|b| b.is_unreachable())
                 {
                     return Err(Error::Backend(BackendError::Timeout));
                 }

@@ -409,3 +409,35 @@ async fn writes_made_while_pinned_are_read_after_discard_all_unpins() {
         .get(0);
     assert_eq!(n, 1, "the write made while pinned is read after the unpin");
 }
+
+/// `BAN` drains a replica: a read already running there finishes there (it is not given
+/// up and run again elsewhere, which would do the work twice and move it to the primary).
+#[tokio::test]
+async fn a_read_running_on_a_banned_replica_finishes_there() {
+    let c = cluster();
+    let proxy = start_proxy().await;
+    assert!(
+        eventually(Duration::from_secs(20), || proxy
+            .every_replica(|r| r.is_available()))
+        .await,
+        "the replicas never were all in rotation"
+    );
+    let client = proxy.app().await;
+    let read = tokio::spawn(async move {
+        let row = client
+            .query_one("SELECT inet_server_port() FROM pg_sleep(3)", &[])
+            .await
+            .unwrap();
+        row.get::<_, i32>(0) as u16
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.every_replica(|r| {
+        r.health.set_banned(true);
+        true
+    });
+    let port = read.await.unwrap();
+    assert!(
+        c.replicas.contains(&port),
+        "the read finished on its replica, not on {port}"
+    );
+}
