@@ -35,7 +35,7 @@ pub struct Runtime {
     /// [`crate::auth::salt_key`].
     pub salt_key: ring::hmac::Key,
     /// Client TLS, when `tls_cert` and `tls_key` are set.
-    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    pub tls: Option<crate::tls::ClientTls>,
     /// TLS towards the servers.
     pub server_tls: Arc<crate::tls::ServerTlsPolicy>,
     pub backends: Backends,

@@ -24,14 +24,74 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(ring::default_provider())
 }
 
+/// What pgsplit serves clients TLS with.
+#[derive(Clone)]
+pub struct ClientTls {
+    pub acceptor: TlsAcceptor,
+    /// The `tls-server-end-point` channel binding data of the certificate (RFC 5929: its
+    /// hash with its signature's hash function, SHA-256 for MD5 and SHA-1), for
+    /// SCRAM-SHA-256-PLUS; None for a signature with no such hash (Ed25519, RSA-PSS),
+    /// where PostgreSQL offers no channel binding either.
+    pub end_point: Option<Vec<u8>>,
+}
+
+/// RFC 5929's `tls-server-end-point` data of a DER certificate.
+fn end_point(cert: &[u8]) -> Option<Vec<u8>> {
+    // A DER element at the start of `b`: (tag, header length, content length).
+    fn element(b: &[u8]) -> Option<(u8, usize, usize)> {
+        let (&tag, rest) = b.split_first()?;
+        let (&first, rest) = rest.split_first()?;
+        if first < 0x80 {
+            return Some((tag, 2, first as usize));
+        }
+        let n = (first & 0x7f) as usize;
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n].iter().fold(0usize, |l, &d| (l << 8) | d as usize);
+        Some((tag, 2 + n, len))
+    }
+    // Certificate ::= SEQUENCE { tbsCertificate, signatureAlgorithm, signatureValue }
+    let (0x30, header, _) = element(cert)? else {
+        return None;
+    };
+    let body = cert.get(header..)?;
+    let (_, tbs_header, tbs_len) = element(body)?;
+    let algorithm = body.get(tbs_header + tbs_len..)?;
+    let (0x30, alg_header, _) = element(algorithm)? else {
+        return None;
+    };
+    let oid_element = algorithm.get(alg_header..)?;
+    let (0x06, oid_header, oid_len) = element(oid_element)? else {
+        return None;
+    };
+    let oid = oid_element.get(oid_header..oid_header + oid_len)?;
+    const RSA: [u8; 8] = [0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01];
+    const ECDSA_SHA2: [u8; 7] = [0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03];
+    const ECDSA_SHA1: [u8; 7] = [0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x01];
+    let hash = match oid {
+        // md5, sha1, sha256 WithRSAEncryption; ecdsa-with-SHA1, -SHA256
+        [r @ .., 0x04 | 0x05 | 0x0b] if *r == RSA => &::ring::digest::SHA256,
+        o if o == ECDSA_SHA1 => &::ring::digest::SHA256,
+        [e @ .., 0x02] if *e == ECDSA_SHA2 => &::ring::digest::SHA256,
+        [r @ .., 0x0c] if *r == RSA => &::ring::digest::SHA384,
+        [e @ .., 0x03] if *e == ECDSA_SHA2 => &::ring::digest::SHA384,
+        [r @ .., 0x0d] if *r == RSA => &::ring::digest::SHA512,
+        [e @ .., 0x04] if *e == ECDSA_SHA2 => &::ring::digest::SHA512,
+        _ => return None,
+    };
+    Some(::ring::digest::digest(hash, cert).as_ref().to_vec())
+}
+
 /// The acceptor for a PEM certificate chain and private key.
-pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
+pub fn acceptor(cert: &Path, key: &Path) -> Result<ClientTls, String> {
     let certs = CertificateDer::pem_file_iter(cert)
         .and_then(|i| i.collect::<Result<Vec<_>, _>>())
         .map_err(|e| format!("proxy.tls_cert {}: {e}", cert.display()))?;
     if certs.is_empty() {
         return Err(format!("proxy.tls_cert {}: no certificate", cert.display()));
     }
+    let end_point = end_point(certs[0].as_ref());
     let key = PrivateKeyDer::from_pem_file(key)
         .map_err(|e| format!("proxy.tls_key {}: {e}", key.display()))?;
     let config = rustls::ServerConfig::builder_with_provider(provider())
@@ -40,7 +100,10 @@ pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .map_err(|e| format!("proxy.tls_cert / tls_key: {e}"))?;
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    Ok(ClientTls {
+        acceptor: TlsAcceptor::from(Arc::new(config)),
+        end_point,
+    })
 }
 
 /// How pgsplit talks TLS to PostgreSQL.
@@ -453,6 +516,22 @@ mod tests {
                 rustls::CertificateError::UnknownIssuer
             ))
         ));
+    }
+
+    #[test]
+    fn the_end_point_is_the_certificates_hash_by_its_signature() {
+        let cert = pem("db-internal.crt").remove(0);
+        // ecdsa-with-SHA256 (as scripts/gen-cert makes them): SHA-256 of the DER.
+        assert_eq!(
+            end_point(cert.as_ref()),
+            Some(
+                ::ring::digest::digest(&::ring::digest::SHA256, cert.as_ref())
+                    .as_ref()
+                    .to_vec()
+            )
+        );
+        assert_eq!(end_point(b"not DER"), None);
+        assert_eq!(end_point(&[0x30, 0x82, 0xff]), None);
     }
 
     #[test]

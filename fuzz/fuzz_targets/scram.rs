@@ -5,7 +5,8 @@
 //! - mode bit 0 clear, a real exchange: parts are the server's password, the salt, and an
 //!   optional tamper instruction (offset, xor). A verifier is made with 1–4 PBKDF2
 //!   iterations (cheap, same code path as 4096) and a real client (postgres-protocol) logs
-//!   in with the same password, or a wrong one (mode bit 3).
+//!   in with the same password, or a wrong one (mode bit 3), with channel binding
+//!   (SCRAM-SHA-256-PLUS) when mode bit 4 is set.
 //! - mode bit 0 set, raw messages: parts are a verifier text, a client-first and a
 //!   client-final message, fed as a client would send them.
 //!
@@ -19,7 +20,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use hmac::{Hmac, KeyInit, Mac};
 use libfuzzer_sys::fuzz_target;
-use pgsplit::auth::{ScramError, ScramExchange, ScramSecret};
+use pgsplit::auth::{Binding, ScramError, ScramExchange, ScramSecret};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use sha2::{Digest, Sha256};
 
@@ -77,9 +78,23 @@ fn real_exchange(mode: u8, nonce: &[u8; 18], parts: &[&[u8]]) {
     if wrong {
         client_password.push(b'x');
     }
-    let mut client = ScramSha256::new(&client_password, ChannelBinding::unsupported());
-    let (exchange, server_first) = ScramExchange::client_first(&secret, client.message(), nonce)
-        .expect("a real client's first message is accepted");
+    // Over TLS: SCRAM-SHA-256-PLUS with the certificate's end-point data on both sides.
+    let end_point = [nonce[0]; 32];
+    let (client_binding, binding) = if mode & 16 != 0 {
+        (
+            ChannelBinding::tls_server_end_point(end_point.to_vec()),
+            Binding::Selected(&end_point),
+        )
+    } else {
+        (
+            ChannelBinding::unsupported(),
+            Binding::NotSelected { offered: false },
+        )
+    };
+    let mut client = ScramSha256::new(&client_password, client_binding);
+    let (exchange, server_first) =
+        ScramExchange::client_first(&secret, client.message(), nonce, binding)
+            .expect("a real client's first message is accepted");
     client
         .update(server_first.as_bytes())
         .expect("the client accepts server-first");
@@ -122,7 +137,14 @@ fn raw_messages(nonce: &[u8; 18], parts: &[&[u8]]) {
         None => ScramSecret::parse(&verifier(b"pw", b"salt", 1)).expect("valid verifier"),
     };
     let first = parts.get(1).copied().unwrap_or_default();
-    let Ok((exchange, server_first)) = ScramExchange::client_first(&secret, first, nonce) else {
+    let end_point = [nonce[1]; 32];
+    let binding = match nonce[0] % 3 {
+        0 => Binding::Selected(&end_point),
+        1 => Binding::NotSelected { offered: true },
+        _ => Binding::NotSelected { offered: false },
+    };
+    let Ok((exchange, server_first)) = ScramExchange::client_first(&secret, first, nonce, binding)
+    else {
         return;
     };
     let client_nonce = std::str::from_utf8(first)

@@ -9,7 +9,7 @@ mod scram;
 
 use md5::{Digest, Md5};
 
-pub use scram::{ScramError, ScramExchange, ScramSecret, salt_key};
+pub use scram::{Binding, ScramError, ScramExchange, ScramSecret, salt_key};
 
 use crate::config::{AuthMethod, Config, UserConfig};
 

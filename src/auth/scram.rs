@@ -1,6 +1,6 @@
-//! SCRAM-SHA-256 (RFC 5802 / 7677), server side, as PostgreSQL speaks it: no channel
-//! binding (the proxy answers SSLRequest with 'N'), the user name inside SCRAM is ignored
-//! (the startup packet's user counts).
+//! SCRAM-SHA-256 (RFC 5802 / 7677), server side, as PostgreSQL speaks it: over TLS also
+//! SCRAM-SHA-256-PLUS with `tls-server-end-point` channel binding (RFC 5929); the user name
+//! inside SCRAM is ignored (the startup packet's user counts).
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -121,8 +121,25 @@ pub enum ScramError {
         "malformed SCRAM message: SCRAM-SHA-256 was selected without channel binding, but the message includes channel binding data"
     )]
     ChannelBinding,
+    #[error(
+        "malformed SCRAM message: SCRAM-SHA-256-PLUS was selected, but the message does not include channel binding data"
+    )]
+    NoChannelBinding,
+    #[error(
+        "SCRAM channel binding negotiation error: the client supports channel binding but thinks the server does not, and this server does"
+    )]
+    ChannelBindingDowngrade,
     #[error("password authentication failed")]
     BadProof,
+}
+
+/// The channel binding of one exchange.
+#[derive(Debug, Clone, Copy)]
+pub enum Binding<'a> {
+    /// The client chose SCRAM-SHA-256; `offered`: the server offered SCRAM-SHA-256-PLUS.
+    NotSelected { offered: bool },
+    /// The client chose SCRAM-SHA-256-PLUS: the server's `tls-server-end-point` data.
+    Selected(&'a [u8]),
 }
 
 /// One exchange: `client_first` then `client_final`.
@@ -130,28 +147,49 @@ pub struct ScramExchange<'s> {
     secret: &'s ScramSecret,
     /// `client-first-message-bare,server-first-message,`: how the AuthMessage begins.
     auth_prefix: String,
-    /// The GS2 header the client must echo (base64) in its final message.
-    gs2_header: &'static str,
+    /// What the client must send (base64) as its final message's channel binding: the GS2
+    /// header, then for SCRAM-SHA-256-PLUS the binding data.
+    cbind_input: std::borrow::Cow<'static, [u8]>,
     /// Where the combined nonce sits in `auth_prefix`.
     nonce: std::ops::Range<usize>,
 }
 
 impl<'s> ScramExchange<'s> {
-    /// Handle the SASLInitialResponse data; returns the server-first message.
+    /// Handle the SASLInitialResponse data; returns the server-first message. `binding`:
+    /// how the client chose (the mechanism's name) and what the server offered.
     pub fn client_first(
         secret: &'s ScramSecret,
         msg: &[u8],
         server_nonce: &[u8; 18],
+        binding: Binding<'_>,
     ) -> Result<(ScramExchange<'s>, String), ScramError> {
         let msg = std::str::from_utf8(msg).map_err(|_| ScramError::Malformed("not UTF-8"))?;
         let (cbind, rest) = msg
             .split_once(',')
             .ok_or(ScramError::Malformed("no GS2 header"))?;
         // The authorization identity is always empty (checked below).
-        let gs2_header = match cbind {
-            "n" => "n,,",
-            "y" => "y,,",
-            c if c.starts_with("p=") => return Err(ScramError::ChannelBinding),
+        let cbind_input: std::borrow::Cow<'static, [u8]> = match (cbind, binding) {
+            ("n", Binding::NotSelected { .. }) => b"n,,".as_slice().into(),
+            // The client would bind but believes the server cannot: over TLS this server
+            // offered it, so something between them removed the offer.
+            ("y", Binding::NotSelected { offered: true }) => {
+                return Err(ScramError::ChannelBindingDowngrade);
+            }
+            ("y", Binding::NotSelected { offered: false }) => b"y,,".as_slice().into(),
+            (c, Binding::NotSelected { .. }) if c.starts_with("p=") => {
+                return Err(ScramError::ChannelBinding);
+            }
+            ("p=tls-server-end-point", Binding::Selected(data)) => {
+                let mut input = b"p=tls-server-end-point,,".to_vec();
+                input.extend_from_slice(data);
+                input.into()
+            }
+            (c, Binding::Selected(_)) if c.starts_with("p=") => {
+                return Err(ScramError::Malformed(
+                    "unsupported SCRAM channel-binding type",
+                ));
+            }
+            ("n" | "y", Binding::Selected(_)) => return Err(ScramError::NoChannelBinding),
             _ => return Err(ScramError::Malformed("bad channel binding flag")),
         };
         let (authzid, bare) = rest
@@ -191,7 +229,7 @@ impl<'s> ScramExchange<'s> {
             ScramExchange {
                 secret,
                 auth_prefix,
-                gs2_header,
+                cbind_input,
                 nonce,
             },
             server_first,
@@ -213,7 +251,7 @@ impl<'s> ScramExchange<'s> {
             .next()
             .and_then(|a| a.strip_prefix("r="))
             .ok_or(ScramError::Malformed("no nonce"))?;
-        if B64.decode(cbind).ok().as_deref() != Some(self.gs2_header.as_bytes()) {
+        if B64.decode(cbind).ok().as_deref() != Some(&*self.cbind_input) {
             return Err(ScramError::Malformed("channel binding mismatch"));
         }
         if nonce != &self.auth_prefix[self.nonce.clone()] {
@@ -258,18 +296,77 @@ mod tests {
     }
 
     fn run_with(secret: &ScramSecret, password_of_client: &str) -> Result<(), ScramError> {
-        let mut client =
-            ScramSha256::new(password_of_client.as_bytes(), ChannelBinding::unsupported());
+        exchange(
+            secret,
+            password_of_client,
+            Binding::NotSelected { offered: false },
+            ChannelBinding::unsupported(),
+        )
+    }
+
+    /// A real client's exchange with `binding` chosen by the server side and `client_cb` on
+    /// the client's.
+    fn run_bound(binding: Binding<'_>, client_cb: ChannelBinding) -> Result<(), ScramError> {
+        let verifier = postgres_protocol::password::scram_sha_256(b"secret");
+        let secret = ScramSecret::parse(&verifier).expect("valid verifier");
+        exchange(&secret, "secret", binding, client_cb)
+    }
+
+    fn exchange(
+        secret: &ScramSecret,
+        password_of_client: &str,
+        binding: Binding<'_>,
+        client_cb: ChannelBinding,
+    ) -> Result<(), ScramError> {
+        let mut client = ScramSha256::new(password_of_client.as_bytes(), client_cb);
         let (exchange, server_first) =
-            ScramExchange::client_first(secret, client.message(), &[7u8; 18])?;
+            ScramExchange::client_first(secret, client.message(), &[7u8; 18], binding)?;
         client
             .update(server_first.as_bytes())
             .map_err(|_| ScramError::Malformed("client rejected server-first"))?;
         let server_final = exchange.client_final(client.message())?;
         client
             .finish(server_final.as_bytes())
-            .map_err(|_| ScramError::Malformed("client rejected server signature"))?;
-        Ok(())
+            .map_err(|_| ScramError::Malformed("client rejected server signature"))
+    }
+
+    #[test]
+    fn channel_binding_ties_the_proof_to_the_tls_connection() {
+        let end_point = [5u8; 32];
+        let bound = |data: &[u8]| ChannelBinding::tls_server_end_point(data.to_vec());
+        assert_eq!(
+            run_bound(Binding::Selected(&end_point), bound(&end_point)),
+            Ok(())
+        );
+        // A man in the middle terminates TLS with another certificate: other data.
+        assert_eq!(
+            run_bound(Binding::Selected(&end_point), bound(&[6u8; 32])),
+            Err(ScramError::Malformed("channel binding mismatch"))
+        );
+        // The client chose SCRAM-SHA-256-PLUS but sends no binding.
+        assert_eq!(
+            run_bound(Binding::Selected(&end_point), ChannelBinding::unsupported()),
+            Err(ScramError::NoChannelBinding)
+        );
+        // The client could bind but was shown no PLUS offer, though the server made one.
+        assert_eq!(
+            run_bound(
+                Binding::NotSelected { offered: true },
+                ChannelBinding::unrequested()
+            ),
+            Err(ScramError::ChannelBindingDowngrade)
+        );
+        assert_eq!(
+            run_bound(
+                Binding::NotSelected { offered: false },
+                ChannelBinding::unrequested()
+            ),
+            Ok(())
+        );
+        assert_eq!(
+            run_bound(Binding::NotSelected { offered: true }, bound(&end_point)),
+            Err(ScramError::ChannelBinding)
+        );
     }
 
     #[test]
@@ -311,9 +408,17 @@ mod tests {
             b"x,,n=,r=abc",
             b"\xff\xfe",
         ] {
-            assert!(ScramExchange::client_first(&secret, bad, &[1; 18]).is_err());
+            let plain = Binding::NotSelected { offered: false };
+            assert!(ScramExchange::client_first(&secret, bad, &[1; 18], plain).is_err());
+            // Well-formed for SCRAM-SHA-256-PLUS.
+            if !bad.starts_with(b"p=") {
+                let bound = Binding::Selected(&[1; 32]);
+                assert!(ScramExchange::client_first(&secret, bad, &[1; 18], bound).is_err());
+            }
         }
-        let (ex, _) = ScramExchange::client_first(&secret, b"n,,n=,r=abc", &[1; 18]).unwrap();
+        let plain = Binding::NotSelected { offered: false };
+        let (ex, _) =
+            ScramExchange::client_first(&secret, b"n,,n=,r=abc", &[1; 18], plain).unwrap();
         for bad in [&b""[..], b"c=biws", b"c=biws,r=abc,p=AAAA", b"c=,r=,p="] {
             assert!(ex.client_final(bad).is_err());
         }
@@ -324,13 +429,18 @@ mod tests {
         let secret =
             ScramSecret::parse("SCRAM-SHA-256$4096:c2FsdHNhbHQ=$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=")
                 .unwrap();
-        let (ex, server_first) =
-            ScramExchange::client_first(&secret, b"y,,n=,r=abc", &[7; 18]).unwrap();
+        let (ex, server_first) = ScramExchange::client_first(
+            &secret,
+            b"y,,n=,r=abc",
+            &[7; 18],
+            Binding::NotSelected { offered: false },
+        )
+        .unwrap();
         assert_eq!(
             server_first,
             "r=abcBwcHBwcHBwcHBwcHBwcHBwcH,s=c2FsdHNhbHQ=,i=4096"
         );
-        assert_eq!(ex.gs2_header, "y,,");
+        assert_eq!(&*ex.cbind_input, b"y,,");
         assert_eq!(
             &ex.auth_prefix[ex.nonce.clone()],
             "abcBwcHBwcHBwcHBwcHBwcHBwcH"

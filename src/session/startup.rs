@@ -7,7 +7,7 @@ use std::sync::Arc;
 use bytes::Buf;
 
 use super::client::ClientConn;
-use crate::auth::{ScramError, ScramExchange, ScramSecret, UserSecret, md5_response_ok};
+use crate::auth::{Binding, ScramError, ScramExchange, ScramSecret, UserSecret, md5_response_ok};
 use crate::config::AuthMethod;
 use crate::error::{Error, Result};
 use crate::protocol::{self, StartupPacket, decode_startup, tag};
@@ -84,11 +84,12 @@ fn truncate_name(mut name: String) -> String {
 }
 
 pub async fn open(client: &mut ClientConn, runtime: &Runtime, over_limit: bool) -> Result<Opening> {
-    let (minor, params) = match read_startup(client, runtime.tls.as_ref()).await? {
-        StartupPacket::Cancel { pid, secret } => return Ok(Opening::Cancel { pid, secret }),
-        StartupPacket::Startup { minor, params } => (minor, params),
-        StartupPacket::Ssl | StartupPacket::GssEnc => unreachable!("handled in read_startup"),
-    };
+    let (minor, params) =
+        match read_startup(client, runtime.tls.as_ref().map(|t| &t.acceptor)).await? {
+            StartupPacket::Cancel { pid, secret } => return Ok(Opening::Cancel { pid, secret }),
+            StartupPacket::Startup { minor, params } => (minor, params),
+            StartupPacket::Ssl | StartupPacket::GssEnc => unreachable!("handled in read_startup"),
+        };
     let unsupported: Vec<&str> = params
         .iter()
         .map(|(k, _)| k.as_str())
@@ -145,13 +146,13 @@ pub async fn open(client: &mut ClientConn, runtime: &Runtime, over_limit: bool) 
             .as_ref()
             .filter(|a| a.config.name == user_name)
     {
-        authenticate(client, admin).await?;
+        authenticate(client, runtime, admin).await?;
         return Ok(Opening::Admin(admin.clone()));
     }
     let Some(user) = runtime.users.get(&user_name).cloned() else {
         return Err(refuse_unknown(client, runtime, user_name).await);
     };
-    authenticate(client, &user).await?;
+    authenticate(client, runtime, &user).await?;
     Ok(Opening::Login(Login {
         user,
         database,
@@ -185,13 +186,13 @@ async fn refuse_unknown(client: &mut ClientConn, runtime: &Runtime, user_name: S
         },
         secret,
     };
-    match authenticate(client, &mock).await {
+    match authenticate(client, runtime, &mock).await {
         Err(e) => e,
         Ok(()) => Error::BadPassword(user_name),
     }
 }
 
-async fn authenticate(client: &mut ClientConn, user: &UserEntry) -> Result<()> {
+async fn authenticate(client: &mut ClientConn, runtime: &Runtime, user: &UserEntry) -> Result<()> {
     let name = &user.config.name;
     match &user.secret {
         UserSecret::Trust => Ok(()),
@@ -207,19 +208,34 @@ async fn authenticate(client: &mut ClientConn, user: &UserEntry) -> Result<()> {
             }
         }
         UserSecret::Scram(secret) => {
-            client
-                .send(&[protocol::auth_sasl(&["SCRAM-SHA-256"])])
-                .await?;
+            // Over TLS, channel binding is offered too (first, as PostgreSQL lists it): it
+            // ties the password proof to this TLS connection, against a man in the middle.
+            let end_point = runtime
+                .tls
+                .as_ref()
+                .and_then(|t| t.end_point.as_deref())
+                .filter(|_| client.is_tls());
+            let offered: &[&str] = match end_point {
+                Some(_) => &["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"],
+                None => &["SCRAM-SHA-256"],
+            };
+            client.send(&[protocol::auth_sasl(offered)]).await?;
             let mut first = password_frame(client).await?;
             let (mechanism, data) = sasl_initial(&mut first)?;
-            if mechanism != "SCRAM-SHA-256" {
-                return Err(Error::Protocol(format!(
-                    "client selected an invalid SASL authentication mechanism: {mechanism}"
-                )));
-            }
+            let binding = match (mechanism.as_str(), end_point) {
+                ("SCRAM-SHA-256", _) => Binding::NotSelected {
+                    offered: end_point.is_some(),
+                },
+                ("SCRAM-SHA-256-PLUS", Some(data)) => Binding::Selected(data),
+                _ => {
+                    return Err(Error::Protocol(format!(
+                        "client selected an invalid SASL authentication mechanism: {mechanism}"
+                    )));
+                }
+            };
             let nonce: [u8; 18] = rand::random();
             let (exchange, server_first) =
-                ScramExchange::client_first(secret, &data, &nonce).map_err(scram_error)?;
+                ScramExchange::client_first(secret, &data, &nonce, binding).map_err(scram_error)?;
             client
                 .send(&[protocol::auth_sasl_continue(server_first.as_bytes())])
                 .await?;

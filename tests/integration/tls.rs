@@ -62,6 +62,21 @@ async fn psql_connects_with_verify_full_and_plain_clients_can_be_refused() {
             .await
             .unwrap();
     assert!(ok && out.trim() == "42", "{out}");
+    // Over TLS, SCRAM with channel binding (libpq computes tls-server-end-point from the
+    // certificate pgsplit presents; a mismatch fails the login).
+    let (ok, out) = tokio::task::spawn_blocking(move || {
+        psql(port, "sslmode=require channel_binding=require", "SELECT 43")
+    })
+    .await
+    .unwrap();
+    assert!(ok && out.trim() == "43", "{out}");
+    // Without TLS there is nothing to bind to: a client that requires it is refused.
+    let (ok, out) = tokio::task::spawn_blocking(move || {
+        psql(port, "sslmode=disable channel_binding=require", "SELECT 1")
+    })
+    .await
+    .unwrap();
+    assert!(!ok && out.contains("channel binding"), "{out}");
     // Without tls_required, plain clients still work.
     app_select_one(&proxy).await;
 
