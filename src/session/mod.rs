@@ -1151,7 +1151,9 @@ impl Session {
             }
         }
         if self.settings.apply(&all) {
-            self.statements.clear();
+            // The statements DISCARD ALL dropped, on the session and the connection, were
+            // forgotten when its CommandComplete came (see the relay): those the request
+            // parsed after it stay.
             // What the same request pins may come after the DISCARD ALL: it stays pinned.
             let keep = self.pinned_for_good || self.pinned_in_request;
             if self.pinned && !keep {
@@ -1162,10 +1164,6 @@ impl Session {
                     Some(self.runtime.backends.primary.health.lsn_samples());
             }
             self.pinned = keep;
-            if let Some(c) = self.conns[conn.0 as usize].as_mut() {
-                c.prepared.clear();
-                c.unnamed = None;
-            }
         }
         self.statements.set_context(self.settings.parse_context());
         if !self.pinned && self.replicas_unfit() {

@@ -199,6 +199,9 @@ struct InFlight {
     /// set_config) and not executed yet: a Bind alone changes nothing on the server, so
     /// their operations count when an Execute runs them.
     unexecuted: Vec<BoundPortal>,
+    /// A DEALLOCATE ALL or DISCARD ALL was sent: the connection's statements were taken as
+    /// dropped from there on (what the batch parses after it is prepared anew).
+    dropped_all: bool,
     /// A Sync must go to the server: the deferred BEGIN failed and the client's simple
     /// Query behind it was skipped, so only a Sync brings the ReadyForQuery it waits for.
     sync_due: bool,
@@ -258,6 +261,7 @@ impl Session {
             ops: Vec::new(),
             read_back: Vec::new(),
             unexecuted: Vec::new(),
+            dropped_all: false,
             facts_row: None,
             facts_error: None,
             sync_due: false,
@@ -370,9 +374,16 @@ impl Session {
                     rolled_back,
                     read_back,
                     unexecuted,
+                    dropped_all,
                     ..
                 } = fl;
                 self.conns[id.0 as usize] = Some(conn);
+                if dropped_all && failed {
+                    // Whether the server got to the DEALLOCATE ALL is not known: it may still
+                    // have statements the connection no longer claims (a Parse of one would
+                    // fail with 42P05).
+                    self.tainted[id.0 as usize] = true;
+                }
                 if !unexecuted.is_empty() && self.tx != TxStatus::Idle {
                     // A portal that changes session state lives on in the transaction, and
                     // a later request may run it unseen: no other session gets this
@@ -509,6 +520,7 @@ impl Session {
                 fl.ops.extend(class.session_ops.iter().cloned());
                 fl.read_back.extend(class.read_back.iter().cloned());
                 fl.conn.parse_settings_changed |= changes_parsing(class);
+                drop_all_if(fl, class);
             }
             Item::Forwarded(frame) => {
                 frame.encode_into(out);
@@ -593,6 +605,7 @@ impl Session {
                 {
                     fl.ops.extend(class.session_ops.iter().cloned());
                     fl.read_back.extend(class.read_back.iter().cloned());
+                    drop_all_if(fl, &class);
                 }
                 frame.encode_into(out);
                 fl.expects.push_back(match frame.tag {
@@ -1226,8 +1239,11 @@ impl Session {
                     // (Statements parsed after it in the same batch register at their own
                     // ParseComplete, which comes later.)
                     b"DEALLOCATE ALL" | b"DISCARD ALL" => {
-                        fl.conn.prepared.clear();
-                        fl.conn.unnamed = None;
+                        if !fl.dropped_all {
+                            // Not seen coming (sent as pgsplit could not read it).
+                            fl.conn.prepared.clear();
+                            fl.conn.unnamed = None;
+                        }
                         self.statements.clear_named();
                     }
                     // A DEALLOCATE that reached the server may have dropped a statement
@@ -1366,6 +1382,22 @@ impl HoldTick {
             .reset(tokio::time::Instant::now() + interval);
         // A reset timer may have let go of the waker.
         self.armed = false;
+    }
+}
+
+/// `class` runs DEALLOCATE ALL or DISCARD ALL: the server drops the connection's prepared
+/// statements when it gets there, before anything the batch sends after it, so the
+/// statements parsed after it must be prepared anew (a ParseComplete of pgsplit's own, for
+/// a statement the server still had when this was sent, would be followed by a 26000).
+fn drop_all_if(fl: &mut InFlight, class: &Classification) {
+    if class
+        .session_ops
+        .iter()
+        .any(|op| matches!(op, SessionOp::DeallocateAll | SessionOp::DiscardAll))
+    {
+        fl.conn.prepared.clear();
+        fl.conn.unnamed = None;
+        fl.dropped_all = true;
     }
 }
 

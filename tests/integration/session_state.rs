@@ -702,3 +702,33 @@ async fn a_reset_bound_but_never_executed_changes_nothing() {
         );
     }
 }
+
+/// A DEALLOCATE ALL or DISCARD ALL sent through the extended protocol drops the
+/// connection's statements when the server runs it: statements the same batch parses after
+/// it are prepared anew there, and stay the session's (PostgreSQL runs such a batch fine).
+#[tokio::test]
+async fn statements_parsed_after_a_deallocate_all_in_one_batch_work() {
+    let proxy = start_proxy_one_connection_per_node().await;
+    let mut raw = RawClient::login(proxy.addr, "trustuser").await;
+    for (drop_all, sql, value) in [
+        ("DEALLOCATE ALL", "SELECT 3 FROM pg_sleep(0)", "3"),
+        ("DISCARD ALL", "SELECT 4 FROM pg_sleep(0)", "4"),
+    ] {
+        // The connection already holds pgsplit's statement of that text.
+        raw.parse("before", sql).await;
+        assert_eq!(raw.execute_named("before").await, value);
+        let mut req = parse("", drop_all);
+        req.extend(bind(""));
+        req.extend(execute());
+        req.extend(parse("after", sql));
+        req.extend(bind("after"));
+        req.extend(execute());
+        req.extend(sync());
+        let answer = raw.send(&req).await;
+        assert_eq!(error_code(&answer), None, "{drop_all}: {answer:?}");
+        assert!(answer.iter().any(|m| m.0 == b'D'), "{drop_all}: {answer:?}");
+        // Still the session's statement afterwards.
+        assert_eq!(raw.execute_named("after").await, value, "{drop_all}");
+        raw.close_statement("after").await;
+    }
+}
