@@ -169,9 +169,17 @@ impl StopSignals {
 /// it to the hard limit, and say so when even that is short of what the config allows.
 fn raise_open_file_limit(config: &Config) {
     let servers = 1 + config.replicas.len() as u64;
-    let pools = servers * config.pool.size as u64 * config.users.len() as u64;
-    // Clients, their server connections, health checks, listeners, Redis, files.
-    let wanted = config.proxy.max_client_connections as u64 + pools + servers + 64;
+    let clients = config.proxy.max_client_connections as u64;
+    // Server connections: in session mode each client may hold one per server; pooled,
+    // one pool per user and database (one database per user counted).
+    let server_conns = match config.proxy.pool_mode {
+        pgsplit::config::PoolMode::Session => clients * servers,
+        pgsplit::config::PoolMode::Transaction => {
+            servers * config.pool.size as u64 * config.users.len() as u64
+        }
+    };
+    // And health checks, listeners, Redis, files.
+    let wanted = clients + server_conns + servers + 64;
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) if limit < wanted => tracing::warn!(
             limit,

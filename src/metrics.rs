@@ -21,7 +21,11 @@ const BUCKETS: &[f64] = &[
 
 /// Scrapes and health probes answered at once; more connections are closed unanswered, so
 /// that slow or silent ones cannot pile up.
-const MAX_CONCURRENT: usize = 64;
+const MAX_CONCURRENT: usize = 256;
+
+/// A request (head and answer) must be done within this: a silent connection gives its
+/// slot back soon.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: CancellationToken) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT));
@@ -42,7 +46,7 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: Cancell
         };
         let shared = shared.clone();
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(5), answer(&shared, stream)).await;
+            let _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(&shared, stream)).await;
             drop(slot);
         });
     }

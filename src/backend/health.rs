@@ -245,7 +245,9 @@ pub async fn run_checker(
         })
         .await
         .unwrap_or(Err(BackendError::Timeout));
-        state.answering.store(result.is_ok(), Ordering::Relaxed);
+        if !matches!(&result, Err(e) if e.is_local_exhaustion()) {
+            state.answering.store(result.is_ok(), Ordering::Relaxed);
+        }
         let (ok, reason) = match result {
             Ok(obs) => {
                 let role = if obs.in_recovery {

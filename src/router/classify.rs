@@ -46,8 +46,10 @@ const TX_SCOPED_GUCS: [&str; 3] = [
 /// interval and money literals, string escapes, `= NULL`, array literals, the encoding of
 /// the text itself. A prepared statement keeps what they were at its Parse, so statements
 /// prepared under different values are different statements.
-pub const PARSE_SETTINGS: [&str; 9] = [
+pub const PARSE_SETTINGS: [&str; 11] = [
     "timezone",
+    "timezone_abbreviations",
+    "xmloption",
     "datestyle",
     "intervalstyle",
     "client_encoding",
@@ -667,6 +669,12 @@ impl Ctx<'_> {
                     name == "standard_conforming_strings" && value().any(|v| !keeps_on(&v));
                 if serializable || backslash_strings {
                     self.pin();
+                }
+                if name == "datestyle" {
+                    // One half ('ISO', 'DMY') keeps the other half in force: the whole
+                    // value is read back afterwards, and replayed.
+                    push_unique(&mut self.out.read_back, name);
+                    return;
                 }
                 name
             }

@@ -366,7 +366,8 @@ const CASES: &[(&str, &str)] = &[
     ("SET LOCAL SESSION AUTHORIZATION bob", "?"),
     ("SET statement_timeout TO DEFAULT", "P set=statement_timeout"),
     ("SET application_name = 'my app'", "P set=application_name"),
-    ("SET DateStyle TO 'ISO, MDY'", "P set=datestyle"),
+    // One half of a DateStyle keeps the other: the whole value is read back.
+    ("SET DateStyle TO 'ISO, MDY'", "P rb=datestyle"),
     ("SET pgsplit.route = 'primary'", "P set=pgsplit.route"),
     ("SET XML OPTION DOCUMENT", "? set=xmloption"),
     ("SET TIME ZONE INTERVAL '+00:00' HOUR TO MINUTE", "P set=timezone"),

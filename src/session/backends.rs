@@ -239,11 +239,9 @@ impl Session {
             self.discard_idle(id);
         }
         if e.is_local_exhaustion() {
-            warn!(error = %e, "pgsplit is out of file descriptors: raise its open-file limit or lower max_client_connections");
-            return Error::NoServer(format!(
-                "pgsplit cannot open a connection to {}: {e}",
-                backend.name()
-            ));
+            // Not NoServer, which marks a replica down where it is caught.
+            warn!(backend = %backend.name(), error = %e, "pgsplit is out of file descriptors: raise its open-file limit or lower max_client_connections");
+            return Error::Backend(e);
         }
         match e {
             BackendError::Server(_) => Error::Backend(e),

@@ -793,18 +793,7 @@ impl Session {
             .iter()
             .any(|i| i.is_execute() || matches!(i, Item::Query { .. } | Item::Forwarded(_)));
         for item in items.iter() {
-            match item {
-                // A fast-path call may write anything; a malformed Query runs nothing.
-                Item::Forwarded(f) if f.tag == tag::FUNCTION_CALL => self.writes.note_unknown(),
-                // What runs statements: a Query, a Bind (for the Execute that follows it). A
-                // Parse or a Describe only prepares (a driver's prepare of an INSERT).
-                Item::Query { class, .. } => self.writes.note(class),
-                Item::Bind { stmt: Some(s), .. } => self.writes.note(&s.class),
-                // A statement pgsplit does not know, in a pinned session: an SQL-level
-                // PREPAREd one (libpq's PQexecPrepared), which may write anything.
-                Item::Bind { stmt: None, .. } if self.pinned => self.writes.note_unknown(),
-                _ => {}
-            }
+            self.note_writes(item);
         }
         // A read may run again if nothing of its answer reached the client: once more on
         // another replica after a connection failure, then on the primary.
@@ -1082,6 +1071,22 @@ impl Session {
             self.skip_until_sync = true;
         }
         self.client.send(&frames).await
+    }
+
+    /// Record what `item` may write (read-your-writes, the cache's invalidation).
+    fn note_writes(&mut self, item: &Item) {
+        match item {
+            // A fast-path call may write anything; a malformed Query runs nothing.
+            Item::Forwarded(f) if f.tag == tag::FUNCTION_CALL => self.writes.note_unknown(),
+            // What runs statements: a Query, a Bind (for the Execute that follows it). A
+            // Parse or a Describe only prepares (a driver's prepare of an INSERT).
+            Item::Query { class, .. } => self.writes.note(class),
+            Item::Bind { stmt: Some(s), .. } => self.writes.note(&s.class),
+            // A statement pgsplit does not know, in a pinned session: an SQL-level
+            // PREPAREd one (libpq's PQexecPrepared), which may write anything.
+            Item::Bind { stmt: None, .. } if self.pinned => self.writes.note_unknown(),
+            _ => {}
+        }
     }
 
     /// A request finished on `conn`: commit the session operations it carried, keep them

@@ -911,14 +911,11 @@ impl Session {
                 // stays on that connection, which is closed, not pooled, at the block's end.
                 self.tainted[fl.id.0 as usize] = true;
             }
-            self.writes.note(c);
             if c.calls_user_functions && fl.id.is_primary() {
                 self.writes.note_unknown();
             }
         }
-        if matches!(&item, Item::Forwarded(f) if f.tag == tag::FUNCTION_CALL) {
-            self.writes.note_unknown();
-        }
+        self.note_writes(&item);
         Ok(item)
     }
 

@@ -573,6 +573,12 @@ fn set_config_value(sql: &str) -> Option<String> {
 pub fn set_sql(name: &str, value: &str) -> String {
     // Built in one allocation: every pooled login makes one of these per startup parameter.
     let mut sql = String::with_capacity(48 + name.len() + value.len());
+    if name.eq_ignore_ascii_case("datestyle") {
+        // A DateStyle of one half ('ISO', 'DMY') keeps the other half of the value in
+        // force: from the default, as on a fresh connection, not from what another session
+        // left on this one.
+        sql.push_str("RESET datestyle; ");
+    }
     sql.push_str("SELECT pg_catalog.set_config('");
     push_quoted(&mut sql, name);
     sql.push_str("', '");

@@ -732,3 +732,26 @@ async fn statements_parsed_after_a_deallocate_all_in_one_batch_work() {
         raw.close_statement("after").await;
     }
 }
+
+/// A DateStyle given by one half (`'ISO'`, `'DMY'`) keeps the other half in force. The
+/// session's value is the whole of what the server ended with, and a replay starts from
+/// the default, not from what another session left on a pooled connection.
+#[tokio::test]
+async fn a_datestyle_of_one_half_keeps_the_other_half() {
+    let proxy = start_proxy_one_connection_per_node().await;
+    let a = proxy.app().await;
+    a.batch_execute("SET datestyle = 'SQL, DMY'").await.unwrap();
+    a.batch_execute("SET datestyle = 'ISO'").await.unwrap();
+    assert_eq!(primary_setting(&a, "datestyle").await, "ISO, DMY");
+    // Replayed on the replicas' connections too.
+    assert_eq!(simple_value(&a, "SHOW datestyle").await, "ISO, DMY");
+    // B logs in with half a DateStyle (as pgjdbc sends `DateStyle=ISO`), on the
+    // connection A left 'ISO, DMY' on: it gets what a fresh connection would.
+    let b = connect(&format!(
+        "{} options='-c DateStyle=ISO'",
+        proxy.conn_str("app", "app_pw")
+    ))
+    .await;
+    assert_eq!(primary_setting(&b, "datestyle").await, "ISO, MDY");
+    assert_eq!(primary_setting(&a, "datestyle").await, "ISO, DMY");
+}
