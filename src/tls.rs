@@ -69,6 +69,37 @@ fn end_point(cert: &[u8]) -> Option<Vec<u8>> {
     const RSA: [u8; 8] = [0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01];
     const ECDSA_SHA2: [u8; 7] = [0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03];
     const ECDSA_SHA1: [u8; 7] = [0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x01];
+    const HASH: [u8; 8] = [0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02];
+    if let [r @ .., 0x0a] = oid
+        && *r == RSA
+    {
+        // RSASSA-PSS: the hash is a parameter, `[0] hashAlgorithm` (SHA-1 when absent).
+        let params = oid_element.get(oid_header + oid_len..)?;
+        let (0x30, params_header, _) = element(params)? else {
+            return None;
+        };
+        let hash_oid = match element(params.get(params_header..)?)? {
+            (0xa0, explicit_header, _) => {
+                let alg = params.get(params_header + explicit_header..)?;
+                let (0x30, alg_header, _) = element(alg)? else {
+                    return None;
+                };
+                let (0x06, h, len) = element(alg.get(alg_header..)?)? else {
+                    return None;
+                };
+                alg.get(alg_header + h..alg_header + h + len)?
+            }
+            _ => &[0x2b, 0x0e, 0x03, 0x02, 0x1a][..],
+        };
+        let hash = match hash_oid {
+            [0x2b, 0x0e, 0x03, 0x02, 0x1a] => &::ring::digest::SHA256,
+            [h @ .., 0x01] if *h == HASH => &::ring::digest::SHA256,
+            [h @ .., 0x02] if *h == HASH => &::ring::digest::SHA384,
+            [h @ .., 0x03] if *h == HASH => &::ring::digest::SHA512,
+            _ => return None,
+        };
+        return Some(::ring::digest::digest(hash, cert).as_ref().to_vec());
+    }
     let hash = match oid {
         // md5, sha1, sha256 WithRSAEncryption; ecdsa-with-SHA1, -SHA256
         [r @ .., 0x04 | 0x05 | 0x0b] if *r == RSA => &::ring::digest::SHA256,
@@ -92,6 +123,12 @@ pub fn acceptor(cert: &Path, key: &Path) -> Result<ClientTls, String> {
         return Err(format!("proxy.tls_cert {}: no certificate", cert.display()));
     }
     let end_point = end_point(certs[0].as_ref());
+    if end_point.is_none() {
+        tracing::warn!(
+            cert = %cert.display(),
+            "the certificate's signature names no hash for channel binding (Ed25519?): SCRAM-SHA-256-PLUS is not offered, and clients with channel_binding=require cannot log in"
+        );
+    }
     let key = PrivateKeyDer::from_pem_file(key)
         .map_err(|e| format!("proxy.tls_key {}: {e}", key.display()))?;
     let config = rustls::ServerConfig::builder_with_provider(provider())
@@ -530,6 +567,18 @@ mod tests {
                     .to_vec()
             )
         );
+        // RSA-PSS: the hash in its parameters (PostgreSQL binds these too).
+        let pss = pem("rsa-pss-sha384.crt").remove(0);
+        assert_eq!(
+            end_point(pss.as_ref()),
+            Some(
+                ::ring::digest::digest(&::ring::digest::SHA384, pss.as_ref())
+                    .as_ref()
+                    .to_vec()
+            )
+        );
+        // Ed25519 signs without a separate hash: no binding.
+        assert_eq!(end_point(pem("ed25519.crt")[0].as_ref()), None);
         assert_eq!(end_point(b"not DER"), None);
         assert_eq!(end_point(&[0x30, 0x82, 0xff]), None);
     }

@@ -129,6 +129,8 @@ pub enum ScramError {
         "SCRAM channel binding negotiation error: the client supports channel binding but thinks the server does not, and this server does"
     )]
     ChannelBindingDowngrade,
+    #[error("SCRAM channel binding check failed")]
+    ChannelBindingCheck,
     #[error("password authentication failed")]
     BadProof,
 }
@@ -252,7 +254,7 @@ impl<'s> ScramExchange<'s> {
             .and_then(|a| a.strip_prefix("r="))
             .ok_or(ScramError::Malformed("no nonce"))?;
         if B64.decode(cbind).ok().as_deref() != Some(&*self.cbind_input) {
-            return Err(ScramError::Malformed("channel binding mismatch"));
+            return Err(ScramError::ChannelBindingCheck);
         }
         if nonce != &self.auth_prefix[self.nonce.clone()] {
             return Err(ScramError::Malformed("nonce mismatch"));
@@ -341,7 +343,7 @@ mod tests {
         // A man in the middle terminates TLS with another certificate: other data.
         assert_eq!(
             run_bound(Binding::Selected(&end_point), bound(&[6u8; 32])),
-            Err(ScramError::Malformed("channel binding mismatch"))
+            Err(ScramError::ChannelBindingCheck)
         );
         // The client chose SCRAM-SHA-256-PLUS but sends no binding.
         assert_eq!(

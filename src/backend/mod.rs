@@ -18,7 +18,7 @@ pub use balancer::Balancer;
 pub use conn::{CancelKey, ConnectParams, ServerAddr, ServerConn, send_cancel};
 pub use health::{HealthState, Role};
 pub use pool::{CheckoutError, Lent, Pool, PoolLimits};
-pub use prepared::PreparedSet;
+pub use prepared::{PreparedNames, PreparedSet};
 
 use crate::config::{BackendConfig, Config};
 use crate::protocol::ErrorFields;

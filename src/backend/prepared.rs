@@ -2,6 +2,16 @@
 //! eviction (a pooled connection serves many clients and would otherwise collect every
 //! statement any of them ever prepared).
 
+/// Statements set aside by [`PreparedSet::take_all`].
+#[derive(Debug, Default)]
+pub struct PreparedNames(foldhash::HashMap<String, u64>);
+
+impl PreparedNames {
+    pub fn extend(&mut self, other: PreparedNames) {
+        self.0.extend(other.0);
+    }
+}
+
 #[derive(Debug)]
 pub struct PreparedSet {
     /// Server-side name → the tick of its last use (looked up at every Bind). The names
@@ -69,6 +79,19 @@ impl PreparedSet {
 
     pub fn clear(&mut self) {
         self.names.clear();
+    }
+
+    /// Every statement taken out (the server is about to drop them all), to be put back
+    /// with [`PreparedSet::put_back`] should it not.
+    pub fn take_all(&mut self) -> PreparedNames {
+        PreparedNames(std::mem::take(&mut self.names))
+    }
+
+    /// Put back what [`PreparedSet::take_all`] took (the server did not drop them).
+    pub fn put_back(&mut self, taken: PreparedNames) {
+        for (name, tick) in taken.0 {
+            self.names.entry(name).or_insert(tick);
+        }
     }
 
     pub fn len(&self) -> usize {

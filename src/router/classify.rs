@@ -528,7 +528,7 @@ impl Ctx<'_> {
             }
             Statement::Reset(r) => {
                 self.primary();
-                self.out.session_ops.push(match &r.reset {
+                self.push_reset(match &r.reset {
                     Reset::ALL => SessionOp::ResetAll,
                     Reset::SessionAuthorization => SessionOp::Reset {
                         name: "session_authorization".to_owned(),
@@ -541,7 +541,7 @@ impl Ctx<'_> {
             Statement::Discard { object_type } => {
                 self.primary();
                 if matches!(object_type, DiscardObject::ALL) {
-                    self.out.session_ops.push(SessionOp::DiscardAll);
+                    self.push_reset(SessionOp::DiscardAll);
                 }
             }
             Statement::Deallocate { name, .. } => {
@@ -770,7 +770,7 @@ impl Ctx<'_> {
                 })
             };
             match op {
-                Some(op) => self.out.session_ops.push(op),
+                Some(op) => self.push_reset(op),
                 None => self.pin(),
             }
         } else if (kw(0, "PREPARE") && !kw(1, "TRANSACTION"))
@@ -782,6 +782,17 @@ impl Ctx<'_> {
             // A loaded library stays in the backend: DISCARD ALL does not undo it.
             self.out.pins_for_good |= kw(0, "LOAD");
         }
+    }
+
+    /// A RESET (or DISCARD ALL): a value to read back that an earlier statement of the
+    /// text set is not the session's any more (`SET datestyle …; RESET datestyle`).
+    fn push_reset(&mut self, op: SessionOp) {
+        match &op {
+            SessionOp::Reset { name } => self.out.read_back.retain(|n| n != name),
+            SessionOp::ResetAll | SessionOp::DiscardAll => self.out.read_back.clear(),
+            _ => {}
+        }
+        self.out.session_ops.push(op);
     }
 
     fn fallback_set(&mut self, f: &Fragment) {

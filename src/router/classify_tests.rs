@@ -368,6 +368,10 @@ const CASES: &[(&str, &str)] = &[
     ("SET application_name = 'my app'", "P set=application_name"),
     // One half of a DateStyle keeps the other: the whole value is read back.
     ("SET DateStyle TO 'ISO, MDY'", "P rb=datestyle"),
+    // Reset later in the same text: nothing of it to read back.
+    ("SET datestyle = 'ISO'; RESET datestyle", "P reset=datestyle n=2"),
+    ("SET datestyle = 'ISO'; RESET ALL", "P resetall n=2"),
+    ("RESET datestyle; SET datestyle = 'ISO'", "P reset=datestyle rb=datestyle n=2"),
     ("SET pgsplit.route = 'primary'", "P set=pgsplit.route"),
     ("SET XML OPTION DOCUMENT", "? set=xmloption"),
     ("SET TIME ZONE INTERVAL '+00:00' HOUR TO MINUTE", "P set=timezone"),

@@ -21,7 +21,7 @@ use tracing::{debug, warn};
 use super::Session;
 use super::request::{self, Item};
 use super::state::{Statement, Statements};
-use crate::backend::{BackendError, BackendId, ServerConn};
+use crate::backend::{BackendError, BackendId, PreparedNames, ServerConn};
 use crate::error::{Error, Result};
 use crate::protocol::{
     self, BindNames, ErrorFields, Frame, Severity, TxStatus, decode_command_tag, needs_whole_frame,
@@ -199,9 +199,11 @@ struct InFlight {
     /// set_config) and not executed yet: a Bind alone changes nothing on the server, so
     /// their operations count when an Execute runs them.
     unexecuted: Vec<BoundPortal>,
-    /// A DEALLOCATE ALL or DISCARD ALL was sent: the connection's statements were taken as
-    /// dropped from there on (what the batch parses after it is prepared anew).
-    dropped_all: bool,
+    /// A DEALLOCATE ALL or DISCARD ALL was sent: the connection's statements as they were,
+    /// set aside until its CommandComplete says the server dropped them (what the batch
+    /// parses after it is prepared anew). One the server did not run (an error before
+    /// it, DISCARD ALL in a transaction block) gives them back at the end.
+    set_aside: Option<Box<PreparedNames>>,
     /// A Sync must go to the server: the deferred BEGIN failed and the client's simple
     /// Query behind it was skipped, so only a Sync brings the ReadyForQuery it waits for.
     sync_due: bool,
@@ -261,7 +263,7 @@ impl Session {
             ops: Vec::new(),
             read_back: Vec::new(),
             unexecuted: Vec::new(),
-            dropped_all: false,
+            set_aside: None,
             facts_row: None,
             facts_error: None,
             sync_due: false,
@@ -374,16 +376,15 @@ impl Session {
                     rolled_back,
                     read_back,
                     unexecuted,
-                    dropped_all,
+                    set_aside,
                     ..
                 } = fl;
-                self.conns[id.0 as usize] = Some(conn);
-                if dropped_all && failed {
-                    // Whether the server got to the DEALLOCATE ALL is not known: it may still
-                    // have statements the connection no longer claims (a Parse of one would
-                    // fail with 42P05).
-                    self.tainted[id.0 as usize] = true;
+                let mut conn = conn;
+                if let Some(kept) = set_aside {
+                    // Never run: the server still has them (a Parse of one would be 42P05).
+                    conn.prepared.put_back(*kept);
                 }
+                self.conns[id.0 as usize] = Some(conn);
                 if !unexecuted.is_empty() && self.tx != TxStatus::Idle {
                     // A portal that changes session state lives on in the transaction, and
                     // a later request may run it unseen: no other session gets this
@@ -517,10 +518,7 @@ impl Session {
                 fl.expects.push_back(Expect::Query {
                     drops_unnamed: true,
                 });
-                fl.ops.extend(class.session_ops.iter().cloned());
-                fl.read_back.extend(class.read_back.iter().cloned());
-                fl.conn.parse_settings_changed |= changes_parsing(class);
-                drop_all_if(fl, class);
+                take_session_ops(fl, class);
             }
             Item::Forwarded(frame) => {
                 frame.encode_into(out);
@@ -603,9 +601,7 @@ impl Session {
                 if frame.tag == tag::EXECUTE
                     && let Some(class) = take_unexecuted(fl, &frame.body)
                 {
-                    fl.ops.extend(class.session_ops.iter().cloned());
-                    fl.read_back.extend(class.read_back.iter().cloned());
-                    drop_all_if(fl, &class);
+                    take_session_ops(fl, &class);
                 }
                 frame.encode_into(out);
                 fl.expects.push_back(match frame.tag {
@@ -1236,7 +1232,7 @@ impl Session {
                     // (Statements parsed after it in the same batch register at their own
                     // ParseComplete, which comes later.)
                     b"DEALLOCATE ALL" | b"DISCARD ALL" => {
-                        if !fl.dropped_all {
+                        if fl.set_aside.take().is_none() {
                             // Not seen coming (sent as pgsplit could not read it).
                             fl.conn.prepared.clear();
                             fl.conn.unnamed = None;
@@ -1382,20 +1378,32 @@ impl HoldTick {
     }
 }
 
-/// `class` runs DEALLOCATE ALL or DISCARD ALL: the server drops the connection's prepared
-/// statements when it gets there, before anything the batch sends after it, so the
-/// statements parsed after it must be prepared anew (a ParseComplete of pgsplit's own, for
-/// a statement the server still had when this was sent, would be followed by a 26000).
-fn drop_all_if(fl: &mut InFlight, class: &Classification) {
-    if class
-        .session_ops
-        .iter()
-        .any(|op| matches!(op, SessionOp::DeallocateAll | SessionOp::DiscardAll))
-    {
-        fl.conn.prepared.clear();
-        fl.conn.unnamed = None;
-        fl.dropped_all = true;
+/// The session operations of `class`, which runs now (a Query, or the Execute of its
+/// portal), in the order the request runs them.
+fn take_session_ops(fl: &mut InFlight, class: &Classification) {
+    for op in &class.session_ops {
+        // A value read back at the end of the request that this resets afterwards is not
+        // the session's any more (SET datestyle …; RESET datestyle).
+        match op {
+            SessionOp::Reset { name } => fl.read_back.retain(|n| n != name),
+            SessionOp::ResetAll | SessionOp::DiscardAll => fl.read_back.clear(),
+            _ => {}
+        }
+        if matches!(op, SessionOp::DeallocateAll | SessionOp::DiscardAll) {
+            // The server drops the connection's statements when it gets there, before
+            // anything the batch sends after it: those parsed after it are prepared anew (a
+            // ParseComplete of pgsplit's own, for a statement the server had when this was
+            // sent, would be followed by a 26000).
+            let taken = fl.conn.prepared.take_all();
+            match &mut fl.set_aside {
+                Some(kept) => kept.extend(taken),
+                None => fl.set_aside = Some(Box::new(taken)),
+            }
+        }
     }
+    fl.ops.extend(class.session_ops.iter().cloned());
+    fl.read_back.extend(class.read_back.iter().cloned());
+    fl.conn.parse_settings_changed |= changes_parsing(class);
 }
 
 /// A Bind of a portal to a statement classified `class` (None: one pgsplit does not know):

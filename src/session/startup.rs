@@ -257,10 +257,17 @@ async fn authenticate(client: &mut ClientConn, runtime: &Runtime, user: &UserEnt
     }
 }
 
-/// Every SCRAM failure but a wrong password is a protocol violation (08P01), as the
-/// server reports it; channel-binding data after choosing plain SCRAM-SHA-256 included.
+/// A SCRAM failure as the server reports it: a binding that does not match, or a client
+/// that says the server offered none, is an authorization failure (28000, a man in the
+/// middle's tell); every other one but a wrong password a protocol violation (08P01),
+/// channel-binding data after choosing plain SCRAM-SHA-256 included.
 fn scram_error(e: ScramError) -> Error {
-    Error::Protocol(e.to_string())
+    match e {
+        ScramError::ChannelBindingDowngrade | ScramError::ChannelBindingCheck => {
+            Error::AuthRejected(e.to_string())
+        }
+        _ => Error::Protocol(e.to_string()),
+    }
 }
 
 async fn password_frame(client: &mut ClientConn) -> Result<bytes::Bytes> {
@@ -307,6 +314,24 @@ fn postgres_bool(v: &str) -> Option<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// PostgreSQL reports a binding that fails, or a downgrade, as 28000, and the rest of
+    /// the malformed exchanges as 08P01.
+    #[test]
+    fn scram_failures_carry_the_servers_sqlstates() {
+        let code = |e: ScramError| scram_error(e).to_error_response(protocol::Severity::Fatal);
+        let sqlstate =
+            |f: crate::protocol::Frame| crate::protocol::ErrorFields::parse(&f.body).code;
+        for e in [
+            ScramError::ChannelBindingCheck,
+            ScramError::ChannelBindingDowngrade,
+        ] {
+            assert_eq!(sqlstate(code(e)), "28000");
+        }
+        for e in [ScramError::ChannelBinding, ScramError::NoChannelBinding] {
+            assert_eq!(sqlstate(code(e)), "08P01");
+        }
+    }
 
     #[test]
     fn names_are_cut_like_the_servers_at_a_character_boundary() {

@@ -755,3 +755,54 @@ async fn a_datestyle_of_one_half_keeps_the_other_half() {
     assert_eq!(primary_setting(&b, "datestyle").await, "ISO, MDY");
     assert_eq!(primary_setting(&a, "datestyle").await, "ISO, DMY");
 }
+
+/// A DISCARD ALL the server refuses (in a transaction block: 25001) drops nothing: the
+/// session's prepared statements go on working on that connection, which session mode
+/// keeps (a later Parse of one there would be 42P05).
+#[tokio::test]
+async fn a_discard_all_the_server_refused_drops_no_statement() {
+    for proxy in both_modes().await {
+        let client = proxy.app().await;
+        let statement = client.prepare("SELECT 5 FROM pg_sleep(0)").await.unwrap();
+        client.batch_execute("BEGIN").await.unwrap();
+        let v: i32 = client.query_one(&statement, &[]).await.unwrap().get(0);
+        assert_eq!(v, 5);
+        let e = client
+            .batch_execute("DISCARD ALL")
+            .await
+            .expect_err("DISCARD ALL cannot run in a transaction block");
+        assert_eq!(sqlstate(&e), "25001", "{e}");
+        client.batch_execute("ROLLBACK").await.unwrap();
+        client.batch_execute("BEGIN").await.unwrap();
+        let v: i32 = client
+            .query_one(&statement, &[])
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{:?}: {e}",
+                    proxy.shared.runtime.load().config.proxy.pool_mode
+                )
+            })
+            .get(0);
+        client.batch_execute("COMMIT").await.unwrap();
+        assert_eq!(v, 5);
+    }
+}
+
+/// A DateStyle set and reset in one request is the session's own again (its startup value),
+/// not what the pooled connection's RESET gave.
+#[tokio::test]
+async fn a_datestyle_set_and_reset_in_one_request_is_the_startup_one() {
+    let proxy = start_proxy_one_connection_per_node().await;
+    let b = connect(&format!(
+        "{} options='-c DateStyle=SQL,DMY'",
+        proxy.conn_str("app", "app_pw")
+    ))
+    .await;
+    assert_eq!(primary_setting(&b, "datestyle").await, "SQL, DMY");
+    b.batch_execute("SET datestyle = 'ISO'; RESET datestyle")
+        .await
+        .unwrap();
+    assert_eq!(primary_setting(&b, "datestyle").await, "SQL, DMY");
+    assert_eq!(simple_value(&b, "SHOW datestyle").await, "SQL, DMY");
+}
