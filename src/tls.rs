@@ -30,8 +30,9 @@ pub struct ClientTls {
     pub acceptor: TlsAcceptor,
     /// The `tls-server-end-point` channel binding data of the certificate (RFC 5929: its
     /// hash with its signature's hash function, SHA-256 for MD5 and SHA-1), for
-    /// SCRAM-SHA-256-PLUS; None for a signature with no such hash (Ed25519, RSA-PSS),
-    /// where PostgreSQL offers no channel binding either.
+    /// SCRAM-SHA-256-PLUS (RSA-PSS: the hash in its parameters); None for a signature with
+    /// no such hash (Ed25519: PostgreSQL offers no binding either) or one ring lacks
+    /// (SHA-224, SHA-3: PostgreSQL would bind those).
     pub end_point: Option<Vec<u8>>,
 }
 

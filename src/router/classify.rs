@@ -528,7 +528,7 @@ impl Ctx<'_> {
             }
             Statement::Reset(r) => {
                 self.primary();
-                self.push_reset(match &r.reset {
+                self.push_op(match &r.reset {
                     Reset::ALL => SessionOp::ResetAll,
                     Reset::SessionAuthorization => SessionOp::Reset {
                         name: "session_authorization".to_owned(),
@@ -541,7 +541,7 @@ impl Ctx<'_> {
             Statement::Discard { object_type } => {
                 self.primary();
                 if matches!(object_type, DiscardObject::ALL) {
-                    self.push_reset(SessionOp::DiscardAll);
+                    self.push_op(SessionOp::DiscardAll);
                 }
             }
             Statement::Deallocate { name, .. } => {
@@ -720,7 +720,7 @@ impl Ctx<'_> {
             // Not PostgreSQL syntax: we cannot know what it would replay.
             _ => return self.pin(),
         };
-        self.out.session_ops.push(SessionOp::Set { name, sql });
+        self.push_op(SessionOp::Set { name, sql });
     }
 
     /// A statement sqlparser rejected: the conservative answer, plus what its first keywords
@@ -770,7 +770,7 @@ impl Ctx<'_> {
                 })
             };
             match op {
-                Some(op) => self.push_reset(op),
+                Some(op) => self.push_op(op),
                 None => self.pin(),
             }
         } else if (kw(0, "PREPARE") && !kw(1, "TRANSACTION"))
@@ -784,14 +784,11 @@ impl Ctx<'_> {
         }
     }
 
-    /// A RESET (or DISCARD ALL): a value to read back that an earlier statement of the
-    /// text set is not the session's any more (`SET datestyle …; RESET datestyle`).
-    fn push_reset(&mut self, op: SessionOp) {
-        match &op {
-            SessionOp::Reset { name } => self.out.read_back.retain(|n| n != name),
-            SessionOp::ResetAll | SessionOp::DiscardAll => self.out.read_back.clear(),
-            _ => {}
-        }
+    /// A session operation: a value to read back that an earlier statement of the text
+    /// set and this one resets is not the session's any more (`SET datestyle …; RESET
+    /// datestyle`).
+    fn push_op(&mut self, op: SessionOp) {
+        self.out.read_back.retain(|n| !op.resets(n));
         self.out.session_ops.push(op);
     }
 
@@ -825,7 +822,7 @@ impl Ctx<'_> {
             })
         };
         match (name, self.source_text(f)) {
-            (Some(name), Some(sql)) => self.out.session_ops.push(SessionOp::Set { name, sql }),
+            (Some(name), Some(sql)) => self.push_op(SessionOp::Set { name, sql }),
             _ => self.pin(),
         }
     }

@@ -65,6 +65,26 @@ pub enum SessionOp {
     DeallocateAll,
 }
 
+/// Settings RESET ALL leaves alone (PostgreSQL marks them GUC_NO_RESET_ALL; DISCARD ALL
+/// resets them).
+pub const KEPT_BY_RESET_ALL: [&str; 2] = ["role", "session_authorization"];
+
+impl SessionOp {
+    /// Whether this takes `name` (lower-case) back from any value set before it.
+    pub fn resets(&self, name: &str) -> bool {
+        match self {
+            // A new session authorization drops the role too.
+            SessionOp::Reset { name: n } => {
+                n == name || (n == "session_authorization" && name == "role")
+            }
+            SessionOp::Set { name: n, .. } => n == "session_authorization" && name == "role",
+            SessionOp::ResetAll => !KEPT_BY_RESET_ALL.contains(&name),
+            SessionOp::DiscardAll => true,
+            SessionOp::Deallocate { .. } | SessionOp::DeallocateAll => false,
+        }
+    }
+}
+
 /// What the proxy needs to know about one SQL string (which may hold several statements).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Classification {

@@ -119,7 +119,10 @@ enum Expect {
     /// is replaced by the client's own.
     Fail(protocol::MalformedMessage),
     DescribePortal,
-    Execute,
+    Execute {
+        /// It runs DEALLOCATE ALL or DISCARD ALL (see `InFlight::set_aside`).
+        drops_all: bool,
+    },
     Close,
     Sync,
     /// A Sync the proxy added to close a describe-only request: its ReadyForQuery is not
@@ -130,6 +133,8 @@ enum Expect {
     /// Query the server refuses as malformed, does not.
     Query {
         drops_unnamed: bool,
+        /// It runs DEALLOCATE ALL or DISCARD ALL (see `InFlight::set_aside`).
+        drops_all: bool,
     },
     /// The proxy's own commit-facts query behind the client's request: everything up to its
     /// ReadyForQuery is read, none of it forwarded (but notifications).
@@ -199,11 +204,11 @@ struct InFlight {
     /// set_config) and not executed yet: a Bind alone changes nothing on the server, so
     /// their operations count when an Execute runs them.
     unexecuted: Vec<BoundPortal>,
-    /// A DEALLOCATE ALL or DISCARD ALL was sent: the connection's statements as they were,
-    /// set aside until its CommandComplete says the server dropped them (what the batch
-    /// parses after it is prepared anew). One the server did not run (an error before
-    /// it, DISCARD ALL in a transaction block) gives them back at the end.
-    set_aside: Option<Box<PreparedNames>>,
+    /// For each DEALLOCATE ALL or DISCARD ALL sent, in order: the connection's statements
+    /// as they were then, set aside until its CommandComplete says the server dropped them
+    /// (what the batch parses after it is prepared anew). One the server skipped or did
+    /// not run (an error before it, DISCARD ALL in a transaction block) gives them back.
+    set_aside: VecDeque<PreparedNames>,
     /// A Sync must go to the server: the deferred BEGIN failed and the client's simple
     /// Query behind it was skipped, so only a Sync brings the ReadyForQuery it waits for.
     sync_due: bool,
@@ -263,7 +268,7 @@ impl Session {
             ops: Vec::new(),
             read_back: Vec::new(),
             unexecuted: Vec::new(),
-            set_aside: None,
+            set_aside: VecDeque::new(),
             facts_row: None,
             facts_error: None,
             sync_due: false,
@@ -380,9 +385,9 @@ impl Session {
                     ..
                 } = fl;
                 let mut conn = conn;
-                if let Some(kept) = set_aside {
+                for kept in set_aside {
                     // Never run: the server still has them (a Parse of one would be 42P05).
-                    conn.prepared.put_back(*kept);
+                    conn.prepared.put_back(kept);
                 }
                 self.conns[id.0 as usize] = Some(conn);
                 if !unexecuted.is_empty() && self.tx != TxStatus::Idle {
@@ -515,15 +520,17 @@ impl Session {
             Item::Query { frame, class } => {
                 frame.encode_into(out);
                 fl.conn.unnamed = None;
+                let drops_all = take_session_ops(fl, class);
                 fl.expects.push_back(Expect::Query {
                     drops_unnamed: true,
+                    drops_all,
                 });
-                take_session_ops(fl, class);
             }
             Item::Forwarded(frame) => {
                 frame.encode_into(out);
                 fl.expects.push_back(Expect::Query {
                     drops_unnamed: false,
+                    drops_all: false,
                 });
             }
             Item::Parse(stmt) => {
@@ -598,14 +605,11 @@ impl Session {
                 }
             }
             Item::Portal(frame) => {
-                if frame.tag == tag::EXECUTE
-                    && let Some(class) = take_unexecuted(fl, &frame.body)
-                {
-                    take_session_ops(fl, &class);
-                }
+                let drops_all = frame.tag == tag::EXECUTE
+                    && take_unexecuted(fl, &frame.body).is_some_and(|c| take_session_ops(fl, &c));
                 frame.encode_into(out);
                 fl.expects.push_back(match frame.tag {
-                    tag::EXECUTE => Expect::Execute,
+                    tag::EXECUTE => Expect::Execute { drops_all },
                     tag::DESCRIBE => Expect::DescribePortal,
                     _ => Expect::Close,
                 });
@@ -1167,6 +1171,17 @@ impl Session {
                             } => undo_parse(&mut fl.conn, server_name, unnamed),
                             // Skipped: the server still has the statement.
                             Expect::CloseEvicted(victim) => fl.conn.prepared.restore(&victim),
+                            // Skipped too: the statements it set aside are still there
+                            // (newest first, as it was the newest one set aside; a Parse
+                            // skipped before it is undone after).
+                            Expect::Query {
+                                drops_all: true, ..
+                            }
+                            | Expect::Execute { drops_all: true } => {
+                                if let Some(kept) = fl.set_aside.pop_back() {
+                                    fl.conn.prepared.put_back(kept);
+                                }
+                            }
                             _ => {}
                         }
                     }
@@ -1177,6 +1192,7 @@ impl Session {
                 let answered = fl.expects.pop_front();
                 if let Some(Expect::Query {
                     drops_unnamed: true,
+                    ..
                 }) = answered
                 {
                     self.statements.remove("");
@@ -1232,7 +1248,7 @@ impl Session {
                     // (Statements parsed after it in the same batch register at their own
                     // ParseComplete, which comes later.)
                     b"DEALLOCATE ALL" | b"DISCARD ALL" => {
-                        if fl.set_aside.take().is_none() {
+                        if fl.set_aside.pop_front().is_none() {
                             // Not seen coming (sent as pgsplit could not read it).
                             fl.conn.prepared.clear();
                             fl.conn.unnamed = None;
@@ -1260,20 +1276,20 @@ impl Session {
                     }
                     _ => {}
                 }
-                if matches!(fl.expects.front(), Some(Expect::Execute)) {
+                if matches!(fl.expects.front(), Some(Expect::Execute { .. })) {
                     fl.expects.pop_front();
                 }
                 true
             }
             tag::EMPTY_QUERY_RESPONSE | tag::PORTAL_SUSPENDED => {
-                if matches!(fl.expects.front(), Some(Expect::Execute)) {
+                if matches!(fl.expects.front(), Some(Expect::Execute { .. })) {
                     fl.expects.pop_front();
                 }
                 true
             }
             tag::COPY_IN_RESPONSE => {
                 fl.copy_in = true;
-                fl.copy_by_execute = matches!(fl.expects.front(), Some(Expect::Execute));
+                fl.copy_by_execute = matches!(fl.expects.front(), Some(Expect::Execute { .. }));
                 true
             }
             _ => true,
@@ -1379,31 +1395,26 @@ impl HoldTick {
 }
 
 /// The session operations of `class`, which runs now (a Query, or the Execute of its
-/// portal), in the order the request runs them.
-fn take_session_ops(fl: &mut InFlight, class: &Classification) {
+/// portal), in the order the request runs them. Whether it drops every prepared statement.
+fn take_session_ops(fl: &mut InFlight, class: &Classification) -> bool {
+    let mut drops_all = false;
     for op in &class.session_ops {
         // A value read back at the end of the request that this resets afterwards is not
         // the session's any more (SET datestyle …; RESET datestyle).
-        match op {
-            SessionOp::Reset { name } => fl.read_back.retain(|n| n != name),
-            SessionOp::ResetAll | SessionOp::DiscardAll => fl.read_back.clear(),
-            _ => {}
-        }
+        fl.read_back.retain(|n| !op.resets(n));
         if matches!(op, SessionOp::DeallocateAll | SessionOp::DiscardAll) {
             // The server drops the connection's statements when it gets there, before
             // anything the batch sends after it: those parsed after it are prepared anew (a
             // ParseComplete of pgsplit's own, for a statement the server had when this was
             // sent, would be followed by a 26000).
-            let taken = fl.conn.prepared.take_all();
-            match &mut fl.set_aside {
-                Some(kept) => kept.extend(taken),
-                None => fl.set_aside = Some(Box::new(taken)),
-            }
+            fl.set_aside.push_back(fl.conn.prepared.take_all());
+            drops_all = true;
         }
     }
     fl.ops.extend(class.session_ops.iter().cloned());
     fl.read_back.extend(class.read_back.iter().cloned());
     fl.conn.parse_settings_changed |= changes_parsing(class);
+    drops_all
 }
 
 /// A Bind of a portal to a statement classified `class` (None: one pgsplit does not know):

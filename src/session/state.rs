@@ -653,10 +653,9 @@ type Identity = (Option<String>, Option<String>);
 /// An [`Identity`] borrowed; `(None, None)` is the login's own.
 type IdentityRef<'a> = (Option<&'a String>, Option<&'a String>);
 
-/// `RESET ALL` leaves the role and the session authorization alone (PostgreSQL marks both
-/// GUC_NO_RESET_ALL; DISCARD ALL resets them).
+/// `RESET ALL` leaves the role and the session authorization alone.
 fn survives_reset_all(name: &str) -> bool {
-    name == ROLE || name == AUTHORIZATION
+    crate::router::KEPT_BY_RESET_ALL.contains(&name)
 }
 
 /// Setting or resetting the session authorization drops the role too (`SET ROLE NONE`).

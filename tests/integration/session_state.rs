@@ -473,6 +473,14 @@ async fn reading_back_a_set_config_leaves_the_clients_portal_open() {
     }
 }
 
+/// A new role (NOLOGIN) that `app` may SET ROLE to, replicated.
+async fn role_granted_to_app(prefix: &str) -> String {
+    let role = unique(prefix);
+    run_as_superuser(&format!("CREATE ROLE {role} NOLOGIN; GRANT {role} TO app")).await;
+    wait_replicated_on(cluster()).await;
+    role
+}
+
 /// `RESET ALL` leaves the role in force, as PostgreSQL does (the role is not one of the
 /// settings it resets): the session keeps it on every backend, and the pooled connection
 /// it ran on is brought back to the next client's role (pool size 1, so that client gets
@@ -480,10 +488,7 @@ async fn reading_back_a_set_config_leaves_the_clients_portal_open() {
 /// client ran as the first one's role.
 #[tokio::test]
 async fn reset_all_keeps_the_role_and_it_never_reaches_another_client() {
-    let c = cluster();
-    let role = unique("reset_all_role");
-    run_as_superuser(&format!("CREATE ROLE {role} NOLOGIN; GRANT {role} TO app")).await;
-    wait_replicated_on(c).await;
+    let role = role_granted_to_app("reset_all_role").await;
     let proxy = start_proxy_one_connection_per_node().await;
     let a = proxy.app().await;
     a.batch_execute(&format!("SET ROLE {role}")).await.unwrap();
@@ -717,12 +722,8 @@ async fn statements_parsed_after_a_deallocate_all_in_one_batch_work() {
         // The connection already holds pgsplit's statement of that text.
         raw.parse("before", sql).await;
         assert_eq!(raw.execute_named("before").await, value);
-        let mut req = parse("", drop_all);
-        req.extend(bind(""));
-        req.extend(execute());
-        req.extend(parse("after", sql));
-        req.extend(bind("after"));
-        req.extend(execute());
+        let mut req = run_in_batch("", drop_all);
+        req.extend(run_in_batch("after", sql));
         req.extend(sync());
         let answer = raw.send(&req).await;
         assert_eq!(error_code(&answer), None, "{drop_all}: {answer:?}");
@@ -805,4 +806,45 @@ async fn a_datestyle_set_and_reset_in_one_request_is_the_startup_one() {
         .unwrap();
     assert_eq!(primary_setting(&b, "datestyle").await, "SQL, DMY");
     assert_eq!(simple_value(&b, "SHOW datestyle").await, "SQL, DMY");
+}
+
+/// Two DEALLOCATE ALL in one batch, a statement parsed after the second: the connection
+/// still knows it has that statement (a Parse of the same text later, by anyone, would
+/// otherwise reach the server, which has it: 42P05).
+#[tokio::test]
+async fn two_deallocate_alls_in_one_batch_keep_what_was_parsed_after() {
+    let proxy = start_proxy_one_connection_per_node().await;
+    let mut raw = RawClient::login(proxy.addr, "trustuser").await;
+    let sql = "SELECT 6 FROM pg_sleep(0)";
+    let mut req = run_in_batch("", "DEALLOCATE ALL");
+    req.extend(run_in_batch("", "DEALLOCATE ALL"));
+    req.extend(run_in_batch("z", sql));
+    req.extend(sync());
+    let answer = raw.send(&req).await;
+    assert_eq!(error_code(&answer), None, "{answer:?}");
+    // In a transaction: on the primary's one pooled connection, where the batch ran.
+    let begin = raw.send(&message(b'Q', &cstr("BEGIN"))).await;
+    assert_eq!(error_code(&begin), None, "{begin:?}");
+    raw.parse("z_again", sql).await;
+    assert_eq!(raw.execute_named("z_again").await, "6");
+    let commit = raw.send(&message(b'Q', &cstr("COMMIT"))).await;
+    assert_eq!(error_code(&commit), None, "{commit:?}");
+}
+
+/// RESET ALL leaves the role alone, also one set by `set_config('role', …, false)` earlier
+/// in the same text: the session keeps it, and the next client of the pooled connection
+/// does not run as it.
+#[tokio::test]
+async fn a_role_set_by_set_config_survives_reset_all() {
+    let role = role_granted_to_app("reset_all_role").await;
+    let proxy = start_proxy_one_connection_per_node().await;
+    let a = proxy.app().await;
+    a.batch_execute(&format!(
+        "SELECT set_config('role', '{role}', false); RESET ALL"
+    ))
+    .await
+    .unwrap();
+    let b = proxy.app().await;
+    assert_eq!(primary_setting(&b, "role").await, "none");
+    assert_eq!(primary_setting(&a, "role").await, role);
 }

@@ -193,6 +193,14 @@ pub fn sync() -> Vec<u8> {
     message(b'S', &[])
 }
 
+/// Parse `sql` as statement `name`, bind it to the unnamed portal and execute it (no Sync).
+pub fn run_in_batch(name: &str, sql: &str) -> Vec<u8> {
+    let mut req = parse(name, sql);
+    req.extend(bind(name));
+    req.extend(execute());
+    req
+}
+
 /// Parse `sql` as the unnamed statement, bind it, execute it, Sync.
 pub fn parse_bind_execute(sql: &str) -> Vec<u8> {
     let mut req = parse("", sql);
