@@ -6,12 +6,6 @@
 #[derive(Debug, Default)]
 pub struct PreparedNames(foldhash::HashMap<String, u64>);
 
-impl PreparedNames {
-    pub fn extend(&mut self, other: PreparedNames) {
-        self.0.extend(other.0);
-    }
-}
-
 #[derive(Debug)]
 pub struct PreparedSet {
     /// Server-side name → the tick of its last use (looked up at every Bind). The names

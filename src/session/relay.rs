@@ -120,8 +120,8 @@ enum Expect {
     Fail(protocol::MalformedMessage),
     DescribePortal,
     Execute {
-        /// It runs DEALLOCATE ALL or DISCARD ALL (see `InFlight::set_aside`).
-        drops_all: bool,
+        /// How many DEALLOCATE ALL / DISCARD ALL it runs (see `InFlight::set_aside`).
+        drops_all: u8,
     },
     Close,
     Sync,
@@ -133,8 +133,8 @@ enum Expect {
     /// Query the server refuses as malformed, does not.
     Query {
         drops_unnamed: bool,
-        /// It runs DEALLOCATE ALL or DISCARD ALL (see `InFlight::set_aside`).
-        drops_all: bool,
+        /// How many DEALLOCATE ALL / DISCARD ALL it runs (see `InFlight::set_aside`).
+        drops_all: u8,
     },
     /// The proxy's own commit-facts query behind the client's request: everything up to its
     /// ReadyForQuery is read, none of it forwarded (but notifications).
@@ -146,10 +146,10 @@ enum Expect {
     HiddenBegin,
 }
 
-/// The state of the request in flight. Owns the server connection meanwhile.
 /// A portal's name and the classification of the statement bound to it.
 type BoundPortal = (String, Arc<Classification>);
 
+/// The state of the request in flight. Owns the server connection meanwhile.
 struct InFlight {
     id: BackendId,
     conn: Box<ServerConn>,
@@ -201,14 +201,17 @@ struct InFlight {
     /// Settings set by set_config() in this request, to read back once it succeeded.
     read_back: Vec<String>,
     /// Portals bound to statements that change session state (SET, RESET, DISCARD,
-    /// set_config) and not executed yet: a Bind alone changes nothing on the server, so
-    /// their operations count when an Execute runs them.
+    /// set_config, a SET LOCAL of a parse setting) and not executed yet: a Bind alone
+    /// changes nothing on the server, so their operations count when an Execute runs them.
     unexecuted: Vec<BoundPortal>,
     /// For each DEALLOCATE ALL or DISCARD ALL sent, in order: the connection's statements
     /// as they were then, set aside until its CommandComplete says the server dropped them
     /// (what the batch parses after it is prepared anew). One the server skipped or did
     /// not run (an error before it, DISCARD ALL in a transaction block) gives them back.
     set_aside: VecDeque<PreparedNames>,
+    /// Of the set-asides of the simple Query being answered, how many its CommandCompletes
+    /// took (the rest go back at its ReadyForQuery: an error stopped it before them).
+    query_drops_done: u8,
     /// A Sync must go to the server: the deferred BEGIN failed and the client's simple
     /// Query behind it was skipped, so only a Sync brings the ReadyForQuery it waits for.
     sync_due: bool,
@@ -269,6 +272,7 @@ impl Session {
             read_back: Vec::new(),
             unexecuted: Vec::new(),
             set_aside: VecDeque::new(),
+            query_drops_done: 0,
             facts_row: None,
             facts_error: None,
             sync_due: false,
@@ -375,7 +379,7 @@ impl Session {
                 }
                 self.last_failed = fl.failed;
                 let InFlight {
-                    conn,
+                    mut conn,
                     ops,
                     failed,
                     rolled_back,
@@ -384,7 +388,6 @@ impl Session {
                     set_aside,
                     ..
                 } = fl;
-                let mut conn = conn;
                 for kept in set_aside {
                     // Never run: the server still has them (a Parse of one would be 42P05).
                     conn.prepared.put_back(kept);
@@ -530,7 +533,7 @@ impl Session {
                 frame.encode_into(out);
                 fl.expects.push_back(Expect::Query {
                     drops_unnamed: false,
-                    drops_all: false,
+                    drops_all: 0,
                 });
             }
             Item::Parse(stmt) => {
@@ -554,7 +557,6 @@ impl Session {
                         } else if let Ok(names) = BindNames::decode(&frame.body) {
                             rewrite_bind_into(&frame.body, &names, &s.server_name, &mut self.wbuf);
                         }
-                        fl.conn.parse_settings_changed |= changes_parsing(&s.class);
                         bind_portal(fl, &frame.body, Some(&s.class));
                     }
                     None => {
@@ -605,8 +607,10 @@ impl Session {
                 }
             }
             Item::Portal(frame) => {
-                let drops_all = frame.tag == tag::EXECUTE
-                    && take_unexecuted(fl, &frame.body).is_some_and(|c| take_session_ops(fl, &c));
+                let ran = (frame.tag == tag::EXECUTE)
+                    .then(|| take_unexecuted(fl, &frame.body))
+                    .flatten();
+                let drops_all = ran.map_or(0, |class| take_session_ops(fl, &class));
                 frame.encode_into(out);
                 fl.expects.push_back(match frame.tag {
                     tag::EXECUTE => Expect::Execute { drops_all },
@@ -1174,12 +1178,12 @@ impl Session {
                             // Skipped too: the statements it set aside are still there
                             // (newest first, as it was the newest one set aside; a Parse
                             // skipped before it is undone after).
-                            Expect::Query {
-                                drops_all: true, ..
-                            }
-                            | Expect::Execute { drops_all: true } => {
-                                if let Some(kept) = fl.set_aside.pop_back() {
-                                    fl.conn.prepared.put_back(kept);
+                            Expect::Query { drops_all: n, .. }
+                            | Expect::Execute { drops_all: n } => {
+                                for _ in 0..n {
+                                    if let Some(kept) = fl.set_aside.pop_back() {
+                                        fl.conn.prepared.put_back(kept);
+                                    }
                                 }
                             }
                             _ => {}
@@ -1190,6 +1194,14 @@ impl Session {
             }
             tag::READY_FOR_QUERY => {
                 let answered = fl.expects.pop_front();
+                if let Some(Expect::Query { drops_all, .. }) = answered {
+                    // Its drops an error kept from running: the server still has those.
+                    for _ in std::mem::take(&mut fl.query_drops_done)..drops_all {
+                        if let Some(kept) = fl.set_aside.pop_front() {
+                            fl.conn.prepared.put_back(kept);
+                        }
+                    }
+                }
                 if let Some(Expect::Query {
                     drops_unnamed: true,
                     ..
@@ -1248,10 +1260,26 @@ impl Session {
                     // (Statements parsed after it in the same batch register at their own
                     // ParseComplete, which comes later.)
                     b"DEALLOCATE ALL" | b"DISCARD ALL" => {
-                        if fl.set_aside.pop_front().is_none() {
-                            // Not seen coming (sent as pgsplit could not read it).
+                        let foreseen = match fl.expects.front() {
+                            Some(Expect::Execute { drops_all }) => *drops_all > 0,
+                            Some(Expect::Query { drops_all, .. }) => {
+                                fl.query_drops_done < *drops_all
+                            }
+                            _ => false,
+                        };
+                        if foreseen {
+                            fl.set_aside.pop_front();
+                            if matches!(fl.expects.front(), Some(Expect::Query { .. })) {
+                                fl.query_drops_done += 1;
+                            }
+                        } else {
+                            // Not seen coming (a text pgsplit could not read, a portal bound
+                            // in an earlier request): what the connection has is not known
+                            // any more, and no set-aside may come back over it.
                             fl.conn.prepared.clear();
                             fl.conn.unnamed = None;
+                            fl.set_aside.clear();
+                            self.tainted[fl.id.0 as usize] = true;
                         }
                         self.statements.clear_named();
                     }
@@ -1395,9 +1423,10 @@ impl HoldTick {
 }
 
 /// The session operations of `class`, which runs now (a Query, or the Execute of its
-/// portal), in the order the request runs them. Whether it drops every prepared statement.
-fn take_session_ops(fl: &mut InFlight, class: &Classification) -> bool {
-    let mut drops_all = false;
+/// portal), in the order the request runs them. How many times it drops every prepared
+/// statement.
+fn take_session_ops(fl: &mut InFlight, class: &Classification) -> u8 {
+    let mut drops_all = 0u8;
     for op in &class.session_ops {
         // A value read back at the end of the request that this resets afterwards is not
         // the session's any more (SET datestyle …; RESET datestyle).
@@ -1408,7 +1437,7 @@ fn take_session_ops(fl: &mut InFlight, class: &Classification) -> bool {
             // ParseComplete of pgsplit's own, for a statement the server had when this was
             // sent, would be followed by a 26000).
             fl.set_aside.push_back(fl.conn.prepared.take_all());
-            drops_all = true;
+            drops_all = drops_all.saturating_add(1);
         }
     }
     fl.ops.extend(class.session_ops.iter().cloned());
@@ -1421,7 +1450,8 @@ fn take_session_ops(fl: &mut InFlight, class: &Classification) -> bool {
 /// the portal's session operations wait for its Execute, and a portal bound anew forgets
 /// those of its old statement.
 fn bind_portal(fl: &mut InFlight, body: &[u8], class: Option<&Arc<Classification>>) {
-    let changes = class.filter(|c| !c.session_ops.is_empty() || !c.read_back.is_empty());
+    let changes = class
+        .filter(|c| !c.session_ops.is_empty() || !c.read_back.is_empty() || c.local_parse_setting);
     if changes.is_none() && fl.unexecuted.is_empty() {
         return;
     }

@@ -822,13 +822,19 @@ async fn two_deallocate_alls_in_one_batch_keep_what_was_parsed_after() {
     req.extend(sync());
     let answer = raw.send(&req).await;
     assert_eq!(error_code(&answer), None, "{answer:?}");
-    // In a transaction: on the primary's one pooled connection, where the batch ran.
-    let begin = raw.send(&message(b'Q', &cstr("BEGIN"))).await;
+    assert_eq!(prepared_on_the_primary(&mut raw, "z_again", sql).await, "6");
+}
+
+/// Parse `sql` as `name` and run it, in a transaction: on the primary's pooled connection
+/// (one per node in these tests), where a batch of session operations ran before.
+async fn prepared_on_the_primary(raw: &mut RawClient, name: &str, sql: &str) -> String {
+    let begin = raw.send(&query("BEGIN")).await;
     assert_eq!(error_code(&begin), None, "{begin:?}");
-    raw.parse("z_again", sql).await;
-    assert_eq!(raw.execute_named("z_again").await, "6");
-    let commit = raw.send(&message(b'Q', &cstr("COMMIT"))).await;
+    raw.parse(name, sql).await;
+    let value = raw.execute_named(name).await;
+    let commit = raw.send(&query("COMMIT")).await;
     assert_eq!(error_code(&commit), None, "{commit:?}");
+    value
 }
 
 /// RESET ALL leaves the role alone, also one set by `set_config('role', …, false)` earlier
@@ -847,4 +853,24 @@ async fn a_role_set_by_set_config_survives_reset_all() {
     let b = proxy.app().await;
     assert_eq!(primary_setting(&b, "role").await, "none");
     assert_eq!(primary_setting(&a, "role").await, role);
+}
+
+/// A batch that fails before a Query holding two DEALLOCATE ALLs: the server skips the
+/// Query and never parses the statement sent before it, and the connection claims neither
+/// (a later Parse of that text must reach the server, not be answered from a claim: 26000).
+/// In a pinned session, whose connection a failed batch does not close.
+#[tokio::test]
+async fn a_skipped_query_with_two_deallocate_alls_gives_back_only_what_was_there() {
+    let proxy = start_proxy_one_connection_per_node().await;
+    let mut raw = RawClient::login(proxy.addr, "trustuser").await;
+    let listen = raw.send(&query("LISTEN pgsplit_pinned_for_the_test")).await;
+    assert_eq!(error_code(&listen), None, "{listen:?}");
+    let sql = "SELECT 7 FROM pg_sleep(0)";
+    let mut req = run_in_batch("", "SELECT 1/0");
+    req.extend(parse("z", sql));
+    req.extend(query("DEALLOCATE ALL; DEALLOCATE ALL"));
+    req.extend(sync());
+    let answer = raw.send(&req).await;
+    assert_eq!(error_code(&answer).as_deref(), Some("22012"), "{answer:?}");
+    assert_eq!(prepared_on_the_primary(&mut raw, "z_again", sql).await, "7");
 }
