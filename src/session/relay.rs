@@ -121,7 +121,7 @@ enum Expect {
     DescribePortal,
     Execute {
         /// How many DEALLOCATE ALL / DISCARD ALL it runs (see `InFlight::set_aside`).
-        drops_all: u8,
+        drops_all: u32,
     },
     Close,
     Sync,
@@ -134,7 +134,7 @@ enum Expect {
     Query {
         drops_unnamed: bool,
         /// How many DEALLOCATE ALL / DISCARD ALL it runs (see `InFlight::set_aside`).
-        drops_all: u8,
+        drops_all: u32,
     },
     /// The proxy's own commit-facts query behind the client's request: everything up to its
     /// ReadyForQuery is read, none of it forwarded (but notifications).
@@ -211,7 +211,7 @@ struct InFlight {
     set_aside: VecDeque<PreparedNames>,
     /// Of the set-asides of the simple Query being answered, how many its CommandCompletes
     /// took (the rest go back at its ReadyForQuery: an error stopped it before them).
-    query_drops_done: u8,
+    query_drops_done: u32,
     /// A Sync must go to the server: the deferred BEGIN failed and the client's simple
     /// Query behind it was skipped, so only a Sync brings the ReadyForQuery it waits for.
     sync_due: bool,
@@ -1275,10 +1275,13 @@ impl Session {
                         } else {
                             // Not seen coming (a text pgsplit could not read, a portal bound
                             // in an earlier request): what the connection has is not known
-                            // any more, and no set-aside may come back over it.
+                            // any more, and no set-aside may come back over it (emptied, not
+                            // removed: each still stands for its own drop).
                             fl.conn.prepared.clear();
                             fl.conn.unnamed = None;
-                            fl.set_aside.clear();
+                            for kept in fl.set_aside.iter_mut() {
+                                *kept = PreparedNames::default();
+                            }
                             self.tainted[fl.id.0 as usize] = true;
                         }
                         self.statements.clear_named();
@@ -1425,8 +1428,8 @@ impl HoldTick {
 /// The session operations of `class`, which runs now (a Query, or the Execute of its
 /// portal), in the order the request runs them. How many times it drops every prepared
 /// statement.
-fn take_session_ops(fl: &mut InFlight, class: &Classification) -> u8 {
-    let mut drops_all = 0u8;
+fn take_session_ops(fl: &mut InFlight, class: &Classification) -> u32 {
+    let mut drops_all = 0u32;
     for op in &class.session_ops {
         // A value read back at the end of the request that this resets afterwards is not
         // the session's any more (SET datestyle …; RESET datestyle).
@@ -1437,7 +1440,7 @@ fn take_session_ops(fl: &mut InFlight, class: &Classification) -> u8 {
             // ParseComplete of pgsplit's own, for a statement the server had when this was
             // sent, would be followed by a 26000).
             fl.set_aside.push_back(fl.conn.prepared.take_all());
-            drops_all = drops_all.saturating_add(1);
+            drops_all += 1;
         }
     }
     fl.ops.extend(class.session_ops.iter().cloned());
