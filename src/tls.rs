@@ -558,26 +558,18 @@ mod tests {
 
     #[test]
     fn the_end_point_is_the_certificates_hash_by_its_signature() {
-        let cert = pem("db-internal.crt").remove(0);
-        // ecdsa-with-SHA256 (as scripts/gen-cert makes them): SHA-256 of the DER.
-        assert_eq!(
-            end_point(cert.as_ref()),
-            Some(
-                ::ring::digest::digest(&::ring::digest::SHA256, cert.as_ref())
-                    .as_ref()
-                    .to_vec()
-            )
-        );
-        // RSA-PSS: the hash in its parameters (PostgreSQL binds these too).
-        let pss = pem("rsa-pss-sha384.crt").remove(0);
-        assert_eq!(
-            end_point(pss.as_ref()),
-            Some(
-                ::ring::digest::digest(&::ring::digest::SHA384, pss.as_ref())
-                    .as_ref()
-                    .to_vec()
-            )
-        );
+        // ecdsa-with-SHA256 (as scripts/gen-cert makes them), and RSA-PSS, whose hash is in
+        // its parameters (PostgreSQL binds these too).
+        for (file, hash) in [
+            ("db-internal.crt", &::ring::digest::SHA256),
+            ("rsa-pss-sha384.crt", &::ring::digest::SHA384),
+        ] {
+            let cert = pem(file).remove(0);
+            let expected = ::ring::digest::digest(hash, cert.as_ref())
+                .as_ref()
+                .to_vec();
+            assert_eq!(end_point(cert.as_ref()), Some(expected), "{file}");
+        }
         // Ed25519 signs without a separate hash: no binding.
         assert_eq!(end_point(pem("ed25519.crt")[0].as_ref()), None);
         assert_eq!(end_point(b"not DER"), None);
