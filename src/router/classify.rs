@@ -655,6 +655,12 @@ impl Ctx<'_> {
                     self.out.local_parse_setting |= affects_parsing(&name);
                     return;
                 }
+                // `TO DEFAULT` is a RESET: back to the login's value, not the server's.
+                if let [value] = values.as_slice()
+                    && is_keyword_value(value, &["default"])
+                {
+                    return self.push_op(SessionOp::Reset { name });
+                }
                 // sqlparser reads MySQL's `SET a = 1, b = 2` as one value list.
                 if values.iter().any(|v| matches!(v, Expr::BinaryOp { .. })) {
                     return self.pin();
@@ -678,7 +684,16 @@ impl Ctx<'_> {
                 }
                 name
             }
-            Set::SetTimeZone { local: false, .. } => "timezone".to_owned(),
+            Set::SetTimeZone {
+                local: false,
+                value,
+            } => {
+                let name = "timezone".to_owned();
+                if is_keyword_value(value, &["default", "local"]) {
+                    return self.push_op(SessionOp::Reset { name });
+                }
+                name
+            }
             Set::SetNames { .. } | Set::SetNamesDefault {} => "client_encoding".to_owned(),
             Set::SetRole {
                 context_modifier, ..
@@ -952,6 +967,13 @@ pub fn keeps_on(value: &str) -> bool {
     let v = value.trim().trim_matches(['\'', '"']).to_ascii_lowercase();
     let prefix_of = |word: &str| !v.is_empty() && word.starts_with(v.as_str());
     prefix_of("true") || prefix_of("yes") || v == "on" || v == "1" || v == "default"
+}
+
+/// A SET value that is one of `words` as a bare keyword (`DEFAULT`, `LOCAL`), not a string
+/// or a quoted identifier.
+fn is_keyword_value(value: &Expr, words: &[&str]) -> bool {
+    let text = value.to_string();
+    words.iter().any(|w| text.eq_ignore_ascii_case(w))
 }
 
 /// PostgreSQL folds unquoted identifiers to (ASCII) lower case; quoted ones stay as written.

@@ -70,6 +70,38 @@ async fn startup_parameters_reach_every_backend() {
     }
 }
 
+/// `SET x TO DEFAULT` and `SET TIME ZONE DEFAULT | LOCAL` are RESETs: back to what the
+/// client logged in with (pgjdbc always sends its JVM's TimeZone), on every backend. pgsplit
+/// replayed them as SETs in transaction mode, so pooled connections gave the server's
+/// default: UTC timestamps, and no statement_timeout.
+#[tokio::test]
+async fn set_to_default_returns_to_the_login_value() {
+    for proxy in both_modes().await {
+        let client = connect(&format!(
+            "{} options='-c statement_timeout=4321 -c TimeZone=Asia/Tokyo'",
+            proxy.conn_str("app", "app_pw")
+        ))
+        .await;
+        for sql in [
+            "SET statement_timeout = 1000",
+            "SET statement_timeout TO DEFAULT",
+            "SET TIME ZONE 'UTC'",
+            "SET TIME ZONE DEFAULT",
+        ] {
+            client.batch_execute(sql).await.unwrap();
+        }
+        for _ in 0..4 {
+            assert_eq!(setting(&client, "statement_timeout").await.0, "4321ms");
+            assert_eq!(setting(&client, "TimeZone").await.0, "Asia/Tokyo");
+        }
+        client.batch_execute("SET TIME ZONE 'UTC'").await.unwrap();
+        client.batch_execute("SET TIME ZONE LOCAL").await.unwrap();
+        for _ in 0..4 {
+            assert_eq!(setting(&client, "TimeZone").await.0, "Asia/Tokyo");
+        }
+    }
+}
+
 #[tokio::test]
 async fn set_inside_a_rolled_back_transaction_is_undone() {
     for proxy in both_modes().await {
