@@ -76,12 +76,15 @@ const PROBE_GUCS: [&str; 3] = [
 /// Catalog views that describe the node answering (its sessions, locks, replication; and
 /// every `pg_stat_*` / `pg_statio_*` view, pg_stat_statements included: its activity): on a
 /// replica they describe the replica, not the server the client thinks it talks to.
-const NODE_VIEWS: [&str; 5] = [
+/// `pg_sequences` too: a standby knows only the value the primary logged ahead (up to 32
+/// past the last one handed out).
+const NODE_VIEWS: [&str; 6] = [
     "pg_stat_activity",
     "pg_locks",
     "pg_stat_replication",
     "pg_replication_slots",
     "pg_prepared_xacts",
+    "pg_sequences",
 ];
 
 /// Classify one SQL string (may contain several `;`-separated statements).
@@ -464,6 +467,13 @@ impl Ctx<'_> {
                 // A new index is a write for read-your-writes (a lagging replica lacks it).
                 if let Statement::CreateIndex(c) = stmt {
                     push_unique(&mut self.out.tables_written, relation_name(&c.table_name));
+                }
+                // So is a comment: `obj_description()` right after it reads the catalog.
+                if let Statement::Comment { .. } = stmt {
+                    push_unique(
+                        &mut self.out.tables_written,
+                        "pg_catalog.pg_description".to_owned(),
+                    );
                 }
             }
             Statement::Explain {
@@ -1041,12 +1051,13 @@ const SESSION_FNS: [&str; 6] = [
 
 /// Answerable only by the primary (or the session's connection there), but writes nothing.
 #[rustfmt::skip]
-const PRIMARY_FNS: [&str; 15] = [
-    "currval", "lastval", "pg_advisory_xact_lock", "pg_advisory_xact_lock_shared",
-    "pg_try_advisory_xact_lock", "pg_try_advisory_xact_lock_shared", "pg_advisory_unlock",
-    "pg_advisory_unlock_shared", "pg_advisory_unlock_all", "txid_current_if_assigned",
-    "pg_current_xact_id_if_assigned", "pg_current_wal_lsn", "pg_current_wal_insert_lsn",
-    "pg_current_wal_flush_lsn", "pg_is_in_recovery",
+const PRIMARY_FNS: [&str; 16] = [
+    "currval", "lastval", "pg_sequence_last_value", "pg_advisory_xact_lock",
+    "pg_advisory_xact_lock_shared", "pg_try_advisory_xact_lock",
+    "pg_try_advisory_xact_lock_shared", "pg_advisory_unlock", "pg_advisory_unlock_shared",
+    "pg_advisory_unlock_all", "txid_current_if_assigned", "pg_current_xact_id_if_assigned",
+    "pg_current_wal_lsn", "pg_current_wal_insert_lsn", "pg_current_wal_flush_lsn",
+    "pg_is_in_recovery",
 ];
 
 /// Writes or side effects no table list captures, or acts on the node that runs it (plus

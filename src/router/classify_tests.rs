@@ -55,6 +55,9 @@ const CASES: &[(&str, &str)] = &[
     ("SELECT * FROM public.pg_stat_statements", "P vol r=public.pg_stat_statements"),
     ("SELECT n_live_tup FROM pg_catalog.pg_stat_user_tables", "P vol r=pg_catalog.pg_stat_user_tables"),
     ("SELECT * FROM pg_statio_user_tables", "P vol r=pg_statio_user_tables"),
+    // A standby's sequence values are those the primary logged ahead.
+    ("SELECT last_value FROM pg_catalog.pg_sequences WHERE sequencename = 's'", "P vol r=pg_catalog.pg_sequences"),
+    ("SELECT pg_sequence_last_value('s'::regclass)", "P vol"),
     // The planner's statistics are the replicated catalog's.
     ("SELECT * FROM pg_stats WHERE tablename = 't'", "R r=pg_stats"),
     ("SELECT * FROM pg_catalog.pg_tables", "R r=pg_catalog.pg_tables"),
@@ -260,7 +263,7 @@ const CASES: &[(&str, &str)] = &[
     ("CREATE TYPE mood AS ENUM ('a', 'b')", "P wu vol"),
     ("CREATE ROLE bob LOGIN", "P wu vol"),
     ("CREATE RULE r AS ON INSERT TO t DO INSTEAD NOTHING", "P wu vol"),
-    ("COMMENT ON TABLE t IS 'x'", "P"),
+    ("COMMENT ON TABLE t IS 'x'", "P w=pg_catalog.pg_description"),
     ("GRANT SELECT ON t TO bob", "P wu vol"),
     ("REVOKE ALL ON t FROM bob", "P wu vol"),
     ("VACUUM", "P"),
