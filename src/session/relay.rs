@@ -341,29 +341,7 @@ impl Session {
                     }
                     Some(Refusal::Session) | None => {}
                 }
-                // A write refused: the statements that call functions, when some do. A read
-                // of tables alone batched with them (a pipeline) did not write, and learning
-                // it as a write would send it to the primary, and invalidate the cache, from
-                // then on.
-                let calls_functions = |i: &Item| i.class().is_some_and(|c| c.calls_user_functions);
-                let suspects =
-                    fl.refusal == Some(Refusal::Write) && items.iter().any(calls_functions);
-                for item in items {
-                    if suspects && !calls_functions(item) {
-                        continue;
-                    }
-                    let Some(sql) = statement_sql(item) else {
-                        continue;
-                    };
-                    let classify = &self.runtime.classify;
-                    match fl.refusal {
-                        Some(Refusal::Write) => classify.learn_write(&sql),
-                        Some(Refusal::PrimaryRead) => classify.learn_primary_read(&sql),
-                        Some(Refusal::Session) | None => continue,
-                    }
-                    // The session's own statements of that SQL follow at once.
-                    self.statements.reclassify(&sql, &classify.get(&sql));
-                }
+                self.learn_refusal(items, fl.refusal);
                 let reusable = fl.server_idle;
                 self.conns[id.0 as usize] = Some(fl.conn);
                 self.clock = std::time::Instant::now();
@@ -373,6 +351,10 @@ impl Session {
                 Ok(Outcome::Retry { on_replica: false })
             }
             Ok(()) => {
+                if fl.refusal.is_some() {
+                    // Refused after part of the answer went out: the client has the error.
+                    self.learn_refusal(items, fl.refusal);
+                }
                 if !fl.failed && !fl.read_back.is_empty() {
                     // Boxed, like server_lost: rare paths kept out of every request's future.
                     Box::pin(self.read_back_settings(&mut fl)).await?;
@@ -406,6 +388,32 @@ impl Session {
                 Box::pin(self.server_lost(fl, e)).await
             }
             Err(e) => Err(e),
+        }
+    }
+
+    /// A replica refused `items` (`refusal`): remember their SQL as a write, or as a read
+    /// only the primary can serve, so they go to the primary from now on.
+    fn learn_refusal(&mut self, items: &[Item], refusal: Option<Refusal>) {
+        // A write refused: the statements that call functions, when some do. A read of
+        // tables alone batched with them (a pipeline) did not write, and learning it as a
+        // write would send it to the primary, and invalidate the cache, from then on.
+        let calls_functions = |i: &Item| i.class().is_some_and(|c| c.calls_user_functions);
+        let suspects = refusal == Some(Refusal::Write) && items.iter().any(calls_functions);
+        for item in items {
+            if suspects && !calls_functions(item) {
+                continue;
+            }
+            let Some(sql) = statement_sql(item) else {
+                continue;
+            };
+            let classify = &self.runtime.classify;
+            match refusal {
+                Some(Refusal::Write) => classify.learn_write(&sql),
+                Some(Refusal::PrimaryRead) => classify.learn_primary_read(&sql),
+                Some(Refusal::Session) | None => continue,
+            }
+            // The session's own statements of that SQL follow at once.
+            self.statements.reclassify(&sql, &classify.get(&sql));
         }
     }
 
@@ -1093,10 +1101,10 @@ impl Session {
                         debug!(backend = ?fl.id, "replicas refuse this session's default isolation; its reads go to the primary");
                         self.replicas_refused = true;
                     }
-                    if fl.holding {
-                        fl.retry = true;
-                        fl.refusal = Some(refusal);
-                    }
+                    // Learned even when the answer already streams to the client and
+                    // cannot be retried: the next run goes to the primary.
+                    fl.retry |= fl.holding;
+                    fl.refusal = Some(refusal);
                 }
                 if fields.code == "0A000"
                     && let Some(Expect::Bind(Some(key)) | Expect::DescribeStatement(Some(key))) =

@@ -214,6 +214,46 @@ async fn a_replica_refusing_a_write_is_retried_on_the_primary() {
     assert_eq!(n, 9, "each call wrote exactly once");
 }
 
+/// A function that writes only after the answer outgrew what pgsplit holds back for a
+/// retry (64 KiB): the replica's 25006 reaches the client, as it must once rows went out,
+/// but the statement is learned as a write all the same, and the next run goes to the
+/// primary. pgsplit used to learn only retried refusals: every run failed.
+#[tokio::test]
+async fn a_write_refused_after_the_answer_streamed_is_learned() {
+    let c = cluster();
+    let proxy = start_proxy().await;
+    let client = proxy.app().await;
+    let t = unique("late_write");
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {t} (port int);
+             CREATE FUNCTION {t}_log() RETURNS int LANGUAGE sql AS
+               'INSERT INTO {t} VALUES (inet_server_port()) RETURNING port';"
+        ))
+        .await
+        .unwrap();
+    wait_replicated().await;
+    let eventual = proxy.app().await;
+    eventual
+        .batch_execute("SET pgsplit.consistency = 'eventual'")
+        .await
+        .unwrap();
+    let sql = format!(
+        "SELECT g, repeat('x', 100), CASE WHEN g = 5000 THEN {t}_log() END \
+         FROM generate_series(1, 5000) g"
+    );
+    let err = eventual.simple_query(&sql).await.unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION),
+        "{err}"
+    );
+    let rows = eventual.query(&sql, &[]).await.unwrap();
+    assert_eq!(rows.len(), 5000);
+    let written: i32 = rows[4999].get(2);
+    assert_eq!(written as u16, c.primary);
+}
+
 /// A proxy, and a client of it, once `setup` ran through the proxy as app and every
 /// replica (and the proxy's health checker) saw it replayed.
 async fn replayed_through_a_proxy(setup: &str) -> (Proxy, tokio_postgres::Client) {
