@@ -675,15 +675,13 @@ impl Ctx<'_> {
                 if values.iter().any(|v| matches!(v, Expr::BinaryOp { .. })) {
                     return self.pin();
                 }
-                let value = || values.iter().map(|v| v.to_string().to_ascii_lowercase());
-                // Standbys refuse serializable transactions: every later read would fail there.
-                let serializable = name == "default_transaction_isolation"
-                    && value().any(|v| v.contains("serializable"));
                 // Without standard strings `\'` escapes a quote, and the tokenizer would split
-                // statements differently from the server: keep it all on one connection.
-                let backslash_strings =
-                    name == "standard_conforming_strings" && value().any(|v| !keeps_on(&v));
-                if serializable || backslash_strings {
+                // statements differently from the server: keep it all on one connection. (A
+                // serializable default, which standbys refuse, is followed by the session:
+                // its reads go to the primary while it is in force.)
+                if name == "standard_conforming_strings"
+                    && values.iter().any(|v| !keeps_on(&v.to_string()))
+                {
                     self.pin();
                 }
                 if name == "datestyle" {
@@ -720,12 +718,7 @@ impl Ctx<'_> {
                 for mode in modes {
                     let name = match mode {
                         TransactionMode::AccessMode(_) => "default_transaction_read_only",
-                        TransactionMode::IsolationLevel(level) => {
-                            if *level == TransactionIsolationLevel::Serializable {
-                                self.pin();
-                            }
-                            "default_transaction_isolation"
-                        }
+                        TransactionMode::IsolationLevel(_) => "default_transaction_isolation",
                     };
                     self.out.session_ops.push(SessionOp::Set {
                         name: name.to_owned(),

@@ -392,11 +392,13 @@ const CASES: &[(&str, &str)] = &[
     ("SET x.y TO -1", "P set=x.y"),
     ("SET LOCAL statement_timeout = '1s'", "P"),
     ("SET transaction_read_only = on", "P"),
-    ("SET default_transaction_isolation = 'serializable'", "P pin set=default_transaction_isolation"),
+    // A serializable default sends the session's reads to the primary while it is in
+    // force (the session follows it): no pin, which would last.
+    ("SET default_transaction_isolation = 'serializable'", "P set=default_transaction_isolation"),
     ("SET default_transaction_isolation = 'repeatable read'", "P set=default_transaction_isolation"),
     ("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY", "P set=default_transaction_read_only"),
     ("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY",
-     "P pin set=default_transaction_isolation set=default_transaction_read_only"),
+     "P set=default_transaction_isolation set=default_transaction_read_only"),
     ("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY DEFERRABLE", "? pin"),
     ("SET a = 1, b = 2", "P pin"),
     ("SET standard_conforming_strings = off", "P pin set=standard_conforming_strings"),

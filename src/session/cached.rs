@@ -89,9 +89,15 @@ impl Session {
         let Some(cache) = self.shared.cache.clone() else {
             return Ok(false);
         };
-        if open || self.tx != TxStatus::Idle || self.pinned || self.runtime.cache_rules.is_empty() {
+        if open
+            || self.tx != TxStatus::Idle
+            || self.pinned
+            || self.runtime.cache_rules.is_empty()
+            || self.serializable_default()
+        {
             // Inside a transaction the answer must come from its snapshot; a pinned session
-            // may have temporary tables that shadow the cached ones.
+            // may have temporary tables that shadow the cached ones; a serializable one
+            // reads only the primary's present.
             return Ok(false);
         }
         let Some(candidate) = self.cache_candidate(items) else {

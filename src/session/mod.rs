@@ -686,7 +686,7 @@ impl Session {
         SessionFacts {
             in_transaction: self.tx != TxStatus::Idle,
             pinned: self.pinned,
-            replicas_refused: self.replicas_refused,
+            replicas_refused: self.replicas_refused || self.serializable_default(),
         }
     }
 
@@ -1196,6 +1196,22 @@ impl Session {
                     state::startup_value(&self.login_params, name)
                         .is_some_and(|v| state::replicas_unfit(name, &v))
                 }))
+    }
+
+    /// The session's default isolation is serializable (its reads go to the primary, on
+    /// pooled connections, until it is set back).
+    pub(super) fn serializable_default(&self) -> bool {
+        const NAME: &str = "default_transaction_isolation";
+        match self.settings.serializable_default() {
+            Some(serializable) => serializable,
+            // Session mode passes the startup parameters to its connections instead of
+            // holding them as settings.
+            None => {
+                self.mode == PoolMode::Session
+                    && state::startup_value(&self.login_params, NAME)
+                        .is_some_and(|v| state::is_serializable(&v))
+            }
+        }
     }
 
     fn default_consistency(&self) -> Consistency {

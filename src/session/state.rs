@@ -315,7 +315,16 @@ impl Settings {
         all
     }
 
-    /// Whether a setting in force keeps this session's reads off the replicas (see
+    /// Whether the default isolation in force is serializable, however it was set (`SET`,
+    /// `SET SESSION CHARACTERISTICS`, `set_config`, the startup packet): standbys refuse
+    /// serializable transactions, so the session's reads go to the primary while it is.
+    /// `None`: neither set nor given at login.
+    pub fn serializable_default(&self) -> Option<bool> {
+        self.in_force("default_transaction_isolation")
+            .map(|sql| is_serializable(sql))
+    }
+
+    /// Whether a setting in force keeps this session on one connection (see
     /// [`replicas_unfit`]). Values set by `SET` pinned the session when they ran; these come
     /// from the startup packet or a `set_config` read back.
     pub fn replicas_unfit(&self) -> bool {
@@ -546,22 +555,22 @@ pub fn startup_value(params: &[(String, String)], name: &str) -> Option<String> 
 
 /// set_config takes the value as raw text, as the startup packet does (a SET with a quoted
 /// literal would turn `a,b` into one list element).
-/// Settings under which a replica cannot serve a session's reads as the primary would: a
-/// serializable default (standbys refuse serializable transactions, every read would fail)
-/// and strings with backslash escapes (the classifier would split statements unlike the
-/// server).
-pub const REPLICA_UNFIT_SETTINGS: [&str; 2] = [
-    "default_transaction_isolation",
-    "standard_conforming_strings",
-];
+/// Settings under which the session stays on its primary connection: strings with
+/// backslash escapes (the classifier would split statements unlike the server, and could
+/// miss what changes the session).
+pub const REPLICA_UNFIT_SETTINGS: [&str; 1] = ["standard_conforming_strings"];
 
 /// See [`REPLICA_UNFIT_SETTINGS`].
 pub fn replicas_unfit(name: &str, value: &str) -> bool {
     match name {
-        "default_transaction_isolation" => value.to_ascii_lowercase().contains("serializable"),
         "standard_conforming_strings" => !crate::router::keeps_on(value),
         _ => false,
     }
+}
+
+/// A default_transaction_isolation value (or the statement that set it) that is serializable.
+pub fn is_serializable(value_or_sql: &str) -> bool {
+    value_or_sql.to_ascii_lowercase().contains("serializable")
 }
 
 /// The value in a statement [`set_sql`] built.

@@ -306,6 +306,58 @@ async fn a_serializable_default_from_startup_or_set_config_keeps_reads_working()
     }
 }
 
+/// A serializable default sends the session's reads to the primary only while it is in
+/// force: Spring with pgjdbc sets it around each serializable transaction, then back to
+/// read committed. pgsplit used to pin such a session for good: its reads stayed on the
+/// primary, and in transaction mode it held a primary connection until it disconnected,
+/// so a few idle clients used up the pool.
+#[tokio::test]
+async fn a_serializable_default_set_back_reads_from_replicas_again() {
+    let c = cluster();
+    const SERIALIZABLE: &str =
+        "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE";
+    const READ_COMMITTED: &str =
+        "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL READ COMMITTED";
+    for proxy in both_modes().await {
+        let client = proxy.app().await;
+        for (set, back) in [
+            (SERIALIZABLE, READ_COMMITTED),
+            (
+                "SET default_transaction_isolation = 'serializable'",
+                "RESET default_transaction_isolation",
+            ),
+            (
+                "SELECT set_config('default_transaction_isolation', 'serializable', false)",
+                "SET default_transaction_isolation TO DEFAULT",
+            ),
+        ] {
+            client.batch_execute(set).await.unwrap();
+            for _ in 0..3 {
+                let (value, port) = setting(&client, "default_transaction_isolation").await;
+                assert_eq!((value.as_str(), port), ("serializable", c.primary), "{set}");
+            }
+            client.batch_execute(back).await.unwrap();
+            for _ in 0..3 {
+                let (value, port) = setting(&client, "default_transaction_isolation").await;
+                assert_eq!(value, "read committed", "{back}");
+                assert!(c.replicas.contains(&port), "{back}: {port}");
+            }
+        }
+    }
+    // One server connection per node: the first client's session holds none between its
+    // requests, so the second one's transaction gets the primary's.
+    let proxy = start_proxy_one_connection_per_node().await;
+    let first = proxy.app().await;
+    first.batch_execute(SERIALIZABLE).await.unwrap();
+    first.batch_execute(READ_COMMITTED).await.unwrap();
+    let second = proxy.app().await;
+    second
+        .batch_execute("BEGIN; SELECT 1; COMMIT")
+        .await
+        .unwrap();
+    assert!(c.replicas.contains(&setting(&first, "search_path").await.1));
+}
+
 /// A serializable default set on the role (`ALTER ROLE … SET`), which pgsplit never sees
 /// being set: the first read a replica refuses for it (0A000, at the replay of the
 /// session's settings or at the read) runs again on the primary, and the session's reads
