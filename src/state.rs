@@ -4,7 +4,7 @@
 //! No process-global state: two proxies can run in one test process.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -312,6 +312,10 @@ pub struct Shared {
     /// Set when the proxy shuts down (by [`Shared::begin_draining`]): sessions end at
     /// their next idle point.
     pub draining: AtomicBool,
+    /// By (user, database): the commit position of the last write of any of its sessions,
+    /// which the others' reads wait for under `read_your_writes = "user"`. Kept across
+    /// reloads; one entry per pair that logged in.
+    user_writes: Mutex<HashMap<(String, String), Arc<AtomicU64>>>,
 }
 
 pub type LogFilterFn = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
@@ -363,8 +367,18 @@ impl Shared {
                 log_filter: std::sync::OnceLock::new(),
                 checkers: Mutex::new(Vec::new()),
                 draining: AtomicBool::new(false),
+                user_writes: Mutex::new(HashMap::new()),
             }
         })
+    }
+
+    /// The shared commit position of `user`'s sessions on `database` (see
+    /// [`Shared::user_writes`]'s field).
+    pub fn user_writes(&self, user: &str, database: &str) -> Arc<AtomicU64> {
+        lock(&self.user_writes)
+            .entry((user.to_owned(), database.to_owned()))
+            .or_default()
+            .clone()
     }
 
     pub fn begin_draining(&self) {

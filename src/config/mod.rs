@@ -58,6 +58,56 @@ pub enum PoolMode {
     Transaction,
 }
 
+/// Whose committed writes a session's reads must see (`[routing] read_your_writes`).
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(try_from = "ReadYourWritesValue", into = "ReadYourWritesValue")]
+pub enum ReadYourWrites {
+    /// Any replica in rotation answers (`false`).
+    Off,
+    /// The session's own (`true`, `"session"`).
+    Session,
+    /// Those of every session of the same user and database through this pgsplit
+    /// (`"user"`): an application's pool writes on one connection and reads on another.
+    User,
+}
+
+/// `read_your_writes` as written: a boolean, or a scope.
+#[derive(Deserialize, Serialize)]
+#[serde(untagged)]
+enum ReadYourWritesValue {
+    Flag(bool),
+    Scope(String),
+}
+
+impl TryFrom<ReadYourWritesValue> for ReadYourWrites {
+    type Error = String;
+
+    fn try_from(v: ReadYourWritesValue) -> Result<Self, String> {
+        match v {
+            ReadYourWritesValue::Flag(false) => Ok(ReadYourWrites::Off),
+            ReadYourWritesValue::Flag(true) => Ok(ReadYourWrites::Session),
+            ReadYourWritesValue::Scope(s) => match s.as_str() {
+                "session" => Ok(ReadYourWrites::Session),
+                "user" => Ok(ReadYourWrites::User),
+                "off" => Ok(ReadYourWrites::Off),
+                other => Err(format!(
+                    "read_your_writes = {other:?}: expected true, false, \"session\" or \"user\""
+                )),
+            },
+        }
+    }
+}
+
+impl From<ReadYourWrites> for ReadYourWritesValue {
+    fn from(r: ReadYourWrites) -> Self {
+        match r {
+            ReadYourWrites::Off => ReadYourWritesValue::Flag(false),
+            ReadYourWrites::Session => ReadYourWritesValue::Flag(true),
+            ReadYourWrites::User => ReadYourWritesValue::Scope("user".to_owned()),
+        }
+    }
+}
+
 /// TLS towards PostgreSQL, with libpq's `sslmode` meanings.
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
@@ -268,8 +318,9 @@ fn default_weight() -> u32 {
 pub struct RoutingConfig {
     /// After a session's write commits, its reads go only to replicas that replayed it
     /// (else the primary). Sessions override it with `SET pgsplit.consistency =
-    /// 'eventual' | 'read_your_writes'` or the same startup parameter. Default true.
-    pub read_your_writes: bool,
+    /// 'eventual' | 'read_your_writes'` or the same startup parameter. `"user"`: after a
+    /// write of any session of the same user and database. Default true (`"session"`).
+    pub read_your_writes: ReadYourWrites,
     /// A replica further behind the primary than this leaves the rotation. Default 16 MiB.
     pub max_replica_lag_bytes: u64,
     /// Reads go to the primary when no replica is usable. Default true.
@@ -281,7 +332,7 @@ pub struct RoutingConfig {
 impl Default for RoutingConfig {
     fn default() -> Self {
         RoutingConfig {
-            read_your_writes: true,
+            read_your_writes: ReadYourWrites::Session,
             max_replica_lag_bytes: 16 << 20,
             fallback_to_primary: true,
             primary_functions: Vec::new(),
@@ -845,6 +896,34 @@ mod tests {
         assert!(c.routing.fallback_to_primary);
         assert_eq!(c.users[0].server_user(), "app");
         assert_eq!(c.users[0].server_password(), Some("app_pw"));
+    }
+
+    #[test]
+    fn read_your_writes_takes_a_flag_or_a_scope() {
+        for (value, want) in [
+            ("true", ReadYourWrites::Session),
+            ("false", ReadYourWrites::Off),
+            ("\"session\"", ReadYourWrites::Session),
+            ("\"user\"", ReadYourWrites::User),
+            ("\"off\"", ReadYourWrites::Off),
+        ] {
+            let text = format!("{MINIMAL}\n[routing]\nread_your_writes = {value}\n");
+            let c = Config::from_toml(&text).unwrap();
+            assert_eq!(c.routing.read_your_writes, want, "{value}");
+            let again = toml::to_string(&c.routing).unwrap();
+            let back: RoutingConfig = toml::from_str(&again).unwrap();
+            assert_eq!(back.read_your_writes, want, "{again}");
+        }
+        assert_eq!(
+            Config::from_toml(MINIMAL).unwrap().routing.read_your_writes,
+            ReadYourWrites::Session
+        );
+        let err = Config::from_toml(&format!(
+            "{MINIMAL}\n[routing]\nread_your_writes = \"everyone\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("read_your_writes"), "{err}");
     }
 
     #[test]

@@ -14,11 +14,11 @@
 use std::ops::ControlFlow;
 
 use sqlparser::ast::{
-    CascadeOption, CastKind, ContextModifier, CopySource, CopyTarget, CreateTable, CreateView,
-    DeclareType, DiscardObject, Expr, FromTable, FunctionArg, FunctionArgExpr, FunctionArguments,
-    Ident, ObjectName, ObjectType, Query, Reset, Select, Set, SetExpr, Statement, TableFactor,
-    TableObject, TransactionAccessMode, TransactionIsolationLevel, TransactionMode, Value,
-    ValueWithSpan, Visit, Visitor,
+    AlterTableOperation, CascadeOption, CastKind, ContextModifier, CopySource, CopyTarget,
+    CreateTable, CreateView, DeclareType, DiscardObject, Expr, FromTable, FunctionArg,
+    FunctionArgExpr, FunctionArguments, Ident, ObjectName, ObjectType, Query, Reset, Select, Set,
+    SetExpr, Statement, TableFactor, TableObject, TransactionAccessMode, TransactionIsolationLevel,
+    TransactionMode, Value, ValueWithSpan, Visit, Visitor,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
@@ -468,6 +468,20 @@ impl Ctx<'_> {
                 if let Statement::CreateIndex(c) = stmt {
                     push_unique(&mut self.out.tables_written, relation_name(&c.table_name));
                 }
+                // A table renamed, or taken out of its parent: reads of another table change
+                // (the one the new name now resolves to; the parent, which the commit can no
+                // longer name). Rare DDL: every cached result goes.
+                if let Statement::AlterTable(a) = stmt
+                    && a.operations.iter().any(|o| {
+                        matches!(
+                            o,
+                            AlterTableOperation::RenameTable { .. }
+                                | AlterTableOperation::NoInherit { .. }
+                        )
+                    })
+                {
+                    self.out.writes_unknown = true;
+                }
                 // So is a comment: `obj_description()` right after it reads the catalog.
                 if let Statement::Comment { .. } = stmt {
                     push_unique(
@@ -638,6 +652,12 @@ impl Ctx<'_> {
                     }
                     _ => self.out.writes_unknown = true,
                 }
+                // A dropped table may have been a partition or an inheritance child, whose
+                // parent the commit can no longer find: every cached result goes.
+                self.out.writes_unknown |= matches!(
+                    object_type,
+                    ObjectType::Table | ObjectType::View | ObjectType::MaterializedView
+                );
                 self.out.writes_unknown |= *cascade;
             }
             Statement::CreateFunction(f) => {

@@ -248,8 +248,16 @@ const CASES: &[(&str, &str)] = &[
     ("CREATE MATERIALIZED VIEW mv AS SELECT * FROM t", "P r=t w=mv"),
     ("CREATE OR REPLACE VIEW v AS SELECT a FROM t", "P r=t w=v"),
     ("ALTER TABLE t ADD COLUMN c int", "P w=t"),
-    ("DROP TABLE t", "P w=t"),
+    // A dropped table may be a partition, a renamed one may shadow another, a table taken
+    // out of its parent changes the parent's reads: unknown writes (the commit can no
+    // longer tell which tables changed).
+    ("DROP TABLE t", "P wu w=t"),
     ("DROP TABLE IF EXISTS a, b CASCADE", "P wu w=a,b"),
+    ("DROP VIEW v", "P wu w=v"),
+    ("DROP MATERIALIZED VIEW mv", "P wu w=mv"),
+    ("ALTER TABLE s.x RENAME TO t", "P wu w=s.x"),
+    ("ALTER TABLE child NO INHERIT parent", "P wu w=child"),
+    ("ALTER TABLE child INHERIT parent", "P w=child"),
     ("DROP INDEX i", "P w=i"),
     ("DROP FUNCTION f", "P wu vol"),
     ("TRUNCATE t, u", "P w=t,u"),

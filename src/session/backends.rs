@@ -8,10 +8,11 @@ use super::cached::WriteSet;
 use super::relay::{Refusal, replica_cannot_serve};
 use super::{Consistency, Session};
 use crate::backend::{BackendError, BackendId, CheckoutError, Lent, Role, ServerConn};
-use crate::config::PoolMode;
+use crate::config::{PoolMode, ReadYourWrites};
 use crate::error::{Error, Result};
 use crate::protocol::TxStatus;
 use crate::router::Route;
+use std::sync::atomic::Ordering;
 
 /// The commit-facts query the relay sent behind a request that ends a writing
 /// transaction, so that it costs no round trip of its own, and its answer.
@@ -343,7 +344,19 @@ impl Session {
             Consistency::ReadYourWrites => self.own_write_lsn(),
             Consistency::Eventual => 0,
         };
-        own.max(self.read_floor)
+        let user = match &self.user_writes {
+            Some(floor) if self.shares_writes() => floor.load(Ordering::Relaxed),
+            _ => 0,
+        };
+        own.max(user).max(self.read_floor)
+    }
+
+    /// Whether this session's reads must see, and its commits tell, the writes of every
+    /// session of its user and database (`read_your_writes = "user"`).
+    pub(super) fn shares_writes(&self) -> bool {
+        self.consistency == Consistency::ReadYourWrites
+            && self.runtime.config.routing.read_your_writes == ReadYourWrites::User
+            && self.user_writes.is_some()
     }
 
     /// The position of this session's last write. When it could not be read (the
@@ -370,8 +383,9 @@ impl Session {
         let ryw = self.consistency == Consistency::ReadYourWrites;
         let cache = self.shared.cache.is_some() && self.any_cache_rules();
         // A pinned session reads from the primary anyway (DISCARD ALL, which can unpin
-        // it, holds its replica reads back for a while instead: see settle_session_ops).
-        if !cache && (!ryw || self.pinned) {
+        // it, holds its replica reads back for a while instead: see settle_session_ops);
+        // its user's other sessions may not.
+        if !cache && (!ryw || (self.pinned && !self.shares_writes())) {
             return None;
         }
         Some(if cache && !writes.raw_tables.is_empty() {
@@ -407,6 +421,9 @@ impl Session {
                         known => known.max(lsn),
                     };
                     self.min_lsn_unknown_since = None;
+                }
+                if let Some(floor) = self.user_writes.as_ref().filter(|_| self.shares_writes()) {
+                    floor.fetch_max(lsn, Ordering::Relaxed);
                 }
                 Some(CommitFacts {
                     lsn,

@@ -310,12 +310,12 @@ impl Session {
     /// The client must not see a commit before the cache knows of it: a read it sends next,
     /// on any connection to any pgsplit instance, must miss the entries the write outdated.
     /// Any committed write may matter: even one to a table no rule names can cascade
-    /// (foreign-key actions, triggers) into one that does.
+    /// (foreign-key actions, triggers) into one that does. Nor before the other sessions of
+    /// its user know its position, when they read its writes (`read_your_writes = "user"`).
     pub(super) fn defer_tail(&self) -> bool {
-        self.shared.cache.is_some()
-            && (self.tx == TxStatus::Idle || self.committed)
+        (self.tx == TxStatus::Idle || self.committed)
             && self.writes.any
-            && self.any_cache_rules()
+            && ((self.shared.cache.is_some() && self.any_cache_rules()) || self.shares_writes())
     }
 
     /// Whether this session's configuration or the one in force now has cache rules: a
@@ -357,6 +357,12 @@ impl Session {
             Some(sql) => self.learn_commit(&sql).await,
             None => None,
         };
+        if cache.is_some() && facts.is_none() {
+            // What the commit changed, and where, is unknown (its query failed, or the
+            // connection): everything goes, at a position read before the commit, and once
+            // more at one read after it.
+            return Box::pin(self.invalidate_unknown_commit()).await;
+        }
         if let Some(cache) = cache {
             // Unknown position (the primary connection failed right after the commit): the
             // health checker's last view of the primary is the best bound left.
@@ -511,8 +517,9 @@ pub(super) fn commit_facts_sql(tables: &[String], by_bare_name: bool) -> String 
     )
 }
 
-/// Startup parameters that cannot change a query's result.
-const IRRELEVANT_SETTINGS: &[&str] = &["application_name", super::CONSISTENCY_SETTING];
+/// Startup parameters that cannot change a query's result. (Not `application_name`: a
+/// row-level security policy or a view may read it, as multi-tenant setups do.)
+const IRRELEVANT_SETTINGS: &[&str] = &[super::CONSISTENCY_SETTING];
 
 /// Whether a text-format parameter value holds a word the server reads as a moment
 /// ('now', 'today', ...): `WHERE day = $1::date` with 'today' has another answer tomorrow.

@@ -50,6 +50,14 @@ impl ClientConn {
         Ok(decode_frame(&mut self.buf, self.max_message)?)
     }
 
+    /// Put `frame` back in front of what is buffered: the next `try_frame` returns it.
+    pub fn unread(&mut self, frame: &Frame) {
+        let mut buf = BytesMut::with_capacity(5 + frame.body.len() + self.buf.len());
+        frame.encode_into(&mut buf);
+        buf.extend_from_slice(&self.buf);
+        self.buf = buf;
+    }
+
     /// Whether a whole frame (or a malformed header, which `try_frame` reports) is buffered.
     pub fn has_frame(&self) -> bool {
         if self.buf.len() < 5 {

@@ -109,6 +109,12 @@ async fn live(mut session: Session) {
     let result = match Box::pin(session.start()).await {
         Ok(()) => {
             session.shared.stats.logins.fetch_add(1, Ordering::Relaxed);
+            // Only for a login the primary accepted: made-up database names leave nothing.
+            session.user_writes = Some(
+                session
+                    .shared
+                    .user_writes(&session.info.user, &session.info.database),
+            );
             Box::pin(session.serve()).await
         }
         Err(e) => {
@@ -170,11 +176,13 @@ pub enum Consistency {
 impl Consistency {
     /// `pgsplit.consistency` among the startup parameters (directly or in `options`),
     /// else the configured default.
-    fn from_startup(params: &[(String, String)], read_your_writes: bool) -> Consistency {
-        let default = if read_your_writes {
-            Consistency::ReadYourWrites
-        } else {
-            Consistency::Eventual
+    fn from_startup(
+        params: &[(String, String)],
+        read_your_writes: crate::config::ReadYourWrites,
+    ) -> Consistency {
+        let default = match read_your_writes {
+            crate::config::ReadYourWrites::Off => Consistency::Eventual,
+            _ => Consistency::ReadYourWrites,
         };
         startup_value(params, CONSISTENCY_SETTING)
             .and_then(|value| Consistency::from_sql(&value))
@@ -267,6 +275,9 @@ pub struct Session {
     pinned_state_lost: bool,
     /// Read-your-writes or eventual consistency for this session's reads.
     consistency: Consistency,
+    /// The commit position of the last write of any session of this user and database
+    /// (see [`Shared::user_writes`]); set once the login is accepted.
+    user_writes: Option<Arc<std::sync::atomic::AtomicU64>>,
     /// The primary's WAL position after this session's last committed write: replicas
     /// serve its reads only once they replayed this far (0: never wrote).
     min_lsn: u64,
@@ -380,6 +391,7 @@ impl Session {
             hold_tick: None,
             last_replica: None,
             consistency,
+            user_writes: None,
             min_lsn: 0,
             min_lsn_unknown_since: None,
             writes: cached::WriteSet::default(),
@@ -535,6 +547,14 @@ impl Session {
                 return Err(Error::ShuttingDown);
             }
             while let Some(frame) = self.client.try_frame()? {
+                if self.copy_follows_execute(&frame) {
+                    // COPY data sent right behind the Execute that starts the COPY (no
+                    // Sync or Flush between): it belongs to that COPY, so the batch goes
+                    // now and the relay forwards the data after it, this frame first.
+                    self.client.unread(&frame);
+                    Box::pin(self.dispatch_batch(true)).await?;
+                    continue;
+                }
                 match self.take_client_frame(frame)? {
                     Flow::Continue => {}
                     Flow::Terminate => return Ok(()),
@@ -562,6 +582,13 @@ impl Session {
             }
             self.wait_idle().await?;
         }
+    }
+
+    /// Whether `frame` is COPY data (or its end) behind an Execute not yet sent.
+    fn copy_follows_execute(&self, frame: &Frame) -> bool {
+        matches!(frame.tag, tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL)
+            && !self.skip_until_sync
+            && self.batch.iter().any(Item::is_execute)
     }
 
     /// Between requests, outside a transaction: the session may end or change

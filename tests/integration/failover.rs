@@ -190,11 +190,22 @@ fn delayed_only(c: &Cluster) -> String {
 }
 
 async fn stale_reads(client: &tokio_postgres::Client, t: &str, cycles: i32) -> usize {
+    stale_reads_of(client, client, t, cycles).await
+}
+
+/// How many of `cycles` reads by `reader`, each right after a committed write by `client`,
+/// missed that write.
+async fn stale_reads_of(
+    client: &tokio_postgres::Client,
+    reader: &tokio_postgres::Client,
+    t: &str,
+    cycles: i32,
+) -> usize {
     let insert = client
         .prepare(&format!("INSERT INTO {t} VALUES ($1)"))
         .await
         .unwrap();
-    let read = client
+    let read = reader
         .prepare(&format!("SELECT count(*) FROM {t} WHERE id = $1"))
         .await
         .unwrap();
@@ -210,7 +221,7 @@ async fn stale_reads(client: &tokio_postgres::Client, t: &str, cycles: i32) -> u
         if explicit {
             client.batch_execute("COMMIT").await.unwrap();
         }
-        let n: i64 = client.query_one(&read, &[&i]).await.unwrap().get(0);
+        let n: i64 = reader.query_one(&read, &[&i]).await.unwrap().get(0);
         if n != 1 {
             stale += 1;
         }
@@ -269,6 +280,61 @@ async fn read_your_writes_never_reads_the_past_and_eventual_can() {
         .unwrap();
     wait_replicated_on(c).await;
     assert!(stale_reads(&eventual, &t2, 20).await > 0);
+}
+
+/// `read_your_writes = "user"`: an application's pool writes on one connection and reads
+/// on another; each read sees what any session of the same user and database committed
+/// before it, a pinned writer's too. With the default scope (the session's own writes)
+/// the other session reads the delayed replica's past.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_wide_read_your_writes_covers_the_other_connections_of_a_pool() {
+    let _serial = failure_lock().lock().await;
+    let c = failure_cluster();
+    let session_scope = start_proxy_with(&delayed_only(c)).await;
+    let user_scope = start_proxy_with(&without_replica(
+        &config(c, "[routing]\nread_your_writes = \"user\"\n"),
+        c.replicas[0],
+    ))
+    .await;
+    assert_eq!(
+        user_scope
+            .shared
+            .runtime
+            .load()
+            .config
+            .routing
+            .read_your_writes,
+        pgsplit::config::ReadYourWrites::User
+    );
+    let t = unique("ryw_user");
+    session_scope
+        .app()
+        .await
+        .batch_execute(&format!(
+            "CREATE TABLE {t}_a (id int); CREATE TABLE {t}_b (id int); CREATE TABLE {t}_c (id int)"
+        ))
+        .await
+        .unwrap();
+    wait_replicated_on(c).await;
+    let (writer, reader) = (session_scope.app().await, session_scope.app().await);
+    assert!(stale_reads_of(&writer, &reader, &format!("{t}_a"), 20).await > 0);
+    let (writer, reader) = (user_scope.app().await, user_scope.app().await);
+    assert_eq!(
+        stale_reads_of(&writer, &reader, &format!("{t}_b"), 300).await,
+        0
+    );
+    // A writer pinned to its primary connection tells its position all the same (once the
+    // replica has replayed what came before, only that position keeps the reads off it).
+    wait_replicated_on(c).await;
+    wait_proxy_saw_replay(&user_scope, c).await;
+    writer
+        .batch_execute("LISTEN pgsplit_ryw_user")
+        .await
+        .unwrap();
+    assert_eq!(
+        stale_reads_of(&writer, &reader, &format!("{t}_c"), 50).await,
+        0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

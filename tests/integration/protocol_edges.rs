@@ -40,6 +40,51 @@ async fn copy_data_sent_with_its_query_is_not_left_waiting() {
     }
 }
 
+/// COPY data sent right behind the Execute that starts an extended-protocol COPY, before
+/// the server's CopyInResponse (no Sync or Flush between): every row arrives, as on a
+/// direct connection. pgsplit took such data for leftovers of a failed COPY and dropped
+/// it: `COPY 1000` for 2000 rows sent, or no answer at all when the Sync came along.
+#[tokio::test]
+async fn copy_data_right_behind_an_extended_copy_is_all_copied() {
+    let (_proxies, addrs) = direct_and_both_modes().await;
+    let rows = |from: usize| -> Vec<u8> {
+        (from..from + 1000)
+            .flat_map(|i| message(b'd', format!("{i}\n").as_bytes()))
+            .collect()
+    };
+    for addr in addrs {
+        let mut s = RawClient::login(addr, "trustuser").await;
+        let t = unique("xcopy_early");
+        assert_eq!(
+            tags(&s.send(&query(&format!("CREATE TABLE {t} (v int)"))).await),
+            "CZ"
+        );
+        // Half the rows with the Execute, the rest once the COPY has begun.
+        let mut req = run_in_batch("", &format!("COPY {t} FROM STDIN"));
+        req.extend(rows(0));
+        s.stream_write(&req).await;
+        assert_eq!(tags(&s.read_n(3).await), "12G", "{addr}");
+        let mut req = rows(1000);
+        req.extend(message(b'c', &[]));
+        req.extend(sync());
+        s.stream_write(&req).await;
+        let msgs = s.read_n(2).await;
+        assert_eq!(tags(&msgs), "CZ", "{addr}: {msgs:?}");
+        assert_eq!(msgs[0].1, b"COPY 2000\0", "{addr}");
+        // All of it in one write, the Sync too.
+        let mut req = run_in_batch("", &format!("COPY {t} FROM STDIN"));
+        req.extend(message(b'd', b"7\n"));
+        req.extend(message(b'c', &[]));
+        req.extend(sync());
+        let msgs = s.send(&req).await;
+        assert_eq!(tags(&msgs), "12GCZ", "{addr}: {msgs:?}");
+        assert_eq!(msgs[3].1, b"COPY 1\0", "{addr}");
+        let msgs = s.send(&query(&format!("SELECT count(*) FROM {t}"))).await;
+        assert_eq!(tags(&msgs), "TDCZ", "{addr}: {msgs:?}");
+        assert!(msgs[1].1.ends_with(b"2001"), "{addr}: {msgs:?}");
+    }
+}
+
 #[tokio::test]
 async fn asyncpg_prepares_with_flush_then_copies_without_waiting() {
     for proxy in both_modes().await {
