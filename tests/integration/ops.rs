@@ -422,12 +422,6 @@ async fn reload_under_load_changes_routing_users_and_rules_without_errors() {
         .await,
         "the re-added replica joins the rotation"
     );
-    let hits = tally_while_in_rotation(&proxy, 40, async || server_port(&app).await).await;
-    let (r1, r2) = (
-        hits.get(&c.replicas[0]).copied().unwrap_or(0),
-        hits.get(&c.replicas[1]).copied().unwrap_or(0),
-    );
-    assert!(r2 > r1, "weight 3 takes most reads: {hits:?}");
 
     // 3. An invalid file is rejected whole: the running config stays, the error shows.
     write(
@@ -496,6 +490,15 @@ async fn reload_under_load_changes_routing_users_and_rules_without_errors() {
         text.contains("number of failed transactions: 0"),
         "pgbench saw failures:\n{text}"
     );
+    // The weights of step 2 are still in force. Counted once the load is over: the weighted
+    // rotation is shared, and the picks of pgbench's clients between this client's can
+    // alias it (one pick of theirs between two of ours saw 1:1 in a weight-3 rotation).
+    let hits = tally_while_in_rotation(&proxy, 40, async || server_port(&app).await).await;
+    let (r1, r2) = (
+        hits.get(&c.replicas[0]).copied().unwrap_or(0),
+        hits.get(&c.replicas[1]).copied().unwrap_or(0),
+    );
+    assert!(r2 > r1, "weight 3 takes most reads: {hits:?}");
 }
 
 struct KillOnDrop(Option<std::process::Child>);
