@@ -4,7 +4,7 @@
 //! No process-global state: two proxies can run in one test process.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -212,7 +212,8 @@ impl Runtime {
 pub struct SessionSlot {
     /// What a CancelRequest carrying the session's key must reach: the backend query the
     /// session is running right now, if any.
-    pub cancel_target: Mutex<Option<CancelKey>>,
+    /// With the count of cancel requests on their way to that connection.
+    pub cancel_target: Mutex<Option<(CancelKey, Arc<AtomicU32>)>>,
     /// Wakes the session when something it waits on changes outside its sockets (the proxy
     /// begins draining). A session re-registers it at every wait, which costs a few atomic
     /// operations where a `Notify` or `CancellationToken` waiter takes a lock to join and
@@ -267,14 +268,20 @@ impl SessionRegistry {
         lock(&self.map).remove(&pid);
     }
 
-    /// The backend target for a cancel request, if the key is valid and a query runs.
-    pub fn cancel_target(&self, pid: i32, secret: i32) -> Option<CancelKey> {
+    /// The backend target for a cancel request, if the key is valid and a query runs, and
+    /// a mark on its server connection until the request has been delivered: the session
+    /// then closes that connection instead of pooling it (taken under the lock the session
+    /// clears its target under, so a session that cleared it sees every mark).
+    pub fn cancel_target(&self, pid: i32, secret: i32) -> Option<(CancelKey, CancelInFlight)> {
         let map = lock(&self.map);
         let (s, slot) = map.get(&pid)?;
         if *s != secret {
             return None;
         }
-        lock(&slot.cancel_target).clone()
+        let target = lock(&slot.cancel_target);
+        let (key, count) = target.as_ref()?;
+        count.fetch_add(1, Ordering::SeqCst);
+        Some((key.clone(), CancelInFlight(count.clone())))
     }
 
     /// Wake every session, to look again at what changed.
@@ -282,6 +289,16 @@ impl SessionRegistry {
         for (_, slot) in lock(&self.map).values() {
             slot.nudge.wake();
         }
+    }
+}
+
+/// A cancel request on its way to a server connection (see
+/// [`SessionRegistry::cancel_target`]); delivered when dropped.
+pub struct CancelInFlight(Arc<AtomicU32>);
+
+impl Drop for CancelInFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -400,17 +417,25 @@ mod tests {
     fn cancel_keys_need_the_secret_and_a_running_query() {
         let r = SessionRegistry::default();
         let (pid, secret, slot) = r.register();
-        assert_eq!(r.cancel_target(pid, secret), None);
+        let key_of = |pid, secret| r.cancel_target(pid, secret).map(|(key, _)| key);
+        assert_eq!(key_of(pid, secret), None);
         let key = CancelKey {
             addr: crate::backend::ServerAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 5432))),
             pid: 42,
             secret: 7,
         };
-        *lock(&slot.cancel_target) = Some(key.clone());
-        assert_eq!(r.cancel_target(pid, secret), Some(key));
-        assert_eq!(r.cancel_target(pid, secret.wrapping_add(1)), None);
+        let cancels = Arc::new(AtomicU32::new(0));
+        *lock(&slot.cancel_target) = Some((key.clone(), cancels.clone()));
+        // The connection counts the request as on its way until it has been delivered.
+        let (found, in_flight) = r.cancel_target(pid, secret).unwrap();
+        assert_eq!(found, key);
+        assert_eq!(cancels.load(Ordering::SeqCst), 1);
+        drop(in_flight);
+        assert_eq!(cancels.load(Ordering::SeqCst), 0);
+        assert_eq!(key_of(pid, secret.wrapping_add(1)), None);
+        assert_eq!(cancels.load(Ordering::SeqCst), 0);
         r.unregister(pid);
-        assert_eq!(r.cancel_target(pid, secret), None);
+        assert_eq!(key_of(pid, secret), None);
         let (pid2, _, _) = r.register();
         assert_ne!(pid, pid2);
     }

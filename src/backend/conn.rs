@@ -77,6 +77,9 @@ pub struct ServerConn {
     /// Bytes read from the server not yet consumed; owned here so reads stay cancel-safe.
     pub rbuf: BytesMut,
     pub cancel_key: CancelKey,
+    /// Cancel requests for this connection on their way to the server: while one is, the
+    /// connection must not run another client's query, which the request could cancel.
+    pub cancels: Arc<std::sync::atomic::AtomicU32>,
     /// ParameterStatus values reported at startup.
     pub params: Vec<(String, String)>,
     /// Server-side names of the statements prepared on this connection.
@@ -146,6 +149,7 @@ impl ServerConn {
                 pid: 0,
                 secret: 0,
             },
+            cancels: Arc::default(),
             params: Vec::new(),
             prepared: PreparedSet::new(params.max_prepared),
             unnamed: None,

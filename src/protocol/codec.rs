@@ -70,6 +70,31 @@ pub fn decode_frame(buf: &mut BytesMut, max_len: usize) -> Result<Option<Frame>,
     Ok(Some(Frame { tag, body }))
 }
 
+/// PostgreSQL's cap on the frontend messages that are always small (`PQ_SMALL_MESSAGE_LIMIT`).
+pub const SMALL_MESSAGE_LIMIT: usize = 10_000;
+
+/// The size cap of a frontend message a logged-in client may send with tag `t` (the
+/// configured maximum for those that carry SQL, parameters or data), `None` for a tag no
+/// client sends after login.
+pub fn session_message_limit(t: u8) -> Option<usize> {
+    match t {
+        tag::QUERY
+        | tag::PARSE
+        | tag::BIND
+        | tag::FUNCTION_CALL
+        | tag::COPY_DATA
+        | tag::COPY_FAIL => Some(usize::MAX),
+        tag::DESCRIBE
+        | tag::EXECUTE
+        | tag::CLOSE
+        | tag::SYNC
+        | tag::FLUSH
+        | tag::TERMINATE
+        | tag::COPY_DONE => Some(SMALL_MESSAGE_LIMIT),
+        _ => None,
+    }
+}
+
 /// Tags the relay must see whole (it acts on their contents, or may drop them); every
 /// other frame may be streamed through in pieces and is always forwarded.
 pub fn needs_whole_frame(t: u8) -> bool {

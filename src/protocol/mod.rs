@@ -11,7 +11,10 @@ mod frontend_msg;
 mod startup;
 
 pub use backend_msg::*;
-pub use codec::{Frame, FrameError, decode_frame, needs_whole_frame, scan_relay};
+pub use codec::{
+    Frame, FrameError, SMALL_MESSAGE_LIMIT, decode_frame, needs_whole_frame, scan_relay,
+    session_message_limit,
+};
 pub use frontend_msg::*;
 pub use startup::{
     CANCEL_REQUEST_CODE, PROTOCOL_3 as PROTOCOL_3_0, SSL_REQUEST_CODE, StartupError, StartupPacket,

@@ -1064,9 +1064,9 @@ const SESSION_FNS: [&str; 6] = [
 
 /// Answerable only by the primary (or the session's connection there), but writes nothing.
 #[rustfmt::skip]
-const PRIMARY_FNS: [&str; 16] = [
-    "currval", "lastval", "pg_sequence_last_value", "pg_advisory_xact_lock",
-    "pg_advisory_xact_lock_shared", "pg_try_advisory_xact_lock",
+const PRIMARY_FNS: [&str; 17] = [
+    "currval", "lastval", "pg_sequence_last_value", "pg_export_snapshot",
+    "pg_advisory_xact_lock", "pg_advisory_xact_lock_shared", "pg_try_advisory_xact_lock",
     "pg_try_advisory_xact_lock_shared", "pg_advisory_unlock", "pg_advisory_unlock_shared",
     "pg_advisory_unlock_all", "txid_current_if_assigned", "pg_current_xact_id_if_assigned",
     "pg_current_wal_lsn", "pg_current_wal_insert_lsn", "pg_current_wal_flush_lsn",

@@ -58,6 +58,8 @@ const CASES: &[(&str, &str)] = &[
     // A standby's sequence values are those the primary logged ahead.
     ("SELECT last_value FROM pg_catalog.pg_sequences WHERE sequencename = 's'", "P vol r=pg_catalog.pg_sequences"),
     ("SELECT pg_sequence_last_value('s'::regclass)", "P vol"),
+    // Importable only where it was exported: read-only blocks that share one start there.
+    ("SELECT pg_export_snapshot()", "P vol"),
     // The planner's statistics are the replicated catalog's.
     ("SELECT * FROM pg_stats WHERE tablename = 't'", "R r=pg_stats"),
     ("SELECT * FROM pg_catalog.pg_tables", "R r=pg_catalog.pg_tables"),

@@ -320,8 +320,16 @@ impl Session {
         let slot = id.0 as usize;
         let conn = self.conns[slot].take();
         let permit = self.permits[slot].take();
+        // A cancel request of this session still on its way would reach the next client's
+        // query (the set_cancel_target(None) before made sure no new one can start).
+        let cancelling = conn
+            .as_ref()
+            .is_some_and(|c| c.cancels.load(Ordering::SeqCst) > 0);
+        if cancelling {
+            debug!(backend = ?id, "a cancel request is on its way: connection closed, not pooled");
+        }
         if let (Some(conn), Some(permit), Some(pool), true) =
-            (conn, permit, &self.pools[slot], reusable)
+            (conn, permit, &self.pools[slot], reusable && !cancelling)
         {
             pool.checkin(Lent { conn, permit }, self.clock);
         }

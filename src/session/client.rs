@@ -50,6 +50,33 @@ impl ClientConn {
         Ok(decode_frame(&mut self.buf, self.max_message)?)
     }
 
+    /// [`try_frame`](Self::try_frame) for a logged-in session: a message type no client
+    /// sends then is refused at its header, and the messages that are always small are
+    /// capped as PostgreSQL caps them, before their bodies are buffered (a Sync claiming
+    /// 150 MB would otherwise hold that much memory while it trickles in).
+    pub fn try_session_frame(&mut self) -> Result<Option<Frame>> {
+        if let [t, a, b, c, d, ..] = self.buf[..] {
+            let len = i32::from_be_bytes([a, b, c, d]);
+            match crate::protocol::session_message_limit(t) {
+                None => {
+                    return Err(Error::Protocol(format!(
+                        "invalid frontend message type {}",
+                        t as char
+                    )));
+                }
+                Some(limit) if len > 0 && len as usize > limit => {
+                    return Err(crate::protocol::FrameError::TooLarge {
+                        len: len as usize,
+                        max: limit,
+                    }
+                    .into());
+                }
+                Some(_) => {}
+            }
+        }
+        self.try_frame()
+    }
+
     /// Put `frame` back in front of what is buffered: the next `try_frame` returns it.
     pub fn unread(&mut self, frame: &Frame) {
         let mut buf = BytesMut::with_capacity(5 + frame.body.len() + self.buf.len());

@@ -64,7 +64,7 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, over_
         .unwrap_or(Err(Error::LoginTimeout));
         match opening {
             Ok(Opening::Cancel { pid, secret }) => {
-                if let Some(key) = shared.sessions.cancel_target(pid, secret) {
+                if let Some((key, _in_flight)) = shared.sessions.cancel_target(pid, secret) {
                     debug!(backend = %key.addr, "forwarding cancel request");
                     // Bounded: a server that is gone must not hold a client slot.
                     let limit = runtime.config.pool.connect_timeout();
@@ -294,6 +294,9 @@ pub struct Session {
     /// The client's BEGIN was answered by the proxy and goes to the primary with the
     /// session's next request (see [`request::deferrable_begin`]).
     deferred_begin: bool,
+    /// ... and it is this read-only BEGIN, which goes where that request's statements can
+    /// run (`None`: a plain BEGIN, for the primary).
+    deferred_read_only: Option<Box<str>>,
     /// The proxy user this session logged in as (part of cache keys).
     login_user: String,
     /// Extra replay position the current request's replica must have reached: a cache fill
@@ -398,6 +401,7 @@ impl Session {
             committed: false,
             commit_read: backends::CommitRead::NotSent,
             deferred_begin: false,
+            deferred_read_only: None,
             login_user: login.user.config.name.clone(),
             read_floor: 0,
             capture: None,
@@ -458,9 +462,11 @@ impl Session {
         let mut greeting = bytes::BytesMut::with_capacity(256);
         protocol::auth_ok().encode_into(&mut greeting);
         for (k, v) in server_params {
+            // The last of a parameter given twice is the one the server applies.
             let chosen = self
                 .login_params
                 .iter()
+                .rev()
                 .find(|(ck, _)| ck.eq_ignore_ascii_case(k))
                 .filter(|_| self.mode == PoolMode::Transaction);
             protocol::put_parameter_status(&mut greeting, k, chosen.map_or(v, |(_, cv)| cv));
@@ -546,7 +552,7 @@ impl Session {
             if self.shared.is_draining() && self.at_rest() {
                 return Err(Error::ShuttingDown);
             }
-            while let Some(frame) = self.client.try_frame()? {
+            while let Some(frame) = self.client.try_session_frame()? {
                 if self.copy_follows_execute(&frame) {
                     // COPY data sent right behind the Execute that starts the COPY (no
                     // Sync or Flush between): it belongs to that COPY, so the batch goes
@@ -797,11 +803,24 @@ impl Session {
             self.facts(),
         );
         if self.deferred_begin {
-            // The transaction's first request: it starts on the primary (a plain BEGIN is
-            // read-write), its BEGIN sent ahead of it.
-            route = Route::Primary;
+            // The transaction's first request, its BEGIN sent ahead of it: on the primary (a
+            // plain BEGIN is read-write), or, read only, where the request can run.
+            route = match self.deferred_read_only {
+                None => Route::Primary,
+                Some(_) => crate::router::route(
+                    items.iter().filter_map(Item::class).map(|c| &**c),
+                    SessionFacts {
+                        in_transaction: false,
+                        ..self.facts()
+                    },
+                ),
+            };
         }
+        // A read-only block that starts with this request is judged by its first statement
+        // (what follows it in the block can neither write nor change the block).
+        let read_only_start = self.deferred_begin && self.deferred_read_only.is_some();
         if route == Route::Replica
+            && !read_only_start
             && (open || items.iter().any(|i| matches!(i, Item::Forwarded(_))))
         {
             // The rest of the batch is unknown yet, or a fast-path call names its function
@@ -858,8 +877,12 @@ impl Session {
             }
             // On the replica it was routed to: a read that fell back to the primary may be
             // a write the classifier missed, and must not run there twice.
-            let retryable =
-                route == Route::Replica && !conn.is_primary() && !open && attempts_left > 0;
+            // Not a read-only block's first request: its BEGIN went with it.
+            let retryable = route == Route::Replica
+                && !conn.is_primary()
+                && !open
+                && !self.deferred_begin
+                && attempts_left > 0;
             match self
                 .run_request(conn, items, local, open, retryable)
                 .await?
@@ -1024,10 +1047,11 @@ impl Session {
             return Some(reply);
         }
         if self.tx == TxStatus::Idle
-            && let Some(reply) = request::deferrable_begin(items)
+            && let Some((reply, read_only)) = request::deferrable_begin(items)
         {
             self.tx = TxStatus::InTransaction;
             self.deferred_begin = true;
+            self.deferred_read_only = read_only;
             self.info.set_state(ClientState::InTransaction);
             return Some(reply);
         }
@@ -1248,7 +1272,10 @@ impl Session {
         )
     }
 
-    fn set_cancel_target(&self, key: Option<crate::backend::CancelKey>) {
-        *lock(&self.slot.cancel_target) = key;
+    fn set_cancel_target(
+        &self,
+        target: Option<(crate::backend::CancelKey, Arc<std::sync::atomic::AtomicU32>)>,
+    ) {
+        *lock(&self.slot.cancel_target) = target;
     }
 }

@@ -278,11 +278,12 @@ impl Session {
             sync_due: false,
         };
         self.wbuf.clear();
-        if self.deferred_begin && id.is_primary() {
+        if self.deferred_begin {
             self.deferred_begin = false;
             // From here the transaction is on this connection, answered or not.
             self.tx_conn = Some(id);
-            encode_hidden_begin(&mut self.wbuf);
+            let sql = self.deferred_read_only.take();
+            encode_hidden_begin(&mut self.wbuf, sql.as_deref().unwrap_or("BEGIN"));
             fl.conn.unnamed = None;
             fl.expects.push_back(Expect::HiddenBegin);
         }
@@ -311,7 +312,7 @@ impl Session {
             self.commit_read = super::backends::CommitRead::Sent;
         }
         self.restart_capture();
-        self.set_cancel_target(Some(fl.conn.cancel_key.clone()));
+        self.set_cancel_target(Some((fl.conn.cancel_key.clone(), fl.conn.cancels.clone())));
         let result = self.relay(&mut fl).await;
         self.set_cancel_target(None);
         if let Err(Error::Backend(e)) = &result
@@ -814,7 +815,7 @@ impl Session {
     /// open batch. Anything after them stays buffered for the next request.
     async fn forward_client_frames(&mut self, fl: &mut InFlight) -> Result<()> {
         while fl.copy_in || fl.open || fl.need_sync {
-            let Some(frame) = self.client.try_frame()? else {
+            let Some(frame) = self.client.try_session_frame()? else {
                 break;
             };
             if fl.copy_in && matches!(frame.tag, tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL) {
@@ -1336,14 +1337,15 @@ impl Session {
     }
 }
 
-/// Parse, Bind and Execute of `BEGIN` in the unnamed statement and portal, without a Sync.
-fn encode_hidden_begin(out: &mut bytes::BytesMut) {
+/// Parse, Bind and Execute of `sql` (the client's BEGIN) in the unnamed statement and
+/// portal, without a Sync.
+fn encode_hidden_begin(out: &mut bytes::BytesMut, sql: &str) {
     use bytes::BufMut;
-    const SQL: &[u8] = b"BEGIN\0";
     out.put_u8(tag::PARSE);
-    out.put_i32(4 + 1 + SQL.len() as i32 + 2);
+    out.put_i32(4 + 1 + sql.len() as i32 + 1 + 2);
     out.put_u8(0);
-    out.put_slice(SQL);
+    out.put_slice(sql.as_bytes());
+    out.put_u8(0);
     out.put_i16(0);
     out.put_u8(tag::BIND);
     out.put_i32(4 + 2 + 6);

@@ -115,27 +115,40 @@ pub fn ends_outside_transaction(items: &[Item], in_transaction: bool) -> bool {
     }
 }
 
-/// The answer the proxy gives itself to a request that only opens a plain transaction block
-/// (`BEGIN`, `BEGIN WORK`, `BEGIN TRANSACTION`, `START TRANSACTION`, as a simple Query or
-/// by binding and executing a prepared statement with no parameters), for a session outside
-/// one. The server gets the BEGIN with the session's next request: a transaction holds no
-/// server connection and costs no round trip of its own until it runs something. Options
-/// (isolation level, READ ONLY, DEFERRABLE) are not answered here: they affect routing, and
-/// the server must be the one to judge them.
-pub fn deferrable_begin(items: &[Item]) -> Option<Vec<Frame>> {
+/// The answer the proxy gives itself to a request that only opens a transaction block, a
+/// plain one (`BEGIN`, `BEGIN WORK`, `BEGIN TRANSACTION`, `START TRANSACTION`) or a read-only
+/// one that replicas can serve (`BEGIN READ ONLY`, with an isolation level short of
+/// serializable), as a simple Query or by binding and executing a prepared statement with
+/// no parameters, for a session outside one. The server gets the BEGIN with the session's
+/// next request: a transaction holds no server connection and costs no round trip of its
+/// own until it runs something, and a read-only block goes where its first statement can
+/// run (a `SET TRANSACTION` to serializable or READ WRITE, or a snapshot import, is for the
+/// primary). The second value: the read-only BEGIN's text, to send ahead of that
+/// statement (`None`: a plain BEGIN). Other options (`DEFERRABLE`, what sqlparser cannot
+/// read) are not answered here: the server must be the one to judge them.
+pub fn deferrable_begin(items: &[Item]) -> Option<(Vec<Frame>, Option<Box<str>>)> {
     use crate::protocol::{TxStatus, command_complete, ready_for_query};
     // Checked on every request outside a transaction: the cached classification first.
     let lone = lone_statement(items)?;
-    if lone.class.begins_tx.is_none()
-        || lone.class.statement_count != 1
-        || !is_plain_begin(&lone.sql()?)
-    {
+    let class = lone.class;
+    if class.begins_tx.is_none() || class.statement_count != 1 {
         return None;
     }
+    let sql = lone.sql()?;
+    let read_only = if is_plain_begin(&sql) {
+        None
+    } else if class.parsed
+        && class.begins_tx == Some(crate::router::TxAccess::ReadOnly)
+        && !sql.contains('\0')
+    {
+        Some(sql.trim().trim_end_matches(';').into())
+    } else {
+        return None;
+    };
     let mut reply = lone.before();
     reply.push(command_complete("BEGIN"));
     reply.push(ready_for_query(TxStatus::InTransaction));
-    Some(reply)
+    Some((reply, read_only))
 }
 
 /// PostgreSQL's answer to a request in a transaction block that failed before any of it
@@ -654,12 +667,38 @@ mod tests {
         assert!(!ends_outside_transaction(&items(&["P  COMMIT", "S"]), true));
     }
 
-    fn reply_tags(reply: Option<Vec<Frame>>) -> Option<String> {
-        reply.map(|frames| {
+    /// The reply's tags and final status, and the read-only BEGIN kept for later.
+    fn reply_tags(reply: Option<(Vec<Frame>, Option<Box<str>>)>) -> Option<String> {
+        reply.map(|(frames, read_only)| {
             let status = frames.last().map_or(0, |f| f.body[0]);
             let tags: String = frames.iter().map(|f| f.tag as char).collect();
-            format!("{tags} {}", status as char)
+            match read_only {
+                None => format!("{tags} {}", status as char),
+                Some(sql) => format!("{tags} {} {sql}", status as char),
+            }
         })
+    }
+
+    #[test]
+    fn a_read_only_begin_is_answered_and_kept_for_the_first_statement() {
+        for (sql, kept) in [
+            ("BEGIN READ ONLY", "BEGIN READ ONLY"),
+            (
+                "start transaction read only;",
+                "start transaction read only",
+            ),
+            (
+                "BEGIN READ ONLY ISOLATION LEVEL REPEATABLE READ",
+                "BEGIN READ ONLY ISOLATION LEVEL REPEATABLE READ",
+            ),
+        ] {
+            let reply = deferrable_begin(&items(&[&format!("Q {sql}")]));
+            assert_eq!(
+                reply_tags(reply).as_deref(),
+                Some(format!("CZ T {kept}").as_str()),
+                "{sql}"
+            );
+        }
     }
 
     #[test]
@@ -695,7 +734,8 @@ mod tests {
     fn begins_with_options_or_company_go_to_the_server() {
         for sql in [
             "BEGIN ISOLATION LEVEL SERIALIZABLE",
-            "BEGIN READ ONLY",
+            "BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY",
+            "BEGIN READ ONLY DEFERRABLE",
             "START TRANSACTION READ WRITE",
             "BEGIN; SELECT 1",
             "/* c */ BEGIN",

@@ -35,6 +35,11 @@ async fn bad_lengths_and_unknown_messages_get_fatal_08p01() {
         vec![b'Q', 0xff, 0xff, 0xff, 0xfe], // negative
         vec![b'Q', 0, 0, 0, 2],             // shorter than itself
         vec![b'?', 0, 0, 0, 4],             // no such message type
+        // Refused at the header, as PostgreSQL refuses them, not once 100 MB came in: a
+        // message type no client sends, and a Sync over the small-message cap.
+        vec![b'z', 0x05, 0xf5, 0xe1, 0x00],
+        vec![b'S', 0x05, 0xf5, 0xe1, 0x00],
+        vec![b'E', 0, 0, 0x27, 0x1a], // 10,010 bytes
     ] {
         let mut s = logged_in(&proxy).await;
         s.write_all(&bad).await.unwrap();

@@ -287,6 +287,50 @@ async fn cancel_reaches_a_pooled_transaction() {
     assert_usable(&other).await;
 }
 
+/// A cancel sent with a query that ends before the cancel reaches the server must not
+/// cancel what the same pooled connection runs next for another client. One connection
+/// per node, a client cancelling each of its short queries as it sends it, another running
+/// queries all the while: the other is never cancelled (pgsplit used to pool the
+/// connection at once, and the late cancel hit the next query there, as in PgBouncer
+/// before 1.18).
+#[tokio::test]
+async fn a_late_cancel_never_reaches_another_clients_query() {
+    let proxy = start_proxy_with(&pooled(1, "")).await;
+    let canceller = proxy.app().await;
+    let other = proxy.app().await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let other_runs = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let (mut runs, mut cancelled) = (0, 0);
+            while !stop.load(Ordering::Relaxed) {
+                match other.simple_query("SELECT pg_sleep(0.002)").await {
+                    Ok(_) => {}
+                    Err(e) if sqlstate(&e) == "57014" => cancelled += 1,
+                    Err(e) => panic!("{e}"),
+                }
+                runs += 1;
+            }
+            (runs, cancelled)
+        }
+    });
+    for _ in 0..300 {
+        let token = canceller.cancel_token();
+        let (answer, sent) = tokio::join!(
+            canceller.simple_query("SELECT 1"),
+            token.cancel_query(tokio_postgres::NoTls)
+        );
+        sent.unwrap();
+        if let Err(e) = answer {
+            assert_eq!(sqlstate(&e), "57014", "{e}");
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (runs, cancelled) = other_runs.await.unwrap();
+    assert!(runs > 20, "{runs}");
+    assert_eq!(cancelled, 0, "of {runs} queries of the other client");
+}
+
 /// A plain BEGIN reaches the server with the transaction's first statement: until then the
 /// transaction holds no pooled connection (an application that opens transactions early
 /// does not starve the pool), from then on it holds one.

@@ -126,6 +126,66 @@ async fn read_only_transactions_run_on_one_replica() {
     assert!(ports.keys().all(|p| c.replicas.contains(p)), "{ports:?}");
 }
 
+/// A read-only block goes where its first statement can run: the statements after BEGIN
+/// may still make it serializable or read-write, or import a snapshot, which standbys
+/// refuse (a direct connection runs them all). pgsplit sent `BEGIN READ ONLY` to a replica
+/// at once, and the next `SET TRANSACTION ISOLATION LEVEL SERIALIZABLE` failed with 0A000.
+#[tokio::test]
+async fn a_read_only_block_changed_by_its_first_statement_runs_on_the_primary() {
+    let c = cluster();
+    for proxy in both_modes().await {
+        let client = proxy.app().await;
+        let value_and_port = async |sql: &str| -> (String, u16) {
+            let rows = client.simple_query(sql).await.unwrap();
+            let row = rows
+                .iter()
+                .find_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
+                    _ => None,
+                })
+                .expect("a row");
+            let port: u16 = row.get(1).unwrap().parse().unwrap();
+            (row.get(0).unwrap().to_owned(), port)
+        };
+        for (second, want) in [
+            (
+                "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+                "serializable",
+            ),
+            ("SET TRANSACTION READ WRITE", "read committed"),
+        ] {
+            client.batch_execute("BEGIN READ ONLY").await.unwrap();
+            client.batch_execute(second).await.unwrap();
+            let (isolation, port) = value_and_port(
+                "SELECT current_setting('transaction_isolation'), inet_server_port()",
+            )
+            .await;
+            assert_eq!((isolation.as_str(), port), (want, c.primary), "{second}");
+            client.batch_execute("COMMIT").await.unwrap();
+        }
+        // A snapshot exported in one read-only block and imported in another's.
+        let importer = proxy.app().await;
+        let begin = "BEGIN READ ONLY ISOLATION LEVEL REPEATABLE READ";
+        client.batch_execute(begin).await.unwrap();
+        let (snapshot, port) =
+            value_and_port("SELECT pg_export_snapshot(), inet_server_port()").await;
+        assert_eq!(port, c.primary);
+        importer.batch_execute(begin).await.unwrap();
+        importer
+            .batch_execute(&format!("SET TRANSACTION SNAPSHOT '{snapshot}'"))
+            .await
+            .unwrap();
+        assert_eq!(server_port(&importer).await, c.primary);
+        importer.batch_execute("COMMIT").await.unwrap();
+        client.batch_execute("COMMIT").await.unwrap();
+        // An ordinary read-only block still reads one replica.
+        client.batch_execute("BEGIN READ ONLY").await.unwrap();
+        let first = server_port(&client).await;
+        assert_eq!(server_port(&client).await, first);
+        client.batch_execute("COMMIT").await.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn a_replica_refusing_a_write_is_retried_on_the_primary() {
     let c = cluster();

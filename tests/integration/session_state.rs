@@ -102,6 +102,28 @@ async fn set_to_default_returns_to_the_login_value() {
     }
 }
 
+/// A startup parameter given twice: the server applies the last, and the login's
+/// ParameterStatus says so (in transaction mode pgsplit reported the first).
+#[tokio::test]
+async fn a_startup_parameter_given_twice_is_reported_as_the_last() {
+    for proxy in both_modes().await {
+        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let params = [
+            ("application_name", "first"),
+            ("application_name", "second"),
+        ];
+        tokio::io::AsyncWriteExt::write_all(&mut s, &startup_packet_with("trustuser", &params))
+            .await
+            .unwrap();
+        let msgs = read_messages(&mut s).await;
+        assert!(
+            msgs.iter()
+                .any(|m| m.0 == b'S' && m.1 == b"application_name\0second\0"),
+            "{msgs:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn set_inside_a_rolled_back_transaction_is_undone() {
     for proxy in both_modes().await {
