@@ -136,16 +136,8 @@ async fn a_read_only_block_changed_by_its_first_statement_runs_on_the_primary() 
     for proxy in both_modes().await {
         let client = proxy.app().await;
         let value_and_port = async |sql: &str| -> (String, u16) {
-            let rows = client.simple_query(sql).await.unwrap();
-            let row = rows
-                .iter()
-                .find_map(|m| match m {
-                    tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
-                    _ => None,
-                })
-                .expect("a row");
-            let port: u16 = row.get(1).unwrap().parse().unwrap();
-            (row.get(0).unwrap().to_owned(), port)
+            let (value, port) = first_two_values(&client, sql).await;
+            (value, port.parse().unwrap())
         };
         for (second, want) in [
             (
@@ -314,6 +306,19 @@ async fn a_write_refused_after_the_answer_streamed_is_learned() {
     assert_eq!(written as u16, c.primary);
 }
 
+/// The first two columns of the first row `sql` returns as a simple query, as text.
+async fn first_two_values(client: &tokio_postgres::Client, sql: &str) -> (String, String) {
+    let rows = client.simple_query(sql).await.unwrap();
+    let row = rows
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
+            _ => None,
+        })
+        .expect("a row");
+    (row.get(0).unwrap().into(), row.get(1).unwrap().into())
+}
+
 /// A proxy, and a client of it, once `setup` ran through the proxy as app and every
 /// replica (and the proxy's health checker) saw it replayed.
 async fn replayed_through_a_proxy(setup: &str) -> (Proxy, tokio_postgres::Client) {
@@ -339,15 +344,7 @@ async fn a_read_of_an_unlogged_table_is_answered_by_the_primary() {
     for protocol in ["simple", "extended", "extended"] {
         let sql = format!("SELECT v, inet_server_port() FROM {t}");
         let (v, port): (String, String) = if protocol == "simple" {
-            let rows = reader.simple_query(&sql).await.unwrap();
-            let row = rows
-                .iter()
-                .find_map(|m| match m {
-                    tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
-                    _ => None,
-                })
-                .expect("a row");
-            (row.get(0).unwrap().into(), row.get(1).unwrap().into())
+            first_two_values(&reader, &sql).await
         } else {
             let row = reader.query_one(&sql, &[]).await.unwrap();
             (
