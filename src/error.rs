@@ -57,6 +57,9 @@ pub enum Error {
     PrimaryInRecovery,
     #[error("terminating connection due to administrator command (pgsplit is shutting down)")]
     ShuttingDown,
+    /// The client cancelled its request while it waited for a server connection.
+    #[error("canceling statement due to user request")]
+    Canceled,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -88,6 +91,7 @@ impl Error {
             Error::PrimaryInRecovery => "25006",
             Error::LoginTimeout => "08006",
             Error::ShuttingDown => "57P01",
+            Error::Canceled => "57014",
             // A server's own refusal keeps its SQLSTATE (e.g. 3D000 unknown database).
             Error::Backend(BackendError::Server(e)) | Error::SettingsRefused(e)
                 if !e.code.is_empty() =>

@@ -214,6 +214,10 @@ pub struct SessionSlot {
     /// session is running right now, if any.
     /// With the count of cancel requests on their way to that connection.
     pub cancel_target: Mutex<Option<(CancelKey, Arc<AtomicU32>)>>,
+    /// The session waits for a server connection to run a request on: a cancel request
+    /// that comes meanwhile has no query to reach, and sets `cancel_requested` instead.
+    pub waiting: AtomicBool,
+    pub cancel_requested: AtomicBool,
     /// Wakes the session when something it waits on changes outside its sockets (the proxy
     /// begins draining). A session re-registers it at every wait, which costs a few atomic
     /// operations where a `Notify` or `CancellationToken` waiter takes a lock to join and
@@ -279,7 +283,12 @@ impl SessionRegistry {
             return None;
         }
         let target = lock(&slot.cancel_target);
-        let (key, count) = target.as_ref()?;
+        let Some((key, count)) = target.as_ref() else {
+            if slot.waiting.load(Ordering::SeqCst) {
+                slot.cancel_requested.store(true, Ordering::SeqCst);
+            }
+            return None;
+        };
         count.fetch_add(1, Ordering::SeqCst);
         Some((key.clone(), CancelInFlight(count.clone())))
     }

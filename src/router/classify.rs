@@ -138,6 +138,7 @@ pub fn classify_with(sql: &str, extra_primary_functions: &[String]) -> Classific
             parsed: true,
             tx_effect: TxEffect::Neutral,
             local_parse_setting: false,
+            standby_refuses: false,
             ..Classification::unknown()
         },
     };
@@ -653,11 +654,12 @@ impl Ctx<'_> {
                     _ => self.out.writes_unknown = true,
                 }
                 // A dropped table may have been a partition or an inheritance child, whose
-                // parent the commit can no longer find: every cached result goes.
+                // parent the commit can no longer find: every cached result goes. (Not for
+                // the session's own temporary tables, named so.)
                 self.out.writes_unknown |= matches!(
                     object_type,
                     ObjectType::Table | ObjectType::View | ObjectType::MaterializedView
-                );
+                ) && !names.iter().all(is_temp_schema);
                 self.out.writes_unknown |= *cascade;
             }
             Statement::CreateFunction(f) => {
@@ -752,7 +754,21 @@ impl Ctx<'_> {
                 self.out.local_parse_setting = true;
                 return;
             }
-            Set::SetRole { .. } | Set::SetSessionAuthorization(_) | Set::SetTransaction { .. } => {
+            Set::SetTransaction {
+                modes, snapshot, ..
+            } => {
+                self.out.standby_refuses |= snapshot.is_some()
+                    || modes.iter().any(|m| {
+                        matches!(
+                            m,
+                            TransactionMode::IsolationLevel(
+                                TransactionIsolationLevel::Serializable
+                            ) | TransactionMode::AccessMode(TransactionAccessMode::ReadWrite)
+                        )
+                    });
+                return;
+            }
+            Set::SetRole { .. } | Set::SetSessionAuthorization(_) => {
                 return;
             }
             // Not PostgreSQL syntax: we cannot know what it would replay.
@@ -836,6 +852,8 @@ impl Ctx<'_> {
         if kw(1, "LOCAL") || kw(1, "TRANSACTION") {
             // Which setting it is, sqlparser could not say: it may be one parsing reads.
             self.out.local_parse_setting |= kw(1, "LOCAL");
+            self.out.standby_refuses |= kw(1, "TRANSACTION")
+                && (f.serializable || f.read_write || head.iter().any(|t| is_word(t, "SNAPSHOT")));
             return;
         }
         let i = if kw(1, "SESSION") { 2 } else { 1 };
@@ -921,6 +939,7 @@ impl Ctx<'_> {
         self.out.pins_for_good |= w.pins_for_good;
         self.out.local_search_path |= w.local_search_path;
         self.out.local_parse_setting |= w.local_parse_setting;
+        self.out.standby_refuses |= w.standby_refuses;
         w.needs_primary
     }
 }
@@ -1468,6 +1487,7 @@ struct Walk<'a> {
     pins_for_good: bool,
     local_search_path: bool,
     local_parse_setting: bool,
+    standby_refuses: bool,
 }
 
 impl Walk<'_> {
@@ -1504,7 +1524,7 @@ impl Walk<'_> {
             self.needs_primary = true;
             self.volatile = true;
             match kind {
-                FnKind::Primary => {}
+                FnKind::Primary => self.standby_refuses |= base == "pg_export_snapshot",
                 FnKind::Session => {
                     self.pins = true;
                     self.pins_for_good |= base.starts_with("dblink_connect");

@@ -256,6 +256,7 @@ const CASES: &[(&str, &str)] = &[
     ("DROP TABLE t", "P wu w=t"),
     ("DROP TABLE IF EXISTS a, b CASCADE", "P wu w=a,b"),
     ("DROP VIEW v", "P wu w=v"),
+    ("DROP TABLE IF EXISTS pg_temp.scratch", "P w=pg_temp.scratch"),
     ("DROP MATERIALIZED VIEW mv", "P wu w=mv"),
     ("ALTER TABLE s.x RENAME TO t", "P wu w=s.x"),
     ("ALTER TABLE child NO INHERIT parent", "P wu w=child"),
@@ -940,4 +941,34 @@ fn state_discard_all_cannot_reset_pins_for_good() {
     assert!(classify("SELECT dblink_connect('c', 'dbname=appdb')").pins_for_good);
     assert!(!classify("SELECT pg_advisory_lock(1)").pins_for_good);
     assert!(!classify("PREPARE p AS SELECT 1").pins_for_good);
+}
+
+/// What takes a READ ONLY block to the primary when it comes first in the block: what a
+/// standby refuses, or serves unlike the primary. Transaction-local settings and reads do
+/// not.
+#[test]
+fn what_a_standby_refuses_at_the_start_of_a_read_only_block() {
+    for sql in [
+        "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+        "SET TRANSACTION READ WRITE",
+        "SET TRANSACTION SNAPSHOT '00000003-0000001B-1'",
+        "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY, DEFERRABLE",
+        "SELECT pg_export_snapshot()",
+        "select pg_catalog.pg_export_snapshot()",
+    ] {
+        assert!(classify(sql).standby_refuses, "{sql}");
+    }
+    for sql in [
+        "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ",
+        "SET TRANSACTION READ ONLY",
+        "SET LOCAL statement_timeout = '5s'",
+        "SELECT set_config('app.tenant', '7', true)",
+        "SET search_path TO public",
+        "SAVEPOINT a",
+        "COMMIT",
+        "SELECT * FROM t",
+        "INSERT INTO t VALUES (1)",
+    ] {
+        assert!(!classify(sql).standby_refuses, "{sql}");
+    }
 }

@@ -135,6 +135,10 @@ pub struct Classification {
     /// true)`): what the transaction prepares then is parsed unlike the session's other
     /// statements of the same text. Set for texts the classifier could not read.
     pub local_parse_setting: bool,
+    /// First in a READ ONLY block, it needs the block on the primary, which a standby
+    /// would refuse (`SET TRANSACTION` to serializable, `READ WRITE` or a snapshot) or
+    /// serve unlike it (`pg_export_snapshot()`, whose snapshot others import there).
+    pub standby_refuses: bool,
 }
 
 impl Classification {
@@ -158,6 +162,8 @@ impl Classification {
             by_literal: false,
             local_search_path: false,
             local_parse_setting: true,
+            // In a READ ONLY block it runs where the block does, as it always did.
+            standby_refuses: false,
         }
     }
 

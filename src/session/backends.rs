@@ -250,11 +250,31 @@ impl Session {
         }
     }
 
-    /// Replay the session's settings on a connection that does not have them yet.
+    /// Replay the session's settings on a connection that does not have them yet. A
+    /// connection that turns out dead at the replay (ended while idle in the pool: a server
+    /// timeout such as a previous client's `idle_session_timeout`, an administrator's
+    /// pg_terminate_backend) is replaced once: none of the request was sent, and one dead
+    /// connection says nothing about the server.
     pub(super) async fn sync_settings(&mut self, id: BackendId) -> Result<()> {
+        match self.try_sync_settings(id).await? {
+            None => Ok(()),
+            Some(e) => {
+                debug!(backend = ?id, error = %e, "server connection found dead at the settings replay; taking another");
+                self.ensure_conn(id).await?;
+                match self.try_sync_settings(id).await? {
+                    None => Ok(()),
+                    Some(e) => Err(self.connect_error(id, e)),
+                }
+            }
+        }
+    }
+
+    /// [`sync_settings`](Self::sync_settings) once: `Some` with the failure when the
+    /// connection was lost (it is closed).
+    async fn try_sync_settings(&mut self, id: BackendId) -> Result<Option<BackendError>> {
         let max = self.runtime.config.proxy.max_message_bytes;
         let Some(conn) = self.conns[id.0 as usize].as_mut() else {
-            return Ok(());
+            return Ok(None);
         };
         // A connection's tag names the settings it has. One naming these settings keeps its
         // tag: that way the tags in a pool settle on the few generations that replayed onto
@@ -262,7 +282,7 @@ impl Session {
         if let Some(generation) = conn.settings_generation
             && self.settings.is_current(generation)
         {
-            return Ok(());
+            return Ok(None);
         }
         // No difference means the connection has exactly the session's settings already
         // (the usual case: sessions of one application share their startup settings), so
@@ -284,17 +304,29 @@ impl Session {
                     // server, the replay rolled back whole) the refusal may come from
                     // something on this very connection: it serves no one else.
                     self.release(id, false);
-                    return Err(match e {
-                        BackendError::Server(fields) => Error::SettingsRefused(fields),
-                        e if e.is_connection_failure() => self.connect_error(id, e),
-                        e => Error::Backend(e),
-                    });
+                    return match e {
+                        // The server ending the connection (57P05 idle-session timeout,
+                        // 57P01 terminated), not refusing a setting, which is an ERROR.
+                        BackendError::Server(fields) if fields.severity == "FATAL" => {
+                            Ok(Some(BackendError::Server(fields)))
+                        }
+                        BackendError::Server(fields) => Err(Error::SettingsRefused(fields)),
+                        // Not a timeout: a server that stopped answering would be waited for
+                        // twice.
+                        e @ (BackendError::Io(_) | BackendError::Closed)
+                            if e.is_connection_failure() =>
+                        {
+                            Ok(Some(e))
+                        }
+                        e if e.is_connection_failure() => Err(self.connect_error(id, e)),
+                        e => Err(Error::Backend(e)),
+                    };
                 }
                 conn.settings = self.settings.effective();
                 conn.settings_generation = Some(self.settings.generation);
             }
         }
-        Ok(())
+        Ok(None)
     }
 
     /// Give back the connections nothing holds any more (transaction mode, between
@@ -320,18 +352,31 @@ impl Session {
         let slot = id.0 as usize;
         let conn = self.conns[slot].take();
         let permit = self.permits[slot].take();
-        // A cancel request of this session still on its way would reach the next client's
-        // query (the set_cancel_target(None) before made sure no new one can start).
-        let cancelling = conn
-            .as_ref()
-            .is_some_and(|c| c.cancels.load(Ordering::SeqCst) > 0);
-        if cancelling {
-            debug!(backend = ?id, "a cancel request is on its way: connection closed, not pooled");
-        }
         if let (Some(conn), Some(permit), Some(pool), true) =
-            (conn, permit, &self.pools[slot], reusable && !cancelling)
+            (conn, permit, &self.pools[slot], reusable)
         {
-            pool.checkin(Lent { conn, permit }, self.clock);
+            let lent = Lent { conn, permit };
+            // A cancel request of this session still on its way would reach the next
+            // client's query (the set_cancel_target(None) before made sure no new one can
+            // start): the connection, and its pool slot, wait until it has been delivered,
+            // as PgBouncer holds such a connection back; closed if that takes too long.
+            if lent.conn.cancels.load(Ordering::SeqCst) > 0 {
+                debug!(backend = ?id, "a cancel request is on its way: connection held back");
+                let pool = pool.clone();
+                let limit = self.runtime.config.pool.connect_timeout();
+                tokio::spawn(async move {
+                    let deadline = tokio::time::Instant::now() + limit;
+                    while lent.conn.cancels.load(Ordering::SeqCst) > 0 {
+                        if tokio::time::Instant::now() >= deadline {
+                            return;
+                        }
+                        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                    }
+                    pool.checkin(lent, std::time::Instant::now());
+                });
+                return;
+            }
+            pool.checkin(lent, self.clock);
         }
     }
 }

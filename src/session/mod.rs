@@ -462,14 +462,11 @@ impl Session {
         let mut greeting = bytes::BytesMut::with_capacity(256);
         protocol::auth_ok().encode_into(&mut greeting);
         for (k, v) in server_params {
-            // The last of a parameter given twice is the one the server applies.
-            let chosen = self
-                .login_params
-                .iter()
-                .rev()
-                .find(|(ck, _)| ck.eq_ignore_ascii_case(k))
+            // What the server applies: the last of a parameter given twice, one given on
+            // its own over one in `options`.
+            let chosen = state::startup_value(&self.login_params, k)
                 .filter(|_| self.mode == PoolMode::Transaction);
-            protocol::put_parameter_status(&mut greeting, k, chosen.map_or(v, |(_, cv)| cv));
+            protocol::put_parameter_status(&mut greeting, k, chosen.as_deref().unwrap_or(v));
         }
         protocol::backend_key_data(self.cancel_pid, self.cancel_secret).encode_into(&mut greeting);
         protocol::ready_for_query(TxStatus::Idle).encode_into(&mut greeting);
@@ -804,16 +801,22 @@ impl Session {
         );
         if self.deferred_begin {
             // The transaction's first request, its BEGIN sent ahead of it: on the primary (a
-            // plain BEGIN is read-write), or, read only, where the request can run.
+            // plain BEGIN is read-write), or, read only, on a replica, as the block would
+            // run there from its BEGIN, unless the request makes the block one a standby
+            // refuses (or the session reads from the primary anyway). What else it holds
+            // runs there as in any READ ONLY block (a write fails as it would anywhere).
+            let facts = self.facts();
+            let standby_refuses = || {
+                items
+                    .iter()
+                    .filter_map(Item::class)
+                    .any(|c| c.standby_refuses)
+            };
             route = match self.deferred_read_only {
-                None => Route::Primary,
-                Some(_) => crate::router::route(
-                    items.iter().filter_map(Item::class).map(|c| &**c),
-                    SessionFacts {
-                        in_transaction: false,
-                        ..self.facts()
-                    },
-                ),
+                Some(_) if !facts.pinned && !facts.replicas_refused && !standby_refuses() => {
+                    Route::Replica
+                }
+                _ => Route::Primary,
             };
         }
         // A read-only block that starts with this request is judged by its first statement
@@ -845,10 +848,34 @@ impl Session {
         // another replica after a connection failure, then on the primary.
         let mut attempts_left = 2;
         loop {
+            // Outside a transaction the wait for a pooled connection can be long: a cancel
+            // request meanwhile ends the request before it starts, as the server would end
+            // it. (Inside one, the request's connection is at hand, and an error pgsplit
+            // made up would leave the server's transaction unfailed.)
+            let cancellable = route != Route::Transaction;
+            if cancellable {
+                self.slot.cancel_requested.store(false, Ordering::SeqCst);
+                self.slot.waiting.store(true, Ordering::SeqCst);
+            }
             let acquired = if route == Route::Replica && !executes {
                 self.acquire_last_replica().await
             } else {
                 self.acquire(route).await
+            };
+            let acquired = if cancellable {
+                self.slot.waiting.store(false, Ordering::SeqCst);
+                match acquired {
+                    Ok(conn) if self.slot.cancel_requested.swap(false, Ordering::SeqCst) => {
+                        // Only the session's settings ran on it (a pinned connection stays).
+                        if !(conn.is_primary() && self.pinned) {
+                            self.release(conn, true);
+                        }
+                        Err(Error::Canceled)
+                    }
+                    other => other,
+                }
+            } else {
+                acquired
             };
             let conn = match acquired {
                 Ok(c) => c,
@@ -1095,7 +1122,11 @@ impl Session {
             // startup parameter would (with the server's FATAL and SQLSTATE).
             return Err(e);
         }
-        warn!(error = ?e.to_string(), "request failed before reaching a server");
+        if matches!(e, Error::Canceled) {
+            debug!("request cancelled by the client while it waited for a server connection");
+        } else {
+            warn!(error = ?e.to_string(), "request failed before reaching a server");
+        }
         if self.deferred_begin {
             // The transaction's first request reached no server: the block fails, as a
             // statement's error fails it, and its ROLLBACK is answered here.

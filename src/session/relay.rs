@@ -352,8 +352,11 @@ impl Session {
                 Ok(Outcome::Retry { on_replica: false })
             }
             Ok(()) => {
-                if fl.refusal.is_some() {
+                if fl.refusal.is_some() && retryable {
                     // Refused after part of the answer went out: the client has the error.
+                    // Only a request that was a candidate for a retry (outside a transaction
+                    // block, whole): inside a READ ONLY block the primary refuses a write
+                    // the same way, and says nothing about the replica.
                     self.learn_refusal(items, fl.refusal);
                 }
                 if !fl.failed && !fl.read_back.is_empty() {

@@ -137,9 +137,7 @@ pub fn deferrable_begin(items: &[Item]) -> Option<(Vec<Frame>, Option<Box<str>>)
     let sql = lone.sql()?;
     let read_only = if is_plain_begin(&sql) {
         None
-    } else if class.parsed
-        && class.begins_tx == Some(crate::router::TxAccess::ReadOnly)
-        && !sql.contains('\0')
+    } else if class.begins_tx == Some(crate::router::TxAccess::ReadOnly) && is_read_only_begin(&sql)
     {
         Some(sql.trim().trim_end_matches(';').into())
     } else {
@@ -295,6 +293,50 @@ fn is_plain_begin(sql: &str) -> bool {
         (Some("BEGIN"), None | Some("WORK" | "TRANSACTION"), None)
             | (Some("START"), Some("TRANSACTION"), None)
     )
+}
+
+/// `BEGIN [WORK | TRANSACTION]` or `START TRANSACTION` with `READ ONLY` among modes that
+/// standbys serve (`ISOLATION LEVEL` short of serializable, `NOT DEFERRABLE`), in
+/// PostgreSQL's grammar: pgsplit answers it before any server sees it, so it must be one
+/// the server would accept (sqlparser takes more, such as `ISOLATION LEVEL SNAPSHOT`).
+fn is_read_only_begin(sql: &str) -> bool {
+    let sql = sql.trim().trim_end_matches(';');
+    if sql.len() > 100 {
+        return false;
+    }
+    let spaced = sql.to_ascii_uppercase().replace(',', " , ");
+    let words: Vec<&str> = spaced.split_ascii_whitespace().collect();
+    let mut rest = match words.as_slice() {
+        ["BEGIN", "WORK" | "TRANSACTION", rest @ ..]
+        | ["START", "TRANSACTION", rest @ ..]
+        | ["BEGIN", rest @ ..] => rest,
+        _ => return false,
+    };
+    let mut read_only = false;
+    loop {
+        rest = match rest {
+            ["READ", "ONLY", more @ ..] => {
+                read_only = true;
+                more
+            }
+            [
+                "ISOLATION",
+                "LEVEL",
+                "READ",
+                "COMMITTED" | "UNCOMMITTED",
+                more @ ..,
+            ]
+            | ["ISOLATION", "LEVEL", "REPEATABLE", "READ", more @ ..]
+            | ["NOT", "DEFERRABLE", more @ ..] => more,
+            _ => return false,
+        };
+        // Modes are separated by a comma or by nothing.
+        match rest {
+            [] => return read_only,
+            [",", more @ ..] => rest = more,
+            _ => {}
+        }
+    }
 }
 
 /// A Bind of the unnamed portal with no parameters (and any result formats).
@@ -691,6 +733,10 @@ mod tests {
                 "BEGIN READ ONLY ISOLATION LEVEL REPEATABLE READ",
                 "BEGIN READ ONLY ISOLATION LEVEL REPEATABLE READ",
             ),
+            (
+                "begin transaction isolation level read committed, read only",
+                "begin transaction isolation level read committed, read only",
+            ),
         ] {
             let reply = deferrable_begin(&items(&[&format!("Q {sql}")]));
             assert_eq!(
@@ -736,6 +782,12 @@ mod tests {
             "BEGIN ISOLATION LEVEL SERIALIZABLE",
             "BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY",
             "BEGIN READ ONLY DEFERRABLE",
+            // sqlparser reads these; PostgreSQL refuses them.
+            "BEGIN READ ONLY ISOLATION LEVEL SNAPSHOT",
+            "BEGIN TRAN READ ONLY",
+            "BEGIN READ ONLY,",
+            "BEGIN READ ONLY,, NOT DEFERRABLE",
+            "/* c */ BEGIN READ ONLY",
             "START TRANSACTION READ WRITE",
             "BEGIN; SELECT 1",
             "/* c */ BEGIN",

@@ -522,32 +522,37 @@ pub fn apply_to_server(server: &mut HashMap<String, String>, ops: &[SessionOp]) 
 /// Startup parameters as session settings (transaction mode): `name=value` pairs become
 /// `SET`s; `options` contributes its `-c name=value` / `--name=value` parts.
 pub fn startup_settings(params: &[(String, String)]) -> Vec<(String, String)> {
+    // In the order PostgreSQL applies them, later ones winning: `options` first, then the
+    // parameters of their own, wherever they are in the packet.
     let mut out = Vec::new();
-    for (k, v) in params {
-        if k == "options" {
-            for (name, value) in parse_options(v) {
-                out.push((name.to_ascii_lowercase(), set_sql(&name, &value)));
-            }
-        } else {
-            out.push((k.to_ascii_lowercase(), set_sql(k, v)));
+    for (_, v) in params.iter().filter(|(k, _)| k == "options") {
+        for (name, value) in parse_options(v) {
+            out.push((name.to_ascii_lowercase(), set_sql(&name, &value)));
         }
+    }
+    for (k, v) in params.iter().filter(|(k, _)| k != "options") {
+        out.push((k.to_ascii_lowercase(), set_sql(k, v)));
     }
     out
 }
 
-/// The value the startup packet gives `name` last (a parameter of its own or a setting in
-/// `options`): the one `startup_settings` leaves in force, without building its SQL.
+/// The value the startup packet gives `name` in the end: the last parameter of its own, else
+/// the last setting of it in `options` (the one `startup_settings` leaves in force), without
+/// building its SQL.
 pub fn startup_value(params: &[(String, String)], name: &str) -> Option<String> {
+    if let Some((_, v)) = params
+        .iter()
+        .rev()
+        .find(|(k, _)| k != "options" && k.eq_ignore_ascii_case(name))
+    {
+        return Some(v.clone());
+    }
     let mut last = None;
-    for (k, v) in params {
-        if k == "options" {
-            for (n, value) in parse_options(v) {
-                if n.eq_ignore_ascii_case(name) {
-                    last = Some(value);
-                }
+    for (_, v) in params.iter().filter(|(k, _)| k == "options") {
+        for (n, value) in parse_options(v) {
+            if n.eq_ignore_ascii_case(name) {
+                last = Some(value);
             }
-        } else if k.eq_ignore_ascii_case(name) {
-            last = Some(v.clone());
         }
     }
     last
@@ -720,25 +725,39 @@ mod tests {
     }
 
     #[test]
-    fn a_startup_value_is_the_last_one_given_as_startup_settings_apply_it() {
+    fn a_startup_value_is_the_one_postgres_applies_as_startup_settings_apply_it() {
+        // PostgreSQL applies `options` first, then the parameters of their own (the last
+        // of one given twice), wherever they are in the packet.
         let params = [
-            ("pgsplit.consistency".to_string(), "eventual".to_string()),
+            ("TimeZone".to_string(), "UTC".to_string()),
+            ("pgsplit.consistency".into(), "eventual".into()),
             (
                 "options".into(),
-                "-c search_path=a -c PgSplit.Consistency=read_your_writes".into(),
+                "-c search_path=a -c PgSplit.Consistency=read_your_writes -c timezone=Asia/Tokyo"
+                    .into(),
             ),
+            ("TimeZone".into(), "Europe/Paris".into()),
         ];
-        assert_eq!(
-            startup_value(&params, "pgsplit.consistency").as_deref(),
-            Some("read_your_writes")
-        );
-        let last = startup_settings(&params)
-            .into_iter()
-            .rev()
-            .find(|(n, _)| n == "pgsplit.consistency")
-            .map(|(_, sql)| sql);
-        assert!(last.is_some_and(|sql| sql.contains("'read_your_writes'")));
-        assert_eq!(startup_value(&params, "search_path").as_deref(), Some("a"));
+        let in_force = |name: &str| {
+            startup_settings(&params)
+                .into_iter()
+                .rev()
+                .find(|(n, _)| n == name)
+                .map(|(_, sql)| sql)
+        };
+        for (name, want) in [
+            ("pgsplit.consistency", "eventual"),
+            ("timezone", "Europe/Paris"),
+            ("search_path", "a"),
+        ] {
+            assert_eq!(
+                startup_value(&params, name).as_deref(),
+                Some(want),
+                "{name}"
+            );
+            let sql = in_force(name).unwrap();
+            assert!(sql.contains(&format!("'{want}'")), "{name}: {sql}");
+        }
         assert_eq!(startup_value(&params, "application_name"), None);
     }
 
@@ -755,17 +774,17 @@ mod tests {
         assert_eq!(
             names,
             [
-                "application_name",
                 "search_path",
                 "statement_timeout",
-                "synchronous_commit"
+                "synchronous_commit",
+                "application_name"
             ]
         );
         assert_eq!(
-            base[0].1,
+            base[3].1,
             "SELECT pg_catalog.set_config('application_name', 'it''s', false)"
         );
-        let base0 = base[0].1.clone();
+        let base0 = base[3].1.clone();
         let mut s = Settings::with_baseline(base);
         assert_ne!(s.generation, 0);
         let mut server = HashMap::new();

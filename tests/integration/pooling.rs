@@ -331,6 +331,72 @@ async fn a_late_cancel_never_reaches_another_clients_query() {
     assert_eq!(cancelled, 0, "of {runs} queries of the other client");
 }
 
+/// A cancelled query's connection goes back to the pool once its cancel request has been
+/// delivered, not closed: cancelling (drivers' query timeouts) costs no reconnect.
+#[tokio::test]
+async fn a_cancelled_query_leaves_its_connection_pooled() {
+    let proxy = start_proxy_with(&pooled(1, "")).await;
+    let client = proxy.app().await;
+    let pid = async || -> i32 {
+        client.batch_execute("BEGIN").await.unwrap();
+        let pid: i32 = client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        client.batch_execute("COMMIT").await.unwrap();
+        pid
+    };
+    let before = pid().await;
+    for _ in 0..3 {
+        client.batch_execute("BEGIN").await.unwrap();
+        let canceller = tokio::spawn(cancel_repeatedly(client.cancel_token()));
+        let e = client.query("SELECT pg_sleep(30)", &[]).await.unwrap_err();
+        assert_eq!(sqlstate(&e), "57014");
+        canceller.abort();
+        client.batch_execute("ROLLBACK").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(pid().await, before, "the same server connection");
+    }
+}
+
+/// A cancel request sent while the query waits for a pooled connection (the pool is at its
+/// size): the query never runs, and the client gets 57014 once a connection is free, as if
+/// the server had cancelled it. pgsplit used to drop such a cancel, and the INSERT the user
+/// cancelled ran anyway.
+#[tokio::test]
+async fn a_cancel_while_waiting_for_a_connection_stops_the_query() {
+    let proxy = start_proxy_with(&pooled(1, "")).await;
+    let t = unique("cancel_wait");
+    let holder = proxy.app().await;
+    holder
+        .batch_execute(&format!("CREATE TABLE {t} (v int)"))
+        .await
+        .unwrap();
+    wait_replicated().await;
+    holder
+        .batch_execute("BEGIN; SELECT pg_advisory_xact_lock(11)")
+        .await
+        .unwrap();
+    let victim = proxy.app().await;
+    let token = victim.cancel_token();
+    let insert = format!("INSERT INTO {t} VALUES (1)");
+    let (inserted, ()) = tokio::join!(victim.simple_query(&insert), async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        holder.batch_execute("COMMIT").await.unwrap();
+    });
+    let e = inserted.expect_err("cancelled before it ran");
+    assert_eq!(sqlstate(&e), "57014", "{e}");
+    let n: i64 = victim
+        .query_one(&format!("SELECT count(*) FROM {t}"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0, "the cancelled INSERT never ran");
+}
+
 /// A plain BEGIN reaches the server with the transaction's first statement: until then the
 /// transaction holds no pooled connection (an application that opens transactions early
 /// does not starve the pool), from then on it holds one.

@@ -102,25 +102,54 @@ async fn set_to_default_returns_to_the_login_value() {
     }
 }
 
-/// A startup parameter given twice: the server applies the last, and the login's
-/// ParameterStatus says so (in transaction mode pgsplit reported the first).
+/// A startup parameter given twice, or on its own and in `options`: the server applies the
+/// last one on its own, else the last in `options`, and the login's ParameterStatus says
+/// what it applies (in transaction mode pgsplit reported the first, and the baseline it
+/// replayed followed the packet's order).
 #[tokio::test]
-async fn a_startup_parameter_given_twice_is_reported_as_the_last() {
+async fn a_startup_parameter_given_twice_is_reported_as_the_one_in_force() {
+    use tokio::io::AsyncWriteExt;
+    type Params<'a> = &'a [(&'a str, &'a str)];
+    let cases: [(Params, &[u8], &str); 3] = [
+        (
+            &[
+                ("application_name", "first"),
+                ("application_name", "second"),
+            ],
+            b"application_name\0second\0",
+            "SHOW application_name",
+        ),
+        (
+            &[("TimeZone", "UTC"), ("options", "-c TimeZone=Asia/Tokyo")],
+            b"TimeZone\0UTC\0",
+            "SHOW TimeZone",
+        ),
+        (
+            &[("options", "-c TimeZone=Asia/Tokyo")],
+            b"TimeZone\0Asia/Tokyo\0",
+            "SHOW TimeZone",
+        ),
+    ];
     for proxy in both_modes().await {
-        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-        let params = [
-            ("application_name", "first"),
-            ("application_name", "second"),
-        ];
-        tokio::io::AsyncWriteExt::write_all(&mut s, &startup_packet_with("trustuser", &params))
-            .await
-            .unwrap();
-        let msgs = read_messages(&mut s).await;
-        assert!(
-            msgs.iter()
-                .any(|m| m.0 == b'S' && m.1 == b"application_name\0second\0"),
-            "{msgs:?}"
-        );
+        for (params, status, show) in cases {
+            let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+            s.write_all(&startup_packet_with("trustuser", params))
+                .await
+                .unwrap();
+            let msgs = read_messages(&mut s).await;
+            assert!(
+                msgs.iter().any(|m| m.0 == b'S' && m.1 == status),
+                "{params:?}: {msgs:?}"
+            );
+            let value = &status[status.iter().position(|&b| b == 0).unwrap()..];
+            s.write_all(&query(show)).await.unwrap();
+            let msgs = read_messages(&mut s).await;
+            let row = msgs.iter().find(|m| m.0 == b'D').expect("a row");
+            assert!(
+                row.1.ends_with(&value[1..value.len() - 1]),
+                "{params:?}: {msgs:?}"
+            );
+        }
     }
 }
 
