@@ -139,6 +139,7 @@ pub fn classify_with(sql: &str, extra_primary_functions: &[String]) -> Classific
             tx_effect: TxEffect::Neutral,
             local_parse_setting: false,
             standby_refuses: false,
+            tx_local: false,
             ..Classification::unknown()
         },
     };
@@ -538,14 +539,17 @@ impl Ctx<'_> {
             Statement::Commit { chain, .. } => {
                 self.tx_end(*chain);
                 self.primary();
+                self.out.tx_local = true;
             }
             Statement::Rollback { chain, savepoint } => {
                 self.tx_end(*chain || savepoint.is_some());
                 self.primary();
+                self.out.tx_local = true;
             }
             Statement::Savepoint { .. } | Statement::ReleaseSavepoint { .. } => {
                 self.tx_other();
                 self.primary();
+                self.out.tx_local = true;
             }
             Statement::Set(set) => {
                 let sql = text.map_or_else(|| stmt.to_string(), str::to_owned);
@@ -685,6 +689,18 @@ impl Ctx<'_> {
                 if *scope == Some(ContextModifier::Local) || TX_SCOPED_GUCS.contains(&&*name) {
                     self.out.local_search_path |= name == "search_path";
                     self.out.local_parse_setting |= affects_parsing(&name);
+                    self.out.tx_local = true;
+                    // What a standby's transaction cannot be.
+                    let value = || values.iter().map(|v| v.to_string());
+                    self.out.standby_refuses |= match name.as_str() {
+                        "transaction_isolation" | "default_transaction_isolation" => {
+                            value().any(|v| v.to_ascii_lowercase().contains("serializable"))
+                        }
+                        "transaction_read_only" | "default_transaction_read_only" => {
+                            value().any(|v| !keeps_on(&v))
+                        }
+                        _ => false,
+                    };
                     return;
                 }
                 // `TO DEFAULT` is a RESET: back to the login's value, not the server's.
@@ -752,11 +768,13 @@ impl Ctx<'_> {
             // SET LOCAL ... and SET TRANSACTION ...: gone at the end of the transaction.
             Set::SetTimeZone { .. } => {
                 self.out.local_parse_setting = true;
+                self.out.tx_local = true;
                 return;
             }
             Set::SetTransaction {
                 modes, snapshot, ..
             } => {
+                self.out.tx_local = true;
                 self.out.standby_refuses |= snapshot.is_some()
                     || modes.iter().any(|m| {
                         matches!(
@@ -769,6 +787,7 @@ impl Ctx<'_> {
                 return;
             }
             Set::SetRole { .. } | Set::SetSessionAuthorization(_) => {
+                self.out.tx_local = true;
                 return;
             }
             // Not PostgreSQL syntax: we cannot know what it would replay.

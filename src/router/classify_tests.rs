@@ -953,6 +953,8 @@ fn what_a_standby_refuses_at_the_start_of_a_read_only_block() {
         "SET TRANSACTION READ WRITE",
         "SET TRANSACTION SNAPSHOT '00000003-0000001B-1'",
         "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY, DEFERRABLE",
+        "SET LOCAL transaction_isolation = 'serializable'",
+        "SET transaction_read_only = off",
         "SELECT pg_export_snapshot()",
         "select pg_catalog.pg_export_snapshot()",
     ] {
@@ -970,5 +972,26 @@ fn what_a_standby_refuses_at_the_start_of_a_read_only_block() {
         "INSERT INTO t VALUES (1)",
     ] {
         assert!(!classify(sql).standby_refuses, "{sql}");
+    }
+    // Primary only for acting on the transaction: a standby's transaction takes them.
+    for sql in [
+        "SET LOCAL statement_timeout = '5s'",
+        "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ",
+        "SET LOCAL ROLE admin",
+        "SAVEPOINT a",
+        "RELEASE SAVEPOINT a",
+        "ROLLBACK TO SAVEPOINT a",
+        "COMMIT",
+    ] {
+        assert!(classify(sql).tx_local, "{sql}");
+    }
+    for sql in [
+        "SET search_path TO public",
+        "SELECT txid_current()",
+        "LISTEN x",
+        "SELECT pg_advisory_xact_lock(1)",
+        "SELECT * FROM t",
+    ] {
+        assert!(!classify(sql).tx_local, "{sql}");
     }
 }

@@ -139,6 +139,11 @@ pub struct Classification {
     /// would refuse (`SET TRANSACTION` to serializable, `READ WRITE` or a snapshot) or
     /// serve unlike it (`pg_export_snapshot()`, whose snapshot others import there).
     pub standby_refuses: bool,
+    /// It goes to the primary only because it acts on the transaction, as a standby's
+    /// transaction takes it too (`SET LOCAL`, `SET TRANSACTION`, SAVEPOINT, COMMIT, ...):
+    /// first in a READ ONLY block, it can open the block on a replica (unless
+    /// `standby_refuses`). Meaningful for a single statement.
+    pub tx_local: bool,
 }
 
 impl Classification {
@@ -164,6 +169,7 @@ impl Classification {
             local_parse_setting: true,
             // In a READ ONLY block it runs where the block does, as it always did.
             standby_refuses: false,
+            tx_local: false,
         }
     }
 

@@ -258,6 +258,12 @@ impl Session {
     pub(super) async fn sync_settings(&mut self, id: BackendId) -> Result<()> {
         match self.try_sync_settings(id).await? {
             None => Ok(()),
+            Some(e) if id.is_primary() && self.pinned => {
+                // It held the session's state (temporary tables, LISTEN, locks), which a
+                // fresh connection would not: the session ends, as for any such loss.
+                self.pinned_state_lost = true;
+                Err(self.connect_error(id, e))
+            }
             Some(e) => {
                 debug!(backend = ?id, error = %e, "server connection found dead at the settings replay; taking another");
                 self.ensure_conn(id).await?;

@@ -465,7 +465,11 @@ impl Session {
             // What the server applies: the last of a parameter given twice, one given on
             // its own over one in `options`.
             let chosen = state::startup_value(&self.login_params, k)
-                .filter(|_| self.mode == PoolMode::Transaction);
+                .filter(|_| self.mode == PoolMode::Transaction)
+                .map(|c| match k.eq_ignore_ascii_case("DateStyle") {
+                    true => state::reported_datestyle(&c, v).unwrap_or(c),
+                    false => c,
+                });
             protocol::put_parameter_status(&mut greeting, k, chosen.as_deref().unwrap_or(v));
         }
         protocol::backend_key_data(self.cancel_pid, self.cancel_secret).encode_into(&mut greeting);
@@ -801,19 +805,24 @@ impl Session {
         );
         if self.deferred_begin {
             // The transaction's first request, its BEGIN sent ahead of it: on the primary (a
-            // plain BEGIN is read-write), or, read only, on a replica, as the block would
-            // run there from its BEGIN, unless the request makes the block one a standby
-            // refuses (or the session reads from the primary anyway). What else it holds
-            // runs there as in any READ ONLY block (a write fails as it would anywhere).
+            // plain BEGIN is read-write), or, read only, on a replica when the request is
+            // plain reads or acts only on the transaction in ways a standby takes (SET
+            // LOCAL, SAVEPOINT, COMMIT, ...); anything else the primary must run or would
+            // answer unlike a standby (probes, locks, txid_current, LISTEN, what pins the
+            // session, a SET TRANSACTION to serializable) takes the block to the primary.
             let facts = self.facts();
-            let standby_refuses = || {
-                items
-                    .iter()
-                    .filter_map(Item::class)
-                    .any(|c| c.standby_refuses)
+            let replica_can_start = || {
+                let mut classes = items.iter().filter_map(Item::class).peekable();
+                classes.peek().is_some()
+                    && classes.all(|c| {
+                        !c.pins_session
+                            && !c.standby_refuses
+                            && (c.target == crate::router::Target::Replica
+                                || (c.tx_local && c.statement_count == 1))
+                    })
             };
             route = match self.deferred_read_only {
-                Some(_) if !facts.pinned && !facts.replicas_refused && !standby_refuses() => {
+                Some(_) if !facts.pinned && !facts.replicas_refused && replica_can_start() => {
                     Route::Replica
                 }
                 _ => Route::Primary,

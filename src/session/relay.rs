@@ -403,8 +403,17 @@ impl Session {
         // write would send it to the primary, and invalidate the cache, from then on.
         let calls_functions = |i: &Item| i.class().is_some_and(|c| c.calls_user_functions);
         let suspects = refusal == Some(Refusal::Write) && items.iter().any(calls_functions);
+        // A read a standby cannot serve reads a relation (an unlogged table, a view over
+        // the WAL position) or calls a function: a `SELECT 1` batched with it did not.
+        let reads_something = |i: &Item| {
+            i.class()
+                .is_some_and(|c| !c.tables_read.is_empty() || c.volatile || c.calls_user_functions)
+        };
         for item in items {
             if suspects && !calls_functions(item) {
+                continue;
+            }
+            if refusal == Some(Refusal::PrimaryRead) && !reads_something(item) {
                 continue;
             }
             let Some(sql) = statement_sql(item) else {

@@ -525,10 +525,8 @@ pub fn startup_settings(params: &[(String, String)]) -> Vec<(String, String)> {
     // In the order PostgreSQL applies them, later ones winning: `options` first, then the
     // parameters of their own, wherever they are in the packet.
     let mut out = Vec::new();
-    for (_, v) in params.iter().filter(|(k, _)| k == "options") {
-        for (name, value) in parse_options(v) {
-            out.push((name.to_ascii_lowercase(), set_sql(&name, &value)));
-        }
+    for (name, value) in last_options(params) {
+        out.push((name.to_ascii_lowercase(), set_sql(&name, &value)));
     }
     for (k, v) in params.iter().filter(|(k, _)| k != "options") {
         out.push((k.to_ascii_lowercase(), set_sql(k, v)));
@@ -548,14 +546,54 @@ pub fn startup_value(params: &[(String, String)], name: &str) -> Option<String> 
         return Some(v.clone());
     }
     let mut last = None;
-    for (_, v) in params.iter().filter(|(k, _)| k == "options") {
-        for (n, value) in parse_options(v) {
-            if n.eq_ignore_ascii_case(name) {
-                last = Some(value);
-            }
+    for (n, value) in last_options(params) {
+        if n.eq_ignore_ascii_case(name) {
+            last = Some(value);
         }
     }
     last
+}
+
+/// The DateStyle PostgreSQL reports once `value` is set over `default` (a report such as
+/// "ISO, MDY"): a value naming one half keeps the other half of `default`, as the server
+/// keeps it. Drivers parse the report (psycopg refuses "iso,dmy"); `None` for a value the
+/// server would refuse.
+pub fn reported_datestyle(value: &str, default: &str) -> Option<String> {
+    let (default_style, default_order) = default.split_once(", ")?;
+    let (mut style, mut order) = (default_style, default_order);
+    let mut order_given = false;
+    for word in value
+        .split(|c: char| c == ',' || c.is_ascii_whitespace())
+        .filter(|w| !w.is_empty())
+    {
+        match word.to_ascii_uppercase().as_str() {
+            "ISO" => style = "ISO",
+            "SQL" => style = "SQL",
+            "POSTGRES" => style = "Postgres",
+            "GERMAN" => style = "German",
+            "DMY" | "EURO" | "EUROPEAN" => (order, order_given) = ("DMY", true),
+            "MDY" | "US" | "NONEURO" | "NONEUROPEAN" => (order, order_given) = ("MDY", true),
+            "YMD" => (order, order_given) = ("YMD", true),
+            "DEFAULT" => (style, order) = (default_style, default_order),
+            _ => return None,
+        }
+    }
+    // German without an order is day first.
+    if style == "German" && !order_given {
+        order = "DMY";
+    }
+    Some(format!("{style}, {order}"))
+}
+
+/// The settings of the startup packet's `options`: of the last one, which is the one
+/// PostgreSQL reads when it is given twice.
+fn last_options(params: &[(String, String)]) -> Vec<(String, String)> {
+    params
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "options")
+        .map(|(_, v)| parse_options(v))
+        .unwrap_or_default()
 }
 
 /// set_config takes the value as raw text, as the startup packet does (a SET with a quoted
@@ -759,6 +797,42 @@ mod tests {
             assert!(sql.contains(&format!("'{want}'")), "{name}: {sql}");
         }
         assert_eq!(startup_value(&params, "application_name"), None);
+        // Of two `options`, PostgreSQL reads the last only.
+        let twice = [
+            (
+                "options".to_string(),
+                "-c work_mem=1MB -c search_path=a".to_string(),
+            ),
+            ("options".into(), "-c search_path=b".into()),
+        ];
+        assert_eq!(startup_value(&twice, "search_path").as_deref(), Some("b"));
+        assert_eq!(startup_value(&twice, "work_mem"), None);
+        let names: Vec<_> = startup_settings(&twice)
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(names, ["search_path"]);
+    }
+
+    #[test]
+    fn a_datestyle_is_reported_as_the_server_reports_it() {
+        for (value, want) in [
+            ("iso,dmy", Some("ISO, DMY")),
+            ("ISO", Some("ISO, MDY")),
+            ("dmy", Some("ISO, DMY")),
+            ("SQL, European", Some("SQL, DMY")),
+            ("german", Some("German, DMY")),
+            ("German, YMD", Some("German, YMD")),
+            ("postgres mdy", Some("Postgres, MDY")),
+            ("default", Some("ISO, MDY")),
+            ("banana", None),
+        ] {
+            assert_eq!(
+                reported_datestyle(value, "ISO, MDY").as_deref(),
+                want,
+                "{value}"
+            );
+        }
     }
 
     #[test]

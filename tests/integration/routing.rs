@@ -155,6 +155,14 @@ async fn a_read_only_block_changed_by_its_first_statement_runs_on_the_primary() 
             assert_eq!((isolation.as_str(), port), (want, c.primary), "{second}");
             client.batch_execute("COMMIT").await.unwrap();
         }
+        // A lock that must exclude the primary's other takers.
+        client.batch_execute("BEGIN READ ONLY").await.unwrap();
+        client
+            .batch_execute("SELECT pg_advisory_xact_lock(5)")
+            .await
+            .unwrap();
+        assert_eq!(server_port(&client).await, c.primary);
+        client.batch_execute("COMMIT").await.unwrap();
         // A snapshot exported in one read-only block and imported in another's.
         let importer = proxy.app().await;
         let begin = "BEGIN READ ONLY ISOLATION LEVEL REPEATABLE READ";
@@ -175,8 +183,8 @@ async fn a_read_only_block_changed_by_its_first_statement_runs_on_the_primary() 
         for start in [
             None,
             Some("SET LOCAL statement_timeout = '5s'"),
-            Some("SELECT set_config('app.tenant', '7', true)"),
             Some("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"),
+            Some("SAVEPOINT a"),
         ] {
             client.batch_execute("BEGIN READ ONLY").await.unwrap();
             if let Some(sql) = start {

@@ -110,7 +110,7 @@ async fn set_to_default_returns_to_the_login_value() {
 async fn a_startup_parameter_given_twice_is_reported_as_the_one_in_force() {
     use tokio::io::AsyncWriteExt;
     type Params<'a> = &'a [(&'a str, &'a str)];
-    let cases: [(Params, &[u8], &str); 3] = [
+    let cases: [(Params, &[u8], &str); 4] = [
         (
             &[
                 ("application_name", "first"),
@@ -128,6 +128,12 @@ async fn a_startup_parameter_given_twice_is_reported_as_the_one_in_force() {
             &[("options", "-c TimeZone=Asia/Tokyo")],
             b"TimeZone\0Asia/Tokyo\0",
             "SHOW TimeZone",
+        ),
+        // Reported as the server reports it (psycopg parses it, and refuses "iso,dmy").
+        (
+            &[("options", "-c datestyle=iso,dmy")],
+            b"DateStyle\0ISO, DMY\0",
+            "SHOW DateStyle",
         ),
     ];
     for proxy in both_modes().await {
