@@ -118,6 +118,28 @@ mod tests {
         assert!(!r.writes_unknown && !r.may_write() && !r.volatile);
     }
 
+    /// Whether a standby takes a transaction-scoped setting depends on its value: texts
+    /// that differ only in it are judged each by itself.
+    #[test]
+    fn a_transaction_setting_is_judged_by_its_value_through_the_cache() {
+        let c = ClassifyCache::new(64, vec![]);
+        for (sql, refused) in [
+            (
+                "SET LOCAL transaction_isolation TO 'repeatable read'",
+                false,
+            ),
+            ("SET LOCAL transaction_isolation TO 'serializable'", true),
+            ("SET LOCAL transaction_read_only = 'on'", false),
+            ("SET LOCAL transaction_read_only = 'off'", true),
+            ("SET transaction_read_only = 1", false),
+            ("SET transaction_read_only = 0", true),
+            ("SET LOCAL transaction_read_only TO DEFAULT", true),
+        ] {
+            assert_eq!(c.get(sql).standby_refuses, refused, "{sql}");
+            assert!(c.get(sql).tx_local, "{sql}");
+        }
+    }
+
     #[test]
     fn statements_differing_in_literals_share_one_classification() {
         let c = ClassifyCache::new(64, vec![]);

@@ -690,17 +690,21 @@ impl Ctx<'_> {
                     self.out.local_search_path |= name == "search_path";
                     self.out.local_parse_setting |= affects_parsing(&name);
                     self.out.tx_local = true;
-                    // What a standby's transaction cannot be.
+                    // What a standby's transaction cannot be. Judged by the value: texts that
+                    // differ only in it must not share the answer.
                     let value = || values.iter().map(|v| v.to_string());
-                    self.out.standby_refuses |= match name.as_str() {
+                    let refuses = match name.as_str() {
                         "transaction_isolation" | "default_transaction_isolation" => {
-                            value().any(|v| v.to_ascii_lowercase().contains("serializable"))
+                            Some(value().any(|v| v.to_ascii_lowercase().contains("serializable")))
                         }
-                        "transaction_read_only" | "default_transaction_read_only" => {
-                            value().any(|v| !keeps_on(&v))
-                        }
-                        _ => false,
+                        // DEFAULT may be read-write.
+                        "transaction_read_only" | "default_transaction_read_only" => Some(
+                            value().any(|v| !keeps_on(&v) || v.eq_ignore_ascii_case("default")),
+                        ),
+                        _ => None,
                     };
+                    self.out.by_literal |= refuses.is_some();
+                    self.out.standby_refuses |= refuses.unwrap_or(false);
                     return;
                 }
                 // `TO DEFAULT` is a RESET: back to the login's value, not the server's.

@@ -66,8 +66,11 @@ impl Session {
                 if self.runtime.backends.primary.health.role() == Role::Standby {
                     return Err(Error::PrimaryInRecovery);
                 }
+                // A pinned session's connection from before holds its state (not one it is
+                // about to pin: that one is fresh from the pool).
+                let holds_state = self.pinned && self.conns[0].is_some();
                 self.ensure_conn(BackendId::PRIMARY).await?;
-                self.sync_settings(BackendId::PRIMARY).await?;
+                self.sync_settings(BackendId::PRIMARY, holds_state).await?;
                 Ok(BackendId::PRIMARY)
             }
             Route::Replica => {
@@ -110,7 +113,7 @@ impl Session {
 
     async fn prepare_replica(&mut self, id: BackendId) -> Result<()> {
         self.ensure_conn(id).await?;
-        if let Err(e) = self.sync_settings(id).await {
+        if let Err(e) = self.sync_settings(id, false).await {
             // A setting the replica refuses (e.g. read-write defaults during recovery):
             // this connection cannot serve the session.
             self.release(id, false);
@@ -255,10 +258,12 @@ impl Session {
     /// timeout such as a previous client's `idle_session_timeout`, an administrator's
     /// pg_terminate_backend) is replaced once: none of the request was sent, and one dead
     /// connection says nothing about the server.
-    pub(super) async fn sync_settings(&mut self, id: BackendId) -> Result<()> {
+    /// `holds_state`: the connection holds the session's state (pinned), which a fresh one
+    /// would not.
+    pub(super) async fn sync_settings(&mut self, id: BackendId, holds_state: bool) -> Result<()> {
         match self.try_sync_settings(id).await? {
             None => Ok(()),
-            Some(e) if id.is_primary() && self.pinned => {
+            Some(e) if holds_state => {
                 // It held the session's state (temporary tables, LISTEN, locks), which a
                 // fresh connection would not: the session ends, as for any such loss.
                 self.pinned_state_lost = true;

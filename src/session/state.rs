@@ -555,34 +555,48 @@ pub fn startup_value(params: &[(String, String)], name: &str) -> Option<String> 
 }
 
 /// The DateStyle PostgreSQL reports once `value` is set over `default` (a report such as
-/// "ISO, MDY"): a value naming one half keeps the other half of `default`, as the server
-/// keeps it. Drivers parse the report (psycopg refuses "iso,dmy"); `None` for a value the
-/// server would refuse.
+/// "ISO, MDY"), read as its `check_datestyle` reads it: a comma-separated list (quoted
+/// items allowed) of at most one style and one order; a half not given keeps `default`'s,
+/// `DEFAULT` fills the halves not given yet, `German` alone is day first. Drivers parse the
+/// report (psycopg refuses "iso,dmy"); `None` for a value the server would refuse.
 pub fn reported_datestyle(value: &str, default: &str) -> Option<String> {
     let (default_style, default_order) = default.split_once(", ")?;
-    let (mut style, mut order) = (default_style, default_order);
-    let mut order_given = false;
-    for word in value
-        .split(|c: char| c == ',' || c.is_ascii_whitespace())
-        .filter(|w| !w.is_empty())
-    {
-        match word.to_ascii_uppercase().as_str() {
-            "ISO" => style = "ISO",
-            "SQL" => style = "SQL",
-            "POSTGRES" => style = "Postgres",
-            "GERMAN" => style = "German",
-            "DMY" | "EURO" | "EUROPEAN" => (order, order_given) = ("DMY", true),
-            "MDY" | "US" | "NONEURO" | "NONEUROPEAN" => (order, order_given) = ("MDY", true),
-            "YMD" => (order, order_given) = ("YMD", true),
-            "DEFAULT" => (style, order) = (default_style, default_order),
+    let (mut style, mut order): (Option<&str>, Option<&str>) = (None, None);
+    let mut german_order = false;
+    for item in value.split(',') {
+        let item = item.trim();
+        let word = match item.strip_prefix('"').and_then(|i| i.strip_suffix('"')) {
+            Some(quoted) => quoted,
+            None if !item.is_empty() && !item.contains(char::is_whitespace) => item,
+            None => return None,
+        };
+        let (is_style, name) = match word.to_ascii_uppercase().as_str() {
+            "ISO" => (true, "ISO"),
+            "SQL" => (true, "SQL"),
+            "POSTGRES" => (true, "Postgres"),
+            "GERMAN" => (true, "German"),
+            "YMD" => (false, "YMD"),
+            "DMY" | "EURO" | "EUROPEAN" => (false, "DMY"),
+            "MDY" | "US" | "NONEURO" | "NONEUROPEAN" => (false, "MDY"),
+            "DEFAULT" => {
+                style = style.or(Some(default_style));
+                order = order.or(Some(default_order));
+                continue;
+            }
             _ => return None,
+        };
+        let slot = if is_style { &mut style } else { &mut order };
+        if slot.is_some_and(|s| s != name) {
+            // "conflicting datestyle specifications"
+            return None;
+        }
+        *slot = Some(name);
+        if name == "German" && order.is_none() {
+            german_order = true;
         }
     }
-    // German without an order is day first.
-    if style == "German" && !order_given {
-        order = "DMY";
-    }
-    Some(format!("{style}, {order}"))
+    let order = order.unwrap_or(if german_order { "DMY" } else { default_order });
+    Some(format!("{}, {order}", style.unwrap_or(default_style)))
 }
 
 /// The settings of the startup packet's `options`: of the last one, which is the one
@@ -823,8 +837,13 @@ mod tests {
             ("SQL, European", Some("SQL, DMY")),
             ("german", Some("German, DMY")),
             ("German, YMD", Some("German, YMD")),
-            ("postgres mdy", Some("Postgres, MDY")),
+            ("postgres, ymd", Some("Postgres, YMD")),
             ("default", Some("ISO, MDY")),
+            ("sql, default", Some("SQL, MDY")),
+            ("dmy, default", Some("ISO, DMY")),
+            ("\"ISO\", dmy", Some("ISO, DMY")),
+            ("postgres mdy", None),
+            ("ISO, SQL", None),
             ("banana", None),
         ] {
             assert_eq!(
