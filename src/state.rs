@@ -284,8 +284,8 @@ impl SessionRegistry {
         }
         let target = lock(&slot.cancel_target);
         let Some((key, count)) = target.as_ref() else {
-            if slot.waiting.load(Ordering::SeqCst) {
-                slot.cancel_requested.store(true, Ordering::SeqCst);
+            if slot.waiting.load(Ordering::Acquire) {
+                slot.cancel_requested.store(true, Ordering::Release);
             }
             return None;
         };

@@ -461,14 +461,17 @@ impl Session {
         // and connection churn pays for every allocation here.
         let mut greeting = bytes::BytesMut::with_capacity(256);
         protocol::auth_ok().encode_into(&mut greeting);
+        // What the server applies: the last of a parameter given twice, one given on its own
+        // over one in `options`. (Session mode reports the server's own.)
+        let given = match self.mode {
+            PoolMode::Transaction => state::startup_values(&self.login_params),
+            PoolMode::Session => Vec::new(),
+        };
         for (k, v) in server_params {
-            // What the server applies: the last of a parameter given twice, one given on
-            // its own over one in `options`.
-            let chosen = state::startup_value(&self.login_params, k)
-                .filter(|_| self.mode == PoolMode::Transaction)
-                .map(|c| match k.eq_ignore_ascii_case("DateStyle") {
-                    true => state::reported_datestyle(&c, v).unwrap_or(c),
-                    false => c,
+            let chosen =
+                state::value_in(&given, k).map(|c| match k.eq_ignore_ascii_case("DateStyle") {
+                    true => state::reported_datestyle(c, v).unwrap_or_else(|| c.to_owned()),
+                    false => c.to_owned(),
                 });
             protocol::put_parameter_status(&mut greeting, k, chosen.as_deref().unwrap_or(v));
         }
@@ -863,8 +866,9 @@ impl Session {
             // made up would leave the server's transaction unfailed.)
             let cancellable = route != Route::Transaction;
             if cancellable {
-                self.slot.cancel_requested.store(false, Ordering::SeqCst);
-                self.slot.waiting.store(true, Ordering::SeqCst);
+                // Release: a cancel handler that sees `waiting` sees the reset before it.
+                self.slot.cancel_requested.store(false, Ordering::Relaxed);
+                self.slot.waiting.store(true, Ordering::Release);
             }
             let acquired = if route == Route::Replica && !executes {
                 self.acquire_last_replica().await
@@ -872,9 +876,9 @@ impl Session {
                 self.acquire(route).await
             };
             let acquired = if cancellable {
-                self.slot.waiting.store(false, Ordering::SeqCst);
+                self.slot.waiting.store(false, Ordering::Relaxed);
                 match acquired {
-                    Ok(conn) if self.slot.cancel_requested.swap(false, Ordering::SeqCst) => {
+                    Ok(conn) if self.slot.cancel_requested.swap(false, Ordering::AcqRel) => {
                         // Only the session's settings ran on it (a pinned connection stays).
                         if !(conn.is_primary() && self.pinned) {
                             self.release(conn, true);

@@ -519,39 +519,36 @@ pub fn apply_to_server(server: &mut HashMap<String, String>, ops: &[SessionOp]) 
     }
 }
 
-/// Startup parameters as session settings (transaction mode): `name=value` pairs become
-/// `SET`s; `options` contributes its `-c name=value` / `--name=value` parts.
-pub fn startup_settings(params: &[(String, String)]) -> Vec<(String, String)> {
-    // In the order PostgreSQL applies them, later ones winning: `options` first, then the
-    // parameters of their own, wherever they are in the packet.
-    let mut out = Vec::new();
-    for (name, value) in last_options(params) {
-        out.push((name.to_ascii_lowercase(), set_sql(&name, &value)));
-    }
-    for (k, v) in params.iter().filter(|(k, _)| k != "options") {
-        out.push((k.to_ascii_lowercase(), set_sql(k, v)));
-    }
+/// The startup packet's settings as `(name, value)`, in the order PostgreSQL applies them,
+/// later ones winning: the parts of `options` (`-c name=value` / `--name=value`) first,
+/// then the parameters of their own, wherever they are in the packet.
+pub fn startup_values(params: &[(String, String)]) -> Vec<(String, String)> {
+    let mut out = last_options(params);
+    out.extend(params.iter().filter(|(k, _)| k != "options").cloned());
     out
 }
 
-/// The value the startup packet gives `name` in the end: the last parameter of its own, else
-/// the last setting of it in `options` (the one `startup_settings` leaves in force), without
-/// building its SQL.
-pub fn startup_value(params: &[(String, String)], name: &str) -> Option<String> {
-    if let Some((_, v)) = params
+/// Startup parameters as session settings (transaction mode), which become `SET`s.
+pub fn startup_settings(params: &[(String, String)]) -> Vec<(String, String)> {
+    startup_values(params)
+        .into_iter()
+        .map(|(name, value)| (name.to_ascii_lowercase(), set_sql(&name, &value)))
+        .collect()
+}
+
+/// The value `name` has in the end among [`startup_values`].
+pub fn value_in<'a>(values: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    values
         .iter()
         .rev()
-        .find(|(k, _)| k != "options" && k.eq_ignore_ascii_case(name))
-    {
-        return Some(v.clone());
-    }
-    let mut last = None;
-    for (n, value) in last_options(params) {
-        if n.eq_ignore_ascii_case(name) {
-            last = Some(value);
-        }
-    }
-    last
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
+/// The value the startup packet gives `name` in the end (the one `startup_settings` leaves
+/// in force), without building its SQL.
+pub fn startup_value(params: &[(String, String)], name: &str) -> Option<String> {
+    value_in(&startup_values(params), name).map(str::to_owned)
 }
 
 /// The DateStyle PostgreSQL reports once `value` is set over `default` (a report such as
