@@ -219,7 +219,7 @@ pub struct SessionSlot {
     pub waiting: AtomicBool,
     pub cancel_requested: AtomicBool,
     /// Wakes the session when something it waits on changes outside its sockets (the proxy
-    /// begins draining). A session re-registers it at every wait, which costs a few atomic
+    /// begins draining, a cancel request comes while it waits in a pool's queue). A session re-registers it at every wait, which costs a few atomic
     /// operations where a `Notify` or `CancellationToken` waiter takes a lock to join and
     /// another to leave, once per request.
     nudge: AtomicWaker,
@@ -285,7 +285,9 @@ impl SessionRegistry {
         let target = lock(&slot.cancel_target);
         let Some((key, count)) = target.as_ref() else {
             if slot.waiting.load(Ordering::Acquire) {
-                slot.cancel_requested.store(true, Ordering::Release);
+                slot.cancel_requested.store(true, Ordering::SeqCst);
+                // A session waiting in a pool's queue stops waiting (`wait_for`).
+                slot.nudge.wake();
             }
             return None;
         };

@@ -37,6 +37,9 @@ pub enum CheckoutError {
     },
     #[error("{0}")]
     Connect(#[from] BackendError),
+    /// The caller's `stop` fired while it waited for a free connection.
+    #[error("canceled while waiting for a server connection")]
+    Canceled,
 }
 
 struct Idle {
@@ -113,27 +116,36 @@ impl Pool {
 
     /// Lend a connection: an idle live one, or a new one while under `size`. `now` is a
     /// recent clock reading of the caller's (the start of its request): a lifetime needs no
-    /// fresher one, and the clock is read enough per request already.
-    pub async fn checkout(&self, now: Instant) -> Result<Lent, CheckoutError> {
+    /// fresher one, and the clock is read enough per request already. `stop` ends a wait
+    /// for a free connection (a cancel request); it is not polled when one is free.
+    pub async fn checkout(
+        &self,
+        now: Instant,
+        stop: impl Future<Output = ()>,
+    ) -> Result<Lent, CheckoutError> {
         // A free permit needs no timer (and the semaphore hands released permits to queued
         // waiters first, so taking one here jumps no queue).
         let (permit, now) = match self.permits.clone().try_acquire_owned() {
             Ok(permit) => (permit, now),
-            Err(_) => tokio::time::timeout(
-                self.limits.checkout_timeout,
-                self.permits.clone().acquire_owned(),
-            )
-            .await
-            .map_err(|_| CheckoutError::Timeout {
-                backend: self.name.clone(),
-                waited_ms: self.limits.checkout_timeout.as_millis(),
-                size: self.limits.size,
-            })
-            .map(|acquired| {
+            Err(_) => {
+                let wait = tokio::time::timeout(
+                    self.limits.checkout_timeout,
+                    self.permits.clone().acquire_owned(),
+                );
+                let waited = tokio::select! {
+                    biased;
+                    waited = wait => waited,
+                    () = stop => return Err(CheckoutError::Canceled),
+                };
+                let acquired = waited.map_err(|_| CheckoutError::Timeout {
+                    backend: self.name.clone(),
+                    waited_ms: self.limits.checkout_timeout.as_millis(),
+                    size: self.limits.size,
+                })?;
                 let permit = acquired.expect("pool semaphores are never closed");
                 // It waited (up to checkout_timeout): the caller's reading is stale now.
                 (permit, Instant::now())
-            })?,
+            }
         };
         while let Some(idle) = self.pop_idle() {
             let mut conn = idle.conn;

@@ -197,7 +197,18 @@ impl Session {
             }
         };
         let backend = self.runtime.backends.get(id);
-        match pool.checkout(self.clock).await {
+        // A request that may be cancelled before it starts (see `dispatch`) stops waiting
+        // for a free connection when its cancel request comes, not when one frees up.
+        let slot = &self.slot;
+        let cancellable = slot.waiting.load(Ordering::Relaxed);
+        let stop = async move {
+            if cancellable {
+                slot.wait_for(&slot.cancel_requested).await
+            } else {
+                std::future::pending().await
+            }
+        };
+        match pool.checkout(self.clock, stop).await {
             Ok(lent) => {
                 if let Some(b) = backend {
                     b.mark_up();
@@ -206,6 +217,7 @@ impl Session {
             }
             Err(e @ CheckoutError::Timeout { .. }) => Err(Error::PoolTimeout(e.to_string())),
             Err(CheckoutError::Connect(e)) => Err(self.connect_error(id, e)),
+            Err(CheckoutError::Canceled) => Err(Error::Canceled),
         }
     }
 

@@ -862,7 +862,7 @@ impl Session {
         loop {
             // Outside a transaction the wait for a pooled connection can be long: a cancel
             // request meanwhile ends the request before it starts, as the server would end
-            // it. (Inside one, the request's connection is at hand, and an error pgsplit
+            // it, and at once (`checkout` stops waiting). (Inside one, the request's connection is at hand, and an error pgsplit
             // made up would leave the server's transaction unfailed.)
             let cancellable = route != Route::Transaction;
             if cancellable {
@@ -877,8 +877,10 @@ impl Session {
             };
             let acquired = if cancellable {
                 self.slot.waiting.store(false, Ordering::Relaxed);
+                // Cleared whatever the outcome: a flag left set would stop the next wait.
+                let canceled = self.slot.cancel_requested.swap(false, Ordering::AcqRel);
                 match acquired {
-                    Ok(conn) if self.slot.cancel_requested.swap(false, Ordering::AcqRel) => {
+                    Ok(conn) if canceled => {
                         // Only the session's settings ran on it (a pinned connection stays).
                         if !(conn.is_primary() && self.pinned) {
                             self.release(conn, true);

@@ -361,12 +361,12 @@ async fn a_cancelled_query_leaves_its_connection_pooled() {
 }
 
 /// A cancel request sent while the query waits for a pooled connection (the pool is at its
-/// size): the query never runs, and the client gets 57014 once a connection is free, as if
-/// the server had cancelled it. pgsplit used to drop such a cancel, and the INSERT the user
-/// cancelled ran anyway.
+/// size): the query never runs, and the client gets 57014 at once, as if the server had
+/// cancelled it. pgsplit used to drop such a cancel, and the INSERT the user cancelled ran
+/// anyway; then it answered only once a connection was free.
 #[tokio::test]
 async fn a_cancel_while_waiting_for_a_connection_stops_the_query() {
-    let proxy = start_proxy_with(&pooled(1, "")).await;
+    let proxy = start_proxy_with(&pooled(1, "checkout_timeout_ms = 30000")).await;
     let t = unique("cancel_wait");
     let holder = proxy.app().await;
     holder
@@ -381,12 +381,21 @@ async fn a_cancel_while_waiting_for_a_connection_stops_the_query() {
     let victim = proxy.app().await;
     let token = victim.cancel_token();
     let insert = format!("INSERT INTO {t} VALUES (1)");
-    let (inserted, ()) = tokio::join!(victim.simple_query(&insert), async {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+    let inserted = async {
+        let waiting = victim.simple_query(&insert);
+        tokio::pin!(waiting);
+        // Queued behind the holder's transaction.
+        let queued = tokio::time::timeout(Duration::from_millis(300), waiting.as_mut()).await;
+        assert!(queued.is_err(), "the INSERT waits for the only connection");
         token.cancel_query(tokio_postgres::NoTls).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        holder.batch_execute("COMMIT").await.unwrap();
-    });
+        // Answered while the holder still holds the connection, as a server answers a
+        // cancel at once.
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("the cancel is answered without waiting for a free connection")
+    }
+    .await;
+    holder.batch_execute("COMMIT").await.unwrap();
     let e = inserted.expect_err("cancelled before it ran");
     assert_eq!(sqlstate(&e), "57014", "{e}");
     let n: i64 = victim
