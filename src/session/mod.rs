@@ -239,6 +239,12 @@ enum Flow {
 /// A request's message list and statement map up to this capacity are kept for the next.
 const KEPT_BATCH_ITEMS: usize = 16;
 
+/// Extended-protocol messages held back for their Sync, in bytes (with their decoded form):
+/// past this the batch goes on to a server unfinished, as a Flush would send it, and the
+/// rest follows it there. A server takes each message as it comes; a proxy that held them
+/// all would grow without bound for a client that never sends its Sync.
+const PENDING_BATCH_BYTES: usize = 1 << 20;
+
 pub struct Session {
     shared: Arc<Shared>,
     /// The configuration this session started with; re-read between requests once reload
@@ -322,6 +328,8 @@ pub struct Session {
     statements: Statements,
     /// Extended-protocol messages received since the last Sync.
     batch: Vec<Item>,
+    /// What `batch` holds, about (see [`PENDING_BATCH_BYTES`]).
+    batch_bytes: usize,
     /// Statements parsed in the current batch, which shadow the session's.
     batch_local: Statements,
     /// After a failure before an unsynced batch reached a server: drop client messages up
@@ -412,6 +420,7 @@ impl Session {
             tx_ops: Vec::new(),
             statements: Statements::default(),
             batch: Vec::new(),
+            batch_bytes: 0,
             batch_local: Statements::default(),
             skip_until_sync: false,
             // Allocated at first use: a client that logs in and idles never needs them.
@@ -566,6 +575,9 @@ impl Session {
                     continue;
                 }
                 match self.take_client_frame(frame)? {
+                    Flow::Continue if self.batch_bytes > PENDING_BATCH_BYTES => {
+                        Box::pin(self.dispatch_batch(true)).await?
+                    }
                     Flow::Continue => {}
                     Flow::Terminate => return Ok(()),
                     // Boxed: a request's state machine is large, and inline it would be part
@@ -681,6 +693,7 @@ impl Session {
             | tag::CLOSE
             | tag::SYNC
             | tag::FLUSH => {
+                let held = frame.body.len() + std::mem::size_of::<Item>();
                 // Decoded on arrival, so a malformed message is refused at once.
                 let item = request::decode(
                     frame,
@@ -704,6 +717,7 @@ impl Session {
                     _ => Flow::Continue,
                 };
                 self.batch.push(item);
+                self.batch_bytes += held;
                 return Ok(flow);
             }
             tag::TERMINATE => return Ok(Flow::Terminate),
@@ -732,6 +746,7 @@ impl Session {
         if self.batch.iter().all(|i| matches!(i, Item::Flush)) {
             // Nothing is pending anywhere: nothing to flush.
             self.batch.clear();
+            self.batch_bytes = 0;
             return Ok(());
         }
         let describe_only = self.batch.iter().all(|i| {
@@ -762,6 +777,7 @@ impl Session {
     async fn dispatch_batch(&mut self, open: bool) -> Result<()> {
         self.adopt_new_runtime().await?;
         let mut items = std::mem::take(&mut self.batch);
+        self.batch_bytes = 0;
         let mut local = std::mem::take(&mut self.batch_local);
         let result = self.dispatch_items(&mut items, &local, open).await;
         // The next request reuses the allocations, unless an unusually long batch grew them

@@ -33,6 +33,13 @@ use crate::router::{Classification, SessionOp, affects_parsing};
 /// it, before that answer is passed on to the client and the writing goes on.
 const DRAIN_LIMIT: usize = 64 * 1024;
 
+/// Messages of an open batch sent on whose answers are still due: past this, more of the
+/// client's are taken only as the server answers. Each costs the proxy a few dozen bytes,
+/// and a client that streams small messages without a Sync could otherwise keep the
+/// socket buffers' worth (millions) outstanding. The server flushes its answers whenever
+/// 8 KiB of them are ready, and an error at once, so fewer than this stay unflushed.
+const MAX_OUTSTANDING: usize = 16 * 1024;
+
 /// Why a replica refused what the primary can serve.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(super) enum Refusal {
@@ -765,7 +772,8 @@ impl Session {
                 self.send_request(fl).await?;
                 continue;
             }
-            let accepting = fl.copy_in || fl.open || fl.need_sync;
+            let accepting =
+                fl.copy_in || ((fl.open || fl.need_sync) && fl.expects.len() < MAX_OUTSTANDING);
             if accepting && self.client.has_frame() {
                 // Messages that arrived with earlier ones (a Flush followed by more, COPY data
                 // behind its query) must not wait for the next read.
@@ -826,7 +834,7 @@ impl Session {
     /// Client messages that belong to the request in flight: COPY data, or the rest of an
     /// open batch. Anything after them stays buffered for the next request.
     async fn forward_client_frames(&mut self, fl: &mut InFlight) -> Result<()> {
-        while fl.copy_in || fl.open || fl.need_sync {
+        while fl.copy_in || ((fl.open || fl.need_sync) && fl.expects.len() < MAX_OUTSTANDING) {
             let Some(frame) = self.client.try_session_frame()? else {
                 break;
             };

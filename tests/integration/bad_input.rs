@@ -289,6 +289,82 @@ async fn a_client_that_stops_reading_is_cut_off_and_frees_its_server() {
     assert_proxy_serves(&proxy).await;
 }
 
+/// Extended-protocol messages without a Sync go on to the server as they come, as a direct
+/// connection takes them, instead of piling up in the proxy (a 7-byte Describe held with its
+/// decoded form cost 20 times its size; a client that never sent its Sync could grow the
+/// proxy without bound).
+#[tokio::test]
+async fn extended_messages_without_a_sync_are_passed_on_not_piled_up() {
+    let c = cluster();
+    let proxy = start_proxy_with(&base_config_toml(c)).await;
+    let marker = unique("unsynced");
+    let (mut rd, mut wr) = logged_in(&proxy).await.into_split();
+    let rss_before = rss_kib("self");
+    let describes: usize = 600_000;
+    let reader = tokio::spawn(async move {
+        // ParseComplete, then a ParameterDescription and a RowDescription per Describe,
+        // then ReadyForQuery.
+        let mut counts = std::collections::HashMap::<u8, usize>::new();
+        let mut header = [0u8; 5];
+        loop {
+            rd.read_exact(&mut header).await.unwrap();
+            let len = i32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+            let mut body = vec![0u8; len - 4];
+            rd.read_exact(&mut body).await.unwrap();
+            *counts.entry(header[0]).or_default() += 1;
+            if header[0] == b'Z' {
+                return counts;
+            }
+        }
+    });
+    let mut parse = format!("\0SELECT /* {marker} */ 1\0").into_bytes();
+    parse.extend_from_slice(&[0, 0]);
+    wr.write_all(&message(b'P', &parse)).await.unwrap();
+    let describe = message(b'D', b"S\0");
+    let chunk: Vec<u8> = describe.repeat(10_000);
+    for _ in 0..describes / 10_000 {
+        wr.write_all(&chunk).await.unwrap();
+    }
+    // No Sync yet: the statement reached the primary all the same.
+    let primary = direct(c.primary).await;
+    let mut seen = false;
+    for _ in 0..100 {
+        let n: i64 = primary
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE query LIKE $1 AND pid <> pg_backend_pid()",
+                &[&format!("%/* {marker} */%")],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if n > 0 {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let grown = rss_kib("self").saturating_sub(rss_before);
+    wr.write_all(&message(b'S', b"")).await.unwrap();
+    let counts = tokio::time::timeout(Duration::from_secs(60), reader)
+        .await
+        .expect("every answer comes")
+        .unwrap();
+    assert!(seen, "the unsynced Parse reached the primary");
+    assert_eq!(counts.get(&b'1'), Some(&1), "{counts:?}");
+    assert_eq!(counts.get(&b't'), Some(&describes), "{counts:?}");
+    assert_eq!(counts.get(&b'T'), Some(&describes), "{counts:?}");
+    assert_eq!(counts.get(&b'E'), None, "{counts:?}");
+    // Held whole, they took 120 MB; passed on, about 10 (what tests running beside this
+    // one allocate counts too).
+    assert!(
+        grown < 64 * 1024,
+        "the proxy held {grown} KiB for {} KiB of messages",
+        describes * 7 / 1024
+    );
+    assert_proxy_serves(&proxy).await;
+}
+
 /// Connections that never finish logging in open no server connection, cost little memory
 /// and are closed at `client_login_timeout_ms`.
 #[tokio::test]
