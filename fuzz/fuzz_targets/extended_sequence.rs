@@ -178,8 +178,13 @@ impl<'a> Model<'a> {
             if matches!(frame.tag, tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL) {
                 return Flow::Continue;
             }
-            let item = match request::decode(frame, self.classify, &self.statements, &mut fl.local)
-            {
+            let item = match request::decode(
+                frame,
+                self.classify,
+                &self.statements,
+                &mut fl.local,
+                None,
+            ) {
                 Ok(item) => item,
                 Err(e) => {
                     check_error_response(&e);
@@ -221,6 +226,7 @@ impl<'a> Model<'a> {
                     self.classify,
                     &self.statements,
                     &mut self.batch_local,
+                    None,
                 ) {
                     Ok(item) => item,
                     Err(e) => {

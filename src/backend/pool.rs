@@ -37,9 +37,12 @@ pub enum CheckoutError {
     },
     #[error("{0}")]
     Connect(#[from] BackendError),
-    /// The caller's `stop` fired while it waited for a free connection.
+    /// The caller's `stop` fired while it waited for a free connection: a cancel request.
     #[error("canceled while waiting for a server connection")]
     Canceled,
+    /// The caller's `stop` fired while it waited for a free connection: its client left.
+    #[error("the client left while waiting for a server connection")]
+    ClientGone,
 }
 
 struct Idle {
@@ -116,26 +119,27 @@ impl Pool {
 
     /// Lend a connection: an idle live one, or a new one while under `size`. `now` is a
     /// recent clock reading of the caller's (the start of its request): a lifetime needs no
-    /// fresher one, and the clock is read enough per request already. `stop` ends a wait
-    /// for a free connection (a cancel request); it is not polled when one is free.
+    /// fresher one, and the clock is read enough per request already. The wait for a free
+    /// connection ends `checkout_timeout` after `now`, so a request that tries several
+    /// pools waits that long in all, not in each. `stop` ends that wait early with its
+    /// error (a cancel request, the client gone); it is not polled when one is free.
     pub async fn checkout(
         &self,
         now: Instant,
-        stop: impl Future<Output = ()>,
+        stop: impl Future<Output = CheckoutError>,
     ) -> Result<Lent, CheckoutError> {
         // A free permit needs no timer (and the semaphore hands released permits to queued
         // waiters first, so taking one here jumps no queue).
         let (permit, now) = match self.permits.clone().try_acquire_owned() {
             Ok(permit) => (permit, now),
             Err(_) => {
-                let wait = tokio::time::timeout(
-                    self.limits.checkout_timeout,
-                    self.permits.clone().acquire_owned(),
-                );
+                let deadline = now + self.limits.checkout_timeout;
+                let wait =
+                    tokio::time::timeout_at(deadline.into(), self.permits.clone().acquire_owned());
                 let waited = tokio::select! {
                     biased;
                     waited = wait => waited,
-                    () = stop => return Err(CheckoutError::Canceled),
+                    stopped = stop => return Err(stopped),
                 };
                 let acquired = waited.map_err(|_| CheckoutError::Timeout {
                     backend: self.name.clone(),

@@ -88,6 +88,12 @@ impl Session {
                         Err(_) if self.replicas_refused => {
                             return Box::pin(self.acquire(Route::Primary)).await;
                         }
+                        // A busy replica is not an unusable one: the read waits for it (one
+                        // checkout timeout in all) rather than take the next replica's turn
+                        // or the primary's connections, which writes need.
+                        Err(e @ (Error::PoolTimeout(_) | Error::Canceled | Error::ClientGone)) => {
+                            return Err(e);
+                        }
                         Err(e) => {
                             if let Some(b) = runtime.backends.get(id) {
                                 warn!(backend = %b.name(), error = ?e.to_string(), "replica unusable, trying another");
@@ -197,15 +203,24 @@ impl Session {
             }
         };
         let backend = self.runtime.backends.get(id);
-        // A request that may be cancelled before it starts (see `dispatch`) stops waiting
-        // for a free connection when its cancel request comes, not when one frees up.
+        // A request that may be cancelled before it starts (see `dispatch_items`) stops
+        // waiting for a free connection when its cancel request comes, not when one frees
+        // up; any request stops waiting when its client leaves (a client that gave up must
+        // not take a connection from those still waiting, and its query must not run).
         let slot = &self.slot;
         let cancellable = slot.waiting.load(Ordering::Relaxed);
+        let client = &mut self.client;
         let stop = async move {
-            if cancellable {
-                slot.wait_for(&slot.cancel_requested).await
-            } else {
-                std::future::pending().await
+            let canceled = async {
+                if cancellable {
+                    slot.wait_for(&slot.cancel_requested).await
+                } else {
+                    std::future::pending().await
+                }
+            };
+            tokio::select! {
+                () = canceled => CheckoutError::Canceled,
+                () = client.gone() => CheckoutError::ClientGone,
             }
         };
         match pool.checkout(self.clock, stop).await {
@@ -218,6 +233,7 @@ impl Session {
             Err(e @ CheckoutError::Timeout { .. }) => Err(Error::PoolTimeout(e.to_string())),
             Err(CheckoutError::Connect(e)) => Err(self.connect_error(id, e)),
             Err(CheckoutError::Canceled) => Err(Error::Canceled),
+            Err(CheckoutError::ClientGone) => Err(Error::ClientGone),
         }
     }
 

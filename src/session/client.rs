@@ -101,6 +101,19 @@ impl ClientConn {
         self.took(read).map(|_| ())
     }
 
+    /// Ready once the client has closed its connection (or it failed). What the client
+    /// sends meanwhile is kept for later, up to a request's worth; then it waits no more
+    /// (a client that keeps sending is not gone). Cancel-safe.
+    pub async fn gone(&mut self) {
+        const KEPT: usize = 64 * 1024;
+        while self.buf.len() < KEPT {
+            if self.fill().await.is_err() {
+                return;
+            }
+        }
+        std::future::pending().await
+    }
+
     /// Read what the client already sent, without waiting: `false` when nothing is there.
     pub fn try_fill(&mut self) -> Result<bool> {
         self.make_room();

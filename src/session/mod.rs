@@ -26,7 +26,7 @@ use crate::backend::{BackendError, BackendId, ConnectParams, Pool, ServerConn, s
 use crate::config::PoolMode;
 use crate::error::{Error, Result, Side};
 use crate::protocol::{self, Frame, Severity, TxStatus, tag};
-use crate::router::{Route, SessionFacts, SessionOp};
+use crate::router::{Classification, Route, SessionFacts, SessionOp};
 use crate::state::{Runtime, SessionSlot, Shared, lock};
 use crate::stats::{ClientInfo, ClientState, RouteKind};
 
@@ -574,7 +574,11 @@ impl Session {
                     Box::pin(self.dispatch_batch(true)).await?;
                     continue;
                 }
-                match self.take_client_frame(frame)? {
+                let classified = match request::is_large_sql(&frame) && !self.skip_until_sync {
+                    true => self.classify_aside(&frame).await,
+                    false => None,
+                };
+                match self.take_client_frame(frame, classified)? {
                     Flow::Continue if self.batch_bytes > PENDING_BATCH_BYTES => {
                         Box::pin(self.dispatch_batch(true)).await?
                     }
@@ -675,7 +679,25 @@ impl Session {
         self.client.send(&frames).await
     }
 
-    fn take_client_frame(&mut self, frame: Frame) -> Result<Flow> {
+    /// Classify a long statement text (see [`request::LARGE_SQL`]) on the blocking pool, one
+    /// at a time across the proxy: the event loop goes on serving the other sessions, and
+    /// the parser's working memory (several times the text) is spent on one text at once.
+    async fn classify_aside(&self, frame: &Frame) -> Option<Arc<Classification>> {
+        static ONE_AT_A_TIME: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+        let _turn = ONE_AT_A_TIME.acquire().await.ok()?;
+        let runtime = self.runtime.clone();
+        let (t, body) = (frame.tag, frame.body.clone());
+        tokio::task::spawn_blocking(move || request::classify_large(t, &body, &runtime.classify))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    fn take_client_frame(
+        &mut self,
+        frame: Frame,
+        classified: Option<Arc<Classification>>,
+    ) -> Result<Flow> {
         if self.skip_until_sync {
             if frame.tag == tag::SYNC {
                 self.skip_until_sync = false;
@@ -700,6 +722,7 @@ impl Session {
                     &self.runtime.classify,
                     &self.statements,
                     &mut self.batch_local,
+                    classified,
                 )?;
                 if matches!(item, Item::Query { .. }) && self.batch.is_empty() {
                     // PostgreSQL drops the unnamed statement at every simple Query, before
@@ -1148,9 +1171,10 @@ impl Session {
     /// No server could take the request: tell the client the way PostgreSQL reports a
     /// failed request, and keep the session.
     async fn report_unavailable(&mut self, e: Error, items: &[Item], open: bool) -> Result<()> {
-        if matches!(e, Error::SettingsRefused(_)) {
+        if matches!(e, Error::SettingsRefused(_) | Error::ClientGone) {
             // No server will serve this session: it ends, as a direct login with such a
-            // startup parameter would (with the server's FATAL and SQLSTATE).
+            // startup parameter would (with the server's FATAL and SQLSTATE). Or the client
+            // left while its request waited for a connection: nobody is there to answer.
             return Err(e);
         }
         if matches!(e, Error::Canceled) {

@@ -867,7 +867,7 @@ impl Session {
                     // ignored in it is still to come: the server runs what comes first as
                     // usual, and its answers come before that Sync's. (It drops COPY
                     // messages now, and they go to it as they are.)
-                    let item = self.decode_joining(fl, frame)?;
+                    let item = self.decode_joining(fl, frame).await?;
                     if let Item::Query { class, .. } = &item
                         && !fl.skipping
                     {
@@ -900,7 +900,7 @@ impl Session {
                 frame.encode_into(&mut self.wbuf);
                 continue;
             }
-            let item = self.decode_joining(fl, frame)?;
+            let item = self.decode_joining(fl, frame).await?;
             if ends_batch(&item, fl.skipping) {
                 fl.open = false;
             }
@@ -928,12 +928,17 @@ impl Session {
 
     /// Decode a client message that joins the request in flight, and note what it may
     /// write or pin.
-    fn decode_joining(&mut self, fl: &mut InFlight, frame: Frame) -> Result<Item> {
+    async fn decode_joining(&mut self, fl: &mut InFlight, frame: Frame) -> Result<Item> {
+        let classified = match request::is_large_sql(&frame) && !fl.skipping {
+            true => self.classify_aside(&frame).await,
+            false => None,
+        };
         let item = request::decode(
             frame,
             &self.runtime.classify,
             &self.statements,
             &mut fl.local,
+            classified,
         )?;
         if let Some(c) = item.class() {
             self.pinned |= c.pins_session;

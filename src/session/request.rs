@@ -356,11 +356,38 @@ fn unnamed_execute(frame: &Frame) -> bool {
 
 /// Decode one extended-protocol (or Query/FunctionCall) frame. `local` holds the statements
 /// parsed earlier in the same batch, which shadow the session's.
+/// A statement text at least this long is classified away from the event loop (see
+/// [`classify_large`]): parsing takes about 0.1 s per MB, and every other session on the
+/// loop would wait that long.
+pub const LARGE_SQL: usize = 1 << 20;
+
+/// Whether `frame` is a Query or Parse whose classification should run aside.
+pub fn is_large_sql(frame: &Frame) -> bool {
+    frame.body.len() >= LARGE_SQL && matches!(frame.tag, tag::QUERY | tag::PARSE)
+}
+
+/// The classification of a Query's or Parse's text, as [`decode_with`] takes it; `None`
+/// for a malformed message (decoding reports that). Runs on the blocking pool.
+pub fn classify_large(
+    t: u8,
+    body: &bytes::Bytes,
+    classify: &ClassifyCache,
+) -> Option<Arc<Classification>> {
+    match t {
+        tag::QUERY => query_sql(body).ok().map(|sql| classify.get(&sql)),
+        tag::PARSE => ParseMsg::decode(body).ok().map(|p| classify.get(&p.sql)),
+        _ => None,
+    }
+}
+
+/// Decode one client message; `classified`: the text's classification when it was made
+/// already (from [`classify_large`] on this frame).
 pub fn decode(
     frame: Frame,
     classify: &ClassifyCache,
     session: &Statements,
     local: &mut Statements,
+    classified: Option<Arc<Classification>>,
 ) -> Result<Item> {
     Ok(match frame.tag {
         // A Query whose text is not one NUL-terminated string goes to the server as it is:
@@ -368,13 +395,13 @@ pub fn decode(
         // error, waiting for the Sync), and fails the open block, not the session.
         tag::QUERY => match query_sql(&frame.body) {
             Ok(sql) => {
-                let class = classify.get(&sql);
+                let class = classified.unwrap_or_else(|| classify.get(&sql));
                 Item::Query { frame, class }
             }
             Err(_) => Item::Forwarded(frame),
         },
         tag::FUNCTION_CALL => Item::Forwarded(frame),
-        _ => decode_extended(frame, classify, session, local)?,
+        _ => decode_extended(frame, classify, session, local, classified)?,
     })
 }
 
@@ -385,6 +412,7 @@ fn decode_extended(
     classify: &ClassifyCache,
     session: &Statements,
     local: &mut Statements,
+    classified: Option<Arc<Classification>>,
 ) -> Result<Item> {
     let lookup = |name: &str, local: &Statements| {
         local
@@ -405,7 +433,7 @@ fn decode_extended(
     Ok(match frame.tag {
         tag::PARSE => match ParseMsg::decode(&frame.body) {
             Ok(parse) => {
-                let class = classify.get(&parse.sql);
+                let class = classified.unwrap_or_else(|| classify.get(&parse.sql));
                 let stmt = Arc::new(Statement::new(parse, class, session.context()));
                 local.insert(stmt.parse.name.clone(), stmt.clone());
                 Item::Parse(stmt)
@@ -518,7 +546,7 @@ mod tests {
                     tag,
                     body: body.freeze(),
                 };
-                decode(frame, &classify, &session, &mut local).expect("valid message")
+                decode(frame, &classify, &session, &mut local, None).expect("valid message")
             })
             .collect()
     }
@@ -555,6 +583,7 @@ mod tests {
             &classify,
             &Statements::default(),
             &mut local,
+            None,
         );
         assert_eq!(failure(&item.unwrap()), Some(MalformedMessage("Bind")));
         for body in [&b"SELECT 1\0x"[..], b"SELECT 1"] {
@@ -568,6 +597,7 @@ mod tests {
                 &classify,
                 &Statements::default(),
                 &mut local,
+                None,
             );
             assert!(matches!(item, Ok(Item::Forwarded(_))), "{item:?}");
         }

@@ -247,16 +247,7 @@ async fn a_client_that_stops_reading_is_cut_off_and_frees_its_server() {
     let running = async || {
         let mut n = 0;
         for port in [c.primary, c.replicas[0], c.replicas[1]] {
-            let row = direct(port)
-                .await
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity \
-                     WHERE query LIKE $1 AND pid <> pg_backend_pid()",
-                    &[&format!("%/* {marker} */%")],
-                )
-                .await
-                .unwrap();
-            n += row.get::<_, i64>(0);
+            n += marked_statements_on(port, &marker).await;
         }
         n
     };
@@ -326,19 +317,9 @@ async fn extended_messages_without_a_sync_are_passed_on_not_piled_up() {
         wr.write_all(&chunk).await.unwrap();
     }
     // No Sync yet: the statement reached the primary all the same.
-    let primary = direct(c.primary).await;
     let mut seen = false;
     for _ in 0..100 {
-        let n: i64 = primary
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity \
-                 WHERE query LIKE $1 AND pid <> pg_backend_pid()",
-                &[&format!("%/* {marker} */%")],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if n > 0 {
+        if marked_statements_on(c.primary, &marker).await > 0 {
             seen = true;
             break;
         }
@@ -662,4 +643,46 @@ async fn scram_with_channel_binding_data_is_a_protocol_violation() {
     let msgs = read_messages(&mut s).await;
     assert_eq!(error_code(&msgs).as_deref(), Some("08P01"), "{msgs:?}");
     assert_proxy_serves(&proxy).await;
+}
+
+/// A long statement text is classified away from the event loop: the other sessions go on
+/// meanwhile. Parsing takes about 0.1 s per MB in a release build (far more in a test
+/// build), and with one event loop every other session, `/health` and `/metrics` used to
+/// wait that long (a review stalled them for 5 s with a 70 MB query).
+#[tokio::test]
+async fn a_long_statement_does_not_stall_the_other_sessions() {
+    // The binary, with its one event loop: the test's own clients must not share it.
+    let proxy = ProxyProcess::start(&base_config_toml(cluster()), "info").await;
+    let other = connect(&proxy.conn_str("app", "app_pw")).await;
+    other.batch_execute("SELECT 1").await.unwrap();
+    let long = connect(&proxy.conn_str("app", "app_pw")).await;
+    let text = format!("SELECT length('{}')", "x".repeat(4 << 20));
+    let started = std::time::Instant::now();
+    let answered = tokio::spawn(async move {
+        let messages = long.simple_query(&text).await.unwrap();
+        let length = messages.iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        });
+        (length, started.elapsed())
+    });
+    let mut worst = Duration::ZERO;
+    let mut selects = 0;
+    while !answered.is_finished() {
+        let t = std::time::Instant::now();
+        other.batch_execute("SELECT 1").await.unwrap();
+        worst = worst.max(t.elapsed());
+        selects += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (length, took) = answered.await.unwrap();
+    assert_eq!(length.as_deref(), Some("4194304"));
+    assert!(
+        selects > 1,
+        "the other session ran while the long one was classified"
+    );
+    assert!(
+        worst * 3 < took,
+        "another session waited {worst:?} while a {took:?} statement was classified"
+    );
 }

@@ -533,3 +533,98 @@ async fn idle_connections_age_out_to_min_idle_within_the_pool_size() {
     assert!(aged_out, "down to min_idle: {seen:?}");
     assert!(seen.iter().all(|(l, i)| l + i <= 3), "{seen:?}");
 }
+
+/// A client that leaves while its query waits for a pooled connection: the query never
+/// runs, and the connection goes to those still waiting (PgBouncer drops such a client
+/// too). pgsplit used to notice only when it wrote the answer, after the INSERT ran.
+#[tokio::test]
+async fn a_query_whose_client_left_while_it_waited_never_runs() {
+    let proxy = start_proxy_with(&pooled(1, "checkout_timeout_ms = 30000")).await;
+    let t = unique("left_waiting");
+    proxy
+        .app()
+        .await
+        .batch_execute(&format!(
+            "CREATE TABLE {t} (v int); GRANT SELECT, INSERT ON {t} TO trustuser"
+        ))
+        .await
+        .unwrap();
+    wait_replicated().await;
+    let holder = connect(&proxy.conn_str("trustuser", "")).await;
+    holder
+        .batch_execute("BEGIN; SELECT pg_advisory_xact_lock(12)")
+        .await
+        .unwrap();
+    let mut leaver = RawClient::login(proxy.addr, "trustuser").await;
+    leaver
+        .stream_write(&query(&format!("INSERT INTO {t} VALUES (1)")))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(leaver);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    holder.batch_execute("COMMIT").await.unwrap();
+    // The only connection is free again; had the INSERT been waiting for it, it runs now.
+    let after = connect(&proxy.conn_str("trustuser", "")).await;
+    after.batch_execute("SELECT 1").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        primary_count(&t).await,
+        0,
+        "the INSERT of a client that had left ran"
+    );
+}
+
+/// Reads that find every replica's pool busy wait one `checkout_timeout_ms` in all and then
+/// fail with 53300 naming a replica: they do not wait a timeout per server and then take
+/// the primary's connections, which writes need (a review saw 15 s waits with three
+/// servers, and INSERTs failing on a primary pool full of spilled reads).
+#[tokio::test]
+async fn reads_on_busy_replicas_wait_one_checkout_timeout_and_leave_the_primary_alone() {
+    let c = cluster();
+    let proxy = start_proxy_with(&pooled(1, "checkout_timeout_ms = 1000")).await;
+    let marker = unique("busy_replicas");
+    let sleepers: Vec<_> = (0..2)
+        .map(|_| {
+            let conn_str = proxy.conn_str("app", "app_pw");
+            let sql = format!("SELECT /* {marker} */ pg_sleep(4)");
+            tokio::spawn(async move { connect(&conn_str).await.batch_execute(&sql).await })
+        })
+        .collect();
+    let sleeping_on = async |port: u16| marked_statements_on(port, &marker).await;
+    let mut both = false;
+    for _ in 0..30 {
+        if sleeping_on(c.replicas[0]).await == 1 && sleeping_on(c.replicas[1]).await == 1 {
+            both = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        both,
+        "the round robin put one sleeping read on each replica"
+    );
+    let reader = proxy.app().await;
+    let started = std::time::Instant::now();
+    let e = reader
+        .batch_execute("SELECT 1")
+        .await
+        .expect_err("no replica connection is free");
+    let waited = started.elapsed();
+    assert_eq!(sqlstate(&e), "53300", "{e}");
+    assert!(
+        waited < Duration::from_millis(1900),
+        "one checkout timeout, not one per server: {waited:?}"
+    );
+    let message = e
+        .as_db_error()
+        .map(|d| d.message().to_owned())
+        .unwrap_or_default();
+    assert!(
+        !message.contains(&format!(":{}", c.primary)),
+        "the read did not wait for the primary: {message}"
+    );
+    assert_eq!(sleeping_on(c.primary).await, 0);
+    for s in sleepers {
+        s.await.unwrap().unwrap();
+    }
+}

@@ -616,3 +616,18 @@ pub async fn simple_value(client: &Client, sql: &str) -> String {
         })
         .unwrap_or_else(|| panic!("a row from {sql}"))
 }
+
+/// How many statements carrying the comment `/* marker */` the server at `port` runs or last
+/// ran on its connections (the asking one left out).
+pub async fn marked_statements_on(port: u16, marker: &str) -> i64 {
+    direct(port)
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE query LIKE $1 AND pid <> pg_backend_pid()",
+            &[&format!("%/* {marker} */%")],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
