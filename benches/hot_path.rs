@@ -53,6 +53,18 @@ fn framing(c: &mut Criterion) {
             black_box(n)
         })
     });
+    let mut buf = BytesMut::from(&wire[..]);
+    let frames: Vec<_> =
+        std::iter::from_fn(|| decode_frame(&mut buf, 1 << 20).ok().flatten()).collect();
+    c.bench_function("frames/encode_64_data_rows", |b| {
+        b.iter(|| {
+            let mut out = BytesMut::with_capacity(wire.len());
+            for f in black_box(&frames) {
+                f.encode_into(&mut out);
+            }
+            black_box(out.len())
+        })
+    });
 }
 
 fn routing(c: &mut Criterion) {

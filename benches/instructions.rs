@@ -37,6 +37,7 @@ const SCENARIOS: &[Scenario] = &[
         black_box(cache().get(black_box(&texts[i % texts.len()]))).statement_count
     }),
     ("decode_64_data_rows", |_| decode_rows()),
+    ("encode_64_data_rows", |_| encode_rows()),
     ("route_read_then_write", |_| route_pair()),
 ];
 
@@ -68,6 +69,21 @@ fn decode_rows() -> usize {
         n += f.body.len();
     }
     black_box(n)
+}
+
+/// The frames of `data_rows`, decoded once, written back into one buffer as the relay writes
+/// what it forwards.
+fn encode_rows() -> usize {
+    static FRAMES: std::sync::OnceLock<Vec<pgsplit::protocol::Frame>> = std::sync::OnceLock::new();
+    let frames = FRAMES.get_or_init(|| {
+        let mut buf = BytesMut::from(data_rows());
+        std::iter::from_fn(|| decode_frame(&mut buf, 1 << 20).ok().flatten()).collect()
+    });
+    let mut out = BytesMut::with_capacity(data_rows().len());
+    for f in black_box(frames) {
+        f.encode_into(&mut out);
+    }
+    black_box(out.len())
 }
 
 fn route_pair() -> usize {
