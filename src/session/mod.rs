@@ -239,11 +239,14 @@ enum Flow {
 /// A request's message list and statement map up to this capacity are kept for the next.
 const KEPT_BATCH_ITEMS: usize = 16;
 
-/// Extended-protocol messages held back for their Sync, in bytes (with their decoded form):
-/// past this the batch goes on to a server unfinished, as a Flush would send it, and the
-/// rest follows it there. A server takes each message as it comes; a proxy that held them
-/// all would grow without bound for a client that never sends its Sync.
-const PENDING_BATCH_BYTES: usize = 1 << 20;
+/// Extended-protocol messages held back for their Sync: past this many, or this many bytes,
+/// with the rest of the request not yet received, the batch goes on to the primary
+/// unfinished, as a Flush would send it, and the rest follows it there. A server takes each
+/// message as it comes; a proxy that held them all would grow without bound for a client
+/// that never sends its Sync. (Far above what a request of a few statements holds, even
+/// with large parameters, whose routing must not change.)
+const PENDING_BATCH_ITEMS: usize = 4096;
+const PENDING_BATCH_BYTES: usize = 64 << 20;
 
 pub struct Session {
     shared: Arc<Shared>,
@@ -330,6 +333,13 @@ pub struct Session {
     batch: Vec<Item>,
     /// What `batch` holds, about (see [`PENDING_BATCH_BYTES`]).
     batch_bytes: usize,
+    /// The open batch now dispatched was sent on for its size, not by the client's Flush:
+    /// it goes to the primary, even as a read-only block's start (its first messages do
+    /// not tell what the rest will do).
+    overflowed: bool,
+    /// A cancel request came while the request's long statement was being classified:
+    /// the request ends before it runs (see `classify_aside`).
+    canceled_early: bool,
     /// Statements parsed in the current batch, which shadow the session's.
     batch_local: Statements,
     /// After a failure before an unsynced batch reached a server: drop client messages up
@@ -421,6 +431,8 @@ impl Session {
             statements: Statements::default(),
             batch: Vec::new(),
             batch_bytes: 0,
+            overflowed: false,
+            canceled_early: false,
             batch_local: Statements::default(),
             skip_until_sync: false,
             // Allocated at first use: a client that logs in and idles never needs them.
@@ -579,9 +591,6 @@ impl Session {
                     false => None,
                 };
                 match self.take_client_frame(frame, classified)? {
-                    Flow::Continue if self.batch_bytes > PENDING_BATCH_BYTES => {
-                        Box::pin(self.dispatch_batch(true)).await?
-                    }
                     Flow::Continue => {}
                     Flow::Terminate => return Ok(()),
                     // Boxed: a request's state machine is large, and inline it would be part
@@ -594,6 +603,12 @@ impl Session {
                             .await?
                     }
                 }
+            }
+            if self.batch.len() > PENDING_BATCH_ITEMS || self.batch_bytes > PENDING_BATCH_BYTES {
+                // No whole message is left to read: the Sync has not come.
+                self.overflowed = true;
+                Box::pin(self.dispatch_batch(true)).await?;
+                continue;
             }
             // A client waiting on an Execute without Sync or Flush (COPY FROM STDIN through
             // the extended protocol does this) must not wait for us. A write split right
@@ -682,15 +697,33 @@ impl Session {
     /// Classify a long statement text (see [`request::LARGE_SQL`]) on the blocking pool, one
     /// at a time across the proxy: the event loop goes on serving the other sessions, and
     /// the parser's working memory (several times the text) is spent on one text at once.
-    async fn classify_aside(&self, frame: &Frame) -> Option<Arc<Classification>> {
+    /// No query runs meanwhile: a cancel request then ends the request before it runs, as
+    /// a server would cancel it while it parses.
+    async fn classify_aside(&mut self, frame: &Frame) -> Option<Arc<Classification>> {
         static ONE_AT_A_TIME: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
-        let _turn = ONE_AT_A_TIME.acquire().await.ok()?;
+        let watch = lock(&self.slot.cancel_target).is_none();
+        if watch {
+            // Release: a cancel handler that sees `waiting` sees the reset before it.
+            self.slot.cancel_requested.store(false, Ordering::Relaxed);
+            self.slot.waiting.store(true, Ordering::Release);
+        }
         let runtime = self.runtime.clone();
         let (t, body) = (frame.tag, frame.body.clone());
-        tokio::task::spawn_blocking(move || request::classify_large(t, &body, &runtime.classify))
+        let classified = async {
+            let _turn = ONE_AT_A_TIME.acquire().await.ok()?;
+            tokio::task::spawn_blocking(move || {
+                request::classify_large(t, &body, &runtime.classify)
+            })
             .await
             .ok()
             .flatten()
+        }
+        .await;
+        if watch {
+            self.slot.waiting.store(false, Ordering::Relaxed);
+            self.canceled_early |= self.slot.cancel_requested.swap(false, Ordering::AcqRel);
+        }
+        classified
     }
 
     fn take_client_frame(
@@ -803,6 +836,8 @@ impl Session {
         self.batch_bytes = 0;
         let mut local = std::mem::take(&mut self.batch_local);
         let result = self.dispatch_items(&mut items, &local, open).await;
+        self.overflowed = false;
+        self.canceled_early = false;
         // The next request reuses the allocations, unless an unusually long batch grew them
         // (an idle session should not keep that). Nothing refills the fields meanwhile (an
         // open batch's later messages go to the request in flight); the check is a guard.
@@ -872,7 +907,8 @@ impl Session {
         }
         // A read-only block that starts with this request is judged by its first statement
         // (what follows it in the block can neither write nor change the block).
-        let read_only_start = self.deferred_begin && self.deferred_read_only.is_some();
+        let read_only_start =
+            self.deferred_begin && self.deferred_read_only.is_some() && !self.overflowed;
         if route == Route::Replica
             && !read_only_start
             && (open || items.iter().any(|i| matches!(i, Item::Forwarded(_))))
@@ -917,7 +953,8 @@ impl Session {
             let acquired = if cancellable {
                 self.slot.waiting.store(false, Ordering::Relaxed);
                 // Cleared whatever the outcome: a flag left set would stop the next wait.
-                let canceled = self.slot.cancel_requested.swap(false, Ordering::AcqRel);
+                let canceled = self.slot.cancel_requested.swap(false, Ordering::AcqRel)
+                    || std::mem::take(&mut self.canceled_early);
                 match acquired {
                     Ok(conn) if canceled => {
                         // Only the session's settings ran on it (a pinned connection stays).
@@ -977,6 +1014,9 @@ impl Session {
                 }
                 relay::Outcome::Retry { on_replica } => {
                     self.shared.stats.retry(backend_kind(conn));
+                    // The retry's wait for a pooled connection counts from now, not from
+                    // the first attempt's start.
+                    self.clock = std::time::Instant::now();
                     attempts_left -= 1;
                     if !on_replica || attempts_left == 0 {
                         route = Route::Primary;

@@ -36,8 +36,11 @@ const DRAIN_LIMIT: usize = 64 * 1024;
 /// Messages of an open batch sent on whose answers are still due: past this, more of the
 /// client's are taken only as the server answers. Each costs the proxy a few dozen bytes,
 /// and a client that streams small messages without a Sync could otherwise keep the
-/// socket buffers' worth (millions) outstanding. The server flushes its answers whenever
-/// 8 KiB of them are ready, and an error at once, so fewer than this stay unflushed.
+/// socket buffers' worth (millions) outstanding. On reaching it the proxy sends the server
+/// a Flush of its own (which has no answer): a server holds up to 8 KiB of answers until a
+/// Sync or Flush, and answers the proxy makes itself (a Close of a statement the server
+/// never had) wait behind them, so without one the server would wait for the client's
+/// Sync while the proxy waits for the server.
 const MAX_OUTSTANDING: usize = 16 * 1024;
 
 /// Why a replica refused what the primary can serve.
@@ -193,6 +196,9 @@ struct InFlight {
     unsent: bool,
     /// Answers were taken in while sending: the read buffer may have grown.
     drained: bool,
+    /// A Flush went to the server when [`MAX_OUTSTANDING`] answers were due (see there),
+    /// and none since fewer were.
+    flushed_at_limit: bool,
     /// A replica refused what the primary can serve (`replica_cannot_serve`): drain to
     /// ReadyForQuery, then retry on the primary.
     retry: bool,
@@ -271,6 +277,7 @@ impl Session {
             heard_since_tick: true,
             unsent: false,
             drained: false,
+            flushed_at_limit: false,
             retry: false,
             refusal: None,
             server_idle: false,
@@ -772,8 +779,16 @@ impl Session {
                 self.send_request(fl).await?;
                 continue;
             }
-            let accepting =
-                fl.copy_in || ((fl.open || fl.need_sync) && fl.expects.len() < MAX_OUTSTANDING);
+            let at_limit = (fl.open || fl.need_sync) && fl.expects.len() >= MAX_OUTSTANDING;
+            if !at_limit {
+                fl.flushed_at_limit = false;
+            } else if !fl.flushed_at_limit && !fl.copy_in {
+                fl.flushed_at_limit = true;
+                self.wbuf.extend_from_slice(&[tag::FLUSH, 0, 0, 0, 4]);
+                self.send_request(fl).await?;
+                continue;
+            }
+            let accepting = fl.copy_in || ((fl.open || fl.need_sync) && !at_limit);
             if accepting && self.client.has_frame() {
                 // Messages that arrived with earlier ones (a Flush followed by more, COPY data
                 // behind its query) must not wait for the next read.

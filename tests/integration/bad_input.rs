@@ -287,10 +287,15 @@ async fn a_client_that_stops_reading_is_cut_off_and_frees_its_server() {
 #[tokio::test]
 async fn extended_messages_without_a_sync_are_passed_on_not_piled_up() {
     let c = cluster();
-    let proxy = start_proxy_with(&base_config_toml(c)).await;
+    // The binary: its memory is its own, not shared with the tests running beside this one.
+    let proxy = ProxyProcess::start(&base_config_toml(c), "info").await;
     let marker = unique("unsynced");
-    let (mut rd, mut wr) = logged_in(&proxy).await.into_split();
-    let rss_before = rss_kib("self");
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], proxy.port).into();
+    let (mut rd, mut wr) = RawClient::login(addr, "trustuser")
+        .await
+        .stream
+        .into_split();
+    let rss_before = proxy.rss_kib();
     let describes: usize = 600_000;
     let reader = tokio::spawn(async move {
         // ParseComplete, then a ParameterDescription and a RowDescription per Describe,
@@ -325,7 +330,7 @@ async fn extended_messages_without_a_sync_are_passed_on_not_piled_up() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let grown = rss_kib("self").saturating_sub(rss_before);
+    let grown = proxy.rss_kib().saturating_sub(rss_before);
     wr.write_all(&message(b'S', b"")).await.unwrap();
     let counts = tokio::time::timeout(Duration::from_secs(60), reader)
         .await
@@ -336,14 +341,62 @@ async fn extended_messages_without_a_sync_are_passed_on_not_piled_up() {
     assert_eq!(counts.get(&b't'), Some(&describes), "{counts:?}");
     assert_eq!(counts.get(&b'T'), Some(&describes), "{counts:?}");
     assert_eq!(counts.get(&b'E'), None, "{counts:?}");
-    // Held whole, they took 120 MB; passed on, about 10 (what tests running beside this
-    // one allocate counts too).
+    // Held whole, they took 120 MB.
     assert!(
-        grown < 64 * 1024,
+        grown < 32 * 1024,
         "the proxy held {grown} KiB for {} KiB of messages",
         describes * 7 / 1024
     );
-    assert_proxy_serves(&proxy).await;
+}
+
+/// Answers the proxy makes itself (CloseComplete for a statement the server never had)
+/// wait behind a server answer the server has not flushed: an open batch with thousands of
+/// them behind an Execute must still be answered whole, as on a direct connection. (The
+/// bound on answers due once stopped reading the client there, and both sides waited.)
+#[tokio::test]
+async fn thousands_of_proxy_answered_closes_behind_an_unflushed_answer_complete() {
+    let proxy = start_proxy().await;
+    let mut client = RawClient::login(proxy.addr, "trustuser").await;
+    let mut request = parse("", "SELECT 1");
+    request.extend(bind(""));
+    request.extend(execute());
+    request.extend(message(b'H', b""));
+    request.extend(bind(""));
+    request.extend(execute());
+    let closes = 20_000;
+    for _ in 0..closes {
+        request.extend(close_statement("never_prepared"));
+    }
+    request.extend(sync());
+    let messages = client.send(&request).await;
+    let count = |t: u8| messages.iter().filter(|m| m.0 == t).count();
+    assert_eq!(count(b'3'), closes, "every CloseComplete");
+    assert_eq!(count(b'D'), 2, "both rows");
+    assert_eq!(messages.last().map(|m| m.0), Some(b'Z'));
+}
+
+/// A statement text of 1 MiB or more is classified before it runs: a cancel request then
+/// stops it, as PostgreSQL's would while it parses (pgsplit used to drop that cancel, the
+/// session having no query running, and the statement ran).
+#[tokio::test]
+async fn a_cancel_while_a_long_statement_is_classified_stops_it() {
+    let proxy = start_proxy().await;
+    let t = unique("long_cancel");
+    let client = proxy.app().await;
+    client
+        .batch_execute(&format!("CREATE TABLE {t} (n int)"))
+        .await
+        .unwrap();
+    let token = client.cancel_token();
+    let text = format!("INSERT INTO {t} SELECT length('{}')", "x".repeat(8 << 20));
+    let (inserted, ()) = tokio::join!(client.simple_query(&text), async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    });
+    let e = inserted.expect_err("cancelled");
+    assert_eq!(sqlstate(&e), "57014", "{e}");
+    assert_eq!(primary_count(&t).await, 0, "the INSERT never ran");
+    assert_usable(&client).await;
 }
 
 /// Connections that never finish logging in open no server connection, cost little memory

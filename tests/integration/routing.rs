@@ -497,3 +497,26 @@ async fn servers_reached_over_unix_sockets_route_and_cancel_the_same() {
         .await
         .unwrap();
 }
+
+/// A read with a large parameter (an ORM's `= ANY($1)` array, a long IN list) goes to a
+/// replica like any read: the bound on messages held for their Sync is far above one
+/// request's (a first version of it sent every request of 1 MiB on to the primary).
+#[tokio::test]
+async fn a_read_with_a_megabyte_parameter_runs_on_a_replica() {
+    let c = cluster();
+    let proxy = start_proxy().await;
+    let client = proxy.app().await;
+    let big = "x".repeat(1_100_000);
+    for _ in 0..4 {
+        let row = client
+            .query_one("SELECT length($1::text), inet_server_port()", &[&big])
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, i32>(0), 1_100_000);
+        let port = row.get::<_, i32>(1) as u16;
+        assert_ne!(
+            port, c.primary,
+            "a read with a big parameter went to the primary"
+        );
+    }
+}
