@@ -289,6 +289,17 @@ impl Session {
     /// `holds_state`: the connection holds the session's state (pinned), which a fresh one
     /// would not.
     pub(super) async fn sync_settings(&mut self, id: BackendId, holds_state: bool) -> Result<()> {
+        // The usual case, the connection is current, without the replay's state machine.
+        match self.conns[id.0 as usize].as_ref() {
+            None => return Ok(()),
+            Some(c)
+                if c.settings_generation
+                    .is_some_and(|g| self.settings.is_current(g)) =>
+            {
+                return Ok(());
+            }
+            Some(_) => {}
+        }
         match self.try_sync_settings(id).await? {
             None => Ok(()),
             Some(e) if holds_state => {

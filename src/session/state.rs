@@ -266,6 +266,9 @@ pub struct Settings {
     /// share their startup settings, so in transaction mode this spares a map comparison
     /// per transaction. Emptied when the settings change.
     equal_generations: Vec<u64>,
+    /// [`Settings::serializable_default`], worked out when the settings change: routing asks
+    /// at every request, and a lookup by name hashes it each time.
+    serializable_default: Option<bool>,
 }
 
 /// How many equal generations a session remembers (a linear scan of a few words). Tags
@@ -288,6 +291,9 @@ impl Settings {
 
     fn bump(&mut self) {
         self.equal_generations.clear();
+        self.serializable_default = self
+            .in_force("default_transaction_isolation")
+            .map(|sql| is_serializable(sql));
         self.generation = if self.baseline.is_empty() && self.values.is_empty() {
             0
         } else {
@@ -320,8 +326,7 @@ impl Settings {
     /// serializable transactions, so the session's reads go to the primary while it is.
     /// `None`: neither set nor given at login.
     pub fn serializable_default(&self) -> Option<bool> {
-        self.in_force("default_transaction_isolation")
-            .map(|sql| is_serializable(sql))
+        self.serializable_default
     }
 
     /// Whether a setting in force keeps this session on one connection (see
