@@ -1479,6 +1479,10 @@ impl HoldTick {
 /// portal), in the order the request runs them. How many times it drops every prepared
 /// statement.
 fn take_session_ops(fl: &mut InFlight, class: &Classification) -> u32 {
+    if class.session_ops.is_empty() && class.read_back.is_empty() && !class.local_parse_setting {
+        // Almost every statement: nothing to note.
+        return 0;
+    }
     let mut drops_all = 0u32;
     for op in &class.session_ops {
         // A value read back at the end of the request that this resets afterwards is not
