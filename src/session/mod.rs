@@ -240,13 +240,16 @@ enum Flow {
 const KEPT_BATCH_ITEMS: usize = 16;
 
 /// Extended-protocol messages held back for their Sync: past this many, or this many bytes,
-/// with the rest of the request not yet received, the batch goes on to the primary
-/// unfinished, as a Flush would send it, and the rest follows it there. A server takes each
-/// message as it comes; a proxy that held them all would grow without bound for a client
-/// that never sends its Sync. (Far above what a request of a few statements holds, even
-/// with large parameters, whose routing must not change.)
+/// with nothing more of the request to read yet, the batch goes on to the primary
+/// unfinished, as a Flush would send it, and the rest follows it there; past the `HARD`
+/// bounds it goes on whatever is still coming. A server takes each message as it comes; a
+/// proxy that held them all would grow without bound for a client that never sends its
+/// Sync. (Far above what a request of a few statements holds, even with large parameters,
+/// whose routing must not change.)
 const PENDING_BATCH_ITEMS: usize = 4096;
 const PENDING_BATCH_BYTES: usize = 64 << 20;
+const PENDING_BATCH_ITEMS_HARD: usize = 64 * 1024;
+const PENDING_BATCH_BYTES_HARD: usize = 256 << 20;
 
 pub struct Session {
     shared: Arc<Shared>,
@@ -605,7 +608,13 @@ impl Session {
                 }
             }
             if self.batch.len() > PENDING_BATCH_ITEMS || self.batch_bytes > PENDING_BATCH_BYTES {
-                // No whole message is left to read: the Sync has not come.
+                // No whole message is left in the buffer. The Sync may be in the socket
+                // already (a pipeline sent in one write): read on, up to the hard bounds.
+                let hard = self.batch.len() > PENDING_BATCH_ITEMS_HARD
+                    || self.batch_bytes > PENDING_BATCH_BYTES_HARD;
+                if !hard && self.client.try_fill()? {
+                    continue;
+                }
                 self.overflowed = true;
                 Box::pin(self.dispatch_batch(true)).await?;
                 continue;

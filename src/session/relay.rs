@@ -173,6 +173,10 @@ struct InFlight {
     /// copy, so the Sync that follows CopyDone/CopyFail must reach it too.
     copy_by_execute: bool,
     need_sync: bool,
+    /// The end of a COPY (CopyDone or CopyFail) the client sent ahead of the server's
+    /// CopyInResponse, with whether the batch's Sync had gone before it: that COPY's
+    /// CopyInResponse then starts no COPY for the client's messages to join.
+    copy_ends_ahead: VecDeque<bool>,
     /// The server reported an error: what the request set up does not hold.
     failed: bool,
     /// The error was an extended-protocol message's: the server discards what follows up to
@@ -266,6 +270,7 @@ impl Session {
             },
             open,
             copy_in: false,
+            copy_ends_ahead: VecDeque::new(),
             copy_by_execute: false,
             need_sync: false,
             failed: false,
@@ -912,6 +917,9 @@ impl Session {
                     fl.expects.extend(held);
                     continue;
                 }
+                if !fl.copy_in && matches!(frame.tag, tag::COPY_DONE | tag::COPY_FAIL) {
+                    fl.copy_ends_ahead.push_back(!fl.open);
+                }
                 frame.encode_into(&mut self.wbuf);
                 continue;
             }
@@ -1368,8 +1376,15 @@ impl Session {
                 true
             }
             tag::COPY_IN_RESPONSE => {
-                fl.copy_in = true;
                 fl.copy_by_execute = matches!(fl.expects.front(), Some(Expect::Execute { .. }));
+                match fl.copy_ends_ahead.pop_front() {
+                    // Its end went to the server already: as at that CopyDone in
+                    // `forward_client_frames`, a Sync sent before it was ignored.
+                    Some(synced_before) => {
+                        fl.need_sync = fl.copy_by_execute && synced_before;
+                    }
+                    None => fl.copy_in = true,
+                }
                 true
             }
             _ => true,

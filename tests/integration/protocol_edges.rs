@@ -79,9 +79,23 @@ async fn copy_data_right_behind_an_extended_copy_is_all_copied() {
         let msgs = s.send(&req).await;
         assert_eq!(tags(&msgs), "12GCZ", "{addr}: {msgs:?}");
         assert_eq!(msgs[3].1, b"COPY 1\0", "{addr}");
-        let msgs = s.send(&query(&format!("SELECT count(*) FROM {t}"))).await;
+        // The whole COPY ahead of its CopyInResponse, the Sync later with the next query:
+        // that query is the next request's, and gets its answer (pgsplit took the COPY as
+        // still running, took the query into it, and dropped the query's answer).
+        let mut req = run_in_batch("", &format!("COPY {t} FROM STDIN"));
+        req.extend(message(b'd', b"8\n"));
+        req.extend(message(b'c', &[]));
+        req.extend(message(b'H', &[]));
+        s.stream_write(&req).await;
+        let msgs = s.read_n(4).await;
+        assert_eq!(tags(&msgs), "12GC", "{addr}: {msgs:?}");
+        let mut req = sync();
+        req.extend(query(&format!("SELECT count(*) FROM {t}")));
+        s.stream_write(&req).await;
+        assert_eq!(tags(&s.read_n(1).await), "Z", "{addr}");
+        let msgs = s.read_n(4).await;
         assert_eq!(tags(&msgs), "TDCZ", "{addr}: {msgs:?}");
-        assert!(msgs[1].1.ends_with(b"2001"), "{addr}: {msgs:?}");
+        assert!(msgs[1].1.ends_with(b"2002"), "{addr}: {msgs:?}");
     }
 }
 

@@ -520,3 +520,33 @@ async fn a_read_with_a_megabyte_parameter_runs_on_a_replica() {
         );
     }
 }
+
+/// A pipeline of thousands of reads sent in one write with its Sync runs on a replica: the
+/// bound on messages held for their Sync counts only once nothing more is there to read (a
+/// first version sent it on to the primary when its buffer, filled 16 KiB at a time, held
+/// no whole message).
+#[tokio::test]
+async fn a_long_read_pipeline_sent_with_its_sync_runs_on_a_replica() {
+    let c = cluster();
+    let proxy = start_proxy().await;
+    let mut client = RawClient::login(proxy.addr, "trustuser").await;
+    let pairs = 5_000;
+    let mut request = parse("", "SELECT inet_server_port()");
+    for _ in 0..pairs {
+        request.extend(bind(""));
+        request.extend(execute());
+    }
+    request.extend(sync());
+    let messages = client.send(&request).await;
+    let ports: Vec<&[u8]> = messages
+        .iter()
+        .filter(|m| m.0 == b'D')
+        .map(|m| &m.1[6..])
+        .collect();
+    assert_eq!(ports.len(), pairs);
+    let primary = c.primary.to_string();
+    assert!(
+        ports.iter().all(|p| *p != primary.as_bytes()),
+        "the pipeline ran on the primary"
+    );
+}
