@@ -234,10 +234,13 @@ async fn messages_out_of_protocol_order_get_errors_and_the_session_goes_on() {
 async fn a_client_that_stops_reading_is_cut_off_and_frees_its_server() {
     let c = cluster();
     let toml = with_proxy_settings(&base_config_toml(c), "client_write_timeout_ms = 1000");
-    let proxy = start_proxy_with(&toml).await;
+    // The binary: its memory is its own, not shared with the tests running beside this one
+    // (one classifying an 8 MB text took this test's in-process figure past its bound).
+    let proxy = ProxyProcess::start(&toml, "info").await;
     let marker = unique("stalled_reader");
-    let rss_before = rss_kib("self");
-    let mut s = logged_in(&proxy).await;
+    let rss_before = proxy.rss_kib();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], proxy.port).into();
+    let mut s = RawClient::login(addr, "trustuser").await.stream;
     // About 400 MB of rows, never read.
     s.write_all(&query(&format!(
         "SELECT /* {marker} */ repeat('x', 2000) FROM generate_series(1, 200000)"
@@ -270,14 +273,14 @@ async fn a_client_that_stops_reading_is_cut_off_and_frees_its_server() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(gone, "the stalled query still runs on its server");
-    let grown = rss_kib("self").saturating_sub(rss_before);
+    let grown = proxy.rss_kib().saturating_sub(rss_before);
     assert!(
         grown < 64 * 1024,
         "the proxy buffered {grown} KiB of the result"
     );
     // What the client reads now is what the socket buffers held, then the end.
     assert_closed(&mut s).await;
-    assert_proxy_serves(&proxy).await;
+    assert_usable(&connect(&proxy.conn_str("app", "app_pw")).await).await;
 }
 
 /// Extended-protocol messages without a Sync go on to the server as they come, as a direct
@@ -380,9 +383,10 @@ async fn thousands_of_proxy_answered_closes_behind_an_unflushed_answer_complete(
 /// session having no query running, and the statement ran).
 #[tokio::test]
 async fn a_cancel_while_a_long_statement_is_classified_stops_it() {
-    let proxy = start_proxy().await;
+    // The binary: the parser's memory for the text must not count in other tests' figures.
+    let proxy = ProxyProcess::start(&base_config_toml(cluster()), "info").await;
     let t = unique("long_cancel");
-    let client = proxy.app().await;
+    let client = connect(&proxy.conn_str("app", "app_pw")).await;
     client
         .batch_execute(&format!("CREATE TABLE {t} (n int)"))
         .await
