@@ -239,17 +239,15 @@ enum Flow {
 /// A request's message list and statement map up to this capacity are kept for the next.
 const KEPT_BATCH_ITEMS: usize = 16;
 
-/// Extended-protocol messages held back for their Sync: past this many, or this many bytes,
-/// with nothing more of the request to read yet, the batch goes on to the primary
-/// unfinished, as a Flush would send it, and the rest follows it there; past the `HARD`
-/// bounds it goes on whatever is still coming. A server takes each message as it comes; a
+/// Extended-protocol messages held back for their Sync: past this many with nothing more of
+/// the request to read yet, or past the `HARD` count or the bytes at once, the batch goes
+/// on to the primary unfinished, as a Flush would send it, and the rest follows it there. A server takes each message as it comes; a
 /// proxy that held them all would grow without bound for a client that never sends its
 /// Sync. (Far above what a request of a few statements holds, even with large parameters,
 /// whose routing must not change.)
 const PENDING_BATCH_ITEMS: usize = 4096;
 const PENDING_BATCH_BYTES: usize = 64 << 20;
 const PENDING_BATCH_ITEMS_HARD: usize = 64 * 1024;
-const PENDING_BATCH_BYTES_HARD: usize = 256 << 20;
 
 pub struct Session {
     shared: Arc<Shared>,
@@ -610,8 +608,9 @@ impl Session {
             if self.batch.len() > PENDING_BATCH_ITEMS || self.batch_bytes > PENDING_BATCH_BYTES {
                 // No whole message is left in the buffer. The Sync may be in the socket
                 // already (a pipeline sent in one write): read on, up to the hard bounds.
+                // (The bytes are bounded at once: the batch is copied for sending.)
                 let hard = self.batch.len() > PENDING_BATCH_ITEMS_HARD
-                    || self.batch_bytes > PENDING_BATCH_BYTES_HARD;
+                    || self.batch_bytes > PENDING_BATCH_BYTES;
                 if !hard && self.client.try_fill()? {
                     continue;
                 }

@@ -173,10 +173,9 @@ struct InFlight {
     /// copy, so the Sync that follows CopyDone/CopyFail must reach it too.
     copy_by_execute: bool,
     need_sync: bool,
-    /// The end of a COPY (CopyDone or CopyFail) the client sent ahead of the server's
-    /// CopyInResponse, with whether the batch's Sync had gone before it: that COPY's
-    /// CopyInResponse then starts no COPY for the client's messages to join.
-    copy_ends_ahead: VecDeque<bool>,
+    /// A Flush went to the server for COPY messages waiting on its answers (see
+    /// [`Session::copy_must_wait`]), and they have waited since.
+    flushed_for_copy: bool,
     /// The server reported an error: what the request set up does not hold.
     failed: bool,
     /// The error was an extended-protocol message's: the server discards what follows up to
@@ -270,7 +269,7 @@ impl Session {
             },
             open,
             copy_in: false,
-            copy_ends_ahead: VecDeque::new(),
+            flushed_for_copy: false,
             copy_by_execute: false,
             need_sync: false,
             failed: false,
@@ -793,7 +792,18 @@ impl Session {
                 self.send_request(fl).await?;
                 continue;
             }
-            let accepting = fl.copy_in || ((fl.open || fl.need_sync) && !at_limit);
+            let copy_wait = self.copy_must_wait(fl);
+            if !copy_wait {
+                fl.flushed_for_copy = false;
+            } else if !fl.flushed_for_copy {
+                // The statement's answer (a CopyInResponse, or not) may sit in the server's
+                // buffer until a Sync or Flush, which may be behind the COPY data.
+                fl.flushed_for_copy = true;
+                self.wbuf.extend_from_slice(&[tag::FLUSH, 0, 0, 0, 4]);
+                self.send_request(fl).await?;
+                continue;
+            }
+            let accepting = !copy_wait && (fl.copy_in || ((fl.open || fl.need_sync) && !at_limit));
             if accepting && self.client.has_frame() {
                 // Messages that arrived with earlier ones (a Flush followed by more, COPY data
                 // behind its query) must not wait for the next read.
@@ -855,13 +865,17 @@ impl Session {
     /// open batch. Anything after them stays buffered for the next request.
     async fn forward_client_frames(&mut self, fl: &mut InFlight) -> Result<()> {
         while fl.copy_in || ((fl.open || fl.need_sync) && fl.expects.len() < MAX_OUTSTANDING) {
+            if self.copy_must_wait(fl) {
+                break;
+            }
             let Some(frame) = self.client.try_session_frame()? else {
                 break;
             };
             if fl.copy_in && matches!(frame.tag, tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL) {
                 if frame.tag != tag::COPY_DATA {
                     fl.copy_in = false;
-                    fl.need_sync = fl.copy_by_execute && !fl.open;
+                    // Not cleared: an earlier COPY's ignored Sync may still want its own.
+                    fl.need_sync |= fl.copy_by_execute && !fl.open;
                 }
                 frame.encode_into(&mut self.wbuf);
                 continue;
@@ -917,9 +931,6 @@ impl Session {
                     fl.expects.extend(held);
                     continue;
                 }
-                if !fl.copy_in && matches!(frame.tag, tag::COPY_DONE | tag::COPY_FAIL) {
-                    fl.copy_ends_ahead.push_back(!fl.open);
-                }
                 frame.encode_into(&mut self.wbuf);
                 continue;
             }
@@ -930,6 +941,22 @@ impl Session {
             self.emit(fl, &item);
         }
         self.send_request(fl).await
+    }
+
+    /// Whether the client's next message is COPY data (or its end) that must wait: no COPY
+    /// is running, but a statement sent may be starting one. Forwarded ahead of the
+    /// server's CopyInResponse, the relay could not tell the COPY's end from a stray one
+    /// the server ignores, nor which messages after it belong to the next request.
+    fn copy_must_wait(&self, fl: &InFlight) -> bool {
+        !fl.copy_in
+            && matches!(
+                self.client.buf.first(),
+                Some(&(tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL))
+            )
+            && fl
+                .expects
+                .iter()
+                .any(|e| matches!(e, Expect::Execute { .. } | Expect::Query { .. }))
     }
 
     /// Send what `wbuf` holds for the server, or as much as goes before the server's
@@ -1376,15 +1403,8 @@ impl Session {
                 true
             }
             tag::COPY_IN_RESPONSE => {
+                fl.copy_in = true;
                 fl.copy_by_execute = matches!(fl.expects.front(), Some(Expect::Execute { .. }));
-                match fl.copy_ends_ahead.pop_front() {
-                    // Its end went to the server already: as at that CopyDone in
-                    // `forward_client_frames`, a Sync sent before it was ignored.
-                    Some(synced_before) => {
-                        fl.need_sync = fl.copy_by_execute && synced_before;
-                    }
-                    None => fl.copy_in = true,
-                }
                 true
             }
             _ => true,

@@ -99,6 +99,54 @@ async fn copy_data_right_behind_an_extended_copy_is_all_copied() {
     }
 }
 
+/// COPY messages behind a COPY's end, in orders a review found: a simple-protocol COPY with
+/// its data right after an extended COPY whose Sync the server ignored (both Syncs are
+/// answered), and a stray CopyDone behind a plain Execute ahead of an extended COPY (the
+/// server ignores it; the COPY still gets its data). Each answers as on a direct
+/// connection, and the next request gets its own answer. pgsplit hung on the first and
+/// held the server in COPY on the second.
+#[tokio::test]
+async fn copy_messages_around_copies_answer_as_on_a_direct_connection() {
+    let (_proxies, addrs) = direct_and_both_modes().await;
+    let data = || {
+        let mut m = message(b'd', b"1\n");
+        m.extend(message(b'd', b"2\n"));
+        m.extend(message(b'c', &[]));
+        m
+    };
+    for addr in addrs {
+        let mut s = RawClient::login(addr, "trustuser").await;
+        let (a, b) = (unique("xcopy_a"), unique("xcopy_b"));
+        let create = format!("CREATE TABLE {a} (v int); CREATE TABLE {b} (v int)");
+        assert_eq!(tags(&s.send(&query(&create)).await), "CCZ");
+        let mut req = run_in_batch("", &format!("COPY {a} FROM STDIN"));
+        req.extend(sync());
+        req.extend(data());
+        req.extend(query(&format!("COPY {b} FROM STDIN")));
+        req.extend(data());
+        req.extend(sync());
+        s.stream_write(&req).await;
+        assert_eq!(tags(&s.read_n(8).await), "12GCGCZZ", "{addr}");
+        assert_eq!(tags(&s.send(&query("SELECT 1")).await), "TDCZ", "{addr}");
+        let mut req = run_in_batch("", "SELECT 1");
+        req.extend(message(b'c', &[]));
+        req.extend(run_in_batch("", &format!("COPY {a} FROM STDIN")));
+        req.extend(message(b'H', &[]));
+        s.stream_write(&req).await;
+        assert_eq!(tags(&s.read_n(7).await), "12DC12G", "{addr}");
+        let mut req = sync();
+        req.extend(data());
+        req.extend(sync());
+        s.stream_write(&req).await;
+        // The first Sync reached the server in COPY, which ignores it there.
+        assert_eq!(tags(&s.read_n(2).await), "CZ", "{addr}");
+        let count = query(&format!("SELECT count(*) FROM {a}"));
+        let msgs = s.send(&count).await;
+        assert_eq!(tags(&msgs), "TDCZ", "{addr}");
+        assert!(msgs[1].1.ends_with(b"4"), "{addr}: {msgs:?}");
+    }
+}
+
 #[tokio::test]
 async fn asyncpg_prepares_with_flush_then_copies_without_waiting() {
     for proxy in both_modes().await {
