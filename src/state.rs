@@ -226,6 +226,21 @@ pub struct SessionSlot {
 }
 
 impl SessionSlot {
+    /// The session starts waiting with no query running (for a pooled connection, for a
+    /// long text's classification): a cancel request from now on is noted, not dropped.
+    pub fn begin_wait(&self) {
+        self.cancel_requested.store(false, Ordering::Relaxed);
+        // Release: a cancel handler that sees `waiting` sees the reset before it.
+        self.waiting.store(true, Ordering::Release);
+    }
+
+    /// The wait is over: whether a cancel request came during it (the flag is cleared, so
+    /// none is left to stop a later wait).
+    pub fn end_wait(&self) -> bool {
+        self.waiting.store(false, Ordering::Relaxed);
+        self.cancel_requested.swap(false, Ordering::AcqRel)
+    }
+
     /// Ready once `flag` is set; the setter must call [`SessionRegistry::nudge_all`] after.
     pub async fn wait_for(&self, flag: &AtomicBool) {
         std::future::poll_fn(|cx| {

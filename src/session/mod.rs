@@ -241,10 +241,10 @@ const KEPT_BATCH_ITEMS: usize = 16;
 
 /// Extended-protocol messages held back for their Sync: past this many with nothing more of
 /// the request to read yet, or past the `HARD` count or the bytes at once, the batch goes
-/// on to the primary unfinished, as a Flush would send it, and the rest follows it there. A server takes each message as it comes; a
-/// proxy that held them all would grow without bound for a client that never sends its
-/// Sync. (Far above what a request of a few statements holds, even with large parameters,
-/// whose routing must not change.)
+/// on to the primary unfinished, as a Flush would send it, and the rest follows it there.
+/// A server takes each message as it comes; a proxy that held them all would grow without
+/// bound for a client that never sends its Sync. (Far above what a request of a few
+/// statements holds, even with large parameters, whose routing must not change.)
 const PENDING_BATCH_ITEMS: usize = 4096;
 const PENDING_BATCH_BYTES: usize = 64 << 20;
 const PENDING_BATCH_ITEMS_HARD: usize = 64 * 1024;
@@ -711,9 +711,7 @@ impl Session {
         static ONE_AT_A_TIME: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
         let watch = lock(&self.slot.cancel_target).is_none();
         if watch {
-            // Release: a cancel handler that sees `waiting` sees the reset before it.
-            self.slot.cancel_requested.store(false, Ordering::Relaxed);
-            self.slot.waiting.store(true, Ordering::Release);
+            self.slot.begin_wait();
         }
         let runtime = self.runtime.clone();
         let (t, body) = (frame.tag, frame.body.clone());
@@ -728,8 +726,7 @@ impl Session {
         }
         .await;
         if watch {
-            self.slot.waiting.store(false, Ordering::Relaxed);
-            self.canceled_early |= self.slot.cancel_requested.swap(false, Ordering::AcqRel);
+            self.canceled_early |= self.slot.end_wait();
         }
         classified
     }
@@ -945,13 +942,12 @@ impl Session {
         loop {
             // Outside a transaction the wait for a pooled connection can be long: a cancel
             // request meanwhile ends the request before it starts, as the server would end
-            // it, and at once (`checkout` stops waiting). (Inside one, the request's connection is at hand, and an error pgsplit
-            // made up would leave the server's transaction unfailed.)
+            // it, and at once (`checkout` stops waiting). (Inside one, the request's
+            // connection is at hand, and an error pgsplit made up would leave the server's
+            // transaction unfailed.)
             let cancellable = route != Route::Transaction;
             if cancellable {
-                // Release: a cancel handler that sees `waiting` sees the reset before it.
-                self.slot.cancel_requested.store(false, Ordering::Relaxed);
-                self.slot.waiting.store(true, Ordering::Release);
+                self.slot.begin_wait();
             }
             let acquired = if route == Route::Replica && !executes {
                 self.acquire_last_replica().await
@@ -959,10 +955,7 @@ impl Session {
                 self.acquire(route).await
             };
             let acquired = if cancellable {
-                self.slot.waiting.store(false, Ordering::Relaxed);
-                // Cleared whatever the outcome: a flag left set would stop the next wait.
-                let canceled = self.slot.cancel_requested.swap(false, Ordering::AcqRel)
-                    || std::mem::take(&mut self.canceled_early);
+                let canceled = self.slot.end_wait() || std::mem::take(&mut self.canceled_early);
                 match acquired {
                     Ok(conn) if canceled => {
                         // Only the session's settings ran on it (a pinned connection stays).
