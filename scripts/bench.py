@@ -90,6 +90,13 @@ def median_run(runs):
     return sorted(runs, key=lambda r: r["tps"])[(len(runs) - 1) // 2]
 
 
+def figures(run):
+    """(tps, p50 µs, p99 µs) of a run, Nones for none."""
+    if run is None:
+        return None, None, None
+    return round(run["tps"]), pct(run["lat"], 0.5), pct(run["lat"], 0.99)
+
+
 def spread(ratios):
     """(median, min, max) of ratios, rounded; Nones when there are none."""
     if not ratios:
@@ -143,35 +150,36 @@ def ab(name, direct_port, proxy_port, pid, args, seconds, pairs, user="trustuser
                     c_ratios.append(c["tps"] / a["tps"])
             else:
                 c_failed = True
-    a_med, b_med = median_run(a_runs), median_run(b_runs)
+    a_tps, a_p50, a_p99 = figures(median_run(a_runs))
+    b_tps, b_p50, b_p99 = figures(median_run(b_runs))
     ratio, ratio_min, ratio_max = spread(ratios)
     result = {
         "workload": name,
         "failed_runs": {"direct": pairs - len(a_runs), "pgsplit": pairs - len(b_runs)},
-        "direct_tps": round(a_med["tps"]) if a_med else None,
-        "pgsplit_tps": round(b_med["tps"]) if b_med else None,
+        "direct_tps": a_tps,
+        "pgsplit_tps": b_tps,
         "ratio": ratio,
         "ratio_min": ratio_min,
         "ratio_max": ratio_max,
-        "direct_p50_us": pct(a_med["lat"], 0.5) if a_med else None,
-        "direct_p99_us": pct(a_med["lat"], 0.99) if a_med else None,
-        "pgsplit_p50_us": pct(b_med["lat"], 0.5) if b_med else None,
-        "pgsplit_p99_us": pct(b_med["lat"], 0.99) if b_med else None,
+        "direct_p50_us": a_p50,
+        "direct_p99_us": a_p99,
+        "pgsplit_p50_us": b_p50,
+        "pgsplit_p99_us": b_p99,
         "cpu_us_per_tx": round(cpu / tx, 1) if tx else None,
         "rss_kib": proc_rss_kib(pid),
     }
     if bouncer:
-        c_med = median_run(c_runs)
+        c_tps, c_p50, c_p99 = figures(median_run(c_runs))
         c_ratio, c_min, c_max = spread(c_ratios)
         # PgBouncer is a reference, not a contender: it pools but neither parses nor splits.
         result["pgbouncer"] = {
             "failed": c_failed,
-            "tps": round(c_med["tps"]) if c_med else None,
+            "tps": c_tps,
             "ratio": c_ratio,
             "ratio_min": c_min,
             "ratio_max": c_max,
-            "p50_us": pct(c_med["lat"], 0.5) if c_med else None,
-            "p99_us": pct(c_med["lat"], 0.99) if c_med else None,
+            "p50_us": c_p50,
+            "p99_us": c_p99,
             "cpu_us_per_tx": round(c_cpu / c_tx, 1) if c_tx else None,
         }
     return result
@@ -225,10 +233,8 @@ def cached(env, seconds, pairs):
         hits1, misses1 = cache_counters(env["CACHE_METRICS_PORT"])
         rows = {}
         for label, _ in labels:
-            m = median_run(runs[label])
-            rows[label] = {"tps": round(m["tps"]) if m else None,
-                           "p50_us": pct(m["lat"], 0.5) if m else None,
-                           "p99_us": pct(m["lat"], 0.99) if m else None}
+            tps, p50, p99 = figures(median_run(runs[label]))
+            rows[label] = {"tps": tps, "p50_us": p50, "p99_us": p99}
         ratio, ratio_min, ratio_max = spread(ratios)
         rows["cache_vs_replicas"] = ratio
         rows["cache_vs_replicas_min"] = ratio_min
