@@ -170,13 +170,12 @@ impl StopSignals {
 fn raise_open_file_limit(config: &Config) {
     let servers = 1 + config.replicas.len() as u64;
     let clients = config.proxy.max_client_connections as u64;
-    // Server connections: in session mode each client may hold one per server; pooled,
-    // one pool per user and database (one database per user counted).
+    // Server connections: one pool per server, user and database (one database per user
+    // counted); in session mode also at most one per client and server.
+    let pooled = servers * config.pool.size as u64 * config.users.len() as u64;
     let server_conns = match config.proxy.pool_mode {
-        pgsplit::config::PoolMode::Session => clients * servers,
-        pgsplit::config::PoolMode::Transaction => {
-            servers * config.pool.size as u64 * config.users.len() as u64
-        }
+        pgsplit::config::PoolMode::Session => pooled.min(clients * servers),
+        pgsplit::config::PoolMode::Transaction => pooled,
     };
     // And health checks, listeners, Redis, files.
     let wanted = clients + server_conns + servers + 64;

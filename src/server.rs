@@ -11,6 +11,7 @@ use tracing::{debug, info, warn};
 
 use crate::backend::health::{CheckerConfig, run_checker};
 use crate::backend::{BackendId, ConnectParams};
+use crate::config::PoolMode;
 use crate::state::Shared;
 
 /// A running proxy listener, as tests and `main` hold it.
@@ -208,7 +209,12 @@ async fn maintain_pools(shared: Arc<Shared>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        for pool in shared.runtime.load().pools() {
+        let runtime = shared.runtime.load_full();
+        // Session-mode pools only count the places of connections their sessions own.
+        if runtime.config.proxy.pool_mode == PoolMode::Session {
+            continue;
+        }
+        for pool in runtime.pools() {
             pool.maintain().await;
         }
     }

@@ -42,7 +42,7 @@ pub struct Runtime {
     pub classify: ClassifyCache,
     /// What the result cache may hold (`[[cache.rules]]`).
     pub cache_rules: CacheRules,
-    /// Transaction-mode pools by (backend, server user, database), made on first use.
+    /// Pools by (backend, server user, database), made on first use.
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
 }
 
@@ -196,7 +196,7 @@ impl Runtime {
     pub fn forget_unconnected_pool(&self, backend: BackendId, params: &ConnectParams) {
         let key = (backend, params.user.clone(), params.database.clone());
         let mut pools = lock(&self.pools);
-        if pools.get(&key).is_some_and(|p| p.server_params().is_none()) {
+        if pools.get(&key).is_some_and(|p| !p.has_connected()) {
             pools.remove(&key);
         }
     }

@@ -1,10 +1,13 @@
-//! Transaction-mode pools: server connections per (backend, server user, database), lent to
-//! one client for one transaction (or one statement outside a transaction) and returned.
+//! Pools: server connections per (backend, server user, database), lent to one client for
+//! one transaction (or one statement outside a transaction) and returned. In session mode
+//! a pool only counts places: each session opens its own connections, holding a place for
+//! each, so that the pool's `size` bounds them too.
 //!
 //! A semaphore of `size` permits bounds the connections lent out at once; idle ones wait in
 //! a stack (the most recently used first, so surplus connections age out). New connections
 //! are opened only when no idle one is left, so lent + idle never exceeds `size`.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -60,6 +63,7 @@ pub struct Pool {
     idle: Mutex<Vec<Idle>>,
     /// ParameterStatus values of the first connection: what a client is told at login.
     server_params: OnceLock<Vec<(String, String)>>,
+    reached: AtomicBool,
 }
 
 /// A connection lent from a pool; give it back with [`Pool::checkin`].
@@ -85,6 +89,7 @@ impl Pool {
             limits,
             idle: Mutex::new(Vec::new()),
             server_params: OnceLock::new(),
+            reached: AtomicBool::new(false),
         })
     }
 
@@ -128,29 +133,7 @@ impl Pool {
         now: Instant,
         stop: impl Future<Output = CheckoutError>,
     ) -> Result<Lent, CheckoutError> {
-        // A free permit needs no timer (and the semaphore hands released permits to queued
-        // waiters first, so taking one here jumps no queue).
-        let (permit, now) = match self.permits.clone().try_acquire_owned() {
-            Ok(permit) => (permit, now),
-            Err(_) => {
-                let deadline = now + self.limits.checkout_timeout;
-                let wait =
-                    tokio::time::timeout_at(deadline.into(), self.permits.clone().acquire_owned());
-                let waited = tokio::select! {
-                    biased;
-                    waited = wait => waited,
-                    stopped = stop => return Err(stopped),
-                };
-                let acquired = waited.map_err(|_| CheckoutError::Timeout {
-                    backend: self.name.clone(),
-                    waited_ms: self.limits.checkout_timeout.as_millis(),
-                    size: self.limits.size,
-                })?;
-                let permit = acquired.expect("pool semaphores are never closed");
-                // It waited (up to checkout_timeout): the caller's reading is stale now.
-                (permit, Instant::now())
-            }
-        };
+        let (permit, now) = self.reserve(now, stop).await?;
         while let Some(idle) = self.pop_idle() {
             let mut conn = idle.conn;
             if conn.expires.is_none_or(|at| now < at) && super::is_alive(&mut conn, false) {
@@ -160,6 +143,54 @@ impl Pool {
         }
         let conn = self.connect().await?;
         Ok(Lent { conn, permit })
+    }
+
+    /// A place in the pool, waiting for one as [`Pool::checkout`] does (its deadline,
+    /// `stop`), with the clock reading to go on with. Session mode holds one for each
+    /// connection a session owns, so that sessions, too, use at most `size` connections of
+    /// a server at once.
+    pub async fn reserve(
+        &self,
+        now: Instant,
+        stop: impl Future<Output = CheckoutError>,
+    ) -> Result<(OwnedSemaphorePermit, Instant), CheckoutError> {
+        // A free permit needs no timer (and the semaphore hands released permits to queued
+        // waiters first, so taking one here jumps no queue).
+        if let Ok(permit) = self.permits.clone().try_acquire_owned() {
+            return Ok((permit, now));
+        }
+        let deadline = now + self.limits.checkout_timeout;
+        let wait = tokio::time::timeout_at(deadline.into(), self.permits.clone().acquire_owned());
+        let waited = tokio::select! {
+            biased;
+            waited = wait => waited,
+            stopped = stop => return Err(stopped),
+        };
+        let acquired = waited.map_err(|_| CheckoutError::Timeout {
+            backend: self.name.clone(),
+            waited_ms: self.limits.checkout_timeout.as_millis(),
+            size: self.limits.size,
+        })?;
+        let permit = acquired.expect("pool semaphores are never closed");
+        // It waited (up to checkout_timeout): the caller's reading is stale now.
+        Ok((permit, Instant::now()))
+    }
+
+    /// A session-mode connection of this pool's server, user and database logged in. (Its
+    /// ParameterStatus values are not the pool's: its client's startup settings made them.)
+    pub fn note_connected(&self) {
+        self.reached.store(true, Ordering::Relaxed);
+    }
+
+    /// A connection of this pool's server, user and database has logged in: the role and
+    /// database exist.
+    pub fn has_connected(&self) -> bool {
+        self.reached.load(Ordering::Relaxed)
+    }
+
+    /// A place in the pool if one is free now.
+    pub fn try_reserve(&self) -> Option<OwnedSemaphorePermit> {
+        self.permits.clone().try_acquire_owned().ok()
     }
 
     async fn connect(&self) -> Result<Box<ServerConn>, BackendError> {
@@ -178,6 +209,7 @@ impl Pool {
         .unwrap_or(Err(BackendError::Timeout))?;
         conn.expires = Instant::now().checked_add(self.limits.max_lifetime);
         let _ = self.server_params.set(conn.params.clone());
+        self.note_connected();
         debug!(backend = %self.name, pid = conn.cancel_key.pid, "pooled server connection opened");
         Ok(conn)
     }

@@ -386,7 +386,8 @@ impl HealthConfig {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct PoolConfig {
-    /// Server connections per backend, user and database (transaction mode). Default 20.
+    /// Server connections per backend, user and database (in session mode: connections
+    /// sessions own at once). Default 20.
     pub size: usize,
     /// Idle connections kept open and warm per pool once it is in use. Default 0.
     pub min_idle: usize,

@@ -5,13 +5,16 @@
 use tracing::{debug, warn};
 
 use super::cached::WriteSet;
+use super::client::ClientConn;
 use super::relay::{Refusal, replica_cannot_serve};
 use super::{Consistency, Session};
-use crate::backend::{BackendError, BackendId, CheckoutError, Lent, Role, ServerConn};
+use crate::backend::{BackendError, BackendId, CheckoutError, Lent, Pool, Role, ServerConn};
 use crate::config::{PoolMode, ReadYourWrites};
 use crate::error::{Error, Result};
 use crate::protocol::TxStatus;
 use crate::router::Route;
+use crate::state::SessionSlot;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 /// The commit-facts query the relay sent behind a request that ends a writing
@@ -76,10 +79,15 @@ impl Session {
             Route::Replica => {
                 let runtime = self.runtime.clone();
                 let need = self.required_lsn();
+                let mut busy = false;
                 for _ in 0..runtime.backends.replicas.len() {
                     let Some(id) = runtime.backends.pick_replica(need) else {
                         break;
                     };
+                    if !self.may_take_replica(id) {
+                        busy = true;
+                        continue;
+                    }
                     match self.prepare_replica(id).await {
                         Ok(()) => {
                             self.last_replica = Some(id);
@@ -103,6 +111,11 @@ impl Session {
                             }
                         }
                     }
+                }
+                if busy {
+                    // Session mode: the replicas' places are all taken, and the session's
+                    // own primary connection serves the read.
+                    return Box::pin(self.acquire(Route::Primary)).await;
                 }
                 let replica_up = runtime.backends.replicas.iter().any(|r| r.is_available());
                 if runtime.config.routing.fallback_to_primary || (need > 0 && replica_up) {
@@ -146,6 +159,7 @@ impl Session {
                 .backends
                 .get(id)
                 .is_some_and(|b| b.is_available() && b.health.lsn() >= need)
+            && self.may_take_replica(id)
             && self.prepare_replica(id).await.is_ok()
         {
             return Ok(id);
@@ -163,7 +177,10 @@ impl Session {
                 return Ok(());
             }
             self.conns[slot] = None;
-            self.permits[slot] = None;
+            // A session keeps its place for the connection that replaces this one.
+            if self.mode == PoolMode::Transaction {
+                self.permits[slot] = None;
+            }
             if id.is_primary() && self.pinned {
                 self.pinned_state_lost = true;
             }
@@ -177,7 +194,24 @@ impl Session {
         }
         match self.mode {
             PoolMode::Session => {
-                self.conns[slot] = Some(self.connect_backend(id).await?);
+                // The session's place in the pool: one it holds already (taken by
+                // `may_take_replica`, or left by a connection that died), else one that
+                // frees up when another session ends.
+                let permit = match self.permits[slot].take() {
+                    Some(permit) => permit,
+                    None => {
+                        let pool = self.pool_of(id)?;
+                        let stop = checkout_stop(&self.slot, &mut self.client);
+                        let reserved = pool.reserve(self.clock, stop).await;
+                        reserved.map_err(|e| self.checkout_error(id, e))?.0
+                    }
+                };
+                let conn = self.connect_backend(id).await?;
+                if let Some(pool) = &self.pools[slot] {
+                    pool.note_connected();
+                }
+                self.conns[slot] = Some(conn);
+                self.permits[slot] = Some(permit);
             }
             PoolMode::Transaction => {
                 let lent = self.checkout(id).await?;
@@ -188,41 +222,55 @@ impl Session {
         Ok(())
     }
 
+    /// Session mode: whether a read may use replica `id` without waiting for a place in its
+    /// pool. A session that holds a place on the primary never waits for a replica's: the
+    /// sessions waiting for the primary's places may be the ones holding all of the
+    /// replica's, and its own primary connection can serve the read. A place it takes here
+    /// is kept for the connection [`Session::ensure_conn`] opens.
+    fn may_take_replica(&mut self, id: BackendId) -> bool {
+        let slot = id.0 as usize;
+        if self.mode != PoolMode::Session
+            || self.permits[0].is_none()
+            || self.conns[slot].is_some()
+            || self.permits[slot].is_some()
+        {
+            return true;
+        }
+        let Ok(pool) = self.pool_of(id) else {
+            return true;
+        };
+        self.permits[slot] = pool.try_reserve();
+        self.permits[slot].is_some()
+    }
+
+    /// The pool of `id` for this session's login, looked up once.
+    fn pool_of(&mut self, id: BackendId) -> Result<Arc<Pool>> {
+        let slot = id.0 as usize;
+        if let Some(p) = &self.pools[slot] {
+            return Ok(p.clone());
+        }
+        let p = self
+            .runtime
+            .pool(id, &self.connect)
+            .ok_or_else(|| Error::NoServer(format!("unknown backend {id:?}")))?;
+        self.pools[slot] = Some(p.clone());
+        Ok(p)
+    }
+
+    fn checkout_error(&self, id: BackendId, e: CheckoutError) -> Error {
+        match e {
+            e @ CheckoutError::Timeout { .. } => Error::PoolTimeout(e.to_string()),
+            CheckoutError::Connect(e) => self.connect_error(id, e),
+            CheckoutError::Canceled => Error::Canceled,
+            CheckoutError::ClientGone => Error::ClientGone,
+        }
+    }
+
     /// Borrow a connection from the pool of `id` (transaction mode).
     pub(super) async fn checkout(&mut self, id: BackendId) -> Result<Lent> {
-        let slot = id.0 as usize;
-        let pool = match &self.pools[slot] {
-            Some(p) => p.clone(),
-            None => {
-                let p = self
-                    .runtime
-                    .pool(id, &self.connect)
-                    .ok_or_else(|| Error::NoServer(format!("unknown backend {id:?}")))?;
-                self.pools[slot] = Some(p.clone());
-                p
-            }
-        };
+        let pool = self.pool_of(id)?;
         let backend = self.runtime.backends.get(id);
-        // A request that may be cancelled before it starts (see `dispatch_items`) stops
-        // waiting for a free connection when its cancel request comes, not when one frees
-        // up; any request stops waiting when its client leaves (a client that gave up must
-        // not take a connection from those still waiting, and its query must not run).
-        let slot = &self.slot;
-        let cancellable = slot.waiting.load(Ordering::Relaxed);
-        let client = &mut self.client;
-        let stop = async move {
-            let canceled = async {
-                if cancellable {
-                    slot.wait_for(&slot.cancel_requested).await
-                } else {
-                    std::future::pending().await
-                }
-            };
-            tokio::select! {
-                () = canceled => CheckoutError::Canceled,
-                () = client.gone() => CheckoutError::ClientGone,
-            }
-        };
+        let stop = checkout_stop(&self.slot, &mut self.client);
         match pool.checkout(self.clock, stop).await {
             Ok(lent) => {
                 if let Some(b) = backend {
@@ -230,13 +278,9 @@ impl Session {
                 }
                 Ok(lent)
             }
-            Err(e @ CheckoutError::Timeout { .. }) => Err(Error::PoolTimeout(e.to_string())),
-            Err(CheckoutError::Connect(e)) => Err(self.connect_error(id, e)),
-            Err(CheckoutError::Canceled) => Err(Error::Canceled),
-            Err(CheckoutError::ClientGone) => Err(Error::ClientGone),
+            Err(e) => Err(self.checkout_error(id, e)),
         }
     }
-
     /// Open a connection owned by this session alone (session mode).
     pub(super) async fn connect_backend(&self, id: BackendId) -> Result<Box<ServerConn>> {
         let backend = self
@@ -573,5 +617,29 @@ impl Session {
             n.encode_into(&mut self.out);
         }
         Some(result)
+    }
+}
+
+/// What ends a wait for a place in a pool. A request that may be cancelled before it starts
+/// (see `dispatch_items`) stops waiting when its cancel request comes, not when a place
+/// frees up; any request stops waiting when its client leaves (a client that gave up must
+/// not take a connection from those still waiting, and its query must not run).
+fn checkout_stop<'a>(
+    slot: &'a SessionSlot,
+    client: &'a mut ClientConn,
+) -> impl Future<Output = CheckoutError> + 'a {
+    let cancellable = slot.waiting.load(Ordering::Relaxed);
+    async move {
+        let canceled = async {
+            if cancellable {
+                slot.wait_for(&slot.cancel_requested).await
+            } else {
+                std::future::pending().await
+            }
+        };
+        tokio::select! {
+            () = canceled => CheckoutError::Canceled,
+            () = client.gone() => CheckoutError::ClientGone,
+        }
     }
 }

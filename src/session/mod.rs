@@ -261,9 +261,10 @@ pub struct Session {
     mode: PoolMode,
     /// Server connections held now, by backend id (0 = primary).
     conns: Vec<Option<Box<ServerConn>>>,
-    /// Pool permits of the connections in `conns` (transaction mode).
+    /// Pool places of the connections in `conns`: lent ones in transaction mode, owned
+    /// ones in session mode (where one may be held a moment before its connection opens).
     permits: Vec<Option<OwnedSemaphorePermit>>,
-    /// The pool of each backend, looked up once (transaction mode).
+    /// The pool of each backend, looked up once.
     pools: Vec<Option<Arc<Pool>>>,
     /// Connections that ran session-bound work (e.g. a session advisory lock inside a
     /// read-only transaction on a replica) or whose settings pgsplit cannot know: closed,
@@ -456,7 +457,8 @@ impl Session {
     /// ParameterStatus values (with its own startup settings where it chose them).
     async fn start(&mut self) -> Result<()> {
         // A pool that connected before knows the server's parameters (and that this role and
-        // database work): the login then needs no server connection at all.
+        // database work): the login then needs no server connection at all. (Session mode
+        // connects anyway, and reports that connection's values.)
         let pool = match self.mode {
             PoolMode::Transaction => self.runtime.pool(BackendId::PRIMARY, &self.connect),
             PoolMode::Session => None,
@@ -469,10 +471,8 @@ impl Session {
                 from_server = match self.login_server_params().await {
                     Ok(params) => params,
                     Err(e) => {
-                        if pool.is_some() {
-                            self.runtime
-                                .forget_unconnected_pool(BackendId::PRIMARY, &self.connect);
-                        }
+                        self.runtime
+                            .forget_unconnected_pool(BackendId::PRIMARY, &self.connect);
                         return Err(e);
                     }
                 };

@@ -628,3 +628,151 @@ async fn reads_on_busy_replicas_wait_one_checkout_timeout_and_leave_the_primary_
         s.await.unwrap().unwrap();
     }
 }
+
+/// Primary connections of sessions logged in with `application_name`, once those of
+/// sessions that just ended have gone (a server process takes a moment to exit).
+async fn settled_primary_conns(application_name: &str, expected: i64) -> i64 {
+    let mut n = 0;
+    for _ in 0..40 {
+        n = server_conns(application_name).await[0];
+        if n == expected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    n
+}
+
+/// Session mode owns connections instead of borrowing them, and `[pool] size` bounds them
+/// all the same, as PgBouncer's session pools do: a login past it waits until a session
+/// ends.
+#[tokio::test]
+async fn session_mode_logins_beyond_the_pool_size_wait_for_a_session_to_end() {
+    let proxy = start_proxy_with(&session_mode(&pooled(2, "checkout_timeout_ms = 20000"))).await;
+    let name = unique("session_cap");
+    let conn_str = format!(
+        "{} application_name={name}",
+        proxy.conn_str("app", "app_pw")
+    );
+    let first = connect(&conn_str).await;
+    let second = connect(&conn_str).await;
+    let third = tokio::spawn({
+        let conn_str = conn_str.clone();
+        async move { connect(&conn_str).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!third.is_finished(), "a third session waits for a place");
+    assert_eq!(server_conns(&name).await[0], 2);
+    let primary_pool = |p: &pgsplit::backend::Pool| p.backend.is_primary() && p.user() == "app";
+    assert_eq!(
+        proxy.pool_counts(primary_pool),
+        (2, 0),
+        "the pool counts what sessions own"
+    );
+    drop(first);
+    let third = tokio::time::timeout(Duration::from_secs(5), third)
+        .await
+        .expect("logged in once a session ended")
+        .unwrap();
+    let port: i32 = third
+        .query_one("SELECT inet_server_port()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(cluster().replicas.contains(&(port as u16)), "{port}");
+    assert_eq!(settled_primary_conns(&name, 2).await, 2);
+    second.batch_execute("SELECT 1").await.unwrap();
+}
+
+/// A login that finds no place within `checkout_timeout_ms` is refused as a server refuses
+/// one past `max_connections` (53300), and the proxy takes the next one once a place is
+/// free.
+#[tokio::test]
+async fn session_mode_refuses_a_login_that_waited_out_the_checkout_timeout() {
+    let proxy = start_proxy_with(&session_mode(&pooled(1, "checkout_timeout_ms = 300"))).await;
+    let name = unique("session_full");
+    let conn_str = format!(
+        "{} application_name={name}",
+        proxy.conn_str("app", "app_pw")
+    );
+    let first = connect(&conn_str).await;
+    let started = std::time::Instant::now();
+    let Err(e) = try_connect(&conn_str).await else {
+        panic!("no place for a second session");
+    };
+    assert_eq!(sqlstate(&e), "53300", "{e}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(server_conns(&name).await[0], 1);
+    drop(first);
+    let next = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match try_connect(&conn_str).await {
+                Ok(c) => return c,
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    })
+    .await
+    .expect("a place frees when the session ends");
+    next.batch_execute("SELECT 1").await.unwrap();
+}
+
+/// In session mode every session owns a primary connection: a read whose replicas have no
+/// place free runs on it at once. Waiting could deadlock: the sessions holding the
+/// replicas' places may be those waiting for the primary's.
+#[tokio::test]
+async fn session_mode_reads_with_the_replicas_full_run_on_the_sessions_primary_connection() {
+    let proxy = start_proxy_with(&session_mode(&pooled(2, "checkout_timeout_ms = 20000"))).await;
+    let c = cluster();
+    let port_of = async |client: &tokio_postgres::Client| -> u16 {
+        let port: i32 = client
+            .query_one("SELECT inet_server_port()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        port as u16
+    };
+    let first = proxy.app().await;
+    let mut seen = vec![port_of(&first).await, port_of(&first).await];
+    seen.sort();
+    assert_eq!(
+        seen,
+        [c.replicas[0], c.replicas[1]],
+        "one read on each replica"
+    );
+    // The replicas' remaining places, taken as other sessions would hold them.
+    let replica_pool =
+        |p: &&Arc<pgsplit::backend::Pool>| !p.backend.is_primary() && p.user() == "app";
+    let pools: Vec<_> = proxy
+        .shared
+        .runtime
+        .load()
+        .pools()
+        .into_iter()
+        .filter(|p| replica_pool(&p))
+        .collect();
+    assert_eq!(pools.len(), 2);
+    let held: Vec<_> = pools.iter().filter_map(|p| p.try_reserve()).collect();
+    assert_eq!(held.len(), 2, "one place was left in each replica's pool");
+    let second = proxy.app().await;
+    let started = std::time::Instant::now();
+    assert_eq!(port_of(&second).await, c.primary);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "it did not wait: {:?}",
+        started.elapsed()
+    );
+    assert!(
+        c.replicas.contains(&port_of(&first).await),
+        "sessions holding a replica keep it"
+    );
+    drop(held);
+    assert!(
+        c.replicas.contains(&port_of(&second).await),
+        "a freed place is used"
+    );
+}
