@@ -64,7 +64,9 @@ fn apply_file(shared: &Arc<Shared>, path: &Path) -> Result<String, String> {
         apply(&runtime.config.proxy.log).map_err(|e| format!("proxy.log: {e}"))?;
     }
     let rules_changed = old.config.cache.rules != runtime.config.cache.rules;
-    shared.runtime.store(Arc::new(runtime));
+    let runtime = Arc::new(runtime);
+    shared.runtime.store(runtime.clone());
+    runtime.take_over_places(&old);
     crate::server::restart_health_checkers(shared);
     if rules_changed
         && let Some(cache) = shared.cache.clone()

@@ -210,12 +210,13 @@ async fn maintain_pools(shared: Arc<Shared>, shutdown: CancellationToken) {
             _ = tick.tick() => {}
         }
         let runtime = shared.runtime.load_full();
-        // Session-mode pools only count the places of connections their sessions own.
-        if runtime.config.proxy.pool_mode == PoolMode::Session {
-            continue;
-        }
         for pool in runtime.pools() {
-            pool.maintain().await;
+            // Session-mode pools only count the places of connections their sessions own:
+            // nothing idle to age out or keep warm.
+            match runtime.config.proxy.pool_mode {
+                PoolMode::Session => pool.shed_excess(),
+                PoolMode::Transaction => pool.maintain().await,
+            }
         }
     }
 }

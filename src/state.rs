@@ -12,7 +12,7 @@ use arc_swap::ArcSwap;
 use atomic_waker::AtomicWaker;
 
 use crate::auth::UserSecret;
-use crate::backend::{BackendId, Backends, CancelKey, ConnectParams, Pool, PoolLimits};
+use crate::backend::{BackendId, Backends, CancelKey, ConnectParams, Places, Pool, PoolLimits};
 use crate::cache::{CacheRules, ResultCache};
 use crate::config::{Config, ConfigError, UserConfig};
 use crate::router::ClassifyCache;
@@ -44,9 +44,14 @@ pub struct Runtime {
     pub cache_rules: CacheRules,
     /// Pools by (backend, server user, database), made on first use.
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+    /// The places of the pools a reload did not keep, by (address, server user, database):
+    /// a new pool there takes them over, so that the connections clients of the old one
+    /// still hold (session mode: for hours) count against its `size`.
+    inherited: Mutex<HashMap<PlacesKey, Places>>,
 }
 
 type PoolKey = (BackendId, String, String);
+type PlacesKey = (String, String, String);
 
 impl Runtime {
     pub fn new(config: Config) -> Result<Runtime, ConfigError> {
@@ -104,6 +109,7 @@ impl Runtime {
         let pools = old.map_or_else(HashMap::new, |o| {
             o.pools_still_valid(&config, &backends, &server_tls)
         });
+
         Ok(Runtime {
             backends,
             admin,
@@ -114,6 +120,7 @@ impl Runtime {
             cache_rules: CacheRules::new(&config.cache),
             users,
             pools: Mutex::new(pools),
+            inherited: Mutex::new(HashMap::new()),
             config: Arc::new(config),
         })
     }
@@ -165,6 +172,11 @@ impl Runtime {
         let key = (backend, params.user.clone(), params.database.clone());
         let mut pools = lock(&self.pools);
         let pool = pools.entry(key).or_insert_with(|| {
+            let places = lock(&self.inherited).remove(&(
+                b.address(),
+                params.user.clone(),
+                params.database.clone(),
+            ));
             let p = &self.config.pool;
             Pool::new(
                 backend,
@@ -185,18 +197,44 @@ impl Runtime {
                     idle_timeout: Duration::from_millis(p.idle_timeout_ms),
                     max_message: self.config.proxy.max_message_bytes,
                 },
+                places,
             )
         });
         Some(pool.clone())
     }
 
+    /// Once this runtime replaced `old` (a reload): take over the places of `old`'s pools
+    /// that this one did not keep, and those `old` inherited and had not handed on yet,
+    /// for the new pools of the same servers, users and databases, brought to this pool
+    /// `size` at once (a client waiting for a place gets one now if that grew, whether or
+    /// not anyone uses the new pool yet). Not while building this runtime: a reload can
+    /// still fail after that.
+    pub fn take_over_places(&self, old: &Runtime) {
+        let mut places = std::mem::take(&mut *lock(&old.inherited));
+        let kept = lock(&self.pools);
+        for ((_, user, database), pool) in lock(&old.pools).iter() {
+            if !kept.values().any(|k| Arc::ptr_eq(k, pool)) {
+                let key = (pool.address().to_owned(), user.clone(), database.clone());
+                places.insert(key, pool.places());
+            }
+        }
+        for p in places.values_mut() {
+            p.resize(self.config.pool.size);
+        }
+        lock(&self.inherited).extend(places);
+    }
+
     /// Forget the pool for `backend` and these credentials if it never reached its server
     /// (a login to a database or role that does not exist): a client making up names must
-    /// not leave a pool behind for each.
+    /// not leave a pool behind for each. Not while any session holds a place in it (a
+    /// first login still connecting): the next ones would get a second set of places.
     pub fn forget_unconnected_pool(&self, backend: BackendId, params: &ConnectParams) {
         let key = (backend, params.user.clone(), params.database.clone());
         let mut pools = lock(&self.pools);
-        if pools.get(&key).is_some_and(|p| !p.has_connected()) {
+        if pools
+            .get(&key)
+            .is_some_and(|p| !p.has_connected() && p.counts().0 == 0)
+        {
             pools.remove(&key);
         }
     }

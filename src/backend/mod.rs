@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 pub use balancer::Balancer;
 pub use conn::{CancelKey, ConnectParams, ServerAddr, ServerConn, send_cancel};
 pub use health::{HealthState, Role};
-pub use pool::{CheckoutError, Lent, Pool, PoolLimits};
+pub use pool::{CheckoutError, Lent, Places, Pool, PoolLimits};
 pub use prepared::{PreparedNames, PreparedSet};
 
 use crate::config::{BackendConfig, Config};
@@ -195,6 +195,14 @@ impl Backends {
                 .collect(),
             balancer: Balancer::new(&cfg.replicas.iter().map(|r| r.weight).collect::<Vec<_>>()),
         }
+    }
+
+    /// The server configured at `address`.
+    pub fn id_of(&self, address: &str) -> Option<BackendId> {
+        std::iter::once(&self.primary)
+            .chain(&self.replicas)
+            .find(|b| b.address() == address)
+            .map(|b| b.id)
     }
 
     pub fn get(&self, id: BackendId) -> Option<&Backend> {

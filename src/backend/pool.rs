@@ -7,7 +7,7 @@
 //! a stack (the most recently used first, so surplus connections age out). New connections
 //! are opened only when no idle one is left, so lent + idle never exceeds `size`.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -60,10 +60,36 @@ pub struct Pool {
     params: ConnectParams,
     limits: PoolLimits,
     permits: Arc<Semaphore>,
+    /// Permits of an earlier, larger pool for the same server, user and database (before a
+    /// reload lowered `size`) that are still to be taken out of `permits`: they are in
+    /// use, and forgotten as they come back.
+    excess: AtomicUsize,
     idle: Mutex<Vec<Idle>>,
     /// ParameterStatus values of the first connection: what a client is told at login.
     server_params: OnceLock<Vec<(String, String)>>,
     reached: AtomicBool,
+}
+
+/// A pool's permits and how many exist in all (its `size`, plus those still to be
+/// forgotten after a reload lowered it), handed from a pool to its successor.
+pub struct Places {
+    permits: Arc<Semaphore>,
+    total: usize,
+}
+
+impl Places {
+    /// Bring the permits to `size` in all: at once when that adds some (clients waiting for
+    /// one get theirs now); when it removes some, those free now go at once and the rest,
+    /// returned, as they come back (see [`Pool::shed_excess`]).
+    pub fn resize(&mut self, size: usize) -> usize {
+        if self.total <= size {
+            self.permits.add_permits(size - self.total);
+            self.total = size;
+            return 0;
+        }
+        self.total -= self.permits.forget_permits(self.total - size);
+        self.total - size
+    }
 }
 
 /// A connection lent from a pool; give it back with [`Pool::checkin`].
@@ -73,19 +99,31 @@ pub struct Lent {
 }
 
 impl Pool {
+    /// `places`: the permits of the pool this one succeeds at a reload (see
+    /// [`Pool::places`]), so that connections the old pool's clients still hold count
+    /// against this one's `size`.
     pub fn new(
         backend: BackendId,
         address: String,
         name: String,
         params: ConnectParams,
         limits: PoolLimits,
+        places: Option<Places>,
     ) -> Arc<Pool> {
+        let (permits, excess) = match places {
+            None => (Arc::new(Semaphore::new(limits.size)), 0),
+            Some(mut places) => {
+                let excess = places.resize(limits.size);
+                (places.permits, excess)
+            }
+        };
         Arc::new(Pool {
             backend,
             address,
             name,
             params,
-            permits: Arc::new(Semaphore::new(limits.size)),
+            permits,
+            excess: AtomicUsize::new(excess),
             limits,
             idle: Mutex::new(Vec::new()),
             server_params: OnceLock::new(),
@@ -188,6 +226,28 @@ impl Pool {
         self.reached.load(Ordering::Relaxed)
     }
 
+    /// What a successor of this pool takes over (see [`Pool::new`]).
+    pub fn places(&self) -> Places {
+        Places {
+            permits: self.permits.clone(),
+            total: self.limits.size + self.excess.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Whether `permit` is a place in this pool (or in the one it succeeded).
+    pub fn holds(&self, permit: &OwnedSemaphorePermit) -> bool {
+        Arc::ptr_eq(permit.semaphore(), &self.permits)
+    }
+
+    /// Take permits that came back out of use until the pool is down to `size`.
+    pub fn shed_excess(&self) {
+        let excess = self.excess.load(Ordering::Relaxed);
+        if excess > 0 {
+            let forgotten = self.permits.forget_permits(excess);
+            self.excess.fetch_sub(forgotten, Ordering::Relaxed);
+        }
+    }
+
     /// A place in the pool if one is free now.
     pub fn try_reserve(&self) -> Option<OwnedSemaphorePermit> {
         self.permits.clone().try_acquire_owned().ok()
@@ -235,6 +295,7 @@ impl Pool {
     /// Close idle connections past `idle_timeout` (keeping `min_idle`), then open
     /// connections up to `min_idle`. Run periodically by the owner of the pools.
     pub async fn maintain(&self) {
+        self.shed_excess();
         {
             let mut idle = lock(&self.idle);
             let keep = self.limits.min_idle;
@@ -289,11 +350,39 @@ impl Pool {
     /// Connections lent out now and idle now (for tests and the admin console).
     pub fn counts(&self) -> (usize, usize) {
         let idle = lock(&self.idle).len();
-        (self.limits.size - self.permits.available_permits(), idle)
+        let total = self.limits.size + self.excess.load(Ordering::Relaxed);
+        (total.saturating_sub(self.permits.available_permits()), idle)
     }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Only pushes and pops happen under this lock: a panic cannot leave it inconsistent.
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reload hands a pool's permits to its successor: a larger size adds the difference
+    /// at once, a smaller one takes out what is free now and reports the rest, in use, as
+    /// still to be shed.
+    #[test]
+    fn places_resize_to_the_new_size() {
+        let permits = Arc::new(Semaphore::new(3));
+        let held = permits.clone().try_acquire_many_owned(2).unwrap();
+        let mut places = Places {
+            permits: permits.clone(),
+            total: 3,
+        };
+        assert_eq!(places.resize(5), 0);
+        assert_eq!((places.total, permits.available_permits()), (5, 3));
+        // Down to 1 with 2 in use: the 3 free go, 1 of those in use is still too many.
+        assert_eq!(places.resize(1), 1);
+        assert_eq!((places.total, permits.available_permits()), (2, 0));
+        // Once they are back, the extra one goes.
+        drop(held);
+        assert_eq!(places.resize(1), 0);
+        assert_eq!((places.total, permits.available_permits()), (1, 1));
+    }
 }

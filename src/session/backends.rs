@@ -79,13 +79,14 @@ impl Session {
             Route::Replica => {
                 let runtime = self.runtime.clone();
                 let need = self.required_lsn();
-                let mut busy = false;
+                // Session mode: the first replica found with no place free.
+                let mut busy = None;
                 for _ in 0..runtime.backends.replicas.len() {
                     let Some(id) = runtime.backends.pick_replica(need) else {
                         break;
                     };
                     if !self.may_take_replica(id) {
-                        busy = true;
+                        busy.get_or_insert(id);
                         continue;
                     }
                     match self.prepare_replica(id).await {
@@ -112,10 +113,20 @@ impl Session {
                         }
                     }
                 }
-                if busy {
-                    // Session mode: the replicas' places are all taken, and the session's
-                    // own primary connection serves the read.
-                    return Box::pin(self.acquire(Route::Primary)).await;
+                if let Some(first_busy) = busy {
+                    // Session mode, the replicas' places all taken: a server the session
+                    // holds a place on serves the read. Only a session holding none it can
+                    // read from waits, for the first one's.
+                    let id = match self.read_fallback(need) {
+                        Some(BackendId::PRIMARY) => {
+                            return Box::pin(self.acquire(Route::Primary)).await;
+                        }
+                        Some(held) => held,
+                        None => first_busy,
+                    };
+                    self.prepare_replica(id).await?;
+                    self.last_replica = Some(id);
+                    return Ok(id);
                 }
                 let replica_up = runtime.backends.replicas.iter().any(|r| r.is_available());
                 if runtime.config.routing.fallback_to_primary || (need > 0 && replica_up) {
@@ -194,24 +205,35 @@ impl Session {
         }
         match self.mode {
             PoolMode::Session => {
-                // The session's place in the pool: one it holds already (taken by
-                // `may_take_replica`, or left by a connection that died), else one that
-                // frees up when another session ends.
-                let permit = match self.permits[slot].take() {
-                    Some(permit) => permit,
-                    None => {
-                        let pool = self.pool_of(id)?;
-                        let stop = checkout_stop(&self.slot, &mut self.client);
-                        let reserved = pool.reserve(self.clock, stop).await;
-                        reserved.map_err(|e| self.checkout_error(id, e))?.0
-                    }
-                };
+                // A session holds its place in a server's pool from its first use of that
+                // server to its end (whatever happens to the connections in between); the
+                // first time, it may have to wait for another session to end.
+                if self.permits[slot].is_none() {
+                    let pool = self.pool_of(id)?;
+                    let permit =
+                        if id.is_primary() && self.runtime.backends.primary.is_unreachable() {
+                            // No use waiting for sessions to leave a server that is down: a
+                            // login goes on to a replica (`login_server_params`), a write
+                            // fails as it would with a place.
+                            pool.try_reserve().ok_or_else(|| {
+                                Error::NoServer(format!(
+                                    "{} is down and its pool (size {}) is full",
+                                    pool.name(),
+                                    pool.size()
+                                ))
+                            })?
+                        } else {
+                            let stop = checkout_stop(&self.slot, &mut self.client);
+                            let reserved = pool.reserve(self.clock, stop).await;
+                            reserved.map_err(|e| self.checkout_error(id, e))?.0
+                        };
+                    self.permits[slot] = Some(permit);
+                }
                 let conn = self.connect_backend(id).await?;
                 if let Some(pool) = &self.pools[slot] {
                     pool.note_connected();
                 }
                 self.conns[slot] = Some(conn);
-                self.permits[slot] = Some(permit);
             }
             PoolMode::Transaction => {
                 let lent = self.checkout(id).await?;
@@ -223,14 +245,12 @@ impl Session {
     }
 
     /// Session mode: whether a read may use replica `id` without waiting for a place in its
-    /// pool. A session that holds a place on the primary never waits for a replica's: the
-    /// sessions waiting for the primary's places may be the ones holding all of the
-    /// replica's, and its own primary connection can serve the read. A place it takes here
-    /// is kept for the connection [`Session::ensure_conn`] opens.
+    /// pool (a place taken here is kept for the connection [`Session::ensure_conn`] opens).
+    /// A session that holds a place it can read from never waits for another: the sessions
+    /// waiting for places may be the ones holding all of this replica's.
     fn may_take_replica(&mut self, id: BackendId) -> bool {
         let slot = id.0 as usize;
         if self.mode != PoolMode::Session
-            || self.permits[0].is_none()
             || self.conns[slot].is_some()
             || self.permits[slot].is_some()
         {
@@ -241,6 +261,27 @@ impl Session {
         };
         self.permits[slot] = pool.try_reserve();
         self.permits[slot].is_some()
+    }
+
+    /// Session mode: a server the session holds a place on that can serve a read needing
+    /// `need` now: a replica in rotation that has replayed it, else a primary that is up.
+    fn read_fallback(&self, need: u64) -> Option<BackendId> {
+        let backends = &self.runtime.backends;
+        let held = |id: BackendId| self.permits.get(id.0 as usize).is_some_and(Option::is_some);
+        backends
+            .replicas
+            .iter()
+            .map(|r| r.id)
+            .filter(|&id| held(id))
+            .find(|&id| {
+                backends
+                    .get(id)
+                    .is_some_and(|b| b.is_available() && b.health.lsn() >= need)
+            })
+            .or_else(|| {
+                (held(BackendId::PRIMARY) && !backends.primary.is_unreachable())
+                    .then_some(BackendId::PRIMARY)
+            })
     }
 
     /// The pool of `id` for this session's login, looked up once.
@@ -440,10 +481,16 @@ impl Session {
 
     /// Return (`reusable`; in session mode: keep) or close the connection in `id`'s slot.
     pub(super) fn release(&mut self, id: BackendId, reusable: bool) {
-        if reusable && self.mode == PoolMode::Session {
+        let slot = id.0 as usize;
+        if self.mode == PoolMode::Session {
+            // A session keeps its place in the pool for the connection that replaces this
+            // one: a waiting login must not take it and leave this session to queue for
+            // its own next statement.
+            if !reusable {
+                self.conns[slot] = None;
+            }
             return;
         }
-        let slot = id.0 as usize;
         let conn = self.conns[slot].take();
         let permit = self.permits[slot].take();
         if let (Some(conn), Some(permit), Some(pool), true) =
@@ -476,6 +523,15 @@ impl Session {
 }
 
 impl Session {
+    /// The connection in `id`'s slot was lost (it went with the request in flight): its
+    /// pool slot goes with it in transaction mode; a session keeps its place (see
+    /// [`Session::release`]).
+    pub(super) fn connection_lost(&mut self, id: BackendId) {
+        if self.mode == PoolMode::Transaction {
+            self.permits[id.0 as usize] = None;
+        }
+    }
+
     /// Drop the idle pooled connections to `id` after one of them failed.
     pub(super) fn discard_idle(&self, id: BackendId) {
         if let Some(pool) = &self.pools[id.0 as usize] {

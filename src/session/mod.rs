@@ -471,6 +471,9 @@ impl Session {
                 from_server = match self.login_server_params().await {
                     Ok(params) => params,
                     Err(e) => {
+                        // The session ends: its places go first, so that a pool nobody else
+                        // holds a place in is seen as unused.
+                        self.permits.iter_mut().for_each(|p| *p = None);
                         self.runtime
                             .forget_unconnected_pool(BackendId::PRIMARY, &self.connect);
                         return Err(e);
@@ -1079,8 +1082,8 @@ impl Session {
         }
         let backends = 1 + current.backends.replicas.len();
         self.conns = (0..backends).map(|_| None).collect();
-        self.permits = (0..backends).map(|_| None).collect();
-        self.pools = (0..backends).map(|_| None).collect();
+        let places = std::mem::replace(&mut self.permits, (0..backends).map(|_| None).collect());
+        let old_pools = std::mem::replace(&mut self.pools, (0..backends).map(|_| None).collect());
         self.tainted = vec![false; backends];
         self.last_replica = None;
         if let Some(user) = current.users.get(&self.login_user) {
@@ -1089,6 +1092,23 @@ impl Session {
         }
         self.connect.max_prepared = current.config.pool.max_prepared_statements;
         self.connect.tls = current.server_tls.clone();
+        // A session keeps its places in the pools of the servers that are still there (the
+        // new pool took the old one's places over), so that a login waiting for one does
+        // not take it at the reload.
+        for (permit, pool) in places.into_iter().zip(old_pools) {
+            let (Some(permit), Some(pool)) = (permit, pool) else {
+                continue;
+            };
+            let Some(id) = current.backends.id_of(pool.address()) else {
+                continue;
+            };
+            if let Some(new_pool) = current.pool(id, &self.connect)
+                && new_pool.holds(&permit)
+            {
+                self.permits[id.0 as usize] = Some(permit);
+                self.pools[id.0 as usize] = Some(new_pool);
+            }
+        }
         self.client.write_timeout = current.config.proxy.client_write_timeout();
         self.settings_digest = None;
         debug!("session now uses the reloaded configuration");

@@ -458,7 +458,7 @@ impl Session {
             }
             self.commit_read = super::backends::CommitRead::Answer(Box::new(Err(e)));
         }
-        self.permits[fl.id.0 as usize] = None;
+        self.connection_lost(fl.id);
         self.discard_idle(fl.id);
         self.last_failed = fl.failed;
         let unread = !fl.read_back.is_empty();
@@ -492,8 +492,7 @@ impl Session {
 
     /// The server connection failed mid-request (it is dropped with `fl`).
     async fn server_lost(&mut self, fl: InFlight, e: BackendError) -> Result<Outcome> {
-        // The pool slot goes with the connection.
-        self.permits[fl.id.0 as usize] = None;
+        self.connection_lost(fl.id);
         if let Some(b) = self.runtime.backends.get(fl.id) {
             warn!(backend = %b.name(), error = ?e.to_string(), "server connection lost during a request");
             b.mark_down();

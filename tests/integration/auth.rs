@@ -58,38 +58,41 @@ async fn a_scram_verifier_in_the_config_works_without_the_plain_password() {
     assert!(try_connect(&proxy.conn_str("app", "wrong")).await.is_err());
 }
 
+/// In both pool modes (session mode holds a place in the pool while it logs in).
 #[tokio::test]
 async fn an_unknown_database_reports_the_servers_error() {
-    let proxy = start_proxy().await;
-    let e = try_connect(&format!(
-        "host=127.0.0.1 port={} user=app password=app_pw dbname=nosuchdb",
-        proxy.port()
-    ))
-    .await
-    .expect_err("refused");
-    assert_eq!(sqlstate(&e), "3D000", "{e}");
-    // Made-up names leave no pool behind, however many and however long.
-    let pools = || proxy.shared.runtime.load().pools().len();
-    let before = pools();
-    for i in 0..5 {
-        let name = format!("nosuchdb{i}{}", "x".repeat(2_000));
+    for proxy in both_modes().await {
         let e = try_connect(&format!(
-            "host=127.0.0.1 port={} user=app password=app_pw dbname={name}",
+            "host=127.0.0.1 port={} user=app password=app_pw dbname=nosuchdb",
             proxy.port()
         ))
         .await
         .expect_err("refused");
         assert_eq!(sqlstate(&e), "3D000", "{e}");
-        let message = e
-            .as_db_error()
-            .map(|d| d.message().to_owned())
-            .unwrap_or_default();
-        assert!(
-            message.contains(&format!("nosuchdb{i}xxx")) && !message.contains(&name),
-            "the server saw the name cut to 63 bytes: {message}"
-        );
+        // Made-up names leave no pool behind, however many and however long.
+        let pools = || proxy.shared.runtime.load().pools().len();
+        let before = pools();
+        for i in 0..5 {
+            let name = format!("nosuchdb{i}{}", "x".repeat(2_000));
+            let e = try_connect(&format!(
+                "host=127.0.0.1 port={} user=app password=app_pw dbname={name}",
+                proxy.port()
+            ))
+            .await
+            .expect_err("refused");
+            assert_eq!(sqlstate(&e), "3D000", "{e}");
+            let message = e
+                .as_db_error()
+                .map(|d| d.message().to_owned())
+                .unwrap_or_default();
+            assert!(
+                message.contains(&format!("nosuchdb{i}xxx")) && !message.contains(&name),
+                "the server saw the name cut to 63 bytes: {message}"
+            );
+        }
+        assert_eq!(pools(), before);
+        assert_eq!(before, 0, "not even the first one's");
     }
-    assert_eq!(pools(), before);
 }
 
 /// Startup parameters the server refuses end the session with the server's FATAL, as a

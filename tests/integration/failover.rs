@@ -507,3 +507,61 @@ async fn a_read_running_on_a_banned_replica_finishes_there() {
         "the read finished on its replica, not on {port}"
     );
 }
+
+/// Session mode: the sessions that hold the primary's places keep them while it is down. A
+/// login then goes on to a replica at once rather than wait for a place on a server that
+/// is down, and a session holding a place on one replica reads there rather than wait for
+/// the other's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_logins_and_reads_with_the_primary_down_do_not_wait_for_places() {
+    let _serial = failure_lock().lock().await;
+    let c = failure_cluster();
+    let proxy = start_proxy_with(&session_mode(&config(
+        c,
+        "size = 1\ncheckout_timeout_ms = 20000",
+    )))
+    .await;
+    let holder = proxy.app().await;
+    holder.batch_execute("SELECT txid_current()").await.unwrap();
+    cluster_cmd(c, &["stop-node", "primary", "--mode", "fast"]).await;
+    let primary_down = eventually(Duration::from_secs(10), || {
+        proxy
+            .shared
+            .runtime
+            .load()
+            .backends
+            .primary
+            .is_unreachable()
+    })
+    .await;
+    let started = Instant::now();
+    let mut sessions = Vec::new();
+    let mut logins = Vec::new();
+    let mut reads = Vec::new();
+    for _ in 0..2 {
+        let login = try_connect(&proxy.conn_str("app", "app_pw")).await;
+        logins.push(login.as_ref().err().map(|e| e.to_string()));
+        sessions.extend(login.ok());
+    }
+    // Each holds one replica's only place; the round robin sends some reads to the other.
+    for session in &sessions {
+        for _ in 0..3 {
+            let read = session.query_one("SELECT inet_server_port()", &[]).await;
+            reads.push(
+                read.map(|r| r.get::<_, i32>(0) as u16)
+                    .map_err(|e| e.to_string()),
+            );
+        }
+    }
+    let took = started.elapsed();
+    cluster_cmd(c, &["start-node", "primary"]).await;
+    assert!(primary_down, "the proxy saw the primary go down");
+    assert_eq!(logins, [None, None], "both logins went on to a replica");
+    for read in reads {
+        assert!(c.replicas.contains(&read.unwrap()));
+    }
+    assert!(
+        took < Duration::from_secs(10),
+        "nothing waited for a place: {took:?}"
+    );
+}

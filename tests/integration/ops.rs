@@ -820,3 +820,80 @@ async fn a_reload_that_rotates_the_admin_password_closes_old_consoles() {
     .await;
     assert_eq!(rows(&rotated, "SHOW BACKENDS").await.len(), 3);
 }
+
+/// Session mode: a reload leaves each session its places in the pools, also when it
+/// changes the pool settings (the new pools take the old ones' places over). Before, a
+/// login waiting for a place got in at the reload, past `size`, or took the place of a
+/// session that was merely idle, whose next statement then queued behind it.
+#[tokio::test]
+async fn a_reload_in_session_mode_leaves_the_sessions_their_places() {
+    let c = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    let config = |size: usize, timeout_ms: u64| {
+        format!(
+            "{}\n[pool]\nsize = {size}\ncheckout_timeout_ms = {timeout_ms}\n",
+            session_mode(&ops_config(c))
+        )
+    };
+    write(&path, &config(2, 20_000));
+    let proxy = start_proxy_from_file(&path).await;
+    let admin = console(proxy.port()).await;
+    let name = unique("reload_places");
+    let conn_str = format!(
+        "{} application_name={name}",
+        proxy.conn_str("app", "app_pw")
+    );
+    let (first, second) = (connect(&conn_str).await, connect(&conn_str).await);
+    let waiting = tokio::spawn({
+        let conn_str = conn_str.clone();
+        async move { connect(&conn_str).await }
+    });
+    let primary_conns = async || -> i64 {
+        direct(c.primary)
+            .await
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+                &[&name],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    };
+    for (reload, changed) in [
+        (config(2, 20_000), "nothing"),
+        (config(2, 20_001), "a pool setting"),
+    ] {
+        write(&path, &reload);
+        admin.simple_query("RELOAD").await.expect("RELOAD");
+        let started = Instant::now();
+        first
+            .batch_execute("SELECT txid_current()")
+            .await
+            .unwrap_or_else(|e| panic!("after a reload changing {changed}: {e}"));
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "after a reload changing {changed}, the session waited {:?}",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !waiting.is_finished(),
+            "after a reload changing {changed}, the login still waits"
+        );
+        assert!(
+            primary_conns().await <= 2,
+            "after a reload changing {changed}"
+        );
+    }
+    // A larger pool lets the waiting login in at once.
+    write(&path, &config(3, 20_001));
+    admin.simple_query("RELOAD").await.expect("RELOAD");
+    let third = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("a third place")
+        .unwrap();
+    third.batch_execute("SELECT txid_current()").await.unwrap();
+    second.batch_execute("SELECT txid_current()").await.unwrap();
+    assert_eq!(primary_conns().await, 3);
+}

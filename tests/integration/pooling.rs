@@ -776,3 +776,74 @@ async fn session_mode_reads_with_the_replicas_full_run_on_the_sessions_primary_c
         "a freed place is used"
     );
 }
+
+/// A session keeps its place in the primary's pool while its connection is replaced (after
+/// a rolled-back SET, pgsplit cannot know what the connection kept) or lost mid-statement: a
+/// login waiting for a place does not take it, and the session's next statement does not
+/// queue behind that login.
+#[tokio::test]
+async fn session_mode_keeps_a_sessions_place_while_its_connection_is_replaced() {
+    let proxy = start_proxy_with(&session_mode(&pooled(1, "checkout_timeout_ms = 20000"))).await;
+    let name = unique("session_keep");
+    let conn_str = format!(
+        "{} application_name={name}",
+        proxy.conn_str("app", "app_pw")
+    );
+    let holder = Arc::new(connect(&conn_str).await);
+    let waiting = tokio::spawn({
+        let conn_str = conn_str.clone();
+        async move { connect(&conn_str).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let quick = async |sql: &str| {
+        let started = std::time::Instant::now();
+        holder
+            .batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{sql} waited {:?}",
+            started.elapsed()
+        );
+    };
+    holder
+        .batch_execute("BEGIN; SET work_mem = '8MB'; ROLLBACK")
+        .await
+        .unwrap();
+    quick("SELECT txid_current()").await;
+    // Lost in the middle of a statement.
+    let sleeping = tokio::spawn({
+        let holder = holder.clone();
+        async move {
+            holder
+                .batch_execute("SELECT txid_current(), pg_sleep(5)")
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    direct(cluster().primary)
+        .await
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+            &[&name],
+        )
+        .await
+        .unwrap();
+    sleeping
+        .await
+        .unwrap()
+        .expect_err("its connection was terminated");
+    quick("SELECT txid_current()").await;
+    assert!(!waiting.is_finished(), "the waiting login is still waiting");
+    assert!(settled_primary_conns(&name, 1).await <= 1);
+    drop(holder);
+    let newcomer = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("the place is free once the session ends")
+        .unwrap();
+    newcomer
+        .batch_execute("SELECT txid_current()")
+        .await
+        .unwrap();
+}
