@@ -64,9 +64,10 @@ fn apply_file(shared: &Arc<Shared>, path: &Path) -> Result<String, String> {
         apply(&runtime.config.proxy.log).map_err(|e| format!("proxy.log: {e}"))?;
     }
     let rules_changed = old.config.cache.rules != runtime.config.cache.rules;
-    let runtime = Arc::new(runtime);
-    shared.runtime.store(runtime.clone());
+    // Before it is installed (a pool it made first would get a fresh set of places), and
+    // once nothing can fail any more.
     runtime.take_over_places(&old);
+    shared.runtime.store(Arc::new(runtime));
     crate::server::restart_health_checkers(shared);
     if rules_changed
         && let Some(cache) = shared.cache.clone()

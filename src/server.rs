@@ -213,9 +213,8 @@ async fn maintain_pools(shared: Arc<Shared>, shutdown: CancellationToken) {
         for pool in runtime.pools() {
             // Session-mode pools only count the places of connections their sessions own:
             // nothing idle to age out or keep warm.
-            match runtime.config.proxy.pool_mode {
-                PoolMode::Session => pool.shed_excess(),
-                PoolMode::Transaction => pool.maintain().await,
+            if runtime.config.proxy.pool_mode == PoolMode::Transaction {
+                pool.maintain().await;
             }
         }
     }

@@ -203,12 +203,12 @@ impl Runtime {
         Some(pool.clone())
     }
 
-    /// Once this runtime replaced `old` (a reload): take over the places of `old`'s pools
-    /// that this one did not keep, and those `old` inherited and had not handed on yet,
-    /// for the new pools of the same servers, users and databases, brought to this pool
-    /// `size` at once (a client waiting for a place gets one now if that grew, whether or
-    /// not anyone uses the new pool yet). Not while building this runtime: a reload can
-    /// still fail after that.
+    /// When this runtime is about to replace `old` (a reload): take over the places of
+    /// `old`'s pools that this one did not keep, and those `old` inherited and had not
+    /// handed on yet, for the new pools of the same servers, users and databases, brought
+    /// to this pool `size` at once (a client waiting for a place gets one now if that
+    /// grew, whether or not anyone uses the new pool yet). Not while building this
+    /// runtime: a reload can still fail after that.
     pub fn take_over_places(&self, old: &Runtime) {
         let mut places = std::mem::take(&mut *lock(&old.inherited));
         let kept = lock(&self.pools);

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 pub use balancer::Balancer;
 pub use conn::{CancelKey, ConnectParams, ServerAddr, ServerConn, send_cancel};
 pub use health::{HealthState, Role};
-pub use pool::{CheckoutError, Lent, Places, Pool, PoolLimits};
+pub use pool::{CheckoutError, Lent, Place, Places, Pool, PoolLimits};
 pub use prepared::{PreparedNames, PreparedSet};
 
 use crate::config::{BackendConfig, Config};

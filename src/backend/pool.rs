@@ -60,42 +60,68 @@ pub struct Pool {
     params: ConnectParams,
     limits: PoolLimits,
     permits: Arc<Semaphore>,
-    /// Permits of an earlier, larger pool for the same server, user and database (before a
-    /// reload lowered `size`) that are still to be taken out of `permits`: they are in
-    /// use, and forgotten as they come back.
-    excess: AtomicUsize,
+    /// Permits over `size` still to be taken out of `permits` as they come back (a reload
+    /// lowered the size while they were in use). Shared, like `permits`, with the pools
+    /// this one succeeded or is succeeded by.
+    excess: Arc<AtomicUsize>,
     idle: Mutex<Vec<Idle>>,
     /// ParameterStatus values of the first connection: what a client is told at login.
     server_params: OnceLock<Vec<(String, String)>>,
     reached: AtomicBool,
 }
 
-/// A pool's permits and how many exist in all (its `size`, plus those still to be
-/// forgotten after a reload lowered it), handed from a pool to its successor.
+/// A pool's permits, handed from a pool to its successor at a reload.
 pub struct Places {
     permits: Arc<Semaphore>,
-    total: usize,
+    excess: Arc<AtomicUsize>,
+    /// The pool's size: the permits number `size + excess` in all.
+    size: usize,
 }
 
 impl Places {
     /// Bring the permits to `size` in all: at once when that adds some (clients waiting for
-    /// one get theirs now); when it removes some, those free now go at once and the rest,
-    /// returned, as they come back (see [`Pool::shed_excess`]).
-    pub fn resize(&mut self, size: usize) -> usize {
-        if self.total <= size {
-            self.permits.add_permits(size - self.total);
-            self.total = size;
-            return 0;
+    /// one get theirs now); when it removes some, those free now go at once and the rest as
+    /// they come back (see [`Place`]).
+    pub fn resize(&mut self, size: usize) {
+        // Taken over whole: a place dropped meanwhile goes back as usual, and is counted in.
+        let total = self.size + self.excess.swap(0, Ordering::Relaxed);
+        if total <= size {
+            self.permits.add_permits(size - total);
+        } else {
+            let surplus = total - size;
+            let forgotten = self.permits.forget_permits(surplus);
+            self.excess
+                .fetch_add(surplus - forgotten, Ordering::Relaxed);
         }
-        self.total -= self.permits.forget_permits(self.total - size);
-        self.total - size
+        self.size = size;
+    }
+}
+
+/// A place in a pool. Dropped, it goes back to the pool, or out of it while the pool has
+/// more permits than its size (after a reload lowered it), so that the lower size holds
+/// also while clients queue for places.
+pub struct Place {
+    permit: Option<OwnedSemaphorePermit>,
+    excess: Arc<AtomicUsize>,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        if let Some(permit) = self.permit.take()
+            && self
+                .excess
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok()
+        {
+            permit.forget();
+        }
     }
 }
 
 /// A connection lent from a pool; give it back with [`Pool::checkin`].
 pub struct Lent {
     pub conn: Box<ServerConn>,
-    pub permit: OwnedSemaphorePermit,
+    pub permit: Place,
 }
 
 impl Pool {
@@ -111,10 +137,13 @@ impl Pool {
         places: Option<Places>,
     ) -> Arc<Pool> {
         let (permits, excess) = match places {
-            None => (Arc::new(Semaphore::new(limits.size)), 0),
+            None => (
+                Arc::new(Semaphore::new(limits.size)),
+                Arc::new(AtomicUsize::new(0)),
+            ),
             Some(mut places) => {
-                let excess = places.resize(limits.size);
-                (places.permits, excess)
+                places.resize(limits.size);
+                (places.permits, places.excess)
             }
         };
         Arc::new(Pool {
@@ -123,7 +152,7 @@ impl Pool {
             name,
             params,
             permits,
-            excess: AtomicUsize::new(excess),
+            excess,
             limits,
             idle: Mutex::new(Vec::new()),
             server_params: OnceLock::new(),
@@ -191,11 +220,11 @@ impl Pool {
         &self,
         now: Instant,
         stop: impl Future<Output = CheckoutError>,
-    ) -> Result<(OwnedSemaphorePermit, Instant), CheckoutError> {
+    ) -> Result<(Place, Instant), CheckoutError> {
         // A free permit needs no timer (and the semaphore hands released permits to queued
         // waiters first, so taking one here jumps no queue).
-        if let Ok(permit) = self.permits.clone().try_acquire_owned() {
-            return Ok((permit, now));
+        if let Some(place) = self.try_reserve() {
+            return Ok((place, now));
         }
         let deadline = now + self.limits.checkout_timeout;
         let wait = tokio::time::timeout_at(deadline.into(), self.permits.clone().acquire_owned());
@@ -211,7 +240,7 @@ impl Pool {
         })?;
         let permit = acquired.expect("pool semaphores are never closed");
         // It waited (up to checkout_timeout): the caller's reading is stale now.
-        Ok((permit, Instant::now()))
+        Ok((self.place(permit), Instant::now()))
     }
 
     /// A session-mode connection of this pool's server, user and database logged in. (Its
@@ -230,27 +259,30 @@ impl Pool {
     pub fn places(&self) -> Places {
         Places {
             permits: self.permits.clone(),
-            total: self.limits.size + self.excess.load(Ordering::Relaxed),
+            excess: self.excess.clone(),
+            size: self.limits.size,
         }
     }
 
-    /// Whether `permit` is a place in this pool (or in the one it succeeded).
-    pub fn holds(&self, permit: &OwnedSemaphorePermit) -> bool {
-        Arc::ptr_eq(permit.semaphore(), &self.permits)
-    }
-
-    /// Take permits that came back out of use until the pool is down to `size`.
-    pub fn shed_excess(&self) {
-        let excess = self.excess.load(Ordering::Relaxed);
-        if excess > 0 {
-            let forgotten = self.permits.forget_permits(excess);
-            self.excess.fetch_sub(forgotten, Ordering::Relaxed);
-        }
+    /// Whether `place` is a place in this pool (or in one it succeeded).
+    pub fn holds(&self, place: &Place) -> bool {
+        place
+            .permit
+            .as_ref()
+            .is_some_and(|p| Arc::ptr_eq(p.semaphore(), &self.permits))
     }
 
     /// A place in the pool if one is free now.
-    pub fn try_reserve(&self) -> Option<OwnedSemaphorePermit> {
-        self.permits.clone().try_acquire_owned().ok()
+    pub fn try_reserve(&self) -> Option<Place> {
+        let permit = self.permits.clone().try_acquire_owned().ok()?;
+        Some(self.place(permit))
+    }
+
+    fn place(&self, permit: OwnedSemaphorePermit) -> Place {
+        Place {
+            permit: Some(permit),
+            excess: self.excess.clone(),
+        }
     }
 
     async fn connect(&self) -> Result<Box<ServerConn>, BackendError> {
@@ -295,7 +327,6 @@ impl Pool {
     /// Close idle connections past `idle_timeout` (keeping `min_idle`), then open
     /// connections up to `min_idle`. Run periodically by the owner of the pools.
     pub async fn maintain(&self) {
-        self.shed_excess();
         {
             let mut idle = lock(&self.idle);
             let keep = self.limits.min_idle;
@@ -314,7 +345,7 @@ impl Pool {
         {
             // Held while connecting: sessions that take the other permits meanwhile and
             // open connections of their own must not push lent + idle past `size`.
-            let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            let Some(permit) = self.try_reserve() else {
                 break;
             };
             match self.connect().await {
@@ -365,24 +396,36 @@ mod tests {
     use super::*;
 
     /// A reload hands a pool's permits to its successor: a larger size adds the difference
-    /// at once, a smaller one takes out what is free now and reports the rest, in use, as
-    /// still to be shed.
+    /// at once; a smaller one takes out what is free now, and the rest as places in use
+    /// are dropped, even with clients queued for them.
     #[test]
     fn places_resize_to_the_new_size() {
         let permits = Arc::new(Semaphore::new(3));
-        let held = permits.clone().try_acquire_many_owned(2).unwrap();
+        let excess = Arc::new(AtomicUsize::new(0));
+        let place = |permits: &Arc<Semaphore>| Place {
+            permit: Some(permits.clone().try_acquire_owned().unwrap()),
+            excess: excess.clone(),
+        };
+        let held = [place(&permits), place(&permits)];
         let mut places = Places {
             permits: permits.clone(),
-            total: 3,
+            excess: excess.clone(),
+            size: 3,
         };
-        assert_eq!(places.resize(5), 0);
-        assert_eq!((places.total, permits.available_permits()), (5, 3));
-        // Down to 1 with 2 in use: the 3 free go, 1 of those in use is still too many.
-        assert_eq!(places.resize(1), 1);
-        assert_eq!((places.total, permits.available_permits()), (2, 0));
-        // Once they are back, the extra one goes.
-        drop(held);
-        assert_eq!(places.resize(1), 0);
-        assert_eq!((places.total, permits.available_permits()), (1, 1));
+        places.resize(5);
+        assert_eq!(permits.available_permits(), 3);
+        // Down to 1 with 2 in use: the 3 free go, and 1 of those in use is one too many.
+        places.resize(1);
+        assert_eq!(
+            (permits.available_permits(), excess.load(Ordering::Relaxed)),
+            (0, 1)
+        );
+        let [first, second] = held;
+        drop(first);
+        assert_eq!(permits.available_permits(), 0, "the first one back goes");
+        drop(second);
+        assert_eq!(permits.available_permits(), 1, "the next one is the size");
+        places.resize(2);
+        assert_eq!(permits.available_permits(), 2);
     }
 }

@@ -264,7 +264,8 @@ impl Session {
     }
 
     /// Session mode: a server the session holds a place on that can serve a read needing
-    /// `need` now: a replica in rotation that has replayed it, else a primary that is up.
+    /// `need` now: a replica in rotation that has replayed it, else a primary that is up
+    /// (and not in recovery, where the read would fail).
     fn read_fallback(&self, need: u64) -> Option<BackendId> {
         let backends = &self.runtime.backends;
         let held = |id: BackendId| self.permits.get(id.0 as usize).is_some_and(Option::is_some);
@@ -279,7 +280,9 @@ impl Session {
                     .is_some_and(|b| b.is_available() && b.health.lsn() >= need)
             })
             .or_else(|| {
-                (held(BackendId::PRIMARY) && !backends.primary.is_unreachable())
+                (held(BackendId::PRIMARY)
+                    && !backends.primary.is_unreachable()
+                    && backends.primary.health.role() != Role::Standby)
                     .then_some(BackendId::PRIMARY)
             })
     }

@@ -20,8 +20,6 @@ use std::sync::atomic::Ordering;
 use tokio::net::TcpStream;
 use tracing::{Instrument, debug, info_span, warn};
 
-use tokio::sync::OwnedSemaphorePermit;
-
 use crate::backend::{BackendError, BackendId, ConnectParams, Pool, ServerConn, send_cancel};
 use crate::config::PoolMode;
 use crate::error::{Error, Result, Side};
@@ -263,7 +261,7 @@ pub struct Session {
     conns: Vec<Option<Box<ServerConn>>>,
     /// Pool places of the connections in `conns`: lent ones in transaction mode, owned
     /// ones in session mode (where one may be held a moment before its connection opens).
-    permits: Vec<Option<OwnedSemaphorePermit>>,
+    permits: Vec<Option<crate::backend::Place>>,
     /// The pool of each backend, looked up once.
     pools: Vec<Option<Arc<Pool>>>,
     /// Connections that ran session-bound work (e.g. a session advisory lock inside a

@@ -896,4 +896,25 @@ async fn a_reload_in_session_mode_leaves_the_sessions_their_places() {
     third.batch_execute("SELECT txid_current()").await.unwrap();
     second.batch_execute("SELECT txid_current()").await.unwrap();
     assert_eq!(primary_conns().await, 3);
+    // A smaller pool holds also with a login queued: the places sessions leave go until
+    // the size is reached, not to the queue.
+    write(&path, &config(1, 20_001));
+    admin.simple_query("RELOAD").await.expect("RELOAD");
+    let fourth = tokio::spawn({
+        let conn_str = conn_str.clone();
+        async move { connect(&conn_str).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop((first, second));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !fourth.is_finished(),
+        "one session is still in, and the size is 1"
+    );
+    drop(third);
+    let fourth = tokio::time::timeout(Duration::from_secs(5), fourth)
+        .await
+        .expect("the one place, once free")
+        .unwrap();
+    fourth.batch_execute("SELECT txid_current()").await.unwrap();
 }
