@@ -211,17 +211,39 @@ impl Runtime {
     /// runtime: a reload can still fail after that.
     pub fn take_over_places(&self, old: &Runtime) {
         let mut places = std::mem::take(&mut *lock(&old.inherited));
-        let kept = lock(&self.pools);
-        for ((_, user, database), pool) in lock(&old.pools).iter() {
-            if !kept.values().any(|k| Arc::ptr_eq(k, pool)) {
-                let key = (pool.address().to_owned(), user.clone(), database.clone());
-                places.insert(key, pool.places());
+        {
+            let kept = lock(&self.pools);
+            for ((_, user, database), pool) in lock(&old.pools).iter() {
+                if !kept.values().any(|k| Arc::ptr_eq(k, pool)) {
+                    let key = (pool.address().to_owned(), user.clone(), database.clone());
+                    places.insert(key, pool.places());
+                }
             }
         }
         for p in places.values_mut() {
             p.resize(self.config.pool.size);
         }
+        let successors: Vec<PlacesKey> = places.keys().cloned().collect();
         lock(&self.inherited).extend(places);
+        // Made now, not at their first use: SHOW POOLS and /metrics count the places held
+        // from the start. (A server or a server login the reload removed has none.)
+        for (address, user, database) in successors {
+            let Some(id) = self.backends.id_of(&address) else {
+                continue;
+            };
+            let Some(login) = self.users.values().find(|u| u.config.server_user() == user) else {
+                continue;
+            };
+            let params = ConnectParams {
+                password: login.config.server_password().map(str::to_owned),
+                user,
+                database,
+                startup: Vec::new(),
+                max_prepared: self.config.pool.max_prepared_statements,
+                tls: self.server_tls.clone(),
+            };
+            self.pool(id, &params);
+        }
     }
 
     /// Forget the pool for `backend` and these credentials if it never reached its server

@@ -76,6 +76,8 @@ pub struct Places {
     excess: Arc<AtomicUsize>,
     /// The pool's size: the permits number `size + excess` in all.
     size: usize,
+    /// The pool had logged in to its server (see [`Pool::has_connected`]).
+    reached: bool,
 }
 
 impl Places {
@@ -136,14 +138,15 @@ impl Pool {
         limits: PoolLimits,
         places: Option<Places>,
     ) -> Arc<Pool> {
-        let (permits, excess) = match places {
+        let (permits, excess, reached) = match places {
             None => (
                 Arc::new(Semaphore::new(limits.size)),
                 Arc::new(AtomicUsize::new(0)),
+                false,
             ),
             Some(mut places) => {
                 places.resize(limits.size);
-                (places.permits, places.excess)
+                (places.permits, places.excess, places.reached)
             }
         };
         Arc::new(Pool {
@@ -156,7 +159,7 @@ impl Pool {
             limits,
             idle: Mutex::new(Vec::new()),
             server_params: OnceLock::new(),
-            reached: AtomicBool::new(false),
+            reached: AtomicBool::new(reached),
         })
     }
 
@@ -261,6 +264,7 @@ impl Pool {
             permits: self.permits.clone(),
             excess: self.excess.clone(),
             size: self.limits.size,
+            reached: self.has_connected(),
         }
     }
 
@@ -411,6 +415,7 @@ mod tests {
             permits: permits.clone(),
             excess: excess.clone(),
             size: 3,
+            reached: true,
         };
         places.resize(5);
         assert_eq!(permits.available_permits(), 3);

@@ -845,10 +845,7 @@ async fn a_reload_in_session_mode_leaves_the_sessions_their_places() {
         proxy.conn_str("app", "app_pw")
     );
     let (first, second) = (connect(&conn_str).await, connect(&conn_str).await);
-    let waiting = tokio::spawn({
-        let conn_str = conn_str.clone();
-        async move { connect(&conn_str).await }
-    });
+    let waiting = login_in_background(&conn_str);
     let primary_conns = async || -> i64 {
         direct(c.primary)
             .await
@@ -866,6 +863,14 @@ async fn a_reload_in_session_mode_leaves_the_sessions_their_places() {
     ] {
         write(&path, &reload);
         admin.simple_query("RELOAD").await.expect("RELOAD");
+        // Listed with its places before anyone uses it again.
+        let in_use: Vec<_> = rows(&admin, "SHOW POOLS")
+            .await
+            .into_iter()
+            .filter(|r| r["user"] == "app")
+            .map(|r| r["in_use"].clone())
+            .collect();
+        assert_eq!(in_use, ["2"], "after a reload changing {changed}");
         let started = Instant::now();
         first
             .batch_execute("SELECT txid_current()")
@@ -900,10 +905,7 @@ async fn a_reload_in_session_mode_leaves_the_sessions_their_places() {
     // the size is reached, not to the queue.
     write(&path, &config(1, 20_001));
     admin.simple_query("RELOAD").await.expect("RELOAD");
-    let fourth = tokio::spawn({
-        let conn_str = conn_str.clone();
-        async move { connect(&conn_str).await }
-    });
+    let fourth = login_in_background(&conn_str);
     tokio::time::sleep(Duration::from_millis(300)).await;
     drop((first, second));
     tokio::time::sleep(Duration::from_millis(500)).await;

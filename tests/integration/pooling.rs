@@ -656,10 +656,7 @@ async fn session_mode_logins_beyond_the_pool_size_wait_for_a_session_to_end() {
     );
     let first = connect(&conn_str).await;
     let second = connect(&conn_str).await;
-    let third = tokio::spawn({
-        let conn_str = conn_str.clone();
-        async move { connect(&conn_str).await }
-    });
+    let third = login_in_background(&conn_str);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!third.is_finished(), "a third session waits for a place");
     assert_eq!(server_conns(&name).await[0], 2);
@@ -788,10 +785,7 @@ async fn session_mode_keeps_a_sessions_place_while_its_connection_is_replaced() 
         proxy.conn_str("app", "app_pw")
     );
     let holder = Arc::new(connect(&conn_str).await);
-    let waiting = tokio::spawn({
-        let conn_str = conn_str.clone();
-        async move { connect(&conn_str).await }
-    });
+    let waiting = login_in_background(&conn_str);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let quick = async |sql: &str| {
         let started = std::time::Instant::now();

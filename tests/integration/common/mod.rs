@@ -360,6 +360,13 @@ pub async fn connect(conn_str: &str) -> Client {
     try_connect(conn_str).await.expect("connect")
 }
 
+/// A login through `conn_str` in a task of its own: one that may have to wait (for a place
+/// in a full pool) while the test goes on.
+pub fn login_in_background(conn_str: &str) -> tokio::task::JoinHandle<Client> {
+    let conn_str = conn_str.to_owned();
+    tokio::spawn(async move { connect(&conn_str).await })
+}
+
 pub async fn try_connect(conn_str: &str) -> Result<Client, tokio_postgres::Error> {
     let (client, connection) = tokio_postgres::connect(conn_str, NoTls).await?;
     tokio::spawn(async move {
