@@ -46,6 +46,9 @@ pub enum CheckoutError {
     /// The caller's `stop` fired while it waited for a free connection: its client left.
     #[error("the client left while waiting for a server connection")]
     ClientGone,
+    /// The caller's `stop` fired while it waited for a free connection: the server went down.
+    #[error("the server went down while waiting for a server connection")]
+    ServerDown,
 }
 
 struct Idle {

@@ -8,7 +8,7 @@ use super::cached::WriteSet;
 use super::client::ClientConn;
 use super::relay::{Refusal, replica_cannot_serve};
 use super::{Consistency, Session};
-use crate::backend::{BackendError, BackendId, CheckoutError, Lent, Pool, Role, ServerConn};
+use crate::backend::{BackendError, BackendId, CheckoutError, Lent, Place, Pool, Role, ServerConn};
 use crate::config::{PoolMode, ReadYourWrites};
 use crate::error::{Error, Result};
 use crate::protocol::TxStatus;
@@ -209,25 +209,7 @@ impl Session {
                 // server to its end (whatever happens to the connections in between); the
                 // first time, it may have to wait for another session to end.
                 if self.permits[slot].is_none() {
-                    let pool = self.pool_of(id)?;
-                    let permit =
-                        if id.is_primary() && self.runtime.backends.primary.is_unreachable() {
-                            // No use waiting for sessions to leave a server that is down: a
-                            // login goes on to a replica (`login_server_params`), a write
-                            // fails as it would with a place.
-                            pool.try_reserve().ok_or_else(|| {
-                                Error::NoServer(format!(
-                                    "{} is down and its pool (size {}) is full",
-                                    pool.name(),
-                                    pool.size()
-                                ))
-                            })?
-                        } else {
-                            let stop = checkout_stop(&self.slot, &mut self.client);
-                            let reserved = pool.reserve(self.clock, stop).await;
-                            reserved.map_err(|e| self.checkout_error(id, e))?.0
-                        };
-                    self.permits[slot] = Some(permit);
+                    self.permits[slot] = Some(self.take_place(id).await?);
                 }
                 let conn = self.connect_backend(id).await?;
                 if let Some(pool) = &self.pools[slot] {
@@ -242,6 +224,41 @@ impl Session {
             }
         }
         Ok(())
+    }
+
+    /// Session mode: a place for this session in `id`'s pool, waiting for another session
+    /// to end if need be. Not for a server that is down, or goes down meanwhile: sessions
+    /// whose connections died with it may hold every place without knowing yet, and a login
+    /// can go on to a replica (`login_server_params`), a read to another server.
+    async fn take_place(&mut self, id: BackendId) -> Result<Place> {
+        let pool = self.pool_of(id)?;
+        let runtime = self.runtime.clone();
+        let backend = runtime
+            .backends
+            .get(id)
+            .ok_or_else(|| Error::NoServer(format!("unknown backend {id:?}")))?;
+        if backend.is_unreachable() {
+            return pool
+                .try_reserve()
+                .ok_or_else(|| self.checkout_error(id, CheckoutError::ServerDown));
+        }
+        let stop = checkout_stop(&self.slot, &mut self.client);
+        let stop = async {
+            let went_down = async {
+                loop {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    if backend.is_unreachable() {
+                        return CheckoutError::ServerDown;
+                    }
+                }
+            };
+            tokio::select! {
+                e = stop => e,
+                e = went_down => e,
+            }
+        };
+        let reserved = pool.reserve(self.clock, stop).await;
+        Ok(reserved.map_err(|e| self.checkout_error(id, e))?.0)
     }
 
     /// Session mode: whether a read may use replica `id` without waiting for a place in its
@@ -307,6 +324,13 @@ impl Session {
             CheckoutError::Connect(e) => self.connect_error(id, e),
             CheckoutError::Canceled => Error::Canceled,
             CheckoutError::ClientGone => Error::ClientGone,
+            CheckoutError::ServerDown => {
+                let name = self.runtime.backends.get(id).map(|b| b.name());
+                Error::NoServer(format!(
+                    "{} is down, and its pool's places are all held",
+                    name.unwrap_or_default()
+                ))
+            }
         }
     }
 

@@ -509,9 +509,10 @@ async fn a_read_running_on_a_banned_replica_finishes_there() {
 }
 
 /// Session mode: the sessions that hold the primary's places keep them while it is down. A
-/// login then goes on to a replica at once rather than wait for a place on a server that
-/// is down, and a session holding a place on one replica reads there rather than wait for
-/// the other's.
+/// login then goes on to a replica rather than wait for a place on a server that is down
+/// (at once once the health checks have seen it, and when they do for one that waited),
+/// and a session holding a place on one replica reads there rather than wait for the
+/// other's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_mode_logins_and_reads_with_the_primary_down_do_not_wait_for_places() {
     let _serial = failure_lock().lock().await;
@@ -524,6 +525,20 @@ async fn session_mode_logins_and_reads_with_the_primary_down_do_not_wait_for_pla
     let holder = proxy.app().await;
     holder.batch_execute("SELECT txid_current()").await.unwrap();
     cluster_cmd(c, &["stop-node", "primary", "--mode", "fast"]).await;
+    // A login before the health checks have seen it: it waits for the holder's place, until
+    // they do.
+    let early = tokio::spawn({
+        let conn_str = proxy.conn_str("app", "app_pw");
+        async move {
+            let started = Instant::now();
+            let port = match try_connect(&conn_str).await {
+                Ok(client) => Ok(server_port(&client).await),
+                Err(e) => Err(e.to_string()),
+            };
+            (port, started.elapsed())
+        }
+    });
+    let (early_port, early_took) = early.await.unwrap();
     let primary_down = eventually(Duration::from_secs(10), || {
         proxy
             .shared
@@ -556,6 +571,11 @@ async fn session_mode_logins_and_reads_with_the_primary_down_do_not_wait_for_pla
     let took = started.elapsed();
     cluster_cmd(c, &["start-node", "primary"]).await;
     assert!(primary_down, "the proxy saw the primary go down");
+    assert!(
+        c.replicas.contains(&early_port.unwrap()),
+        "the early login went on to a replica"
+    );
+    assert!(early_took < Duration::from_secs(8), "{early_took:?}");
     assert_eq!(logins, [None, None], "both logins went on to a replica");
     for read in reads {
         assert!(c.replicas.contains(&read.unwrap()));
