@@ -66,7 +66,7 @@ fn apply_file(shared: &Arc<Shared>, path: &Path) -> Result<String, String> {
     let rules_changed = old.config.cache.rules != runtime.config.cache.rules;
     // Before it is installed (a pool it made first would get a fresh set of places), and
     // once nothing can fail any more.
-    runtime.take_over_places(&old);
+    runtime.take_over_pools(&old);
     shared.runtime.store(Arc::new(runtime));
     crate::server::restart_health_checkers(shared);
     if rules_changed

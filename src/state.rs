@@ -12,7 +12,9 @@ use arc_swap::ArcSwap;
 use atomic_waker::AtomicWaker;
 
 use crate::auth::UserSecret;
-use crate::backend::{BackendId, Backends, CancelKey, ConnectParams, Places, Pool, PoolLimits};
+use crate::backend::{
+    BackendId, Backends, CancelKey, ConnectParams, PlaceSets, PlacesKey, Pool, PoolLimits,
+};
 use crate::cache::{CacheRules, ResultCache};
 use crate::config::{Config, ConfigError, UserConfig};
 use crate::router::ClassifyCache;
@@ -44,14 +46,13 @@ pub struct Runtime {
     pub cache_rules: CacheRules,
     /// Pools by (backend, server user, database), made on first use.
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
-    /// The places of the pools a reload did not keep, by (address, server user, database):
-    /// a new pool there takes them over, so that the connections clients of the old one
-    /// still hold (session mode: for hours) count against its `size`.
-    inherited: Mutex<HashMap<PlacesKey, Places>>,
+    /// The places of every server, user and database, shared with the configurations
+    /// before and after this one: sessions still on an old one (for hours, in session
+    /// mode) hold places that count against this one's `size`.
+    places: Arc<PlaceSets>,
 }
 
 type PoolKey = (BackendId, String, String);
-type PlacesKey = (String, String, String);
 
 impl Runtime {
     pub fn new(config: Config) -> Result<Runtime, ConfigError> {
@@ -120,7 +121,7 @@ impl Runtime {
             cache_rules: CacheRules::new(&config.cache),
             users,
             pools: Mutex::new(pools),
-            inherited: Mutex::new(HashMap::new()),
+            places: old.map_or_else(|| PlaceSets::new(config.pool.size), |o| o.places.clone()),
             config: Arc::new(config),
         })
     }
@@ -172,11 +173,7 @@ impl Runtime {
         let key = (backend, params.user.clone(), params.database.clone());
         let mut pools = lock(&self.pools);
         let pool = pools.entry(key).or_insert_with(|| {
-            let places = lock(&self.inherited).remove(&(
-                b.address(),
-                params.user.clone(),
-                params.database.clone(),
-            ));
+            let places = self.places.get(&places_key(b, params));
             let p = &self.config.pool;
             Pool::new(
                 backend,
@@ -203,41 +200,38 @@ impl Runtime {
         Some(pool.clone())
     }
 
-    /// When this runtime is about to replace `old` (a reload): take over the places of
-    /// `old`'s pools that this one did not keep, and those `old` inherited and had not
-    /// handed on yet, for the new pools of the same servers, users and databases, brought
-    /// to this pool `size` at once (a client waiting for a place gets one now if that
-    /// grew, whether or not anyone uses the new pool yet). Not while building this
-    /// runtime: a reload can still fail after that.
-    pub fn take_over_places(&self, old: &Runtime) {
-        let mut places = std::mem::take(&mut *lock(&old.inherited));
-        {
+    /// When this runtime is about to replace `old` (a reload): bring every set of places
+    /// to this pool `size` (a client waiting for a place gets one now if that grew), and
+    /// retire the pools of `old` this one did not keep, making their successors now, so
+    /// that SHOW POOLS and /metrics count the places held from the start. (A server or a
+    /// server login the reload removed has no successor.) Not while building this runtime:
+    /// a reload can still fail after that.
+    pub fn take_over_pools(&self, old: &Runtime) {
+        self.places.resize(self.config.pool.size);
+        let replaced: Vec<Arc<Pool>> = {
             let kept = lock(&self.pools);
-            for ((_, user, database), pool) in lock(&old.pools).iter() {
-                if !kept.values().any(|k| Arc::ptr_eq(k, pool)) {
-                    let key = (pool.address().to_owned(), user.clone(), database.clone());
-                    places.insert(key, pool.places());
-                }
-            }
-        }
-        for p in places.values_mut() {
-            p.resize(self.config.pool.size);
-        }
-        let successors: Vec<PlacesKey> = places.keys().cloned().collect();
-        lock(&self.inherited).extend(places);
-        // Made now, not at their first use: SHOW POOLS and /metrics count the places held
-        // from the start. (A server or a server login the reload removed has none.)
-        for (address, user, database) in successors {
-            let Some(id) = self.backends.id_of(&address) else {
+            lock(&old.pools)
+                .values()
+                .filter(|p| !kept.values().any(|k| Arc::ptr_eq(k, p)))
+                .cloned()
+                .collect()
+        };
+        for pool in replaced {
+            pool.retire();
+            let Some(id) = self.backends.id_of(pool.address()) else {
                 continue;
             };
-            let Some(login) = self.users.values().find(|u| u.config.server_user() == user) else {
+            let Some(login) = self
+                .users
+                .values()
+                .find(|u| u.config.server_user() == pool.user())
+            else {
                 continue;
             };
             let params = ConnectParams {
+                user: pool.user().to_owned(),
                 password: login.config.server_password().map(str::to_owned),
-                user,
-                database,
+                database: pool.database().to_owned(),
                 startup: Vec::new(),
                 max_prepared: self.config.pool.max_prepared_statements,
                 tls: self.server_tls.clone(),
@@ -253,11 +247,15 @@ impl Runtime {
     pub fn forget_unconnected_pool(&self, backend: BackendId, params: &ConnectParams) {
         let key = (backend, params.user.clone(), params.database.clone());
         let mut pools = lock(&self.pools);
-        if pools
-            .get(&key)
-            .is_some_and(|p| !p.has_connected() && p.counts().0 == 0)
+        if let Some(pool) = pools.get(&key)
+            && !pool.has_connected()
+            && pool.counts().0 == 0
         {
+            let b = self.backends.get(backend);
             pools.remove(&key);
+            if let Some(b) = b {
+                self.places.forget_unused(&places_key(b, params));
+            }
         }
     }
 
@@ -492,6 +490,15 @@ impl Shared {
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }
+}
+
+/// Which set of places a pool of `backend` for these credentials uses.
+fn places_key(backend: &crate::backend::Backend, params: &ConnectParams) -> PlacesKey {
+    (
+        backend.address(),
+        params.user.clone(),
+        params.database.clone(),
+    )
 }
 
 #[cfg(test)]

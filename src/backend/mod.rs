@@ -7,6 +7,7 @@
 mod balancer;
 mod conn;
 pub mod health;
+mod places;
 mod pool;
 mod prepared;
 
@@ -17,7 +18,8 @@ use std::time::{Duration, Instant};
 pub use balancer::Balancer;
 pub use conn::{CancelKey, ConnectParams, ServerAddr, ServerConn, send_cancel};
 pub use health::{HealthState, Role};
-pub use pool::{CheckoutError, Lent, Place, Places, Pool, PoolLimits};
+pub use places::{Place, PlaceSets, Places, PlacesKey};
+pub use pool::{CheckoutError, Lent, Pool, PoolLimits};
 pub use prepared::{PreparedNames, PreparedSet};
 
 use crate::config::{BackendConfig, Config};

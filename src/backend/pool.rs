@@ -7,13 +7,14 @@
 //! a stack (the most recently used first, so surplus connections age out). New connections
 //! are opened only when no idle one is left, so lent + idle never exceeds `size`.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::OwnedSemaphorePermit;
 use tracing::{debug, warn};
 
+use super::places::{Place, Places};
 use super::{BackendError, BackendId, ConnectParams, ServerConn};
 
 /// The limits of one pool, from `[pool]`.
@@ -62,65 +63,14 @@ pub struct Pool {
     name: String,
     params: ConnectParams,
     limits: PoolLimits,
-    permits: Arc<Semaphore>,
-    /// Permits over `size` still to be taken out of `permits` as they come back (a reload
-    /// lowered the size while they were in use). Shared, like `permits`, with the pools
-    /// this one succeeded or is succeeded by.
-    excess: Arc<AtomicUsize>,
+    /// Shared with the pools for the same server, user and database of the other
+    /// configurations a reload left running.
+    places: Places,
     idle: Mutex<Vec<Idle>>,
     /// ParameterStatus values of the first connection: what a client is told at login.
     server_params: OnceLock<Vec<(String, String)>>,
-    reached: AtomicBool,
-}
-
-/// A pool's permits, handed from a pool to its successor at a reload.
-pub struct Places {
-    permits: Arc<Semaphore>,
-    excess: Arc<AtomicUsize>,
-    /// The pool's size: the permits number `size + excess` in all.
-    size: usize,
-    /// The pool had logged in to its server (see [`Pool::has_connected`]).
-    reached: bool,
-}
-
-impl Places {
-    /// Bring the permits to `size` in all: at once when that adds some (clients waiting for
-    /// one get theirs now); when it removes some, those free now go at once and the rest as
-    /// they come back (see [`Place`]).
-    pub fn resize(&mut self, size: usize) {
-        // Taken over whole: a place dropped meanwhile goes back as usual, and is counted in.
-        let total = self.size + self.excess.swap(0, Ordering::Relaxed);
-        if total <= size {
-            self.permits.add_permits(size - total);
-        } else {
-            let surplus = total - size;
-            let forgotten = self.permits.forget_permits(surplus);
-            self.excess
-                .fetch_add(surplus - forgotten, Ordering::Relaxed);
-        }
-        self.size = size;
-    }
-}
-
-/// A place in a pool. Dropped, it goes back to the pool, or out of it while the pool has
-/// more permits than its size (after a reload lowered it), so that the lower size holds
-/// also while clients queue for places.
-pub struct Place {
-    permit: Option<OwnedSemaphorePermit>,
-    excess: Arc<AtomicUsize>,
-}
-
-impl Drop for Place {
-    fn drop(&mut self) {
-        if let Some(permit) = self.permit.take()
-            && self
-                .excess
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-                .is_ok()
-        {
-            permit.forget();
-        }
-    }
+    /// Replaced by a reload: connections coming back are closed, not kept idle.
+    retired: AtomicBool,
 }
 
 /// A connection lent from a pool; give it back with [`Pool::checkin`].
@@ -130,39 +80,25 @@ pub struct Lent {
 }
 
 impl Pool {
-    /// `places`: the permits of the pool this one succeeds at a reload (see
-    /// [`Pool::places`]), so that connections the old pool's clients still hold count
-    /// against this one's `size`.
+    /// `places`: from [`super::PlaceSets::get`] for this pool's server, user and database.
     pub fn new(
         backend: BackendId,
         address: String,
         name: String,
         params: ConnectParams,
         limits: PoolLimits,
-        places: Option<Places>,
+        places: Places,
     ) -> Arc<Pool> {
-        let (permits, excess, reached) = match places {
-            None => (
-                Arc::new(Semaphore::new(limits.size)),
-                Arc::new(AtomicUsize::new(0)),
-                false,
-            ),
-            Some(mut places) => {
-                places.resize(limits.size);
-                (places.permits, places.excess, places.reached)
-            }
-        };
         Arc::new(Pool {
             backend,
             address,
             name,
             params,
-            permits,
-            excess,
+            places,
             limits,
             idle: Mutex::new(Vec::new()),
             server_params: OnceLock::new(),
-            reached: AtomicBool::new(reached),
+            retired: AtomicBool::new(false),
         })
     }
 
@@ -233,7 +169,8 @@ impl Pool {
             return Ok((place, now));
         }
         let deadline = now + self.limits.checkout_timeout;
-        let wait = tokio::time::timeout_at(deadline.into(), self.permits.clone().acquire_owned());
+        let wait =
+            tokio::time::timeout_at(deadline.into(), self.places.permits.clone().acquire_owned());
         let waited = tokio::select! {
             biased;
             waited = wait => waited,
@@ -252,44 +189,42 @@ impl Pool {
     /// A session-mode connection of this pool's server, user and database logged in. (Its
     /// ParameterStatus values are not the pool's: its client's startup settings made them.)
     pub fn note_connected(&self) {
-        self.reached.store(true, Ordering::Relaxed);
+        self.places.reached.store(true, Ordering::Relaxed);
     }
 
     /// A connection of this pool's server, user and database has logged in: the role and
     /// database exist.
     pub fn has_connected(&self) -> bool {
-        self.reached.load(Ordering::Relaxed)
+        self.places.reached.load(Ordering::Relaxed)
     }
 
-    /// What a successor of this pool takes over (see [`Pool::new`]).
-    pub fn places(&self) -> Places {
-        Places {
-            permits: self.permits.clone(),
-            excess: self.excess.clone(),
-            size: self.limits.size,
-            reached: self.has_connected(),
-        }
-    }
-
-    /// Whether `place` is a place in this pool (or in one it succeeded).
+    /// Whether `place` is a place in this pool's set (shared across reloads).
     pub fn holds(&self, place: &Place) -> bool {
         place
             .permit
             .as_ref()
-            .is_some_and(|p| Arc::ptr_eq(p.semaphore(), &self.permits))
+            .is_some_and(|p| Arc::ptr_eq(p.semaphore(), &self.places.permits))
     }
 
     /// A place in the pool if one is free now.
     pub fn try_reserve(&self) -> Option<Place> {
-        let permit = self.permits.clone().try_acquire_owned().ok()?;
+        let permit = self.places.permits.clone().try_acquire_owned().ok()?;
         Some(self.place(permit))
     }
 
     fn place(&self, permit: OwnedSemaphorePermit) -> Place {
         Place {
             permit: Some(permit),
-            excess: self.excess.clone(),
+            excess: self.places.excess.clone(),
         }
+    }
+
+    /// A reload replaced this pool: its idle connections close now, and those still lent
+    /// out close when they come back (clients still on the old configuration keep using
+    /// it, with new connections).
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
+        self.discard_idle();
     }
 
     async fn connect(&self) -> Result<Box<ServerConn>, BackendError> {
@@ -322,7 +257,7 @@ impl Pool {
     /// bookkeeping after it, at most a round trip, may make the idle time look that much
     /// longer).
     pub fn checkin(&self, lent: Lent, now: Instant) {
-        if lent.conn.expires.is_some_and(|at| now >= at) {
+        if lent.conn.expires.is_some_and(|at| now >= at) || self.retired.load(Ordering::Relaxed) {
             return;
         }
         lock(&self.idle).push(Idle {
@@ -348,7 +283,7 @@ impl Pool {
             });
         }
         while lock(&self.idle).len() < self.limits.min_idle
-            && self.permits.available_permits() > lock(&self.idle).len()
+            && self.places.permits.available_permits() > lock(&self.idle).len()
         {
             // Held while connecting: sessions that take the other permits meanwhile and
             // open connections of their own must not push lent + idle past `size`.
@@ -359,7 +294,7 @@ impl Pool {
                 Ok(conn) => {
                     let mut idle = lock(&self.idle);
                     // Lent by sessions: size - available - 1 (this permit).
-                    if idle.len() > self.permits.available_permits() {
+                    if idle.len() > self.places.permits.available_permits() {
                         break;
                     }
                     idle.insert(
@@ -388,52 +323,15 @@ impl Pool {
     /// Connections lent out now and idle now (for tests and the admin console).
     pub fn counts(&self) -> (usize, usize) {
         let idle = lock(&self.idle).len();
-        let total = self.limits.size + self.excess.load(Ordering::Relaxed);
-        (total.saturating_sub(self.permits.available_permits()), idle)
+        let total = self.limits.size + self.places.excess.load(Ordering::Relaxed);
+        (
+            total.saturating_sub(self.places.permits.available_permits()),
+            idle,
+        )
     }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Only pushes and pops happen under this lock: a panic cannot leave it inconsistent.
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A reload hands a pool's permits to its successor: a larger size adds the difference
-    /// at once; a smaller one takes out what is free now, and the rest as places in use
-    /// are dropped, even with clients queued for them.
-    #[test]
-    fn places_resize_to_the_new_size() {
-        let permits = Arc::new(Semaphore::new(3));
-        let excess = Arc::new(AtomicUsize::new(0));
-        let place = |permits: &Arc<Semaphore>| Place {
-            permit: Some(permits.clone().try_acquire_owned().unwrap()),
-            excess: excess.clone(),
-        };
-        let held = [place(&permits), place(&permits)];
-        let mut places = Places {
-            permits: permits.clone(),
-            excess: excess.clone(),
-            size: 3,
-            reached: true,
-        };
-        places.resize(5);
-        assert_eq!(permits.available_permits(), 3);
-        // Down to 1 with 2 in use: the 3 free go, and 1 of those in use is one too many.
-        places.resize(1);
-        assert_eq!(
-            (permits.available_permits(), excess.load(Ordering::Relaxed)),
-            (0, 1)
-        );
-        let [first, second] = held;
-        drop(first);
-        assert_eq!(permits.available_permits(), 0, "the first one back goes");
-        drop(second);
-        assert_eq!(permits.available_permits(), 1, "the next one is the size");
-        places.resize(2);
-        assert_eq!(permits.available_permits(), 2);
-    }
 }

@@ -692,9 +692,24 @@ async fn a_reload_keeps_the_pooled_connections_it_did_not_change() {
     admin.simple_query("RELOAD").await.expect("RELOAD");
     assert_eq!(rows(&admin, "SHOW BACKENDS").await[2]["weight"], "2");
     assert_eq!(primary_pid().await, before, "the reload kept the pool");
-    // A pool setting changed: new pools, new connections.
+    // A pool setting changed: new pools, new connections. The replaced pools close their
+    // idle ones at once, though a client that has not sent anything since (here `app`, idle
+    // between transactions) still runs on the old configuration and keeps them alive.
+    let replaced = proxy.shared.runtime.load().pools();
+    assert!(
+        replaced.iter().any(|p| p.counts().1 > 0),
+        "an idle connection"
+    );
     write(&path, &(changed + "\n[pool]\nsize = 7\n"));
     admin.simple_query("RELOAD").await.expect("RELOAD");
+    for pool in &replaced {
+        assert_eq!(
+            pool.counts().1,
+            0,
+            "{}: idle connections closed",
+            pool.name()
+        );
+    }
     assert_ne!(
         primary_pid().await,
         before,
@@ -919,4 +934,50 @@ async fn a_reload_in_session_mode_leaves_the_sessions_their_places() {
         .expect("the one place, once free")
         .unwrap();
     fourth.batch_execute("SELECT txid_current()").await.unwrap();
+}
+
+/// A client whose connection was accepted before a reload logs in under the configuration
+/// of its accept, and takes its places from the same sets as the sessions of the new one:
+/// `[pool] size` bounds them together. (Each configuration used to make its own set for a
+/// server, user and database it had no pool for yet, so that such a client got in past
+/// the size.)
+#[tokio::test]
+async fn a_client_accepted_before_a_reload_shares_the_places_of_the_new_configuration() {
+    let c = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    let config = |timeout_ms: u64| {
+        format!(
+            "{}\n[pool]\nsize = 1\ncheckout_timeout_ms = {timeout_ms}\n",
+            session_mode(&ops_config(c))
+        )
+    };
+    write(&path, &config(20_000));
+    let proxy = start_proxy_from_file(&path).await;
+    let admin = console(proxy.port()).await;
+    let early = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port()))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    write(&path, &config(20_001));
+    admin.simple_query("RELOAD").await.expect("RELOAD");
+    let holder = proxy.app().await;
+    holder.batch_execute("SELECT txid_current()").await.unwrap();
+    let conn_config: tokio_postgres::Config = proxy.conn_str("app", "app_pw").parse().unwrap();
+    let late = tokio::spawn(async move {
+        let (client, connection) = conn_config
+            .connect_raw(early, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        client
+    });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(!late.is_finished(), "the size is 1 and the place is held");
+    drop(holder);
+    let late = tokio::time::timeout(Duration::from_secs(5), late)
+        .await
+        .expect("the place, once free")
+        .unwrap();
+    late.batch_execute("SELECT txid_current()").await.unwrap();
 }
