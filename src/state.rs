@@ -50,6 +50,8 @@ pub struct Runtime {
     /// before and after this one: sessions still on an old one (for hours, in session
     /// mode) hold places that count against this one's `size`.
     places: Arc<PlaceSets>,
+    /// A reload replaced this runtime: pools it makes from now on are retired at once.
+    retired: std::sync::atomic::AtomicBool,
 }
 
 type PoolKey = (BackendId, String, String);
@@ -122,6 +124,7 @@ impl Runtime {
             users,
             pools: Mutex::new(pools),
             places: old.map_or_else(|| PlaceSets::new(config.pool.size), |o| o.places.clone()),
+            retired: std::sync::atomic::AtomicBool::new(false),
             config: Arc::new(config),
         })
     }
@@ -156,6 +159,9 @@ impl Runtime {
         };
         lock(&self.pools)
             .iter()
+            // One that never reached its server may be a made-up database's, still
+            // logging in: left to `forget_unconnected_pool`.
+            .filter(|(_, pool)| pool.has_connected())
             .filter(|((id, _, _), pool)| {
                 backends
                     .get(*id)
@@ -197,7 +203,16 @@ impl Runtime {
                 places,
             )
         });
+        if self.retired.load(std::sync::atomic::Ordering::Relaxed) {
+            // Made by a session still on this configuration after a reload replaced it.
+            pool.retire();
+        }
         Some(pool.clone())
+    }
+
+    /// The sets of places, shared with the configurations before and after this one.
+    pub fn place_sets(&self) -> &PlaceSets {
+        &self.places
     }
 
     /// When this runtime is about to replace `old` (a reload): bring every set of places
@@ -208,6 +223,9 @@ impl Runtime {
     /// a reload can still fail after that.
     pub fn take_over_pools(&self, old: &Runtime) {
         self.places.resize(self.config.pool.size);
+        // First: a pool `old` makes from now on is retired as it is made.
+        old.retired
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let replaced: Vec<Arc<Pool>> = {
             let kept = lock(&self.pools);
             lock(&old.pools)
@@ -218,6 +236,10 @@ impl Runtime {
         };
         for pool in replaced {
             pool.retire();
+            // One that never reached its server may be a made-up database's.
+            if !pool.has_connected() {
+                continue;
+            }
             let Some(id) = self.backends.id_of(pool.address()) else {
                 continue;
             };
@@ -247,13 +269,12 @@ impl Runtime {
     pub fn forget_unconnected_pool(&self, backend: BackendId, params: &ConnectParams) {
         let key = (backend, params.user.clone(), params.database.clone());
         let mut pools = lock(&self.pools);
-        if let Some(pool) = pools.get(&key)
-            && !pool.has_connected()
-            && pool.counts().0 == 0
+        if pools
+            .get(&key)
+            .is_some_and(|pool| !pool.has_connected() && pool.counts().0 == 0)
         {
-            let b = self.backends.get(backend);
             pools.remove(&key);
-            if let Some(b) = b {
+            if let Some(b) = self.backends.get(backend) {
                 self.places.forget_unused(&places_key(b, params));
             }
         }

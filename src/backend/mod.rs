@@ -123,6 +123,13 @@ impl Backend {
         self.is_marked_down() || (!self.health.healthy() && !self.health.answering())
     }
 
+    /// Down by the health checks alone: out of rotation after failed checks that got no
+    /// answer. (Not the short backoff after one failed or lost connection, which one
+    /// terminated query sets.)
+    pub fn checks_say_down(&self) -> bool {
+        !self.health.healthy() && !self.health.answering()
+    }
+
     pub fn is_available(&self) -> bool {
         self.health.healthy() && !self.health.banned() && !self.is_marked_down()
     }

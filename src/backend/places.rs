@@ -98,15 +98,24 @@ impl PlaceSets {
         }
     }
 
-    /// Forget `key`'s set if no place of it is held and no connection for it ever logged
-    /// in (a made-up database's): a client making up names must not leave one behind.
+    /// How many sets exist (for tests).
+    pub fn len(&self) -> usize {
+        lock(&self.inner).sets.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Forget `key`'s set if nothing uses it (no pool of any configuration, no place held)
+    /// and no connection for it ever logged in (a made-up database's): a client making up
+    /// names must not leave one behind.
     pub fn forget_unused(&self, key: &PlacesKey) {
         let mut inner = lock(&self.inner);
-        let size = inner.size;
         if inner.sets.get(key).is_some_and(|set| {
-            !set.reached.load(Ordering::Relaxed)
-                && set.excess.load(Ordering::Relaxed) == 0
-                && set.permits.available_permits() == size
+            // Pools and places hold the semaphore too; new ones come only through this
+            // lock.
+            Arc::strong_count(&set.permits) == 1 && !set.reached.load(Ordering::Relaxed)
         }) {
             inner.sets.remove(key);
         }
@@ -169,22 +178,21 @@ mod tests {
     #[test]
     fn only_unused_sets_of_unreached_servers_are_forgotten() {
         let sets = PlaceSets::new(2);
-        let places = sets.get(&key());
-        let held = take(&places);
+        let pool = sets.get(&key());
+        let reached = pool.reached.clone();
+        let is_the_same = |sets: &PlaceSets| Arc::ptr_eq(&sets.get(&key()).reached, &reached);
         sets.forget_unused(&key());
-        assert!(
-            Arc::ptr_eq(&sets.get(&key()).permits, &places.permits),
-            "a place is held"
-        );
+        assert!(is_the_same(&sets), "a pool uses it");
+        let held = take(&pool);
+        drop(pool);
+        sets.forget_unused(&key());
+        assert!(is_the_same(&sets), "a place is held");
         drop(held);
-        places.reached.store(true, Ordering::Relaxed);
+        reached.store(true, Ordering::Relaxed);
         sets.forget_unused(&key());
-        assert!(
-            Arc::ptr_eq(&sets.get(&key()).permits, &places.permits),
-            "it logged in"
-        );
-        places.reached.store(false, Ordering::Relaxed);
+        assert!(is_the_same(&sets), "it logged in");
+        reached.store(false, Ordering::Relaxed);
         sets.forget_unused(&key());
-        assert!(!Arc::ptr_eq(&sets.get(&key()).permits, &places.permits));
+        assert_eq!(sets.len(), 0, "forgotten");
     }
 }

@@ -227,9 +227,10 @@ impl Session {
     }
 
     /// Session mode: a place for this session in `id`'s pool, waiting for another session
-    /// to end if need be. Not for a server that is down, or goes down meanwhile: sessions
-    /// whose connections died with it may hold every place without knowing yet, and a login
-    /// can go on to a replica (`login_server_params`), a read to another server.
+    /// to end if need be. Not for a server the health checks find down, before or during
+    /// the wait: sessions whose connections died with it may hold every place without
+    /// knowing yet, and a login can go on to a replica (`login_server_params`), a read to
+    /// another server.
     async fn take_place(&mut self, id: BackendId) -> Result<Place> {
         let pool = self.pool_of(id)?;
         let runtime = self.runtime.clone();
@@ -237,7 +238,7 @@ impl Session {
             .backends
             .get(id)
             .ok_or_else(|| Error::NoServer(format!("unknown backend {id:?}")))?;
-        if backend.is_unreachable() {
+        if backend.checks_say_down() {
             return pool
                 .try_reserve()
                 .ok_or_else(|| self.checkout_error(id, CheckoutError::ServerDown));
@@ -247,7 +248,7 @@ impl Session {
             let went_down = async {
                 loop {
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    if backend.is_unreachable() {
+                    if backend.checks_say_down() {
                         return CheckoutError::ServerDown;
                     }
                 }

@@ -116,6 +116,7 @@ async fn live(mut session: Session) {
             Box::pin(session.serve()).await
         }
         Err(e) => {
+            session.forget_failed_login();
             if !matches!(e, Error::ClientGone | Error::ClientIo(_)) {
                 session
                     .shared
@@ -453,6 +454,16 @@ impl Session {
     /// Finish the login: a primary connection is used first, so a bad database or role
     /// fails the login as on a direct connection and the client sees the primary's
     /// ParameterStatus values (with its own startup settings where it chose them).
+    /// The login failed: a pool it made for a role or database the server does not know
+    /// goes (and its set of places), so that made-up names leave nothing behind. The
+    /// session's own places and pools go first: nobody else using them is what counts.
+    fn forget_failed_login(&mut self) {
+        self.permits.iter_mut().for_each(|p| *p = None);
+        self.pools.iter_mut().for_each(|p| *p = None);
+        self.runtime
+            .forget_unconnected_pool(BackendId::PRIMARY, &self.connect);
+    }
+
     async fn start(&mut self) -> Result<()> {
         // A pool that connected before knows the server's parameters (and that this role and
         // database work): the login then needs no server connection at all. (Session mode
@@ -466,17 +477,7 @@ impl Session {
         {
             Some(params) => params,
             None => {
-                from_server = match self.login_server_params().await {
-                    Ok(params) => params,
-                    Err(e) => {
-                        // The session ends: its places go first, so that a pool nobody else
-                        // holds a place in is seen as unused.
-                        self.permits.iter_mut().for_each(|p| *p = None);
-                        self.runtime
-                            .forget_unconnected_pool(BackendId::PRIMARY, &self.connect);
-                        return Err(e);
-                    }
-                };
+                from_server = self.login_server_params().await?;
                 &from_server
             }
         };

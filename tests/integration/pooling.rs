@@ -659,6 +659,11 @@ async fn session_mode_logins_beyond_the_pool_size_wait_for_a_session_to_end() {
     let third = login_in_background(&conn_str);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!third.is_finished(), "a third session waits for a place");
+    // One lost connection (here: said to be) puts the primary in a short backoff; the
+    // health checks still find it up, and the login keeps waiting for its place there.
+    proxy.shared.runtime.load().backends.primary.mark_down();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(!third.is_finished(), "still waiting for the primary");
     assert_eq!(server_conns(&name).await[0], 2);
     let primary_pool = |p: &pgsplit::backend::Pool| p.backend.is_primary() && p.user() == "app";
     assert_eq!(
