@@ -178,7 +178,9 @@ impl Runtime {
         let b = self.backends.get(backend)?;
         let key = (backend, params.user.clone(), params.database.clone());
         let mut pools = lock(&self.pools);
+        let mut made = false;
         let pool = pools.entry(key).or_insert_with(|| {
+            made = true;
             let places = self.places.get(&places_key(b, params));
             let p = &self.config.pool;
             Pool::new(
@@ -203,8 +205,9 @@ impl Runtime {
                 places,
             )
         });
-        if self.retired.load(std::sync::atomic::Ordering::Relaxed) {
+        if made && self.retired.load(std::sync::atomic::Ordering::Relaxed) {
             // Made by a session still on this configuration after a reload replaced it.
+            // (Not one the reload kept: the new configuration uses that one too.)
             pool.retire();
         }
         Some(pool.clone())
@@ -263,16 +266,14 @@ impl Runtime {
     }
 
     /// Forget the pool for `backend` and these credentials if it never reached its server
-    /// (a login to a database or role that does not exist): a client making up names must
-    /// not leave a pool behind for each. Not while any session holds a place in it (a
-    /// first login still connecting): the next ones would get a second set of places.
+    /// (a login to a database or role that does not exist), and its set of places if
+    /// nothing else holds that: a client making up names must not leave either behind.
     pub fn forget_unconnected_pool(&self, backend: BackendId, params: &ConnectParams) {
         let key = (backend, params.user.clone(), params.database.clone());
         let mut pools = lock(&self.pools);
-        if pools
-            .get(&key)
-            .is_some_and(|pool| !pool.has_connected() && pool.counts().0 == 0)
-        {
+        // Also while other first logins are still connecting through it: their places are
+        // in the shared set, which the next pool made for this key uses too.
+        if pools.get(&key).is_some_and(|pool| !pool.has_connected()) {
             pools.remove(&key);
             if let Some(b) = self.backends.get(backend) {
                 self.places.forget_unused(&places_key(b, params));

@@ -981,3 +981,49 @@ async fn a_client_accepted_before_a_reload_shares_the_places_of_the_new_configur
         .unwrap();
     late.batch_execute("SELECT txid_current()").await.unwrap();
 }
+
+/// A reload that changes no pool setting keeps the pools, shared by the old and the new
+/// configuration: a client that logs in under the old one (accepted before the reload)
+/// uses them as they are. (The old configuration once retired every pool it handed out,
+/// kept ones included: each transaction then opened a server connection of its own.)
+#[tokio::test]
+async fn a_client_accepted_before_a_reload_that_kept_the_pools_reuses_their_connections() {
+    let c = cluster();
+    let (_dir, _path, _base, proxy, admin) = proxy_from_ops_file(c).await;
+    // The primary's pool in use (and so kept by the reload).
+    let earlier = proxy.app().await;
+    earlier
+        .batch_execute("SELECT txid_current()")
+        .await
+        .unwrap();
+    let early = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port()))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The same file: a new configuration all the same, with every pool kept.
+    let accepted_under = proxy.shared.runtime.load_full();
+    admin.simple_query("RELOAD").await.expect("RELOAD");
+    assert!(
+        !std::sync::Arc::ptr_eq(&accepted_under, &proxy.shared.runtime.load_full()),
+        "a new configuration"
+    );
+    drop(accepted_under);
+    let conn_config: tokio_postgres::Config = proxy.conn_str("app", "app_pw").parse().unwrap();
+    let (client, connection) = conn_config
+        .connect_raw(early, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let mut pids = std::collections::HashSet::new();
+    for _ in 0..3 {
+        let rows = client
+            .simple_query("BEGIN; SELECT pg_backend_pid()::text; COMMIT")
+            .await
+            .unwrap();
+        pids.extend(rows.iter().find_map(|m| match m {
+            SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        }));
+    }
+    assert_eq!(pids.len(), 1, "one pooled connection, reused: {pids:?}");
+}
