@@ -51,7 +51,7 @@ pub struct Runtime {
     /// mode) hold places that count against this one's `size`.
     places: Arc<PlaceSets>,
     /// A reload replaced this runtime: pools it makes from now on are retired at once.
-    retired: std::sync::atomic::AtomicBool,
+    retired: AtomicBool,
 }
 
 type PoolKey = (BackendId, String, String);
@@ -112,7 +112,6 @@ impl Runtime {
         let pools = old.map_or_else(HashMap::new, |o| {
             o.pools_still_valid(&config, &backends, &server_tls)
         });
-
         Ok(Runtime {
             backends,
             admin,
@@ -124,7 +123,7 @@ impl Runtime {
             users,
             pools: Mutex::new(pools),
             places: old.map_or_else(|| PlaceSets::new(config.pool.size), |o| o.places.clone()),
-            retired: std::sync::atomic::AtomicBool::new(false),
+            retired: AtomicBool::new(false),
             config: Arc::new(config),
         })
     }
@@ -205,7 +204,7 @@ impl Runtime {
                 places,
             )
         });
-        if made && self.retired.load(std::sync::atomic::Ordering::Relaxed) {
+        if made && self.retired.load(Ordering::Relaxed) {
             // Made by a session still on this configuration after a reload replaced it.
             // (Not one the reload kept: the new configuration uses that one too.)
             pool.retire();
@@ -227,8 +226,7 @@ impl Runtime {
     pub fn take_over_pools(&self, old: &Runtime) {
         self.places.resize(self.config.pool.size);
         // First: a pool `old` makes from now on is retired as it is made.
-        old.retired
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        old.retired.store(true, Ordering::Relaxed);
         let replaced: Vec<Arc<Pool>> = {
             let kept = lock(&self.pools);
             lock(&old.pools)
