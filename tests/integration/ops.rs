@@ -936,6 +936,27 @@ async fn a_reload_in_session_mode_leaves_the_sessions_their_places() {
     fourth.batch_execute("SELECT txid_current()").await.unwrap();
 }
 
+/// A connection the proxy has accepted (its session holds the configuration of now), on
+/// which nothing is sent yet: see [`log_in_on`].
+async fn accepted(proxy: &Proxy) -> tokio::net::TcpStream {
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port()))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stream
+}
+
+/// Log in on a connection from [`accepted`], with `conn_str`'s user and password.
+async fn log_in_on(stream: tokio::net::TcpStream, conn_str: String) -> tokio_postgres::Client {
+    let config: tokio_postgres::Config = conn_str.parse().unwrap();
+    let (client, connection) = config
+        .connect_raw(stream, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+}
+
 /// A client whose connection was accepted before a reload logs in under the configuration
 /// of its accept, and takes its places from the same sets as the sessions of the new one:
 /// `[pool] size` bounds them together. (Each configuration used to make its own set for a
@@ -955,23 +976,12 @@ async fn a_client_accepted_before_a_reload_shares_the_places_of_the_new_configur
     write(&path, &config(20_000));
     let proxy = start_proxy_from_file(&path).await;
     let admin = console(proxy.port()).await;
-    let early = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port()))
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let early = accepted(&proxy).await;
     write(&path, &config(20_001));
     admin.simple_query("RELOAD").await.expect("RELOAD");
     let holder = proxy.app().await;
     holder.batch_execute("SELECT txid_current()").await.unwrap();
-    let conn_config: tokio_postgres::Config = proxy.conn_str("app", "app_pw").parse().unwrap();
-    let late = tokio::spawn(async move {
-        let (client, connection) = conn_config
-            .connect_raw(early, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(connection);
-        client
-    });
+    let late = tokio::spawn(log_in_on(early, proxy.conn_str("app", "app_pw")));
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert!(!late.is_finished(), "the size is 1 and the place is held");
     drop(holder);
@@ -996,10 +1006,7 @@ async fn a_client_accepted_before_a_reload_that_kept_the_pools_reuses_their_conn
         .batch_execute("SELECT txid_current()")
         .await
         .unwrap();
-    let early = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port()))
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let early = accepted(&proxy).await;
     // The same file: a new configuration all the same, with every pool kept.
     let accepted_under = proxy.shared.runtime.load_full();
     admin.simple_query("RELOAD").await.expect("RELOAD");
@@ -1008,12 +1015,7 @@ async fn a_client_accepted_before_a_reload_that_kept_the_pools_reuses_their_conn
         "a new configuration"
     );
     drop(accepted_under);
-    let conn_config: tokio_postgres::Config = proxy.conn_str("app", "app_pw").parse().unwrap();
-    let (client, connection) = conn_config
-        .connect_raw(early, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
+    let client = log_in_on(early, proxy.conn_str("app", "app_pw")).await;
     let mut pids = std::collections::HashSet::new();
     for _ in 0..3 {
         let rows = client
