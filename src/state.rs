@@ -269,9 +269,13 @@ impl Runtime {
     pub fn forget_unconnected_pool(&self, backend: BackendId, params: &ConnectParams) {
         let key = (backend, params.user.clone(), params.database.clone());
         let mut pools = lock(&self.pools);
-        // Also while other first logins are still connecting through it: their places are
-        // in the shared set, which the next pool made for this key uses too.
-        if pools.get(&key).is_some_and(|pool| !pool.has_connected()) {
+        // Only one nothing else holds: another first login still connecting through it
+        // would go on using it, outside the list (unseen by maintenance, SHOW POOLS and
+        // reloads), beside the next pool made for the key.
+        if pools
+            .get(&key)
+            .is_some_and(|pool| !pool.has_connected() && Arc::strong_count(pool) == 1)
+        {
             pools.remove(&key);
             if let Some(b) = self.backends.get(backend) {
                 self.places.forget_unused(&places_key(b, params));

@@ -844,3 +844,59 @@ async fn session_mode_keeps_a_sessions_place_while_its_connection_is_replaced() 
         .await
         .unwrap();
 }
+
+/// A TCP forwarder to `port` that lets each connection through only after `delay`: a
+/// server slow to accept.
+async fn slow_forwarder(port: u16, delay: Duration) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let local = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                if let Ok(mut server) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
+            });
+        }
+    });
+    local
+}
+
+/// A login that fails (here: it waited out the checkout timeout) while the first login of
+/// the same user and database is still connecting does not make pgsplit forget the pool
+/// that first login goes on using: a second pool beside it would open connections of its
+/// own past `[pool] size`, and the first one's would be seen by nothing (SHOW POOLS,
+/// maintenance, reloads).
+#[tokio::test]
+async fn a_failed_first_login_leaves_the_pool_another_first_login_is_using() {
+    let c = cluster();
+    let primary = slow_forwarder(c.primary, Duration::from_millis(1500)).await;
+    let toml = base_config_toml(c).replacen(
+        &format!("port = {}\n", c.primary),
+        &format!("port = {primary}\n"),
+        1,
+    );
+    let proxy = start_proxy_with(&format!(
+        "{toml}\n[health]\ntimeout_ms = 3000\n[pool]\nsize = 1\ncheckout_timeout_ms = 300\n"
+    ))
+    .await;
+    let first = login_in_background(&proxy.conn_str("app", "app_pw"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let Err(e) = try_connect(&proxy.conn_str("app", "app_pw")).await else {
+        panic!("the only place is taken by the first login");
+    };
+    assert_eq!(sqlstate(&e), "53300", "{e}");
+    let first = tokio::time::timeout(Duration::from_secs(10), first)
+        .await
+        .expect("the first login")
+        .unwrap();
+    first.batch_execute("SELECT txid_current()").await.unwrap();
+    let primary_pool = |p: &pgsplit::backend::Pool| p.backend.is_primary() && p.user() == "app";
+    let (in_use, idle) = proxy.pool_counts(primary_pool);
+    assert_eq!(
+        in_use + idle,
+        1,
+        "the first login's pool is listed, with its one connection"
+    );
+}
