@@ -909,10 +909,7 @@ async fn a_reload_in_session_mode_leaves_the_sessions_their_places() {
     // A larger pool lets the waiting login in at once.
     write(&path, &config(3, 20_001));
     admin.simple_query("RELOAD").await.expect("RELOAD");
-    let third = tokio::time::timeout(Duration::from_secs(5), waiting)
-        .await
-        .expect("a third place")
-        .unwrap();
+    let third = logged_in_within_5s(waiting, "a third place").await;
     third.batch_execute("SELECT txid_current()").await.unwrap();
     second.batch_execute("SELECT txid_current()").await.unwrap();
     assert_eq!(primary_conns().await, 3);
@@ -929,10 +926,7 @@ async fn a_reload_in_session_mode_leaves_the_sessions_their_places() {
         "one session is still in, and the size is 1"
     );
     drop(third);
-    let fourth = tokio::time::timeout(Duration::from_secs(5), fourth)
-        .await
-        .expect("the one place, once free")
-        .unwrap();
+    let fourth = logged_in_within_5s(fourth, "the one place, once free").await;
     fourth.batch_execute("SELECT txid_current()").await.unwrap();
 }
 
@@ -985,10 +979,7 @@ async fn a_client_accepted_before_a_reload_shares_the_places_of_the_new_configur
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert!(!late.is_finished(), "the size is 1 and the place is held");
     drop(holder);
-    let late = tokio::time::timeout(Duration::from_secs(5), late)
-        .await
-        .expect("the place, once free")
-        .unwrap();
+    let late = logged_in_within_5s(late, "the place, once free").await;
     late.batch_execute("SELECT txid_current()").await.unwrap();
 }
 

@@ -643,17 +643,29 @@ async fn settled_primary_conns(application_name: &str, expected: i64) -> i64 {
     n
 }
 
+/// A session-mode proxy with pools of `size` and `checkout_timeout_ms`, and a connection
+/// string whose sessions carry an `application_name` of their own (see [`server_conns`]).
+async fn session_proxy(
+    size: usize,
+    checkout_timeout_ms: u64,
+    prefix: &str,
+) -> (Proxy, String, String) {
+    let extra = format!("checkout_timeout_ms = {checkout_timeout_ms}");
+    let proxy = start_proxy_with(&session_mode(&pooled(size, &extra))).await;
+    let name = unique(prefix);
+    let conn_str = format!(
+        "{} application_name={name}",
+        proxy.conn_str("app", "app_pw")
+    );
+    (proxy, name, conn_str)
+}
+
 /// Session mode owns connections instead of borrowing them, and `[pool] size` bounds them
 /// all the same, as PgBouncer's session pools do: a login past it waits until a session
 /// ends.
 #[tokio::test]
 async fn session_mode_logins_beyond_the_pool_size_wait_for_a_session_to_end() {
-    let proxy = start_proxy_with(&session_mode(&pooled(2, "checkout_timeout_ms = 20000"))).await;
-    let name = unique("session_cap");
-    let conn_str = format!(
-        "{} application_name={name}",
-        proxy.conn_str("app", "app_pw")
-    );
+    let (proxy, name, conn_str) = session_proxy(2, 20000, "session_cap").await;
     let first = connect(&conn_str).await;
     let second = connect(&conn_str).await;
     let third = login_in_background(&conn_str);
@@ -672,10 +684,7 @@ async fn session_mode_logins_beyond_the_pool_size_wait_for_a_session_to_end() {
         "the pool counts what sessions own"
     );
     drop(first);
-    let third = tokio::time::timeout(Duration::from_secs(5), third)
-        .await
-        .expect("logged in once a session ended")
-        .unwrap();
+    let third = logged_in_within_5s(third, "logged in once a session ended").await;
     let port: i32 = third
         .query_one("SELECT inet_server_port()", &[])
         .await
@@ -691,12 +700,7 @@ async fn session_mode_logins_beyond_the_pool_size_wait_for_a_session_to_end() {
 /// free.
 #[tokio::test]
 async fn session_mode_refuses_a_login_that_waited_out_the_checkout_timeout() {
-    let proxy = start_proxy_with(&session_mode(&pooled(1, "checkout_timeout_ms = 300"))).await;
-    let name = unique("session_full");
-    let conn_str = format!(
-        "{} application_name={name}",
-        proxy.conn_str("app", "app_pw")
-    );
+    let (_proxy, name, conn_str) = session_proxy(1, 300, "session_full").await;
     let first = connect(&conn_str).await;
     let started = std::time::Instant::now();
     let Err(e) = try_connect(&conn_str).await else {
@@ -783,12 +787,7 @@ async fn session_mode_reads_with_the_replicas_full_run_on_the_sessions_primary_c
 /// queue behind that login.
 #[tokio::test]
 async fn session_mode_keeps_a_sessions_place_while_its_connection_is_replaced() {
-    let proxy = start_proxy_with(&session_mode(&pooled(1, "checkout_timeout_ms = 20000"))).await;
-    let name = unique("session_keep");
-    let conn_str = format!(
-        "{} application_name={name}",
-        proxy.conn_str("app", "app_pw")
-    );
+    let (_proxy, name, conn_str) = session_proxy(1, 20000, "session_keep").await;
     let holder = Arc::new(connect(&conn_str).await);
     let waiting = login_in_background(&conn_str);
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -835,10 +834,7 @@ async fn session_mode_keeps_a_sessions_place_while_its_connection_is_replaced() 
     assert!(!waiting.is_finished(), "the waiting login is still waiting");
     assert!(settled_primary_conns(&name, 1).await <= 1);
     drop(holder);
-    let newcomer = tokio::time::timeout(Duration::from_secs(5), waiting)
-        .await
-        .expect("the place is free once the session ends")
-        .unwrap();
+    let newcomer = logged_in_within_5s(waiting, "the place is free once the session ends").await;
     newcomer
         .batch_execute("SELECT txid_current()")
         .await

@@ -367,6 +367,15 @@ pub fn login_in_background(conn_str: &str) -> tokio::task::JoinHandle<Client> {
     tokio::spawn(async move { connect(&conn_str).await })
 }
 
+/// The client of a [`login_in_background`] that must finish within 5 s (`what` says why
+/// it should).
+pub async fn logged_in_within_5s(login: tokio::task::JoinHandle<Client>, what: &str) -> Client {
+    tokio::time::timeout(Duration::from_secs(5), login)
+        .await
+        .expect(what)
+        .unwrap()
+}
+
 pub async fn try_connect(conn_str: &str) -> Result<Client, tokio_postgres::Error> {
     let (client, connection) = tokio_postgres::connect(conn_str, NoTls).await?;
     tokio::spawn(async move {
