@@ -11,7 +11,6 @@ use tracing::{debug, info, warn};
 
 use crate::backend::health::{CheckerConfig, run_checker};
 use crate::backend::{BackendId, ConnectParams};
-use crate::config::PoolMode;
 use crate::state::Shared;
 
 /// A running proxy listener, as tests and `main` hold it.
@@ -211,11 +210,7 @@ async fn maintain_pools(shared: Arc<Shared>, shutdown: CancellationToken) {
         }
         let runtime = shared.runtime.load_full();
         for pool in runtime.pools() {
-            // Session-mode pools only count the places of connections their sessions own:
-            // nothing idle to age out or keep warm.
-            if runtime.config.proxy.pool_mode == PoolMode::Transaction {
-                pool.maintain().await;
-            }
+            pool.maintain().await;
         }
     }
 }

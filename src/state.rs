@@ -16,7 +16,7 @@ use crate::backend::{
     BackendId, Backends, CancelKey, ConnectParams, PlaceSets, PlacesKey, Pool, PoolLimits,
 };
 use crate::cache::{CacheRules, ResultCache};
-use crate::config::{Config, ConfigError, UserConfig};
+use crate::config::{Config, ConfigError, PoolMode, UserConfig};
 use crate::router::ClassifyCache;
 
 /// A configured user with its derived secret.
@@ -194,7 +194,12 @@ impl Runtime {
                 },
                 PoolLimits {
                     size: p.size,
-                    min_idle: p.min_idle,
+                    // Session mode: idle connections wait for a session with their
+                    // startup parameters, which warm ones opened in advance cannot know.
+                    min_idle: match self.config.proxy.pool_mode {
+                        PoolMode::Transaction => p.min_idle,
+                        PoolMode::Session => 0,
+                    },
                     checkout_timeout: Duration::from_millis(p.checkout_timeout_ms),
                     connect_timeout: Duration::from_millis(p.connect_timeout_ms),
                     max_lifetime: Duration::from_millis(p.max_lifetime_ms),

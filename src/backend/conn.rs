@@ -466,6 +466,20 @@ impl ServerConn {
         }
     }
 
+    /// Return a session's own connection to the state it was opened in, for another
+    /// session with the same startup parameters: `DISCARD ALL` drops what the session left
+    /// on the server (settings, prepared statements, cursors, temporary tables, LISTEN,
+    /// advisory locks), and what pgsplit knew of those goes with it. Not on a connection
+    /// inside a transaction block, where the server refuses it.
+    pub async fn reset_session(&mut self, max_message: usize) -> Result<(), BackendError> {
+        self.run_internal("DISCARD ALL", max_message).await?;
+        self.prepared.clear();
+        self.settings.clear();
+        self.settings_generation = None;
+        self.parse_settings_changed = false;
+        Ok(())
+    }
+
     pub async fn terminate(mut self) {
         let _ = self.wr.send_all(&[tag::TERMINATE, 0, 0, 0, 4]).await;
         let _ = self.wr.shutdown().await;

@@ -1,7 +1,8 @@
 //! Pools: server connections per (backend, server user, database), lent to one client for
 //! one transaction (or one statement outside a transaction) and returned. In session mode
-//! a pool only counts places: each session opens its own connections, holding a place for
-//! each, so that the pool's `size` bounds them too.
+//! a session holds a place in the pool for each server it uses, for its whole life, so that
+//! the pool's `size` bounds its connections too; a connection it leaves behind reset (see
+//! [`Pool::checkin_owned`]) waits for the next session with the same startup parameters.
 //!
 //! A semaphore of `size` permits bounds the connections lent out at once; idle ones wait in
 //! a stack (the most recently used first, so surplus connections age out). New connections
@@ -55,6 +56,9 @@ pub enum CheckoutError {
 struct Idle {
     conn: Box<ServerConn>,
     since: Instant,
+    /// Session mode: the startup parameters the connection was opened with, which its
+    /// reset returns it to (empty in transaction mode, whose connections all start bare).
+    startup: Vec<(String, String)>,
 }
 
 pub struct Pool {
@@ -263,7 +267,61 @@ impl Pool {
         lock(&self.idle).push(Idle {
             conn: lent.conn,
             since: now,
+            startup: Vec::new(),
         });
+    }
+
+    /// Session mode: keep a connection its session left behind, reset (`DISCARD ALL`) to
+    /// the state its `startup` parameters gave it, for the next session with the same
+    /// ones; and give back the session's `place`. Both under the idle lock, so that
+    /// [`Pool::take_owned`] never counts the connection and its place at once.
+    pub fn checkin_owned(
+        &self,
+        conn: Box<ServerConn>,
+        place: Place,
+        startup: Vec<(String, String)>,
+        now: Instant,
+    ) {
+        let mut idle = lock(&self.idle);
+        if conn.expires.is_some_and(|at| now >= at) || self.retired.load(Ordering::Relaxed) {
+            return;
+        }
+        idle.push(Idle {
+            conn,
+            since: now,
+            startup,
+        });
+        drop(place);
+    }
+
+    /// Session mode, for a session that has just taken its place: the live idle connection
+    /// last left by a session with the same `startup` parameters, if any. Idle connections
+    /// count against `size` beside the places held: as many as the places just taken
+    /// leave no room for are closed, the oldest first, so that a session opening its own
+    /// connection never makes them more than `size`.
+    pub fn take_owned(
+        &self,
+        startup: &[(String, String)],
+        now: Instant,
+    ) -> Option<Box<ServerConn>> {
+        let mut idle = lock(&self.idle);
+        while let Some(at) = idle.iter().rposition(|i| i.startup == startup) {
+            let mut conn = idle.remove(at).conn;
+            if conn.expires.is_none_or(|at| now < at) && super::is_alive(&mut conn, false) {
+                return Some(conn);
+            }
+            debug!(backend = %self.name, "dropping a dead or expired idle server connection");
+        }
+        let room = self
+            .places
+            .permits
+            .available_permits()
+            .saturating_sub(self.places.excess.load(Ordering::Relaxed));
+        if idle.len() > room {
+            let surplus = idle.len() - room;
+            idle.drain(..surplus);
+        }
+        None
     }
 
     /// Close idle connections past `idle_timeout` (keeping `min_idle`), then open
@@ -302,6 +360,7 @@ impl Pool {
                         Idle {
                             conn,
                             since: Instant::now(),
+                            startup: Vec::new(),
                         },
                     );
                     drop(permit);

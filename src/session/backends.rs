@@ -211,6 +211,14 @@ impl Session {
                 if self.permits[slot].is_none() {
                     self.permits[slot] = Some(self.take_place(id).await?);
                 }
+                let left = self.pools[slot]
+                    .as_ref()
+                    .and_then(|pool| pool.take_owned(&self.connect.startup, self.clock));
+                if let Some(conn) = left {
+                    debug!(backend = ?id, pid = conn.cancel_key.pid, "reusing a server connection a session left behind");
+                    self.conns[slot] = Some(conn);
+                    return Ok(());
+                }
                 let conn = self.connect_backend(id).await?;
                 if let Some(pool) = &self.pools[slot] {
                     pool.note_connected();
@@ -366,7 +374,11 @@ impl Session {
             .await
             .unwrap_or(Err(BackendError::Timeout));
         match result {
-            Ok(c) => {
+            Ok(mut c) => {
+                // Pooled at the session's end, it ages like a transaction-mode one.
+                let lifetime = self.runtime.config.pool.max_lifetime_ms;
+                c.expires = std::time::Instant::now()
+                    .checked_add(std::time::Duration::from_millis(lifetime));
                 backend.mark_up();
                 debug!(backend = %backend.name(), pid = c.cancel_key.pid, "server connection opened");
                 Ok(c)
@@ -551,6 +563,53 @@ impl Session {
 }
 
 impl Session {
+    /// Session mode, at the session's end: reset each connection it leaves at rest and keep
+    /// it, and its place, for the next session with the same startup parameters (see
+    /// [`Pool::checkin_owned`]). Those it does not keep are closed by the caller.
+    pub(super) async fn leave_owned(&mut self) {
+        // Inside a transaction block the server refuses DISCARD ALL (and the block's work
+        // must be rolled back by closing); a shutdown does not wait for resets.
+        if self.mode != PoolMode::Session || self.tx != TxStatus::Idle || self.shared.is_draining()
+        {
+            return;
+        }
+        let max = self.runtime.config.proxy.max_message_bytes;
+        let limit = self.runtime.config.pool.connect_timeout();
+        for slot in 0..self.conns.len() {
+            // What DISCARD ALL cannot take back (a LOADed library, dblink connections) is
+            // on the primary connection. A cancel request still on its way could reach
+            // the next session's query.
+            let kept_state = self.tainted[slot] || (slot == 0 && self.pinned_for_good);
+            let canceling = self.conns[slot]
+                .as_ref()
+                .is_some_and(|c| c.cancels.load(Ordering::SeqCst) > 0);
+            if kept_state || canceling {
+                continue;
+            }
+            let (Some(pool), Some(place)) = (self.pools[slot].clone(), self.permits[slot].take())
+            else {
+                continue;
+            };
+            let Some(mut conn) = self.conns[slot].take() else {
+                continue;
+            };
+            let reset = tokio::time::timeout(limit, conn.reset_session(max)).await;
+            match reset {
+                Ok(Ok(())) => {
+                    let startup = self.connect.startup.clone();
+                    pool.checkin_owned(conn, place, startup, std::time::Instant::now());
+                }
+                Ok(Err(e)) => {
+                    debug!(backend = slot, error = %e, "server connection not kept: its reset failed")
+                }
+                Err(_) => debug!(
+                    backend = slot,
+                    "server connection not kept: its reset timed out"
+                ),
+            }
+        }
+    }
+
     /// The connection in `id`'s slot was lost (it went with the request in flight): its
     /// pool slot goes with it in transaction mode; a session keeps its place (see
     /// [`Session::release`]).

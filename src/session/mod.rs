@@ -567,6 +567,7 @@ impl Session {
             self.clock = std::time::Instant::now();
             self.release_idle();
         }
+        self.leave_owned().await;
         for conn in self.conns.iter_mut().filter_map(Option::take) {
             conn.terminate().await;
         }

@@ -841,6 +841,244 @@ async fn session_mode_keeps_a_sessions_place_while_its_connection_is_replaced() 
         .unwrap();
 }
 
+/// The primary backend of `client`'s session (a transaction-level lock keeps the query on
+/// the primary).
+async fn primary_pid(client: &tokio_postgres::Client) -> i32 {
+    client
+        .query_one("SELECT pg_backend_pid() FROM pg_advisory_xact_lock(1)", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// The backends that served two reads of `client`'s, one on each replica.
+async fn replica_pids(client: &tokio_postgres::Client) -> Vec<(i32, i32)> {
+    let mut pids = Vec::new();
+    for _ in 0..2 {
+        let row = client
+            .query_one("SELECT inet_server_port(), pg_backend_pid()", &[])
+            .await
+            .unwrap();
+        pids.push((row.get(0), row.get(1)));
+    }
+    pids.sort();
+    pids
+}
+
+/// The session-mode pools of `app` on every server hold no connection in use and
+/// `idle` idle ones (summed), within 5 s: a session's end is seen by the proxy a moment
+/// after the client's.
+async fn settled_idle(proxy: &Proxy, idle: usize) -> (usize, usize) {
+    let app = |p: &pgsplit::backend::Pool| p.user() == "app";
+    eventually(Duration::from_secs(5), || {
+        proxy.pool_counts(app) == (0, idle)
+    })
+    .await;
+    proxy.pool_counts(app)
+}
+
+/// A session-mode connection outlives its session, as with PgBouncer's session pools: the
+/// next session with the same startup parameters gets it, reset with DISCARD ALL, instead
+/// of paying for a new server backend. Nothing the first session left on it is visible.
+#[tokio::test]
+async fn session_mode_hands_a_finished_sessions_connections_on_reset() {
+    let (proxy, name, conn_str) = session_proxy(2, 20000, "session_reuse").await;
+    let first = connect(&conn_str).await;
+    let first_replicas = replica_pids(&first).await;
+    let first_primary = primary_pid(&first).await;
+    let temp = unique("reuse_tmp");
+    first
+        .batch_execute(&format!(
+            "SET work_mem = '7MB'; SET statement_timeout = '9s';
+             CREATE TEMP TABLE {temp} (x int);
+             SELECT pg_advisory_lock(4242);
+             PREPARE reuse_p AS SELECT 1;
+             LISTEN reuse_channel;
+             BEGIN; DECLARE reuse_c CURSOR WITH HOLD FOR SELECT 1; COMMIT;"
+        ))
+        .await
+        .unwrap();
+    drop(first);
+    assert_eq!(
+        settled_idle(&proxy, 3).await,
+        (0, 3),
+        "kept: primary and replicas"
+    );
+    assert_eq!(server_conns(&name).await, [1, 1, 1]);
+
+    let second = connect(&conn_str).await;
+    assert_eq!(
+        primary_pid(&second).await,
+        first_primary,
+        "the same backend"
+    );
+    assert_eq!(replica_pids(&second).await, first_replicas);
+    let tx = "BEGIN; SELECT 1 FROM pg_advisory_xact_lock(1)";
+    second.batch_execute(tx).await.unwrap();
+    let row = second
+        .query_one(
+            "SELECT current_setting('work_mem'), current_setting('statement_timeout'),
+                    current_setting('application_name'),
+                    (SELECT count(*) FROM pg_class WHERE relname = $1),
+                    (SELECT count(*) FROM pg_locks
+                      WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND objid = 4242),
+                    (SELECT count(*) FROM pg_prepared_statements WHERE name = 'reuse_p'),
+                    (SELECT count(*) FROM pg_cursors WHERE name = 'reuse_c'),
+                    (SELECT count(*) FROM pg_listening_channels())",
+            &[&temp],
+        )
+        .await
+        .unwrap();
+    second.batch_execute("COMMIT").await.unwrap();
+    assert_ne!(row.get::<_, String>(0), "7MB");
+    assert_eq!(row.get::<_, String>(1), "0");
+    assert_eq!(row.get::<_, String>(2), name, "its own startup parameters");
+    for (column, what) in [
+        (3, "temp table"),
+        (4, "advisory lock"),
+        (5, "prepared statement"),
+    ]
+    .into_iter()
+    .chain([(6, "cursor"), (7, "LISTEN")])
+    {
+        assert_eq!(
+            row.get::<_, i64>(column),
+            0,
+            "the first session's {what} is gone"
+        );
+    }
+    // The client's own statements and settings work on it as on a new connection.
+    second
+        .batch_execute("PREPARE reuse_p AS SELECT 2; SET work_mem = '5MB'")
+        .await
+        .unwrap();
+    assert_eq!(primary_setting(&second, "work_mem").await, "5MB");
+    drop(second);
+    assert_eq!(settled_idle(&proxy, 3).await, (0, 3));
+    assert_eq!(
+        server_conns(&name).await,
+        [1, 1, 1],
+        "no connection was opened"
+    );
+}
+
+/// A connection waits only for a session with the startup parameters it was opened with
+/// (its reset returns it to them), and idle ones count against `[pool] size`: a session
+/// with other parameters closes one to open its own.
+#[tokio::test]
+async fn session_mode_reuses_connections_only_for_the_same_startup_parameters() {
+    let (proxy, name, conn_str) = session_proxy(1, 20000, "session_reuse_params").await;
+    let other_name = unique("session_reuse_other");
+    let other_str = conn_str.replace(&name, &other_name);
+    let first = connect(&conn_str).await;
+    let first_pid = primary_pid(&first).await;
+    drop(first);
+    settled_idle(&proxy, 1).await;
+
+    let other = connect(&other_str).await;
+    assert_ne!(primary_pid(&other).await, first_pid);
+    assert_eq!(
+        primary_setting(&other, "application_name").await,
+        other_name
+    );
+    assert_eq!(
+        server_conns(&name).await[0],
+        0,
+        "closed to keep within size 1"
+    );
+    assert_eq!(server_conns(&other_name).await[0], 1);
+    drop(other);
+    settled_idle(&proxy, 1).await;
+
+    let again = connect(&conn_str).await;
+    let again_pid = primary_pid(&again).await;
+    assert_ne!(again_pid, first_pid, "the first connection was closed");
+    assert_eq!(server_conns(&other_name).await[0], 0);
+    assert_eq!(server_conns(&name).await[0], 1);
+    drop(again);
+    settled_idle(&proxy, 1).await;
+    let last = connect(&conn_str).await;
+    assert_eq!(
+        primary_pid(&last).await,
+        again_pid,
+        "same parameters: reused"
+    );
+}
+
+/// A session that ends inside a transaction block, or after loading a library (which
+/// DISCARD ALL cannot unload), leaves no connection behind: the block is rolled back by
+/// closing it, and nothing of it reaches the next session.
+#[tokio::test]
+async fn session_mode_closes_connections_a_reset_cannot_clean() {
+    let (proxy, name, conn_str) = session_proxy(2, 20000, "session_no_reuse").await;
+    let table = unique("reuse_rollback");
+    direct(cluster().primary)
+        .await
+        .batch_execute(&format!(
+            "CREATE TABLE {table} (x int); GRANT ALL ON {table} TO app"
+        ))
+        .await
+        .unwrap();
+    let in_block = connect(&conn_str).await;
+    in_block
+        .batch_execute(&format!("BEGIN; INSERT INTO {table} VALUES (1)"))
+        .await
+        .unwrap();
+    let block_pid = primary_pid(&in_block).await;
+    drop(in_block);
+    assert_eq!(settled_primary_conns(&name, 0).await, 0);
+    assert_eq!(settled_idle(&proxy, 0).await, (0, 0));
+    assert_eq!(primary_count(&table).await, 0, "rolled back");
+
+    // LOAD outside `$libdir/plugins` needs a superuser.
+    let admin = proxy.conn_str("admin", "admin_password");
+    let loaded = connect(&format!("{admin} application_name={name}")).await;
+    assert_ne!(primary_pid(&loaded).await, block_pid);
+    loaded.batch_execute("LOAD 'auto_explain'").await.unwrap();
+    drop(loaded);
+    assert_eq!(settled_primary_conns(&name, 0).await, 0);
+    let admin_pools = |p: &pgsplit::backend::Pool| p.user() == "admin";
+    assert!(
+        eventually(Duration::from_secs(5), || proxy.pool_counts(admin_pools)
+            == (0, 0))
+        .await,
+        "{:?}",
+        proxy.pool_counts(admin_pools)
+    );
+    direct(cluster().primary)
+        .await
+        .batch_execute(&format!("DROP TABLE {table}"))
+        .await
+        .unwrap();
+}
+
+/// Connections sessions left behind close after `idle_timeout_ms`, as pooled ones do.
+#[tokio::test]
+async fn session_mode_closes_left_connections_after_the_idle_timeout() {
+    let extra = "idle_timeout_ms = 300\nmin_idle = 2";
+    let proxy = start_proxy_with(&session_mode(&pooled(2, extra))).await;
+    let name = unique("session_idle_age");
+    let conn_str = format!(
+        "{} application_name={name}",
+        proxy.conn_str("app", "app_pw")
+    );
+    let client = connect(&conn_str).await;
+    primary_pid(&client).await;
+    drop(client);
+    let app = |p: &pgsplit::backend::Pool| p.user() == "app";
+    assert!(
+        eventually(Duration::from_secs(5), || proxy.pool_counts(app).1 == 1).await,
+        "kept a moment: {:?}",
+        proxy.pool_counts(app)
+    );
+    assert_eq!(
+        settled_idle(&proxy, 0).await,
+        (0, 0),
+        "closed when idle too long"
+    );
+    assert_eq!(settled_primary_conns(&name, 0).await, 0);
+}
+
 /// A TCP forwarder to `port` that lets each connection through only after `delay`: a
 /// server slow to accept.
 async fn slow_forwarder(port: u16, delay: Duration) -> u16 {
