@@ -124,7 +124,21 @@ impl Session {
                         Some(held) => held,
                         None => first_busy,
                     };
-                    self.prepare_replica(id).await?;
+                    match self.prepare_replica(id).await {
+                        Ok(()) => {}
+                        // The health checks found the replica waited for down (its wait
+                        // ended for that): the read goes where it would have gone had it
+                        // come a moment later, which is no longer that replica.
+                        Err(Error::NoServer(_))
+                            if runtime
+                                .backends
+                                .get(id)
+                                .is_some_and(|b| b.checks_say_down()) =>
+                        {
+                            return Box::pin(self.acquire(Route::Replica)).await;
+                        }
+                        Err(e) => return Err(e),
+                    }
                     self.last_replica = Some(id);
                     return Ok(id);
                 }

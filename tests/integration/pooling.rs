@@ -1079,6 +1079,136 @@ async fn session_mode_closes_left_connections_after_the_idle_timeout() {
     assert_eq!(settled_primary_conns(&name, 0).await, 0);
 }
 
+/// A TCP forwarder to `port` that can be cut like a server going away: its listener and
+/// every connection through it close.
+struct Forwarder {
+    port: u16,
+    tasks: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl Forwarder {
+    async fn to(port: u16) -> Forwarder {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let local = listener.local_addr().unwrap().port();
+        let tasks = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let accept = tokio::spawn({
+            let tasks = tasks.clone();
+            async move {
+                while let Ok((mut client, _)) = listener.accept().await {
+                    let relay = tokio::spawn(async move {
+                        if let Ok(mut server) =
+                            tokio::net::TcpStream::connect(("127.0.0.1", port)).await
+                        {
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                        }
+                    });
+                    tasks.lock().unwrap().push(relay.abort_handle());
+                }
+            }
+        });
+        tasks.lock().unwrap().push(accept.abort_handle());
+        Forwarder { port: local, tasks }
+    }
+
+    fn cut(&self) {
+        for task in self.tasks.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
+}
+
+/// Session mode, the primary down: a login that waits for a replica's place (it holds none
+/// it can read from) and sees the health checks find that replica down goes on to the
+/// other replica, as it would have had it come a moment later, instead of failing.
+#[tokio::test]
+async fn session_mode_a_wait_for_a_replica_that_goes_down_goes_on_to_another() {
+    let c = cluster();
+    let forwarders = [
+        Forwarder::to(c.replicas[0]).await,
+        Forwarder::to(c.replicas[1]).await,
+    ];
+    let toml = base_config_toml(c)
+        .replacen(
+            &format!("port = {}\n", c.primary),
+            &format!("port = {}\n", unused_port()),
+            1,
+        )
+        .replacen(
+            &format!("port = {}\n", c.replicas[0]),
+            &format!("port = {}\n", forwarders[0].port),
+            1,
+        )
+        .replacen(
+            &format!("port = {}\n", c.replicas[1]),
+            &format!("port = {}\n", forwarders[1].port),
+            1,
+        );
+    let extra = "checkout_timeout_ms = 20000\n[health]\ninterval_ms = 200\ntimeout_ms = 500";
+    let proxy = start_proxy_with(&session_mode(&format!(
+        "{toml}\n[pool]\nsize = 1\n{extra}\n"
+    )))
+    .await;
+    let runtime = || proxy.shared.runtime.load_full();
+    assert!(
+        eventually(Duration::from_secs(10), || runtime()
+            .backends
+            .primary
+            .checks_say_down())
+        .await,
+        "the health checks see that no primary answers"
+    );
+    // One session on each replica, holding its only place.
+    let holders = [proxy.app().await, proxy.app().await];
+    let mut on = Vec::new();
+    for holder in &holders {
+        on.push(server_port(holder).await);
+    }
+    let mut holder_ports = on.clone();
+    holder_ports.sort();
+    let mut replicas = c.replicas.to_vec();
+    replicas.sort();
+    assert_eq!(holder_ports, replicas);
+    // The round robin alternates: the next login tries the replica after this one first,
+    // and waits for it.
+    let peeked = runtime().backends.pick_replica(0).unwrap();
+    let index = |id| {
+        runtime()
+            .backends
+            .replicas
+            .iter()
+            .position(|r| r.id == id)
+            .unwrap()
+    };
+    let waited = 1 - index(peeked);
+    let login = login_in_background(&proxy.conn_str("app", "app_pw"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!login.is_finished(), "both replicas' places are held");
+    forwarders[waited].cut();
+    let waited_id = runtime().backends.replicas[waited].id;
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            runtime().backends.get(waited_id).unwrap().checks_say_down()
+        })
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !login.is_finished(),
+        "still waiting, now for the other replica"
+    );
+    // The session on the other replica ends (the one on the replica that went down
+    // would now wait for the other's place itself).
+    let other_port = c.replicas[1 - waited];
+    let [first, second] = holders;
+    let (leaving, _stays) = match on[0] == other_port {
+        true => (first, second),
+        false => (second, first),
+    };
+    drop(leaving);
+    let client = logged_in_within_5s(login, "logged in on the other replica").await;
+    assert_eq!(server_port(&client).await, other_port);
+}
+
 /// A TCP forwarder to `port` that lets each connection through only after `delay`: a
 /// server slow to accept.
 async fn slow_forwarder(port: u16, delay: Duration) -> u16 {
