@@ -95,6 +95,10 @@ pub struct ServerConn {
     /// `router::PARSE_SETTINGS`): a named statement prepared meanwhile may be parsed unlike
     /// the name the session gave it says.
     pub parse_settings_changed: bool,
+    /// A custom setting (`SET app.tenant = …`) was set here. PostgreSQL keeps such a name
+    /// defined for the rest of the connection, as `''` after a reset, where a new
+    /// connection has none (NULL): session mode does not hand this one to another session.
+    pub custom_settings: bool,
     /// When a pool retires this connection (`max_lifetime` after it opened); None: never
     /// (a session's own connection).
     pub expires: Option<Instant>,
@@ -156,6 +160,7 @@ impl ServerConn {
             settings: HashMap::new(),
             settings_generation: None,
             parse_settings_changed: false,
+            custom_settings: false,
             expires: None,
         });
         conn.startup(params, max_message).await?;

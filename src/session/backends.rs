@@ -591,13 +591,14 @@ impl Session {
         let limit = self.runtime.config.pool.connect_timeout();
         for slot in 0..self.conns.len() {
             // What DISCARD ALL cannot take back (a LOADed library, dblink connections) is
-            // on the primary connection. A cancel request still on its way could reach
+            // on the primary connection; a custom setting stays defined (see
+            // `ServerConn::custom_settings`). A cancel request still on its way could reach
             // the next session's query.
             let kept_state = self.tainted[slot] || (slot == 0 && self.pinned_for_good);
-            let canceling = self.conns[slot]
+            let unfit = self.conns[slot]
                 .as_ref()
-                .is_some_and(|c| c.cancels.load(Ordering::SeqCst) > 0);
-            if kept_state || canceling {
+                .is_some_and(|c| c.custom_settings || c.cancels.load(Ordering::SeqCst) > 0);
+            if kept_state || unfit {
                 continue;
             }
             let (Some(pool), Some(place)) = (self.pools[slot].clone(), self.permits[slot].take())

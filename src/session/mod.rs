@@ -1297,12 +1297,19 @@ impl Session {
         rolled_back: bool,
         set_config_unread: bool,
     ) {
-        if self.tx == TxStatus::Idle
-            && let Some(c) = self.conns[conn.0 as usize].as_mut()
-        {
-            // Out of the transaction: its local settings are gone, and the session's own
-            // are recorded below.
-            c.parse_settings_changed = false;
+        if let Some(c) = self.conns[conn.0 as usize].as_mut() {
+            if self.tx == TxStatus::Idle {
+                // Out of the transaction: its local settings are gone, and the session's
+                // own are recorded below.
+                c.parse_settings_changed = false;
+            }
+            // Even when rolled back: the name stays defined.
+            c.custom_settings |= ops.iter().any(|op| match op {
+                SessionOp::Set { name, .. } | SessionOp::Reset { name } => {
+                    name.contains('.') && name != CONSISTENCY_SETTING
+                }
+                _ => false,
+            });
         }
         if failed || rolled_back {
             // An error aborts the implicit transaction or the whole block, and a ROLLBACK

@@ -1030,13 +1030,31 @@ async fn session_mode_closes_connections_a_reset_cannot_clean() {
     assert_eq!(settled_idle(&proxy, 0).await, (0, 0));
     assert_eq!(primary_count(&table).await, 0, "rolled back");
 
+    // A custom setting stays defined after DISCARD ALL, as '' where a new connection has
+    // none (NULL): `current_setting('app.tenant', true)::uuid` in a policy would fail.
+    for set in [
+        "SET reuse.tenant = 'a'",
+        "BEGIN; SET reuse.tenant = 'a'; ROLLBACK",
+        "SELECT set_config('reuse.tenant', 'a', false)",
+    ] {
+        let setter = connect(&conn_str).await;
+        setter.batch_execute(set).await.unwrap();
+        drop(setter);
+        assert_eq!(settled_idle(&proxy, 0).await, (0, 0), "{set}");
+        let next = connect(&conn_str).await;
+        let unset = "BEGIN; SELECT (current_setting('reuse.tenant', true) IS NULL)::text; COMMIT";
+        assert_eq!(simple_value(&next, unset).await, "true", "{set}");
+        drop(next);
+        settled_idle(&proxy, 1).await;
+    }
     // LOAD outside `$libdir/plugins` needs a superuser.
     let admin = proxy.conn_str("admin", "admin_password");
-    let loaded = connect(&format!("{admin} application_name={name}")).await;
+    let loader = unique("session_no_reuse_load");
+    let loaded = connect(&format!("{admin} application_name={loader}")).await;
     assert_ne!(primary_pid(&loaded).await, block_pid);
     loaded.batch_execute("LOAD 'auto_explain'").await.unwrap();
     drop(loaded);
-    assert_eq!(settled_primary_conns(&name, 0).await, 0);
+    assert_eq!(settled_primary_conns(&loader, 0).await, 0);
     let admin_pools = |p: &pgsplit::backend::Pool| p.user() == "admin";
     assert!(
         eventually(Duration::from_secs(5), || proxy.pool_counts(admin_pools)
