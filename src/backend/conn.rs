@@ -80,7 +80,8 @@ pub struct ServerConn {
     /// Cancel requests for this connection on their way to the server: while one is, the
     /// connection must not run another client's query, which the request could cancel.
     pub cancels: Arc<std::sync::atomic::AtomicU32>,
-    /// ParameterStatus values reported at startup.
+    /// ParameterStatus values: those reported at startup, kept current with those reported
+    /// since (see [`ServerConn::note_parameter`]).
     pub params: Vec<(String, String)>,
     /// Server-side names of the statements prepared on this connection.
     pub prepared: PreparedSet,
@@ -277,7 +278,7 @@ impl ServerConn {
                 }
                 tag::PARAMETER_STATUS => {
                     if let Some(kv) = protocol::decode_parameter_status(&f.body) {
-                        self.params.push(kv);
+                        self.note_parameter(kv);
                     }
                 }
                 tag::BACKEND_KEY_DATA => {
@@ -403,6 +404,11 @@ impl ServerConn {
             let f = self.read_frame(max_message).await?;
             match f.tag {
                 tag::ERROR_RESPONSE => error = Some(ErrorFields::parse(&f.body)),
+                tag::PARAMETER_STATUS => {
+                    if let Some(kv) = protocol::decode_parameter_status(&f.body) {
+                        self.note_parameter(kv);
+                    }
+                }
                 tag::READY_FOR_QUERY => break,
                 _ => {}
             }
@@ -461,6 +467,11 @@ impl ServerConn {
                 }
                 tag::ERROR_RESPONSE => error = Some(ErrorFields::parse(&f.body)),
                 tag::NOTIFICATION_RESPONSE => notifications.push(f),
+                tag::PARAMETER_STATUS => {
+                    if let Some(kv) = protocol::decode_parameter_status(&f.body) {
+                        self.note_parameter(kv);
+                    }
+                }
                 tag::READY_FOR_QUERY => break,
                 _ => {}
             }
@@ -468,6 +479,16 @@ impl ServerConn {
         match error {
             Some(e) => Err(BackendError::Server(e)),
             None => Ok(value.unwrap_or_default()),
+        }
+    }
+
+    /// Record a value the server reported (ParameterStatus): a session-mode connection
+    /// handed on tells its next client these at login, and they change while it lives
+    /// (a server configuration reload, a session's SET, the reset that takes that back).
+    pub fn note_parameter(&mut self, (name, value): (String, String)) {
+        match self.params.iter_mut().find(|(k, _)| *k == name) {
+            Some(kv) => kv.1 = value,
+            None => self.params.push((name, value)),
         }
     }
 

@@ -283,7 +283,13 @@ impl Pool {
         now: Instant,
     ) {
         let mut idle = lock(&self.idle);
-        if conn.expires.is_some_and(|at| now >= at) || self.retired.load(Ordering::Relaxed) {
+        // A place given back while a lowered size is still exceeded goes out of the set
+        // (see `Place`): its connection goes too.
+        let shrinking = self.places.excess.load(Ordering::Relaxed) > 0;
+        if conn.expires.is_some_and(|at| now >= at)
+            || self.retired.load(Ordering::Relaxed)
+            || shrinking
+        {
             return;
         }
         idle.push(Idle {
@@ -296,22 +302,25 @@ impl Pool {
 
     /// Session mode, for a session that has just taken its place: the live idle connection
     /// last left by a session with the same `startup` parameters, if any. Idle connections
-    /// count against `size` beside the places held: as many as the places just taken
-    /// leave no room for are closed, the oldest first, so that a session opening its own
-    /// connection never makes them more than `size`.
+    /// count against `size` beside the places held: as many as the places held leave no
+    /// room for are closed, the oldest first, so that a session opening its own connection
+    /// never makes them more than `size`.
     pub fn take_owned(
         &self,
         startup: &[(String, String)],
         now: Instant,
     ) -> Option<Box<ServerConn>> {
         let mut idle = lock(&self.idle);
+        let mut taken = None;
         while let Some(at) = idle.iter().rposition(|i| i.startup == startup) {
             let mut conn = idle.remove(at).conn;
             if conn.expires.is_none_or(|at| now < at) && super::is_alive(&mut conn, false) {
-                return Some(conn);
+                taken = Some(conn);
+                break;
             }
             debug!(backend = %self.name, "dropping a dead or expired idle server connection");
         }
+        // With one taken too: a reload that lowered the size can leave more idle than room.
         let room = self
             .places
             .permits
@@ -321,7 +330,7 @@ impl Pool {
             let surplus = idle.len() - room;
             idle.drain(..surplus);
         }
-        None
+        taken
     }
 
     /// Close idle connections past `idle_timeout` (keeping `min_idle`), then open

@@ -465,6 +465,9 @@ impl Session {
     }
 
     async fn start(&mut self) -> Result<()> {
+        // A reload since the client connected: its login takes the current pools (whose
+        // idle connections count against the places the login takes).
+        self.adopt_new_runtime().await?;
         // A pool that connected before knows the server's parameters (and that this role and
         // database work): the login then needs no server connection at all. (Session mode
         // connects anyway, and reports that connection's values.)

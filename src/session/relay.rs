@@ -1401,6 +1401,12 @@ impl Session {
                 }
                 true
             }
+            tag::PARAMETER_STATUS => {
+                if let Some(kv) = protocol::decode_parameter_status(body()) {
+                    fl.conn.note_parameter(kv);
+                }
+                true
+            }
             tag::COPY_IN_RESPONSE => {
                 fl.copy_in = true;
                 fl.copy_by_execute = matches!(fl.expects.front(), Some(Expect::Execute { .. }));

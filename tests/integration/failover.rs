@@ -585,3 +585,74 @@ async fn session_mode_logins_and_reads_with_the_primary_down_do_not_wait_for_pla
         "nothing waited for a place: {took:?}"
     );
 }
+
+/// The ParameterStatus values of a login as `trustuser`, with `params` in its startup
+/// packet, through `proxy`; and the client's connection, open.
+async fn raw_login(
+    proxy: &Proxy,
+    params: &[(&str, &str)],
+) -> (Vec<(String, String)>, tokio::net::TcpStream) {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port()))
+        .await
+        .unwrap();
+    use tokio::io::AsyncWriteExt;
+    stream
+        .write_all(&startup_packet_with("trustuser", params))
+        .await
+        .unwrap();
+    let reported = read_messages(&mut stream)
+        .await
+        .into_iter()
+        .filter(|(tag, _)| *tag == b'S')
+        .map(|(_, body)| {
+            let mut parts = body
+                .split(|&b| b == 0)
+                .map(|p| String::from_utf8_lossy(p).into_owned());
+            (
+                parts.next().unwrap_or_default(),
+                parts.next().unwrap_or_default(),
+            )
+        })
+        .collect();
+    (reported, stream)
+}
+
+/// Session mode: a connection a session leaves behind tells the next session's login the
+/// server's values of now, not those of its own start: here a configuration reload on the
+/// server changed IntervalStyle while it lived. (On the failure cluster, which tests use
+/// one at a time: the change is server-wide.)
+#[tokio::test]
+async fn session_mode_logins_on_a_kept_connection_are_told_the_servers_current_settings() {
+    let _serial = failure_lock().lock().await;
+    let c = failure_cluster();
+    let proxy = start_proxy_with(&session_mode(&config(c, "size = 1"))).await;
+    let params = [("application_name", "kept_connection_settings")];
+    let (before, first) = raw_login(&proxy, &params).await;
+    let style = |reported: &[(String, String)]| {
+        reported
+            .iter()
+            .find(|(k, _)| k == "IntervalStyle")
+            .map(|(_, v)| v.clone())
+    };
+    let admin = direct(c.primary).await;
+    let alter_system = async |sql: &str| {
+        admin.batch_execute(sql).await.unwrap();
+        admin
+            .batch_execute("SELECT pg_reload_conf()")
+            .await
+            .unwrap();
+    };
+    alter_system("ALTER SYSTEM SET IntervalStyle = 'iso_8601'").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(first);
+    let primary = |p: &pgsplit::backend::Pool| p.backend.is_primary();
+    let kept = eventually(Duration::from_secs(5), || {
+        proxy.pool_counts(primary) == (0, 1)
+    })
+    .await;
+    let (after, _second) = raw_login(&proxy, &params).await;
+    alter_system("ALTER SYSTEM RESET IntervalStyle").await;
+    assert!(kept, "the connection was kept");
+    assert_eq!(style(&before).as_deref(), Some("postgres"));
+    assert_eq!(style(&after).as_deref(), Some("iso_8601"), "{after:?}");
+}

@@ -845,12 +845,7 @@ async fn a_reload_in_session_mode_leaves_the_sessions_their_places() {
     let c = cluster();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("proxy.toml");
-    let config = |size: usize, timeout_ms: u64| {
-        format!(
-            "{}\n[pool]\nsize = {size}\ncheckout_timeout_ms = {timeout_ms}\n",
-            session_mode(&ops_config(c))
-        )
-    };
+    let config = session_config;
     write(&path, &config(2, 20_000));
     let proxy = start_proxy_from_file(&path).await;
     let admin = console(proxy.port()).await;
@@ -951,28 +946,30 @@ async fn log_in_on(stream: tokio::net::TcpStream, conn_str: String) -> tokio_pos
     client
 }
 
-/// A client whose connection was accepted before a reload logs in under the configuration
-/// of its accept, and takes its places from the same sets as the sessions of the new one:
-/// `[pool] size` bounds them together. (Each configuration used to make its own set for a
-/// server, user and database it had no pool for yet, so that such a client got in past
-/// the size.)
-#[tokio::test]
-async fn a_client_accepted_before_a_reload_shares_the_places_of_the_new_configuration() {
-    let c = cluster();
+/// A session-mode proxy of `[pool] size` 1 from a file, with a connection it accepted
+/// (see [`accepted`]) before a reload that replaced its pools.
+async fn accepted_before_a_pool_changing_reload()
+-> (tempfile::TempDir, Proxy, tokio::net::TcpStream) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("proxy.toml");
-    let config = |timeout_ms: u64| {
-        format!(
-            "{}\n[pool]\nsize = 1\ncheckout_timeout_ms = {timeout_ms}\n",
-            session_mode(&ops_config(c))
-        )
-    };
-    write(&path, &config(20_000));
+    write(&path, &session_config(1, 20_000));
     let proxy = start_proxy_from_file(&path).await;
     let admin = console(proxy.port()).await;
     let early = accepted(&proxy).await;
-    write(&path, &config(20_001));
+    write(&path, &session_config(1, 20_001));
     admin.simple_query("RELOAD").await.expect("RELOAD");
+    (dir, proxy, early)
+}
+
+/// A client whose connection was accepted before a reload takes its places from the same
+/// sets as the sessions of the new configuration: `[pool] size` bounds them together.
+/// (Each configuration used to make its own set for a server, user and database it had no
+/// pool for yet, so that such a client got in past the size. Its login moves to the new
+/// configuration now; one whose startup settings pin it at once, or a session between its
+/// login and its first request, still uses the old one's pools.)
+#[tokio::test]
+async fn a_client_accepted_before_a_reload_shares_the_places_of_the_new_configuration() {
+    let (_dir, proxy, early) = accepted_before_a_pool_changing_reload().await;
     let holder = proxy.app().await;
     holder.batch_execute("SELECT txid_current()").await.unwrap();
     let late = tokio::spawn(log_in_on(early, proxy.conn_str("app", "app_pw")));
@@ -983,9 +980,101 @@ async fn a_client_accepted_before_a_reload_shares_the_places_of_the_new_configur
     late.batch_execute("SELECT txid_current()").await.unwrap();
 }
 
+/// Server connections on the primary whose session carries one of `names` as its
+/// `application_name`.
+async fn primary_conns_named(names: &[&str]) -> i64 {
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    direct(cluster().primary)
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = ANY($1)",
+            &[&names],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// A session-mode configuration with `[pool] size` and a checkout timeout (change the
+/// timeout to make a reload replace the pools).
+fn session_config(size: usize, timeout_ms: u64) -> String {
+    format!(
+        "{}\n[pool]\nsize = {size}\ncheckout_timeout_ms = {timeout_ms}\n",
+        session_mode(&ops_config(cluster()))
+    )
+}
+
+/// The primary pool of `app` holds `counts` (in use, idle) within 5 s.
+async fn primary_app_pool_settles(proxy: &Proxy, counts: (usize, usize)) -> (usize, usize) {
+    let pool = |p: &pgsplit::backend::Pool| p.backend.is_primary() && p.user() == "app";
+    eventually(Duration::from_secs(5), || proxy.pool_counts(pool) == counts).await;
+    proxy.pool_counts(pool)
+}
+
+/// Session mode, a client accepted before a reload that replaced the pools: its login
+/// takes the new configuration's pools, so a connection it opens counts the idle ones
+/// sessions left there. (Through the replaced pool it once opened one beside them: two
+/// primary connections at size 1.)
+#[tokio::test]
+async fn a_client_accepted_before_a_reload_logs_in_on_the_new_pools() {
+    let (_dir, proxy, early) = accepted_before_a_pool_changing_reload().await;
+    let (left, late) = (unique("straddle_left"), unique("straddle_late"));
+    let app = proxy.conn_str("app", "app_pw");
+    let leaving = connect(&format!("{app} application_name={left}")).await;
+    leaving
+        .batch_execute("SELECT txid_current()")
+        .await
+        .unwrap();
+    drop(leaving);
+    assert_eq!(primary_app_pool_settles(&proxy, (0, 1)).await, (0, 1));
+    // Counted before its first request (which moves a session to the new configuration).
+    let client = log_in_on(early, format!("{app} application_name={late}")).await;
+    assert_eq!(primary_conns_named(&[&left, &late]).await, 1, "size 1");
+    client.batch_execute("SELECT txid_current()").await.unwrap();
+    assert_eq!(primary_conns_named(&[&left, &late]).await, 1);
+}
+
+/// Session mode, a reload that lowers `[pool] size` below the sessions in: the connections
+/// they leave close until the size holds (they used to wait idle beside the sessions,
+/// past it), then are kept again.
+#[tokio::test]
+async fn a_lowered_size_closes_the_connections_sessions_leave_past_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    write(&path, &session_config(2, 20_000));
+    let proxy = start_proxy_from_file(&path).await;
+    let admin = console(proxy.port()).await;
+    let name = unique("lowered_size");
+    let conn_str = format!(
+        "{} application_name={name}",
+        proxy.conn_str("app", "app_pw")
+    );
+    let (first, second) = (connect(&conn_str).await, connect(&conn_str).await);
+    write(&path, &session_config(1, 20_000));
+    admin.simple_query("RELOAD").await.expect("RELOAD");
+    for session in [&first, &second] {
+        session
+            .batch_execute("SELECT txid_current()")
+            .await
+            .unwrap();
+    }
+    drop(first);
+    assert_eq!(primary_app_pool_settles(&proxy, (1, 0)).await, (1, 0));
+    assert_eq!(primary_conns_named(&[&name]).await, 1);
+    let kept = primary_conns_named(&[&name]).await;
+    drop(second);
+    assert_eq!(
+        primary_app_pool_settles(&proxy, (0, 1)).await,
+        (0, 1),
+        "kept"
+    );
+    let next = connect(&conn_str).await;
+    next.batch_execute("SELECT txid_current()").await.unwrap();
+    assert_eq!(primary_conns_named(&[&name]).await, kept, "and reused");
+}
+
 /// A reload that changes no pool setting keeps the pools, shared by the old and the new
-/// configuration: a client that logs in under the old one (accepted before the reload)
-/// uses them as they are. (The old configuration once retired every pool it handed out,
+/// configuration: a client accepted before the reload uses them as they are. (The old configuration once retired every pool it handed out,
 /// kept ones included: each transaction then opened a server connection of its own.)
 #[tokio::test]
 async fn a_client_accepted_before_a_reload_that_kept_the_pools_reuses_their_connections() {
