@@ -18,6 +18,7 @@ pub enum Command {
     ShowVersion,
     ShowHelp,
     Reload,
+    Reconnect,
     Ban(String),
     Unban(String),
     /// No statement at all (`;`, or a keepalive's empty query).
@@ -68,6 +69,10 @@ const HELP: &[(&str, &str)] = &[
     ("SHOW VERSION", "pgsplit's version"),
     ("RELOAD", "read the config file again and apply it"),
     (
+        "RECONNECT",
+        "replace every server connection once it is free (role changes apply)",
+    ),
+    (
         "BAN <backend>",
         "take a replica out of rotation (name or host:port)",
     ),
@@ -91,6 +96,7 @@ pub fn parse(sql: &str) -> Result<Command, String> {
         ["SHOW", "VERSION"] => Command::ShowVersion,
         ["SHOW", "HELP"] | ["HELP"] => Command::ShowHelp,
         ["RELOAD"] => Command::Reload,
+        ["RECONNECT"] => Command::Reconnect,
         ["BAN", _] => Command::Ban(words[1].to_owned()),
         ["UNBAN", _] => Command::Unban(words[1].to_owned()),
         _ => {
@@ -125,6 +131,20 @@ pub async fn run(shared: &Arc<Shared>, cmd: Command) -> Result<Reply, Failure> {
             Reply {
                 tag: "RELOAD".into(),
                 notice: Some(format!("configuration reloaded: {summary}")),
+                ..Reply::default()
+            }
+        }
+        Command::Reconnect => {
+            let pools = shared.runtime.load().pools();
+            for pool in &pools {
+                pool.reconnect();
+            }
+            Reply {
+                tag: "RECONNECT".into(),
+                notice: Some(format!(
+                    "{} pool(s): idle server connections closed, the others close when free",
+                    pools.len()
+                )),
                 ..Reply::default()
             }
         }
@@ -425,6 +445,7 @@ mod tests {
         assert_eq!(parse("show backends;").unwrap(), Command::ShowBackends);
         assert_eq!(parse("  SHOW   Stats ").unwrap(), Command::ShowStats);
         assert_eq!(parse("reload").unwrap(), Command::Reload);
+        assert_eq!(parse("Reconnect;").unwrap(), Command::Reconnect);
         assert_eq!(
             parse("ban Replica1").unwrap(),
             Command::Ban("Replica1".into())

@@ -100,6 +100,9 @@ pub struct ServerConn {
     /// defined for the rest of the connection, as `''` after a reset, where a new
     /// connection has none (NULL): session mode does not hand this one to another session.
     pub custom_settings: bool,
+    /// The [`Pool::generation`](super::Pool::generation) it was opened in: one from before
+    /// the pool's last RECONNECT is closed when it comes back.
+    pub generation: u64,
     /// When a pool retires this connection (`max_lifetime` after it opened); None: never
     /// (a session's own connection).
     pub expires: Option<Instant>,
@@ -162,6 +165,7 @@ impl ServerConn {
             settings_generation: None,
             parse_settings_changed: false,
             custom_settings: false,
+            generation: 0,
             expires: None,
         });
         conn.startup(params, max_message).await?;

@@ -8,7 +8,7 @@
 //! a stack (the most recently used first, so surplus connections age out). New connections
 //! are opened only when no idle one is left, so lent + idle never exceeds `size`.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -75,6 +75,9 @@ pub struct Pool {
     server_params: OnceLock<Vec<(String, String)>>,
     /// Replaced by a reload: connections coming back are closed, not kept idle.
     retired: AtomicBool,
+    /// Bumped by the admin console's RECONNECT: connections opened before are closed when
+    /// they come back.
+    generation: AtomicU64,
 }
 
 /// A connection lent from a pool; give it back with [`Pool::checkin`].
@@ -103,6 +106,7 @@ impl Pool {
             idle: Mutex::new(Vec::new()),
             server_params: OnceLock::new(),
             retired: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
         })
     }
 
@@ -149,7 +153,8 @@ impl Pool {
         let (permit, now) = self.reserve(now, stop).await?;
         while let Some(idle) = self.pop_idle() {
             let mut conn = idle.conn;
-            if conn.expires.is_none_or(|at| now < at) && super::is_alive(&mut conn, false) {
+            // (One from before a RECONNECT can be checked in just after it.)
+            if self.keeps(&conn, now) && super::is_alive(&mut conn, false) {
                 return Ok(Lent { conn, permit });
             }
             debug!(backend = %self.name, "dropping a dead or expired idle server connection");
@@ -223,6 +228,27 @@ impl Pool {
         }
     }
 
+    /// Connections opened from now on carry this; older ones are not reused.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
+    }
+
+    /// RECONNECT: the idle connections close now, and those lent out (or owned by a
+    /// session) when they come back, so that new ones pick up what PostgreSQL fixes at a
+    /// login (a role's attributes and defaults, pg_hba).
+    pub fn reconnect(&self) {
+        self.generation.fetch_add(1, Ordering::Relaxed);
+        self.discard_idle();
+    }
+
+    /// Whether `conn` may wait idle here: not past its lifetime, nor from before a
+    /// RECONNECT, nor coming back to a pool a reload replaced.
+    fn keeps(&self, conn: &ServerConn, now: Instant) -> bool {
+        conn.expires.is_none_or(|at| now < at)
+            && conn.generation == self.generation()
+            && !self.retired.load(Ordering::Relaxed)
+    }
+
     /// A reload replaced this pool: its idle connections close now, and those still lent
     /// out close when they come back (clients still on the old configuration keep using
     /// it, with new connections).
@@ -246,6 +272,7 @@ impl Pool {
         .await
         .unwrap_or(Err(BackendError::Timeout))?;
         conn.expires = Instant::now().checked_add(self.limits.max_lifetime);
+        conn.generation = self.generation();
         let _ = self.server_params.set(conn.params.clone());
         self.note_connected();
         debug!(backend = %self.name, pid = conn.cancel_key.pid, "pooled server connection opened");
@@ -261,7 +288,7 @@ impl Pool {
     /// bookkeeping after it, at most a round trip, may make the idle time look that much
     /// longer).
     pub fn checkin(&self, lent: Lent, now: Instant) {
-        if lent.conn.expires.is_some_and(|at| now >= at) || self.retired.load(Ordering::Relaxed) {
+        if !self.keeps(&lent.conn, now) {
             return;
         }
         lock(&self.idle).push(Idle {
@@ -286,10 +313,7 @@ impl Pool {
         // A place given back while a lowered size is still exceeded goes out of the set
         // (see `Place`): its connection goes too.
         let shrinking = self.places.excess.load(Ordering::Relaxed) > 0;
-        if conn.expires.is_some_and(|at| now >= at)
-            || self.retired.load(Ordering::Relaxed)
-            || shrinking
-        {
+        if !self.keeps(&conn, now) || shrinking {
             return;
         }
         idle.push(Idle {
@@ -314,7 +338,7 @@ impl Pool {
         let mut taken = None;
         while let Some(at) = idle.iter().rposition(|i| i.startup == startup) {
             let mut conn = idle.remove(at).conn;
-            if conn.expires.is_none_or(|at| now < at) && super::is_alive(&mut conn, false) {
+            if self.keeps(&conn, now) && super::is_alive(&mut conn, false) {
                 taken = Some(conn);
                 break;
             }

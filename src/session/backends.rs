@@ -233,9 +233,10 @@ impl Session {
                     self.conns[slot] = Some(conn);
                     return Ok(());
                 }
-                let conn = self.connect_backend(id).await?;
+                let mut conn = self.connect_backend(id).await?;
                 if let Some(pool) = &self.pools[slot] {
                     pool.note_connected();
+                    conn.generation = pool.generation();
                 }
                 self.conns[slot] = Some(conn);
             }

@@ -1109,3 +1109,85 @@ async fn a_client_accepted_before_a_reload_that_kept_the_pools_reuses_their_conn
     }
     assert_eq!(pids.len(), 1, "one pooled connection, reused: {pids:?}");
 }
+
+/// RECONNECT on the admin console replaces every server connection, so that what
+/// PostgreSQL fixes at a login (a role's attributes and defaults) applies from then on:
+/// idle ones close at once, one in use once it is free (transaction mode: back in the
+/// pool; session mode: at its session's end).
+#[tokio::test]
+async fn reconnect_replaces_the_server_connections_once_they_are_free() {
+    let c = cluster();
+    let alive = async |pid: i32| -> bool {
+        direct(c.primary)
+            .await
+            .query_one(
+                "SELECT count(*) = 1 FROM pg_stat_activity WHERE pid = $1",
+                &[&pid],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    };
+    let primary_pid = async |client: &tokio_postgres::Client| -> i32 {
+        client
+            .query_one("SELECT pg_backend_pid() FROM txid_current()", &[])
+            .await
+            .unwrap()
+            .get(0)
+    };
+    for session in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("proxy.toml");
+        let config = ops_config(c);
+        write(
+            &path,
+            &if session {
+                session_mode(&config)
+            } else {
+                config
+            },
+        );
+        let proxy = start_proxy_from_file(&path).await;
+        let admin = console(proxy.port()).await;
+        let name = unique("reconnect");
+        let conn_str = format!(
+            "{} application_name={name}",
+            proxy.conn_str("app", "app_pw")
+        );
+        let busy = connect(&conn_str).await;
+        busy.batch_execute("BEGIN").await.unwrap();
+        let busy_pid = primary_pid(&busy).await;
+        let leaving = connect(&conn_str).await;
+        let idle_pid = primary_pid(&leaving).await;
+        drop(leaving);
+        let primary = |p: &pgsplit::backend::Pool| p.backend.is_primary() && p.user() == "app";
+        assert!(
+            eventually(Duration::from_secs(5), || proxy.pool_counts(primary).1 == 1).await,
+            "session mode {session}: an idle connection"
+        );
+        admin.simple_query("RECONNECT").await.expect("RECONNECT");
+        assert_eq!(proxy.pool_counts(primary).1, 0, "idle ones close at once");
+        assert_eq!(
+            primary_pid(&busy).await,
+            busy_pid,
+            "one in use stays in use"
+        );
+        busy.batch_execute("COMMIT").await.unwrap();
+        if session {
+            assert_eq!(primary_pid(&busy).await, busy_pid, "its session's own");
+            drop(busy);
+        }
+        let mut gone = false;
+        for _ in 0..50 {
+            gone = !alive(busy_pid).await && !alive(idle_pid).await;
+            if gone {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(gone, "session mode {session}: both closed");
+        let next = connect(&conn_str).await;
+        let next_pid = primary_pid(&next).await;
+        assert!(next_pid != busy_pid && next_pid != idle_pid);
+    }
+}
