@@ -96,10 +96,6 @@ pub struct ServerConn {
     /// `router::PARSE_SETTINGS`): a named statement prepared meanwhile may be parsed unlike
     /// the name the session gave it says.
     pub parse_settings_changed: bool,
-    /// A custom setting (`SET app.tenant = …`) was set here. PostgreSQL keeps such a name
-    /// defined for the rest of the connection, as `''` after a reset, where a new
-    /// connection has none (NULL): session mode does not hand this one to another session.
-    pub custom_settings: bool,
     /// The [`Pool::generation`](super::Pool::generation) it was opened in: one from before
     /// the pool's last RECONNECT is closed when it comes back.
     pub generation: u64,
@@ -164,7 +160,6 @@ impl ServerConn {
             settings: HashMap::new(),
             settings_generation: None,
             parse_settings_changed: false,
-            custom_settings: false,
             generation: 0,
             expires: None,
         });

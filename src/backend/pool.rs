@@ -9,7 +9,7 @@
 //! are opened only when no idle one is left, so lent + idle never exceeds `size`.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::OwnedSemaphorePermit;
@@ -71,8 +71,9 @@ pub struct Pool {
     /// configurations a reload left running.
     places: Places,
     idle: Mutex<Vec<Idle>>,
-    /// ParameterStatus values of the first connection: what a client is told at login.
-    server_params: OnceLock<Vec<(String, String)>>,
+    /// ParameterStatus values of the latest connection opened: what a client is told at
+    /// login (none after a RECONNECT, until a connection of the new generation opens).
+    server_params: arc_swap::ArcSwapOption<Vec<(String, String)>>,
     /// Replaced by a reload: connections coming back are closed, not kept idle.
     retired: AtomicBool,
     /// Bumped by the admin console's RECONNECT: connections opened before are closed when
@@ -104,7 +105,7 @@ impl Pool {
             places,
             limits,
             idle: Mutex::new(Vec::new()),
-            server_params: OnceLock::new(),
+            server_params: arc_swap::ArcSwapOption::empty(),
             retired: AtomicBool::new(false),
             generation: AtomicU64::new(0),
         })
@@ -135,8 +136,8 @@ impl Pool {
         self.limits.size
     }
 
-    pub fn server_params(&self) -> Option<&[(String, String)]> {
-        self.server_params.get().map(Vec::as_slice)
+    pub fn server_params(&self) -> Option<Arc<Vec<(String, String)>>> {
+        self.server_params.load_full()
     }
 
     /// Lend a connection: an idle live one, or a new one while under `size`. `now` is a
@@ -238,6 +239,7 @@ impl Pool {
     /// login (a role's attributes and defaults, pg_hba).
     pub fn reconnect(&self) {
         self.generation.fetch_add(1, Ordering::Relaxed);
+        self.server_params.store(None);
         self.discard_idle();
     }
 
@@ -260,6 +262,9 @@ impl Pool {
     async fn connect(&self) -> Result<Box<ServerConn>, BackendError> {
         // Boxed: opening a connection is rare, and its state machine (~1.5 KB) inline would
         // make every request's future that large, with its allocation and copies.
+        // The generation of before the login: a RECONNECT while it runs may follow a role
+        // change this login did not see.
+        let generation = self.generation();
         let mut conn = Box::pin(tokio::time::timeout(
             self.limits.connect_timeout,
             ServerConn::connect(
@@ -272,8 +277,11 @@ impl Pool {
         .await
         .unwrap_or(Err(BackendError::Timeout))?;
         conn.expires = Instant::now().checked_add(self.limits.max_lifetime);
-        conn.generation = self.generation();
-        let _ = self.server_params.set(conn.params.clone());
+        conn.generation = generation;
+        if generation == self.generation() {
+            self.server_params
+                .store(Some(Arc::new(conn.params.clone())));
+        }
         self.note_connected();
         debug!(backend = %self.name, pid = conn.cancel_key.pid, "pooled server connection opened");
         Ok(conn)

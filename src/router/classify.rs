@@ -557,7 +557,7 @@ impl Ctx<'_> {
             }
             Statement::Reset(r) => {
                 self.primary();
-                self.push_op(match &r.reset {
+                let op = match &r.reset {
                     Reset::ALL => SessionOp::ResetAll,
                     Reset::SessionAuthorization => SessionOp::Reset {
                         name: "session_authorization".to_owned(),
@@ -565,7 +565,11 @@ impl Ctx<'_> {
                     Reset::ConfigurationParameter(name) => SessionOp::Reset {
                         name: guc_name(name),
                     },
-                });
+                };
+                if let SessionOp::Reset { name } = &op {
+                    self.out.defines_custom_setting |= is_custom_setting(name);
+                }
+                self.push_op(op);
             }
             Statement::Discard { object_type } => {
                 self.primary();
@@ -686,6 +690,7 @@ impl Ctx<'_> {
                 ..
             } => {
                 let name = guc_name(variable);
+                self.out.defines_custom_setting |= is_custom_setting(&name);
                 if *scope == Some(ContextModifier::Local) || TX_SCOPED_GUCS.contains(&&*name) {
                     self.out.local_search_path |= name == "search_path";
                     self.out.local_parse_setting |= affects_parsing(&name);
@@ -960,6 +965,7 @@ impl Ctx<'_> {
         self.out.calls_user_functions |= w.user_functions;
         self.out.by_literal |= w.by_literal;
         self.out.pins_for_good |= w.pins_for_good;
+        self.out.defines_custom_setting |= w.custom_setting;
         self.out.local_search_path |= w.local_search_path;
         self.out.local_parse_setting |= w.local_parse_setting;
         self.out.standby_refuses |= w.standby_refuses;
@@ -1150,8 +1156,17 @@ fn plain_first(args: &[FunctionArg]) -> bool {
     }
 }
 
-fn primary_kind(name: &str, args: &[FunctionArg]) -> Option<FnKind> {
-    // A literal, also when cast or parenthesized (`'transaction_read_only'::text`).
+/// A custom setting's name (it has a dot), which PostgreSQL keeps defined on a connection
+/// once it was set or reset there. pgsplit's own (`pgsplit.consistency`) does not count:
+/// nothing on the server reads it.
+fn is_custom_setting(name: &str) -> bool {
+    name.contains('.') && !name.to_ascii_lowercase().starts_with("pgsplit.")
+}
+
+/// Argument `i` of set_config or current_setting when it is a literal, also when cast or
+/// parenthesized (`'transaction_read_only'::text`): a named argument (`is_local => true`)
+/// is found by its name, the others by position.
+fn literal_arg(args: &[FunctionArg], i: usize) -> Option<&Value> {
     fn literal(e: &Expr) -> Option<&Value> {
         match e {
             Expr::Value(v) => Some(&v.value),
@@ -1159,29 +1174,29 @@ fn primary_kind(name: &str, args: &[FunctionArg]) -> Option<FnKind> {
             _ => None,
         }
     }
-    // set_config's and current_setting's parameters: a named argument (`is_local => true`)
-    // is found by its name, the others by position.
     const PARAMS: [&str; 3] = ["setting_name", "new_value", "is_local"];
-    let arg = |i: usize| {
-        let named = args.iter().find_map(|a| match a {
-            FunctionArg::Named {
-                name,
-                arg: FunctionArgExpr::Expr(e),
-                ..
-            } if name.value.eq_ignore_ascii_case(PARAMS[i]) => Some(e),
-            FunctionArg::ExprNamed {
-                name: Expr::Identifier(name),
-                arg: FunctionArgExpr::Expr(e),
-                ..
-            } if name.value.eq_ignore_ascii_case(PARAMS[i]) => Some(e),
-            _ => None,
-        });
-        let positional = match args.get(i) {
-            Some(FunctionArg::Unnamed(FunctionArgExpr::Expr(e))) => Some(e),
-            _ => None,
-        };
-        named.or(positional).and_then(literal)
+    let named = args.iter().find_map(|a| match a {
+        FunctionArg::Named {
+            name,
+            arg: FunctionArgExpr::Expr(e),
+            ..
+        } if name.value.eq_ignore_ascii_case(PARAMS[i]) => Some(e),
+        FunctionArg::ExprNamed {
+            name: Expr::Identifier(name),
+            arg: FunctionArgExpr::Expr(e),
+            ..
+        } if name.value.eq_ignore_ascii_case(PARAMS[i]) => Some(e),
+        _ => None,
+    });
+    let positional = match args.get(i) {
+        Some(FunctionArg::Unnamed(FunctionArgExpr::Expr(e))) => Some(e),
+        _ => None,
     };
+    named.or(positional).and_then(literal)
+}
+
+fn primary_kind(name: &str, args: &[FunctionArg]) -> Option<FnKind> {
+    let arg = |i: usize| literal_arg(args, i);
     match name {
         // set_config(name, value, is_local => true) is SET LOCAL: it dies with the transaction.
         "set_config" if arg(2) == Some(&Value::Boolean(true)) => match arg(0) {
@@ -1508,6 +1523,7 @@ struct Walk<'a> {
     user_functions: bool,
     by_literal: bool,
     pins_for_good: bool,
+    custom_setting: bool,
     local_search_path: bool,
     local_parse_setting: bool,
     standby_refuses: bool,
@@ -1538,6 +1554,9 @@ impl Walk<'_> {
         // (and only in that spelling): such texts are classified each by itself.
         self.by_literal |= base == "set_config"
             || (base == "current_setting" && !(last.quote_style.is_none() && plain_first(args)));
+        // Local or not, and whatever name a parameter or an expression turns out to be.
+        self.custom_setting |= base == "set_config"
+            && !matches!(literal_arg(args, 0), Some(Value::SingleQuotedString(n)) if !is_custom_setting(n));
         let kind = if configured {
             Some(FnKind::Write)
         } else {

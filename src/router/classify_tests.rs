@@ -995,3 +995,29 @@ fn what_a_standby_refuses_at_the_start_of_a_read_only_block() {
         assert!(!classify(sql).tx_local, "{sql}");
     }
 }
+
+#[test]
+fn custom_settings_are_seen_however_they_are_set() {
+    for sql in [
+        "SET app.tenant = 'a'",
+        "SET SESSION app.tenant TO 'a'",
+        "SET LOCAL app.tenant = 'a'",
+        "RESET app.tenant",
+        "SELECT set_config('app.tenant', 'a', false)",
+        "SELECT set_config('app.tenant', 'a', true)",
+        "SELECT set_config($1, 'a', false)",
+        "SELECT set_config('app.' || 'x', 'a', false)",
+        "SELECT set_config(setting_name => 'app.t', new_value => '1', is_local => false)",
+    ] {
+        assert!(classify(sql).defines_custom_setting, "{sql}");
+    }
+    for sql in [
+        "SET work_mem = '8MB'",
+        "SET pgsplit.consistency = 'eventual'",
+        "SELECT set_config('work_mem', '8MB', false)",
+        "SELECT current_setting('app.tenant', true)",
+        "RESET ALL",
+    ] {
+        assert!(!classify(sql).defines_custom_setting, "{sql}");
+    }
+}

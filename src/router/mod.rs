@@ -102,6 +102,10 @@ pub struct Classification {
     /// It leaves state on the connection that `DISCARD ALL` does not reset (a library
     /// loaded with LOAD, a dblink connection): the session stays pinned for its life.
     pub pins_for_good: bool,
+    /// It may leave a custom setting's name (`app.tenant`) defined on its connection for
+    /// good (as `''` after a reset, where a new connection has none): a `SET`, `SET LOCAL`
+    /// or `RESET` of one, a `set_config` of one or of a name not given as a literal.
+    pub defines_custom_setting: bool,
     /// Session-state statements in the order they appear.
     pub session_ops: Vec<SessionOp>,
     /// Settings changed by `set_config(name, value, false)`: once the statement succeeded,
@@ -155,6 +159,7 @@ impl Classification {
             tx_effect: TxEffect::Other,
             pins_session: false,
             pins_for_good: false,
+            defines_custom_setting: false,
             session_ops: Vec::new(),
             read_back: Vec::new(),
             tables_read: Vec::new(),
@@ -188,6 +193,7 @@ impl Classification {
         Classification {
             pins_session: true,
             pins_for_good: says(b"load") || says(b"dblink") || says(b"u&"),
+            defines_custom_setting: true,
             ..Classification::unknown()
         }
     }

@@ -233,10 +233,12 @@ impl Session {
                     self.conns[slot] = Some(conn);
                     return Ok(());
                 }
+                // The generation of before the login (see `Pool::connect`).
+                let generation = self.pools[slot].as_ref().map(|p| p.generation());
                 let mut conn = self.connect_backend(id).await?;
                 if let Some(pool) = &self.pools[slot] {
                     pool.note_connected();
-                    conn.generation = pool.generation();
+                    conn.generation = generation.unwrap_or_default();
                 }
                 self.conns[slot] = Some(conn);
             }
@@ -583,8 +585,13 @@ impl Session {
     /// [`Pool::checkin_owned`]). Those it does not keep are closed by the caller.
     pub(super) async fn leave_owned(&mut self) {
         // Inside a transaction block the server refuses DISCARD ALL (and the block's work
-        // must be rolled back by closing); a shutdown does not wait for resets.
-        if self.mode != PoolMode::Session || self.tx != TxStatus::Idle || self.shared.is_draining()
+        // must be rolled back by closing); a shutdown does not wait for resets. A custom
+        // setting's name would stay defined as `''` (a new connection has none): a policy's
+        // `current_setting('app.tenant', true)::uuid` would fail in the next session.
+        if self.mode != PoolMode::Session
+            || self.tx != TxStatus::Idle
+            || self.shared.is_draining()
+            || self.defined_custom_setting
         {
             return;
         }
@@ -592,14 +599,13 @@ impl Session {
         let limit = self.runtime.config.pool.connect_timeout();
         for slot in 0..self.conns.len() {
             // What DISCARD ALL cannot take back (a LOADed library, dblink connections) is
-            // on the primary connection; a custom setting stays defined (see
-            // `ServerConn::custom_settings`). A cancel request still on its way could reach
-            // the next session's query.
+            // on the primary connection. A cancel request still on its way could reach the
+            // next session's query.
             let kept_state = self.tainted[slot] || (slot == 0 && self.pinned_for_good);
-            let unfit = self.conns[slot]
+            let canceling = self.conns[slot]
                 .as_ref()
-                .is_some_and(|c| c.custom_settings || c.cancels.load(Ordering::SeqCst) > 0);
-            if kept_state || unfit {
+                .is_some_and(|c| c.cancels.load(Ordering::SeqCst) > 0);
+            if kept_state || canceling {
                 continue;
             }
             let (Some(pool), Some(place)) = (self.pools[slot].clone(), self.permits[slot].take())

@@ -276,6 +276,10 @@ pub struct Session {
     pinned: bool,
     /// The pinning left state that DISCARD ALL does not reset: it never unpins.
     pinned_for_good: bool,
+    /// A custom setting was set (see `Classification::defines_custom_setting`), and
+    /// replayed onto the session's other connections: their reset would leave its name
+    /// defined, so session mode hands none of them on.
+    defined_custom_setting: bool,
     /// A replica refused this session (not a statement): its reads go to the primary.
     replicas_refused: bool,
     /// The request in flight pins the session (a LISTEN behind a DISCARD ALL in one
@@ -408,6 +412,7 @@ impl Session {
             pinned: false,
             replicas_refused: false,
             pinned_for_good: false,
+            defined_custom_setting: false,
             pinned_in_request: false,
             pinned_state_lost: false,
             hold_tick: None,
@@ -467,7 +472,7 @@ impl Session {
     async fn start(&mut self) -> Result<()> {
         // A reload since the client connected: its login takes the current pools (whose
         // idle connections count against the places the login takes).
-        self.adopt_new_runtime().await?;
+        self.adopt_new_runtime(true).await?;
         // A pool that connected before knows the server's parameters (and that this role and
         // database work): the login then needs no server connection at all. (Session mode
         // connects anyway, and reports that connection's values.)
@@ -475,9 +480,9 @@ impl Session {
             PoolMode::Transaction => self.runtime.pool(BackendId::PRIMARY, &self.connect),
             PoolMode::Session => None,
         };
+        let from_pool = pool.as_ref().and_then(|p| p.server_params());
         let from_server;
-        let server_params: &[(String, String)] = match pool.as_ref().and_then(|p| p.server_params())
-        {
+        let server_params: &[(String, String)] = match &from_pool {
             Some(params) => params,
             None => {
                 from_server = self.login_server_params().await?;
@@ -842,7 +847,7 @@ impl Session {
     /// Decode, route and run one request. `open`: the batch has no Sync yet and the rest
     /// of it follows the same connection.
     async fn dispatch_batch(&mut self, open: bool) -> Result<()> {
-        self.adopt_new_runtime().await?;
+        self.adopt_new_runtime(false).await?;
         let mut items = std::mem::take(&mut self.batch);
         self.batch_bytes = 0;
         let mut local = std::mem::take(&mut self.batch_local);
@@ -935,6 +940,7 @@ impl Session {
             }
             self.pinned_in_request |= c.pins_session;
             self.pinned_for_good |= c.pins_for_good;
+            self.defined_custom_setting |= c.defines_custom_setting;
         }
         let executes = items
             .iter()
@@ -1051,10 +1057,11 @@ impl Session {
         }
     }
 
-    /// A reloaded configuration applies from the first request that finds the session
-    /// outside a transaction and holding no server connection it must keep (a pinned
-    /// session stays with the configuration it pinned under).
-    async fn adopt_new_runtime(&mut self) -> Result<()> {
+    /// A reloaded configuration applies from the login, then from the first request that
+    /// finds the session outside a transaction and holding no server connection it must
+    /// keep (a pinned session stays with the configuration it pinned under, unless it is
+    /// only logging in: pinned by its startup settings, it holds nothing yet).
+    async fn adopt_new_runtime(&mut self, at_login: bool) -> Result<()> {
         // A guard, not a clone: this runs before every request and almost always finds
         // nothing new.
         if Arc::ptr_eq(&self.shared.runtime.load(), &self.runtime) || self.tx != TxStatus::Idle {
@@ -1069,7 +1076,7 @@ impl Session {
                 self.login_user
             )));
         }
-        if self.pinned {
+        if self.pinned && !at_login {
             return Ok(());
         }
         match self.mode {
@@ -1300,19 +1307,12 @@ impl Session {
         rolled_back: bool,
         set_config_unread: bool,
     ) {
-        if let Some(c) = self.conns[conn.0 as usize].as_mut() {
-            if self.tx == TxStatus::Idle {
-                // Out of the transaction: its local settings are gone, and the session's
-                // own are recorded below.
-                c.parse_settings_changed = false;
-            }
-            // Even when rolled back: the name stays defined.
-            c.custom_settings |= ops.iter().any(|op| match op {
-                SessionOp::Set { name, .. } | SessionOp::Reset { name } => {
-                    name.contains('.') && name != CONSISTENCY_SETTING
-                }
-                _ => false,
-            });
+        if self.tx == TxStatus::Idle
+            && let Some(c) = self.conns[conn.0 as usize].as_mut()
+        {
+            // Out of the transaction: its local settings are gone, and the session's own
+            // are recorded below.
+            c.parse_settings_changed = false;
         }
         if failed || rolled_back {
             // An error aborts the implicit transaction or the whole block, and a ROLLBACK

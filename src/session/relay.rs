@@ -993,6 +993,7 @@ impl Session {
             self.pinned |= c.pins_session;
             self.pinned_in_request |= c.pins_session;
             self.pinned_for_good |= c.pins_for_good;
+            self.defined_custom_setting |= c.defines_custom_setting;
             if c.pins_session && !fl.id.is_primary() {
                 // As at dispatch: session-bound work on a replica (in a READ ONLY block)
                 // stays on that connection, which is closed, not pooled, at the block's end.
@@ -1117,8 +1118,12 @@ impl Session {
             }
             tag::ERROR_RESPONSE => fl.facts_error = Some(Box::new(ErrorFields::parse(body))),
             // Meant for the client whichever query they came with.
-            tag::NOTIFICATION_RESPONSE | tag::PARAMETER_STATUS => {
+            tag::NOTIFICATION_RESPONSE => self.out.extend_from_slice(frame),
+            tag::PARAMETER_STATUS => {
                 self.out.extend_from_slice(frame);
+                if let Some(kv) = protocol::decode_parameter_status(body) {
+                    fl.conn.note_parameter(kv);
+                }
             }
             tag::READY_FOR_QUERY => {
                 fl.expects.pop_front();

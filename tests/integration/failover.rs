@@ -656,3 +656,36 @@ async fn session_mode_logins_on_a_kept_connection_are_told_the_servers_current_s
     assert_eq!(style(&before).as_deref(), Some("postgres"));
     assert_eq!(style(&after).as_deref(), Some("iso_8601"), "{after:?}");
 }
+
+/// Transaction mode: after the admin console's RECONNECT, logins are told what the new
+/// server connections say (here a role default changed meanwhile), not what the pool's
+/// first connection said. (On the failure cluster: the role is shared by other tests.)
+#[tokio::test]
+async fn after_reconnect_logins_are_told_what_new_connections_say() {
+    let _serial = failure_lock().lock().await;
+    let c = failure_cluster();
+    let proxy = start_proxy_with(&config(c, "")).await;
+    let style = |reported: &[(String, String)]| {
+        reported
+            .iter()
+            .find(|(k, _)| k == "IntervalStyle")
+            .map(|(_, v)| v.clone())
+    };
+    let (before, _first) = raw_login(&proxy, &[]).await;
+    let admin = direct(c.primary).await;
+    admin
+        .batch_execute("ALTER ROLE trustuser SET IntervalStyle = 'iso_8601'")
+        .await
+        .unwrap();
+    // What the admin console's RECONNECT does.
+    for pool in proxy.shared.runtime.load().pools() {
+        pool.reconnect();
+    }
+    let (after, _second) = raw_login(&proxy, &[]).await;
+    admin
+        .batch_execute("ALTER ROLE trustuser RESET IntervalStyle")
+        .await
+        .unwrap();
+    assert_eq!(style(&before).as_deref(), Some("postgres"));
+    assert_eq!(style(&after).as_deref(), Some("iso_8601"), "{after:?}");
+}

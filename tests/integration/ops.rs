@@ -1014,24 +1014,27 @@ async fn primary_app_pool_settles(proxy: &Proxy, counts: (usize, usize)) -> (usi
 /// Session mode, a client accepted before a reload that replaced the pools: its login
 /// takes the new configuration's pools, so a connection it opens counts the idle ones
 /// sessions left there. (Through the replaced pool it once opened one beside them: two
-/// primary connections at size 1.)
+/// primary connections at size 1.) Also when its startup settings pin it to the primary.
 #[tokio::test]
 async fn a_client_accepted_before_a_reload_logs_in_on_the_new_pools() {
-    let (_dir, proxy, early) = accepted_before_a_pool_changing_reload().await;
-    let (left, late) = (unique("straddle_left"), unique("straddle_late"));
-    let app = proxy.conn_str("app", "app_pw");
-    let leaving = connect(&format!("{app} application_name={left}")).await;
-    leaving
-        .batch_execute("SELECT txid_current()")
-        .await
-        .unwrap();
-    drop(leaving);
-    assert_eq!(primary_app_pool_settles(&proxy, (0, 1)).await, (0, 1));
-    // Counted before its first request (which moves a session to the new configuration).
-    let client = log_in_on(early, format!("{app} application_name={late}")).await;
-    assert_eq!(primary_conns_named(&[&left, &late]).await, 1, "size 1");
-    client.batch_execute("SELECT txid_current()").await.unwrap();
-    assert_eq!(primary_conns_named(&[&left, &late]).await, 1);
+    for options in ["", " options='-c standard_conforming_strings=off'"] {
+        let (_dir, proxy, early) = accepted_before_a_pool_changing_reload().await;
+        let (left, late) = (unique("straddle_left"), unique("straddle_late"));
+        let app = proxy.conn_str("app", "app_pw");
+        let leaving = connect(&format!("{app} application_name={left}")).await;
+        leaving
+            .batch_execute("SELECT txid_current()")
+            .await
+            .unwrap();
+        drop(leaving);
+        assert_eq!(primary_app_pool_settles(&proxy, (0, 1)).await, (0, 1));
+        // Counted before its first request (which moves a session to the new configuration).
+        let client = log_in_on(early, format!("{app} application_name={late}{options}")).await;
+        let conns = primary_conns_named(&[&left, &late]).await;
+        assert_eq!(conns, 1, "size 1, with{options}");
+        client.batch_execute("SELECT txid_current()").await.unwrap();
+        assert_eq!(primary_conns_named(&[&left, &late]).await, 1);
+    }
 }
 
 /// Session mode, a reload that lowers `[pool] size` below the sessions in: the connections

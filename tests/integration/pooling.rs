@@ -1032,20 +1032,38 @@ async fn session_mode_closes_connections_a_reset_cannot_clean() {
 
     // A custom setting stays defined after DISCARD ALL, as '' where a new connection has
     // none (NULL): `current_setting('app.tenant', true)::uuid` in a policy would fail.
+    // The session's other connections got it too (the settings replay), and a name given
+    // as a parameter (as psycopg 3 binds one) is one all the same.
+    let reads = "SELECT (current_setting('reuse.tenant', true) IS NULL)::text";
     for set in [
         "SET reuse.tenant = 'a'",
         "BEGIN; SET reuse.tenant = 'a'; ROLLBACK",
+        "BEGIN; SET LOCAL reuse.tenant = 'a'; COMMIT",
         "SELECT set_config('reuse.tenant', 'a', false)",
+        "SELECT set_config('reuse.' || 'tenant', 'a', false)",
+        "SELECT set_config('reuse.tenant', 'a', true)",
+        "SELECT set_config($1, 'a', false)",
     ] {
         let setter = connect(&conn_str).await;
-        setter.batch_execute(set).await.unwrap();
+        match set.contains("$1") {
+            true => drop(setter.query(set, &[&"reuse.tenant"]).await.unwrap()),
+            false => setter.batch_execute(set).await.unwrap(),
+        }
+        // Reads on both replicas, which replay what the session set.
+        for _ in 0..2 {
+            setter.batch_execute("SELECT 1").await.unwrap();
+        }
         drop(setter);
-        assert_eq!(settled_idle(&proxy, 0).await, (0, 0), "{set}");
+        let app = |p: &pgsplit::backend::Pool| p.user() == "app";
+        assert!(eventually(Duration::from_secs(5), || proxy.pool_counts(app).0 == 0).await);
         let next = connect(&conn_str).await;
-        let unset = "BEGIN; SELECT (current_setting('reuse.tenant', true) IS NULL)::text; COMMIT";
-        assert_eq!(simple_value(&next, unset).await, "true", "{set}");
+        let on_primary = format!("BEGIN; {reads}; COMMIT");
+        assert_eq!(simple_value(&next, &on_primary).await, "true", "{set}");
+        for _ in 0..2 {
+            assert_eq!(simple_value(&next, reads).await, "true", "{set}, replica");
+        }
         drop(next);
-        settled_idle(&proxy, 1).await;
+        settled_idle(&proxy, 3).await;
     }
     // LOAD outside `$libdir/plugins` needs a superuser.
     let admin = proxy.conn_str("admin", "admin_password");
