@@ -72,7 +72,8 @@ pub struct Pool {
     places: Places,
     idle: Mutex<Vec<Idle>>,
     /// ParameterStatus values of the latest connection opened: what a client is told at
-    /// login (none after a RECONNECT, until a connection of the new generation opens).
+    /// login (after a RECONNECT, once a connection of the new generation has opened: a
+    /// login does not wait for a server connection to learn them).
     server_params: arc_swap::ArcSwapOption<Vec<(String, String)>>,
     /// Replaced by a reload: connections coming back are closed, not kept idle.
     retired: AtomicBool,
@@ -239,7 +240,6 @@ impl Pool {
     /// login (a role's attributes and defaults, pg_hba).
     pub fn reconnect(&self) {
         self.generation.fetch_add(1, Ordering::Relaxed);
-        self.server_params.store(None);
         self.discard_idle();
     }
 

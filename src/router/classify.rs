@@ -430,6 +430,8 @@ impl Ctx<'_> {
 
     fn unparsed(&mut self) {
         self.out.parsed = false;
+        // What it does is unknown: a DO block's `set_config`, a SET sqlparser cannot read.
+        self.out.outlives_reset = true;
         self.tx_other();
         self.opaque();
     }
@@ -567,7 +569,7 @@ impl Ctx<'_> {
                     },
                 };
                 if let SessionOp::Reset { name } = &op {
-                    self.out.defines_custom_setting |= is_custom_setting(name);
+                    self.out.outlives_reset |= is_custom_setting(name);
                 }
                 self.push_op(op);
             }
@@ -616,9 +618,13 @@ impl Ctx<'_> {
                 self.primary();
                 self.out.volatile = true;
             }
-            Statement::Execute { .. } => self.opaque(),
+            Statement::Execute { .. } => {
+                self.opaque();
+                self.note_custom_settings(stmt);
+            }
             Statement::Prepare { .. } | Statement::LISTEN { .. } | Statement::UNLISTEN { .. } => {
-                self.pin()
+                self.pin();
+                self.note_custom_settings(stmt);
             }
             Statement::Load { .. } => {
                 self.pin();
@@ -676,6 +682,10 @@ impl Ctx<'_> {
                     self.pin();
                 }
             }
+            Statement::Call(_) => {
+                self.opaque();
+                self.note_custom_settings(stmt);
+            }
             _ => self.opaque(),
         }
     }
@@ -690,7 +700,7 @@ impl Ctx<'_> {
                 ..
             } => {
                 let name = guc_name(variable);
-                self.out.defines_custom_setting |= is_custom_setting(&name);
+                self.out.outlives_reset |= is_custom_setting(&name);
                 if *scope == Some(ContextModifier::Local) || TX_SCOPED_GUCS.contains(&&*name) {
                     self.out.local_search_path |= name == "search_path";
                     self.out.local_parse_setting |= affects_parsing(&name);
@@ -730,6 +740,7 @@ impl Ctx<'_> {
                     && values.iter().any(|v| !keeps_on(&v.to_string()))
                 {
                     self.pin();
+                    self.out.outlives_reset = true;
                 }
                 if name == "datestyle" {
                     // One half ('ISO', 'DMY') keeps the other half in force: the whole
@@ -943,6 +954,17 @@ impl Ctx<'_> {
         Some(text.trim().to_owned())
     }
 
+    /// A `set_config` in a statement not otherwise walked (`PREPARE`'s body, `EXECUTE`'s
+    /// or `CALL`'s arguments): see [`Classification::outlives_reset`].
+    fn note_custom_settings(&mut self, stmt: &Statement) {
+        let mut w = Walk {
+            extra: self.extra,
+            ..Walk::default()
+        };
+        let _ = stmt.visit(&mut w);
+        self.out.outlives_reset |= w.custom_setting;
+    }
+
     /// Walks one statement; returns whether something in it needs the primary.
     fn walk(&mut self, stmt: &Statement) -> bool {
         let mut w = Walk {
@@ -965,7 +987,7 @@ impl Ctx<'_> {
         self.out.calls_user_functions |= w.user_functions;
         self.out.by_literal |= w.by_literal;
         self.out.pins_for_good |= w.pins_for_good;
-        self.out.defines_custom_setting |= w.custom_setting;
+        self.out.outlives_reset |= w.custom_setting;
         self.out.local_search_path |= w.local_search_path;
         self.out.local_parse_setting |= w.local_parse_setting;
         self.out.standby_refuses |= w.standby_refuses;
@@ -1157,10 +1179,10 @@ fn plain_first(args: &[FunctionArg]) -> bool {
 }
 
 /// A custom setting's name (it has a dot), which PostgreSQL keeps defined on a connection
-/// once it was set or reset there. pgsplit's own (`pgsplit.consistency`) does not count:
-/// nothing on the server reads it.
+/// once it was set or reset there. pgsplit's own `pgsplit.consistency` (which reaches the
+/// server too) does not count: sessions choose it routinely, and nothing else reads it.
 fn is_custom_setting(name: &str) -> bool {
-    name.contains('.') && !name.to_ascii_lowercase().starts_with("pgsplit.")
+    name.contains('.') && !name.eq_ignore_ascii_case("pgsplit.consistency")
 }
 
 /// Argument `i` of set_config or current_setting when it is a literal, also when cast or

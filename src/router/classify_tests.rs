@@ -770,6 +770,8 @@ fn deep_and_long_input_does_not_overflow() {
             classify(&parens),
             Classification {
                 local_parse_setting: false,
+                // What it does is unknown.
+                outlives_reset: true,
                 ..Classification::unknown()
             }
         );
@@ -1009,7 +1011,7 @@ fn custom_settings_are_seen_however_they_are_set() {
         "SELECT set_config('app.' || 'x', 'a', false)",
         "SELECT set_config(setting_name => 'app.t', new_value => '1', is_local => false)",
     ] {
-        assert!(classify(sql).defines_custom_setting, "{sql}");
+        assert!(classify(sql).outlives_reset, "{sql}");
     }
     for sql in [
         "SET work_mem = '8MB'",
@@ -1018,6 +1020,23 @@ fn custom_settings_are_seen_however_they_are_set() {
         "SELECT current_setting('app.tenant', true)",
         "RESET ALL",
     ] {
-        assert!(!classify(sql).defines_custom_setting, "{sql}");
+        assert!(!classify(sql).outlives_reset, "{sql}");
+    }
+}
+
+#[test]
+fn what_a_reset_leaves_is_seen_where_sqlparser_does_not_walk() {
+    for sql in [
+        "DO $$BEGIN PERFORM set_config('app.tenant', 'a', false); END$$",
+        "PREPARE p(text) AS SELECT set_config('app.tenant', $1, false)",
+        "EXECUTE q(set_config('app.tenant', 'a', false))",
+        "CALL proc(set_config('app.tenant', 'a', false))",
+        "SET standard_conforming_strings = off",
+        "SET app.tenant = exists",
+    ] {
+        assert!(classify(sql).outlives_reset, "{sql}");
+    }
+    for sql in ["PREPARE p AS SELECT 1", "EXECUTE p", "CALL proc(1)"] {
+        assert!(!classify(sql).outlives_reset, "{sql}");
     }
 }

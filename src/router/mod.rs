@@ -102,10 +102,14 @@ pub struct Classification {
     /// It leaves state on the connection that `DISCARD ALL` does not reset (a library
     /// loaded with LOAD, a dblink connection): the session stays pinned for its life.
     pub pins_for_good: bool,
-    /// It may leave a custom setting's name (`app.tenant`) defined on its connection for
-    /// good (as `''` after a reset, where a new connection has none): a `SET`, `SET LOCAL`
-    /// or `RESET` of one, a `set_config` of one or of a name not given as a literal.
-    pub defines_custom_setting: bool,
+    /// It may leave on its connection what `DISCARD ALL` does not take back and pgsplit
+    /// cannot replay or see, so that the session's connections must not serve another
+    /// session after it: a custom setting's name (`app.tenant`: a `SET`, `SET LOCAL` or
+    /// `RESET` of one, a `set_config` of one or of a name not given as a literal), which
+    /// stays defined as `''` where a new connection has none; `standard_conforming_strings`
+    /// turned off, under which the server splits texts unlike pgsplit (whatever it ran
+    /// unseen stays); a statement sqlparser cannot read (a `DO` block).
+    pub outlives_reset: bool,
     /// Session-state statements in the order they appear.
     pub session_ops: Vec<SessionOp>,
     /// Settings changed by `set_config(name, value, false)`: once the statement succeeded,
@@ -159,7 +163,7 @@ impl Classification {
             tx_effect: TxEffect::Other,
             pins_session: false,
             pins_for_good: false,
-            defines_custom_setting: false,
+            outlives_reset: false,
             session_ops: Vec::new(),
             read_back: Vec::new(),
             tables_read: Vec::new(),
@@ -193,7 +197,7 @@ impl Classification {
         Classification {
             pins_session: true,
             pins_for_good: says(b"load") || says(b"dblink") || says(b"u&"),
-            defines_custom_setting: true,
+            outlives_reset: true,
             ..Classification::unknown()
         }
     }

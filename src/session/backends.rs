@@ -591,7 +591,7 @@ impl Session {
         if self.mode != PoolMode::Session
             || self.tx != TxStatus::Idle
             || self.shared.is_draining()
-            || self.defined_custom_setting
+            || self.state_outlives_reset
         {
             return;
         }

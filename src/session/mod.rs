@@ -276,10 +276,11 @@ pub struct Session {
     pinned: bool,
     /// The pinning left state that DISCARD ALL does not reset: it never unpins.
     pinned_for_good: bool,
-    /// A custom setting was set (see `Classification::defines_custom_setting`), and
-    /// replayed onto the session's other connections: their reset would leave its name
-    /// defined, so session mode hands none of them on.
-    defined_custom_setting: bool,
+    /// Something ran that a reset would not take back (see
+    /// `Classification::outlives_reset`; a custom setting is also replayed onto the
+    /// session's other connections), or standard_conforming_strings was off: session mode
+    /// hands none of its connections on.
+    state_outlives_reset: bool,
     /// A replica refused this session (not a statement): its reads go to the primary.
     replicas_refused: bool,
     /// The request in flight pins the session (a LISTEN behind a DISCARD ALL in one
@@ -412,7 +413,7 @@ impl Session {
             pinned: false,
             replicas_refused: false,
             pinned_for_good: false,
-            defined_custom_setting: false,
+            state_outlives_reset: false,
             pinned_in_request: false,
             pinned_state_lost: false,
             hold_tick: None,
@@ -450,6 +451,7 @@ impl Session {
             clock: std::time::Instant::now(),
         };
         session.pinned = session.replicas_unfit();
+        session.state_outlives_reset = session.pinned;
         session
             .statements
             .set_context(session.settings.parse_context());
@@ -940,7 +942,7 @@ impl Session {
             }
             self.pinned_in_request |= c.pins_session;
             self.pinned_for_good |= c.pins_for_good;
-            self.defined_custom_setting |= c.defines_custom_setting;
+            self.state_outlives_reset |= c.outlives_reset;
         }
         let executes = items
             .iter()
@@ -1379,7 +1381,10 @@ impl Session {
             self.pinned = keep;
         }
         self.statements.set_context(self.settings.parse_context());
-        if !self.pinned && self.replicas_unfit() {
+        let unfit = self.replicas_unfit();
+        // Its texts may run unlike pgsplit read them (see `Classification::outlives_reset`).
+        self.state_outlives_reset |= unfit;
+        if !self.pinned && unfit {
             debug!("session pinned to the primary: a setting replicas cannot serve");
             self.pinned = true;
         }

@@ -993,7 +993,7 @@ impl Session {
             self.pinned |= c.pins_session;
             self.pinned_in_request |= c.pins_session;
             self.pinned_for_good |= c.pins_for_good;
-            self.defined_custom_setting |= c.defines_custom_setting;
+            self.state_outlives_reset |= c.outlives_reset;
             if c.pins_session && !fl.id.is_primary() {
                 // As at dispatch: session-bound work on a replica (in a READ ONLY block)
                 // stays on that connection, which is closed, not pooled, at the block's end.

@@ -658,8 +658,9 @@ async fn session_mode_logins_on_a_kept_connection_are_told_the_servers_current_s
 }
 
 /// Transaction mode: after the admin console's RECONNECT, logins are told what the new
-/// server connections say (here a role default changed meanwhile), not what the pool's
-/// first connection said. (On the failure cluster: the role is shared by other tests.)
+/// server connections say (here a role default changed meanwhile) once one has opened, not
+/// what the pool's first connection said. (On the failure cluster: the role is shared by
+/// other tests.)
 #[tokio::test]
 async fn after_reconnect_logins_are_told_what_new_connections_say() {
     let _serial = failure_lock().lock().await;
@@ -681,11 +682,21 @@ async fn after_reconnect_logins_are_told_what_new_connections_say() {
     for pool in proxy.shared.runtime.load().pools() {
         pool.reconnect();
     }
-    let (after, _second) = raw_login(&proxy, &[]).await;
+    // A login meanwhile needs no server connection (the pool may be busy): it is told the
+    // values from before; a statement opens a connection of the new generation.
+    let (meanwhile, mut second) = raw_login(&proxy, &[]).await;
+    use tokio::io::AsyncWriteExt;
+    second
+        .write_all(&message(b'Q', b"SELECT txid_current()\0"))
+        .await
+        .unwrap();
+    read_messages(&mut second).await;
+    let (after, _third) = raw_login(&proxy, &[]).await;
     admin
         .batch_execute("ALTER ROLE trustuser RESET IntervalStyle")
         .await
         .unwrap();
     assert_eq!(style(&before).as_deref(), Some("postgres"));
+    assert_eq!(style(&meanwhile).as_deref(), Some("postgres"));
     assert_eq!(style(&after).as_deref(), Some("iso_8601"), "{after:?}");
 }

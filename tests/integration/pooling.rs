@@ -1035,20 +1035,35 @@ async fn session_mode_closes_connections_a_reset_cannot_clean() {
     // The session's other connections got it too (the settings replay), and a name given
     // as a parameter (as psycopg 3 binds one) is one all the same.
     let reads = "SELECT (current_setting('reuse.tenant', true) IS NULL)::text";
-    for set in [
-        "SET reuse.tenant = 'a'",
-        "BEGIN; SET reuse.tenant = 'a'; ROLLBACK",
-        "BEGIN; SET LOCAL reuse.tenant = 'a'; COMMIT",
-        "SELECT set_config('reuse.tenant', 'a', false)",
-        "SELECT set_config('reuse.' || 'tenant', 'a', false)",
-        "SELECT set_config('reuse.tenant', 'a', true)",
-        "SELECT set_config($1, 'a', false)",
+    // Under standard_conforming_strings off the server reads the backslash as escaping the
+    // quote, and the SET that pgsplit reads as a comment runs.
+    let hidden = "SELECT 'a\\' -- ' ; SET reuse.tenant = 'a' ; SELECT 1\n AS x";
+    for sets in [
+        &["SET reuse.tenant = 'a'"][..],
+        &["BEGIN; SET reuse.tenant = 'a'; ROLLBACK"],
+        &["BEGIN; SET LOCAL reuse.tenant = 'a'; COMMIT"],
+        &["SELECT set_config('reuse.tenant', 'a', false)"],
+        &["SELECT set_config('reuse.' || 'tenant', 'a', false)"],
+        &["SELECT set_config('reuse.tenant', 'a', true)"],
+        &["SELECT set_config($1, 'a', false)"],
+        &["DO $$BEGIN PERFORM set_config('reuse.tenant', 'a', false); END$$"],
+        &[
+            "PREPARE reuse_set(text) AS SELECT set_config('reuse.tenant', $1, false); EXECUTE reuse_set('a')",
+        ],
+        &[
+            "SET standard_conforming_strings = off",
+            hidden,
+            "RESET standard_conforming_strings",
+        ],
     ] {
         let setter = connect(&conn_str).await;
-        match set.contains("$1") {
-            true => drop(setter.query(set, &[&"reuse.tenant"]).await.unwrap()),
-            false => setter.batch_execute(set).await.unwrap(),
+        for set in sets {
+            match set.starts_with("SELECT set_config($1") {
+                true => drop(setter.query(*set, &[&"reuse.tenant"]).await.unwrap()),
+                false => setter.batch_execute(set).await.unwrap(),
+            }
         }
+        let set = sets.join("; ");
         // Reads on both replicas, which replay what the session set.
         for _ in 0..2 {
             setter.batch_execute("SELECT 1").await.unwrap();
