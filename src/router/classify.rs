@@ -392,6 +392,8 @@ impl Ctx<'_> {
     fn fragment(&mut self, mut f: Fragment) {
         self.out.statement_count += 1;
         if f.longest_run > MAX_TOKEN_RUN {
+            // What it does is unknown.
+            self.out.outlives_reset = true;
             return self.unparsed();
         }
         // sqlparser lacks `TABLE name`, PostgreSQL's spelling of `SELECT * FROM name`.
@@ -430,8 +432,6 @@ impl Ctx<'_> {
 
     fn unparsed(&mut self) {
         self.out.parsed = false;
-        // What it does is unknown: a DO block's `set_config`, a SET sqlparser cannot read.
-        self.out.outlives_reset = true;
         self.tx_other();
         self.opaque();
     }
@@ -468,6 +468,16 @@ impl Ctx<'_> {
             | Statement::NOTIFY { .. } => {
                 self.walk(stmt);
                 self.primary();
+                // `UPDATE pg_settings SET setting = …` is set_config for any name, unseen.
+                if self
+                    .out
+                    .tables_written
+                    .iter()
+                    .any(|t| t == "pg_settings" || t == "pg_catalog.pg_settings")
+                {
+                    self.pin();
+                    self.out.outlives_reset = true;
+                }
                 // A new index is a write for read-your-writes (a lagging replica lacks it).
                 if let Statement::CreateIndex(c) = stmt {
                     push_unique(&mut self.out.tables_written, relation_name(&c.table_name));
@@ -847,6 +857,14 @@ impl Ctx<'_> {
         if f.session_call || f.temp {
             self.pin();
         }
+        // A DO block's body is one token; a SET sqlparser cannot read may name a custom
+        // setting or standard_conforming_strings. (Not every statement it cannot read:
+        // `SET CONSTRAINTS`, `FOR NO KEY UPDATE` are common and leave nothing.)
+        let names_one = head
+            .iter()
+            .any(|t| *t == Token::Period || is_word(t, "standard_conforming_strings"));
+        self.out.outlives_reset |=
+            kw(0, "DO") || f.session_call || ((kw(0, "SET") || kw(0, "RESET")) && names_one);
         self.out.pins_for_good |= f.dblink;
         if kw(0, "SET") {
             self.fallback_set(f);

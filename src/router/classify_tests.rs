@@ -770,8 +770,6 @@ fn deep_and_long_input_does_not_overflow() {
             classify(&parens),
             Classification {
                 local_parse_setting: false,
-                // What it does is unknown.
-                outlives_reset: true,
                 ..Classification::unknown()
             }
         );
@@ -1039,4 +1037,17 @@ fn what_a_reset_leaves_is_seen_where_sqlparser_does_not_walk() {
     for sql in ["PREPARE p AS SELECT 1", "EXECUTE p", "CALL proc(1)"] {
         assert!(!classify(sql).outlives_reset, "{sql}");
     }
+}
+
+#[test]
+fn common_statements_sqlparser_cannot_read_leave_reuse_alone() {
+    for sql in [
+        "SET CONSTRAINTS ALL DEFERRED",
+        "SELECT * FROM t FOR NO KEY UPDATE",
+        "SELECT * FROM t FOR KEY SHARE",
+    ] {
+        assert!(!classify(sql).outlives_reset, "{sql}");
+    }
+    let c = classify("UPDATE pg_settings SET setting = 'off' WHERE name = 'x'");
+    assert!(c.outlives_reset && c.pins_session);
 }

@@ -451,6 +451,8 @@ impl Session {
             clock: std::time::Instant::now(),
         };
         session.pinned = session.replicas_unfit();
+        // See `note_server_parameter`.
+        session.pinned_for_good = session.pinned;
         session.state_outlives_reset = session.pinned;
         session
             .statements
@@ -501,6 +503,10 @@ impl Session {
             PoolMode::Transaction => state::startup_values(&self.login_params),
             PoolMode::Session => Vec::new(),
         };
+        if let Some(v) = state::value_in(server_params, "standard_conforming_strings") {
+            let reported = ("standard_conforming_strings".to_owned(), v.to_owned());
+            self.note_server_parameter(BackendId::PRIMARY, &reported);
+        }
         for (k, v) in server_params {
             let chosen =
                 state::value_in(&given, k).map(|c| match k.eq_ignore_ascii_case("DateStyle") {
@@ -1382,8 +1388,9 @@ impl Session {
         }
         self.statements.set_context(self.settings.parse_context());
         let unfit = self.replicas_unfit();
-        // Its texts may run unlike pgsplit read them (see `Classification::outlives_reset`).
+        // Its texts may run unlike pgsplit read them (see `note_server_parameter`).
         self.state_outlives_reset |= unfit;
+        self.pinned_for_good |= unfit;
         if !self.pinned && unfit {
             debug!("session pinned to the primary: a setting replicas cannot serve");
             self.pinned = true;
@@ -1395,6 +1402,20 @@ impl Session {
             state::apply_to_server(&mut c.settings, &all);
             c.settings_generation =
                 (c.settings == self.settings.effective()).then_some(self.settings.generation);
+        }
+    }
+
+    /// A value the server reported on `id`'s connection (at login: the primary's). With
+    /// standard_conforming_strings off (however it came about: a role default, SET LOCAL,
+    /// `UPDATE pg_settings`) the server reads a backslash in a string unlike pgsplit, so
+    /// what it runs may not be what pgsplit classified: the session stays on its primary
+    /// connection for good, and none of its connections serves anyone after it.
+    fn note_server_parameter(&mut self, id: BackendId, (name, value): &(String, String)) {
+        if name == "standard_conforming_strings" && !crate::router::keeps_on(value) {
+            self.pinned = true;
+            self.pinned_for_good = true;
+            self.state_outlives_reset = true;
+            self.tainted[id.0 as usize] = true;
         }
     }
 

@@ -1122,6 +1122,7 @@ impl Session {
             tag::PARAMETER_STATUS => {
                 self.out.extend_from_slice(frame);
                 if let Some(kv) = protocol::decode_parameter_status(body) {
+                    self.note_server_parameter(fl.id, &kv);
                     fl.conn.note_parameter(kv);
                 }
             }
@@ -1408,6 +1409,7 @@ impl Session {
             }
             tag::PARAMETER_STATUS => {
                 if let Some(kv) = protocol::decode_parameter_status(body()) {
+                    self.note_server_parameter(fl.id, &kv);
                     fl.conn.note_parameter(kv);
                 }
                 true

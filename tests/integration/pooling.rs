@@ -1055,6 +1055,17 @@ async fn session_mode_closes_connections_a_reset_cannot_clean() {
             hidden,
             "RESET standard_conforming_strings",
         ],
+        &[
+            "BEGIN",
+            "SET LOCAL standard_conforming_strings = off",
+            hidden,
+            "COMMIT",
+        ],
+        &[
+            "UPDATE pg_settings SET setting = 'off' WHERE name = 'standard_conforming_strings'",
+            hidden,
+            "RESET standard_conforming_strings",
+        ],
     ] {
         let setter = connect(&conn_str).await;
         for set in sets {
@@ -1101,6 +1112,30 @@ async fn session_mode_closes_connections_a_reset_cannot_clean() {
         .batch_execute(&format!("DROP TABLE {table}"))
         .await
         .unwrap();
+}
+
+/// Transaction mode: with standard_conforming_strings off (here only for a transaction)
+/// the server splits a text unlike pgsplit, so a statement pgsplit reads as a comment can
+/// change the session unseen. The session then keeps its connection for good, and it
+/// never reaches another client. (It used to go back to the pool with the hidden setting.)
+#[tokio::test]
+async fn a_connection_that_ran_with_backslash_escapes_serves_no_other_client() {
+    let proxy = start_proxy_with(&pooled(1, "")).await;
+    let hidden = "SELECT 'a\\' -- ' ; SET statement_timeout = '1234ms' ; SELECT 1\n AS x";
+    let first = proxy.app().await;
+    for sql in [
+        "BEGIN",
+        "SET LOCAL standard_conforming_strings = off",
+        hidden,
+        "COMMIT",
+    ] {
+        first.batch_execute(sql).await.unwrap();
+    }
+    drop(first);
+    let primary = |p: &pgsplit::backend::Pool| p.backend.is_primary() && p.user() == "app";
+    assert!(eventually(Duration::from_secs(5), || proxy.pool_counts(primary).0 == 0).await);
+    let next = proxy.app().await;
+    assert_eq!(primary_setting(&next, "statement_timeout").await, "0");
 }
 
 /// Connections sessions left behind close after `idle_timeout_ms`, as pooled ones do.
