@@ -96,6 +96,9 @@ pub struct ServerConn {
     /// `router::PARSE_SETTINGS`): a named statement prepared meanwhile may be parsed unlike
     /// the name the session gave it says.
     pub parse_settings_changed: bool,
+    /// The server reported standard_conforming_strings off here (at its login, or since):
+    /// it splits texts unlike pgsplit (see `Session::note_server_parameter`).
+    pub backslash_escapes: bool,
     /// The [`Pool::generation`](super::Pool::generation) it was opened in: one from before
     /// the pool's last RECONNECT is closed when it comes back.
     pub generation: u64,
@@ -161,6 +164,7 @@ impl ServerConn {
             settings_generation: None,
             parse_settings_changed: false,
             generation: 0,
+            backslash_escapes: false,
             expires: None,
         });
         conn.startup(params, max_message).await?;
@@ -485,6 +489,9 @@ impl ServerConn {
     /// handed on tells its next client these at login, and they change while it lives
     /// (a server configuration reload, a session's SET, the reset that takes that back).
     pub fn note_parameter(&mut self, (name, value): (String, String)) {
+        if name == "standard_conforming_strings" {
+            self.backslash_escapes = !crate::router::keeps_on(&value);
+        }
         match self.params.iter_mut().find(|(k, _)| *k == name) {
             Some(kv) => kv.1 = value,
             None => self.params.push((name, value)),

@@ -396,6 +396,26 @@ impl Ctx<'_> {
             self.out.outlives_reset = true;
             return self.unparsed();
         }
+        // DDL with a SET clause (`ALTER ROLE … SET app.x = …`, `CREATE FUNCTION … SET app.x`)
+        // defines the custom setting's name on its connection (PostgreSQL checks the name
+        // there), even when it fails.
+        if f.head
+            .first()
+            .is_some_and(|t| is_word(t, "CREATE") || is_word(t, "ALTER"))
+        {
+            let significant: Vec<&Token> = f
+                .tokens
+                .iter()
+                .map(|t| &t.token)
+                .filter(|t| !matches!(t, Token::Whitespace(_)))
+                .collect();
+            self.out.outlives_reset |= significant.windows(4).any(|w| {
+                (is_word(w[0], "SET") || is_word(w[0], "RESET"))
+                    && matches!(w[1], Token::Word(_))
+                    && *w[2] == Token::Period
+                    && matches!(w[3], Token::Word(_))
+            });
+        }
         // sqlparser lacks `TABLE name`, PostgreSQL's spelling of `SELECT * FROM name`.
         if let Some(i) = f
             .tokens

@@ -1051,3 +1051,23 @@ fn common_statements_sqlparser_cannot_read_leave_reuse_alone() {
     let c = classify("UPDATE pg_settings SET setting = 'off' WHERE name = 'x'");
     assert!(c.outlives_reset && c.pins_session);
 }
+
+#[test]
+fn ddl_with_a_set_clause_of_a_custom_setting_outlives_a_reset() {
+    for sql in [
+        "ALTER DATABASE appdb SET app.x = '1'",
+        "ALTER ROLE r SET app.x = 1",
+        "ALTER ROLE r IN DATABASE d RESET app.x",
+        "CREATE FUNCTION f() RETURNS int LANGUAGE sql SET app.x = '1' AS 'SELECT 1'",
+    ] {
+        assert!(classify(sql).outlives_reset, "{sql}");
+    }
+    for sql in [
+        "ALTER TABLE s.t SET (fillfactor = 70)",
+        "ALTER TABLE t ALTER COLUMN c SET DEFAULT s.f()",
+        "ALTER TABLE t SET SCHEMA s2",
+        "ALTER ROLE r SET work_mem = '8MB'",
+    ] {
+        assert!(!classify(sql).outlives_reset, "{sql}");
+    }
+}

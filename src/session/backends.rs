@@ -194,6 +194,19 @@ impl Session {
 
     /// Make sure `conns[id]` holds a live connection.
     async fn ensure_conn(&mut self, id: BackendId) -> Result<()> {
+        self.ensure_live_conn(id).await?;
+        // One that reported backslash escapes at its login (a role default changed since
+        // the session's) counts as if this session had turned them on.
+        if self.conns[id.0 as usize]
+            .as_ref()
+            .is_some_and(|c| c.backslash_escapes)
+        {
+            self.backslash_escapes_on(id);
+        }
+        Ok(())
+    }
+
+    async fn ensure_live_conn(&mut self, id: BackendId) -> Result<()> {
         let slot = id.0 as usize;
         if let Some(conn) = self.conns[slot].as_mut() {
             // Only a pinned primary connection may hold unread messages (notifications).

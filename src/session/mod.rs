@@ -1412,11 +1412,16 @@ impl Session {
     /// connection for good, and none of its connections serves anyone after it.
     fn note_server_parameter(&mut self, id: BackendId, (name, value): &(String, String)) {
         if name == "standard_conforming_strings" && !crate::router::keeps_on(value) {
-            self.pinned = true;
-            self.pinned_for_good = true;
-            self.state_outlives_reset = true;
-            self.tainted[id.0 as usize] = true;
+            self.backslash_escapes_on(id);
         }
+    }
+
+    /// See [`Session::note_server_parameter`].
+    pub(super) fn backslash_escapes_on(&mut self, id: BackendId) {
+        self.pinned = true;
+        self.pinned_for_good = true;
+        self.state_outlives_reset = true;
+        self.tainted[id.0 as usize] = true;
     }
 
     /// A setting in force (from the startup packet, or a `set_config` read back) under which
