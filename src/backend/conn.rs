@@ -97,7 +97,7 @@ pub struct ServerConn {
     /// the name the session gave it says.
     pub parse_settings_changed: bool,
     /// The server reported standard_conforming_strings off here (at its login, or since):
-    /// it splits texts unlike pgsplit (see `Session::note_server_parameter`).
+    /// it splits texts unlike pgsplit (see `Session::backslash_escapes_on`).
     pub backslash_escapes: bool,
     /// The [`Pool::generation`](super::Pool::generation) it was opened in: one from before
     /// the pool's last RECONNECT is closed when it comes back.
@@ -279,11 +279,7 @@ impl ServerConn {
                 tag::ERROR_RESPONSE => {
                     return Err(BackendError::Server(ErrorFields::parse(&f.body)));
                 }
-                tag::PARAMETER_STATUS => {
-                    if let Some(kv) = protocol::decode_parameter_status(&f.body) {
-                        self.note_parameter(kv);
-                    }
-                }
+                tag::PARAMETER_STATUS => self.note_parameter_status(&f.body),
                 tag::BACKEND_KEY_DATA => {
                     let mut b = &f.body[..];
                     if b.len() >= 8 {
@@ -407,11 +403,7 @@ impl ServerConn {
             let f = self.read_frame(max_message).await?;
             match f.tag {
                 tag::ERROR_RESPONSE => error = Some(ErrorFields::parse(&f.body)),
-                tag::PARAMETER_STATUS => {
-                    if let Some(kv) = protocol::decode_parameter_status(&f.body) {
-                        self.note_parameter(kv);
-                    }
-                }
+                tag::PARAMETER_STATUS => self.note_parameter_status(&f.body),
                 tag::READY_FOR_QUERY => break,
                 _ => {}
             }
@@ -470,11 +462,7 @@ impl ServerConn {
                 }
                 tag::ERROR_RESPONSE => error = Some(ErrorFields::parse(&f.body)),
                 tag::NOTIFICATION_RESPONSE => notifications.push(f),
-                tag::PARAMETER_STATUS => {
-                    if let Some(kv) = protocol::decode_parameter_status(&f.body) {
-                        self.note_parameter(kv);
-                    }
-                }
+                tag::PARAMETER_STATUS => self.note_parameter_status(&f.body),
                 tag::READY_FOR_QUERY => break,
                 _ => {}
             }
@@ -488,6 +476,13 @@ impl ServerConn {
     /// Record a value the server reported (ParameterStatus): a session-mode connection
     /// handed on tells its next client these at login, and they change while it lives
     /// (a server configuration reload, a session's SET, the reset that takes that back).
+    pub fn note_parameter_status(&mut self, body: &[u8]) {
+        if let Some(kv) = protocol::decode_parameter_status(body) {
+            self.note_parameter(kv);
+        }
+    }
+
+    /// [`ServerConn::note_parameter_status`], decoded.
     pub fn note_parameter(&mut self, (name, value): (String, String)) {
         if name == "standard_conforming_strings" {
             self.backslash_escapes = !crate::router::keeps_on(&value);

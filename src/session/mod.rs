@@ -451,7 +451,7 @@ impl Session {
             clock: std::time::Instant::now(),
         };
         session.pinned = session.replicas_unfit();
-        // See `note_server_parameter`.
+        // See `backslash_escapes_on`.
         session.pinned_for_good = session.pinned;
         session.state_outlives_reset = session.pinned;
         session
@@ -503,9 +503,10 @@ impl Session {
             PoolMode::Transaction => state::startup_values(&self.login_params),
             PoolMode::Session => Vec::new(),
         };
-        if let Some(v) = state::value_in(server_params, "standard_conforming_strings") {
-            let reported = ("standard_conforming_strings".to_owned(), v.to_owned());
-            self.note_server_parameter(BackendId::PRIMARY, &reported);
+        if state::value_in(server_params, "standard_conforming_strings")
+            .is_some_and(|v| !crate::router::keeps_on(v))
+        {
+            self.backslash_escapes_on(BackendId::PRIMARY);
         }
         for (k, v) in server_params {
             let chosen =
@@ -1388,7 +1389,7 @@ impl Session {
         }
         self.statements.set_context(self.settings.parse_context());
         let unfit = self.replicas_unfit();
-        // Its texts may run unlike pgsplit read them (see `note_server_parameter`).
+        // Its texts may run unlike pgsplit read them (see `backslash_escapes_on`).
         self.state_outlives_reset |= unfit;
         self.pinned_for_good |= unfit;
         if !self.pinned && unfit {
@@ -1405,18 +1406,18 @@ impl Session {
         }
     }
 
-    /// A value the server reported on `id`'s connection (at login: the primary's). With
-    /// standard_conforming_strings off (however it came about: a role default, SET LOCAL,
-    /// `UPDATE pg_settings`) the server reads a backslash in a string unlike pgsplit, so
-    /// what it runs may not be what pgsplit classified: the session stays on its primary
-    /// connection for good, and none of its connections serves anyone after it.
-    fn note_server_parameter(&mut self, id: BackendId, (name, value): &(String, String)) {
-        if name == "standard_conforming_strings" && !crate::router::keeps_on(value) {
+    /// `conn`, in `id`'s slot, says the server runs with standard_conforming_strings off
+    /// (see [`ServerConn::backslash_escapes`]).
+    pub(super) fn note_backslash_escapes(&mut self, id: BackendId, conn: &ServerConn) {
+        if conn.backslash_escapes {
             self.backslash_escapes_on(id);
         }
     }
 
-    /// See [`Session::note_server_parameter`].
+    /// The server reads a backslash in a string unlike pgsplit (standard_conforming_strings
+    /// off, however it came about: a role default, SET LOCAL, `UPDATE pg_settings`), so what
+    /// it runs may not be what pgsplit classified: the session stays on its primary
+    /// connection for good, and none of its connections serves anyone after it.
     pub(super) fn backslash_escapes_on(&mut self, id: BackendId) {
         self.pinned = true;
         self.pinned_for_good = true;

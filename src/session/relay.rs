@@ -1122,8 +1122,8 @@ impl Session {
             tag::PARAMETER_STATUS => {
                 self.out.extend_from_slice(frame);
                 if let Some(kv) = protocol::decode_parameter_status(body) {
-                    self.note_server_parameter(fl.id, &kv);
                     fl.conn.note_parameter(kv);
+                    self.note_backslash_escapes(fl.id, &fl.conn);
                 }
             }
             tag::READY_FOR_QUERY => {
@@ -1409,8 +1409,8 @@ impl Session {
             }
             tag::PARAMETER_STATUS => {
                 if let Some(kv) = protocol::decode_parameter_status(body()) {
-                    self.note_server_parameter(fl.id, &kv);
                     fl.conn.note_parameter(kv);
+                    self.note_backslash_escapes(fl.id, &fl.conn);
                 }
                 true
             }
