@@ -8,6 +8,7 @@
 //! a stack (the most recently used first, so surplus connections age out). New connections
 //! are opened only when no idle one is left, so lent + idle never exceeds `size`.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -80,7 +81,17 @@ pub struct Pool {
     /// Bumped by the admin console's RECONNECT: connections opened before are closed when
     /// they come back.
     generation: AtomicU64,
+    /// How the server reports values logins give in a spelling of their own (TimeZone
+    /// `asia/tokyo` is `Asia/Tokyo`, client_encoding `utf-8` is `UTF8`), keyed by the
+    /// lower-case name and the value given: learned from a connection they were set on, so
+    /// that later logins with the same values are told the server's spelling without a
+    /// server round trip.
+    spellings: Mutex<HashMap<(String, String), String>>,
 }
+
+/// Spellings a pool remembers at most: logins beyond them with new values are answered
+/// from a server connection each.
+const MAX_SPELLINGS: usize = 1024;
 
 /// A connection lent from a pool; give it back with [`Pool::checkin`].
 pub struct Lent {
@@ -109,6 +120,7 @@ impl Pool {
             server_params: arc_swap::ArcSwapOption::empty(),
             retired: AtomicBool::new(false),
             generation: AtomicU64::new(0),
+            spellings: Mutex::new(HashMap::new()),
         })
     }
 
@@ -139,6 +151,22 @@ impl Pool {
 
     pub fn server_params(&self) -> Option<Arc<Vec<(String, String)>>> {
         self.server_params.load_full()
+    }
+
+    /// How the server reports parameter `name` (lower case) set to `given`, once learned.
+    pub fn spelling(&self, name: &str, given: &str) -> Option<String> {
+        lock(&self.spellings)
+            .get(&(name.to_owned(), given.to_owned()))
+            .cloned()
+    }
+
+    /// Remember that the server reports parameter `name` (lower case) set to `given` as
+    /// `reported`.
+    pub fn learn_spelling(&self, name: &str, given: &str, reported: &str) {
+        let mut spellings = lock(&self.spellings);
+        if spellings.len() < MAX_SPELLINGS {
+            spellings.insert((name.to_owned(), given.to_owned()), reported.to_owned());
+        }
     }
 
     /// Lend a connection: an idle live one, or a new one while under `size`. `now` is a

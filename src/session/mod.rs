@@ -485,11 +485,28 @@ impl Session {
             PoolMode::Session => None,
         };
         let from_pool = pool.as_ref().and_then(|p| p.server_params());
+        // What the server applies: the last of a parameter given twice, one given on its own
+        // over one in `options`. (Session mode reports the server's own.)
+        let mut given = match self.mode {
+            PoolMode::Transaction => state::startup_values(&self.login_params),
+            PoolMode::Session => Vec::new(),
+        };
         let from_server;
         let server_params: &[(String, String)] = match &from_pool {
-            Some(params) => params,
+            Some(params) => {
+                if let Some(pool) = &pool {
+                    self.spell_as_server(pool, params, &mut given).await?;
+                }
+                params
+            }
             None => {
+                // The connection asked has the session's settings (the replay that
+                // `acquire` makes), and reports them as the server spells them.
                 from_server = self.login_server_params().await?;
+                if let Some(pool) = &pool {
+                    learn_spellings(pool, &from_server, &given);
+                }
+                given.clear();
                 &from_server
             }
         };
@@ -497,12 +514,6 @@ impl Session {
         // and connection churn pays for every allocation here.
         let mut greeting = bytes::BytesMut::with_capacity(256);
         protocol::auth_ok().encode_into(&mut greeting);
-        // What the server applies: the last of a parameter given twice, one given on its own
-        // over one in `options`. (Session mode reports the server's own.)
-        let given = match self.mode {
-            PoolMode::Transaction => state::startup_values(&self.login_params),
-            PoolMode::Session => Vec::new(),
-        };
         if state::value_in(server_params, "standard_conforming_strings")
             .is_some_and(|v| !crate::router::keeps_on(v))
         {
@@ -521,6 +532,56 @@ impl Session {
         self.clock = std::time::Instant::now();
         self.release_idle();
         self.client.write(&greeting).await
+    }
+
+    /// Transaction mode, a login whose pool knows the server's parameters: replace each
+    /// reported value in `given` that the server may spell its own way (TimeZone
+    /// `asia/tokyo` is `Asia/Tokyo`, client_encoding `utf-8` is `UTF8`, IntervalStyle
+    /// `SQL_STANDARD` is `sql_standard`; drivers compare them) with the server's spelling.
+    /// The pool remembers spellings; one it does not know yet takes a primary connection
+    /// with the session's settings replayed, as the first request would, so a value the
+    /// server refuses fails the login as on a direct connection. With no connection to be
+    /// had, the value is reported as given.
+    async fn spell_as_server(
+        &mut self,
+        pool: &Pool,
+        server_params: &[(String, String)],
+        given: &mut [(String, String)],
+    ) -> Result<()> {
+        let mut unknown = false;
+        for (name, value) in given.iter_mut() {
+            let Some(current) = state::value_in(server_params, name) else {
+                continue; // not a parameter the server reports
+            };
+            if value == current || state::reported_as_given(name, value) {
+                continue;
+            }
+            match pool.spelling(&name.to_ascii_lowercase(), value) {
+                Some(spelled) => *value = spelled,
+                None => unknown = true,
+            }
+        }
+        if !unknown {
+            return Ok(());
+        }
+        match self.acquire(Route::Primary).await {
+            Ok(id) => {
+                if let Some(conn) = self.conns[id.0 as usize].as_ref() {
+                    learn_spellings(pool, &conn.params, given);
+                    for (name, value) in given.iter_mut() {
+                        if let Some(spelled) = state::value_in(&conn.params, name) {
+                            spelled.clone_into(value);
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Err(e @ (Error::SettingsRefused(_) | Error::ClientGone)) => Err(e),
+            Err(e) => {
+                debug!(error = %e, "no server connection to learn how the server spells the login's parameters; reporting them as given");
+                Ok(())
+            }
+        }
     }
 
     /// The ParameterStatus values a client is told at login when no pool knows them yet:
@@ -1466,5 +1527,18 @@ impl Session {
         target: Option<(crate::backend::CancelKey, Arc<std::sync::atomic::AtomicU32>)>,
     ) {
         *lock(&self.slot.cancel_target) = target;
+    }
+}
+
+/// Remember how `reported` (a connection's ParameterStatus values, with the login's
+/// settings set) spells the values the login gave.
+fn learn_spellings(pool: &Pool, reported: &[(String, String)], given: &[(String, String)]) {
+    for (name, spelled) in reported {
+        if let Some(value) = state::value_in(given, name)
+            && value != spelled
+            && !state::reported_as_given(name, value)
+        {
+            pool.learn_spelling(&name.to_ascii_lowercase(), value, spelled);
+        }
     }
 }

@@ -556,6 +556,17 @@ pub fn startup_value(params: &[(String, String)], name: &str) -> Option<String> 
     value_in(&startup_values(params), name).map(str::to_owned)
 }
 
+/// Whether PostgreSQL reports startup parameter `name` given as `value` just as given, or
+/// pgsplit works its report out alone: an `application_name` of printable ASCII (the
+/// server replaces other bytes), a `DateStyle` (see [`reported_datestyle`]). Other values
+/// can be spelled otherwise by the server (TimeZone `asia/tokyo` is `Asia/Tokyo`).
+pub fn reported_as_given(name: &str, value: &str) -> bool {
+    if name.eq_ignore_ascii_case("application_name") {
+        return value.bytes().all(|b| (0x20..0x7f).contains(&b));
+    }
+    name.eq_ignore_ascii_case("DateStyle")
+}
+
 /// The DateStyle PostgreSQL reports once `value` is set over `default` (a report such as
 /// "ISO, MDY"), read as its `check_datestyle` reads it: a comma-separated list (quoted
 /// items allowed) of at most one style and one order; a half not given keeps `default`'s,
@@ -828,6 +839,17 @@ mod tests {
             .map(|(n, _)| n)
             .collect();
         assert_eq!(names, ["search_path"]);
+    }
+
+    #[test]
+    fn only_values_the_server_cannot_respell_are_reported_as_given() {
+        assert!(reported_as_given("application_name", "albums api"));
+        assert!(reported_as_given("Application_Name", ""));
+        assert!(!reported_as_given("application_name", "caf\u{e9}"));
+        assert!(!reported_as_given("application_name", "a\tb"));
+        assert!(reported_as_given("datestyle", "iso,dmy"));
+        assert!(!reported_as_given("TimeZone", "UTC"));
+        assert!(!reported_as_given("client_encoding", "UTF8"));
     }
 
     #[test]

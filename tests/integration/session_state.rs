@@ -1,5 +1,6 @@
 //! Session state follows the session to every backend it uses.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -156,6 +157,64 @@ async fn a_startup_parameter_given_twice_is_reported_as_the_one_in_force() {
                 "{params:?}: {msgs:?}"
             );
         }
+    }
+}
+
+/// The login's ParameterStatus spells the values a client gave as the server does
+/// (drivers compare them: `UTF8`, not the `'utf-8'` asyncpg sends), in both modes, at a
+/// login whose pool already knows the server's parameters, when the spelling is learned and
+/// when it is remembered; and a value the server refuses fails the login as it does on a
+/// direct connection. (In transaction mode pgsplit reported the value as given.)
+#[tokio::test]
+async fn startup_parameters_are_reported_in_the_servers_spelling() {
+    use tokio::io::AsyncWriteExt;
+    let c = cluster();
+    let direct: SocketAddr = ([127, 0, 0, 1], c.primary).into();
+    let cases: [(&str, &str, &str); 5] = [
+        ("TimeZone", "asia/tokyo", "Asia/Tokyo"),
+        ("client_encoding", "'utf-8'", "UTF8"),
+        ("IntervalStyle", "SQL_STANDARD", "sql_standard"),
+        ("default_transaction_read_only", "no", "off"),
+        // PostgreSQL 15 reports each byte outside printable ASCII as '?'.
+        ("application_name", "caf\u{e9}", "caf??"),
+    ];
+    async fn reported(addr: SocketAddr, params: &[(&str, &str)], name: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(&startup_packet_with("trustuser", params))
+            .await
+            .unwrap();
+        let msgs = read_messages(&mut s).await;
+        let prefix = format!("{name}\0");
+        let status = msgs
+            .iter()
+            .find(|m| m.0 == b'S' && m.1.starts_with(prefix.as_bytes()))
+            .unwrap_or_else(|| panic!("{params:?}: no {name} reported: {msgs:?}"));
+        String::from_utf8_lossy(&status.1[prefix.len()..status.1.len() - 1]).into_owned()
+    }
+    for proxy in both_modes().await {
+        // The pool learns the server's parameters from a plain login first.
+        proxy.app().await;
+        for (name, given, spelled) in cases {
+            assert_eq!(reported(direct, &[(name, given)], name).await, spelled);
+            let options = format!("-c {name}={given}");
+            for params in [[(name, given)], [("options", options.as_str())]] {
+                // Learned from the server, then remembered.
+                for _ in 0..2 {
+                    assert_eq!(
+                        reported(proxy.addr, &params, name).await,
+                        spelled,
+                        "{params:?}"
+                    );
+                }
+            }
+        }
+        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(&startup_packet_with("trustuser", &[("TimeZone", "banana")]))
+            .await
+            .unwrap();
+        let msgs = read_messages(&mut s).await;
+        assert_eq!(error_code(&msgs).as_deref(), Some("22023"), "{msgs:?}");
+        assert!(msgs.iter().all(|m| m.0 != b'Z'), "{msgs:?}");
     }
 }
 
