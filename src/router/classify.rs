@@ -652,10 +652,14 @@ impl Ctx<'_> {
                 self.opaque();
                 self.note_custom_settings(stmt);
             }
-            Statement::Prepare { .. } | Statement::LISTEN { .. } | Statement::UNLISTEN { .. } => {
+            Statement::Prepare { .. } | Statement::LISTEN { .. } => {
                 self.pin();
                 self.note_custom_settings(stmt);
             }
+            // Only a pinned session listens (LISTEN pins), and its UNLISTEN reaches that
+            // connection; anywhere else it undoes nothing, so it leaves the session free
+            // (asyncpg's pool sends `UNLISTEN *` at every release).
+            Statement::UNLISTEN { .. } => self.primary(),
             Statement::Load { .. } => {
                 self.pin();
                 self.out.pins_for_good = true;
@@ -905,9 +909,7 @@ impl Ctx<'_> {
                 None => self.pin(),
             }
         } else if (kw(0, "PREPARE") && !kw(1, "TRANSACTION"))
-            || ["LISTEN", "UNLISTEN", "LOAD", "DECLARE"]
-                .iter()
-                .any(|k| kw(0, k))
+            || ["LISTEN", "LOAD", "DECLARE"].iter().any(|k| kw(0, k))
         {
             self.pin();
             // A loaded library stays in the backend: DISCARD ALL does not undo it.

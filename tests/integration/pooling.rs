@@ -1404,3 +1404,69 @@ async fn a_failed_first_login_leaves_the_pool_another_first_login_is_using() {
         "the first login's pool is listed, with its one connection"
     );
 }
+
+/// asyncpg's pool resets each connection it takes back with `SELECT
+/// pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`. UNLISTEN undoes what a
+/// LISTEN made, and creates nothing: it used to pin the session like LISTEN, so every
+/// connection of such a pool came to hold a primary connection of its own and read from
+/// the primary, and a pool larger than `[pool] size` ran out of server connections.
+#[tokio::test]
+async fn an_unlisten_leaves_the_session_free() {
+    let c = cluster();
+    let proxy = start_proxy_with(&format!(
+        "{}\n[pool]\nsize = 1\ncheckout_timeout_ms = 2000\n",
+        base_config_toml(c)
+    ))
+    .await;
+    let released = proxy.app().await;
+    for reset in [
+        "UNLISTEN *",
+        "UNLISTEN some_channel",
+        "SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL;",
+    ] {
+        released.batch_execute(reset).await.unwrap();
+        // Another client takes the only primary connection: the first holds none.
+        let other = proxy.app().await;
+        other
+            .batch_execute("SELECT txid_current()")
+            .await
+            .unwrap_or_else(|e| panic!("after {reset:?}: {e}"));
+        let port: i32 = released
+            .query_one("SELECT inet_server_port()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(
+            c.replicas.contains(&(port as u16)),
+            "after {reset:?} a read ran on {port}"
+        );
+    }
+    // A listening session (pinned) still gets what it listens to after an UNLISTEN of
+    // another channel.
+    let (listener, mut connection) =
+        tokio_postgres::connect(&proxy.conn_str("app", "app_pw"), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+    tokio::spawn(async move {
+        while let Some(Ok(m)) = futures_util::StreamExt::next(&mut messages).await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = m {
+                let _ = tx.send(n.payload().to_owned());
+            }
+        }
+    });
+    drop(released);
+    listener
+        .batch_execute("LISTEN unlisten_test; UNLISTEN another_channel")
+        .await
+        .unwrap();
+    listener
+        .batch_execute("NOTIFY unlisten_test, 'still listening'")
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("a notification in time");
+    assert_eq!(got.as_deref(), Some("still listening"));
+}
