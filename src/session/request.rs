@@ -144,7 +144,15 @@ pub fn deferrable_begin(items: &[Item]) -> Option<(Vec<Frame>, Option<Box<str>>)
         return None;
     };
     let mut reply = lone.before();
-    reply.push(command_complete("BEGIN"));
+    // The tag PostgreSQL gives each spelling.
+    let starts = sql
+        .trim_start()
+        .get(..5)
+        .is_some_and(|w| w.eq_ignore_ascii_case("START"));
+    reply.push(command_complete(match starts {
+        true => "START TRANSACTION",
+        false => "BEGIN",
+    }));
     reply.push(ready_for_query(TxStatus::InTransaction));
     Some((reply, read_only))
 }
@@ -788,6 +796,17 @@ mod tests {
         ] {
             let reply = deferrable_begin(&items(&[&format!("Q {sql}")]));
             assert_eq!(reply_tags(reply).as_deref(), Some("CZ T"), "{sql}");
+        }
+        // Each spelling with PostgreSQL's tag.
+        for (sql, tag) in [
+            ("begin work", "BEGIN"),
+            (" start transaction;", "START TRANSACTION"),
+            ("START TRANSACTION READ ONLY", "START TRANSACTION"),
+            ("BEGIN READ ONLY", "BEGIN"),
+        ] {
+            let (frames, _) = deferrable_begin(&items(&[&format!("Q {sql}")])).unwrap();
+            let complete = frames.iter().find(|f| f.tag == b'C').unwrap();
+            assert_eq!(&complete.body[..], format!("{tag}\0").as_bytes(), "{sql}");
         }
         // Prepared earlier, bound and executed now (pgbench -M prepared, JDBC, ...).
         let prepared = items(&["P b BEGIN;", "B  b", "D ", "E ", "S"]);
