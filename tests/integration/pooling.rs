@@ -1443,19 +1443,7 @@ async fn an_unlisten_leaves_the_session_free() {
     }
     // A listening session (pinned) still gets what it listens to after an UNLISTEN of
     // another channel.
-    let (listener, mut connection) =
-        tokio_postgres::connect(&proxy.conn_str("app", "app_pw"), tokio_postgres::NoTls)
-            .await
-            .unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-    tokio::spawn(async move {
-        while let Some(Ok(m)) = futures_util::StreamExt::next(&mut messages).await {
-            if let tokio_postgres::AsyncMessage::Notification(n) = m {
-                let _ = tx.send(n.payload().to_owned());
-            }
-        }
-    });
+    let (listener, mut rx) = listening_client(&proxy.conn_str("app", "app_pw")).await;
     drop(released);
     listener
         .batch_execute("LISTEN unlisten_test; UNLISTEN another_channel")
@@ -1468,5 +1456,8 @@ async fn an_unlisten_leaves_the_session_free() {
     let got = tokio::time::timeout(Duration::from_secs(10), rx.recv())
         .await
         .expect("a notification in time");
-    assert_eq!(got.as_deref(), Some("still listening"));
+    assert_eq!(
+        got.map(|(_, payload)| payload).as_deref(),
+        Some("still listening")
+    );
 }

@@ -3,9 +3,6 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use tokio_postgres::AsyncMessage;
-
 use crate::common::*;
 
 async fn setting(client: &tokio_postgres::Client, name: &str) -> (String, u16) {
@@ -313,19 +310,7 @@ async fn temp_tables_pin_the_session_to_the_primary() {
 #[tokio::test]
 async fn listen_pins_and_notifications_arrive_while_idle() {
     for proxy in both_modes().await {
-        let (listener, mut connection) =
-            tokio_postgres::connect(&proxy.conn_str("app", "app_pw"), tokio_postgres::NoTls)
-                .await
-                .unwrap();
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-        tokio::spawn(async move {
-            while let Some(Ok(m)) = messages.next().await {
-                if let AsyncMessage::Notification(n) = m {
-                    let _ = tx.send((n.channel().to_owned(), n.payload().to_owned()));
-                }
-            }
-        });
+        let (listener, mut rx) = listening_client(&proxy.conn_str("app", "app_pw")).await;
         let channel = unique("chan");
         listener
             .batch_execute(&format!("LISTEN {channel}"))

@@ -647,3 +647,24 @@ pub async fn marked_statements_on(port: u16, marker: &str) -> i64 {
         .unwrap()
         .get(0)
 }
+
+/// A client whose notifications (channel, payload) arrive on the receiver.
+pub async fn listening_client(
+    conn_str: &str,
+) -> (
+    Client,
+    tokio::sync::mpsc::UnboundedReceiver<(String, String)>,
+) {
+    use futures_util::StreamExt;
+    let (client, mut connection) = tokio_postgres::connect(conn_str, NoTls).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+    tokio::spawn(async move {
+        while let Some(Ok(m)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = m {
+                let _ = tx.send((n.channel().to_owned(), n.payload().to_owned()));
+            }
+        }
+    });
+    (client, rx)
+}
