@@ -106,12 +106,12 @@ pub fn health(shared: &Shared) -> (bool, String) {
         return (false, "shutting down\n".into());
     }
     let rt = shared.runtime.load();
-    let primary = rt.backends.primary.is_available();
+    let primary = rt.backends.primary.in_rotation();
     let replicas = rt
         .backends
         .replicas
         .iter()
-        .filter(|r| r.is_available())
+        .filter(|r| r.in_rotation())
         .count();
     match (primary, replicas) {
         (true, _) => (
@@ -273,7 +273,7 @@ pub fn render(shared: &Shared) -> String {
         o.sample(
             "pgsplit_backend_in_rotation",
             &labels,
-            u8::from(b.is_available()),
+            u8::from(b.in_rotation()),
         );
         if let Some(lag) = b.health.lag_bytes() {
             o.sample("pgsplit_backend_lag_bytes", &labels, lag);

@@ -202,7 +202,7 @@ fn show_backends(shared: &Shared) -> Reply {
                 configured.to_owned(),
                 format!("{:?}", h.role()).to_lowercase(),
                 h.healthy().to_string(),
-                b.is_available().to_string(),
+                b.in_rotation().to_string(),
                 h.lag_bytes().map_or(String::new(), |l| l.to_string()),
                 h.replay_age_ms().map_or(String::new(), |l| l.to_string()),
                 if i == 0 {

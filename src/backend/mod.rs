@@ -130,6 +130,14 @@ impl Backend {
         !self.health.healthy() && !self.health.answering()
     }
 
+    /// In rotation as the health checks and the operator's bans have it: what `/health`,
+    /// the metrics and SHOW BACKENDS report. Routing also skips a server for a second
+    /// after a lost connection ([`is_available`](Self::is_available)), which one client
+    /// terminating its own backend causes: no reason to call a server down.
+    pub fn in_rotation(&self) -> bool {
+        self.health.healthy() && !self.health.banned()
+    }
+
     pub fn is_available(&self) -> bool {
         self.health.healthy() && !self.health.banned() && !self.is_marked_down()
     }

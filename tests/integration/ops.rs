@@ -332,6 +332,37 @@ async fn metrics_and_health_speak_http() {
     assert_eq!(http_get(addr, "/nope").await.0, 404);
 }
 
+/// A client that terminates its own server backend makes routing skip that server for a
+/// second, but the server is up: `/health`, the in-rotation metric and SHOW BACKENDS go by
+/// the health checks (they said "primary down" and, with no replica, 503).
+#[tokio::test]
+async fn a_client_ending_its_own_backend_does_not_make_health_report_the_server_down() {
+    let c = cluster();
+    let proxy = start_proxy_with(&ops_config(c)).await;
+    let addr = proxy.metrics.expect("metrics_listen is set");
+    let app = proxy.app().await;
+    app.batch_execute("BEGIN").await.unwrap();
+    let e = app
+        .batch_execute("SELECT pg_terminate_backend(pg_backend_pid())")
+        .await
+        .unwrap_err();
+    assert!(e.as_db_error().is_some() || e.is_closed(), "{e}");
+    let routing_skips = proxy.shared.runtime.load().backends.primary.is_available();
+    assert!(!routing_skips, "routing skips the primary for a moment");
+    let (status, body) = http_get(addr, "/health").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.starts_with("ok: primary up"), "{body}");
+    let samples = scrape(addr).await;
+    assert_eq!(
+        value(
+            &samples,
+            "pgsplit_backend_in_rotation",
+            &[("role", "primary")]
+        ),
+        1.0
+    );
+}
+
 fn write(path: &Path, text: &str) {
     // Write-then-rename, as editors and config managers do: never a half-written file.
     let tmp = path.with_extension("tmp");
