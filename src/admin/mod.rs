@@ -85,19 +85,23 @@ async fn serve_registered(
             tag::SYNC => {
                 skipping = false;
                 client
-                    .send(&[
-                        protocol::error_response(
-                            Severity::Error,
-                            "0A000",
-                            "the admin console speaks only the simple query protocol",
-                        ),
-                        protocol::ready_for_query(TxStatus::Idle),
-                    ])
+                    .send(&[protocol::ready_for_query(TxStatus::Idle)])
                     .await?;
             }
-            tag::PARSE | tag::BIND | tag::DESCRIBE | tag::EXECUTE | tag::CLOSE | tag::FLUSH => {
+            // Refused at once, as PostgreSQL sends an error the moment it has one: a client
+            // that ends its messages with a Flush (asyncpg) waits for an answer before
+            // any Sync. The rest up to the Sync is skipped.
+            tag::PARSE | tag::BIND | tag::DESCRIBE | tag::EXECUTE | tag::CLOSE if !skipping => {
                 skipping = true;
+                client
+                    .send(&[protocol::error_response(
+                        Severity::Error,
+                        "0A000",
+                        "the admin console speaks only the simple query protocol",
+                    )])
+                    .await?;
             }
+            tag::PARSE | tag::BIND | tag::DESCRIBE | tag::EXECUTE | tag::CLOSE | tag::FLUSH => {}
             other if !skipping => {
                 return Err(Error::Protocol(format!(
                     "invalid frontend message type {}",

@@ -332,6 +332,43 @@ async fn metrics_and_health_speak_http() {
     assert_eq!(http_get(addr, "/nope").await.0, 404);
 }
 
+/// The console speaks the simple query protocol only; an extended-protocol request gets
+/// 0A000 at once, not at its Sync: asyncpg sends Parse, Describe and Flush and waits for
+/// the answer before any Sync (it waited forever). The console goes on after the Sync.
+#[tokio::test]
+async fn the_admin_console_refuses_the_extended_protocol_without_waiting_for_a_sync() {
+    let c = cluster();
+    let proxy = start_proxy_with(&ops_config(c)).await;
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], proxy.port()).into();
+    let mut console = RawClient::login_scram(addr, "pgsplit", "pgsplit", "console_pw").await;
+    let mut parse = cstr("");
+    parse.extend(cstr("SHOW POOLS"));
+    parse.extend_from_slice(&[0, 0]);
+    let mut describe = vec![b'S'];
+    describe.extend(cstr(""));
+    let mut req = message(b'P', &parse);
+    req.extend(message(b'D', &describe));
+    req.extend(message(b'H', &[]));
+    console.stream_write(&req).await;
+    let refused = console.read_n(1).await;
+    assert_eq!(
+        error_code(&refused).as_deref(),
+        Some("0A000"),
+        "{refused:?}"
+    );
+    // The rest up to the Sync is skipped; the Sync gets ReadyForQuery alone.
+    let mut rest = message(b'B', &[0, 0, 0, 0, 0, 0, 0, 0]);
+    rest.extend(message(b'S', &[]));
+    let msgs = console.send(&rest).await;
+    assert_eq!(
+        msgs.iter().map(|m| m.0).collect::<Vec<_>>(),
+        [b'Z'],
+        "{msgs:?}"
+    );
+    let msgs = console.send(&query("SHOW VERSION")).await;
+    assert!(msgs.iter().any(|m| m.0 == b'D'), "{msgs:?}");
+}
+
 /// A client that terminates its own server backend makes routing skip that server for a
 /// second, but the server is up: `/health`, the in-rotation metric and SHOW BACKENDS go by
 /// the health checks (they said "primary down" and, with no replica, 503).

@@ -223,3 +223,55 @@ pub fn query(sql: &str) -> Vec<u8> {
 pub fn tags(msgs: &[(u8, Vec<u8>)]) -> String {
     msgs.iter().map(|m| m.0 as char).collect()
 }
+
+impl RawClient {
+    /// Log in with a password by SCRAM-SHA-256 (the admin console's only method), to
+    /// `database`.
+    pub async fn login_scram(
+        addr: SocketAddr,
+        user: &str,
+        database: &str,
+        password: &str,
+    ) -> RawClient {
+        use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+        let mut body = BytesMut::new();
+        body.put_i32(196608);
+        for (k, v) in [("user", user), ("database", database)] {
+            body.extend(cstr(k));
+            body.extend(cstr(v));
+        }
+        body.put_u8(0);
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let mut packet = (body.len() as i32 + 4).to_be_bytes().to_vec();
+        packet.extend_from_slice(&body);
+        stream.write_all(&packet).await.unwrap();
+        let mut client = RawClient { stream };
+        let auth = |m: &(u8, Vec<u8>), code: i32| {
+            assert_eq!(m.0, b'R', "{m:?}");
+            assert_eq!(
+                i32::from_be_bytes(m.1[..4].try_into().unwrap()),
+                code,
+                "{m:?}"
+            );
+            m.1[4..].to_vec()
+        };
+        auth(&client.read_n(1).await[0], 10);
+        let mut scram = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
+        let mut first = cstr("SCRAM-SHA-256");
+        first.extend_from_slice(&(scram.message().len() as i32).to_be_bytes());
+        first.extend_from_slice(scram.message());
+        client.stream_write(&message(b'p', &first)).await;
+        let server_first = auth(&client.read_n(1).await[0], 11);
+        scram.update(&server_first).unwrap();
+        client.stream_write(&message(b'p', scram.message())).await;
+        let server_final = auth(&client.read_n(1).await[0], 12);
+        scram.finish(&server_final).unwrap();
+        let msgs = read_messages(&mut client.stream).await;
+        assert_eq!(
+            msgs.last().map(|m| m.0),
+            Some(b'Z'),
+            "login completes: {msgs:?}"
+        );
+        client
+    }
+}
