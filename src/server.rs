@@ -148,18 +148,7 @@ pub fn restart_health_checkers(shared: &Arc<Shared>) {
 fn spawn_health_checkers(shared: &Arc<Shared>) -> Vec<tokio::task::JoinHandle<()>> {
     let runtime = shared.runtime.load_full();
     let cfg = &runtime.config;
-    let first = cfg.users.first();
-    let user = cfg
-        .health
-        .user
-        .clone()
-        .or_else(|| first.map(|u| u.server_user().to_owned()))
-        .unwrap_or_else(|| "postgres".into());
-    let password = cfg
-        .health
-        .password
-        .clone()
-        .or_else(|| first.and_then(|u| u.server_password().map(str::to_owned)));
+    let (user, password) = cfg.health_login();
     let checker = CheckerConfig {
         interval: cfg.health.interval(),
         timeout: cfg.health.timeout(),

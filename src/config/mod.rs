@@ -480,6 +480,30 @@ impl CacheConfig {
 }
 
 impl Config {
+    /// The role and password the health checks log in with: `[health] user` and `password`
+    /// where set. A user not set is the first configured user with a password usable
+    /// towards PostgreSQL (one given as a stored verifier has none: checks as that user
+    /// would fail everywhere and take every server out of rotation), else the first user;
+    /// a password not set is that of a configured user with that server role.
+    pub fn health_login(&self) -> (String, Option<String>) {
+        let user = match &self.health.user {
+            Some(user) => user.clone(),
+            None => self
+                .users
+                .iter()
+                .find(|u| u.server_password().is_some())
+                .or(self.users.first())
+                .map_or_else(|| "postgres".to_owned(), |u| u.server_user().to_owned()),
+        };
+        let password = self.health.password.clone().or_else(|| {
+            self.users
+                .iter()
+                .filter(|u| u.server_user() == user)
+                .find_map(|u| u.server_password().map(str::to_owned))
+        });
+        (user, password)
+    }
+
     /// Every setting as `section.key = value` lines (arrays indexed), secrets masked: what
     /// SHOW CONFIG lists.
     pub fn flattened(&self) -> Vec<(String, String)> {
@@ -887,6 +911,38 @@ mod tests {
         [primary]
         host = "127.0.0.1"
     "#;
+
+    #[test]
+    fn health_checks_log_in_as_a_user_with_a_usable_password() {
+        let verifier = "md5b1116845021429c9cd5c0c6bb22019de";
+        let with = |users: &str, health: &str| {
+            let text = format!("{users}\n[primary]\nhost = \"h\"\n[health]\n{health}");
+            Config::from_toml(&text).unwrap().health_login()
+        };
+        let users = format!(
+            "[[users]]\nname = \"md5user\"\npassword = \"{verifier}\"\nauth_method = \"md5\"\n\
+             [[users]]\nname = \"app\"\npassword = \"app_pw\"\n\
+             [[users]]\nname = \"web\"\npassword = \"{verifier}\"\nauth_method = \"md5\"\n\
+             server_user = \"app\""
+        );
+        // The first user has only a verifier: the next one with a password.
+        assert_eq!(with(&users, ""), ("app".into(), Some("app_pw".into())));
+        // A health user given without a password: that of a user with that server role.
+        assert_eq!(
+            with(&users, "user = \"app\""),
+            ("app".into(), Some("app_pw".into()))
+        );
+        assert_eq!(
+            with(&users, "user = \"monitor\"\npassword = \"m\""),
+            ("monitor".into(), Some("m".into()))
+        );
+        assert_eq!(with(&users, "user = \"monitor\""), ("monitor".into(), None));
+        // No user has a usable password (trust towards the servers): the first.
+        let only = format!(
+            "[[users]]\nname = \"md5user\"\npassword = \"{verifier}\"\nauth_method = \"md5\""
+        );
+        assert_eq!(with(&only, ""), ("md5user".into(), None));
+    }
 
     #[test]
     fn defaults_fill_a_minimal_file() {

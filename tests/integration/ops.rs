@@ -332,6 +332,36 @@ async fn metrics_and_health_speak_http() {
     assert_eq!(http_get(addr, "/nope").await.0, 404);
 }
 
+/// With `[health]` naming no user, the checks log in as the first user whose password
+/// they can use towards PostgreSQL. They took the first user's, and a first user
+/// configured with a stored md5 hash (as the README advises) has none: every check failed,
+/// every server left the rotation and `/health` answered 503, while clients were served.
+#[tokio::test]
+async fn health_checks_pass_when_the_first_user_has_only_a_stored_hash() {
+    let c = cluster();
+    let verifier_first = ops_config(c).replacen(
+        "[[users]]",
+        "[[users]]\nname = \"hash_only\"\npassword = \"md5b1116845021429c9cd5c0c6bb22019de\"\n\
+         auth_method = \"md5\"\nserver_user = \"md5user\"\n\n[[users]]",
+        1,
+    );
+    let proxy = start_proxy_with(&verifier_first).await;
+    let runtime = proxy.shared.runtime.load_full();
+    assert_eq!(runtime.config.users[0].name, "hash_only");
+    assert!(
+        eventually(Duration::from_secs(15), || runtime
+            .backends
+            .replicas
+            .iter()
+            .all(|r| r.health.lsn_samples() > 0))
+        .await,
+        "the health checks read both replicas' positions"
+    );
+    let (status, body) = http_get(proxy.metrics.unwrap(), "/health").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, "ok: primary up, 2 replica(s) in rotation\n");
+}
+
 /// The console speaks the simple query protocol only; an extended-protocol request gets
 /// 0A000 at once, not at its Sync: asyncpg sends Parse, Describe and Flush and waits for
 /// the answer before any Sync (it waited forever). The console goes on after the Sync.
