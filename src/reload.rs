@@ -27,12 +27,18 @@ pub fn reload(shared: &Arc<Shared>) -> Result<String, String> {
     // record the older one's outcome last. (A lock of its own: metrics and SHOW CONFIG
     // read the status meanwhile.)
     let _one_at_a_time = lock(&shared.reloading);
+    // Read before it is applied: a change made meanwhile differs from this, and the file
+    // watcher reloads once more.
+    let read = shared.config_path.get().and_then(|p| std::fs::read(p).ok());
     let result = shared
         .config_path
         .get()
         .ok_or_else(|| "the proxy was started without a config file".to_owned())
         .and_then(|path| apply_file(shared, path));
     let mut status = lock(&shared.reload);
+    if read.is_some() {
+        status.last_read = read;
+    }
     match &result {
         Ok(summary) => {
             status.applied += 1;
@@ -101,35 +107,35 @@ fn keep_restart_only(config: &mut Config, running: &Config) {
 
 /// A one-line summary of what differs, naming settings that only a restart applies.
 pub fn describe_changes(old: &Config, new: &Config) -> String {
-    let before: std::collections::BTreeMap<_, _> = old.flattened().into_iter().collect();
-    let after: std::collections::BTreeMap<_, _> = new.flattened().into_iter().collect();
+    use std::collections::BTreeMap;
+    let map = |c: &Config, mask| {
+        c.flattened_with(mask)
+            .into_iter()
+            .collect::<BTreeMap<_, _>>()
+    };
+    let (before, after) = (map(old, true), map(new, true));
+    let (raw_before, raw_after) = (map(old, false), map(new, false));
     let mut changed = Vec::new();
     let mut restart = Vec::new();
-    for key in before
+    for key in raw_before
         .keys()
-        .chain(after.keys().filter(|k| !before.contains_key(*k)))
+        .chain(raw_after.keys().filter(|k| !raw_before.contains_key(*k)))
     {
-        let (b, a) = (before.get(key), after.get(key));
-        if b == a {
+        if raw_before.get(key) == raw_after.get(key) {
             continue;
         }
         if needs_restart(key) {
             restart.push(key.clone());
             continue;
         }
-        changed.push(match (b, a) {
+        changed.push(match (before.get(key), after.get(key)) {
+            // A secret (a password, one inside a URL): said to change, not shown.
+            (Some(b), Some(a)) if b == a => format!("{key}: changed"),
             (Some(b), Some(a)) => format!("{key}: {b} -> {a}"),
             (None, Some(a)) => format!("{key}: added {a}"),
             (Some(b), None) => format!("{key}: removed {b}"),
             (None, None) => continue,
         });
-    }
-    if old.users != new.users {
-        // Passwords are masked in the flattened view: say that users changed at all.
-        let names = |c: &Config| c.users.iter().map(|u| u.name.clone()).collect::<Vec<_>>();
-        if names(old) == names(new) {
-            changed.push("users: credentials changed".into());
-        }
     }
     let mut out = if changed.is_empty() {
         "no change".to_owned()
@@ -166,17 +172,23 @@ pub async fn watch_file(shared: Arc<Shared>, shutdown: CancellationToken) {
     let Some(path) = shared.config_path.get().cloned() else {
         return;
     };
-    let fingerprint = |p: &Path| std::fs::read(p).ok();
-    let mut last = fingerprint(&path);
+    {
+        // What the proxy started from, unless a reload read the file already.
+        let mut status = lock(&shared.reload);
+        if status.last_read.is_none() {
+            status.last_read = std::fs::read(&path).ok();
+        }
+    }
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let now = fingerprint(&path);
-        if now != last && now.is_some() {
-            last = now;
+        let Ok(now) = std::fs::read(&path) else {
+            continue;
+        };
+        if lock(&shared.reload).last_read.as_ref() != Some(&now) {
             info!(path = %path.display(), "config file changed");
             let _ = reload(&shared);
         }
@@ -199,22 +211,60 @@ mod tests {
         port = 5433
     "#;
 
-    /// The file watcher and RELOAD can run at once. Whatever the interleaving, once both
-    /// are done the proxy runs what the file says now, and the status agrees.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn racing_reloads_never_leave_an_older_file_applied() {
+    fn running_port(s: &Shared) -> u16 {
+        s.runtime.load().config.replicas[0].port
+    }
+
+    /// A proxy's shared state started from a file (BASE) in a new directory, and a writer
+    /// of that file (write-then-rename, as editors and config managers do).
+    fn file_proxy() -> (tempfile::TempDir, impl Fn(&str), Arc<Shared>) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("proxy.toml");
-        let version = |i: u32| BASE.replace("port = 5433", &format!("port = {}", 20000 + i));
-        let write = |text: &str| {
+        std::fs::write(&path, BASE).unwrap();
+        let shared = Shared::new(Runtime::new(Config::load(&path).unwrap()).unwrap());
+        shared.config_path.set(path.clone()).unwrap();
+        let write = move |text: &str| {
             let tmp = path.with_extension("tmp");
             std::fs::write(&tmp, text).unwrap();
             std::fs::rename(&tmp, &path).unwrap();
         };
+        (dir, write, shared)
+    }
+
+    /// A RELOAD (or SIGHUP) of a changed file, then the file changed back before the
+    /// watcher's next poll: the watcher compares the file with what the last reload read,
+    /// not with its own last poll (which saw the same text as now), and reloads it.
+    #[tokio::test]
+    async fn the_watcher_reloads_a_file_changed_back_after_a_reload() {
+        let (_dir, write, shared) = file_proxy();
+        let version = |i: u32| BASE.replace("port = 5433", &format!("port = {}", 21000 + i));
         write(&version(0));
-        let shared = Shared::new(Runtime::new(Config::load(&path).unwrap()).unwrap());
-        shared.config_path.set(path.clone()).unwrap();
-        let running_port = |s: &Shared| s.runtime.load().config.replicas[0].port;
+        reload(&shared).unwrap();
+        let stop = CancellationToken::new();
+        let watcher = tokio::spawn(watch_file(shared.clone(), stop.clone()));
+        // Its first poll (at once) has seen version 0.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        write(&version(1));
+        reload(&shared).unwrap();
+        assert_eq!(running_port(&shared), 21001);
+        write(&version(0));
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while running_port(&shared) != 21000 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        stop.cancel();
+        watcher.await.unwrap();
+        assert_eq!(running_port(&shared), 21000, "what the file says now");
+    }
+
+    /// The file watcher and RELOAD can run at once. Whatever the interleaving, once both
+    /// are done the proxy runs what the file says now, and the status agrees.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn racing_reloads_never_leave_an_older_file_applied() {
+        let (_dir, write, shared) = file_proxy();
+        let version = |i: u32| BASE.replace("port = 5433", &format!("port = {}", 20000 + i));
+        write(&version(0));
+        reload(&shared).unwrap();
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         for i in 1..=100 {
             let racer = {
@@ -266,10 +316,29 @@ mod tests {
             "{s}"
         );
         let pw = Config::from_toml(&BASE.replace("app_pw", "other")).unwrap();
-        assert!(describe_changes(&old, &pw).contains("credentials changed"));
+        let s = describe_changes(&old, &pw);
+        assert!(s.contains("users[0].password: changed"), "{s}");
         assert!(
             !describe_changes(&old, &pw).contains("other"),
             "no secrets in logs"
         );
+        // Other secrets too: applied, so said to change; a Redis password needs a restart.
+        let with = |admin: &str, health: &str, redis: &str| {
+            let text = format!(
+                "[proxy]\nadmin_user = \"pgsplit\"\nadmin_password = \"{admin}\"\n\
+                 [health]\npassword = \"{health}\"\n\
+                 [cache]\nredis_url = \"redis://u:{redis}@127.0.0.1:6379\"\n{BASE}"
+            );
+            Config::from_toml(&text).unwrap()
+        };
+        let old = with("a1", "h1", "r1");
+        let s = describe_changes(&old, &with("a2", "h2", "r1"));
+        assert_eq!(s, "health.password: changed; proxy.admin_password: changed");
+        let s = describe_changes(&old, &with("a1", "h1", "r2"));
+        assert_eq!(
+            s,
+            "no change; needs a restart to take effect (not applied): cache.redis_url"
+        );
+        assert!(!s.contains("r2") && !s.contains("h2"), "no secrets in logs");
     }
 }

@@ -65,8 +65,21 @@ impl Runtime {
     pub fn new_reusing(config: Config, old: Option<&Runtime>) -> Result<Runtime, ConfigError> {
         config.validate()?;
         let salt_key = crate::auth::salt_key().clone();
+        // A reload keeps the secrets of users it does not change: deriving a SCRAM secret
+        // from a plain password is 4,096 rounds of HMAC, and a reload runs on the event
+        // loop (thousands of users stalled every client for a second at each SIGHUP).
+        let same_auth_default =
+            |old: &Runtime| old.config.proxy.auth_method == config.proxy.auth_method;
         let mut users = HashMap::new();
         for u in &config.users {
+            if let Some(kept) = old
+                .filter(|old| same_auth_default(old))
+                .and_then(|old| old.users.get(&u.name))
+                .filter(|kept| kept.config == *u)
+            {
+                users.insert(u.name.clone(), kept.clone());
+                continue;
+            }
             let secret = UserSecret::for_user(&config, u, &salt_key).ok_or_else(|| {
                 ConfigError::Invalid(format!("user {:?}: unusable password", u.name))
             })?;
@@ -78,7 +91,12 @@ impl Runtime {
                 }),
             );
         }
+        let kept_admin = old.and_then(|old| old.admin.as_ref()).filter(|kept| {
+            Some(&kept.config.name) == config.proxy.admin_user.as_ref()
+                && kept.config.password == config.proxy.admin_password
+        });
         let admin = match (&config.proxy.admin_user, &config.proxy.admin_password) {
+            _ if kept_admin.is_some() => kept_admin.cloned(),
             (Some(name), Some(password)) => {
                 let user = UserConfig {
                     name: name.clone(),
@@ -461,6 +479,10 @@ pub struct ReloadStatus {
     pub last_error: Option<String>,
     /// What the last applied reload changed.
     pub last_summary: Option<String>,
+    /// The file's contents as the last reload (of any cause) read them: the file watcher
+    /// reloads when the file differs from these, so a SIGHUP or RELOAD between two of its
+    /// polls cannot leave the proxy running what the file no longer says.
+    pub last_read: Option<Vec<u8>>,
 }
 
 impl Shared {
@@ -534,6 +556,40 @@ fn places_key(backend: &crate::backend::Backend, params: &ConnectParams) -> Plac
 mod tests {
     use super::*;
     use std::net::SocketAddr;
+
+    #[test]
+    fn a_reload_keeps_the_secrets_of_users_it_does_not_change() {
+        let text = |app_pw: &str, default: &str| {
+            format!(
+                "[proxy]\nauth_method = \"{default}\"\nadmin_user = \"pgsplit\"\n\
+                 admin_password = \"console\"\n\
+                 [[users]]\nname = \"app\"\npassword = \"{app_pw}\"\n\
+                 [[users]]\nname = \"web\"\npassword = \"web_pw\"\n\
+                 [primary]\nhost = \"127.0.0.1\"\n"
+            )
+        };
+        let runtime = |text: &str, old: Option<&Runtime>| {
+            Runtime::new_reusing(Config::from_toml(text).unwrap(), old).unwrap()
+        };
+        let old = runtime(&text("app_pw", "scram-sha-256"), None);
+        let new = runtime(&text("rotated", "scram-sha-256"), Some(&old));
+        assert!(Arc::ptr_eq(&old.users["web"], &new.users["web"]));
+        assert!(!Arc::ptr_eq(&old.users["app"], &new.users["app"]));
+        assert!(Arc::ptr_eq(
+            old.admin.as_ref().unwrap(),
+            new.admin.as_ref().unwrap()
+        ));
+        // Another default method changes what a user without its own is asked.
+        let md5 = runtime(&text("rotated", "md5"), Some(&new));
+        assert!(!Arc::ptr_eq(&new.users["web"], &md5.users["web"]));
+        assert!(matches!(md5.users["web"].secret, UserSecret::Md5(_)));
+        let rotated = text("rotated", "md5").replace("\"console\"", "\"console2\"");
+        let admin = runtime(&rotated, Some(&md5));
+        assert!(!Arc::ptr_eq(
+            md5.admin.as_ref().unwrap(),
+            admin.admin.as_ref().unwrap()
+        ));
+    }
 
     #[test]
     fn cancel_keys_need_the_secret_and_a_running_query() {

@@ -507,9 +507,15 @@ impl Config {
     /// Every setting as `section.key = value` lines (arrays indexed), secrets masked: what
     /// SHOW CONFIG lists.
     pub fn flattened(&self) -> Vec<(String, String)> {
+        self.flattened_with(true)
+    }
+
+    /// [`flattened`](Self::flattened) with secrets shown (`mask` false): to tell what a
+    /// reload changed, never to show.
+    pub(crate) fn flattened_with(&self, mask: bool) -> Vec<(String, String)> {
         let mut out = Vec::new();
         if let Ok(v) = toml::Value::try_from(self) {
-            flatten_masked("", &v, &mut out);
+            flatten(&v, "", mask, &mut out);
         }
         out
     }
@@ -767,7 +773,7 @@ fn capture_config(text: &str) {
 
 /// `key.sub[0].name = value` pairs of a serialized config, passwords (`*password` keys and
 /// inside URLs) masked: what SHOW CONFIG and Debug output show.
-fn flatten_masked(prefix: &str, v: &toml::Value, out: &mut Vec<(String, String)>) {
+fn flatten(v: &toml::Value, prefix: &str, mask: bool, out: &mut Vec<(String, String)>) {
     match v {
         toml::Value::Table(t) => {
             for (k, v) in t {
@@ -776,18 +782,18 @@ fn flatten_masked(prefix: &str, v: &toml::Value, out: &mut Vec<(String, String)>
                 } else {
                     format!("{prefix}.{k}")
                 };
-                flatten_masked(&key, v, out);
+                flatten(v, &key, mask, out);
             }
         }
         toml::Value::Array(a) if a.iter().all(|v| v.is_table()) => {
             for (i, v) in a.iter().enumerate() {
-                flatten_masked(&format!("{prefix}[{i}]"), v, out);
+                flatten(v, &format!("{prefix}[{i}]"), mask, out);
             }
         }
         toml::Value::String(s) => {
-            let shown = if prefix.ends_with("password") {
+            let shown = if mask && prefix.ends_with("password") {
                 "********".into()
-            } else if prefix.ends_with("url") {
+            } else if mask && prefix.ends_with("url") {
                 without_url_password(s)
             } else {
                 s.clone()
@@ -798,7 +804,7 @@ fn flatten_masked(prefix: &str, v: &toml::Value, out: &mut Vec<(String, String)>
     }
 }
 
-/// Debug through [`flatten_masked`]: configs reach logs and panics, passwords must not.
+/// Debug through [`flatten`], masked: configs reach logs and panics, passwords must not.
 fn masked_debug<T: Serialize>(
     name: &str,
     v: &T,
@@ -806,7 +812,7 @@ fn masked_debug<T: Serialize>(
 ) -> std::fmt::Result {
     let mut out = Vec::new();
     if let Ok(v) = toml::Value::try_from(v) {
-        flatten_masked("", &v, &mut out);
+        flatten(&v, "", true, &mut out);
     }
     let mut d = f.debug_struct(name);
     for (k, v) in &out {
