@@ -448,6 +448,17 @@ impl Ctx<'_> {
     fn pin(&mut self) {
         self.out.target = Target::Primary;
         self.out.pins_session = true;
+        self.out.pin_undone_by_failure = false;
+    }
+
+    /// [`pin`](Self::pin) for work a failure of the statement undoes (see
+    /// `Classification::pin_undone_by_failure`).
+    fn pin_transactional(&mut self) {
+        if !self.out.pins_session {
+            self.out.pin_undone_by_failure = true;
+        }
+        self.out.target = Target::Primary;
+        self.out.pins_session = true;
     }
 
     fn unparsed(&mut self) {
@@ -641,7 +652,7 @@ impl Ctx<'_> {
                     self.primary();
                 }
                 if stmts.iter().any(|d| d.hold == Some(true)) {
-                    self.pin();
+                    self.pin_transactional();
                 }
             }
             Statement::Fetch { .. } => {
@@ -653,7 +664,7 @@ impl Ctx<'_> {
                 self.note_custom_settings(stmt);
             }
             Statement::Prepare { .. } | Statement::LISTEN { .. } => {
-                self.pin();
+                self.pin_transactional();
                 self.note_custom_settings(stmt);
             }
             // Only a pinned session listens (LISTEN pins), and its UNLISTEN reaches that
@@ -676,7 +687,7 @@ impl Ctx<'_> {
                 self.walk(stmt);
                 self.primary();
                 if *temporary {
-                    self.pin();
+                    self.pin_transactional();
                 }
                 if let Statement::CreateSequence { name, .. } = stmt {
                     push_unique(&mut self.out.tables_written, relation_name(name));
@@ -1018,7 +1029,10 @@ impl Ctx<'_> {
         for t in w.written {
             push_unique(&mut self.out.tables_written, t);
         }
-        self.out.pins_session |= w.pins;
+        if w.pins {
+            // A session call (an advisory lock): its effect outlives a failure.
+            self.pin();
+        }
         for n in w.read_back {
             push_unique(&mut self.out.read_back, n);
         }

@@ -698,6 +698,28 @@ fn set_replay_text() {
 /// A prepared statement keeps the parse settings of its Parse: one the transaction changes
 /// for itself makes what it prepares differ from the session's statements of that text.
 #[test]
+fn pins_a_failure_undoes_are_told_from_those_it_does_not() {
+    for (sql, undone) in [
+        ("CREATE TEMP TABLE t (a int)", true),
+        ("CREATE TEMPORARY VIEW v AS SELECT 1", true),
+        ("CREATE TEMP SEQUENCE s", true),
+        ("LISTEN chan", true),
+        ("PREPARE q AS SELECT 1", true),
+        ("DECLARE c CURSOR WITH HOLD FOR SELECT 1", true),
+        // A session advisory lock taken before an error stays taken.
+        ("SELECT pg_advisory_lock(1)", false),
+        ("CREATE TEMP TABLE t AS SELECT pg_advisory_lock(1)", false),
+        ("LISTEN a; SELECT pg_advisory_lock(1)", false),
+        ("LOAD 'auto_explain'", false),
+        ("SELECT 1", false),
+    ] {
+        let c = classify(sql);
+        assert!(c.pins_session || !undone, "{sql}");
+        assert_eq!(c.pin_undone_by_failure, undone, "{sql}");
+    }
+}
+
+#[test]
 fn a_parse_setting_for_the_transaction_only_is_flagged() {
     for (sql, local) in [
         ("SET LOCAL TIME ZONE 'America/New_York'", true),

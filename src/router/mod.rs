@@ -99,6 +99,11 @@ pub struct Classification {
     /// DECLARE ... WITH HOLD, set_config, SET of something that cannot be replayed): the
     /// session stays on its primary connection from now on.
     pub pins_session: bool,
+    /// Each reason it pins is work that a failure of the statement undoes (creating a
+    /// temporary object, LISTEN, SQL PREPARE, DECLARE ... WITH HOLD), not one that
+    /// survives it (a session advisory lock taken before the error): a statement of its own
+    /// that fails outside a transaction block leaves the session as free as before.
+    pub pin_undone_by_failure: bool,
     /// It leaves state on the connection that `DISCARD ALL` does not reset (a library
     /// loaded with LOAD, a dblink connection): the session stays pinned for its life.
     pub pins_for_good: bool,
@@ -162,6 +167,7 @@ impl Classification {
             begins_tx: None,
             tx_effect: TxEffect::Other,
             pins_session: false,
+            pin_undone_by_failure: false,
             pins_for_good: false,
             outlives_reset: false,
             session_ops: Vec::new(),

@@ -1003,6 +1003,8 @@ impl Session {
             // by OID, which the classifier cannot judge: it might write.
             route = Route::Primary;
         }
+        // Restored if the request does not run, or fails in a way that undoes what pinned.
+        let pins_before = (self.pinned, self.pinned_for_good, self.state_outlives_reset);
         for c in items.iter().filter_map(Item::class) {
             if c.pins_session && !self.pinned {
                 debug!("session pinned to the primary");
@@ -1057,6 +1059,8 @@ impl Session {
                     self.capture = None;
                     self.read_floor = 0;
                     self.record(route_kind(route), started, true);
+                    // Nothing of it ran: what it would have pinned is not there.
+                    (self.pinned, self.pinned_for_good, self.state_outlives_reset) = pins_before;
                     return self.report_unavailable(e, items, open).await;
                 }
             };
@@ -1090,6 +1094,18 @@ impl Session {
             {
                 relay::Outcome::Done => {
                     self.record(backend_kind(conn), started, self.last_failed);
+                    if self.last_failed
+                        && !pins_before.0
+                        && !in_transaction
+                        && self.tx == TxStatus::Idle
+                        && failure_undoes_pin(items)
+                    {
+                        // Its failure undid what it pinned for (a CREATE TEMP TABLE that
+                        // failed created nothing): the session stays free.
+                        debug!("pinning statement failed: session left unpinned");
+                        (self.pinned, self.pinned_for_good, self.state_outlives_reset) =
+                            pins_before;
+                    }
                     if in_transaction && self.tx == TxStatus::Idle {
                         self.shared.stats.transaction(backend_kind(conn));
                     }
@@ -1540,5 +1556,19 @@ fn learn_spellings(pool: &Pool, reported: &[(String, String)], given: &[(String,
         {
             pool.learn_spelling(&name.to_ascii_lowercase(), value, spelled);
         }
+    }
+}
+
+/// A request of one simple-protocol statement whose every reason to pin is undone by its
+/// failure (see `Classification::pin_undone_by_failure`).
+fn failure_undoes_pin(items: &[Item]) -> bool {
+    let mut classes = items.iter().filter_map(Item::class);
+    match (classes.next(), classes.next()) {
+        (Some(c), None) => {
+            c.statement_count == 1
+                && c.pin_undone_by_failure
+                && items.iter().any(|i| matches!(i, Item::Query { .. }))
+        }
+        _ => false,
     }
 }

@@ -375,6 +375,14 @@ async fn with_the_primary_down_writes_fail_clearly_and_reads_go_on() {
         let after = client
             .query_one(&format!("SELECT count(*) FROM {t}"), &[])
             .await;
+        // A statement that would pin the session to the primary and never ran there leaves
+        // it free to read on.
+        let temp = client
+            .batch_execute("CREATE TEMP TABLE pdown_temp (a int)")
+            .await;
+        let after_temp = client
+            .query_one(&format!("SELECT count(*) FROM {t}"), &[])
+            .await;
         // A new client can still log in and read.
         let newcomer = match try_connect(&proxy.conn_str("app", "app_pw")).await {
             Ok(n) => Ok(server_port(&n).await),
@@ -391,6 +399,8 @@ async fn with_the_primary_down_writes_fail_clearly_and_reads_go_on() {
         assert_eq!(sqlstate(&aborted.unwrap_err()), "25P02");
         rollback.expect("ROLLBACK of the failed transaction");
         assert_eq!(after.unwrap().get::<_, i64>(0), 0);
+        assert!(temp.is_err());
+        assert_eq!(after_temp.unwrap().get::<_, i64>(0), 0);
         assert!(c.replicas.contains(&newcomer.unwrap()));
         let mut ok = false;
         for _ in 0..50 {

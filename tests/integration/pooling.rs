@@ -1412,12 +1412,7 @@ async fn a_failed_first_login_leaves_the_pool_another_first_login_is_using() {
 /// the primary, and a pool larger than `[pool] size` ran out of server connections.
 #[tokio::test]
 async fn an_unlisten_leaves_the_session_free() {
-    let c = cluster();
-    let proxy = start_proxy_with(&format!(
-        "{}\n[pool]\nsize = 1\ncheckout_timeout_ms = 2000\n",
-        base_config_toml(c)
-    ))
-    .await;
+    let proxy = one_primary_connection_proxy().await;
     let released = proxy.app().await;
     for reset in [
         "UNLISTEN *",
@@ -1425,21 +1420,7 @@ async fn an_unlisten_leaves_the_session_free() {
         "SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL;",
     ] {
         released.batch_execute(reset).await.unwrap();
-        // Another client takes the only primary connection: the first holds none.
-        let other = proxy.app().await;
-        other
-            .batch_execute("SELECT txid_current()")
-            .await
-            .unwrap_or_else(|e| panic!("after {reset:?}: {e}"));
-        let port: i32 = released
-            .query_one("SELECT inet_server_port()", &[])
-            .await
-            .unwrap()
-            .get(0);
-        assert!(
-            c.replicas.contains(&(port as u16)),
-            "after {reset:?} a read ran on {port}"
-        );
+        assert_holds_no_primary_connection(&proxy, &released, reset).await;
     }
     // A listening session (pinned) still gets what it listens to after an UNLISTEN of
     // another channel.
@@ -1459,5 +1440,71 @@ async fn an_unlisten_leaves_the_session_free() {
     assert_eq!(
         got.map(|(_, payload)| payload).as_deref(),
         Some("still listening")
+    );
+}
+
+/// A statement that would pin the session but fails outside a transaction block created
+/// nothing (a CREATE TEMP TABLE of an unknown type): the session stays free, and does not
+/// hold a pooled primary connection while idle. One whose failure leaves what it did (a
+/// session advisory lock taken before the error) pins as before.
+#[tokio::test]
+async fn a_failed_statement_pins_only_what_its_failure_leaves() {
+    let proxy = one_primary_connection_proxy().await;
+    let client = proxy.app().await;
+    for failing in [
+        "CREATE TEMP TABLE failed_temp (a no_such_type)",
+        "LISTEN \"\"",
+        "PREPARE failed_prepare AS SELECT * FROM no_such_table",
+    ] {
+        client.batch_execute(failing).await.unwrap_err();
+        assert_holds_no_primary_connection(&proxy, &client, failing).await;
+    }
+    let e = client
+        .batch_execute("SELECT pg_advisory_lock(4242), 1 / (random() * 0)::int")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "22012", "{e}");
+    assert_eq!(
+        server_port(&client).await,
+        cluster().primary,
+        "the lock outlived the error: the session stays on its primary connection"
+    );
+    let held: bool = client
+        .query_one(
+            "SELECT count(*) = 1 FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242 \
+             AND pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(held, "the lock is the session's, on its connection");
+}
+
+/// A proxy (transaction mode) with one primary connection for `app`.
+async fn one_primary_connection_proxy() -> Proxy {
+    start_proxy_with(&format!(
+        "{}\n[pool]\nsize = 1\ncheckout_timeout_ms = 2000\n",
+        base_config_toml(cluster())
+    ))
+    .await
+}
+
+/// `client` (of a [`one_primary_connection_proxy`]) holds no primary connection after
+/// `what`: another client gets the only one, and `client` reads from a replica.
+async fn assert_holds_no_primary_connection(
+    proxy: &Proxy,
+    client: &tokio_postgres::Client,
+    what: &str,
+) {
+    let other = proxy.app().await;
+    other
+        .batch_execute("SELECT txid_current()")
+        .await
+        .unwrap_or_else(|e| panic!("after {what:?}: {e}"));
+    let port = server_port(client).await;
+    assert!(
+        cluster().replicas.contains(&port),
+        "after {what:?} a read ran on {port}"
     );
 }
