@@ -1065,6 +1065,8 @@ impl Session {
                 }
             };
             debug!(?route, backend = conn.0, "routed");
+            // SHOW CLIENTS names the server a running query is on.
+            self.info.set_backend(Some(conn.0));
             if conn.is_primary()
                 && items
                     .iter()
@@ -1224,7 +1226,12 @@ impl Session {
         } else {
             ClientState::InTransaction
         });
-        self.info.set_backend(self.tx_conn.map(|b| b.0));
+        // Between requests: the connection the session holds, if any (its transaction's,
+        // or a pinned or session-mode session's primary connection).
+        let holds_primary =
+            (self.pinned || self.mode == PoolMode::Session) && self.conns[0].is_some();
+        let held = self.tx_conn.or(holds_primary.then_some(BackendId::PRIMARY));
+        self.info.set_backend(held.map(|b| b.0));
     }
 
     /// Bookkeeping once a request completed: store a captured answer, learn the commit

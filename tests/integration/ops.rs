@@ -162,6 +162,40 @@ async fn the_admin_console_reports_and_controls() {
             .iter()
             .any(|c| c["user"] == "app" && c["state"] == "idle")
     );
+    // The backend column names the server a running query is on (here a replica, outside
+    // a transaction), and the one a pinned session holds while idle.
+    let sleeper = proxy.app().await;
+    let sleeping = tokio::spawn(async move {
+        sleeper.batch_execute("SELECT pg_sleep(1.5)").await.unwrap();
+        sleeper
+    });
+    let replica_names: Vec<String> = backends[1..].iter().map(|b| b["name"].clone()).collect();
+    let mut running_on = None;
+    for _ in 0..40 {
+        running_on = rows(&admin, "SHOW CLIENTS")
+            .await
+            .into_iter()
+            .find(|c| c["state"] == "active" && c["user"] == "app")
+            .map(|c| c["backend"].clone());
+        if running_on.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let running_on = running_on.expect("the sleeping query listed as active");
+    assert!(replica_names.contains(&running_on), "{running_on}");
+    let sleeper = sleeping.await.unwrap();
+    sleeper
+        .batch_execute("CREATE TEMP TABLE show_clients_pinned (a int)")
+        .await
+        .unwrap();
+    let holding: Vec<String> = rows(&admin, "SHOW CLIENTS")
+        .await
+        .into_iter()
+        .filter(|c| c["user"] == "app" && c["state"] == "idle")
+        .map(|c| c["backend"].clone())
+        .collect();
+    assert!(holding.contains(&backends[0]["name"]), "{holding:?}");
     let pools = rows(&admin, "SHOW POOLS").await;
     assert!(
         pools
