@@ -47,6 +47,9 @@ pub enum Error {
     ServerLostMidMessage(BackendError),
     #[error("no server available: {0}")]
     NoServer(String),
+    /// pgsplit itself is out of file descriptors (or socket buffers): no server is to blame.
+    #[error("pgsplit is out of file descriptors (raise its open-file limit): {0}")]
+    OutOfDescriptors(String),
     /// The primary refused the session's settings (its startup parameters, replayed): the
     /// session cannot be served, as PostgreSQL refuses such a login.
     #[error("{}", .0.message)]
@@ -71,6 +74,7 @@ impl Error {
             | Error::SettingsRefused(_)
             | Error::ServerLostMidMessage(_)
             | Error::NoServer(_)
+            | Error::OutOfDescriptors(_)
             | Error::PoolTimeout(_)
             | Error::PrimaryInRecovery => Side::Backend,
             _ => Side::Client,
@@ -88,6 +92,7 @@ impl Error {
             Error::BadPassword(_) => "28P01",
             Error::AuthRejected(_) => "28000",
             Error::TooManyClients | Error::PoolTimeout(_) => "53300",
+            Error::OutOfDescriptors(_) => "53000",
             Error::PrimaryInRecovery => "25006",
             Error::LoginTimeout => "08006",
             Error::ShuttingDown => "57P01",
@@ -124,6 +129,8 @@ mod tests {
     fn sqlstates() {
         assert_eq!(Error::BadPassword("u".into()).sqlstate(), "28P01");
         assert_eq!(Error::TooManyClients.sqlstate(), "53300");
+        let emfile = std::io::Error::from_raw_os_error(24).to_string();
+        assert_eq!(Error::OutOfDescriptors(emfile).sqlstate(), "53000");
         assert_eq!(Error::Frame(FrameError::BadLength(1)).sqlstate(), "08P01");
         let server = Error::Backend(BackendError::Server(ErrorFields {
             severity: "FATAL".into(),

@@ -80,6 +80,8 @@ impl Server {
             ));
         }
         restart_health_checkers(&self.shared);
+        let mut accept_warned: Option<std::time::Instant> = None;
+        let mut accept_failures = 0u64;
         loop {
             let accepted = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -88,8 +90,16 @@ impl Server {
             let (stream, peer) = match accepted {
                 Ok(x) => x,
                 Err(e) => {
-                    // EMFILE and friends: back off briefly instead of spinning.
-                    warn!(error = %e, "accept failed");
+                    // EMFILE and friends: back off briefly instead of spinning, and say so
+                    // once per ten seconds, not at every retry.
+                    let now = std::time::Instant::now();
+                    if accept_warned.is_none_or(|at| now.duration_since(at).as_secs() >= 10) {
+                        warn!(error = %e, failed_since_last_warning = accept_failures, "accept failed (out of file descriptors? raise the open-file limit)");
+                        accept_warned = Some(now);
+                        accept_failures = 0;
+                    } else {
+                        accept_failures += 1;
+                    }
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }

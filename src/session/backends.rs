@@ -428,7 +428,7 @@ impl Session {
         if e.is_local_exhaustion() {
             // Not NoServer, which marks a replica down where it is caught.
             warn!(backend = %backend.name(), error = %e, "pgsplit is out of file descriptors: raise its open-file limit or lower max_client_connections");
-            return Error::Backend(e);
+            return Error::OutOfDescriptors(e.to_string());
         }
         match e {
             BackendError::Server(_) => Error::Backend(e),

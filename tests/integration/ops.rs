@@ -433,6 +433,57 @@ async fn the_admin_console_refuses_the_extended_protocol_without_waiting_for_a_s
     assert!(msgs.iter().any(|m| m.0 == b'D'), "{msgs:?}");
 }
 
+/// Out of file descriptors, a request that needs a new server connection gets 53000
+/// naming pgsplit's own limit (it got 08006 "server connection failed", which blames the
+/// server), no server leaves the rotation, and the session and others go on.
+#[tokio::test]
+async fn out_of_file_descriptors_is_reported_as_pgsplits_own_limit() {
+    let c = cluster();
+    let proxy = ProxyProcess::start(&base_config_toml(c), "info").await;
+    let conn = format!(
+        "host=127.0.0.1 port={} user=trustuser dbname=appdb",
+        proxy.port
+    );
+    // One client holds the primary connection in a transaction; the other's write needs a
+    // new one.
+    let holder = connect(&conn).await;
+    holder
+        .batch_execute("BEGIN; SELECT txid_current()")
+        .await
+        .unwrap();
+    let writer = connect(&conn).await;
+    // The lowest descriptor number free now: a limit of it leaves none to open.
+    let fds: Vec<u32> = std::fs::read_dir(format!("/proc/{}/fd", proxy.pid()))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    let limit = (0..).find(|n| !fds.contains(n)).unwrap();
+    let status = Command::new("prlimit")
+        .args([
+            "--pid",
+            &proxy.pid().to_string(),
+            &format!("--nofile={limit}:{limit}"),
+        ])
+        .status()
+        .expect("prlimit (util-linux)");
+    assert!(status.success());
+    let e = writer
+        .batch_execute("SELECT txid_current()")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "53000", "{e}");
+    let message = e.as_db_error().unwrap().message();
+    assert!(
+        message.starts_with("pgsplit is out of file descriptors"),
+        "{message}"
+    );
+    // The sessions go on: the holder's connection is at hand.
+    holder.batch_execute("COMMIT").await.unwrap();
+    let log = proxy.log_text();
+    assert!(log.contains("out of file descriptors"), "{log}");
+    assert!(!log.contains("out of rotation"), "{log}");
+}
+
 /// A client that terminates its own server backend makes routing skip that server for a
 /// second, but the server is up: `/health`, the in-rotation metric and SHOW BACKENDS go by
 /// the health checks (they said "primary down" and, with no replica, 503).
