@@ -94,7 +94,8 @@ impl Error {
             Error::TooManyClients | Error::PoolTimeout(_) => "53300",
             Error::OutOfDescriptors(_) => "53000",
             Error::PrimaryInRecovery => "25006",
-            Error::LoginTimeout => "08006",
+            // As PostgreSQL's authentication_timeout.
+            Error::LoginTimeout => "57014",
             Error::ShuttingDown => "57P01",
             Error::Canceled => "57014",
             // A server's own refusal keeps its SQLSTATE (e.g. 3D000 unknown database).
@@ -129,6 +130,7 @@ mod tests {
     fn sqlstates() {
         assert_eq!(Error::BadPassword("u".into()).sqlstate(), "28P01");
         assert_eq!(Error::TooManyClients.sqlstate(), "53300");
+        assert_eq!(Error::LoginTimeout.sqlstate(), "57014");
         let emfile = std::io::Error::from_raw_os_error(24).to_string();
         assert_eq!(Error::OutOfDescriptors(emfile).sqlstate(), "53000");
         assert_eq!(Error::Frame(FrameError::BadLength(1)).sqlstate(), "08P01");

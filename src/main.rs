@@ -36,16 +36,20 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let loaded = Config::load(&args.config);
+    // Read as reloads read it (absolute): relative certificate paths then resolve the same
+    // way, and the first reload reports no change that is none.
+    let config_path = pgsplit::reload::config_path(&args.config);
+    let loaded = Config::load(&config_path);
     // The log filter: --log, else RUST_LOG, else the config's `[proxy] log`.
-    let filter = args
-        .log
-        .clone()
-        .or_else(|| std::env::var("RUST_LOG").ok())
-        .or_else(|| loaded.as_ref().ok().map(|c| c.proxy.log.clone()))
-        .unwrap_or_else(|| "info".into());
+    let (filter, source) = match (&args.log, std::env::var("RUST_LOG"), &loaded) {
+        (Some(log), _, _) => (log.clone(), "--log"),
+        (None, Ok(env), _) => (env, "RUST_LOG"),
+        (None, Err(_), Ok(c)) => (c.proxy.log.clone(), "[proxy] log"),
+        (None, Err(_), Err(_)) => ("info".into(), "the default"),
+    };
     let (filter_layer, filter_handle) = tracing_subscriber::reload::Layer::new(
-        tracing_subscriber::EnvFilter::try_new(&filter).context("invalid --log filter")?,
+        tracing_subscriber::EnvFilter::try_new(&filter)
+            .with_context(|| format!("invalid log filter {filter:?} (from {source})"))?,
     );
     tracing_subscriber::registry()
         .with(filter_layer)
@@ -80,9 +84,7 @@ fn main() -> anyhow::Result<()> {
     };
     builder.enable_all().build()?.block_on(async move {
         let shared = Shared::new(runtime);
-        let _ = shared
-            .config_path
-            .set(pgsplit::reload::config_path(&args.config));
+        let _ = shared.config_path.set(config_path);
         let _ = shared.log_filter.set(Box::new(move |f: &str| {
             let filter = tracing_subscriber::EnvFilter::try_new(f).map_err(|e| e.to_string())?;
             filter_handle.reload(filter).map_err(|e| e.to_string())

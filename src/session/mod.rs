@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use tokio::net::TcpStream;
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::backend::{BackendError, BackendId, ConnectParams, Pool, ServerConn, send_cancel};
 use crate::config::PoolMode;
@@ -629,7 +629,13 @@ impl Session {
             Err(e) => {
                 // Debug-formatted (escaped): a server's error can quote what the client
                 // sent (a startup parameter's value), line breaks included.
-                if e.side() == Side::Backend {
+                if matches!(
+                    &e,
+                    Error::Backend(BackendError::Server(_)) | Error::SettingsRefused(_)
+                ) {
+                    // The server refused the session (an unknown database, a setting).
+                    info!(error = ?e.to_string(), "session refused by the server");
+                } else if e.side() == Side::Backend {
                     warn!(error = ?e.to_string(), "session lost its server");
                 } else {
                     debug!(error = ?short(&e.to_string()), "closing session");

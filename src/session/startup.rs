@@ -103,9 +103,6 @@ pub async fn open(client: &mut ClientConn, runtime: &Runtime, over_limit: bool) 
             )])
             .await?;
     }
-    if over_limit {
-        return Err(Error::TooManyClients);
-    }
     if runtime.config.proxy.tls_required && !client.is_tls() {
         return Err(Error::AuthRejected(
             "pgsplit requires TLS: connect with sslmode=require or stronger".into(),
@@ -140,12 +137,17 @@ pub async fn open(client: &mut ClientConn, runtime: &Runtime, over_limit: bool) 
         .filter(|d| !d.is_empty())
         .map(truncate_name)
         .unwrap_or_else(|| user_name.clone());
-    if database == crate::admin::DATABASE
-        && let Some(admin) = runtime
-            .admin
-            .as_ref()
-            .filter(|a| a.config.name == user_name)
-    {
+    let admin = runtime
+        .admin
+        .as_ref()
+        .filter(|a| database == crate::admin::DATABASE && a.config.name == user_name);
+    // Past `max_client_connections` the admin console still opens (within the as many
+    // again that may log in to be refused), as PostgreSQL reserves connections for
+    // superusers: that is when an operator needs SHOW CLIENTS.
+    if over_limit && admin.is_none() {
+        return Err(Error::TooManyClients);
+    }
+    if let Some(admin) = admin {
         authenticate(client, runtime, admin).await?;
         return Ok(Opening::Admin(admin.clone()));
     }

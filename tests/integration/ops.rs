@@ -433,6 +433,25 @@ async fn the_admin_console_refuses_the_extended_protocol_without_waiting_for_a_s
     assert!(msgs.iter().any(|m| m.0 == b'D'), "{msgs:?}");
 }
 
+/// At `max_client_connections`, clients are refused with 53300 but the admin console
+/// opens, as PostgreSQL reserves connections for superusers: that is when an operator
+/// needs SHOW CLIENTS.
+#[tokio::test]
+async fn the_admin_console_opens_when_the_client_limit_is_reached() {
+    let c = cluster();
+    let toml = ops_config(c).replacen("[proxy]\n", "[proxy]\nmax_client_connections = 1\n", 1);
+    let proxy = start_proxy_with(&toml).await;
+    let _app = proxy.app().await;
+    let e = try_connect(&proxy.conn_str("app", "app_pw"))
+        .await
+        .expect_err("over the limit");
+    assert_eq!(sqlstate(&e), "53300", "{e}");
+    let admin = console(proxy.port()).await;
+    let clients = rows(&admin, "SHOW CLIENTS").await;
+    assert_eq!(clients.len(), 1, "{clients:?}");
+    assert_eq!(clients[0]["user"], "app");
+}
+
 /// Out of file descriptors, a request that needs a new server connection gets 53000
 /// naming pgsplit's own limit (it got 08006 "server connection failed", which blames the
 /// server), no server leaves the rotation, and the session and others go on.
