@@ -211,7 +211,8 @@ pub fn render(shared: &Shared) -> String {
             .latency
             .iter_recorded()
             .map(|v| v.value_iterated_to() as f64 * v.count_at_value() as f64)
-            .sum();
+            // Not `sum()`, whose empty sum is -0, printed as "-0".
+            .fold(0.0, |a, b| a + b);
         o.sample(&format!("{name}_sum"), &[("route", route)], sum_us / 1e6);
         o.sample(
             &format!("{name}_count"),

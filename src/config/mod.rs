@@ -517,6 +517,8 @@ impl Config {
         if let Ok(v) = toml::Value::try_from(self) {
             flatten(&v, "", mask, &mut out);
         }
+        // Validation refuses a weight on the primary: not a setting it has.
+        out.retain(|(k, _)| k != "primary.weight");
         out
     }
 
@@ -959,6 +961,10 @@ mod tests {
         assert!(c.routing.fallback_to_primary);
         assert_eq!(c.users[0].server_user(), "app");
         assert_eq!(c.users[0].server_password(), Some("app_pw"));
+        // SHOW CONFIG lists what can be set: not a weight for the primary.
+        let shown = c.flattened();
+        assert!(shown.iter().any(|(k, _)| k == "primary.port"));
+        assert!(!shown.iter().any(|(k, _)| k == "primary.weight"));
     }
 
     #[test]

@@ -294,6 +294,13 @@ async fn metrics_and_health_speak_http() {
     let c = cluster();
     let proxy = start_proxy_with(&ops_config(c)).await;
     let addr = proxy.metrics.expect("metrics_listen is set");
+    // Before any query: empty histograms sum to 0, not "-0".
+    let (status, text) = http_get(addr, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        text.contains("pgsplit_query_duration_seconds_sum{route=\"primary\"} 0\n"),
+        "{text}"
+    );
     let app = proxy.app().await;
     for _ in 0..5 {
         app.simple_query("SELECT 1").await.unwrap();
