@@ -29,7 +29,7 @@ pub fn reload(shared: &Arc<Shared>) -> Result<String, String> {
     let _one_at_a_time = lock(&shared.reloading);
     // Read before it is applied: a change made meanwhile differs from this, and the file
     // watcher reloads once more.
-    let read = shared.config_path.get().and_then(|p| std::fs::read(p).ok());
+    let read = shared.config_path.get().and_then(|p| file_digest(p));
     let result = shared
         .config_path
         .get()
@@ -176,7 +176,7 @@ pub async fn watch_file(shared: Arc<Shared>, shutdown: CancellationToken) {
         // What the proxy started from, unless a reload read the file already.
         let mut status = lock(&shared.reload);
         if status.last_read.is_none() {
-            status.last_read = std::fs::read(&path).ok();
+            status.last_read = file_digest(&path);
         }
     }
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -185,14 +185,23 @@ pub async fn watch_file(shared: Arc<Shared>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let Ok(now) = std::fs::read(&path) else {
+        let Some(now) = file_digest(&path) else {
             continue;
         };
-        if lock(&shared.reload).last_read.as_ref() != Some(&now) {
+        if lock(&shared.reload).last_read != Some(now) {
             info!(path = %path.display(), "config file changed");
             let _ = reload(&shared);
         }
     }
+}
+
+/// SHA-256 of the file's contents, `None` if it cannot be read.
+fn file_digest(path: &Path) -> Option<[u8; 32]> {
+    let bytes = std::fs::read(path).ok()?;
+    ring::digest::digest(&ring::digest::SHA256, &bytes)
+        .as_ref()
+        .try_into()
+        .ok()
 }
 
 #[cfg(test)]

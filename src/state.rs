@@ -479,10 +479,11 @@ pub struct ReloadStatus {
     pub last_error: Option<String>,
     /// What the last applied reload changed.
     pub last_summary: Option<String>,
-    /// The file's contents as the last reload (of any cause) read them: the file watcher
-    /// reloads when the file differs from these, so a SIGHUP or RELOAD between two of its
-    /// polls cannot leave the proxy running what the file no longer says.
-    pub last_read: Option<Vec<u8>>,
+    /// A digest of the file's contents as the last reload (of any cause) read them (not
+    /// the contents: they hold passwords): the file watcher reloads when the file differs,
+    /// so a SIGHUP or RELOAD between two of its polls cannot leave the proxy running what
+    /// the file no longer says.
+    pub last_read: Option<[u8; 32]>,
 }
 
 impl Shared {

@@ -92,6 +92,8 @@ pub struct Pool {
 /// Spellings a pool remembers at most: logins beyond them with new values are answered
 /// from a server connection each.
 const MAX_SPELLINGS: usize = 1024;
+/// Longest parameter name, value given and value reported a pool remembers, together.
+const MAX_SPELLING_BYTES: usize = 256;
 
 /// A connection lent from a pool; give it back with [`Pool::checkin`].
 pub struct Lent {
@@ -163,6 +165,10 @@ impl Pool {
     /// Remember that the server reports parameter `name` (lower case) set to `given` as
     /// `reported`.
     pub fn learn_spelling(&self, name: &str, given: &str, reported: &str) {
+        // Bounded in count and size (a startup value can be 10 KB long).
+        if name.len() + given.len() + reported.len() > MAX_SPELLING_BYTES {
+            return;
+        }
         let mut spellings = lock(&self.spellings);
         if spellings.len() < MAX_SPELLINGS {
             spellings.insert((name.to_owned(), given.to_owned()), reported.to_owned());

@@ -281,7 +281,7 @@ impl Session {
                 .try_reserve()
                 .ok_or_else(|| self.checkout_error(id, CheckoutError::ServerDown));
         }
-        let stop = checkout_stop(&self.slot, &mut self.client);
+        let stop = checkout_stop(&self.slot, &mut self.client, false);
         let stop = async {
             let went_down = async {
                 loop {
@@ -377,7 +377,7 @@ impl Session {
     pub(super) async fn checkout(&mut self, id: BackendId) -> Result<Lent> {
         let pool = self.pool_of(id)?;
         let backend = self.runtime.backends.get(id);
-        let stop = checkout_stop(&self.slot, &mut self.client);
+        let stop = checkout_stop(&self.slot, &mut self.client, self.checkout_no_wait);
         match pool.checkout(self.clock, stop).await {
             Ok(lent) => {
                 if let Some(b) = backend {
@@ -805,9 +805,14 @@ impl Session {
 fn checkout_stop<'a>(
     slot: &'a SessionSlot,
     client: &'a mut ClientConn,
+    no_wait: bool,
 ) -> impl Future<Output = CheckoutError> + 'a {
     let cancellable = slot.waiting.load(Ordering::Relaxed);
     async move {
+        // Polled only when no connection is free: then none is taken.
+        if no_wait {
+            return CheckoutError::Canceled;
+        }
         let canceled = async {
             if cancellable {
                 slot.wait_for(&slot.cancel_requested).await

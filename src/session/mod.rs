@@ -288,6 +288,9 @@ pub struct Session {
     pinned_in_request: bool,
     /// The pinned primary connection, and the state on it, is gone.
     pinned_state_lost: bool,
+    /// A checkout takes a free connection or none, never waits (a login learning how
+    /// the server spells its parameters: not worth a wait on a busy pool).
+    checkout_no_wait: bool,
     /// Read-your-writes or eventual consistency for this session's reads.
     consistency: Consistency,
     /// The commit position of the last write of any session of this user and database
@@ -416,6 +419,7 @@ impl Session {
             state_outlives_reset: false,
             pinned_in_request: false,
             pinned_state_lost: false,
+            checkout_no_wait: false,
             hold_tick: None,
             last_replica: None,
             consistency,
@@ -564,7 +568,10 @@ impl Session {
         if !unknown {
             return Ok(());
         }
-        match self.acquire(Route::Primary).await {
+        self.checkout_no_wait = true;
+        let acquired = self.acquire(Route::Primary).await;
+        self.checkout_no_wait = false;
+        match acquired {
             Ok(id) => {
                 if let Some(conn) = self.conns[id.0 as usize].as_ref() {
                     learn_spellings(pool, &conn.params, given);
@@ -607,8 +614,14 @@ impl Session {
                     .as_ref()
                     .map(|c| c.params.clone())
                     .unwrap_or_default();
+                // (A default_transaction_read_only the client gave is its own: the replay
+                // set it on the replica, which reports it.)
+                let own_read_only =
+                    startup_value(&self.login_params, "default_transaction_read_only").is_some();
                 for (k, v) in params.iter_mut() {
-                    if k == "in_hot_standby" || k == "default_transaction_read_only" {
+                    if k == "in_hot_standby"
+                        || (k == "default_transaction_read_only" && !own_read_only)
+                    {
                         *v = "off".into();
                     }
                 }
@@ -1048,8 +1061,9 @@ impl Session {
                 let canceled = self.slot.end_wait() || std::mem::take(&mut self.canceled_early);
                 match acquired {
                     Ok(conn) if canceled => {
-                        // Only the session's settings ran on it (a pinned connection stays).
-                        if !(conn.is_primary() && self.pinned) {
+                        // Only the session's settings ran on it (a pinned connection stays;
+                        // not one this request was to pin, which never ran).
+                        if !(conn.is_primary() && pins_before.0) {
                             self.release(conn, true);
                         }
                         Err(Error::Canceled)
@@ -1101,7 +1115,6 @@ impl Session {
                 .await?
             {
                 relay::Outcome::Done => {
-                    self.record(backend_kind(conn), started, self.last_failed);
                     if self.last_failed
                         && !pins_before.0
                         && !in_transaction
@@ -1109,11 +1122,13 @@ impl Session {
                         && failure_undoes_pin(items)
                     {
                         // Its failure undid what it pinned for (a CREATE TEMP TABLE that
-                        // failed created nothing): the session stays free.
+                        // failed created nothing): the session stays free. (What else it
+                        // ran may have left traces all the same, such as a custom setting's
+                        // name: `state_outlives_reset` stays.)
                         debug!("pinning statement failed: session left unpinned");
-                        (self.pinned, self.pinned_for_good, self.state_outlives_reset) =
-                            pins_before;
+                        self.pinned = false;
                     }
+                    self.record(backend_kind(conn), started, self.last_failed);
                     if in_transaction && self.tx == TxStatus::Idle {
                         self.shared.stats.transaction(backend_kind(conn));
                     }
@@ -1560,11 +1575,11 @@ impl Session {
 }
 
 /// Remember how `reported` (a connection's ParameterStatus values, with the login's
-/// settings set) spells the values the login gave.
+/// settings set) spells the values the login gave: also those it spells as given, which
+/// need no server either next time (pgjdbc sends its JVM's TimeZone at every login).
 fn learn_spellings(pool: &Pool, reported: &[(String, String)], given: &[(String, String)]) {
     for (name, spelled) in reported {
         if let Some(value) = state::value_in(given, name)
-            && value != spelled
             && !state::reported_as_given(name, value)
         {
             pool.learn_spelling(&name.to_ascii_lowercase(), value, spelled);

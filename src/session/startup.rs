@@ -103,6 +103,12 @@ pub async fn open(client: &mut ClientConn, runtime: &Runtime, over_limit: bool) 
             )])
             .await?;
     }
+    // Past `max_client_connections` only the admin console opens (within the as many
+    // again that may log in to be refused), as PostgreSQL reserves connections for
+    // superusers: that is when an operator needs SHOW CLIENTS.
+    if over_limit && !asks_for_admin(&params, runtime) {
+        return Err(Error::TooManyClients);
+    }
     if runtime.config.proxy.tls_required && !client.is_tls() {
         return Err(Error::AuthRejected(
             "pgsplit requires TLS: connect with sslmode=require or stronger".into(),
@@ -137,17 +143,12 @@ pub async fn open(client: &mut ClientConn, runtime: &Runtime, over_limit: bool) 
         .filter(|d| !d.is_empty())
         .map(truncate_name)
         .unwrap_or_else(|| user_name.clone());
-    let admin = runtime
-        .admin
-        .as_ref()
-        .filter(|a| database == crate::admin::DATABASE && a.config.name == user_name);
-    // Past `max_client_connections` the admin console still opens (within the as many
-    // again that may log in to be refused), as PostgreSQL reserves connections for
-    // superusers: that is when an operator needs SHOW CLIENTS.
-    if over_limit && admin.is_none() {
-        return Err(Error::TooManyClients);
-    }
-    if let Some(admin) = admin {
+    if database == crate::admin::DATABASE
+        && let Some(admin) = runtime
+            .admin
+            .as_ref()
+            .filter(|a| a.config.name == user_name)
+    {
         authenticate(client, runtime, admin).await?;
         return Ok(Opening::Admin(admin.clone()));
     }
@@ -263,6 +264,20 @@ async fn authenticate(client: &mut ClientConn, runtime: &Runtime, user: &UserEnt
 /// that says the server offered none, is an authorization failure (28000, a man in the
 /// middle's tell); every other one but a wrong password a protocol violation (08P01),
 /// channel-binding data after choosing plain SCRAM-SHA-256 included.
+/// The startup parameters name the admin user and the admin console's database.
+fn asks_for_admin(params: &[(String, String)], runtime: &Runtime) -> bool {
+    let Some(admin) = &runtime.admin else {
+        return false;
+    };
+    let value = |k: &str| params.iter().rev().find(|(n, _)| n == k).map(|(_, v)| v);
+    let user = value("user").map(|u| truncate_name(u.clone()));
+    let database = value("database")
+        .filter(|d| !d.is_empty())
+        .map(|d| truncate_name(d.clone()));
+    user.as_deref() == Some(admin.config.name.as_str())
+        && database.or(user).as_deref() == Some(crate::admin::DATABASE)
+}
+
 fn scram_error(e: ScramError) -> Error {
     match e {
         ScramError::ChannelBindingDowngrade | ScramError::ChannelBindingCheck => {

@@ -562,7 +562,8 @@ pub fn startup_value(params: &[(String, String)], name: &str) -> Option<String> 
 /// can be spelled otherwise by the server (TimeZone `asia/tokyo` is `Asia/Tokyo`).
 pub fn reported_as_given(name: &str, value: &str) -> bool {
     if name.eq_ignore_ascii_case("application_name") {
-        return value.bytes().all(|b| (0x20..0x7f).contains(&b));
+        // Longer ones are cut to the server's name length (63 bytes).
+        return value.len() < 64 && value.bytes().all(|b| (0x20..0x7f).contains(&b));
     }
     name.eq_ignore_ascii_case("DateStyle")
 }
@@ -847,6 +848,7 @@ mod tests {
         assert!(reported_as_given("Application_Name", ""));
         assert!(!reported_as_given("application_name", "caf\u{e9}"));
         assert!(!reported_as_given("application_name", "a\tb"));
+        assert!(!reported_as_given("application_name", &"a".repeat(64)));
         assert!(reported_as_given("datestyle", "iso,dmy"));
         assert!(!reported_as_given("TimeZone", "UTC"));
         assert!(!reported_as_given("client_encoding", "UTF8"));

@@ -1508,3 +1508,52 @@ async fn assert_holds_no_primary_connection(
         "after {what:?} a read ran on {port}"
     );
 }
+
+/// Session mode: a failed statement that would have pinned (a temporary table) but also
+/// defined a custom setting's name before its error leaves the session unpinned, yet its
+/// connection is not handed to the next session, which would read the name as `''`
+/// instead of NULL.
+#[tokio::test]
+async fn session_mode_a_failed_statement_that_defined_a_custom_setting_hands_on_no_connection() {
+    let c = cluster();
+    let proxy = start_proxy_with(&session_mode(&format!(
+        "{}\n[pool]\nsize = 1\n",
+        base_config_toml(c)
+    )))
+    .await;
+    let first = proxy.app().await;
+    let pid: i32 = first
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let e = first
+        .batch_execute(
+            "CREATE TEMP TABLE failed_with_setting AS \
+             SELECT set_config('pgsplit_test.tenant', '1', false), 1 / (g - 1) \
+             FROM generate_series(1, 2) g",
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e), "22012", "{e}");
+    drop(first);
+    // The next session (same startup parameters) after the first one's end.
+    let mut next = None;
+    for _ in 0..50 {
+        if let Ok(client) = try_connect(&proxy.conn_str("app", "app_pw")).await {
+            next = Some(client);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let next = next.expect("a login once the first session ended");
+    let row = next
+        .query_one(
+            "SELECT pg_backend_pid(), current_setting('pgsplit_test.tenant', true)",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_ne!(row.get::<_, i32>(0), pid, "a new server connection");
+    assert_eq!(row.get::<_, Option<String>>(1), None);
+}

@@ -167,8 +167,10 @@ async fn startup_parameters_are_reported_in_the_servers_spelling() {
     use tokio::io::AsyncWriteExt;
     let c = cluster();
     let direct: SocketAddr = ([127, 0, 0, 1], c.primary).into();
-    let cases: [(&str, &str, &str); 5] = [
+    let cases: [(&str, &str, &str); 6] = [
         ("TimeZone", "asia/tokyo", "Asia/Tokyo"),
+        // Spelled as given, though not the server's default.
+        ("TimeZone", "Europe/Berlin", "Europe/Berlin"),
         ("client_encoding", "'utf-8'", "UTF8"),
         ("IntervalStyle", "SQL_STANDARD", "sql_standard"),
         ("default_transaction_read_only", "no", "off"),
@@ -190,7 +192,7 @@ async fn startup_parameters_are_reported_in_the_servers_spelling() {
     }
     for proxy in both_modes().await {
         // The pool learns the server's parameters from a plain login first.
-        proxy.app().await;
+        reported(proxy.addr, &[], "TimeZone").await;
         for (name, given, spelled) in cases {
             assert_eq!(reported(direct, &[(name, given)], name).await, spelled);
             let options = format!("-c {name}={given}");
@@ -213,6 +215,37 @@ async fn startup_parameters_are_reported_in_the_servers_spelling() {
         assert_eq!(error_code(&msgs).as_deref(), Some("22023"), "{msgs:?}");
         assert!(msgs.iter().all(|m| m.0 != b'Z'), "{msgs:?}");
     }
+    // Transaction mode, the pool's only connection busy: a login with a spelling the pool
+    // learned needs no server, and one with a new value does not wait for the connection
+    // (it is told the value as given).
+    let proxy = start_proxy_with(&format!(
+        "{}\n[pool]\nsize = 1\ncheckout_timeout_ms = 30000\n",
+        base_config_toml(c)
+    ))
+    .await;
+    let learned = [("TimeZone", "asia/tokyo")];
+    assert_eq!(
+        reported(proxy.addr, &learned, "TimeZone").await,
+        "Asia/Tokyo"
+    );
+    let mut holder = RawClient::login(proxy.addr, "trustuser").await;
+    let msgs = holder.send(&query("BEGIN; SELECT txid_current()")).await;
+    assert_eq!(error_code(&msgs), None, "{msgs:?}");
+    let started = std::time::Instant::now();
+    assert_eq!(
+        reported(proxy.addr, &learned, "TimeZone").await,
+        "Asia/Tokyo"
+    );
+    let new = [("TimeZone", "america/new_york")];
+    assert_eq!(
+        reported(proxy.addr, &new, "TimeZone").await,
+        "america/new_york"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "no login waited for the busy connection: {:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]
