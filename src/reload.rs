@@ -69,6 +69,15 @@ fn apply_file(shared: &Arc<Shared>, path: &Path) -> Result<String, String> {
     if log_changed && let Some(apply) = shared.log_filter.get() {
         apply(&runtime.config.proxy.log).map_err(|e| format!("proxy.log: {e}"))?;
     }
+    // A replica banned before a reload dropped it is banned still when one brings it back.
+    {
+        let bans = lock(&shared.banned);
+        for r in runtime.backends.replicas.iter() {
+            if bans.contains(&r.address()) {
+                r.health.set_banned(true);
+            }
+        }
+    }
     let rules_changed = old.config.cache.rules != runtime.config.cache.rules;
     // Before it is installed (a pool it made first would get a fresh set of places), and
     // once nothing can fail any more.

@@ -464,6 +464,9 @@ pub struct Shared {
     /// which the others' reads wait for under `read_your_writes = "user"`. Kept across
     /// reloads; one entry per pair that logged in.
     user_writes: Mutex<HashMap<(String, String), Arc<AtomicU64>>>,
+    /// Addresses of the replicas an operator banned: a reload that drops such a replica
+    /// and a later one that brings it back find it banned still.
+    pub banned: Mutex<std::collections::HashSet<String>>,
 }
 
 pub type LogFilterFn = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
@@ -521,6 +524,7 @@ impl Shared {
                 checkers: Mutex::new(Vec::new()),
                 draining: AtomicBool::new(false),
                 user_writes: Mutex::new(HashMap::new()),
+                banned: Mutex::new(std::collections::HashSet::new()),
             }
         })
     }

@@ -429,6 +429,12 @@ fn ban(shared: &Shared, name: &str, banned: bool) -> Result<Reply, Failure> {
             })?
     };
     b.health.set_banned(banned);
+    let mut bans = crate::state::lock(&shared.banned);
+    if banned {
+        bans.insert(b.address());
+    } else {
+        bans.remove(&b.address());
+    }
     tracing::info!(backend = %b.name(), banned, "operator changed rotation");
     Ok(Reply {
         tag: if banned { "BAN" } else { "UNBAN" }.into(),

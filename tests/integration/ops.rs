@@ -440,6 +440,37 @@ async fn the_admin_console_refuses_the_extended_protocol_without_waiting_for_a_s
     assert!(msgs.iter().any(|m| m.0 == b'D'), "{msgs:?}");
 }
 
+/// A ban is kept by address: a reload that drops the banned replica and a later one that
+/// brings it back find it banned still (it came back in rotation, silently).
+#[tokio::test]
+async fn a_ban_outlives_a_reload_that_drops_the_replica_and_one_that_brings_it_back() {
+    let c = cluster();
+    let (_dir, path, base, proxy, admin) = proxy_from_ops_file(c).await;
+    let address = format!("127.0.0.1:{}", c.replicas[1]);
+    admin.simple_query(&format!("BAN {address}")).await.unwrap();
+    let reload = async |text: &str| {
+        write(&path, text);
+        // The file watcher may apply it first; RELOAD then finds nothing new.
+        admin.simple_query("RELOAD").await.unwrap();
+    };
+    reload(&without_replica(&base, c.replicas[1])).await;
+    assert_eq!(proxy.shared.runtime.load().backends.replicas.len(), 1);
+    reload(&base).await;
+    let backends = rows(&admin, "SHOW BACKENDS").await;
+    let back = backends
+        .iter()
+        .find(|b| b["address"] == address)
+        .expect("the replica is configured again");
+    assert_eq!(back["in_rotation"], "false", "{back:?}");
+    assert_eq!(back["reason"], "banned by an operator", "{back:?}");
+    admin
+        .simple_query(&format!("UNBAN {address}"))
+        .await
+        .unwrap();
+    let runtime = proxy.shared.runtime.load();
+    assert!(runtime.backends.replicas.iter().all(|r| !r.health.banned()));
+}
+
 /// At `max_client_connections`, clients are refused with 53300 but the admin console
 /// opens, as PostgreSQL reserves connections for superusers: that is when an operator
 /// needs SHOW CLIENTS.
