@@ -116,21 +116,42 @@ fn keep_restart_only(config: &mut Config, running: &Config) {
 
 /// A one-line summary of what differs, naming settings that only a restart applies.
 pub fn describe_changes(old: &Config, new: &Config) -> String {
-    use std::collections::BTreeMap;
+    use std::collections::{BTreeMap, BTreeSet};
+    // Replicas by address, not by their place in the list: dropping the first of two is
+    // one replica removed, not the first one's port changed and the second removed.
     let map = |c: &Config, mask| {
         c.flattened_with(mask)
             .into_iter()
+            .map(|(k, v)| (by_address(c, k), v))
             .collect::<BTreeMap<_, _>>()
     };
     let (before, after) = (map(old, true), map(new, true));
     let (raw_before, raw_after) = (map(old, false), map(new, false));
+    let addresses = |c: &Config| {
+        c.replicas
+            .iter()
+            .map(|r| r.address())
+            .collect::<BTreeSet<_>>()
+    };
+    let (old_replicas, new_replicas) = (addresses(old), addresses(new));
     let mut changed = Vec::new();
+    for a in old_replicas.difference(&new_replicas) {
+        changed.push(format!("replica {a} removed"));
+    }
+    for a in new_replicas.difference(&old_replicas) {
+        changed.push(format!("replica {a} added"));
+    }
+    let gone_or_new = |key: &str| {
+        old_replicas
+            .symmetric_difference(&new_replicas)
+            .any(|a| key.starts_with(&format!("replicas[{a}].")))
+    };
     let mut restart = Vec::new();
     for key in raw_before
         .keys()
         .chain(raw_after.keys().filter(|k| !raw_before.contains_key(*k)))
     {
-        if raw_before.get(key) == raw_after.get(key) {
+        if raw_before.get(key) == raw_after.get(key) || gone_or_new(key) {
             continue;
         }
         if needs_restart(key) {
@@ -158,6 +179,21 @@ pub fn describe_changes(old: &Config, new: &Config) -> String {
         ));
     }
     out
+}
+
+/// `key` of `c`'s flattened view, with a replica's index (`replicas[1].weight`) replaced by
+/// its address (`replicas[127.0.0.1:5433].weight`).
+fn by_address(c: &Config, key: String) -> String {
+    let Some(rest) = key.strip_prefix("replicas[") else {
+        return key;
+    };
+    let Some((index, field)) = rest.split_once(']') else {
+        return key;
+    };
+    match index.parse::<usize>().ok().and_then(|i| c.replicas.get(i)) {
+        Some(r) => format!("replicas[{}]{field}", r.address()),
+        None => key,
+    }
 }
 
 /// Settings a running proxy cannot change: its sockets, its pool mode, its Redis client.
@@ -328,7 +364,20 @@ mod tests {
             + "\n[proxy]\nlisten = \"127.0.0.1:7000\"\n";
         let new = Config::from_toml(&text).unwrap();
         let s = describe_changes(&old, &new);
-        assert!(s.contains("replicas[0].weight: 1 -> 3"), "{s}");
+        assert!(s.contains("replicas[127.0.0.1:5433].weight: 1 -> 3"), "{s}");
+        // Replicas by address: dropping the first of two is that one removed.
+        let two = BASE.to_owned() + "[[replicas]]\nhost = \"127.0.0.1\"\nport = 5434\n";
+        let two = Config::from_toml(&two).unwrap();
+        let second_only = BASE.replace("port = 5433", "port = 5434");
+        let second_only = Config::from_toml(&second_only).unwrap();
+        assert_eq!(
+            describe_changes(&two, &second_only),
+            "replica 127.0.0.1:5433 removed"
+        );
+        assert_eq!(
+            describe_changes(&second_only, &two),
+            "replica 127.0.0.1:5433 added"
+        );
         assert!(
             s.contains("needs a restart") && s.contains("proxy.listen"),
             "{s}"
