@@ -428,13 +428,16 @@ fn ban(shared: &Shared, name: &str, banned: bool) -> Result<Reply, Failure> {
                 )
             })?
     };
-    b.health.set_banned(banned);
+    // Under the lock a reload takes to ban replicas it brings back: a reload meanwhile
+    // cannot ban again what this UNBAN released.
     let mut bans = crate::state::lock(&shared.banned);
+    b.health.set_banned(banned);
     if banned {
         bans.insert(b.address());
     } else {
         bans.remove(&b.address());
     }
+    drop(bans);
     tracing::info!(backend = %b.name(), banned, "operator changed rotation");
     Ok(Reply {
         tag: if banned { "BAN" } else { "UNBAN" }.into(),

@@ -62,6 +62,32 @@ struct Idle {
     startup: Vec<(String, String)>,
 }
 
+/// Parameter values as the server reports them, by lower-case name and value given.
+#[derive(Default)]
+struct Spellings(Mutex<HashMap<(String, String), String>>);
+
+impl Spellings {
+    fn get(&self, name: &str, given: &str) -> Option<String> {
+        lock(&self.0)
+            .get(&(name.to_owned(), given.to_owned()))
+            .cloned()
+    }
+
+    fn learn(&self, name: &str, given: &str, reported: &str) {
+        // Bounded in count and size (a startup value can be 10 KB long).
+        if name.len() + given.len() + reported.len() > MAX_SPELLING_BYTES {
+            return;
+        }
+        let mut spellings = lock(&self.0);
+        // Full (clients giving ever new values, such as an application_name per process):
+        // start over rather than keep the first comers for good.
+        if spellings.len() >= MAX_SPELLINGS {
+            spellings.clear();
+        }
+        spellings.insert((name.to_owned(), given.to_owned()), reported.to_owned());
+    }
+}
+
 pub struct Pool {
     pub backend: BackendId,
     address: String,
@@ -86,11 +112,10 @@ pub struct Pool {
     /// lower-case name and the value given: learned from a connection they were set on, so
     /// that later logins with the same values are told the server's spelling without a
     /// server round trip.
-    spellings: Mutex<HashMap<(String, String), String>>,
+    spellings: Spellings,
 }
 
-/// Spellings a pool remembers at most: logins beyond them with new values are answered
-/// from a server connection each.
+/// Spellings a pool remembers at most (then it forgets them all and learns anew).
 const MAX_SPELLINGS: usize = 1024;
 /// Longest parameter name, value given and value reported a pool remembers, together.
 const MAX_SPELLING_BYTES: usize = 256;
@@ -122,7 +147,7 @@ impl Pool {
             server_params: arc_swap::ArcSwapOption::empty(),
             retired: AtomicBool::new(false),
             generation: AtomicU64::new(0),
-            spellings: Mutex::new(HashMap::new()),
+            spellings: Spellings::default(),
         })
     }
 
@@ -157,22 +182,13 @@ impl Pool {
 
     /// How the server reports parameter `name` (lower case) set to `given`, once learned.
     pub fn spelling(&self, name: &str, given: &str) -> Option<String> {
-        lock(&self.spellings)
-            .get(&(name.to_owned(), given.to_owned()))
-            .cloned()
+        self.spellings.get(name, given)
     }
 
     /// Remember that the server reports parameter `name` (lower case) set to `given` as
     /// `reported`.
     pub fn learn_spelling(&self, name: &str, given: &str, reported: &str) {
-        // Bounded in count and size (a startup value can be 10 KB long).
-        if name.len() + given.len() + reported.len() > MAX_SPELLING_BYTES {
-            return;
-        }
-        let mut spellings = lock(&self.spellings);
-        if spellings.len() < MAX_SPELLINGS {
-            spellings.insert((name.to_owned(), given.to_owned()), reported.to_owned());
-        }
+        self.spellings.learn(name, given, reported);
     }
 
     /// Lend a connection: an idle live one, or a new one while under `size`. `now` is a
@@ -468,4 +484,34 @@ impl Pool {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Only pushes and pops happen under this lock: a panic cannot leave it inconsistent.
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spellings_are_bounded_in_size_and_count() {
+        let s = Spellings::default();
+        s.learn("timezone", "asia/tokyo", "Asia/Tokyo");
+        assert_eq!(
+            s.get("timezone", "asia/tokyo").as_deref(),
+            Some("Asia/Tokyo")
+        );
+        assert_eq!(s.get("timezone", "Asia/Tokyo"), None);
+        let long = "x".repeat(MAX_SPELLING_BYTES);
+        s.learn("application_name", &long, &long);
+        assert_eq!(s.get("application_name", &long), None);
+        for i in 0..MAX_SPELLINGS {
+            s.learn("application_name", &format!("app {i}"), &format!("app {i}"));
+        }
+        // Full at the last one: it started over, keeping the newest.
+        let last = format!("app {}", MAX_SPELLINGS - 1);
+        assert_eq!(
+            s.get("application_name", &last).as_deref(),
+            Some(last.as_str())
+        );
+        assert_eq!(s.get("timezone", "asia/tokyo"), None);
+        assert!(lock(&s.0).len() < MAX_SPELLINGS);
+    }
 }

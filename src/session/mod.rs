@@ -565,7 +565,8 @@ impl Session {
                 None => unknown = true,
             }
         }
-        if !unknown {
+        // Not worth a wait: a primary the checks or a failed connection say is down.
+        if !unknown || !self.runtime.backends.primary.is_available() {
             return Ok(());
         }
         self.checkout_no_wait = true;

@@ -260,10 +260,6 @@ async fn authenticate(client: &mut ClientConn, runtime: &Runtime, user: &UserEnt
     }
 }
 
-/// A SCRAM failure as the server reports it: a binding that does not match, or a client
-/// that says the server offered none, is an authorization failure (28000, a man in the
-/// middle's tell); every other one but a wrong password a protocol violation (08P01),
-/// channel-binding data after choosing plain SCRAM-SHA-256 included.
 /// The startup parameters name the admin user and the admin console's database.
 fn asks_for_admin(params: &[(String, String)], runtime: &Runtime) -> bool {
     let Some(admin) = &runtime.admin else {
@@ -278,6 +274,10 @@ fn asks_for_admin(params: &[(String, String)], runtime: &Runtime) -> bool {
         && database.or(user).as_deref() == Some(crate::admin::DATABASE)
 }
 
+/// A SCRAM failure as the server reports it: a binding that does not match, or a client
+/// that says the server offered none, is an authorization failure (28000, a man in the
+/// middle's tell); every other one but a wrong password a protocol violation (08P01),
+/// channel-binding data after choosing plain SCRAM-SHA-256 included.
 fn scram_error(e: ScramError) -> Error {
     match e {
         ScramError::ChannelBindingDowngrade | ScramError::ChannelBindingCheck => {
