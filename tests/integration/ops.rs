@@ -1083,17 +1083,9 @@ async fn a_reload_that_rotates_the_admin_password_closes_old_consoles() {
 #[tokio::test]
 async fn a_reload_in_session_mode_leaves_the_sessions_their_places() {
     let c = cluster();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("proxy.toml");
     let config = session_config;
-    write(&path, &config(2, 20_000));
-    let proxy = start_proxy_from_file(&path).await;
-    let admin = console(proxy.port()).await;
-    let name = unique("reload_places");
-    let conn_str = format!(
-        "{} application_name={name}",
-        proxy.conn_str("app", "app_pw")
-    );
+    let (_dir, path, _proxy, admin, name, conn_str) =
+        session_proxy_from_file("reload_places").await;
     let (first, second) = (connect(&conn_str).await, connect(&conn_str).await);
     let waiting = login_in_background(&conn_str);
     let primary_conns = async || -> i64 {
@@ -1244,6 +1236,32 @@ fn session_config(size: usize, timeout_ms: u64) -> String {
     )
 }
 
+/// A session-mode proxy started from a file holding `session_config(2, 20_000)` (in the
+/// directory, which must outlive it), its admin console, a unique application name from
+/// `prefix`, and a connection string of `app` with that name.
+async fn session_proxy_from_file(
+    prefix: &str,
+) -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    Proxy,
+    tokio_postgres::Client,
+    String,
+    String,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    write(&path, &session_config(2, 20_000));
+    let proxy = start_proxy_from_file(&path).await;
+    let admin = console(proxy.port()).await;
+    let name = unique(prefix);
+    let conn_str = format!(
+        "{} application_name={name}",
+        proxy.conn_str("app", "app_pw")
+    );
+    (dir, path, proxy, admin, name, conn_str)
+}
+
 /// The primary pool of `app` holds `counts` (in use, idle) within 5 s.
 async fn primary_app_pool_settles(proxy: &Proxy, counts: (usize, usize)) -> (usize, usize) {
     let pool = |p: &pgsplit::backend::Pool| p.backend.is_primary() && p.user() == "app";
@@ -1282,16 +1300,7 @@ async fn a_client_accepted_before_a_reload_logs_in_on_the_new_pools() {
 /// past it), then are kept again.
 #[tokio::test]
 async fn a_lowered_size_closes_the_connections_sessions_leave_past_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("proxy.toml");
-    write(&path, &session_config(2, 20_000));
-    let proxy = start_proxy_from_file(&path).await;
-    let admin = console(proxy.port()).await;
-    let name = unique("lowered_size");
-    let conn_str = format!(
-        "{} application_name={name}",
-        proxy.conn_str("app", "app_pw")
-    );
+    let (_dir, path, proxy, admin, name, conn_str) = session_proxy_from_file("lowered_size").await;
     let (first, second) = (connect(&conn_str).await, connect(&conn_str).await);
     write(&path, &session_config(1, 20_000));
     admin.simple_query("RELOAD").await.expect("RELOAD");
