@@ -117,35 +117,33 @@ fn keep_restart_only(config: &mut Config, running: &Config) {
 /// A one-line summary of what differs, naming settings that only a restart applies.
 pub fn describe_changes(old: &Config, new: &Config) -> String {
     use std::collections::{BTreeMap, BTreeSet};
-    // Replicas by address, not by their place in the list: dropping the first of two is
-    // one replica removed, not the first one's port changed and the second removed.
+    // List entries by what they are, not by their place in the list: dropping the first of
+    // two replicas is one replica removed, not the first one's port changed and the second
+    // removed.
     let map = |c: &Config, mask| {
         c.flattened_with(mask)
             .into_iter()
-            .map(|(k, v)| (by_address(c, k), v))
+            .map(|(k, v)| (by_identity(c, k), v))
             .collect::<BTreeMap<_, _>>()
     };
     let (before, after) = (map(old, true), map(new, true));
     let (raw_before, raw_after) = (map(old, false), map(new, false));
-    let addresses = |c: &Config| {
-        c.replicas
-            .iter()
-            .map(|r| r.address())
-            .collect::<BTreeSet<_>>()
-    };
-    let (old_replicas, new_replicas) = (addresses(old), addresses(new));
     let mut changed = Vec::new();
-    for a in old_replicas.difference(&new_replicas) {
-        changed.push(format!("replica {a} removed"));
+    // Entries removed or added whole: one line each, not one per setting.
+    let mut whole = Vec::new();
+    for (list, label) in LISTS {
+        let ids = |c: &Config| identities(c, list).into_iter().collect::<BTreeSet<_>>();
+        let (was, is) = (ids(old), ids(new));
+        for id in was.difference(&is) {
+            changed.push(format!("{label} {id} removed"));
+            whole.push(format!("{list}[{id}]."));
+        }
+        for id in is.difference(&was) {
+            changed.push(format!("{label} {id} added"));
+            whole.push(format!("{list}[{id}]."));
+        }
     }
-    for a in new_replicas.difference(&old_replicas) {
-        changed.push(format!("replica {a} added"));
-    }
-    let gone_or_new = |key: &str| {
-        old_replicas
-            .symmetric_difference(&new_replicas)
-            .any(|a| key.starts_with(&format!("replicas[{a}].")))
-    };
+    let gone_or_new = |key: &str| whole.iter().any(|p| key.starts_with(p.as_str()));
     let mut restart = Vec::new();
     for key in raw_before
         .keys()
@@ -181,19 +179,53 @@ pub fn describe_changes(old: &Config, new: &Config) -> String {
     out
 }
 
-/// `key` of `c`'s flattened view, with a replica's index (`replicas[1].weight`) replaced by
-/// its address (`replicas[127.0.0.1:5433].weight`).
-fn by_address(c: &Config, key: String) -> String {
-    let Some(rest) = key.strip_prefix("replicas[") else {
-        return key;
-    };
-    let Some((index, field)) = rest.split_once(']') else {
-        return key;
-    };
-    match index.parse::<usize>().ok().and_then(|i| c.replicas.get(i)) {
-        Some(r) => format!("replicas[{}]{field}", r.address()),
-        None => key,
+/// The lists of a configuration whose entries the change summary names by identity, and
+/// what it calls an entry.
+const LISTS: [(&str, &str); 3] = [
+    ("replicas", "replica"),
+    ("users", "user"),
+    ("cache.rules", "cache rule"),
+];
+
+/// What tells the entries of `list` apart: a replica's address, a user's name, a cache
+/// rule's query or table.
+fn identities(c: &Config, list: &str) -> Vec<String> {
+    match list {
+        "replicas" => c.replicas.iter().map(|r| r.address()).collect(),
+        "users" => c.users.iter().map(|u| u.name.clone()).collect(),
+        _ => c
+            .cache
+            .rules
+            .iter()
+            .map(|r| match (&r.query, &r.table) {
+                (Some(q), _) => format!("query {q:?}"),
+                (None, Some(t)) => format!("table {t}"),
+                (None, None) => String::new(),
+            })
+            .collect(),
     }
+}
+
+/// `key` of `c`'s flattened view, with a list entry's index (`replicas[1].weight`) replaced
+/// by its identity (`replicas[127.0.0.1:5433].weight`, `users[app].password`).
+fn by_identity(c: &Config, key: String) -> String {
+    for (list, _) in LISTS {
+        let Some(rest) = key.strip_prefix(list).and_then(|r| r.strip_prefix('[')) else {
+            continue;
+        };
+        let Some((index, field)) = rest.split_once(']') else {
+            return key;
+        };
+        return match index
+            .parse::<usize>()
+            .ok()
+            .and_then(|i| identities(c, list).into_iter().nth(i))
+        {
+            Some(id) => format!("{list}[{id}]{field}"),
+            None => key,
+        };
+    }
+    key
 }
 
 /// Settings a running proxy cannot change: its sockets, its pool mode, its Redis client.
@@ -370,21 +402,35 @@ mod tests {
         let two = Config::from_toml(&two).unwrap();
         let second_only = BASE.replace("port = 5433", "port = 5434");
         let second_only = Config::from_toml(&second_only).unwrap();
-        assert_eq!(
-            describe_changes(&two, &second_only),
-            "replica 127.0.0.1:5433 removed"
-        );
-        assert_eq!(
-            describe_changes(&second_only, &two),
-            "replica 127.0.0.1:5433 added"
-        );
+        for (from, to, says) in [
+            (&two, &second_only, "replica 127.0.0.1:5433 removed"),
+            (&second_only, &two, "replica 127.0.0.1:5433 added"),
+        ] {
+            assert_eq!(describe_changes(from, to), says);
+        }
         assert!(
             s.contains("needs a restart") && s.contains("proxy.listen"),
             "{s}"
         );
         let pw = Config::from_toml(&BASE.replace("app_pw", "other")).unwrap();
         let s = describe_changes(&old, &pw);
-        assert!(s.contains("users[0].password: changed"), "{s}");
+        assert!(s.contains("users[app].password: changed"), "{s}");
+        // Users and cache rules by name and text, whole ones on one line.
+        let more = BASE.replace(
+            "[primary]",
+            "[[users]]\nname = \"web\"\npassword = \"w\"\n[primary]",
+        ) + "[cache]\n[[cache.rules]]\ntable = \"albums\"\n";
+        let more = Config::from_toml(&more).unwrap();
+        for (from, to, says) in [
+            (&old, &more, "user web added; cache rule table albums added"),
+            (
+                &more,
+                &old,
+                "user web removed; cache rule table albums removed",
+            ),
+        ] {
+            assert_eq!(describe_changes(from, to), says);
+        }
         assert!(
             !describe_changes(&old, &pw).contains("other"),
             "no secrets in logs"
