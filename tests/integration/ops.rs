@@ -338,14 +338,7 @@ async fn metrics_and_health_speak_http() {
         ) >= 1.0
     );
     assert!(value(&samples, "pgsplit_clients", &[]) >= 1.0);
-    assert_eq!(
-        value(
-            &samples,
-            "pgsplit_backend_in_rotation",
-            &[("role", "primary")]
-        ),
-        1.0
-    );
+    assert_eq!(primary_in_rotation(&samples), 1.0);
     assert_eq!(
         value(&samples, "pgsplit_config_last_reload_failed", &[]),
         0.0
@@ -562,14 +555,16 @@ async fn a_client_ending_its_own_backend_does_not_make_health_report_the_server_
     assert_eq!(status, 200, "{body}");
     assert!(body.starts_with("ok: primary up"), "{body}");
     let samples = scrape(addr).await;
-    assert_eq!(
-        value(
-            &samples,
-            "pgsplit_backend_in_rotation",
-            &[("role", "primary")]
-        ),
-        1.0
-    );
+    assert_eq!(primary_in_rotation(&samples), 1.0);
+}
+
+/// The `pgsplit_backend_in_rotation` sample of the primary.
+fn primary_in_rotation(samples: &[prometheus_parse::Sample]) -> f64 {
+    value(
+        samples,
+        "pgsplit_backend_in_rotation",
+        &[("role", "primary")],
+    )
 }
 
 fn write(path: &Path, text: &str) {
