@@ -121,9 +121,11 @@ pub fn describe_changes(old: &Config, new: &Config) -> String {
     // two replicas is one replica removed, not the first one's port changed and the second
     // removed.
     let map = |c: &Config, mask| {
+        // Once per configuration, not per key: thousands of users would make it quadratic.
+        let ids = LISTS.map(|(list, _)| identities(c, list));
         c.flattened_with(mask)
             .into_iter()
-            .map(|(k, v)| (by_identity(c, k), v))
+            .map(|(k, v)| (by_identity(&ids, k), v))
             .collect::<BTreeMap<_, _>>()
     };
     let (before, after) = (map(old, true), map(new, true));
@@ -206,21 +208,18 @@ fn identities(c: &Config, list: &str) -> Vec<String> {
     }
 }
 
-/// `key` of `c`'s flattened view, with a list entry's index (`replicas[1].weight`) replaced
-/// by its identity (`replicas[127.0.0.1:5433].weight`, `users[app].password`).
-fn by_identity(c: &Config, key: String) -> String {
-    for (list, _) in LISTS {
+/// `key` of a flattened view, with a list entry's index (`replicas[1].weight`) replaced by
+/// its identity (`replicas[127.0.0.1:5433].weight`, `users[app].password`); `ids`: the
+/// [`identities`] of each of [`LISTS`], in order.
+fn by_identity(ids: &[Vec<String>; 3], key: String) -> String {
+    for ((list, _), ids) in LISTS.iter().zip(ids) {
         let Some(rest) = key.strip_prefix(list).and_then(|r| r.strip_prefix('[')) else {
             continue;
         };
         let Some((index, field)) = rest.split_once(']') else {
             return key;
         };
-        return match index
-            .parse::<usize>()
-            .ok()
-            .and_then(|i| identities(c, list).into_iter().nth(i))
-        {
+        return match index.parse::<usize>().ok().and_then(|i| ids.get(i)) {
             Some(id) => format!("{list}[{id}]{field}"),
             None => key,
         };
