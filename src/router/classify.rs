@@ -14,17 +14,17 @@
 use std::ops::ControlFlow;
 
 use sqlparser::ast::{
-    AlterTableOperation, CascadeOption, CastKind, ContextModifier, CopySource, CopyTarget,
-    CreateTable, CreateView, DeclareType, DiscardObject, Expr, FromTable, FunctionArg,
-    FunctionArgExpr, FunctionArguments, Ident, ObjectName, ObjectType, Query, Reset, Select, Set,
-    SetExpr, Statement, TableFactor, TableObject, TransactionAccessMode, TransactionIsolationLevel,
-    TransactionMode, Value, ValueWithSpan, Visit, Visitor,
+    AlterTableOperation, CascadeOption, CastKind, CloseCursor, ContextModifier, CopySource,
+    CopyTarget, CreateTable, CreateView, DeclareType, DiscardObject, Expr, FromTable, FunctionArg,
+    FunctionArgExpr, FunctionArguments, GroupByExpr, Ident, ObjectName, ObjectType, Query, Reset,
+    Select, SelectItem, Set, SetExpr, Statement, TableFactor, TableObject, TransactionAccessMode,
+    TransactionIsolationLevel, TransactionMode, Value, ValueWithSpan, Visit, Visitor,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 use sqlparser::tokenizer::{Location, Token, TokenWithSpan, Tokenizer, Whitespace, Word};
 
-use super::{Classification, SessionOp, Target, TxAccess, TxEffect};
+use super::{Classification, PinKinds, SessionOp, Target, TxAccess, TxEffect};
 
 /// Longest run of tokens (between commas, at one parenthesis depth) handed to sqlparser.
 /// Operator chains (`a = 1 OR a = 2 OR ...`, `x::t::t ...`) become left-deep trees that
@@ -445,20 +445,27 @@ impl Ctx<'_> {
         self.out.target = Target::Primary;
     }
 
+    /// Pins for state that only `DISCARD ALL` takes back.
     fn pin(&mut self) {
+        self.pin_for(PinKinds::OTHER);
+    }
+
+    fn pin_for(&mut self, kinds: PinKinds) {
         self.out.target = Target::Primary;
         self.out.pins_session = true;
+        self.out.pins |= kinds;
         self.out.pin_undone_by_failure = false;
     }
 
-    /// [`pin`](Self::pin) for work a failure of the statement undoes (see
+    /// [`pin_for`](Self::pin_for) for work a failure of the statement undoes (see
     /// `Classification::pin_undone_by_failure`).
-    fn pin_transactional(&mut self) {
+    fn pin_transactional(&mut self, kind: PinKinds) {
         if !self.out.pins_session {
             self.out.pin_undone_by_failure = true;
         }
         self.out.target = Target::Primary;
         self.out.pins_session = true;
+        self.out.pins |= kind;
     }
 
     fn unparsed(&mut self) {
@@ -481,6 +488,9 @@ impl Ctx<'_> {
             Statement::Query(_) => {
                 if self.walk(stmt) {
                     self.primary();
+                }
+                if unlocks_all_advisory_locks(stmt) {
+                    self.out.unpins |= PinKinds::ADVISORY_LOCK;
                 }
             }
             Statement::Insert(_)
@@ -508,6 +518,12 @@ impl Ctx<'_> {
                 {
                     self.pin();
                     self.out.outlives_reset = true;
+                }
+                if let Statement::Close {
+                    cursor: CloseCursor::All,
+                } = stmt
+                {
+                    self.out.unpins |= PinKinds::HOLD_CURSOR;
                 }
                 // A new index is a write for read-your-writes (a lagging replica lacks it).
                 if let Statement::CreateIndex(c) = stmt {
@@ -616,13 +632,21 @@ impl Ctx<'_> {
             }
             Statement::Discard { object_type } => {
                 self.primary();
-                if matches!(object_type, DiscardObject::ALL) {
-                    self.push_op(SessionOp::DiscardAll);
+                match object_type {
+                    DiscardObject::ALL => {
+                        self.push_op(SessionOp::DiscardAll);
+                        self.out.unpins |= PinKinds::ALL;
+                    }
+                    DiscardObject::TEMP => self.out.unpins |= PinKinds::TEMP,
+                    DiscardObject::PLANS | DiscardObject::SEQUENCES => {}
                 }
             }
             Statement::Deallocate { name, .. } => {
                 self.primary();
                 let all = name.quote_style.is_none() && name.value.eq_ignore_ascii_case("all");
+                if all {
+                    self.out.unpins |= PinKinds::PREPARED;
+                }
                 self.out.session_ops.push(if all {
                     SessionOp::DeallocateAll
                 } else {
@@ -652,7 +676,7 @@ impl Ctx<'_> {
                     self.primary();
                 }
                 if stmts.iter().any(|d| d.hold == Some(true)) {
-                    self.pin_transactional();
+                    self.pin_transactional(PinKinds::HOLD_CURSOR);
                 }
             }
             Statement::Fetch { .. } => {
@@ -664,13 +688,22 @@ impl Ctx<'_> {
                 self.note_custom_settings(stmt);
             }
             Statement::Prepare { .. } | Statement::LISTEN { .. } => {
-                self.pin_transactional();
+                self.pin_transactional(if matches!(stmt, Statement::LISTEN { .. }) {
+                    PinKinds::LISTEN
+                } else {
+                    PinKinds::PREPARED
+                });
                 self.note_custom_settings(stmt);
             }
             // Only a pinned session listens (LISTEN pins), and its UNLISTEN reaches that
             // connection; anywhere else it undoes nothing, so it leaves the session free
             // (asyncpg's pool sends `UNLISTEN *` at every release).
-            Statement::UNLISTEN { .. } => self.primary(),
+            Statement::UNLISTEN { channel } => {
+                self.primary();
+                if channel.quote_style.is_none() && channel.value == "*" {
+                    self.out.unpins |= PinKinds::LISTEN;
+                }
+            }
             Statement::Load { .. } => {
                 self.pin();
                 self.out.pins_for_good = true;
@@ -687,7 +720,7 @@ impl Ctx<'_> {
                 self.walk(stmt);
                 self.primary();
                 if *temporary {
-                    self.pin_transactional();
+                    self.pin_transactional(PinKinds::TEMP);
                 }
                 if let Statement::CreateSequence { name, .. } = stmt {
                     push_unique(&mut self.out.tables_written, relation_name(name));
@@ -1029,9 +1062,9 @@ impl Ctx<'_> {
         for t in w.written {
             push_unique(&mut self.out.tables_written, t);
         }
-        if w.pins {
+        if !w.pins.is_empty() {
             // A session call (an advisory lock): its effect outlives a failure.
-            self.pin();
+            self.pin_for(w.pins);
         }
         for n in w.read_back {
             push_unique(&mut self.out.read_back, n);
@@ -1185,6 +1218,55 @@ const SESSION_FNS: [&str; 6] = [
     "pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock",
     "pg_try_advisory_lock_shared", "dblink_connect", "dblink_connect_u",
 ];
+
+/// `SELECT pg_advisory_unlock_all()` (asyncpg's pool sends it at every release): a call in
+/// the select list, not under anything that could skip it, of a query with no FROM, WHERE,
+/// GROUP BY, HAVING or LIMIT, so that it runs once the statement succeeds.
+fn unlocks_all_advisory_locks(stmt: &Statement) -> bool {
+    let Statement::Query(q) = stmt else {
+        return false;
+    };
+    let SetExpr::Select(s) = &*q.body else {
+        return false;
+    };
+    let plain_query = q.with.is_none()
+        && q.limit_clause.is_none()
+        && q.fetch.is_none()
+        && q.pipe_operators.is_empty();
+    let runs_once = s.from.is_empty()
+        && s.selection.is_none()
+        && s.having.is_none()
+        && s.qualify.is_none()
+        && s.prewhere.is_none()
+        && matches!(&s.group_by, GroupByExpr::Expressions(e, m) if e.is_empty() && m.is_empty());
+    let unlock_all = |e: &Expr| {
+        matches!(e, Expr::Function(f)
+            if f.over.is_none()
+                && f.filter.is_none()
+                && is_catalog_function(&f.name, "pg_advisory_unlock_all"))
+    };
+    plain_query
+        && runs_once
+        && s.projection.iter().any(|item| match item {
+            SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => unlock_all(e),
+            _ => false,
+        })
+}
+
+/// `name` calls the built-in function `base` (lower-case): unqualified or in pg_catalog,
+/// spelled as PostgreSQL folds it.
+fn is_catalog_function(name: &ObjectName, base: &str) -> bool {
+    let folds_to = |i: &Ident, to: &str| match i.quote_style {
+        None => i.value.eq_ignore_ascii_case(to),
+        Some(_) => i.value == to,
+    };
+    let parts: Vec<_> = name.0.iter().map(|p| p.as_ident()).collect();
+    match parts.as_slice() {
+        [Some(f)] => folds_to(f, base),
+        [Some(schema), Some(f)] => folds_to(schema, "pg_catalog") && folds_to(f, base),
+        _ => false,
+    }
+}
 
 /// Answerable only by the primary (or the session's connection there), but writes nothing.
 #[rustfmt::skip]
@@ -1592,7 +1674,7 @@ struct Walk<'a> {
     /// `ctes`) and how many of its names the body sees.
     cte_bodies: Vec<(*const Query, usize, usize)>,
     needs_primary: bool,
-    pins: bool,
+    pins: PinKinds,
     read_back: Vec<String>,
     writes_unknown: bool,
     volatile: bool,
@@ -1644,8 +1726,13 @@ impl Walk<'_> {
             match kind {
                 FnKind::Primary => self.standby_refuses |= base == "pg_export_snapshot",
                 FnKind::Session => {
-                    self.pins = true;
-                    self.pins_for_good |= base.starts_with("dblink_connect");
+                    let dblink = base.starts_with("dblink_connect");
+                    self.pins |= if dblink {
+                        PinKinds::OTHER
+                    } else {
+                        PinKinds::ADVISORY_LOCK
+                    };
+                    self.pins_for_good |= dblink;
                 }
                 FnKind::SetConfig(name) => push_unique(&mut self.read_back, name),
                 FnKind::Write => self.writes_unknown = true,
@@ -1807,14 +1894,18 @@ impl Visitor for Walk<'_> {
         // SELECT INTO creates and fills a table.
         if let Some(into) = &select.into {
             self.needs_primary = true;
-            self.pins |= into.temporary;
+            if into.temporary {
+                self.pins |= PinKinds::TEMP;
+            }
             for target in &into.targets {
                 match target {
                     Expr::Identifier(i) => push_unique(&mut self.written, ident_name(i)),
                     Expr::CompoundIdentifier(parts) => {
                         let name: Vec<String> = parts.iter().map(ident_name).collect();
                         let schema = name.iter().rev().nth(1);
-                        self.pins |= schema.is_some_and(|s| s.starts_with("pg_temp"));
+                        if schema.is_some_and(|s| s.starts_with("pg_temp")) {
+                            self.pins |= PinKinds::TEMP;
+                        }
                         push_unique(&mut self.written, name.join("."));
                     }
                     _ => self.writes_unknown = true,
@@ -1864,7 +1955,7 @@ impl Visitor for Walk<'_> {
         // Temp objects exist only on the one connection that made them.
         if is_temp_schema(relation) {
             self.needs_primary = true;
-            self.pins = true;
+            self.pins |= PinKinds::TEMP;
         }
         let name = relation_name(relation);
         // Views of this node's own sessions, locks and replication: a replica shows its own.

@@ -720,6 +720,79 @@ fn pins_a_failure_undoes_are_told_from_those_it_does_not() {
 }
 
 #[test]
+fn each_pin_names_the_kind_of_state_it_pins_for() {
+    use super::super::PinKinds as K;
+    for (sql, kinds) in [
+        ("LISTEN chan", K::LISTEN),
+        ("SELECT pg_advisory_lock(1)", K::ADVISORY_LOCK),
+        ("SELECT pg_try_advisory_lock_shared(1, 2)", K::ADVISORY_LOCK),
+        ("DECLARE c CURSOR WITH HOLD FOR SELECT 1", K::HOLD_CURSOR),
+        ("PREPARE q AS SELECT 1", K::PREPARED),
+        ("CREATE TEMP TABLE t (a int)", K::TEMP),
+        ("SELECT * FROM pg_temp.t", K::TEMP),
+        ("SELECT 1 INTO TEMP t", K::TEMP),
+        (
+            "LISTEN a; SELECT pg_advisory_lock(1)",
+            K::LISTEN | K::ADVISORY_LOCK,
+        ),
+        ("LOAD 'auto_explain'", K::OTHER),
+        ("SELECT dblink_connect('x')", K::OTHER),
+        // Unreadable: anything.
+        ("LISTEN a b c", K::OTHER),
+        ("SELECT 1", K::NONE),
+    ] {
+        let c = classify(sql);
+        assert_eq!(c.pins, kinds, "{sql}");
+        assert_eq!(c.pins_session, !kinds.is_empty(), "{sql}");
+    }
+}
+
+#[test]
+fn statements_that_take_back_a_kind_of_pinning_state_in_full_say_so() {
+    use super::super::PinKinds as K;
+    for (sql, kinds) in [
+        ("UNLISTEN *", K::LISTEN),
+        ("SELECT pg_advisory_unlock_all()", K::ADVISORY_LOCK),
+        (
+            "select PG_CATALOG.pg_advisory_unlock_all() AS done",
+            K::ADVISORY_LOCK,
+        ),
+        ("CLOSE ALL", K::HOLD_CURSOR),
+        ("DEALLOCATE ALL", K::PREPARED),
+        ("DEALLOCATE PREPARE ALL", K::PREPARED),
+        ("DISCARD TEMP", K::TEMP),
+        ("DISCARD ALL", K::ALL),
+        (
+            "SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL;",
+            K::ADVISORY_LOCK | K::HOLD_CURSOR | K::LISTEN,
+        ),
+        // Only some of it, or maybe not at all.
+        ("UNLISTEN chan", K::NONE),
+        (r#"UNLISTEN "*""#, K::NONE),
+        ("SELECT pg_advisory_unlock(1)", K::NONE),
+        ("SELECT pg_advisory_unlock_all() WHERE false", K::NONE),
+        ("SELECT pg_advisory_unlock_all() FROM t", K::NONE),
+        ("SELECT pg_advisory_unlock_all() LIMIT 0", K::NONE),
+        (
+            "SELECT CASE WHEN false THEN pg_advisory_unlock_all() END",
+            K::NONE,
+        ),
+        (
+            "WITH x AS (SELECT 1) SELECT pg_advisory_unlock_all()",
+            K::NONE,
+        ),
+        ("SELECT public.pg_advisory_unlock_all()", K::NONE),
+        (r#"SELECT "PG_ADVISORY_UNLOCK_ALL"()"#, K::NONE),
+        ("CLOSE c", K::NONE),
+        ("DEALLOCATE q", K::NONE),
+        (r#"DEALLOCATE "all""#, K::NONE),
+        ("DISCARD PLANS", K::NONE),
+    ] {
+        assert_eq!(classify(sql).unpins, kinds, "{sql}");
+    }
+}
+
+#[test]
 fn a_parse_setting_for_the_transaction_only_is_flagged() {
     for (sql, local) in [
         ("SET LOCAL TIME ZONE 'America/New_York'", true),

@@ -65,6 +65,54 @@ pub enum SessionOp {
     DeallocateAll,
 }
 
+/// Kinds of session state that hold a session on its primary connection, as a set: each
+/// kind but the last has a statement that takes all of it back, which frees the session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PinKinds(u8);
+
+impl PinKinds {
+    pub const NONE: Self = Self(0);
+    /// LISTEN; taken back by `UNLISTEN *`.
+    pub const LISTEN: Self = Self(1);
+    /// A session-level advisory lock; by `pg_advisory_unlock_all()`.
+    pub const ADVISORY_LOCK: Self = Self(1 << 1);
+    /// A cursor WITH HOLD; by `CLOSE ALL`.
+    pub const HOLD_CURSOR: Self = Self(1 << 2);
+    /// An SQL `PREPARE`; by `DEALLOCATE ALL`.
+    pub const PREPARED: Self = Self(1 << 3);
+    /// A temporary object; by `DISCARD TEMP`.
+    pub const TEMP: Self = Self(1 << 4);
+    /// Anything else (an unreadable statement, a SET pgsplit cannot replay, ...): only
+    /// `DISCARD ALL` takes it back.
+    pub const OTHER: Self = Self(1 << 5);
+    pub const ALL: Self = Self((1 << 6) - 1);
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    pub fn contains(self, other: Self) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    pub fn without(self, other: Self) -> Self {
+        Self(self.0 & !other.0)
+    }
+}
+
+impl std::ops::BitOr for PinKinds {
+    type Output = Self;
+    fn bitor(self, other: Self) -> Self {
+        Self(self.0 | other.0)
+    }
+}
+
+impl std::ops::BitOrAssign for PinKinds {
+    fn bitor_assign(&mut self, other: Self) {
+        self.0 |= other.0;
+    }
+}
+
 /// Settings RESET ALL leaves alone (PostgreSQL marks them GUC_NO_RESET_ALL; DISCARD ALL
 /// resets them).
 pub const KEPT_BY_RESET_ALL: [&str; 2] = ["role", "session_authorization"];
@@ -99,6 +147,12 @@ pub struct Classification {
     /// DECLARE ... WITH HOLD, set_config, SET of something that cannot be replayed): the
     /// session stays on its primary connection from now on.
     pub pins_session: bool,
+    /// What kinds of state it pins for (not empty exactly when `pins_session`).
+    pub pins: PinKinds,
+    /// Kinds of pinning state it takes back in full (`UNLISTEN *`, `CLOSE ALL`, ...), and
+    /// does not pin again after: once it succeeded outside a transaction block, a session
+    /// pinned only for these is free again.
+    pub unpins: PinKinds,
     /// Each reason it pins is work that a failure of the statement undoes (creating a
     /// temporary object, LISTEN, SQL PREPARE, DECLARE ... WITH HOLD), not one that
     /// survives it (a session advisory lock taken before the error): a statement of its own
@@ -167,6 +221,8 @@ impl Classification {
             begins_tx: None,
             tx_effect: TxEffect::Other,
             pins_session: false,
+            pins: PinKinds::NONE,
+            unpins: PinKinds::NONE,
             pin_undone_by_failure: false,
             pins_for_good: false,
             outlives_reset: false,
@@ -202,6 +258,7 @@ impl Classification {
         };
         Classification {
             pins_session: true,
+            pins: PinKinds::OTHER,
             pins_for_good: says(b"load") || says(b"dblink") || says(b"u&"),
             outlives_reset: true,
             ..Classification::unknown()

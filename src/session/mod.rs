@@ -24,7 +24,7 @@ use crate::backend::{BackendError, BackendId, ConnectParams, Pool, ServerConn, s
 use crate::config::PoolMode;
 use crate::error::{Error, Result, Side};
 use crate::protocol::{self, Frame, Severity, TxStatus, tag};
-use crate::router::{Classification, Route, SessionFacts, SessionOp};
+use crate::router::{Classification, PinKinds, Route, SessionFacts, SessionOp};
 use crate::state::{Runtime, SessionSlot, Shared, lock};
 use crate::stats::{ClientInfo, ClientState, RouteKind};
 
@@ -276,6 +276,9 @@ pub struct Session {
     pinned: bool,
     /// The pinning left state that DISCARD ALL does not reset: it never unpins.
     pinned_for_good: bool,
+    /// What kinds of state the session pinned for: when statements have taken back every
+    /// kind (`UNLISTEN *` a LISTEN, `pg_advisory_unlock_all()` a lock, ...), it is free.
+    pin_kinds: PinKinds,
     /// Something ran that a reset would not take back (see
     /// `Classification::outlives_reset`; a custom setting is also replayed onto the
     /// session's other connections), or standard_conforming_strings was off: session mode
@@ -416,6 +419,7 @@ impl Session {
             pinned: false,
             replicas_refused: false,
             pinned_for_good: false,
+            pin_kinds: PinKinds::NONE,
             state_outlives_reset: false,
             pinned_in_request: false,
             pinned_state_lost: false,
@@ -1025,11 +1029,13 @@ impl Session {
         }
         // Restored if the request does not run, or fails in a way that undoes what pinned.
         let pins_before = (self.pinned, self.pinned_for_good, self.state_outlives_reset);
+        let kinds_before = self.pin_kinds;
         for c in items.iter().filter_map(Item::class) {
             if c.pins_session && !self.pinned {
                 debug!("session pinned to the primary");
                 self.pinned = true;
             }
+            self.pin_kinds |= c.pins;
             self.pinned_in_request |= c.pins_session;
             self.pinned_for_good |= c.pins_for_good;
             self.state_outlives_reset |= c.outlives_reset;
@@ -1082,6 +1088,7 @@ impl Session {
                     self.record(route_kind(route), started, true);
                     // Nothing of it ran: what it would have pinned is not there.
                     (self.pinned, self.pinned_for_good, self.state_outlives_reset) = pins_before;
+                    self.pin_kinds = kinds_before;
                     return self.report_unavailable(e, items, open).await;
                 }
             };
@@ -1128,6 +1135,10 @@ impl Session {
                         // name: `state_outlives_reset` stays.)
                         debug!("pinning statement failed: session left unpinned");
                         self.pinned = false;
+                        self.pin_kinds = kinds_before;
+                    }
+                    if !self.last_failed && !in_transaction && self.tx == TxStatus::Idle {
+                        self.take_back_pins(items);
                     }
                     self.record(backend_kind(conn), started, self.last_failed);
                     if in_transaction && self.tx == TxStatus::Idle {
@@ -1483,15 +1494,9 @@ impl Session {
             // forgotten when its CommandComplete came (see the relay): those the request
             // parsed after it stay.
             // What the same request pins may come after the DISCARD ALL: it stays pinned.
-            let keep = self.pinned_for_good || self.pinned_in_request;
-            if self.pinned && !keep {
-                // Unpinned: what it wrote while pinned left no position to wait for, so its
-                // reads wait for one the health checker reads from now on.
-                self.min_lsn = u64::MAX;
-                self.min_lsn_unknown_since =
-                    Some(self.runtime.backends.primary.health.lsn_samples());
+            if self.pinned && !self.pinned_for_good && !self.pinned_in_request {
+                self.unpin();
             }
-            self.pinned = keep;
         }
         self.statements.set_context(self.settings.parse_context());
         let unfit = self.replicas_unfit();
@@ -1533,6 +1538,37 @@ impl Session {
 
     /// A setting in force (from the startup packet, or a `set_config` read back) under which
     /// replicas cannot serve this session's reads.
+    /// A request that succeeded outside a transaction block and pinned nothing itself took
+    /// back what its statements take back in full (a pool's release: `SELECT
+    /// pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *`): with no kind of pinning state
+    /// left, the session is free.
+    fn take_back_pins(&mut self, items: &[Item]) {
+        if !self.pinned || self.pinned_for_good || self.pinned_in_request {
+            return;
+        }
+        let unpins = items
+            .iter()
+            .filter_map(Item::class)
+            .fold(PinKinds::NONE, |all, c| all | c.unpins);
+        if unpins.is_empty() {
+            return;
+        }
+        self.pin_kinds = self.pin_kinds.without(unpins);
+        if self.pin_kinds.is_empty() && !self.replicas_unfit() {
+            debug!("session unpinned: its statements took back what pinned it");
+            self.unpin();
+        }
+    }
+
+    fn unpin(&mut self) {
+        // What it wrote while pinned left no position to wait for, so its reads wait for
+        // one the health checker reads from now on.
+        self.min_lsn = u64::MAX;
+        self.min_lsn_unknown_since = Some(self.runtime.backends.primary.health.lsn_samples());
+        self.pinned = false;
+        self.pin_kinds = PinKinds::NONE;
+    }
+
     fn replicas_unfit(&self) -> bool {
         // Transaction mode holds the startup parameters as settings; session mode passes
         // them to its connections instead.

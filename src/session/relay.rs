@@ -27,7 +27,7 @@ use crate::protocol::{
     self, BindNames, ErrorFields, Frame, Severity, TxStatus, decode_command_tag, needs_whole_frame,
     rewrite_bind_into, tag,
 };
-use crate::router::{Classification, SessionOp, affects_parsing};
+use crate::router::{Classification, PinKinds, SessionOp, affects_parsing};
 
 /// How much of the server's answer is taken in while a request is still being written to
 /// it, before that answer is passed on to the client and the writing goes on.
@@ -917,6 +917,7 @@ impl Session {
                         // connection, which then holds the truth.
                         if !class.session_ops.is_empty() || !fl.ops.is_empty() {
                             self.pinned = true;
+                            self.pin_kinds |= PinKinds::OTHER;
                             self.pinned_in_request = true;
                         }
                     }
@@ -991,6 +992,7 @@ impl Session {
         )?;
         if let Some(c) = item.class() {
             self.pinned |= c.pins_session;
+            self.pin_kinds |= c.pins;
             self.pinned_in_request |= c.pins_session;
             self.pinned_for_good |= c.pins_for_good;
             self.state_outlives_reset |= c.outlives_reset;

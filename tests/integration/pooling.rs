@@ -1443,6 +1443,60 @@ async fn an_unlisten_leaves_the_session_free() {
     );
 }
 
+/// A session pinned by state that later statements take back in full (a pool's release
+/// sequence, asyncpg's `SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET
+/// ALL;` among them) is free again: it holds no primary connection while idle and reads
+/// from replicas. One with a kind of state left stays pinned.
+#[tokio::test]
+async fn a_session_is_freed_when_its_statements_take_back_what_pinned_it() {
+    let proxy = one_primary_connection_proxy().await;
+    let client = proxy.app().await;
+    let primary = cluster().primary;
+    for (pin, undo) in [
+        ("LISTEN freed_channel", "UNLISTEN *"),
+        (
+            "SELECT pg_advisory_lock(4343)",
+            "SELECT pg_advisory_unlock_all()",
+        ),
+        (
+            "BEGIN; DECLARE freed_cursor CURSOR WITH HOLD FOR SELECT 1; COMMIT",
+            "CLOSE ALL",
+        ),
+        ("PREPARE freed_statement AS SELECT 1", "DEALLOCATE ALL"),
+        ("CREATE TEMP TABLE freed_temp (a int)", "DISCARD TEMP"),
+    ] {
+        client.batch_execute(pin).await.unwrap();
+        assert_eq!(server_port(&client).await, primary, "pinned by {pin:?}");
+        client.batch_execute(undo).await.unwrap();
+        assert_holds_no_primary_connection(&proxy, &client, undo).await;
+    }
+    client
+        .batch_execute("LISTEN freed_channel; SELECT pg_advisory_lock(4344)")
+        .await
+        .unwrap();
+    for partial in ["UNLISTEN freed_channel", "UNLISTEN *", "CLOSE ALL"] {
+        client.batch_execute(partial).await.unwrap();
+        assert_eq!(
+            server_port(&client).await,
+            primary,
+            "the lock still pins after {partial:?}"
+        );
+    }
+    let release = "SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL;";
+    client.batch_execute(release).await.unwrap();
+    assert_holds_no_primary_connection(&proxy, &client, release).await;
+    let other = proxy.app().await;
+    let locked: bool = other
+        .query_one(
+            "SELECT pg_try_advisory_lock(4344) AND pg_advisory_unlock(4344)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(locked, "the released lock is free for others");
+}
+
 /// A statement that would pin the session but fails outside a transaction block created
 /// nothing (a CREATE TEMP TABLE of an unknown type): the session stays free, and does not
 /// hold a pooled primary connection while idle. One whose failure leaves what it did (a
