@@ -285,6 +285,19 @@ pub struct BackendConfig {
     pub name: Option<String>,
 }
 
+/// The same server as written: one port, and one host up to letter case and a directory's
+/// trailing slash (names that resolve alike are not looked up).
+fn same_address(a: &BackendConfig, b: &BackendConfig) -> bool {
+    let host = |c: &BackendConfig| {
+        if c.host.starts_with('/') {
+            c.host.trim_end_matches('/').to_owned()
+        } else {
+            c.host.to_ascii_lowercase()
+        }
+    };
+    a.port == b.port && host(a) == host(b)
+}
+
 impl BackendConfig {
     /// `host:port`, or for a `host` that is a directory (starts with `/`, as in libpq) the
     /// server's Unix-domain socket in it.
@@ -697,11 +710,23 @@ impl Config {
             }
         }
         // BAN, SHOW BACKENDS and the metrics' labels tell servers apart by name: a name
-        // given must be no other server's name or address. (Two unnamed entries of one
-        // address are left alone: a misconfiguration the health checks report.)
+        // given must be no other server's name or address. One server listed twice would
+        // take two shares of the reads (a weight says that) and be banned, counted and
+        // reloaded as one.
         let backends: Vec<&BackendConfig> = std::iter::once(&self.primary)
             .chain(&self.replicas)
             .collect();
+        for (i, b) in backends.iter().enumerate() {
+            let role = |i: usize| if i == 0 { "primary" } else { "replica" };
+            if let Some(j) = (0..i).find(|&j| same_address(backends[j], b)) {
+                errors.push(format!(
+                    "{} {} is listed again as a replica ({}); to give a replica more reads, raise its weight",
+                    role(j),
+                    backends[j].address(),
+                    b.address()
+                ));
+            }
+        }
         for (i, b) in backends.iter().enumerate() {
             if let Some(name) = &b.name
                 && backends
@@ -1056,6 +1081,31 @@ mod tests {
         );
         let err = Config::from_toml(&long).unwrap_err().to_string();
         assert!(err.contains("longer than 63 bytes"), "{err}");
+    }
+
+    #[test]
+    fn a_server_listed_twice_is_refused() {
+        let config =
+            |servers: &str| format!("[[users]]\nname = \"a\"\nauth_method = \"trust\"\n{servers}");
+        for (servers, expected) in [
+            (
+                "[primary]\nhost = \"p\"\n[[replicas]]\nhost = \"r\"\n[[replicas]]\nhost = \"R\"\nport = 5432\n",
+                "replica r:5432 is listed again as a replica (R:5432)",
+            ),
+            (
+                "[primary]\nhost = \"p\"\nport = 5433\n[[replicas]]\nhost = \"p\"\nport = 5433\nname = \"other\"\n",
+                "primary p:5433 is listed again as a replica (p:5433)",
+            ),
+            (
+                "[primary]\nhost = \"/run/pg\"\n[[replicas]]\nhost = \"/run/pg/\"\n",
+                "primary /run/pg/.s.PGSQL.5432 is listed again",
+            ),
+        ] {
+            let err = Config::from_toml(&config(servers)).unwrap_err().to_string();
+            assert!(err.contains(expected), "{err}");
+        }
+        let distinct = "[primary]\nhost = \"p\"\n[[replicas]]\nhost = \"p\"\nport = 5433\n[[replicas]]\nhost = \"r\"\n";
+        Config::from_toml(&config(distinct)).unwrap();
     }
 
     #[test]

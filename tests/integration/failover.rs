@@ -422,8 +422,9 @@ async fn with_the_primary_down_writes_fail_clearly_and_reads_go_on() {
 async fn a_primary_in_recovery_is_never_sent_writes() {
     let _serial = failure_lock().lock().await;
     let c = failure_cluster();
-    // Misconfigured: a standby as the primary.
-    let toml = config(c, "").replacen(
+    // Misconfigured: a standby as the primary (and not also as a replica, which
+    // validation refuses).
+    let toml = without_replica(&config(c, ""), c.replicas[0]).replacen(
         &format!("port = {}\n", c.primary),
         &format!("port = {}\n", c.replicas[0]),
         1,

@@ -419,15 +419,15 @@ async fn weights_shape_the_distribution() {
 async fn reads_fall_back_to_the_primary_when_no_replica_answers() {
     let c = cluster();
     // Replicas on ports where nothing listens.
-    let dead_port = unused_port();
+    let dead = unused_ports::<2>();
     let toml = base_config_toml(c)
         .replace(
             &format!("port = {}\n", c.replicas[0]),
-            &format!("port = {dead_port}\n"),
+            &format!("port = {}\n", dead[0]),
         )
         .replace(
             &format!("port = {}\n", c.replicas[1]),
-            &format!("port = {dead_port}\n"),
+            &format!("port = {}\n", dead[1]),
         );
     let proxy = start_proxy_with(&toml).await;
     let client = proxy.app().await;

@@ -594,8 +594,16 @@ pub async fn assert_usable(client: &Client) {
 
 /// A loopback port nothing listens on (bound, then released).
 pub fn unused_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
+    unused_ports::<1>()[0]
+}
+
+/// `N` different ports nothing listens on (for now).
+pub fn unused_ports<const N: usize>() -> [u16; N] {
+    // Held together, so that the system hands out each port once.
+    let held: Vec<_> = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    std::array::from_fn(|i| held[i].local_addr().unwrap().port())
 }
 
 /// Rows in `table`, counted on the primary directly.
