@@ -44,6 +44,14 @@ return n
 /// How often a tripped breaker tries Redis again.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Reconnect forever, soon at first (a client's first connection goes through the policy
+/// too: Redis is usually there at once), then every 500 ms at most.
+fn reconnect_policy() -> ReconnectPolicy {
+    let mut policy = ReconnectPolicy::new_exponential(0, 10, 500, 2);
+    policy.set_jitter(10);
+    policy
+}
+
 /// The answer to a lookup.
 pub enum Lookup {
     /// The stored RowDescription / DataRow / CommandComplete frames.
@@ -100,6 +108,9 @@ pub struct ResultCache {
     /// Breaker open: Redis failed; lookups and fills are skipped until a probe succeeds.
     open: AtomicBool,
     probing: AtomicBool,
+    /// The log has said Redis is unavailable since it last answered (once per outage,
+    /// also one that begins before it ever answered).
+    outage_told: AtomicBool,
     /// A write was not recorded in Redis while the breaker was open: everything cached may
     /// be stale, so the epoch is bumped before the cache is used again.
     missed_writes: AtomicBool,
@@ -130,8 +141,7 @@ impl ResultCache {
                 c.max_command_attempts = 1;
             })
             .with_performance_config(|p| p.default_command_timeout = timeout)
-            // 0 attempts = reconnect forever, every 500 ms.
-            .set_policy(ReconnectPolicy::new_constant(0, 500))
+            .set_policy(reconnect_policy())
             .build_pool(2)
             .map_err(|e| e.to_string())?;
         let cache = Arc::new(ResultCache {
@@ -140,6 +150,7 @@ impl ResultCache {
             timeout,
             open: AtomicBool::new(true),
             probing: AtomicBool::new(false),
+            outage_told: AtomicBool::new(false),
             missed_writes: AtomicBool::new(false),
             missed_lsn: AtomicU64::new(0),
             lsn_source,
@@ -355,7 +366,9 @@ impl ResultCache {
     /// Redis failed: bypass the cache until a probe succeeds.
     fn trip(self: &Arc<Self>, error: &str) {
         self.stats.errors.fetch_add(1, Ordering::Relaxed);
-        if !self.open.swap(true, Ordering::Relaxed) {
+        if !self.open.swap(true, Ordering::Relaxed)
+            && !self.outage_told.swap(true, Ordering::Relaxed)
+        {
             warn!(%error, "redis unavailable: result cache bypassed until it answers again");
         }
         self.start_probe();
@@ -388,13 +401,22 @@ impl ResultCache {
         // Not on any query's path: the probe may wait longer than a lookup, e.g. for the
         // first connection to come up.
         let patience = self.timeout.max(PROBE_INTERVAL);
-        let ping = tokio::time::timeout(patience, client.ping::<String>(None));
+        let options = Options {
+            timeout: Some(patience),
+            ..Options::default()
+        };
+        let patient = client.with_options(&options);
+        let ping = tokio::time::timeout(patience, patient.ping::<String>(None));
         if let Err(e) = ping
             .await
             .map_err(|_| "timed out".to_owned())
             .and_then(|r| r.map_err(err))
         {
-            tracing::debug!(error = %e, "redis probe failed");
+            if self.outage_told.swap(true, Ordering::Relaxed) {
+                tracing::debug!(error = %e, "redis probe failed");
+            } else {
+                warn!(error = %e, "redis unavailable: result cache bypassed until it answers");
+            }
             return false;
         }
         // Writes noted while a bump was on its way bump again: no lookup may find what
@@ -407,6 +429,7 @@ impl ResultCache {
         if self.open.swap(false, Ordering::Relaxed) {
             info!("redis answers: result cache in use");
         }
+        self.outage_told.store(false, Ordering::Relaxed);
         // A write noted between the last look and the reopening (another worker thread):
         // it saw the cache bypassed and left it to this probe; writes after the reopening
         // bump their own tables.

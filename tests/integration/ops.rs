@@ -763,6 +763,53 @@ where
     false
 }
 
+/// Redis unreachable from the start (a wrong `redis_url`, Redis not up yet) is told in the
+/// log once, as an outage after it answered is, not only by SHOW CACHE and the metrics.
+#[tokio::test]
+async fn a_redis_unreachable_from_the_start_is_logged_once() {
+    let c = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    let log = dir.path().join("pgsplit.log");
+    let [port, dead_redis] = unused_ports::<2>();
+    let toml = ops_config(c).replacen(
+        "\n        listen = \"127.0.0.1:0\"",
+        &format!("\n        listen = \"127.0.0.1:{port}\""),
+        1,
+    ) + &format!(
+        "\n[cache]\nenabled = true\nredis_url = \"redis://127.0.0.1:{dead_redis}\"\n\
+         [[cache.rules]]\ntable = \"albums\"\n"
+    );
+    write(&path, &toml);
+    let child = Command::new(env!("CARGO_BIN_EXE_pgsplit"))
+        .args(["--config", path.to_str().unwrap(), "--log", "info"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("pgsplit binary");
+    let _child = KillOnDrop(Some(child));
+    let warnings = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("WARN") && l.contains("redis unavailable"))
+            .count()
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || warnings() > 0).await,
+        "no warning:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    // Probes go on every second; the outage is told once.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        warnings(),
+        1,
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_an_open_transaction_commit_then_stops() {
     let c = cluster();
