@@ -62,6 +62,14 @@ async def copy(t):
     # behind it without waiting for CopyInResponse.
     conn = await connect()
     try:
+        # Read-your-writes follows one session: a new one may read a replica that has not
+        # replayed the CREATE TABLE yet (asyncpg's introspection of the table is a read).
+        async def on_every_replica():
+            for _ in range(4):
+                if not await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", t):
+                    return False
+            return True
+        await poll(on_every_replica, "the table on every replica")
         for rnd, base in enumerate((100, 150)):
             # The second round has the introspection statement cached: no open batch first.
             res = await asyncio.wait_for(conn.copy_records_to_table(
@@ -211,6 +219,22 @@ async def pool():
         async with p.acquire() as c:
             app = await c.fetchval("SELECT current_setting('application_name')")
             check(app == "", "pool reset: application_name %r" % app)
+    finally:
+        await p.close()
+    # A pooled connection that listened and took a session advisory lock reads from the
+    # primary (pgsplit pins it) until its release's reset takes both back: the next user of
+    # the same connection reads from the replicas again.
+    p = await asyncpg.create_pool(host=HOST, port=PORT, user=USER, password=PASSWORD, database=DB, min_size=1, max_size=1)
+    try:
+        async with p.acquire() as c:
+            await c.add_listener("drv_asyncpg_channel", lambda *args: None)
+            await c.execute("SELECT pg_advisory_lock(7707)")
+            port = await c.fetchval("SELECT inet_server_port()")
+            check(port == PRIMARY_PORT, "a listening, locking connection reads on the primary (%r)" % port)
+        async with p.acquire() as c:
+            await acheck_read_ports(lambda: c.fetchval("SELECT inet_server_port()"), "the pool's reset unpins")
+            free = await c.fetchval("SELECT pg_try_advisory_lock(7707) AND pg_advisory_unlock(7707)")
+            check(free, "the pool's reset released the lock")
     finally:
         await p.close()
 
