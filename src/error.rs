@@ -30,6 +30,9 @@ pub enum Error {
     Protocol(String),
     #[error("{0}")]
     Unsupported(String),
+    /// The startup packet's `options` are not what the server would take (42601).
+    #[error("{0}")]
+    InvalidOptions(String),
     #[error("password authentication failed for user \"{0}\"")]
     BadPassword(String),
     #[error("{0}")]
@@ -89,6 +92,7 @@ impl Error {
             Error::Startup(StartupError::UnsupportedProtocol { .. }) => "0A000",
             Error::Startup(_) => "08P01",
             Error::Unsupported(_) => "0A000",
+            Error::InvalidOptions(_) => "42601",
             Error::BadPassword(_) => "28P01",
             Error::AuthRejected(_) => "28000",
             Error::TooManyClients | Error::PoolTimeout(_) => "53300",

@@ -72,15 +72,38 @@ async fn serve_registered(
             ));
         }
         match f.tag {
+            // As PostgreSQL, everything but a Sync is skipped after an extended-protocol
+            // error (a message of no known type is still refused).
+            tag::QUERY | tag::FUNCTION_CALL if skipping => {}
             tag::QUERY => {
-                let sql = query_sql(&f.body)?;
-                let mut out = match parse(&sql) {
-                    Ok(cmd) => reply_frames(run(shared, cmd).await),
-                    Err(e) => vec![protocol::error_response(Severity::Error, "42601", &e)],
+                let mut out = match query_sql(&f.body) {
+                    Ok(sql) => match parse(&sql) {
+                        Ok(cmd) => reply_frames(run(shared, cmd).await),
+                        Err(e) => vec![protocol::error_response(Severity::Error, "42601", &e)],
+                    },
+                    Err(e) => vec![protocol::error_response(
+                        Severity::Error,
+                        "08P01",
+                        &e.to_string(),
+                    )],
                 };
                 out.push(protocol::ready_for_query(TxStatus::Idle));
                 client.send(&out).await?;
             }
+            tag::FUNCTION_CALL => {
+                client
+                    .send(&[
+                        protocol::error_response(
+                            Severity::Error,
+                            "0A000",
+                            "the admin console calls no functions",
+                        ),
+                        protocol::ready_for_query(TxStatus::Idle),
+                    ])
+                    .await?;
+            }
+            // Leftovers of a COPY: PostgreSQL ignores them outside one.
+            tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL => {}
             tag::TERMINATE => return Ok(()),
             tag::SYNC => {
                 skipping = false;
@@ -102,13 +125,12 @@ async fn serve_registered(
                     .await?;
             }
             tag::PARSE | tag::BIND | tag::DESCRIBE | tag::EXECUTE | tag::CLOSE | tag::FLUSH => {}
-            other if !skipping => {
+            other => {
                 return Err(Error::Protocol(format!(
                     "invalid frontend message type {}",
-                    other as char
+                    other
                 )));
             }
-            _ => {}
         }
     }
 }

@@ -17,8 +17,8 @@ pub use codec::{
 };
 pub use frontend_msg::*;
 pub use startup::{
-    CANCEL_REQUEST_CODE, PROTOCOL_3 as PROTOCOL_3_0, SSL_REQUEST_CODE, StartupError, StartupPacket,
-    decode_startup,
+    CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE, PROTOCOL_3 as PROTOCOL_3_0, SSL_REQUEST_CODE,
+    StartupError, StartupPacket, decode_startup,
 };
 
 /// Frontend message tags.

@@ -61,7 +61,7 @@ impl ClientConn {
                 None => {
                     return Err(Error::Protocol(format!(
                         "invalid frontend message type {}",
-                        t as char
+                        t
                     )));
                 }
                 Some(limit) if len > 0 && len as usize > limit => {

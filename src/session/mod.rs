@@ -859,6 +859,9 @@ impl Session {
             | tag::SYNC
             | tag::FLUSH => {
                 let held = frame.body.len() + std::mem::size_of::<Item>();
+                if let Some(failure) = request::trailing_body_failure(&frame) {
+                    self.batch.push(failure);
+                }
                 // Decoded on arrival, so a malformed message is refused at once.
                 let item = request::decode(
                     frame,
@@ -892,7 +895,7 @@ impl Session {
             other => {
                 return Err(Error::Protocol(format!(
                     "invalid frontend message type {}",
-                    other as char
+                    other
                 )));
             }
         }

@@ -934,6 +934,9 @@ impl Session {
                 frame.encode_into(&mut self.wbuf);
                 continue;
             }
+            if let Some(failure) = request::trailing_body_failure(&frame) {
+                self.emit(fl, &failure);
+            }
             let item = self.decode_joining(fl, frame).await?;
             if ends_batch(&item, fl.skipping) {
                 fl.open = false;

@@ -390,6 +390,18 @@ pub fn classify_large(
 
 /// Decode one client message; `classified`: the text's classification when it was made
 /// already (from [`classify_large`] on this frame).
+/// A Sync or Flush with a body, which PostgreSQL refuses (08P01) as it refuses a malformed
+/// extended-protocol message: the failure that goes before it (a Sync still ends the batch,
+/// with its ReadyForQuery, as the server's does after the error).
+pub fn trailing_body_failure(frame: &Frame) -> Option<Item> {
+    let what = match frame.tag {
+        tag::SYNC => "Sync",
+        tag::FLUSH => "Flush",
+        _ => return None,
+    };
+    (!frame.body.is_empty()).then_some(Item::Fail(MalformedMessage(what)))
+}
+
 pub fn decode(
     frame: Frame,
     classify: &ClassifyCache,
@@ -482,7 +494,7 @@ fn decode_extended(
         other => {
             return Err(crate::error::Error::Protocol(format!(
                 "invalid frontend message type {}",
-                other as char
+                other
             )));
         }
     })

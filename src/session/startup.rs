@@ -8,7 +8,7 @@ use bytes::Buf;
 
 use super::client::ClientConn;
 use crate::auth::{Binding, ScramError, ScramExchange, ScramSecret, UserSecret, md5_response_ok};
-use crate::config::AuthMethod;
+use crate::config::{AuthMethod, PoolMode};
 use crate::error::{Error, Result};
 use crate::protocol::{self, StartupPacket, decode_startup, tag};
 use crate::state::{Runtime, UserEntry};
@@ -34,15 +34,30 @@ pub struct Login {
 }
 
 /// Read startup packets until a StartupMessage or a CancelRequest arrives. An SSLRequest
-/// is answered with a TLS handshake when `tls` is configured, else declined.
+/// is answered with a TLS handshake when `tls` is configured, else declined; a GSSENCRequest
+/// is declined. As PostgreSQL, each may come once (in either order), and neither once TLS
+/// is up: a repeated one is read as a startup packet of an unknown protocol version.
 async fn read_startup(
     client: &mut ClientConn,
     tls: Option<&tokio_rustls::TlsAcceptor>,
 ) -> Result<StartupPacket> {
+    let (mut ssl_done, mut gss_done) = (false, false);
     loop {
         if let Some(p) = decode_startup(&mut client.buf)? {
             match p {
                 StartupPacket::Ssl | StartupPacket::GssEnc => {
+                    let (done, code) = match p {
+                        StartupPacket::Ssl => (&mut ssl_done, protocol::SSL_REQUEST_CODE),
+                        _ => (&mut gss_done, protocol::GSSENC_REQUEST_CODE),
+                    };
+                    if std::mem::replace(done, true) {
+                        return Err(Error::Startup(
+                            protocol::StartupError::UnsupportedProtocol {
+                                major: (code >> 16) as u16,
+                                minor: (code & 0xffff) as u16,
+                            },
+                        ));
+                    }
                     if !client.buf.is_empty() {
                         // Bytes after an SSLRequest before our answer: a man-in-the-middle
                         // tell (CVE-2021-23214); refuse like PostgreSQL does.
@@ -54,6 +69,7 @@ async fn read_startup(
                         Some(acceptor) => {
                             client.write(b"S").await?;
                             client.start_tls(acceptor).await?;
+                            (ssl_done, gss_done) = (true, true);
                         }
                         None => client.write(b"N").await?,
                     }
@@ -156,6 +172,13 @@ pub async fn open(client: &mut ClientConn, runtime: &Runtime, over_limit: bool) 
         return Err(refuse_unknown(client, runtime, user_name).await);
     };
     authenticate(client, runtime, &user).await?;
+    // Session mode hands `options` to the server, which judges them; transaction mode
+    // replays only the settings in them, so it refuses what the server would.
+    if runtime.config.proxy.pool_mode == PoolMode::Transaction
+        && let Some(refusal) = super::state::options_refusal(&rest)
+    {
+        return Err(Error::InvalidOptions(refusal));
+    }
     Ok(Opening::Login(Login {
         user,
         database,
@@ -203,7 +226,8 @@ async fn authenticate(client: &mut ClientConn, runtime: &Runtime, user: &UserEnt
             let salt: [u8; 4] = rand::random();
             client.send(&[protocol::auth_md5(salt)]).await?;
             let f = password_frame(client).await?;
-            if md5_response_ok(stored, salt, &f) {
+            let response = password_packet(&f)?;
+            if md5_response_ok(stored, salt, response) {
                 Ok(())
             } else {
                 tracing::debug!(user = %name, method = "md5", "authentication failed");
@@ -292,10 +316,19 @@ async fn password_frame(client: &mut ClientConn) -> Result<bytes::Bytes> {
     if f.tag != tag::PASSWORD {
         return Err(Error::Protocol(format!(
             "expected password response, got message type {}",
-            f.tag as char
+            f.tag
         )));
     }
     Ok(f.body)
+}
+
+/// The response of a PasswordMessage, checked as PostgreSQL checks one: one string, its
+/// NUL the message's last byte.
+fn password_packet(body: &[u8]) -> Result<&[u8]> {
+    match body.split_last() {
+        Some((0, text)) if !text.contains(&0) => Ok(text),
+        _ => Err(Error::Protocol("invalid password packet size".into())),
+    }
 }
 
 /// SASLInitialResponse: mechanism name, then an Int32 length (-1: none) and the data.

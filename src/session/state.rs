@@ -678,9 +678,54 @@ fn push_quoted(sql: &mut String, text: &str) {
     }
 }
 
-/// The `-c name=value` and `--name=value` settings in a libpq `options` string
-/// (backslash escapes a space, as libpq and the server's parser agree).
-fn parse_options(options: &str) -> Vec<(String, String)> {
+/// Why PostgreSQL would refuse the login for the startup packet's `options` (42601): a
+/// switch without the value it takes (a `-c` at the end), a setting without `=value`, a
+/// word that is no switch. (Which switches the server allows at all is its business: a
+/// transaction-mode session passes on only the settings.)
+pub fn options_refusal(params: &[(String, String)]) -> Option<String> {
+    // The server's switches that take a value (its getopt string).
+    const TAKES_VALUE: &str = "BcCDdfhkNprStvW";
+    let invalid = |w: &str| {
+        Some(format!(
+            "invalid command-line argument for server process: {w}"
+        ))
+    };
+    let (_, options) = params.iter().rev().find(|(k, _)| k == "options")?;
+    let mut words = option_words(options).into_iter();
+    while let Some(w) = words.next() {
+        let Some(switch) = w.strip_prefix('-') else {
+            return invalid(&w);
+        };
+        if let Some(setting) = switch.strip_prefix('-') {
+            if !setting.contains('=') {
+                return Some(format!("--{setting} requires a value"));
+            }
+            continue;
+        }
+        let mut letters = switch.chars();
+        let Some(letter) = letters.next() else {
+            return invalid(&w);
+        };
+        if !TAKES_VALUE.contains(letter) {
+            continue;
+        }
+        let value = match letters.as_str() {
+            "" => match words.next() {
+                Some(v) => v,
+                None => return invalid(&w),
+            },
+            inline => inline.to_owned(),
+        };
+        if letter == 'c' && !value.contains('=') {
+            return Some(format!("-c {value} requires a value"));
+        }
+    }
+    None
+}
+
+/// The words of a libpq `options` string (backslash escapes a space, as libpq and the
+/// server's parser agree).
+fn option_words(options: &str) -> Vec<String> {
     let mut words = Vec::new();
     let mut word = String::new();
     let mut chars = options.chars();
@@ -702,8 +747,13 @@ fn parse_options(options: &str) -> Vec<(String, String)> {
     if !word.is_empty() {
         words.push(word);
     }
+    words
+}
+
+/// The `-c name=value` and `--name=value` settings in a libpq `options` string.
+fn parse_options(options: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
-    let mut it = words.into_iter();
+    let mut it = option_words(options).into_iter();
     while let Some(w) = it.next() {
         let setting = if w == "-c" {
             it.next()
@@ -756,6 +806,38 @@ fn reset_sql(name: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn options_the_server_would_refuse_are_told() {
+        let refusal =
+            |options: &str| super::options_refusal(&[("options".to_owned(), options.to_owned())]);
+        for ok in [
+            "",
+            "-c work_mem=64MB",
+            "-cwork_mem=64MB --search-path=a,b",
+            "-c geqo=off -e -B 100",
+            r"-c search_path=a\ b",
+        ] {
+            assert_eq!(refusal(ok), None, "{ok}");
+        }
+        for (bad, told) in [
+            ("-c", "invalid command-line argument for server process: -c"),
+            ("-c work_mem", "-c work_mem requires a value"),
+            ("-cwork_mem", "-c work_mem requires a value"),
+            ("--work_mem", "--work_mem requires a value"),
+            (
+                "work_mem=1",
+                "invalid command-line argument for server process: work_mem=1",
+            ),
+            ("-B", "invalid command-line argument for server process: -B"),
+            (
+                "-c a=1 -",
+                "invalid command-line argument for server process: -",
+            ),
+        ] {
+            assert_eq!(refusal(bad).as_deref(), Some(told), "{bad}");
+        }
+    }
+
     use super::*;
 
     fn set(name: &str, sql: &str) -> SessionOp {

@@ -157,19 +157,128 @@ async fn the_client_after_the_limit_gets_53300() {
 
 #[tokio::test]
 async fn ssl_and_gssenc_requests_are_declined() {
+    const SSL: i32 = 80877103;
+    const GSS: i32 = 80877104;
     let proxy = start_proxy().await;
-    for code in [80877103i32, 80877104] {
+    let request = |code: i32| [8i32.to_be_bytes(), code.to_be_bytes()].concat();
+    // Each once, in either order, as PostgreSQL takes them.
+    for codes in [&[SSL][..], &[GSS], &[SSL, GSS], &[GSS, SSL]] {
         let mut s = TcpStream::connect(proxy.addr).await.unwrap();
-        let mut pkt = 8i32.to_be_bytes().to_vec();
-        pkt.extend_from_slice(&code.to_be_bytes());
-        s.write_all(&pkt).await.unwrap();
+        for &code in codes {
+            s.write_all(&request(code)).await.unwrap();
+            let mut answer = [0u8; 1];
+            s.read_exact(&mut answer).await.unwrap();
+            assert_eq!(&answer, b"N", "{codes:?}");
+        }
+        s.write_all(&startup_packet("trustuser")).await.unwrap();
+        let msgs = read_messages(&mut s).await;
+        assert_eq!(msgs.last().map(|m| m.0), Some(b'Z'), "{codes:?}");
+    }
+    // A second request of one kind is read as a startup packet of protocol 1234.5679 (or
+    // .5680): refused, as the server refuses it.
+    for code in [SSL, GSS] {
+        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(&request(code)).await.unwrap();
         let mut answer = [0u8; 1];
         s.read_exact(&mut answer).await.unwrap();
         assert_eq!(&answer, b"N");
-        s.write_all(&startup_packet("trustuser")).await.unwrap();
+        s.write_all(&request(code)).await.unwrap();
         let msgs = read_messages(&mut s).await;
-        assert_eq!(msgs.last().map(|m| m.0), Some(b'Z'));
+        assert_eq!(error_code(&msgs).as_deref(), Some("0A000"), "{msgs:?}");
+        assert_closed(&mut s).await;
     }
+}
+
+/// `options` the server cannot read refuse the login (42601) through pgsplit as on a
+/// direct connection, also in transaction mode, which passes on only the settings in them
+/// (and dropped what it could not read).
+#[tokio::test]
+async fn options_the_server_cannot_read_refuse_the_login_in_both_modes() {
+    let (_proxies, addrs) = direct_and_both_modes().await;
+    for addr in addrs {
+        let conn = |options: &str| {
+            format!(
+                "host=127.0.0.1 port={} user=trustuser dbname=appdb options='{options}'",
+                addr.port()
+            )
+        };
+        for bad in ["-c", "-c work_mem", "--work_mem", "work_mem=1MB"] {
+            let e = try_connect(&conn(bad)).await.err();
+            assert_eq!(
+                e.as_ref().and_then(|e| e.code()).map(|c| c.code()),
+                Some("42601"),
+                "{addr} {bad:?}: {e:?}"
+            );
+        }
+        let client = try_connect(&conn("-c work_mem=5MB")).await.unwrap();
+        let value: String = client.query_one("SHOW work_mem", &[]).await.unwrap().get(0);
+        assert_eq!(value, "5MB", "{addr}");
+    }
+}
+
+/// The ErrorResponse's fields, by their one-letter code.
+fn error_field(msgs: &[(u8, Vec<u8>)], field: u8) -> Option<String> {
+    let (_, body) = msgs.iter().find(|m| m.0 == b'E')?;
+    body.split(|&b| b == 0)
+        .find(|f| f.first() == Some(&field))
+        .map(|f| String::from_utf8_lossy(&f[1..]).into_owned())
+}
+
+/// A message type no client sends is named by its number, as PostgreSQL names it: a NUL
+/// (or a control byte) written into the message text would make the ErrorResponse itself
+/// malformed. Before authentication too.
+#[tokio::test]
+async fn an_unknown_message_type_is_named_by_its_number() {
+    let proxy = start_proxy().await;
+    for tag in [0u8, 1, 255] {
+        let mut s = logged_in(&proxy).await;
+        s.write_all(&[tag, 0, 0, 0, 4]).await.unwrap();
+        let msgs = read_messages(&mut s).await;
+        assert_eq!(
+            error_field(&msgs, b'M').as_deref(),
+            Some(format!("invalid frontend message type {tag}").as_str()),
+            "{msgs:?}"
+        );
+        // The body is its fields and one final NUL: nothing cut short.
+        let (_, body) = msgs.iter().find(|m| m.0 == b'E').unwrap();
+        assert!(body.ends_with(&[0, 0]), "{body:?}");
+        assert_eq!(body.iter().filter(|&&b| b == 0).count(), 5, "{body:?}");
+    }
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(&startup_packet("md5user")).await.unwrap();
+    read_n_messages(&mut s, 1).await;
+    s.write_all(&[0, 0, 0, 0, 4]).await.unwrap();
+    let msgs = read_messages(&mut s).await;
+    assert_eq!(
+        error_field(&msgs, b'M').as_deref(),
+        Some("expected password response, got message type 0"),
+        "{msgs:?}"
+    );
+}
+
+/// A PasswordMessage that is not one NUL-terminated string is a protocol violation
+/// (08P01 "invalid password packet size", as PostgreSQL answers), not a wrong password.
+#[tokio::test]
+async fn a_malformed_password_message_is_a_protocol_violation() {
+    let proxy = start_proxy().await;
+    for body in [&b""[..], b"md5abc", b"md5\0abc\0"] {
+        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(&startup_packet("md5user")).await.unwrap();
+        let challenge = read_n_messages(&mut s, 1).await;
+        assert_eq!(challenge[0].0, b'R', "{challenge:?}");
+        s.write_all(&message(b'p', body)).await.unwrap();
+        let msgs = read_messages(&mut s).await;
+        assert_eq!(
+            error_code(&msgs).as_deref(),
+            Some("08P01"),
+            "{body:?}: {msgs:?}"
+        );
+        assert_eq!(
+            error_field(&msgs, b'M').as_deref(),
+            Some("invalid password packet size")
+        );
+    }
+    assert_proxy_serves(&proxy).await;
 }
 
 /// Statements out of order, wrong parameter counts, COPY messages outside COPY: each gets

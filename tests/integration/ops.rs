@@ -420,17 +420,29 @@ async fn the_admin_console_refuses_the_extended_protocol_without_waiting_for_a_s
         Some("0A000"),
         "{refused:?}"
     );
-    // The rest up to the Sync is skipped; the Sync gets ReadyForQuery alone.
+    // The rest up to the Sync is skipped, a simple Query too; the Sync gets
+    // ReadyForQuery alone.
     let mut rest = message(b'B', &[0, 0, 0, 0, 0, 0, 0, 0]);
+    rest.extend(query("SHOW VERSION"));
     rest.extend(message(b'S', &[]));
     let msgs = console.send(&rest).await;
-    assert_eq!(
-        msgs.iter().map(|m| m.0).collect::<Vec<_>>(),
-        [b'Z'],
-        "{msgs:?}"
-    );
+    assert_eq!(tags(&msgs), "Z", "{msgs:?}");
     let msgs = console.send(&query("SHOW VERSION")).await;
     assert!(msgs.iter().any(|m| m.0 == b'D'), "{msgs:?}");
+    // What a session takes without ending: COPY leftovers are ignored, a FunctionCall and
+    // a Query without its terminator get an ERROR each, and the console goes on.
+    console.stream_write(&message(b'd', b"x")).await;
+    console.stream_write(&message(b'c', &[])).await;
+    let msgs = console
+        .send(&message(b'F', &[0, 0, 0, 1, 0, 0, 0, 0, 0, 0]))
+        .await;
+    assert_eq!(tags(&msgs), "EZ", "{msgs:?}");
+    assert_eq!(error_code(&msgs).as_deref(), Some("0A000"), "{msgs:?}");
+    let msgs = console.send(&message(b'Q', b"SHOW VERSION")).await;
+    assert_eq!(tags(&msgs), "EZ", "{msgs:?}");
+    assert_eq!(error_code(&msgs).as_deref(), Some("08P01"), "{msgs:?}");
+    let msgs = console.send(&query("SHOW VERSION")).await;
+    assert_eq!(tags(&msgs), "TDCZ", "{msgs:?}");
 }
 
 /// A ban is kept by address: a reload that drops the banned replica and a later one that

@@ -23,6 +23,45 @@ async fn messages_behind_a_flush_in_the_same_packet_are_answered() {
     }
 }
 
+/// A Sync or Flush with bytes in its body is refused (08P01) as PostgreSQL refuses it, and
+/// fails the transaction block: its COMMIT rolls back. pgsplit took both as they should
+/// be, and the block committed.
+#[tokio::test]
+async fn a_sync_or_flush_with_a_body_fails_the_transaction_as_on_a_direct_connection() {
+    let (_proxies, addrs) = direct_and_both_modes().await;
+    let command = |msgs: &[(u8, Vec<u8>)]| {
+        msgs.iter().find(|m| m.0 == b'C').map(|m| {
+            String::from_utf8_lossy(&m.1)
+                .trim_end_matches('\0')
+                .to_owned()
+        })
+    };
+    for addr in addrs {
+        let mut c = RawClient::login(addr, "trustuser").await;
+        for (what, bad) in [
+            ("Sync", message(b'S', b"junk")),
+            ("Flush", [message(b'H', b"junk"), sync()].concat()),
+        ] {
+            assert_eq!(tags(&c.send(&query("BEGIN")).await), "CZ");
+            let msgs = c.send(&bad).await;
+            assert_eq!(tags(&msgs), "EZ", "{addr} {what}: {msgs:?}");
+            assert_eq!(error_code(&msgs).as_deref(), Some("08P01"), "{addr} {what}");
+            let msgs = c.send(&query("COMMIT")).await;
+            assert_eq!(
+                command(&msgs).as_deref(),
+                Some("ROLLBACK"),
+                "{addr} {what}: {msgs:?}"
+            );
+        }
+        // Outside a block too, and the session goes on.
+        let mut req = run_in_batch("", "SELECT 1");
+        req.extend(message(b'S', b"junk"));
+        let msgs = c.send(&req).await;
+        assert_eq!(tags(&msgs), "12DCEZ", "{addr}: {msgs:?}");
+        assert_eq!(tags(&c.send(&query("SELECT 2")).await), "TDCZ");
+    }
+}
+
 #[tokio::test]
 async fn copy_data_sent_with_its_query_is_not_left_waiting() {
     for proxy in both_modes().await {

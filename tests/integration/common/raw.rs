@@ -55,6 +55,23 @@ pub async fn read_messages(s: &mut TcpStream) -> Vec<(u8, Vec<u8>)> {
     }
 }
 
+/// Read exactly `n` backend messages.
+pub async fn read_n_messages(s: &mut TcpStream, n: usize) -> Vec<(u8, Vec<u8>)> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let mut header = [0u8; 5];
+        tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut header))
+            .await
+            .expect("an answer in time")
+            .unwrap();
+        let len = i32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+        let mut body = vec![0u8; len - 4];
+        s.read_exact(&mut body).await.unwrap();
+        out.push((header[0], body));
+    }
+    out
+}
+
 pub fn error_code(msgs: &[(u8, Vec<u8>)]) -> Option<String> {
     let (_, body) = msgs.iter().find(|m| m.0 == b'E')?;
     body.split(|&b| b == 0)
@@ -98,19 +115,7 @@ impl RawClient {
 
     /// Read exactly `n` messages (for requests that end without ReadyForQuery).
     pub async fn read_n(&mut self, n: usize) -> Vec<(u8, Vec<u8>)> {
-        let mut out = Vec::new();
-        while out.len() < n {
-            let mut header = [0u8; 5];
-            tokio::time::timeout(Duration::from_secs(10), self.stream.read_exact(&mut header))
-                .await
-                .expect("an answer in time")
-                .unwrap();
-            let len = i32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-            let mut body = vec![0u8; len - 4];
-            self.stream.read_exact(&mut body).await.unwrap();
-            out.push((header[0], body));
-        }
-        out
+        read_n_messages(&mut self.stream, n).await
     }
 
     pub async fn parse(&mut self, name: &str, sql: &str) {
