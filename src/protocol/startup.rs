@@ -90,10 +90,29 @@ fn parse_params(mut body: &[u8]) -> Result<Vec<(String, String)>, StartupError> 
             .map_err(|_| StartupError::Malformed("a parameter name that is not UTF-8"))?;
         let (value, rest) = cstr(rest).ok_or(StartupError::Malformed("parameter without value"))?;
         // The client's encoding is not known yet: a value in another one (a Latin-1
-        // application_name) is taken, its invalid bytes replaced, as PostgreSQL takes it
-        // (where application_name shows them as '?').
-        params.push((key.to_owned(), String::from_utf8_lossy(value).into_owned()));
+        // application_name) is taken, each byte that is not UTF-8 replaced by '?', which is
+        // what PostgreSQL shows for it in application_name (U+FFFD would show as '???').
+        params.push((key.to_owned(), lossy_with_question_marks(value)));
         body = rest;
+    }
+}
+
+fn lossy_with_question_marks(mut bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    loop {
+        match std::str::from_utf8(bytes) {
+            Ok(rest) => {
+                out.push_str(rest);
+                return out;
+            }
+            Err(e) => {
+                let (valid, after) = bytes.split_at(e.valid_up_to());
+                out.push_str(std::str::from_utf8(valid).unwrap_or_default());
+                let bad = e.error_len().unwrap_or(after.len());
+                out.extend(std::iter::repeat_n('?', bad));
+                bytes = &after[bad..];
+            }
+        }
     }
 }
 
@@ -121,7 +140,12 @@ mod tests {
         let Some(StartupPacket::Startup { params, .. }) = decode_startup(&mut b).unwrap() else {
             panic!("a startup packet");
         };
-        assert_eq!(params[1], ("application_name".into(), "caf\u{FFFD}".into()));
+        assert_eq!(params[1], ("application_name".into(), "caf?".into()));
+        let mut b = packet(PROTOCOL_3, b"user\0app\0a\0\xe9t\xc3\xa9 \xf0\x9f\0\0");
+        let Some(StartupPacket::Startup { params, .. }) = decode_startup(&mut b).unwrap() else {
+            panic!("a startup packet");
+        };
+        assert_eq!(params[1].1, "?t\u{e9} ??");
         let mut b = packet(PROTOCOL_3, b"us\xe9r\0app\0\0");
         assert!(decode_startup(&mut b).is_err());
     }

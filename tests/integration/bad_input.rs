@@ -216,6 +216,29 @@ async fn options_the_server_cannot_read_refuse_the_login_in_both_modes() {
     }
 }
 
+/// A startup value that is not UTF-8 (the client's encoding is not known yet) reaches the
+/// server as PostgreSQL itself would take it: `application_name` shows each such byte as
+/// one '?', through pgsplit as on a direct connection.
+#[tokio::test]
+async fn a_startup_value_in_another_encoding_reads_as_on_a_direct_connection() {
+    let (_proxies, addrs) = direct_and_both_modes().await;
+    let mut body = 196608i32.to_be_bytes().to_vec();
+    body.extend_from_slice(b"user\0trustuser\0database\0appdb\0application_name\0caf\xe9\0\0");
+    let packet = [(body.len() as i32 + 4).to_be_bytes().to_vec(), body].concat();
+    for addr in addrs {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(&packet).await.unwrap();
+        let login = read_messages(&mut s).await;
+        assert_eq!(login.last().map(|m| m.0), Some(b'Z'), "{addr}: {login:?}");
+        s.write_all(&query("SELECT current_setting('application_name')"))
+            .await
+            .unwrap();
+        let msgs = read_messages(&mut s).await;
+        let row = msgs.iter().find(|m| m.0 == b'D').expect("a row");
+        assert!(row.1.ends_with(b"caf?"), "{addr}: {:?}", row.1);
+    }
+}
+
 /// The ErrorResponse's fields, by their one-letter code.
 fn error_field(msgs: &[(u8, Vec<u8>)], field: u8) -> Option<String> {
     let (_, body) = msgs.iter().find(|m| m.0 == b'E')?;
