@@ -1539,8 +1539,6 @@ impl Session {
         self.tainted[id.0 as usize] = true;
     }
 
-    /// A setting in force (from the startup packet, or a `set_config` read back) under which
-    /// replicas cannot serve this session's reads.
     /// A request that succeeded outside a transaction block and pinned nothing itself took
     /// back what its statements take back in full (a pool's release: `SELECT
     /// pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *`): with no kind of pinning state
@@ -1572,6 +1570,8 @@ impl Session {
         self.pin_kinds = PinKinds::NONE;
     }
 
+    /// A setting in force (from the startup packet, or a `set_config` read back) under which
+    /// replicas cannot serve this session's reads.
     fn replicas_unfit(&self) -> bool {
         // Transaction mode holds the startup parameters as settings; session mode passes
         // them to its connections instead.
