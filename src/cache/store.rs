@@ -386,7 +386,14 @@ impl ResultCache {
                 let Some(cache) = weak.upgrade() else { return };
                 if cache.try_recover().await {
                     cache.probing.store(false, Ordering::Relaxed);
-                    return;
+                    // A failure while the probe finished tripped the breaker again and
+                    // left the probing to this task (which was still running): go on.
+                    if !cache.open.load(Ordering::Relaxed)
+                        || cache.probing.swap(true, Ordering::Relaxed)
+                    {
+                        return;
+                    }
+                    continue;
                 }
                 drop(cache);
                 tokio::time::sleep(PROBE_INTERVAL).await;
@@ -426,10 +433,11 @@ impl ResultCache {
                 return false;
             }
         }
+        // Before the breaker closes: a failure after that is a new outage, to be told.
+        self.outage_told.store(false, Ordering::Relaxed);
         if self.open.swap(false, Ordering::Relaxed) {
             info!("redis answers: result cache in use");
         }
-        self.outage_told.store(false, Ordering::Relaxed);
         // A write noted between the last look and the reopening (another worker thread):
         // it saw the cache bypassed and left it to this probe; writes after the reopening
         // bump their own tables.

@@ -1043,6 +1043,10 @@ impl Session {
             self.pinned_for_good |= c.pins_for_good;
             self.state_outlives_reset |= c.outlives_reset;
         }
+        if self.pinned && items.iter().any(Item::may_hide_session_state) {
+            // What it leaves on the pinned connection only DISCARD ALL takes back.
+            self.pin_kinds |= PinKinds::OTHER;
+        }
         let executes = items
             .iter()
             .any(|i| i.is_execute() || matches!(i, Item::Query { .. } | Item::Forwarded(_)));
@@ -1547,9 +1551,10 @@ impl Session {
         if !self.pinned || self.pinned_for_good || self.pinned_in_request {
             return;
         }
-        let unpins = items
-            .iter()
-            .filter_map(Item::class)
+        // Only what ran takes anything back (a driver prepares `UNLISTEN *` in a request
+        // of its own before it executes it).
+        let unpins = Item::executed(items)
+            .into_iter()
             .fold(PinKinds::NONE, |all, c| all | c.unpins);
         if unpins.is_empty() {
             return;

@@ -1008,6 +1008,10 @@ impl Session {
                 self.writes.note_unknown();
             }
         }
+        if self.pinned && item.may_hide_session_state() {
+            // As at dispatch.
+            self.pin_kinds |= PinKinds::OTHER;
+        }
         self.note_writes(&item);
         Ok(item)
     }

@@ -60,6 +60,43 @@ impl Item {
         matches!(self, Item::Portal(f) if f.tag == tag::EXECUTE)
     }
 
+    /// It may leave session state pgsplit cannot see on its connection: a fast-path
+    /// function call, an SQL-level prepared statement bound through the protocol (one
+    /// pgsplit does not know), or text that runs somebody's own code or that the classifier
+    /// could not read (`EXECUTE`, `CALL`, `DO`, a user function).
+    pub fn may_hide_session_state(&self) -> bool {
+        match self {
+            Item::Forwarded(f) => f.tag == tag::FUNCTION_CALL,
+            Item::Bind { stmt: None, .. } => true,
+            other => other
+                .class()
+                .is_some_and(|c| c.calls_user_functions || !c.parsed),
+        }
+    }
+
+    /// The classifications of the statements `items` runs, in order: each Query's, and
+    /// the statement bound to the unnamed portal at each Execute of it (named portals are
+    /// not followed; a Parse or a Describe only prepares).
+    pub fn executed(items: &[Item]) -> Vec<&Classification> {
+        let mut out = Vec::new();
+        let mut portal: Option<&Classification> = None;
+        for item in items {
+            match item {
+                Item::Query { class, .. } => out.push(&**class),
+                Item::Bind { frame, stmt } if frame.body.first() == Some(&0) => {
+                    portal = stmt.as_ref().map(|s| &*s.class);
+                }
+                Item::Portal(frame)
+                    if frame.tag == tag::EXECUTE && frame.body.first() == Some(&0) =>
+                {
+                    out.extend(portal);
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+
     /// The classification of what this item parses or executes, for routing.
     pub fn class(&self) -> Option<&Arc<Classification>> {
         match self {

@@ -678,11 +678,19 @@ fn push_quoted(sql: &mut String, text: &str) {
     }
 }
 
-/// Why PostgreSQL would refuse the login for the startup packet's `options` (42601): a
-/// switch without the value it takes (a `-c` at the end), a setting without `=value`, a
-/// word that is no switch. (Which switches the server allows at all is its business: a
-/// transaction-mode session passes on only the settings.)
+/// Why PostgreSQL would refuse the login for the startup packet's `options` (42601): see
+/// [`read_options`].
 pub fn options_refusal(params: &[(String, String)]) -> Option<String> {
+    let (_, options) = params.iter().rev().find(|(k, _)| k == "options")?;
+    read_options(options).1
+}
+
+/// The settings (`-c name=value`, `--name=value`) of a libpq `options` string, read as the
+/// server's getopt reads it, and why the server would refuse it, if it would: a switch
+/// without the value it takes (a `-c` at the end), a setting without `=value`, a word that
+/// is no switch (after `--`, any word). Which switches the server allows at all is its
+/// business: a transaction-mode session passes on only the settings.
+fn read_options(options: &str) -> (Vec<(String, String)>, Option<String>) {
     // The server's switches that take a value (its getopt string).
     const TAKES_VALUE: &str = "BcCDdfhkNprStvW";
     let invalid = |w: &str| {
@@ -690,37 +698,61 @@ pub fn options_refusal(params: &[(String, String)]) -> Option<String> {
             "invalid command-line argument for server process: {w}"
         ))
     };
-    let (_, options) = params.iter().rev().find(|(k, _)| k == "options")?;
+    let mut settings = Vec::new();
+    let mut setting = |s: &str| match s.split_once('=') {
+        Some((name, value)) => {
+            settings.push((name.replace('-', "_"), value.to_owned()));
+            None
+        }
+        None => Some(s.to_owned()),
+    };
     let mut words = option_words(options).into_iter();
-    while let Some(w) = words.next() {
-        let Some(switch) = w.strip_prefix('-') else {
-            return invalid(&w);
+    let refusal = loop {
+        let Some(w) = words.next() else {
+            break None;
         };
-        if let Some(setting) = switch.strip_prefix('-') {
-            if !setting.contains('=') {
-                return Some(format!("--{setting} requires a value"));
+        if w == "--" {
+            // The end of the switches: whatever follows is an argument, which it takes none.
+            break words.next().and_then(|w| invalid(&w));
+        }
+        let Some(switches) = w.strip_prefix('-').filter(|s| !s.is_empty()) else {
+            break invalid(&w);
+        };
+        if let Some(long) = switches.strip_prefix('-') {
+            match setting(long) {
+                None => continue,
+                Some(name) => break Some(format!("--{name} requires a value")),
             }
-            continue;
         }
-        let mut letters = switch.chars();
-        let Some(letter) = letters.next() else {
-            return invalid(&w);
-        };
-        if !TAKES_VALUE.contains(letter) {
-            continue;
+        // Switches can be grouped (`-ec a=1`); one that takes a value takes the rest of
+        // the word, or the next word.
+        let mut refused = None;
+        for (i, letter) in switches.char_indices() {
+            if !TAKES_VALUE.contains(letter) {
+                continue;
+            }
+            let value = match &switches[i + letter.len_utf8()..] {
+                "" => match words.next() {
+                    Some(v) => v,
+                    None => {
+                        refused = invalid(&w);
+                        break;
+                    }
+                },
+                inline => inline.to_owned(),
+            };
+            if letter == 'c' {
+                refused = setting(&value).map(|name| format!("-c {name} requires a value"));
+            } else {
+                tracing::debug!(option = ?w, "startup option ignored in transaction pool mode");
+            }
+            break;
         }
-        let value = match letters.as_str() {
-            "" => match words.next() {
-                Some(v) => v,
-                None => return invalid(&w),
-            },
-            inline => inline.to_owned(),
-        };
-        if letter == 'c' && !value.contains('=') {
-            return Some(format!("-c {value} requires a value"));
+        if refused.is_some() {
+            break refused;
         }
-    }
-    None
+    };
+    (settings, refusal)
 }
 
 /// The words of a libpq `options` string (backslash escapes a space, as libpq and the
@@ -736,7 +768,8 @@ fn option_words(options: &str) -> Vec<String> {
                     word.push(n);
                 }
             }
-            c if c.is_whitespace() => {
+            // The server splits at ASCII white space only (isspace in the C locale).
+            c if c.is_ascii_whitespace() => {
                 if !word.is_empty() {
                     words.push(std::mem::take(&mut word));
                 }
@@ -750,24 +783,10 @@ fn option_words(options: &str) -> Vec<String> {
     words
 }
 
-/// The `-c name=value` and `--name=value` settings in a libpq `options` string.
+/// The `-c name=value` and `--name=value` settings in a libpq `options` string (those
+/// before anything the server would refuse).
 fn parse_options(options: &str) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    let mut it = option_words(options).into_iter();
-    while let Some(w) = it.next() {
-        let setting = if w == "-c" {
-            it.next()
-        } else if let Some(rest) = w.strip_prefix("-c") {
-            Some(rest.to_owned())
-        } else {
-            w.strip_prefix("--").map(str::to_owned)
-        };
-        match setting.as_deref().and_then(|s| s.split_once('=')) {
-            Some((name, value)) => out.push((name.replace('-', "_"), value.to_owned())),
-            None => tracing::debug!(option = ?w, "startup option ignored in transaction pool mode"),
-        }
-    }
-    out
+    read_options(options).0
 }
 
 const ROLE: &str = "role";
@@ -807,6 +826,23 @@ fn reset_sql(name: &str) -> String {
 #[cfg(test)]
 mod tests {
     #[test]
+    fn options_are_read_as_the_server_reads_them() {
+        for (options, settings) in [
+            ("-c a=1 --b-c=2", vec![("a", "1"), ("b_c", "2")]),
+            ("-ec a=1 -ca.b=x\\ y", vec![("a", "1"), ("a.b", "x y")]),
+            ("-e -B 100 -c a=", vec![("a", "")]),
+            ("-c a=1 stray -c b=2", vec![("a", "1")]),
+        ] {
+            let read = super::parse_options(options);
+            let want: Vec<(String, String)> = settings
+                .into_iter()
+                .map(|(n, v)| (n.to_owned(), v.to_owned()))
+                .collect();
+            assert_eq!(read, want, "{options}");
+        }
+    }
+
+    #[test]
     fn options_the_server_would_refuse_are_told() {
         let refusal =
             |options: &str| super::options_refusal(&[("options".to_owned(), options.to_owned())]);
@@ -816,6 +852,10 @@ mod tests {
             "-cwork_mem=64MB --search-path=a,b",
             "-c geqo=off -e -B 100",
             r"-c search_path=a\ b",
+            "-ec geqo=off",
+            "-ecgeqo=off",
+            "--",
+            "-c application_name=a\u{a0}b",
         ] {
             assert_eq!(refusal(ok), None, "{ok}");
         }
@@ -833,6 +873,15 @@ mod tests {
                 "-c a=1 -",
                 "invalid command-line argument for server process: -",
             ),
+            (
+                "-- -c a=1",
+                "invalid command-line argument for server process: -c",
+            ),
+            (
+                "-ec",
+                "invalid command-line argument for server process: -ec",
+            ),
+            ("-ecgeqo", "-c geqo requires a value"),
         ] {
             assert_eq!(refusal(bad).as_deref(), Some(told), "{bad}");
         }

@@ -1451,7 +1451,6 @@ async fn an_unlisten_leaves_the_session_free() {
 async fn a_session_is_freed_when_its_statements_take_back_what_pinned_it() {
     let proxy = one_primary_connection_proxy().await;
     let client = proxy.app().await;
-    let primary = cluster().primary;
     for (pin, undo) in [
         ("LISTEN freed_channel", "UNLISTEN *"),
         (
@@ -1466,7 +1465,7 @@ async fn a_session_is_freed_when_its_statements_take_back_what_pinned_it() {
         ("CREATE TEMP TABLE freed_temp (a int)", "DISCARD TEMP"),
     ] {
         client.batch_execute(pin).await.unwrap();
-        assert_eq!(server_port(&client).await, primary, "pinned by {pin:?}");
+        assert_holds_the_primary_connection(&proxy, pin).await;
         client.batch_execute(undo).await.unwrap();
         assert_holds_no_primary_connection(&proxy, &client, undo).await;
     }
@@ -1476,11 +1475,7 @@ async fn a_session_is_freed_when_its_statements_take_back_what_pinned_it() {
         .unwrap();
     for partial in ["UNLISTEN freed_channel", "UNLISTEN *", "CLOSE ALL"] {
         client.batch_execute(partial).await.unwrap();
-        assert_eq!(
-            server_port(&client).await,
-            primary,
-            "the lock still pins after {partial:?}"
-        );
+        assert_holds_the_primary_connection(&proxy, partial).await;
     }
     let release = "SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL;";
     client.batch_execute(release).await.unwrap();
@@ -1495,6 +1490,50 @@ async fn a_session_is_freed_when_its_statements_take_back_what_pinned_it() {
         .unwrap()
         .get(0);
     assert!(locked, "the released lock is free for others");
+    drop(other);
+
+    // Only what runs takes anything back: a driver's prepare of `UNLISTEN *` (Parse,
+    // Describe, Sync) leaves the session pinned; running it frees it.
+    client.batch_execute("LISTEN freed_channel").await.unwrap();
+    let unlisten = client.prepare("UNLISTEN *").await.unwrap();
+    assert_holds_the_primary_connection(&proxy, "UNLISTEN * prepared, not run").await;
+    client.execute(&unlisten, &[]).await.unwrap();
+    assert_holds_no_primary_connection(&proxy, &client, "UNLISTEN * executed").await;
+
+    // What pgsplit cannot see into (an SQL-prepared statement run by EXECUTE, a DO block)
+    // may have left state on the pinned connection: only DISCARD ALL frees it then.
+    for (pin, unseen, undo) in [
+        (
+            "PREPARE freed_lock AS SELECT pg_advisory_lock(4345)",
+            "EXECUTE freed_lock",
+            "DEALLOCATE ALL",
+        ),
+        (
+            "LISTEN freed_channel",
+            "DO $$ BEGIN PERFORM pg_advisory_lock(4346); END $$",
+            "UNLISTEN *",
+        ),
+    ] {
+        client.batch_execute(pin).await.unwrap();
+        client.batch_execute(unseen).await.unwrap();
+        client.batch_execute(undo).await.unwrap();
+        assert_holds_the_primary_connection(&proxy, &format!("{unseen:?}, then {undo:?}")).await;
+        client.batch_execute("DISCARD ALL").await.unwrap();
+        assert_holds_no_primary_connection(&proxy, &client, "DISCARD ALL").await;
+    }
+}
+
+/// The pinned client of a [`one_primary_connection_proxy`] holds its only primary
+/// connection: another client's write waits for it until the checkout timeout (53300).
+/// (Where a session's reads go cannot tell: an unpinned one reads from the primary for a
+/// moment.)
+async fn assert_holds_the_primary_connection(proxy: &Proxy, what: &str) {
+    let other = proxy.app().await;
+    let e = other
+        .batch_execute("SELECT txid_current()")
+        .await
+        .expect_err(what);
+    assert_eq!(sqlstate(&e), "53300", "{what}: {e}");
 }
 
 /// A statement that would pin the session but fails outside a transaction block created
